@@ -1,0 +1,84 @@
+//! Bearer-token authentication for AdminService: the caller sends
+//! `authorization: Bearer <token>` metadata. With no token configured, every admin call is
+//! refused, so a quotad started without one can never be administered by accident.
+
+use std::sync::Arc;
+
+use tonic::{Request, Status, service::Interceptor};
+
+#[derive(Debug, Clone)]
+pub struct BearerAuth {
+    token: Option<Arc<[u8]>>,
+}
+
+impl BearerAuth {
+    pub fn new(token: Option<&str>) -> Self {
+        BearerAuth {
+            token: token.map(|t| Arc::from(t.as_bytes())),
+        }
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.token else {
+            return Err(Status::unauthenticated(
+                "AdminService is disabled: no admin token is configured",
+            ));
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            })?;
+        if !constant_time_eq(presented.as_bytes(), expected) {
+            return Err(Status::unauthenticated("invalid admin token"));
+        }
+        Ok(request)
+    }
+}
+
+/// Compares without stopping at the first difference, so timing does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(auth: &mut BearerAuth, header: Option<&str>) -> Result<(), tonic::Code> {
+        let mut req = Request::new(());
+        if let Some(h) = header {
+            req.metadata_mut()
+                .insert("authorization", h.parse().unwrap());
+        }
+        auth.call(req).map(|_| ()).map_err(|s| s.code())
+    }
+
+    #[test]
+    fn checks_the_bearer_token() {
+        let mut auth = BearerAuth::new(Some("s3cret"));
+        assert_eq!(call(&mut auth, Some("Bearer s3cret")), Ok(()));
+        assert_eq!(
+            call(&mut auth, Some("Bearer wrong!")),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(
+            call(&mut auth, Some("s3cret")),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(call(&mut auth, None), Err(tonic::Code::Unauthenticated));
+        let mut disabled = BearerAuth::new(None);
+        assert_eq!(
+            call(&mut disabled, Some("Bearer s3cret")),
+            Err(tonic::Code::Unauthenticated)
+        );
+    }
+}

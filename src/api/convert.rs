@@ -1,0 +1,337 @@
+//! Protobuf ⇄ domain conversions at the edge. Incoming messages become application requests
+//! (`From`, or `TryFrom` where a value can be malformed, such as a timestamp); outcomes become
+//! response messages. No rule lives here.
+
+use tonic::Status;
+
+use super::pb;
+use crate::app::{CommitRequest, GrantRequest, ReleaseRequest, ReserveRequest};
+use crate::domain::{
+    Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, DenyReason, Funding,
+    GrantOutcome, HoldView, ReleaseOutcome, ReserveOutcome, Timestamp, Usage, UsageEvent,
+    UsageSnapshot, WindowStatus,
+};
+
+pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    let ms = t.as_millis();
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1_000),
+        nanos: (ms.rem_euclid(1_000) * 1_000_000) as i32,
+    }
+}
+
+/// A protobuf timestamp as a domain instant (sub-millisecond precision is truncated).
+pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<Timestamp, Status> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: nanos must be in 0..1e9, got {}",
+            t.nanos
+        )));
+    }
+    t.seconds
+        .checked_mul(1_000)
+        .and_then(|ms| ms.checked_add(i64::from(t.nanos / 1_000_000)))
+        .map(Timestamp::from_millis)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("{field}: seconds out of range, got {}", t.seconds))
+        })
+}
+
+impl From<pb::Usage> for Usage {
+    fn from(u: pb::Usage) -> Usage {
+        Usage {
+            model: u.model,
+            input_tokens: u.input_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            output_tokens: u.output_tokens,
+            images: u.images,
+            fast_mode: u.fast_mode,
+        }
+    }
+}
+
+impl From<Usage> for pb::Usage {
+    fn from(u: Usage) -> pb::Usage {
+        pb::Usage {
+            model: u.model,
+            input_tokens: u.input_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            output_tokens: u.output_tokens,
+            images: u.images,
+            fast_mode: u.fast_mode,
+        }
+    }
+}
+
+impl From<pb::ReserveRequest> for ReserveRequest {
+    fn from(r: pb::ReserveRequest) -> Self {
+        ReserveRequest {
+            account_id: r.account_id,
+            request_id: r.request_id,
+            product: r.product,
+            estimate: r.estimate.map(Into::into),
+            plan_hint: r.plan_hint,
+            ttl_seconds: r.ttl_seconds,
+        }
+    }
+}
+
+impl From<pb::CommitRequest> for CommitRequest {
+    fn from(r: pb::CommitRequest) -> Self {
+        CommitRequest {
+            account_id: r.account_id,
+            reservation_id: r.reservation_id,
+            usage: r.usage.map(Into::into),
+            is_final: r.r#final,
+        }
+    }
+}
+
+impl From<pb::ReleaseRequest> for ReleaseRequest {
+    fn from(r: pb::ReleaseRequest) -> Self {
+        ReleaseRequest {
+            account_id: r.account_id,
+            reservation_id: r.reservation_id,
+        }
+    }
+}
+
+impl TryFrom<pb::GrantCreditsRequest> for GrantRequest {
+    type Error = Status;
+
+    fn try_from(r: pb::GrantCreditsRequest) -> Result<Self, Status> {
+        Ok(GrantRequest {
+            account_id: r.account_id,
+            grant_id: r.grant_id,
+            amount: r.amount_micros,
+            source: r.source,
+            expires_at: r
+                .expires_at
+                .as_ref()
+                .map(|t| from_timestamp("expires_at", t))
+                .transpose()?,
+        })
+    }
+}
+
+impl From<pb::Account> for Account {
+    fn from(a: pb::Account) -> Account {
+        Account {
+            id: a.account_id,
+            plan: a.plan,
+            credit_purchase_allowed: a.credit_purchase_allowed,
+        }
+    }
+}
+
+impl From<Account> for pb::Account {
+    fn from(a: Account) -> pb::Account {
+        pb::Account {
+            account_id: a.id,
+            plan: a.plan,
+            credit_purchase_allowed: a.credit_purchase_allowed,
+        }
+    }
+}
+
+impl From<Funding> for pb::Funding {
+    fn from(f: Funding) -> pb::Funding {
+        pb::Funding {
+            plan_micros: f.plan,
+            credit_micros: f.credit,
+        }
+    }
+}
+
+impl From<Action> for pb::Action {
+    fn from(a: Action) -> pb::Action {
+        match a {
+            Action::UpgradePlan => pb::Action::UpgradePlan,
+            Action::BuyCredits => pb::Action::BuyCredits,
+            Action::WaitForReset => pb::Action::WaitForReset,
+            Action::UpdatePaymentMethod => pb::Action::UpdatePaymentMethod,
+        }
+    }
+}
+
+impl From<DenyReason> for pb::DenyReason {
+    fn from(r: DenyReason) -> pb::DenyReason {
+        match r {
+            DenyReason::WindowExhausted => pb::DenyReason::WindowExhausted,
+            DenyReason::WeeklyExhausted => pb::DenyReason::WeeklyExhausted,
+            DenyReason::CreditsExhausted => pb::DenyReason::CreditsExhausted,
+            DenyReason::CreditsNotAllowed => pb::DenyReason::CreditsNotAllowed,
+        }
+    }
+}
+
+impl From<WindowStatus> for pb::WindowStatus {
+    fn from(w: WindowStatus) -> pb::WindowStatus {
+        pb::WindowStatus {
+            name: w.name.to_owned(),
+            used_micros: w.used,
+            limit_micros: w.limit,
+            resets_at: w.resets_at.map(timestamp),
+            held_micros: w.held,
+        }
+    }
+}
+
+fn windows(status: AccountStatus) -> Vec<pb::WindowStatus> {
+    status.windows.into_iter().map(Into::into).collect()
+}
+
+impl From<ReserveOutcome> for pb::ReserveResponse {
+    fn from(o: ReserveOutcome) -> pb::ReserveResponse {
+        let mut resp = pb::ReserveResponse {
+            windows: windows(o.status.clone()),
+            credit_balance_micros: o.status.credit_balance,
+            estimate_micros: o.estimate,
+            ..Default::default()
+        };
+        match o.decision {
+            Decision::Allow {
+                reservation_id,
+                held,
+                expires_at,
+            } => {
+                resp.set_decision(pb::Decision::Allow);
+                resp.reservation_id = reservation_id;
+                resp.held = Some(held.into());
+                resp.expires_at = Some(timestamp(expires_at));
+            }
+            Decision::Deny(denial) => {
+                resp.set_decision(pb::Decision::Deny);
+                resp.set_reason(denial.reason.into());
+                resp.set_action(denial.action.into());
+                resp.upgrade_to = denial.upgrade_to.unwrap_or_default();
+                resp.retry_at = denial.retry_at.map(timestamp);
+                resp.message = denial.message;
+                resp.held = Some(Funding::ZERO.into());
+            }
+        }
+        resp
+    }
+}
+
+impl From<CommitOutcome> for pb::CommitResponse {
+    fn from(o: CommitOutcome) -> pb::CommitResponse {
+        let r = o.receipt;
+        let mut resp = pb::CommitResponse {
+            charged: Some(r.charged.into()),
+            may_continue: r.may_continue,
+            windows: windows(o.status.clone()),
+            credit_balance_micros: o.status.credit_balance,
+            message: r.message,
+            held: Some(r.held.into()),
+            expires_at: r.expires_at.map(timestamp),
+            charged_total: Some(r.charged_total.into()),
+            ..Default::default()
+        };
+        if let Some(denial) = r.denial {
+            resp.set_action(denial.action.into());
+            resp.set_reason(denial.reason.into());
+        }
+        resp
+    }
+}
+
+impl From<ReleaseOutcome> for pb::ReleaseResponse {
+    fn from(o: ReleaseOutcome) -> pb::ReleaseResponse {
+        pb::ReleaseResponse {
+            released: Some(o.released.into()),
+        }
+    }
+}
+
+impl From<CreditLot> for pb::CreditLot {
+    fn from(l: CreditLot) -> pb::CreditLot {
+        pb::CreditLot {
+            lot_id: l.id,
+            granted_micros: l.granted,
+            remaining_micros: l.remaining,
+            expires_at: Some(timestamp(l.expires_at)),
+            source: l.source.as_str().to_owned(),
+            granted_at: Some(timestamp(l.granted_at)),
+        }
+    }
+}
+
+impl From<GrantOutcome> for pb::GrantCreditsResponse {
+    fn from(o: GrantOutcome) -> pb::GrantCreditsResponse {
+        pb::GrantCreditsResponse {
+            lot: Some(o.lot.into()),
+            credit_balance_micros: o.credit_balance,
+        }
+    }
+}
+
+impl From<UsageEvent> for pb::UsageEvent {
+    fn from(e: UsageEvent) -> pb::UsageEvent {
+        pb::UsageEvent {
+            at: Some(timestamp(e.at)),
+            product: e.product,
+            model: e.usage.model.clone(),
+            usage: Some(e.usage.into()),
+            charged: Some(e.charged.into()),
+            reservation_id: e.reservation_id,
+            price_version: e.price_version,
+        }
+    }
+}
+
+impl From<HoldView> for pb::Hold {
+    fn from(h: HoldView) -> pb::Hold {
+        pb::Hold {
+            reservation_id: h.reservation_id,
+            product: h.product,
+            held: Some(h.held.into()),
+            charged: Some(h.charged.into()),
+            expires_at: Some(timestamp(h.expires_at)),
+        }
+    }
+}
+
+impl From<UsageSnapshot> for pb::GetUsageResponse {
+    fn from(s: UsageSnapshot) -> pb::GetUsageResponse {
+        let t = s.totals;
+        pb::GetUsageResponse {
+            plan: s.account.plan,
+            credit_balance_micros: s.status.credit_balance,
+            windows: windows(s.status),
+            lots: s.lots.into_iter().map(Into::into).collect(),
+            recent: s.recent.into_iter().map(Into::into).collect(),
+            ledger: Some(pb::CreditLedger {
+                granted_micros: t.granted,
+                spent_micros: t.spent,
+                expired_micros: t.expired,
+                balance_micros: t.balance,
+                held_micros: s.credit_held,
+                available_micros: t.balance - s.credit_held,
+            }),
+            holds: s.holds.into_iter().map(Into::into).collect(),
+            credit_purchase_allowed: s.account.credit_purchase_allowed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_at_millisecond_precision() {
+        for ms in [0, 1, 999, 1_795_500_123_456, -1_500] {
+            let t = Timestamp::from_millis(ms);
+            assert_eq!(from_timestamp("t", &timestamp(t)).unwrap(), t);
+        }
+        let bad = prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        };
+        assert_eq!(
+            from_timestamp("expires_at", &bad).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! The gRPC edge: thin tonic handlers over [`Quota`](crate::app::Quota).
+//!
+//! Protobuf is turned into application requests on the way in ([`convert`]) and outcomes into
+//! protobuf on the way out; every error becomes a `tonic::Status` in one place ([`status`]).
+//! Admin calls pass a bearer-token check ([`auth`]) before they reach a handler.
+
+pub mod auth;
+pub mod convert;
+pub mod status;
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::app::Quota;
+use crate::store::Store;
+
+/// Code generated from `proto/quota/v1/quota.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("quota.v1");
+
+    /// The encoded descriptors of this package, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quota_descriptor");
+}
+
+use pb::admin_service_server::AdminService;
+use pb::quota_service_server::QuotaService;
+
+/// `quota.v1.QuotaService`, for frontends.
+#[derive(Debug)]
+pub struct QuotaApi<S> {
+    app: Arc<Quota<S>>,
+}
+
+impl<S> QuotaApi<S> {
+    pub fn new(app: Arc<Quota<S>>) -> Self {
+        QuotaApi { app }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> QuotaService for QuotaApi<S> {
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        let outcome = self.app.reserve(request.into_inner().into()).await?;
+        Ok(Response::new(outcome.into()))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let outcome = self.app.commit(request.into_inner().into()).await?;
+        Ok(Response::new(outcome.into()))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let outcome = self.app.release(request.into_inner().into()).await?;
+        Ok(Response::new(outcome.into()))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let req = request.into_inner();
+        let snapshot = self.app.usage(&req.account_id, req.recent_limit).await?;
+        Ok(Response::new(snapshot.into()))
+    }
+}
+
+/// `quota.v1.AdminService`, for the billing back office.
+#[derive(Debug)]
+pub struct AdminApi<S> {
+    app: Arc<Quota<S>>,
+}
+
+impl<S> AdminApi<S> {
+    pub fn new(app: Arc<Quota<S>>) -> Self {
+        AdminApi { app }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> AdminService for AdminApi<S> {
+    async fn upsert_account(
+        &self,
+        request: Request<pb::UpsertAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
+        let account = request.into_inner().account.map(Into::into);
+        Ok(Response::new(
+            self.app.upsert_account(account).await?.into(),
+        ))
+    }
+
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
+        Ok(Response::new(
+            self.app
+                .account(&request.into_inner().account_id)
+                .await?
+                .into(),
+        ))
+    }
+
+    async fn grant_credits(
+        &self,
+        request: Request<pb::GrantCreditsRequest>,
+    ) -> Result<Response<pb::GrantCreditsResponse>, Status> {
+        let outcome = self.app.grant(request.into_inner().try_into()?).await?;
+        Ok(Response::new(outcome.into()))
+    }
+}

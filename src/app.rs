@@ -1,0 +1,298 @@
+//! The application core in front of a store: checks requests against the configured policy,
+//! prices usage, stamps the time and mints ids, then asks the store to apply the operation.
+//!
+//! It knows nothing about gRPC: the API edge turns protobuf messages into the request types
+//! below, and this layer turns them into the domain's commands. Everything a caller can get
+//! wrong is caught here, before the store is touched, so bad input changes nothing.
+
+use std::sync::Arc;
+
+use crate::domain::time::SECOND_MS;
+use crate::domain::{
+    Account, Clock, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome,
+    LotSource, Micros, Policy, PriceSheet, PricingError, ReleaseCommand, ReleaseOutcome,
+    ReserveCommand, ReserveOutcome, Timestamp, Usage, UsageSnapshot,
+};
+use crate::store::{Store, StoreError};
+
+/// Recent usage events returned when a GetUsage does not say how many.
+pub const DEFAULT_RECENT_LIMIT: u32 = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReserveRequest {
+    pub account_id: String,
+    pub request_id: String,
+    pub product: String,
+    pub estimate: Option<Usage>,
+    /// Empty: the default plan.
+    pub plan_hint: String,
+    /// 0: the configured default.
+    pub ttl_seconds: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommitRequest {
+    pub account_id: String,
+    pub reservation_id: String,
+    /// Cumulative usage of the task.
+    pub usage: Option<Usage>,
+    pub is_final: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReleaseRequest {
+    pub account_id: String,
+    pub reservation_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GrantRequest {
+    pub account_id: String,
+    pub grant_id: String,
+    pub amount: Micros,
+    /// Empty: `purchase`.
+    pub source: String,
+    pub expires_at: Option<Timestamp>,
+}
+
+/// The quota service: policy, prices and clock in front of a store.
+#[derive(Debug)]
+pub struct Quota<S> {
+    store: S,
+    policy: Arc<Policy>,
+    pricing: Arc<PriceSheet>,
+    clock: Arc<dyn Clock>,
+}
+
+impl<S: Store> Quota<S> {
+    pub fn new(
+        store: S,
+        policy: Arc<Policy>,
+        pricing: Arc<PriceSheet>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Quota {
+            store,
+            policy,
+            pricing,
+            clock,
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub async fn reserve(&self, req: ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        let limits = &self.policy.limits;
+        self.check_id("account_id", &req.account_id)?;
+        self.check_id("request_id", &req.request_id)?;
+        if self.policy.product(&req.product).is_none() {
+            return Err(invalid(
+                "product",
+                format!(
+                    "unknown product {:?}; allowed: {}",
+                    req.product,
+                    self.policy.product_names()
+                ),
+            ));
+        }
+        let estimate = req
+            .estimate
+            .ok_or_else(|| invalid("estimate", "is required"))?;
+        let cost = self.price("estimate", &estimate, false)?;
+        let plan_hint = match req.plan_hint.as_str() {
+            "" => None,
+            plan => {
+                self.check_plan("plan_hint", plan)?;
+                Some(req.plan_hint)
+            }
+        };
+        let ttl_seconds = match req.ttl_seconds {
+            0 => limits.default_ttl_seconds,
+            ttl if ttl > limits.max_ttl_seconds => {
+                return Err(invalid(
+                    "ttl_seconds",
+                    format!(
+                        "must be at most {} (0 means the default, {})",
+                        limits.max_ttl_seconds, limits.default_ttl_seconds
+                    ),
+                ));
+            }
+            ttl => ttl,
+        };
+        let cmd = ReserveCommand {
+            account_id: req.account_id,
+            request_id: req.request_id,
+            product: req.product,
+            estimate,
+            cost,
+            plan_hint,
+            ttl_ms: i64::from(ttl_seconds) * SECOND_MS,
+            reservation_id: new_id("rsv"),
+        };
+        self.store.reserve(cmd, self.clock.now()).await
+    }
+
+    pub async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
+        self.check_id("account_id", &req.account_id)?;
+        self.check_id("reservation_id", &req.reservation_id)?;
+        let usage = req.usage.ok_or_else(|| invalid("usage", "is required"))?;
+        let cost = self.price("usage", &usage, true)?;
+        let cmd = CommitCommand {
+            account_id: req.account_id,
+            reservation_id: req.reservation_id,
+            usage,
+            cost,
+            is_final: req.is_final,
+            price_version: self.pricing.version.clone(),
+        };
+        self.store.commit(cmd, self.clock.now()).await
+    }
+
+    pub async fn release(&self, req: ReleaseRequest) -> Result<ReleaseOutcome, StoreError> {
+        self.check_id("account_id", &req.account_id)?;
+        self.check_id("reservation_id", &req.reservation_id)?;
+        let cmd = ReleaseCommand {
+            account_id: req.account_id,
+            reservation_id: req.reservation_id,
+        };
+        self.store.release(cmd, self.clock.now()).await
+    }
+
+    pub async fn usage(
+        &self,
+        account_id: &str,
+        recent_limit: u32,
+    ) -> Result<UsageSnapshot, StoreError> {
+        self.check_id("account_id", account_id)?;
+        let limit = match recent_limit {
+            0 => DEFAULT_RECENT_LIMIT,
+            n => n,
+        }
+        .min(self.policy.limits.recent_events);
+        self.store
+            .usage(account_id, limit as usize, self.clock.now())
+            .await
+    }
+
+    pub async fn upsert_account(&self, account: Option<Account>) -> Result<Account, StoreError> {
+        let account = account.ok_or_else(|| invalid("account", "is required"))?;
+        self.check_id("account.account_id", &account.id)?;
+        self.check_plan("account.plan", &account.plan)?;
+        self.store.upsert_account(account, self.clock.now()).await
+    }
+
+    pub async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
+        self.check_id("account_id", account_id)?;
+        self.store.account(account_id).await
+    }
+
+    pub async fn grant(&self, req: GrantRequest) -> Result<GrantOutcome, StoreError> {
+        self.check_id("account_id", &req.account_id)?;
+        self.check_id("grant_id", &req.grant_id)?;
+        let max = self.policy.limits.max_grant_micros;
+        if req.amount <= 0 || req.amount > max {
+            return Err(invalid(
+                "amount_micros",
+                format!("must be between 1 and {max}, got {}", req.amount),
+            ));
+        }
+        let source = match req.source.as_str() {
+            "" => LotSource::Purchase,
+            s => s.parse().map_err(|()| {
+                invalid(
+                    "source",
+                    format!("unknown source {s:?}; allowed: {}", LotSource::ALLOWED),
+                )
+            })?,
+        };
+        let cmd = GrantCommand {
+            account_id: req.account_id,
+            grant_id: req.grant_id,
+            amount: req.amount,
+            source,
+            expires_at: req.expires_at,
+        };
+        self.store.grant(cmd, self.clock.now()).await
+    }
+
+    fn check_id(&self, field: &str, id: &str) -> Result<(), StoreError> {
+        let max = self.policy.limits.max_id_bytes as usize;
+        if id.is_empty() {
+            return Err(invalid(field, "must not be empty"));
+        }
+        if id.len() > max {
+            return Err(invalid(
+                field,
+                format!("must be at most {max} bytes, got {}", id.len()),
+            ));
+        }
+        if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(invalid(
+                field,
+                "must not contain whitespace or control characters",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_plan(&self, field: &str, plan: &str) -> Result<(), StoreError> {
+        if self.policy.plan(plan).is_none() {
+            return Err(invalid(
+                field,
+                format!(
+                    "unknown plan {plan:?}; allowed: {}",
+                    self.policy.plan_names()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Prices usage after checking its bounds; an estimate must not be empty.
+    fn price(&self, field: &str, usage: &Usage, may_be_empty: bool) -> Result<Micros, StoreError> {
+        let limits = &self.policy.limits;
+        for (name, count) in [
+            ("input_tokens", usage.input_tokens),
+            ("cached_input_tokens", usage.cached_input_tokens),
+            ("output_tokens", usage.output_tokens),
+        ] {
+            if count > limits.max_tokens {
+                return Err(invalid(
+                    format!("{field}.{name}"),
+                    format!("must be at most {}, got {count}", limits.max_tokens),
+                ));
+            }
+        }
+        if usage.images > limits.max_images {
+            return Err(invalid(
+                format!("{field}.images"),
+                format!(
+                    "must be at most {}, got {}",
+                    limits.max_images, usage.images
+                ),
+            ));
+        }
+        if !may_be_empty && usage.is_empty() {
+            return Err(invalid(field, "must count at least one token or image"));
+        }
+        self.pricing.price(usage).map_err(|e| match e {
+            PricingError::UnknownModel { .. } => invalid(format!("{field}.model"), e.to_string()),
+            PricingError::Overflow => invalid(field, e.to_string()),
+        })
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> StoreError {
+    StoreError::Rule(DomainError::invalid(field, reason))
+}
+
+/// A fresh opaque id such as `rsv_5f0c…`: 128 random bits, so replicas never collide.
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}

@@ -1,0 +1,304 @@
+//! quotad's configuration, in layers: compiled defaults ← TOML file ← `QUOTAD_*` environment
+//! ← command-line flags. Nested keys use `__` in the environment (`QUOTAD_LIMITS__MAX_TTL_SECONDS`).
+//!
+//! A config is validated as a whole before anything starts, so a typo or an inconsistent value
+//! stops quotad with a message naming the key, never a half-working server. Secrets are never
+//! printed: [`Config::redacted`] is what `quotad config` shows.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use std::collections::BTreeMap;
+
+use crate::domain::{Limits, Plan, Policy, PriceSheet, Product};
+
+/// Environment variables that configure quotad start with this.
+pub const ENV_PREFIX: &str = "QUOTAD_";
+/// The admin token is read verbatim from this variable (it is never parsed as TOML).
+pub const ADMIN_TOKEN_ENV: &str = "QUOTAD_ADMIN_TOKEN";
+const REDACTED: &str = "<redacted>";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(String),
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// In-process state; nothing shared or persisted.
+    #[default]
+    Memory,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Bearer token that AdminService calls must present. Unset: AdminService refuses every call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace_seconds: u64,
+    pub log_format: LogFormat,
+    /// A tracing filter, e.g. `info` or `quotad=debug,info`; `RUST_LOG` overrides it.
+    pub log_level: String,
+    pub store: StoreConfig,
+    /// Plan of an account first seen by a Reserve without a plan hint.
+    pub default_plan: String,
+    pub plans: BTreeMap<String, Plan>,
+    pub products: BTreeMap<String, Product>,
+    pub limits: Limits,
+    pub pricing: PriceSheet,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let policy = Policy::default();
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_token: None,
+            shutdown_grace_seconds: 20,
+            log_format: LogFormat::default(),
+            log_level: "info".into(),
+            store: StoreConfig::default(),
+            default_plan: policy.default_plan,
+            plans: policy.plans,
+            products: policy.products,
+            limits: policy.limits,
+            pricing: PriceSheet::default(),
+        }
+    }
+}
+
+/// Top-level keys the environment may set; other `QUOTAD_*` variables (Kubernetes injects
+/// `QUOTAD_PORT` and friends for a Service named quotad) are not configuration and are ignored.
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "shutdown_grace_seconds",
+    "log_format",
+    "log_level",
+    "store",
+    "default_plan",
+    "plans",
+    "products",
+    "limits",
+    "pricing",
+];
+
+impl Config {
+    /// Defaults ← `file` (if given) ← `QUOTAD_*` environment, validated.
+    /// Command-line flags are applied by the caller, which then calls [`Config::validate`] again.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, |name| std::env::var(name).ok(), true)
+    }
+
+    /// As [`load`](Self::load), with the environment given explicitly (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+        read_process_env: bool,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        if read_process_env {
+            let known = |key: &figment::value::UncasedStr| {
+                let top = key.as_str().split('.').next().unwrap_or_default();
+                ENV_KEYS.iter().any(|k| top.eq_ignore_ascii_case(k))
+            };
+            figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").filter(known));
+        }
+        let mut config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(flatten(e)))?;
+        if let Some(token) = env(ADMIN_TOKEN_ENV) {
+            config.admin_token = Some(token);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The rules this config describes.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            default_plan: self.default_plan.clone(),
+            plans: self.plans.clone(),
+            products: self.products.clone(),
+            limits: self.limits.clone(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.policy().validate().map_err(ConfigError::Invalid)?;
+        self.pricing.validate().map_err(ConfigError::Invalid)?;
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(ConfigError::Invalid(
+                "admin_token must not be empty when set".into(),
+            ));
+        }
+        if self
+            .log_level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "log_level {:?} is not a valid filter",
+                self.log_level
+            )));
+        }
+        Ok(())
+    }
+
+    /// The config with secrets replaced, safe to print or log.
+    pub fn redacted(&self) -> Config {
+        let mut shown = self.clone();
+        if shown.admin_token.is_some() {
+            shown.admin_token = Some(REDACTED.into());
+        }
+        shown
+    }
+
+    /// The redacted config as TOML, as `quotad config` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.redacted())
+            .unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn flatten(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut file = tempfile();
+        file.1.write_all(toml.as_bytes()).unwrap();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let result = Config::load_from(
+            Some(&file.0),
+            |name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+            false,
+        );
+        let _ = std::fs::remove_file(&file.0);
+        result
+    }
+
+    fn tempfile() -> (std::path::PathBuf, std::fs::File) {
+        let path =
+            std::env::temp_dir().join(format!("quotad-config-{}.toml", uuid::Uuid::new_v4()));
+        let file = std::fs::File::create(&path).unwrap();
+        (path, file)
+    }
+
+    #[test]
+    fn a_file_adds_plans_and_overrides_limits() {
+        let config = load(
+            r#"
+            listen = "0.0.0.0:7000"
+            [plans.team]
+            limit_5h_micros = 500000000
+            limit_weekly_micros = 2000000000
+            overage = "credits"
+            [limits]
+            default_ttl_seconds = 60
+            max_ttl_seconds = 3600
+            idempotency_retention_seconds = 3600
+            max_tokens = 1000000
+            max_images = 10
+            max_grant_micros = 1000000000
+            recent_events = 10
+            max_id_bytes = 64
+            "#,
+            &[(ADMIN_TOKEN_ENV, "12345")],
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 7000);
+        assert!(config.plans.contains_key("team") && config.plans.contains_key("free"));
+        assert_eq!(config.limits.default_ttl_seconds, 60);
+        assert_eq!(config.admin_token.as_deref(), Some("12345"));
+    }
+
+    #[test]
+    fn a_typo_names_the_key() {
+        let err = load("[limits]\ndefault_ttl = 5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("default_ttl"), "{err}");
+    }
+
+    #[test]
+    fn an_inconsistent_value_names_the_key() {
+        let err = load(
+            "[plans.free]\nlimit_5h_micros = 0\nlimit_weekly_micros = 1\noverage = \"upgrade\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("plans.free.limit_5h_micros"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let config = Config {
+            admin_token: Some("s3cret".into()),
+            ..Config::default()
+        };
+        let shown = config.to_toml();
+        assert!(
+            !shown.contains("s3cret") && shown.contains(REDACTED),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error() {
+        let err = Config::load_from(Some(Path::new("/nonexistent/quotad.toml")), |_| None, false)
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+}

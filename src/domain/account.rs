@@ -1,0 +1,727 @@
+//! The whole quota state of one account and the rules that change it.
+//!
+//! Every operation is a method on [`AccountState`] that takes the configured [`Policy`] and
+//! "now", first [`settles`](AccountState::settle) what time has done (expired holds are
+//! returned, expired lots move to `expired`, old usage leaves the windows), then decides and
+//! applies. A store keeps one `AccountState` per account and runs each method as one atomic
+//! step, which is all the concurrency control the rules need: accounts never share state.
+//!
+//! Reservations follow the two-phase pattern of a ledger transfer: a hold is *pending* until it
+//! is committed (posted), released (voided) or passes its `expires_at` (timed out). Holds count
+//! as used from the moment they are made, so two tasks cannot both spend the last of a window.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::decision::{
+    Account, AccountStatus, Action, CommitCommand, CommitOutcome, CommitReceipt, Decision, Denial,
+    DenyReason, GrantCommand, GrantOutcome, HoldView, ReleaseCommand, ReleaseOutcome,
+    ReserveCommand, ReserveOutcome, UsageEvent, UsageSnapshot, WindowStatus,
+};
+use super::error::DomainError;
+use super::ledger::{CreditLot, Ledger};
+use super::money::{Credits, Funding, Micros};
+use super::policy::{Overage, Plan, Policy};
+use super::pricing::Usage;
+use super::time::{SECOND_MS, Timestamp};
+use super::window::{FIVE_HOUR, SlidingWindow, WEEKLY};
+
+/// Credit lots last this many months unless a grant says otherwise.
+pub const LOT_VALIDITY_MONTHS: u32 = 12;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReservationState {
+    Open,
+    Committed {
+        fingerprint: u64,
+        receipt: CommitReceipt,
+        at: Timestamp,
+    },
+    Released {
+        released: Funding,
+        at: Timestamp,
+    },
+    Expired {
+        released: Funding,
+        at: Timestamp,
+    },
+}
+
+/// A task's hold on the plan and on credits, and what it has been charged so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    id: String,
+    product: String,
+    /// Price of the estimate: what each (re-)hold asks for.
+    estimate: Micros,
+    ttl_ms: i64,
+    held: Funding,
+    charged: Funding,
+    /// Highest cumulative usage committed so far, to record what each commit added.
+    usage: Usage,
+    expires_at: Timestamp,
+    state: ReservationState,
+}
+
+impl Reservation {
+    fn closed_at(&self) -> Option<Timestamp> {
+        match &self.state {
+            ReservationState::Open => None,
+            ReservationState::Committed { at, .. }
+            | ReservationState::Released { at, .. }
+            | ReservationState::Expired { at, .. } => Some(*at),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.state == ReservationState::Open
+    }
+}
+
+/// The first answer to a Reserve, kept for retries with the same request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RequestRecord {
+    fingerprint: u64,
+    decision: Decision,
+    estimate: Micros,
+    at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GrantRecord {
+    fingerprint: u64,
+    lot: CreditLot,
+}
+
+/// How usage beyond the plan's allowance is handled for one product on one account.
+enum Route<'p> {
+    Credits,
+    /// No credits: the denial names this reason and action.
+    Deny {
+        credits_barred: bool,
+        action: Action,
+        upgrade_to: Option<&'p str>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountState {
+    account: Account,
+    five_hour: SlidingWindow,
+    weekly: SlidingWindow,
+    ledger: Ledger,
+    reservations: HashMap<String, Reservation>,
+    requests: HashMap<String, RequestRecord>,
+    grants: HashMap<String, GrantRecord>,
+    /// Newest last.
+    recent: VecDeque<UsageEvent>,
+}
+
+impl AccountState {
+    pub fn new(account: Account) -> Self {
+        AccountState {
+            account,
+            five_hour: SlidingWindow::new(FIVE_HOUR),
+            weekly: SlidingWindow::new(WEEKLY),
+            ledger: Ledger::default(),
+            reservations: HashMap::new(),
+            requests: HashMap::new(),
+            grants: HashMap::new(),
+            recent: VecDeque::new(),
+        }
+    }
+
+    pub fn account(&self) -> &Account {
+        &self.account
+    }
+
+    /// Changes plan and credit eligibility; windows, holds and credits stay.
+    pub fn update_account(&mut self, plan: String, credit_purchase_allowed: bool) {
+        self.account.plan = plan;
+        self.account.credit_purchase_allowed = credit_purchase_allowed;
+    }
+
+    /// Applies what time has done up to `now`: returns expired holds, expires lots, lets old
+    /// usage leave the windows and forgets idempotency records past their retention.
+    pub fn settle(&mut self, policy: &Policy, now: Timestamp) {
+        let retention = i64::from(policy.limits.idempotency_retention_seconds) * SECOND_MS;
+        for r in self.reservations.values_mut() {
+            if r.is_open() && r.expires_at <= now {
+                let released = std::mem::take(&mut r.held);
+                r.state = ReservationState::Expired {
+                    released,
+                    at: r.expires_at,
+                };
+            }
+        }
+        self.reservations.retain(|_, r| {
+            r.closed_at()
+                .is_none_or(|at| at.plus_millis(retention) > now)
+        });
+        self.requests
+            .retain(|_, rec| rec.at.plus_millis(retention) > now);
+        self.ledger.expire(now);
+        self.five_hour.advance(now);
+        self.weekly.advance(now);
+    }
+
+    /// True when nothing about this account needs remembering beyond its record: no usage in
+    /// any window, no holds, no credits, no idempotency records. A store may then evict it.
+    pub fn is_idle(&self) -> bool {
+        self.five_hour.committed() == 0
+            && self.weekly.committed() == 0
+            && self.reservations.is_empty()
+            && self.requests.is_empty()
+            && self.ledger.lots().is_empty()
+            && self.ledger.balance() == 0
+    }
+
+    fn plan<'p>(&self, policy: &'p Policy) -> Result<&'p Plan, DomainError> {
+        policy.plan(&self.account.plan).ok_or_else(|| {
+            DomainError::FailedPrecondition(format!(
+                "account {:?} is on plan {:?}, which is not configured; configured plans: {}",
+                self.account.id,
+                self.account.plan,
+                policy.plan_names()
+            ))
+        })
+    }
+
+    fn held(&self) -> Funding {
+        self.reservations
+            .values()
+            .filter(|r| r.is_open())
+            .fold(Funding::ZERO, |sum, r| sum.plus(r.held))
+    }
+
+    fn windows(&self, plan: &Plan) -> [(&SlidingWindow, Micros); 2] {
+        [
+            (&self.five_hour, plan.limit_5h_micros),
+            (&self.weekly, plan.limit_weekly_micros),
+        ]
+    }
+
+    /// Plan allowance left in the tighter of the two windows, holds included.
+    fn plan_room(&self, plan: &Plan) -> Micros {
+        let held = self.held().plan;
+        self.windows(plan)
+            .iter()
+            .map(|(w, limit)| (limit - w.committed() - held).max(0))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Credits not already spoken for by open holds.
+    fn credits_available(&self) -> Micros {
+        self.ledger.balance() - self.held().credit
+    }
+
+    fn route<'p>(&self, policy: &'p Policy, plan: &'p Plan, product: &str) -> Route<'p> {
+        let product_credits = policy.product(product).is_some_and(|p| p.credits);
+        let upgrade = || match plan.upgrade_to.as_deref() {
+            Some(to) => (Action::UpgradePlan, Some(to)),
+            None => (Action::WaitForReset, None),
+        };
+        match plan.overage {
+            Overage::Credits if product_credits && self.account.credit_purchase_allowed => {
+                Route::Credits
+            }
+            Overage::Credits if product_credits => {
+                let (action, upgrade_to) = upgrade();
+                Route::Deny {
+                    credits_barred: true,
+                    action,
+                    upgrade_to,
+                }
+            }
+            Overage::Credits => Route::Deny {
+                credits_barred: false,
+                action: Action::WaitForReset,
+                upgrade_to: None,
+            },
+            Overage::Upgrade => {
+                let (action, upgrade_to) = upgrade();
+                Route::Deny {
+                    credits_barred: false,
+                    action,
+                    upgrade_to,
+                }
+            }
+        }
+    }
+
+    /// Splits `cost` into plan allowance first, then credits where the route allows; or says
+    /// why it cannot be funded.
+    fn fund(
+        &self,
+        policy: &Policy,
+        plan: &Plan,
+        product: &str,
+        cost: Micros,
+        now: Timestamp,
+    ) -> Result<Funding, Denial> {
+        let room = self.plan_room(plan);
+        if cost <= room {
+            return Ok(Funding::new(cost, 0));
+        }
+        let plan_name = &self.account.plan;
+        match self.route(policy, plan, product) {
+            Route::Credits => {
+                let available = self.credits_available();
+                let need = cost - room;
+                if available >= need {
+                    return Ok(Funding::new(room, need));
+                }
+                let (_, retry_at) = self.plan_refill(plan, cost - available.max(0), now);
+                Err(Denial {
+                    reason: DenyReason::CreditsExhausted,
+                    action: Action::BuyCredits,
+                    upgrade_to: None,
+                    retry_at,
+                    message: format!(
+                        "The included usage of your {plan_name} plan is used up and your credits do not cover \
+                         this task ({} credits needed, {} available). Buy credits to keep going{}.",
+                        Credits(need),
+                        Credits(available.max(0)),
+                        retry_phrase(retry_at, "or wait until")
+                    ),
+                })
+            }
+            Route::Deny {
+                credits_barred,
+                action,
+                upgrade_to,
+            } => {
+                let (weekly_binds, retry_at) = self.plan_refill(plan, cost, now);
+                let reason = match (credits_barred, weekly_binds) {
+                    (true, _) => DenyReason::CreditsNotAllowed,
+                    (false, true) => DenyReason::WeeklyExhausted,
+                    (false, false) => DenyReason::WindowExhausted,
+                };
+                let period = if weekly_binds {
+                    "this week"
+                } else {
+                    "this 5-hour window"
+                };
+                let why = if credits_barred {
+                    format!(
+                        "You have used the included usage of your {plan_name} plan, and this account cannot buy credits."
+                    )
+                } else if action == Action::WaitForReset && plan.overage == Overage::Credits {
+                    format!(
+                        "You have used the included usage of your {plan_name} plan for {period}, and {product} cannot run on credits."
+                    )
+                } else {
+                    format!(
+                        "You have used the included usage of your {plan_name} plan for {period}."
+                    )
+                };
+                let next = match upgrade_to {
+                    Some(to) => format!(
+                        " Upgrade to {to} for more{}.",
+                        retry_phrase(retry_at, ", or try again at")
+                    ),
+                    None => format!("{}.", retry_phrase(retry_at, " Try again at")),
+                };
+                Err(Denial {
+                    reason,
+                    action,
+                    upgrade_to: upgrade_to.map(str::to_owned),
+                    retry_at,
+                    message: why + &next,
+                })
+            }
+        }
+    }
+
+    /// When the plan windows can next fund `need` (holds as they are now), and whether the
+    /// weekly window is the one that takes longest. A need larger than a window can ever hold
+    /// gets the instant that window has fully reset.
+    fn plan_refill(&self, plan: &Plan, need: Micros, now: Timestamp) -> (bool, Option<Timestamp>) {
+        let held = self.held().plan;
+        // (never fits, instant): a window that can never fit the need binds over one that can.
+        let [five_hour, weekly] = self.windows(plan).map(|(w, limit)| {
+            match w.committed_at_most_at(now, limit - held - need) {
+                Some(at) => (false, at),
+                None => (true, w.resets_at().unwrap_or(now)),
+            }
+        });
+        let weekly_binds = weekly > five_hour;
+        let at = if weekly_binds { weekly.1 } else { five_hour.1 };
+        (weekly_binds, (at > now).then_some(at))
+    }
+
+    pub fn status(&self, policy: &Policy) -> Result<AccountStatus, DomainError> {
+        let plan = self.plan(policy)?;
+        let held = self.held().plan;
+        let windows = self
+            .windows(plan)
+            .iter()
+            .map(|(w, limit)| WindowStatus {
+                name: w.spec().name,
+                used: w.committed() + held,
+                held,
+                limit: *limit,
+                resets_at: w.resets_at(),
+            })
+            .collect();
+        Ok(AccountStatus {
+            windows,
+            credit_balance: self.ledger.balance(),
+        })
+    }
+
+    pub fn reserve(
+        &mut self,
+        policy: &Policy,
+        cmd: &ReserveCommand,
+        now: Timestamp,
+    ) -> Result<ReserveOutcome, DomainError> {
+        self.settle(policy, now);
+        let fingerprint = cmd.fingerprint();
+        if let Some(first) = self.requests.get(&cmd.request_id) {
+            if first.fingerprint != fingerprint {
+                return Err(DomainError::AlreadyExists(format!(
+                    "request_id {:?} was already used for a different Reserve on this account",
+                    cmd.request_id
+                )));
+            }
+            let (decision, estimate) = (first.decision.clone(), first.estimate);
+            return Ok(ReserveOutcome {
+                decision,
+                estimate,
+                status: self.status(policy)?,
+            });
+        }
+        let plan = self.plan(policy)?;
+        let decision = match self.fund(policy, plan, &cmd.product, cmd.cost, now) {
+            Ok(held) => {
+                let expires_at = now.plus_millis(cmd.ttl_ms);
+                self.reservations.insert(
+                    cmd.reservation_id.clone(),
+                    Reservation {
+                        id: cmd.reservation_id.clone(),
+                        product: cmd.product.clone(),
+                        estimate: cmd.cost,
+                        ttl_ms: cmd.ttl_ms,
+                        held,
+                        charged: Funding::ZERO,
+                        usage: Usage {
+                            model: cmd.estimate.model.clone(),
+                            ..Usage::default()
+                        },
+                        expires_at,
+                        state: ReservationState::Open,
+                    },
+                );
+                Decision::Allow {
+                    reservation_id: cmd.reservation_id.clone(),
+                    held,
+                    expires_at,
+                }
+            }
+            Err(denial) => Decision::Deny(denial),
+        };
+        self.requests.insert(
+            cmd.request_id.clone(),
+            RequestRecord {
+                fingerprint,
+                decision: decision.clone(),
+                estimate: cmd.cost,
+                at: now,
+            },
+        );
+        Ok(ReserveOutcome {
+            decision,
+            estimate: cmd.cost,
+            status: self.status(policy)?,
+        })
+    }
+
+    pub fn commit(
+        &mut self,
+        policy: &Policy,
+        cmd: &CommitCommand,
+        now: Timestamp,
+    ) -> Result<CommitOutcome, DomainError> {
+        self.settle(policy, now);
+        let fingerprint = cmd.fingerprint();
+        let id = &cmd.reservation_id;
+        let Some(reservation) = self.reservations.get(id) else {
+            return Err(DomainError::NotFound {
+                what: "reservation",
+                id: id.clone(),
+            });
+        };
+        match &reservation.state {
+            ReservationState::Open => {}
+            ReservationState::Committed {
+                fingerprint: first,
+                receipt,
+                ..
+            } => {
+                if cmd.is_final && *first == fingerprint {
+                    let receipt = receipt.clone();
+                    return Ok(CommitOutcome {
+                        receipt,
+                        status: self.status(policy)?,
+                    });
+                }
+                return Err(DomainError::AlreadyExists(format!(
+                    "reservation {id:?} was already committed with final = true and different usage"
+                )));
+            }
+            ReservationState::Released { .. } => {
+                return Err(DomainError::AlreadyExists(format!(
+                    "reservation {id:?} was already released"
+                )));
+            }
+            ReservationState::Expired { at, .. } => {
+                return Err(DomainError::FailedPrecondition(format!(
+                    "reservation {id:?} expired at {at} and its hold was returned; reserve again"
+                )));
+            }
+        }
+        let plan = self.plan(policy)?;
+        // Take the reservation out so the account's other state can be read while it changes.
+        let Some(mut r) = self.reservations.remove(id) else {
+            unreachable!("looked up above")
+        };
+
+        let delta = (cmd.cost - r.charged.total()).max(0);
+        let from_hold = Funding::new(delta.min(r.held.plan), 0);
+        let from_hold = Funding::new(from_hold.plan, (delta - from_hold.plan).min(r.held.credit));
+        let beyond = delta - from_hold.total();
+        r.held = Funding::ZERO;
+        // Usage beyond the hold is charged all the same: plan allowance first, then credits
+        // where the route allows (possibly below zero), else as overage on the plan windows.
+        let beyond_plan = match self.route(policy, plan, &r.product) {
+            Route::Credits => beyond.min(self.plan_room(plan)),
+            Route::Deny { .. } => beyond,
+        };
+        let charge = from_hold.plus(Funding::new(beyond_plan, beyond - beyond_plan));
+        self.five_hour.add(now, charge.plan);
+        self.weekly.add(now, charge.plan);
+        self.ledger.spend(charge.credit);
+        r.charged = r.charged.plus(charge);
+        if delta > 0 {
+            self.record_event(policy, now, &r, cmd, charge);
+        }
+        r.usage = max_usage(&r.usage, &cmd.usage);
+
+        let receipt = if cmd.is_final {
+            let receipt = CommitReceipt {
+                charged: charge,
+                charged_total: r.charged,
+                held: Funding::ZERO,
+                expires_at: None,
+                may_continue: false,
+                denial: None,
+                message: format!(
+                    "Task finished: {} credits charged in all.",
+                    Credits(r.charged.total())
+                ),
+            };
+            r.state = ReservationState::Committed {
+                fingerprint,
+                receipt: receipt.clone(),
+                at: now,
+            };
+            receipt
+        } else {
+            r.expires_at = now.plus_millis(r.ttl_ms);
+            let (held, denial) = match self.fund(policy, plan, &r.product, r.estimate, now) {
+                Ok(held) => (held, None),
+                Err(denial) => (Funding::ZERO, Some(denial)),
+            };
+            r.held = held;
+            let message = match &denial {
+                Some(d) => d.message.clone(),
+                None if held.credit > 0 => {
+                    "The plan's included usage is used up; the task continues on credits.".into()
+                }
+                None => String::new(),
+            };
+            CommitReceipt {
+                charged: charge,
+                charged_total: r.charged,
+                held,
+                expires_at: Some(r.expires_at),
+                may_continue: denial.is_none(),
+                denial,
+                message,
+            }
+        };
+        self.reservations.insert(r.id.clone(), r);
+        Ok(CommitOutcome {
+            receipt,
+            status: self.status(policy)?,
+        })
+    }
+
+    fn record_event(
+        &mut self,
+        policy: &Policy,
+        now: Timestamp,
+        r: &Reservation,
+        cmd: &CommitCommand,
+        charged: Funding,
+    ) {
+        let capacity = policy.limits.recent_events as usize;
+        if capacity == 0 {
+            return;
+        }
+        while self.recent.len() >= capacity {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(UsageEvent {
+            at: now,
+            product: r.product.clone(),
+            usage: cmd.usage.since(&r.usage),
+            charged,
+            reservation_id: r.id.clone(),
+            price_version: cmd.price_version.clone(),
+        });
+    }
+
+    pub fn release(
+        &mut self,
+        policy: &Policy,
+        cmd: &ReleaseCommand,
+        now: Timestamp,
+    ) -> Result<ReleaseOutcome, DomainError> {
+        self.settle(policy, now);
+        let id = &cmd.reservation_id;
+        let r = self
+            .reservations
+            .get_mut(id)
+            .ok_or_else(|| DomainError::NotFound {
+                what: "reservation",
+                id: id.clone(),
+            })?;
+        let released = match &r.state {
+            ReservationState::Open => {
+                let released = std::mem::take(&mut r.held);
+                r.state = ReservationState::Released { released, at: now };
+                released
+            }
+            ReservationState::Released { released, .. }
+            | ReservationState::Expired { released, .. } => *released,
+            ReservationState::Committed { .. } => {
+                return Err(DomainError::AlreadyExists(format!(
+                    "reservation {id:?} was already committed with final = true"
+                )));
+            }
+        };
+        Ok(ReleaseOutcome { released })
+    }
+
+    pub fn grant(
+        &mut self,
+        policy: &Policy,
+        cmd: &GrantCommand,
+        now: Timestamp,
+    ) -> Result<GrantOutcome, DomainError> {
+        self.settle(policy, now);
+        let fingerprint = cmd.fingerprint();
+        if let Some(first) = self.grants.get(&cmd.grant_id) {
+            if first.fingerprint != fingerprint {
+                return Err(DomainError::AlreadyExists(format!(
+                    "grant_id {:?} was already used for a different grant on this account",
+                    cmd.grant_id
+                )));
+            }
+            return Ok(GrantOutcome {
+                lot: first.lot.clone(),
+                credit_balance: self.ledger.balance(),
+            });
+        }
+        let expires_at = cmd
+            .expires_at
+            .unwrap_or_else(|| now.plus_months(LOT_VALIDITY_MONTHS));
+        if expires_at <= now {
+            return Err(DomainError::invalid(
+                "expires_at",
+                format!("must be after now ({now}), got {expires_at}"),
+            ));
+        }
+        let lot = CreditLot {
+            id: cmd.grant_id.clone(),
+            source: cmd.source,
+            granted: cmd.amount,
+            remaining: cmd.amount,
+            granted_at: now,
+            expires_at,
+        };
+        let paid_off = self.ledger.grant(lot.clone());
+        let lot = CreditLot {
+            remaining: cmd.amount - paid_off,
+            ..lot
+        };
+        self.grants.insert(
+            cmd.grant_id.clone(),
+            GrantRecord {
+                fingerprint,
+                lot: lot.clone(),
+            },
+        );
+        Ok(GrantOutcome {
+            lot,
+            credit_balance: self.ledger.balance(),
+        })
+    }
+
+    pub fn snapshot(
+        &self,
+        policy: &Policy,
+        recent_limit: usize,
+    ) -> Result<UsageSnapshot, DomainError> {
+        let mut holds: Vec<HoldView> = self
+            .reservations
+            .values()
+            .filter(|r| r.is_open())
+            .map(|r| HoldView {
+                reservation_id: r.id.clone(),
+                product: r.product.clone(),
+                held: r.held,
+                charged: r.charged,
+                expires_at: r.expires_at,
+            })
+            .collect();
+        holds.sort_by(|a, b| {
+            (a.expires_at, &a.reservation_id).cmp(&(b.expires_at, &b.reservation_id))
+        });
+        Ok(UsageSnapshot {
+            account: self.account.clone(),
+            status: self.status(policy)?,
+            lots: self.ledger.lots().to_vec(),
+            recent: self
+                .recent
+                .iter()
+                .rev()
+                .take(recent_limit)
+                .cloned()
+                .collect(),
+            totals: self.ledger.totals(),
+            credit_held: self.held().credit,
+            holds,
+        })
+    }
+}
+
+fn retry_phrase(retry_at: Option<Timestamp>, lead: &str) -> String {
+    match retry_at {
+        Some(t) => format!("{lead} {t}"),
+        None => String::new(),
+    }
+}
+
+fn max_usage(a: &Usage, b: &Usage) -> Usage {
+    Usage {
+        model: b.model.clone(),
+        input_tokens: a.input_tokens.max(b.input_tokens),
+        cached_input_tokens: a.cached_input_tokens.max(b.cached_input_tokens),
+        output_tokens: a.output_tokens.max(b.output_tokens),
+        images: a.images.max(b.images),
+        fast_mode: b.fast_mode,
+    }
+}

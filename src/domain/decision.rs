@@ -1,0 +1,226 @@
+//! What the rules answer: commands in, decisions and outcomes out. These are plain values, the
+//! same whichever store computed them, so the API edge converts them without knowing the store.
+
+use super::fingerprint::Fingerprint;
+use super::ledger::{CreditLot, LedgerTotals, LotSource};
+use super::money::{Funding, Micros};
+use super::pricing::Usage;
+use super::time::Timestamp;
+
+/// Reserve, after validation and pricing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveCommand {
+    pub account_id: String,
+    pub request_id: String,
+    pub product: String,
+    pub estimate: Usage,
+    /// The estimate's price.
+    pub cost: Micros,
+    /// Plan of an account seen for the first time; `None` means the default plan.
+    pub plan_hint: Option<String>,
+    pub ttl_ms: i64,
+    /// Id the reservation gets if this request creates one (a retry keeps the first one's).
+    pub reservation_id: String,
+}
+
+impl ReserveCommand {
+    pub fn fingerprint(&self) -> u64 {
+        usage_fingerprint(Fingerprint::default().str(&self.product), &self.estimate)
+            .str(self.plan_hint.as_deref().unwrap_or(""))
+            .i64(self.ttl_ms)
+            .finish()
+    }
+}
+
+/// Commit, after validation and pricing. `usage` and `cost` are cumulative for the task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitCommand {
+    pub account_id: String,
+    pub reservation_id: String,
+    pub usage: Usage,
+    pub cost: Micros,
+    pub is_final: bool,
+    pub price_version: String,
+}
+
+impl CommitCommand {
+    pub fn fingerprint(&self) -> u64 {
+        usage_fingerprint(Fingerprint::default(), &self.usage)
+            .u64(u64::from(self.is_final))
+            .finish()
+    }
+}
+
+fn usage_fingerprint(f: Fingerprint, u: &Usage) -> Fingerprint {
+    f.str(&u.model)
+        .u64(u.input_tokens)
+        .u64(u.cached_input_tokens)
+        .u64(u.output_tokens)
+        .u64(u64::from(u.images))
+        .u64(u64::from(u.fast_mode))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseCommand {
+    pub account_id: String,
+    pub reservation_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantCommand {
+    pub account_id: String,
+    pub grant_id: String,
+    pub amount: Micros,
+    pub source: LotSource,
+    /// `None`: 12 months after the grant.
+    pub expires_at: Option<Timestamp>,
+}
+
+impl GrantCommand {
+    pub fn fingerprint(&self) -> u64 {
+        Fingerprint::default()
+            .i64(self.amount)
+            .str(self.source.as_str())
+            .i64(self.expires_at.map_or(i64::MIN, Timestamp::as_millis))
+            .finish()
+    }
+}
+
+/// An account as the back office sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: String,
+    pub plan: String,
+    pub credit_purchase_allowed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    WindowExhausted,
+    WeeklyExhausted,
+    CreditsExhausted,
+    CreditsNotAllowed,
+}
+
+/// What the frontend should offer the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    UpgradePlan,
+    BuyCredits,
+    WaitForReset,
+    UpdatePaymentMethod,
+}
+
+/// Why work may not go on, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: DenyReason,
+    pub action: Action,
+    pub upgrade_to: Option<String>,
+    /// Earliest instant at which the plan windows can fund the work again.
+    pub retry_at: Option<Timestamp>,
+    /// A sentence a frontend can show.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow {
+        reservation_id: String,
+        held: Funding,
+        expires_at: Timestamp,
+    },
+    Deny(Denial),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowStatus {
+    pub name: &'static str,
+    /// Committed usage in the window plus open holds on the plan.
+    pub used: Micros,
+    /// The part of `used` that is open holds.
+    pub held: Micros,
+    pub limit: Micros,
+    /// When the committed usage counted now has all left the window.
+    pub resets_at: Option<Timestamp>,
+}
+
+/// An account's windows and balance right after an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountStatus {
+    pub windows: Vec<WindowStatus>,
+    pub credit_balance: Micros,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveOutcome {
+    pub decision: Decision,
+    pub estimate: Micros,
+    pub status: AccountStatus,
+}
+
+/// What a Commit did; kept with a finished reservation so a retry gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitReceipt {
+    pub charged: Funding,
+    pub charged_total: Funding,
+    pub held: Funding,
+    pub expires_at: Option<Timestamp>,
+    pub may_continue: bool,
+    /// Set when the next chunk of the task is not funded.
+    pub denial: Option<Denial>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOutcome {
+    pub receipt: CommitReceipt,
+    pub status: AccountStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseOutcome {
+    pub released: Funding,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantOutcome {
+    /// The lot as granted (its remaining amount is after any debt it paid off).
+    pub lot: CreditLot,
+    pub credit_balance: Micros,
+}
+
+/// One charge, as recorded in an account's recent history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageEvent {
+    pub at: Timestamp,
+    pub product: String,
+    /// Usage added by this charge (the difference between cumulative commits).
+    pub usage: Usage,
+    pub charged: Funding,
+    pub reservation_id: String,
+    pub price_version: String,
+}
+
+/// An open reservation, as shown by GetUsage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldView {
+    pub reservation_id: String,
+    pub product: String,
+    pub held: Funding,
+    pub charged: Funding,
+    pub expires_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSnapshot {
+    pub account: Account,
+    pub status: AccountStatus,
+    pub lots: Vec<CreditLot>,
+    /// Newest first.
+    pub recent: Vec<UsageEvent>,
+    pub totals: LedgerTotals,
+    /// Credits held by open reservations.
+    pub credit_held: Micros,
+    pub holds: Vec<HoldView>,
+}

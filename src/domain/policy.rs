@@ -1,0 +1,258 @@
+//! The rules quotad enforces, as configured: plans with their window limits and overage route,
+//! products of the shared agentic pool, and the bounds on reservations and requests.
+//! A [`Policy`] is validated once at start; the decision code can then rely on it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::money::{MICROS_PER_CREDIT, Micros};
+
+/// What happens when a plan's included usage runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overage {
+    /// Keep working on prepaid credits (products that allow it).
+    Credits,
+    /// Prompt the user to move to `upgrade_to`.
+    Upgrade,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Included usage in any 5 hours, in micro-credits.
+    pub limit_5h_micros: Micros,
+    /// Included usage in any 7 days, in micro-credits.
+    pub limit_weekly_micros: Micros,
+    pub overage: Overage,
+    /// The plan an upgrade prompt points to; none for the top plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_to: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Product {
+    /// Whether usage over the plan's limits may be paid with credits.
+    pub credits: bool,
+}
+
+/// Bounds on reservations and on what a request may ask for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Hold lifetime when a Reserve does not say.
+    pub default_ttl_seconds: u32,
+    /// Longest hold a Reserve may ask for.
+    pub max_ttl_seconds: u32,
+    /// How long answers are kept for idempotent retries (and closed reservations for late calls).
+    pub idempotency_retention_seconds: u32,
+    /// Largest token count accepted in any one field of a usage.
+    pub max_tokens: u64,
+    /// Largest image count accepted in a usage.
+    pub max_images: u32,
+    /// Largest single grant, in micro-credits.
+    pub max_grant_micros: Micros,
+    /// Usage events kept per account for GetUsage.
+    pub recent_events: u32,
+    /// Longest accepted id (account, request, reservation, grant), in bytes.
+    pub max_id_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            default_ttl_seconds: 15 * 60,
+            max_ttl_seconds: 24 * 60 * 60,
+            idempotency_retention_seconds: 24 * 60 * 60,
+            max_tokens: 100_000_000,
+            max_images: 1_000,
+            max_grant_micros: 1_000_000_000 * MICROS_PER_CREDIT,
+            recent_events: 100,
+            max_id_bytes: 128,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Plan of an account first seen by a Reserve without a plan hint.
+    pub default_plan: String,
+    pub plans: BTreeMap<String, Plan>,
+    pub products: BTreeMap<String, Product>,
+    pub limits: Limits,
+}
+
+impl Policy {
+    pub fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.get(name)
+    }
+
+    pub fn product(&self, name: &str) -> Option<&Product> {
+        self.products.get(name)
+    }
+
+    pub fn plan_names(&self) -> String {
+        self.plans
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn product_names(&self) -> String {
+        self.products
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Checks a policy from configuration; the error names the offending entry.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.plans.is_empty() {
+            return Err("plans must define at least one plan".into());
+        }
+        if !self.plans.contains_key(&self.default_plan) {
+            return Err(format!(
+                "default_plan {:?} is not a configured plan; plans: {}",
+                self.default_plan,
+                self.plan_names()
+            ));
+        }
+        for (name, plan) in &self.plans {
+            if !valid_name(name) {
+                return Err(format!(
+                    "plans.{name}: plan names use a-z, 0-9, '_' and '-'"
+                ));
+            }
+            for (field, limit) in [
+                ("limit_5h_micros", plan.limit_5h_micros),
+                ("limit_weekly_micros", plan.limit_weekly_micros),
+            ] {
+                if limit <= 0 || limit > 1_000_000_000 * MICROS_PER_CREDIT {
+                    return Err(format!(
+                        "plans.{name}.{field} must be between 1 and 10^15, got {limit}"
+                    ));
+                }
+            }
+            if let Some(to) = &plan.upgrade_to {
+                if !self.plans.contains_key(to) || to == name {
+                    return Err(format!(
+                        "plans.{name}.upgrade_to {to:?} must name another configured plan; plans: {}",
+                        self.plan_names()
+                    ));
+                }
+            }
+        }
+        if self.products.is_empty() {
+            return Err("products must define at least one product".into());
+        }
+        if let Some(bad) = self.products.keys().find(|p| !valid_name(p)) {
+            return Err(format!(
+                "products.{bad}: product names use a-z, 0-9, '_' and '-'"
+            ));
+        }
+        let l = &self.limits;
+        if l.default_ttl_seconds == 0 || l.default_ttl_seconds > l.max_ttl_seconds {
+            return Err(format!(
+                "limits.default_ttl_seconds must be between 1 and limits.max_ttl_seconds ({}), got {}",
+                l.max_ttl_seconds, l.default_ttl_seconds
+            ));
+        }
+        if l.max_ttl_seconds > 24 * 60 * 60 {
+            return Err(format!(
+                "limits.max_ttl_seconds must be at most 86400 (24 h), got {}",
+                l.max_ttl_seconds
+            ));
+        }
+        if l.idempotency_retention_seconds < l.max_ttl_seconds {
+            return Err(format!(
+                "limits.idempotency_retention_seconds must be at least limits.max_ttl_seconds ({}), got {}",
+                l.max_ttl_seconds, l.idempotency_retention_seconds
+            ));
+        }
+        if l.max_tokens == 0 || l.max_tokens > 1_000_000_000_000 {
+            return Err(format!(
+                "limits.max_tokens must be between 1 and 10^12, got {}",
+                l.max_tokens
+            ));
+        }
+        if l.max_grant_micros <= 0 {
+            return Err("limits.max_grant_micros must be positive".into());
+        }
+        if l.max_id_bytes == 0 || l.max_id_bytes > 1024 {
+            return Err(format!(
+                "limits.max_id_bytes must be between 1 and 1024, got {}",
+                l.max_id_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.'
+        })
+}
+
+impl Default for Policy {
+    /// Plans `free`, `go`, `plus`, `pro` and the products of the shared agentic pool.
+    fn default() -> Self {
+        let c = MICROS_PER_CREDIT;
+        let plan = |h5: Micros, week: Micros, overage: Overage, upgrade_to: Option<&str>| Plan {
+            limit_5h_micros: h5 * c,
+            limit_weekly_micros: week * c,
+            overage,
+            upgrade_to: upgrade_to.map(str::to_owned),
+        };
+        Policy {
+            default_plan: "free".into(),
+            plans: BTreeMap::from([
+                ("free".into(), plan(15, 60, Overage::Upgrade, Some("go"))),
+                ("go".into(), plan(50, 200, Overage::Upgrade, Some("plus"))),
+                ("plus".into(), plan(150, 750, Overage::Credits, Some("pro"))),
+                ("pro".into(), plan(1_500, 7_500, Overage::Credits, None)),
+            ]),
+            products: BTreeMap::from([
+                ("codex".into(), Product { credits: true }),
+                ("excel".into(), Product { credits: true }),
+                ("workspace_agents".into(), Product { credits: false }),
+            ]),
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_is_valid() {
+        Policy::default().validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_an_upgrade_to_an_unknown_plan() {
+        let mut p = Policy::default();
+        p.plans.get_mut("free").unwrap().upgrade_to = Some("gold".into());
+        let err = p.validate().unwrap_err();
+        assert!(err.contains("plans.free.upgrade_to \"gold\""), "{err}");
+    }
+
+    #[test]
+    fn rejects_a_default_ttl_over_the_maximum() {
+        let mut p = Policy::default();
+        p.limits.default_ttl_seconds = p.limits.max_ttl_seconds + 1;
+        assert!(
+            p.validate()
+                .unwrap_err()
+                .starts_with("limits.default_ttl_seconds")
+        );
+    }
+}

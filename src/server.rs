@@ -1,0 +1,102 @@
+//! Serving: wires the gRPC services, health and reflection onto a listener and runs until the
+//! shutdown future resolves, then drains in-flight calls for at most the grace period.
+//!
+//! `run` takes an already-bound listener, so tests bind port 0 and read the address, and the
+//! binary logs `listening on ADDR` before serving.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::api::auth::BearerAuth;
+use crate::api::pb::admin_service_server::AdminServiceServer;
+use crate::api::pb::quota_service_server::QuotaServiceServer;
+use crate::api::{AdminApi, QuotaApi, pb};
+use crate::app::Quota;
+use crate::store::Store;
+
+/// Names under which `grpc.health.v1` reports; "" is the server as a whole.
+const HEALTH_NAMES: [&str; 3] = ["", "quota.v1.QuotaService", "quota.v1.AdminService"];
+
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub admin_token: Option<String>,
+    /// How long in-flight calls may run on after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves quotad on `listener` until `shutdown` resolves, then stops accepting, reports
+/// NOT_SERVING and lets in-flight calls finish within `settings.shutdown_grace`.
+pub async fn run<S: Store>(
+    listener: TcpListener,
+    app: Arc<Quota<S>>,
+    settings: ServeSettings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in HEALTH_NAMES {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    if settings.admin_token.is_none() {
+        tracing::warn!("no admin token configured: AdminService will refuse every call");
+    }
+    let auth = BearerAuth::new(settings.admin_token.as_deref());
+
+    let draining = Arc::new(Notify::new());
+    let signal = {
+        let draining = draining.clone();
+        async move {
+            shutdown.await;
+            tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight calls");
+            for name in HEALTH_NAMES {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            draining.notify_one();
+        }
+    };
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(QuotaServiceServer::new(QuotaApi::new(app.clone())))
+        .add_service(AdminServiceServer::with_interceptor(
+            AdminApi::new(app),
+            auth,
+        ))
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        () = async { draining.notified().await; tokio::time::sleep(settings.shutdown_grace).await } => {
+            tracing::warn!("grace period over: closing the calls still in flight");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The embedded store: every account's [`AccountState`] in a sharded concurrent map.
+//!
+//! An operation holds the write lock of the account's shard while the domain method runs (a few
+//! microseconds, no I/O, no await), which makes it atomic for that account; accounts in other
+//! shards proceed in parallel. Nothing is persisted: this is the default for a single replica,
+//! for development and for tests. Shared, durable state is the Redis store's job.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use super::{Store, StoreError, account_not_found};
+use crate::domain::{
+    Account, AccountState, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy,
+    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, Timestamp, UsageSnapshot,
+};
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    policy: Arc<Policy>,
+    accounts: DashMap<String, AccountState>,
+}
+
+impl MemoryStore {
+    pub fn new(policy: Arc<Policy>) -> Self {
+        MemoryStore {
+            policy,
+            accounts: DashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.accounts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty()
+    }
+
+    /// Runs `op` on an existing account under its shard lock.
+    fn with_account<T>(
+        &self,
+        account_id: &str,
+        op: impl FnOnce(&mut AccountState, &Policy) -> Result<T, crate::domain::DomainError>,
+    ) -> Result<T, StoreError> {
+        let mut state = self
+            .accounts
+            .get_mut(account_id)
+            .ok_or_else(|| account_not_found(account_id))?;
+        Ok(op(&mut state, &self.policy)?)
+    }
+}
+
+impl Store for MemoryStore {
+    async fn reserve(
+        &self,
+        cmd: ReserveCommand,
+        now: Timestamp,
+    ) -> Result<ReserveOutcome, StoreError> {
+        if let Some(mut state) = self.accounts.get_mut(&cmd.account_id) {
+            return Ok(state.reserve(&self.policy, &cmd, now)?);
+        }
+        let mut state = self
+            .accounts
+            .entry(cmd.account_id.clone())
+            .or_insert_with(|| {
+                AccountState::new(Account {
+                    id: cmd.account_id.clone(),
+                    plan: cmd
+                        .plan_hint
+                        .clone()
+                        .unwrap_or_else(|| self.policy.default_plan.clone()),
+                    credit_purchase_allowed: true,
+                })
+            });
+        Ok(state.reserve(&self.policy, &cmd, now)?)
+    }
+
+    async fn commit(
+        &self,
+        cmd: CommitCommand,
+        now: Timestamp,
+    ) -> Result<CommitOutcome, StoreError> {
+        self.with_account(&cmd.account_id, |state, policy| {
+            state.commit(policy, &cmd, now)
+        })
+    }
+
+    async fn release(
+        &self,
+        cmd: ReleaseCommand,
+        now: Timestamp,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        self.with_account(&cmd.account_id, |state, policy| {
+            state.release(policy, &cmd, now)
+        })
+    }
+
+    async fn grant(&self, cmd: GrantCommand, now: Timestamp) -> Result<GrantOutcome, StoreError> {
+        self.with_account(&cmd.account_id, |state, policy| {
+            state.grant(policy, &cmd, now)
+        })
+    }
+
+    async fn upsert_account(
+        &self,
+        account: Account,
+        now: Timestamp,
+    ) -> Result<Account, StoreError> {
+        let mut state = self
+            .accounts
+            .entry(account.id.clone())
+            .or_insert_with(|| AccountState::new(account.clone()));
+        state.settle(&self.policy, now);
+        state.update_account(account.plan, account.credit_purchase_allowed);
+        Ok(state.account().clone())
+    }
+
+    async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
+        let state = self
+            .accounts
+            .get(account_id)
+            .ok_or_else(|| account_not_found(account_id))?;
+        Ok(state.account().clone())
+    }
+
+    async fn usage(
+        &self,
+        account_id: &str,
+        recent_limit: usize,
+        now: Timestamp,
+    ) -> Result<UsageSnapshot, StoreError> {
+        self.with_account(account_id, |state, policy| {
+            state.settle(policy, now);
+            state.snapshot(policy, recent_limit)
+        })
+    }
+}

@@ -1,0 +1,85 @@
+//! Where account state lives. One [`Store`] trait with one method per intent (reserve, commit,
+//! release, grant, …), each of which a store must perform as **one atomic step** on one
+//! account: the memory store under the account's map-shard lock, a Redis store as one Lua
+//! script. The decisions themselves come from [`crate::domain`], so stores only differ in
+//! where state is kept and how the step is made atomic.
+//!
+//! Every store must pass the same contract suite (`tests/support/contract.rs`).
+
+pub mod memory;
+
+use std::future::Future;
+
+use crate::domain::{
+    Account, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome, ReleaseCommand,
+    ReleaseOutcome, ReserveCommand, ReserveOutcome, Timestamp, UsageSnapshot,
+};
+
+pub use memory::MemoryStore;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The rules refused the operation; nothing changed.
+    #[error(transparent)]
+    Rule(#[from] DomainError),
+    /// The backing store could not be reached in time; the operation may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Account state behind intent-level atomic operations. `now` comes from the caller's clock
+/// so that every store decides at the same instant the caller saw.
+pub trait Store: Send + Sync + 'static {
+    /// Holds the priced estimate, or denies; creates the account on first sight.
+    fn reserve(
+        &self,
+        cmd: ReserveCommand,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send;
+
+    /// Charges cumulative usage against a reservation; `is_final` closes it.
+    fn commit(
+        &self,
+        cmd: CommitCommand,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<CommitOutcome, StoreError>> + Send;
+
+    /// Returns a reservation's hold.
+    fn release(
+        &self,
+        cmd: ReleaseCommand,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<ReleaseOutcome, StoreError>> + Send;
+
+    /// Adds a credit lot to an existing account.
+    fn grant(
+        &self,
+        cmd: GrantCommand,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<GrantOutcome, StoreError>> + Send;
+
+    /// Creates an account or changes its plan and credit eligibility.
+    fn upsert_account(
+        &self,
+        account: Account,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Account, StoreError>> + Send;
+
+    fn account(&self, account_id: &str)
+    -> impl Future<Output = Result<Account, StoreError>> + Send;
+
+    /// Windows, credits, holds and the newest `recent_limit` usage events of an account.
+    fn usage(
+        &self,
+        account_id: &str,
+        recent_limit: usize,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<UsageSnapshot, StoreError>> + Send;
+}
+
+pub(crate) fn account_not_found(account_id: &str) -> StoreError {
+    StoreError::Rule(DomainError::NotFound {
+        what: "account",
+        id: account_id.to_owned(),
+    })
+}
