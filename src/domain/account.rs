@@ -495,7 +495,7 @@ impl AccountState {
         // Usage beyond the hold is charged all the same: plan allowance first, then credits
         // where the route allows (possibly below zero), else as overage on the plan windows.
         let beyond_plan = match self.route(policy, plan, &r.product) {
-            Route::Credits => beyond.min(self.plan_room(plan)),
+            Route::Credits => beyond.min((self.plan_room(plan) - from_hold.plan).max(0)),
             Route::Deny { .. } => beyond,
         };
         let charge = from_hold.plus(Funding::new(beyond_plan, beyond - beyond_plan));
@@ -723,5 +723,248 @@ fn max_usage(a: &Usage, b: &Usage) -> Usage {
         output_tokens: a.output_tokens.max(b.output_tokens),
         images: a.images.max(b.images),
         fast_mode: b.fast_mode,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::decision::{CommitCommand, GrantCommand, ReleaseCommand, ReserveCommand};
+    use crate::domain::ledger::LotSource;
+    use crate::domain::money::MICROS_PER_CREDIT as C;
+    use crate::domain::time::{DAY_MS, HOUR_MS, MINUTE_MS};
+    use proptest::prelude::*;
+
+    const T0: i64 = 1_795_557_600_000;
+
+    /// Small limits so that random sequences hit every boundary.
+    fn tight_policy() -> Policy {
+        let mut p = Policy::default();
+        for (name, h5, week) in [("free", 10, 25), ("plus", 20, 50)] {
+            let plan = p.plans.get_mut(name).unwrap();
+            plan.limit_5h_micros = h5 * C;
+            plan.limit_weekly_micros = week * C;
+        }
+        p
+    }
+
+    fn usage(credits: i64) -> Usage {
+        // 200 credits per million output tokens on the mini model: 5,000 tokens a credit.
+        Usage {
+            model: "gpt-5.5-mini".into(),
+            output_tokens: credits as u64 * 5_000,
+            ..Usage::default()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Reserve {
+            product: usize,
+            credits: i64,
+            ttl_min: i64,
+        },
+        Commit {
+            pick: usize,
+            credits: i64,
+            is_final: bool,
+        },
+        Release {
+            pick: usize,
+        },
+        Grant {
+            credits: i64,
+            days: i64,
+        },
+        Advance {
+            minutes: i64,
+        },
+        SetPlan {
+            plus: bool,
+            allowed: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0usize..3, 1i64..15, 1i64..60).prop_map(|(product, credits, ttl_min)| Op::Reserve { product, credits, ttl_min }),
+            4 => (any::<usize>(), 0i64..25, any::<bool>()).prop_map(|(pick, credits, is_final)| Op::Commit { pick, credits, is_final }),
+            1 => any::<usize>().prop_map(|pick| Op::Release { pick }),
+            1 => (1i64..40, 1i64..10).prop_map(|(credits, days)| Op::Grant { credits, days }),
+            2 => (0i64..400).prop_map(|minutes| Op::Advance { minutes }),
+            1 => (any::<bool>(), any::<bool>()).prop_map(|(plus, allowed)| Op::SetPlan { plus, allowed }),
+        ]
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Observed {
+        used: [Micros; 2],
+        limit: [Micros; 2],
+        available: Micros,
+        debt: Micros,
+    }
+
+    fn observe(s: &AccountState, policy: &Policy) -> Observed {
+        let status = s.status(policy).unwrap();
+        let balance = s.ledger.balance();
+        Observed {
+            used: [status.windows[0].used, status.windows[1].used],
+            limit: [status.windows[0].limit, status.windows[1].limit],
+            available: s.credits_available(),
+            debt: (-balance).max(0),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Credits are conserved; nothing but a commit spends beyond the credits there are; a
+        /// Reserve never takes a window over its limit or credits below zero; a Commit takes a
+        /// window over its limit by at most the usage beyond its hold.
+        #[test]
+        fn random_operations_keep_the_invariants(ops in prop::collection::vec(op(), 1..120)) {
+            let policy = tight_policy();
+            let products = ["codex", "excel", "workspace_agents"];
+            let mut s = AccountState::new(Account { id: "a".into(), plan: "plus".into(), credit_purchase_allowed: true });
+            let mut now = Timestamp::from_millis(T0);
+            let mut reservations: Vec<String> = Vec::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                s.settle(&policy, now);
+                let before = observe(&s, &policy);
+                let mut beyond_hold = 0;
+                match op {
+                    Op::Reserve { product, credits, ttl_min } => {
+                        let cmd = ReserveCommand {
+                            account_id: "a".into(),
+                            request_id: format!("q{i}"),
+                            product: products[product].into(),
+                            estimate: usage(credits),
+                            cost: credits * C,
+                            plan_hint: None,
+                            ttl_ms: ttl_min * MINUTE_MS,
+                            reservation_id: format!("r{i}"),
+                        };
+                        if let Decision::Allow { reservation_id, .. } = s.reserve(&policy, &cmd, now).unwrap().decision {
+                            reservations.push(reservation_id);
+                        }
+                    }
+                    Op::Commit { pick, credits, is_final } if !reservations.is_empty() => {
+                        let id = reservations[pick % reservations.len()].clone();
+                        if let Some(r) = s.reservations.get(&id).filter(|r| r.is_open()) {
+                            beyond_hold = (credits * C - r.charged.total() - r.held.total()).max(0);
+                        }
+                        let cmd = CommitCommand {
+                            account_id: "a".into(),
+                            reservation_id: id,
+                            usage: usage(credits),
+                            cost: credits * C,
+                            is_final,
+                            price_version: "v".into(),
+                        };
+                        let _ = s.commit(&policy, &cmd, now);
+                    }
+                    Op::Release { pick } if !reservations.is_empty() => {
+                        let id = reservations[pick % reservations.len()].clone();
+                        let _ = s.release(&policy, &ReleaseCommand { account_id: "a".into(), reservation_id: id }, now);
+                    }
+                    Op::Grant { credits, days } => {
+                        let cmd = GrantCommand {
+                            account_id: "a".into(),
+                            grant_id: format!("g{i}"),
+                            amount: credits * C,
+                            source: if i % 3 == 0 { LotSource::Promo } else { LotSource::Purchase },
+                            expires_at: Some(now.plus_millis(days * DAY_MS)),
+                        };
+                        s.grant(&policy, &cmd, now).unwrap();
+                    }
+                    Op::Advance { minutes } => now = now.plus_millis(minutes * MINUTE_MS),
+                    Op::SetPlan { plus, allowed } => {
+                        s.update_account(if plus { "plus" } else { "free" }.into(), allowed);
+                    }
+                    _ => {}
+                }
+                let is_commit = matches!(op, Op::Commit { .. });
+                let is_reserve = matches!(op, Op::Reserve { .. });
+                let plan_changed = matches!(op, Op::SetPlan { .. });
+                s.settle(&policy, now);
+                let after = observe(&s, &policy);
+
+                let t = s.ledger.totals();
+                prop_assert_eq!(t.granted, t.balance + t.spent + t.expired, "conservation");
+                if !is_commit {
+                    prop_assert!(after.debt <= before.debt, "only a commit may spend credits that are not there");
+                }
+                if is_reserve {
+                    prop_assert!(after.available >= before.available.min(0), "a hold never overdraws credits");
+                }
+                if !plan_changed {
+                    for w in 0..2 {
+                        let allowed_used = before.used[w].max(after.limit[w]) + if is_commit { beyond_hold } else { 0 };
+                        prop_assert!(after.used[w] <= allowed_used,
+                            "window {w}: {} > {allowed_used} after {op:?}", after.used[w]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_deny_points_at_the_window_that_binds() {
+        let policy = Policy::default();
+        let mut s = AccountState::new(Account {
+            id: "a".into(),
+            plan: "free".into(),
+            credit_purchase_allowed: true,
+        });
+        let mut now = Timestamp::from_millis(T0);
+        // 14 credits a day for four days: the 5-hour window has room, the week does not.
+        for day in 0..4 {
+            let cmd = ReserveCommand {
+                account_id: "a".into(),
+                request_id: format!("d{day}"),
+                product: "codex".into(),
+                estimate: usage(14),
+                cost: 14 * C,
+                plan_hint: None,
+                ttl_ms: HOUR_MS,
+                reservation_id: format!("r{day}"),
+            };
+            assert!(matches!(
+                s.reserve(&policy, &cmd, now).unwrap().decision,
+                Decision::Allow { .. }
+            ));
+            let commit = CommitCommand {
+                account_id: "a".into(),
+                reservation_id: format!("r{day}"),
+                usage: usage(14),
+                cost: 14 * C,
+                is_final: true,
+                price_version: "v".into(),
+            };
+            s.commit(&policy, &commit, now).unwrap();
+            now = now.plus_millis(DAY_MS);
+        }
+        let cmd = ReserveCommand {
+            account_id: "a".into(),
+            request_id: "late".into(),
+            product: "codex".into(),
+            estimate: usage(5),
+            cost: 5 * C,
+            plan_hint: None,
+            ttl_ms: HOUR_MS,
+            reservation_id: "late".into(),
+        };
+        let Decision::Deny(d) = s.reserve(&policy, &cmd, now).unwrap().decision else {
+            panic!("week is full")
+        };
+        assert_eq!(d.reason, DenyReason::WeeklyExhausted);
+        assert_eq!(d.upgrade_to.as_deref(), Some("go"));
+        // 56 used of 60: the first day's 14 must leave, a week (and one bucket at most) after it.
+        let retry = d.retry_at.unwrap();
+        assert!(
+            retry >= Timestamp::from_millis(T0 + 7 * DAY_MS)
+                && retry <= Timestamp::from_millis(T0 + 7 * DAY_MS + HOUR_MS)
+        );
+        assert!(d.message.contains("this week"), "{}", d.message);
     }
 }

@@ -1,0 +1,783 @@
+//! The rules of the quota API, end to end: a real quotad on a loopback port, real tonic
+//! clients, a manual clock. Each test starts its own server.
+
+mod support;
+
+use quotad::api::pb::{self, Action, Decision, DenyReason};
+use support::{ADMIN_TOKEN, AdminClient, CREDIT, QuotaClient, TestServer, costing, usage};
+use tonic::Code;
+
+const MINUTE: i64 = 60;
+const HOUR: i64 = 3_600;
+
+fn reserve_req(
+    account: &str,
+    request: &str,
+    product: &str,
+    estimate: pb::Usage,
+) -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        account_id: account.into(),
+        request_id: request.into(),
+        product: product.into(),
+        estimate: Some(estimate),
+        ..Default::default()
+    }
+}
+
+async fn reserve(
+    q: &mut QuotaClient,
+    account: &str,
+    request: &str,
+    product: &str,
+    credits: u64,
+) -> pb::ReserveResponse {
+    q.reserve(reserve_req(account, request, product, costing(credits)))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn commit(
+    q: &mut QuotaClient,
+    account: &str,
+    reservation: &str,
+    credits: u64,
+    is_final: bool,
+) -> pb::CommitResponse {
+    let req = pb::CommitRequest {
+        account_id: account.into(),
+        reservation_id: reservation.into(),
+        usage: Some(costing(credits)),
+        r#final: is_final,
+    };
+    q.commit(req).await.unwrap().into_inner()
+}
+
+/// Reserves and finally commits `credits` worth of codex usage.
+async fn spend(q: &mut QuotaClient, account: &str, request: &str, credits: u64) {
+    let r = reserve(q, account, request, "codex", credits).await;
+    assert_eq!(r.decision(), Decision::Allow, "{}", r.message);
+    commit(q, account, &r.reservation_id, credits, true).await;
+}
+
+async fn usage_of(q: &mut QuotaClient, account: &str) -> pb::GetUsageResponse {
+    let req = pb::GetUsageRequest {
+        account_id: account.into(),
+        recent_limit: 50,
+    };
+    q.get_usage(req).await.unwrap().into_inner()
+}
+
+async fn set_account(
+    a: &mut AdminClient,
+    account: &str,
+    plan: &str,
+    credit_purchase_allowed: bool,
+) {
+    let account = pb::Account {
+        account_id: account.into(),
+        plan: plan.into(),
+        credit_purchase_allowed,
+    };
+    a.upsert_account(pb::UpsertAccountRequest {
+        account: Some(account),
+    })
+    .await
+    .unwrap();
+}
+
+async fn grant(
+    a: &mut AdminClient,
+    account: &str,
+    grant_id: &str,
+    credits: i64,
+) -> pb::GrantCreditsResponse {
+    let req = pb::GrantCreditsRequest {
+        account_id: account.into(),
+        grant_id: grant_id.into(),
+        amount_micros: credits * CREDIT,
+        ..Default::default()
+    };
+    a.grant_credits(req).await.unwrap().into_inner()
+}
+
+fn funding(plan: i64, credit: i64) -> Option<pb::Funding> {
+    Some(pb::Funding {
+        plan_micros: plan * CREDIT,
+        credit_micros: credit * CREDIT,
+    })
+}
+
+fn seconds(t: &Option<prost_types::Timestamp>) -> i64 {
+    t.as_ref().expect("timestamp set").seconds
+}
+
+#[tokio::test]
+async fn free_user_over_the_5h_window_gets_the_upgrade_prompt() {
+    let server = TestServer::start().await;
+    let mut q = server.quota().await;
+    let t0 = server.now_secs();
+    spend(&mut q, "free-user", "t1", 15).await;
+    let r = reserve(&mut q, "free-user", "t2", "excel", 2).await;
+    assert_eq!(r.decision(), Decision::Deny);
+    assert_eq!(r.reason(), DenyReason::WindowExhausted);
+    assert_eq!(r.action(), Action::UpgradePlan);
+    assert_eq!(r.upgrade_to, "go");
+    assert!(r.reservation_id.is_empty());
+    assert!(r.message.contains("Upgrade to go"), "{}", r.message);
+    // Usage leaves the window 5 hours after its 5-minute bucket ends, never before.
+    let retry = seconds(&r.retry_at);
+    assert_eq!(retry, t0 + 5 * HOUR + 5 * MINUTE);
+    let five_hour = &r.windows[0];
+    assert_eq!(
+        (
+            five_hour.name.as_str(),
+            five_hour.used_micros,
+            five_hour.limit_micros
+        ),
+        ("5h", 15 * CREDIT, 15 * CREDIT)
+    );
+    assert_eq!(seconds(&five_hour.resets_at), retry);
+
+    server.clock.advance_secs(retry - t0 - 1);
+    assert_eq!(
+        reserve(&mut q, "free-user", "t3", "excel", 2)
+            .await
+            .decision(),
+        Decision::Deny
+    );
+    server.clock.advance_secs(1);
+    assert_eq!(
+        reserve(&mut q, "free-user", "t4", "excel", 2)
+            .await
+            .decision(),
+        Decision::Allow
+    );
+}
+
+#[tokio::test]
+async fn go_user_is_prompted_to_plus_and_the_weekly_limit_binds_too() {
+    let server = TestServer::start().await;
+    let mut q = server.quota().await;
+    let mut first = reserve_req("go-user", "t0", "codex", costing(50));
+    first.plan_hint = "go".into();
+    let r = q.reserve(first).await.unwrap().into_inner();
+    commit(&mut q, "go-user", &r.reservation_id, 50, true).await;
+    let r = reserve(&mut q, "go-user", "t1", "codex", 1).await;
+    assert_eq!(
+        (r.reason(), r.action(), r.upgrade_to.as_str()),
+        (DenyReason::WindowExhausted, Action::UpgradePlan, "plus")
+    );
+
+    // Three more full windows fill the week (200): then the weekly limit is what binds.
+    for i in 0..3 {
+        server.clock.advance_secs(6 * HOUR);
+        spend(&mut q, "go-user", &format!("w{i}"), 50).await;
+    }
+    server.clock.advance_secs(6 * HOUR);
+    let r = reserve(&mut q, "go-user", "t2", "codex", 1).await;
+    assert_eq!(r.decision(), Decision::Deny);
+    assert_eq!(r.reason(), DenyReason::WeeklyExhausted);
+    assert_eq!(r.windows[1].used_micros, 200 * CREDIT);
+    assert!(r.message.contains("this week"), "{}", r.message);
+}
+
+#[tokio::test]
+async fn plus_user_runs_on_credits_across_the_boundary() {
+    let server = TestServer::start().await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "plus-user", "plus", true).await;
+    // No credits: buy some.
+    spend(&mut q, "plus-user", "t0", 140).await;
+    let r = reserve(&mut q, "plus-user", "t1", "codex", 30).await;
+    assert_eq!(
+        (r.decision(), r.reason(), r.action()),
+        (
+            Decision::Deny,
+            DenyReason::CreditsExhausted,
+            Action::BuyCredits
+        )
+    );
+    assert!(r.retry_at.is_some());
+
+    let g = grant(&mut a, "plus-user", "purchase-1", 100).await;
+    assert_eq!(g.credit_balance_micros, 100 * CREDIT);
+    // 10 left on the plan, 20 from credits: the hold shows both parts.
+    let r = reserve(&mut q, "plus-user", "t2", "excel", 30).await;
+    assert_eq!(r.decision(), Decision::Allow);
+    assert_eq!(r.held, funding(10, 20));
+    assert_eq!(r.estimate_micros, 30 * CREDIT);
+    let c = commit(&mut q, "plus-user", &r.reservation_id, 25, true).await;
+    assert_eq!(c.charged, funding(10, 15));
+    assert_eq!(c.credit_balance_micros, 85 * CREDIT);
+    assert!(!c.may_continue);
+    let u = usage_of(&mut q, "plus-user").await;
+    let ledger = u.ledger.unwrap();
+    assert_eq!(
+        (
+            ledger.granted_micros,
+            ledger.spent_micros,
+            ledger.balance_micros
+        ),
+        (100 * CREDIT, 15 * CREDIT, 85 * CREDIT)
+    );
+    assert_eq!(u.recent[0].charged, funding(10, 15));
+}
+
+#[tokio::test]
+async fn workspace_agents_wait_for_reset_instead_of_credits() {
+    let server = TestServer::start().await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "team", "plus", true).await;
+    grant(&mut a, "team", "g", 500).await;
+    spend(&mut q, "team", "t0", 150).await;
+    let r = reserve(&mut q, "team", "t1", "workspace_agents", 5).await;
+    assert_eq!(
+        (r.decision(), r.reason(), r.action()),
+        (
+            Decision::Deny,
+            DenyReason::WindowExhausted,
+            Action::WaitForReset
+        )
+    );
+    assert!(r.upgrade_to.is_empty());
+    assert!(r.retry_at.is_some());
+    // The same account still runs codex on credits.
+    assert_eq!(
+        reserve(&mut q, "team", "t2", "codex", 5).await.held,
+        funding(0, 5)
+    );
+}
+
+#[tokio::test]
+async fn accounts_barred_from_credits_get_upgrade_or_wait() {
+    let server = TestServer::start().await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "plus-barred", "plus", false).await;
+    set_account(&mut a, "pro-barred", "pro", false).await;
+    grant(&mut a, "plus-barred", "g", 100).await;
+    spend(&mut q, "plus-barred", "t0", 150).await;
+    spend(&mut q, "pro-barred", "t0", 1_500).await;
+    let r = reserve(&mut q, "plus-barred", "t1", "codex", 1).await;
+    assert_eq!(
+        (r.reason(), r.action(), r.upgrade_to.as_str()),
+        (DenyReason::CreditsNotAllowed, Action::UpgradePlan, "pro")
+    );
+    let r = reserve(&mut q, "pro-barred", "t1", "excel", 1).await;
+    assert_eq!(
+        (r.reason(), r.action(), r.upgrade_to.as_str()),
+        (DenyReason::CreditsNotAllowed, Action::WaitForReset, "")
+    );
+    assert!(r.message.contains("cannot buy credits"), "{}", r.message);
+}
+
+#[tokio::test]
+async fn a_long_task_continues_on_credits_mid_task() {
+    let server = TestServer::start().await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "agent", "plus", true).await;
+    grant(&mut a, "agent", "g", 40).await;
+    spend(&mut q, "agent", "earlier", 120).await;
+    let r = reserve(&mut q, "agent", "task", "codex", 20).await;
+    assert_eq!(r.held, funding(20, 0));
+    let id = r.reservation_id;
+    // Chunk 1 (20): the plan has 10 left, so the next chunk is held half on credits.
+    server.clock.advance_secs(5 * MINUTE);
+    let c = commit(&mut q, "agent", &id, 20, false).await;
+    assert!(c.may_continue);
+    assert_eq!(
+        (c.charged.clone(), c.held.clone()),
+        (funding(20, 0), funding(10, 10))
+    );
+    assert_eq!(
+        seconds(&c.expires_at),
+        server.now_secs() + 15 * MINUTE,
+        "TTL renewed"
+    );
+    assert!(c.message.contains("continues on credits"), "{}", c.message);
+    // Chunk 2 (cumulative 40): now all credits.
+    server.clock.advance_secs(5 * MINUTE);
+    let c = commit(&mut q, "agent", &id, 40, false).await;
+    assert_eq!(
+        (c.charged.clone(), c.held.clone()),
+        (funding(10, 10), funding(0, 20))
+    );
+    assert!(c.may_continue);
+    // Chunk 3 (cumulative 60) leaves 10 credits, less than the next chunk's 20.
+    let c = commit(&mut q, "agent", &id, 60, false).await;
+    assert!(!c.may_continue);
+    assert_eq!(
+        (c.action(), c.reason()),
+        (Action::BuyCredits, DenyReason::CreditsExhausted)
+    );
+    let c = commit(&mut q, "agent", &id, 62, true).await;
+    assert_eq!(c.charged, funding(0, 2));
+    assert_eq!(c.charged_total, funding(30, 32));
+    assert_eq!(c.credit_balance_micros, 8 * CREDIT);
+}
+
+#[tokio::test]
+async fn expired_holds_return_without_any_call() {
+    let server = TestServer::start().await;
+    let mut q = server.quota().await;
+    let mut req = reserve_req("u", "t1", "codex", costing(10));
+    req.ttl_seconds = 120;
+    let r = q.reserve(req).await.unwrap().into_inner();
+    assert_eq!(seconds(&r.expires_at), server.now_secs() + 120);
+    assert_eq!(
+        usage_of(&mut q, "u").await.windows[0].held_micros,
+        10 * CREDIT
+    );
+    server.clock.advance_secs(120);
+    let u = usage_of(&mut q, "u").await;
+    assert_eq!((u.windows[0].used_micros, u.holds.len()), (0, 0));
+    let late = pb::CommitRequest {
+        account_id: "u".into(),
+        reservation_id: r.reservation_id.clone(),
+        usage: Some(costing(1)),
+        r#final: true,
+    };
+    assert_eq!(
+        q.commit(late).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let release = pb::ReleaseRequest {
+        account_id: "u".into(),
+        reservation_id: r.reservation_id,
+    };
+    assert_eq!(
+        q.release(release).await.unwrap().into_inner().released,
+        funding(10, 0)
+    );
+    // The default TTL is 15 minutes; more than 24 hours is refused.
+    let r = reserve(&mut q, "u", "t2", "codex", 1).await;
+    assert_eq!(seconds(&r.expires_at), server.now_secs() + 15 * MINUTE);
+}
+
+#[tokio::test]
+async fn retries_act_once_and_conflicting_reuse_is_already_exists() {
+    let server = TestServer::start().await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    let first = reserve(&mut q, "u", "same", "codex", 5).await;
+    let retry = reserve(&mut q, "u", "same", "codex", 5).await;
+    assert_eq!(first.reservation_id, retry.reservation_id);
+    assert_eq!(retry.windows[0].used_micros, 5 * CREDIT, "held once");
+    let conflict = q
+        .reserve(reserve_req("u", "same", "excel", costing(5)))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+    assert!(
+        conflict.message().contains("request_id"),
+        "{}",
+        conflict.message()
+    );
+
+    let c1 = commit(&mut q, "u", &first.reservation_id, 3, true).await;
+    let c2 = commit(&mut q, "u", &first.reservation_id, 3, true).await;
+    assert_eq!(
+        (c1.charged, c1.charged_total),
+        (c2.charged, c2.charged_total)
+    );
+    assert_eq!(
+        usage_of(&mut q, "u").await.windows[0].used_micros,
+        3 * CREDIT,
+        "charged once"
+    );
+    let other = pb::CommitRequest {
+        account_id: "u".into(),
+        reservation_id: first.reservation_id.clone(),
+        usage: Some(costing(4)),
+        r#final: true,
+    };
+    assert_eq!(
+        q.commit(other).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    let release = pb::ReleaseRequest {
+        account_id: "u".into(),
+        reservation_id: first.reservation_id.clone(),
+    };
+    assert_eq!(
+        q.release(release).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+
+    let r = reserve(&mut q, "u", "to-release", "codex", 4).await;
+    let release = pb::ReleaseRequest {
+        account_id: "u".into(),
+        reservation_id: r.reservation_id,
+    };
+    let once = q.release(release.clone()).await.unwrap().into_inner();
+    let twice = q.release(release).await.unwrap().into_inner();
+    assert_eq!(
+        (once.released.clone(), twice.released),
+        (funding(4, 0), funding(4, 0))
+    );
+
+    set_account(&mut a, "u", "plus", true).await;
+    let g1 = grant(&mut a, "u", "grant-1", 10).await;
+    let g2 = grant(&mut a, "u", "grant-1", 10).await;
+    assert_eq!(g1.lot, g2.lot);
+    assert_eq!(g2.credit_balance_micros, 10 * CREDIT, "granted once");
+    let conflict = pb::GrantCreditsRequest {
+        account_id: "u".into(),
+        grant_id: "grant-1".into(),
+        amount_micros: 11 * CREDIT,
+        ..Default::default()
+    };
+    assert_eq!(
+        a.grant_credits(conflict).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+}
+
+#[tokio::test]
+async fn lots_are_spent_earliest_expiry_first_and_never_after_expiry() {
+    let server = TestServer::start().await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "p", "plus", true).await;
+    let now = server.now_secs();
+    let lot = |id: &str, credits: i64, days: i64, source: &str| pb::GrantCreditsRequest {
+        account_id: "p".into(),
+        grant_id: id.into(),
+        amount_micros: credits * CREDIT,
+        source: source.into(),
+        expires_at: Some(prost_types::Timestamp {
+            seconds: now + days * 86_400,
+            nanos: 0,
+        }),
+    };
+    for req in [
+        lot("year", 10, 300, ""),
+        lot("month", 10, 30, "purchase"),
+        lot("week", 10, 7, ""),
+        lot("promo", 10, 30, "promo"),
+    ] {
+        a.grant_credits(req).await.unwrap();
+    }
+    let default = grant(&mut a, "p", "default", 1).await.lot.unwrap();
+    assert_eq!(
+        seconds(&default.expires_at),
+        now + 365 * 86_400,
+        "12 months from the grant"
+    );
+    spend(&mut q, "p", "plan", 150).await;
+    spend(&mut q, "p", "credits", 15).await;
+    let lots: Vec<(String, i64)> = usage_of(&mut q, "p")
+        .await
+        .lots
+        .into_iter()
+        .map(|l| (l.lot_id, l.remaining_micros))
+        .collect();
+    let expected = [("promo", 5), ("month", 10), ("year", 10), ("default", 1)];
+    assert_eq!(lots, expected.map(|(id, c)| (id.to_string(), c * CREDIT)));
+
+    // 30 days on, the month and promo lots have expired; nothing is taken from them.
+    server.clock.advance_secs(30 * 86_400);
+    spend(&mut q, "p", "plan-again", 150).await;
+    let r = reserve(&mut q, "p", "more", "codex", 12).await;
+    assert_eq!(
+        (r.decision(), r.reason()),
+        (Decision::Deny, DenyReason::CreditsExhausted)
+    );
+    spend(&mut q, "p", "fits", 11).await;
+    let u = usage_of(&mut q, "p").await;
+    let ledger = u.ledger.unwrap();
+    assert_eq!(ledger.expired_micros, 15 * CREDIT);
+    assert_eq!(ledger.balance_micros, 0);
+    assert_eq!(
+        ledger.granted_micros,
+        ledger.balance_micros + ledger.spent_micros + ledger.expired_micros
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "p", "plus", true).await;
+    let r = reserve(&mut q, "p", "ok", "codex", 3).await;
+    let before = usage_of(&mut q, "p").await;
+
+    let base = || reserve_req("p", "bad", "codex", costing(1));
+    let cases: Vec<(pb::ReserveRequest, &str)> = vec![
+        (
+            pb::ReserveRequest {
+                account_id: String::new(),
+                ..base()
+            },
+            "account_id",
+        ),
+        (
+            pb::ReserveRequest {
+                request_id: String::new(),
+                ..base()
+            },
+            "request_id",
+        ),
+        (
+            pb::ReserveRequest {
+                product: "chess".into(),
+                ..base()
+            },
+            "product: unknown product \"chess\"; allowed: codex, excel, workspace_agents",
+        ),
+        (
+            pb::ReserveRequest {
+                estimate: Some(usage("gpt-2", 1, 0, 0)),
+                ..base()
+            },
+            "estimate.model: unknown model \"gpt-2\"; allowed: gpt-5.5, gpt-5.5-mini",
+        ),
+        (
+            pb::ReserveRequest {
+                estimate: Some(usage("gpt-5.5", 0, 0, 0)),
+                ..base()
+            },
+            "estimate: must count at least one token",
+        ),
+        (
+            pb::ReserveRequest {
+                estimate: Some(usage("gpt-5.5", u64::MAX, 0, 0)),
+                ..base()
+            },
+            "estimate.input_tokens: must be at most",
+        ),
+        (
+            pb::ReserveRequest {
+                estimate: None,
+                ..base()
+            },
+            "estimate: is required",
+        ),
+        (
+            pb::ReserveRequest {
+                ttl_seconds: 86_401,
+                ..base()
+            },
+            "ttl_seconds: must be at most 86400",
+        ),
+        (
+            pb::ReserveRequest {
+                plan_hint: "gold".into(),
+                ..base()
+            },
+            "plan_hint: unknown plan \"gold\"; allowed: free, go, plus, pro",
+        ),
+    ];
+    for (req, message) in cases {
+        let err = q.reserve(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{message}");
+        assert!(
+            err.message().contains(message),
+            "{:?} does not contain {message:?}",
+            err.message()
+        );
+    }
+    let bad_commit = pb::CommitRequest {
+        account_id: "p".into(),
+        reservation_id: r.reservation_id.clone(),
+        usage: Some(usage("gpt-5.5", 0, 0, u64::MAX)),
+        r#final: true,
+    };
+    assert_eq!(
+        q.commit(bad_commit).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let grants = [
+        (
+            pb::GrantCreditsRequest {
+                amount_micros: 0,
+                ..grant_req("p")
+            },
+            "amount_micros",
+        ),
+        (
+            pb::GrantCreditsRequest {
+                amount_micros: -5,
+                ..grant_req("p")
+            },
+            "amount_micros",
+        ),
+        (
+            pb::GrantCreditsRequest {
+                source: "gift".into(),
+                ..grant_req("p")
+            },
+            "source: unknown source \"gift\"; allowed: purchase, promo",
+        ),
+        (
+            pb::GrantCreditsRequest {
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                ..grant_req("p")
+            },
+            "expires_at: must be after now",
+        ),
+        (
+            pb::GrantCreditsRequest {
+                grant_id: String::new(),
+                ..grant_req("p")
+            },
+            "grant_id",
+        ),
+    ];
+    for (req, message) in grants {
+        let err = a.grant_credits(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{message}");
+        assert!(
+            err.message().contains(message),
+            "{:?} does not contain {message:?}",
+            err.message()
+        );
+    }
+    let bad_account = pb::UpsertAccountRequest {
+        account: Some(pb::Account {
+            account_id: "p".into(),
+            plan: "gold".into(),
+            credit_purchase_allowed: true,
+        }),
+    };
+    assert_eq!(
+        a.upsert_account(bad_account).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    let after = usage_of(&mut q, "p").await;
+    assert_eq!(before, after, "nothing changed");
+    // A bad first request does not create the account either.
+    let err = q
+        .reserve(reserve_req("newcomer", "r", "chess", costing(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let missing = q
+        .get_usage(pb::GetUsageRequest {
+            account_id: "newcomer".into(),
+            recent_limit: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let missing = a.grant_credits(grant_req("nobody")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+fn grant_req(account: &str) -> pb::GrantCreditsRequest {
+    pb::GrantCreditsRequest {
+        account_id: account.into(),
+        grant_id: "g".into(),
+        amount_micros: CREDIT,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn admin_calls_need_the_bearer_token() {
+    let server = TestServer::start().await;
+    let get = || pb::GetAccountRequest {
+        account_id: "x".into(),
+    };
+    for token in [None, Some("wrong-token")] {
+        let mut a = server.admin_with_token(token).await;
+        let err = a.get_account(get()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
+    }
+    let mut a = server.admin_with_token(Some(ADMIN_TOKEN)).await;
+    assert_eq!(
+        a.get_account(get()).await.unwrap_err().code(),
+        Code::NotFound,
+        "authenticated, and x does not exist"
+    );
+    set_account(&mut a, "x", "pro", true).await;
+    let account = a.get_account(get()).await.unwrap().into_inner();
+    assert_eq!(
+        (account.plan.as_str(), account.credit_purchase_allowed),
+        ("pro", true)
+    );
+    // QuotaService needs no admin token.
+    let mut q = server.quota().await;
+    assert_eq!(usage_of(&mut q, "x").await.plan, "pro");
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    let server = TestServer::start().await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "quota.v1.QuotaService", "quota.v1.AdminService"] {
+        let req = tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        };
+        let status = health.check(req).await.unwrap().into_inner().status();
+        assert_eq!(status, ServingStatus::Serving, "{service:?}");
+    }
+
+    let list = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut client =
+        v1::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([list]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(services)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = services.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"quota.v1.QuotaService".to_string())
+            && names.contains(&"quota.v1.AdminService".to_string()),
+        "{names:?}"
+    );
+
+    let list = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut client =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([list]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stream.message().await.unwrap().is_some(),
+        "v1alpha answers too"
+    );
+}
+
+#[tokio::test]
+async fn without_a_configured_token_admin_is_disabled() {
+    let server = TestServer::start_without_admin_token().await;
+    let mut a = server.admin_with_token(Some("anything")).await;
+    let err = a
+        .get_account(pb::GetAccountRequest {
+            account_id: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("no admin token"),
+        "{}",
+        err.message()
+    );
+}

@@ -1,0 +1,765 @@
+//! The store contract: what every [`Store`] must do, written once and run against each store
+//! (`store_contract_tests!(make_store)` in a test file expands to one test per rule).
+//! Every store is built with `Policy::default()`; time is passed in explicitly.
+
+#![allow(unused_macros, unused_imports)] // each test binary uses its own part of the harness
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use quotad::domain::time::{HOUR_MS, MINUTE_MS};
+use quotad::domain::{
+    Account, Action, CommitCommand, Decision, DenyReason, DomainError, Funding, GrantCommand,
+    LotSource, Policy, PriceSheet, ReleaseCommand, ReserveCommand, Timestamp, Usage,
+};
+use quotad::store::{Store, StoreError};
+
+use super::{CREDIT, T0};
+
+/// Expands to one `#[tokio::test]` per contract rule, each on a fresh store from `$make`
+/// (an expression evaluating to a future of a store).
+macro_rules! store_contract_tests {
+    ($make:expr) => {
+        store_contract_tests!(@tests $make;
+            first_reserve_creates_the_account,
+            reserve_holds_plan_allowance,
+            free_plan_over_limit_is_denied_with_upgrade,
+            plus_plan_splits_across_the_boundary_onto_credits,
+            commit_charges_actual_usage_and_returns_the_excess,
+            commit_beyond_the_hold_is_still_charged,
+            non_final_commit_renews_the_hold_on_credits,
+            final_commit_and_release_act_once,
+            expired_holds_are_returned,
+            reserve_retries_act_once,
+            grants_are_idempotent_and_spent_in_order,
+            expired_lots_are_never_spent,
+            upsert_changes_plan_but_keeps_usage,
+            unknown_accounts_and_reservations_are_not_found,
+            usage_history_and_conservation,
+            concurrent_reserves_never_overcommit,
+        );
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let store = $make.await;
+                support::contract::$name(store).await;
+            }
+        )*
+    };
+}
+pub(crate) use store_contract_tests;
+
+fn at(ms: i64) -> Timestamp {
+    T0.plus_millis(ms)
+}
+
+/// Usage on gpt-5.5-mini costing exactly `credits` credits.
+fn costing(credits: i64) -> (Usage, i64) {
+    let usage = Usage {
+        model: "gpt-5.5-mini".into(),
+        output_tokens: credits as u64 * 5_000,
+        ..Usage::default()
+    };
+    let cost = PriceSheet::default().price(&usage).unwrap();
+    assert_eq!(cost, credits * CREDIT);
+    (usage, cost)
+}
+
+fn reserve_cmd(account: &str, request: &str, product: &str, credits: i64) -> ReserveCommand {
+    let (estimate, cost) = costing(credits);
+    ReserveCommand {
+        account_id: account.into(),
+        request_id: request.into(),
+        product: product.into(),
+        estimate,
+        cost,
+        plan_hint: None,
+        ttl_ms: 15 * MINUTE_MS,
+        reservation_id: format!("rsv-{account}-{request}"),
+    }
+}
+
+fn with_plan(mut cmd: ReserveCommand, plan: &str) -> ReserveCommand {
+    cmd.plan_hint = Some(plan.into());
+    cmd
+}
+
+fn commit_cmd(account: &str, reservation: &str, credits: i64, is_final: bool) -> CommitCommand {
+    let (usage, cost) = costing(credits);
+    CommitCommand {
+        account_id: account.into(),
+        reservation_id: reservation.into(),
+        usage,
+        cost,
+        is_final,
+        price_version: PriceSheet::default().version,
+    }
+}
+
+fn grant_cmd(account: &str, grant: &str, credits: i64) -> GrantCommand {
+    GrantCommand {
+        account_id: account.into(),
+        grant_id: grant.into(),
+        amount: credits * CREDIT,
+        source: LotSource::Purchase,
+        expires_at: None,
+    }
+}
+
+fn release_cmd(account: &str, reservation: &str) -> ReleaseCommand {
+    ReleaseCommand {
+        account_id: account.into(),
+        reservation_id: reservation.into(),
+    }
+}
+
+fn allowed(decision: &Decision) -> (String, Funding) {
+    match decision {
+        Decision::Allow {
+            reservation_id,
+            held,
+            ..
+        } => (reservation_id.clone(), *held),
+        Decision::Deny(d) => panic!("expected ALLOW, got {d:?}"),
+    }
+}
+
+fn rule(err: StoreError) -> DomainError {
+    match err {
+        StoreError::Rule(e) => e,
+        other => panic!("expected a rule error, got {other:?}"),
+    }
+}
+
+async fn plus_account_with_credits<S: Store>(store: &S, id: &str, credits: i64) {
+    let account = Account {
+        id: id.into(),
+        plan: "plus".into(),
+        credit_purchase_allowed: true,
+    };
+    store.upsert_account(account, at(0)).await.unwrap();
+    if credits > 0 {
+        store
+            .grant(grant_cmd(id, &format!("{id}-seed"), credits), at(0))
+            .await
+            .unwrap();
+    }
+}
+
+pub async fn first_reserve_creates_the_account<S: Store>(store: S) {
+    let out = store
+        .reserve(with_plan(reserve_cmd("a1", "r1", "codex", 1), "go"), at(0))
+        .await
+        .unwrap();
+    allowed(&out.decision);
+    let account = store.account("a1").await.unwrap();
+    assert_eq!(
+        account,
+        Account {
+            id: "a1".into(),
+            plan: "go".into(),
+            credit_purchase_allowed: true
+        }
+    );
+    // The hint only applies on first sight.
+    store
+        .reserve(with_plan(reserve_cmd("a1", "r2", "codex", 1), "pro"), at(0))
+        .await
+        .unwrap();
+    assert_eq!(store.account("a1").await.unwrap().plan, "go");
+    // No hint: the default plan.
+    store
+        .reserve(reserve_cmd("a2", "r1", "codex", 1), at(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.account("a2").await.unwrap().plan,
+        Policy::default().default_plan
+    );
+}
+
+pub async fn reserve_holds_plan_allowance<S: Store>(store: S) {
+    let out = store
+        .reserve(reserve_cmd("a", "r1", "excel", 10), at(0))
+        .await
+        .unwrap();
+    let (_, held) = allowed(&out.decision);
+    assert_eq!(held, Funding::new(10 * CREDIT, 0));
+    for w in &out.status.windows {
+        assert_eq!((w.used, w.held), (10 * CREDIT, 10 * CREDIT), "{}", w.name);
+    }
+    assert_eq!(out.status.windows[0].limit, 15 * CREDIT);
+    assert_eq!(out.status.windows[1].limit, 60 * CREDIT);
+}
+
+pub async fn free_plan_over_limit_is_denied_with_upgrade<S: Store>(store: S) {
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("a", "r1", "codex", 15), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    store
+        .commit(commit_cmd("a", &id, 15, true), at(MINUTE_MS))
+        .await
+        .unwrap();
+    let out = store
+        .reserve(reserve_cmd("a", "r2", "excel", 1), at(2 * MINUTE_MS))
+        .await
+        .unwrap();
+    let Decision::Deny(denial) = out.decision else {
+        panic!("expected a deny")
+    };
+    assert_eq!(denial.reason, DenyReason::WindowExhausted);
+    assert_eq!(denial.action, Action::UpgradePlan);
+    assert_eq!(denial.upgrade_to.as_deref(), Some("go"));
+    // Capacity really returns when the committed usage leaves the 5-hour window.
+    let retry_at = denial.retry_at.expect("retry_at");
+    assert!(
+        retry_at > at(5 * HOUR_MS) && retry_at <= at(5 * HOUR_MS + 6 * MINUTE_MS),
+        "{retry_at}"
+    );
+    let early = store
+        .reserve(reserve_cmd("a", "r3", "excel", 1), retry_at.plus_millis(-1))
+        .await
+        .unwrap();
+    assert!(matches!(early.decision, Decision::Deny(_)));
+    let on_time = store
+        .reserve(reserve_cmd("a", "r4", "excel", 1), retry_at)
+        .await
+        .unwrap();
+    allowed(&on_time.decision);
+}
+
+pub async fn plus_plan_splits_across_the_boundary_onto_credits<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 100).await;
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("p", "r1", "codex", 140), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    store
+        .commit(commit_cmd("p", &id, 140, true), at(MINUTE_MS))
+        .await
+        .unwrap();
+    let out = store
+        .reserve(reserve_cmd("p", "r2", "excel", 30), at(2 * MINUTE_MS))
+        .await
+        .unwrap();
+    let (_, held) = allowed(&out.decision);
+    assert_eq!(held, Funding::new(10 * CREDIT, 20 * CREDIT));
+    let snapshot = store.usage("p", 10, at(2 * MINUTE_MS)).await.unwrap();
+    assert_eq!(snapshot.credit_held, 20 * CREDIT);
+    assert_eq!(
+        snapshot.totals.balance,
+        100 * CREDIT,
+        "a hold does not spend"
+    );
+}
+
+pub async fn commit_charges_actual_usage_and_returns_the_excess<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 50).await;
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("p", "r1", "codex", 145), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    let (id2, held2) = allowed(
+        &store
+            .reserve(reserve_cmd("p", "r2", "codex", 20), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    assert_eq!(held2, Funding::new(5 * CREDIT, 15 * CREDIT));
+    let out = store
+        .commit(commit_cmd("p", &id2, 8, true), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.receipt.charged,
+        Funding::new(5 * CREDIT, 3 * CREDIT),
+        "plan part of the hold first"
+    );
+    assert_eq!(out.status.credit_balance, 47 * CREDIT);
+    let out = store
+        .commit(commit_cmd("p", &id, 100, true), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(out.receipt.charged, Funding::new(100 * CREDIT, 0));
+    assert_eq!(
+        out.status.windows[0].used,
+        105 * CREDIT,
+        "the hold's excess returned"
+    );
+    assert_eq!(out.status.windows[0].held, 0);
+}
+
+pub async fn commit_beyond_the_hold_is_still_charged<S: Store>(store: S) {
+    // Free plan: usage over the hold is charged to the plan, even past its limit.
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("f", "r1", "codex", 10), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    let out = store
+        .commit(commit_cmd("f", &id, 20, true), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(out.receipt.charged, Funding::new(20 * CREDIT, 0));
+    assert_eq!(out.status.windows[0].used, 20 * CREDIT);
+    // Plus plan: plan allowance first, then credits, and the balance may go below zero.
+    plus_account_with_credits(&store, "p", 5).await;
+    let (id, held) = allowed(
+        &store
+            .reserve(reserve_cmd("p", "r1", "codex", 150), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    assert_eq!(held, Funding::new(150 * CREDIT, 0));
+    let out = store
+        .commit(commit_cmd("p", &id, 160, true), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(out.receipt.charged, Funding::new(150 * CREDIT, 10 * CREDIT));
+    assert_eq!(out.status.credit_balance, -5 * CREDIT);
+    let snapshot = store.usage("p", 10, at(MINUTE_MS)).await.unwrap();
+    let t = snapshot.totals;
+    assert_eq!(t.granted, t.balance + t.spent + t.expired);
+    // The next grant pays the debt first.
+    let out = store
+        .grant(grant_cmd("p", "g2", 20), at(2 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(out.credit_balance, 15 * CREDIT);
+    assert_eq!(out.lot.remaining, 15 * CREDIT);
+}
+
+pub async fn non_final_commit_renews_the_hold_on_credits<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 30).await;
+    // 130 of 150 plan credits used by another task.
+    let (other, _) = allowed(
+        &store
+            .reserve(reserve_cmd("p", "big", "codex", 130), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    store
+        .commit(commit_cmd("p", &other, 130, true), at(0))
+        .await
+        .unwrap();
+    let (id, held) = allowed(
+        &store
+            .reserve(reserve_cmd("p", "task", "codex", 15), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    assert_eq!(held, Funding::new(15 * CREDIT, 0));
+    // First chunk used 15: the plan has 5 left, so the renewed hold is 5 plan + 10 credits.
+    let out = store
+        .commit(commit_cmd("p", &id, 15, false), at(10 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert!(out.receipt.may_continue);
+    assert_eq!(out.receipt.charged, Funding::new(15 * CREDIT, 0));
+    assert_eq!(out.receipt.held, Funding::new(5 * CREDIT, 10 * CREDIT));
+    assert_eq!(
+        out.receipt.expires_at,
+        Some(at(25 * MINUTE_MS)),
+        "TTL renewed"
+    );
+    // Second chunk (cumulative 30): paid from the renewed hold; the next hold is all credits.
+    let out = store
+        .commit(commit_cmd("p", &id, 30, false), at(20 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(out.receipt.charged, Funding::new(5 * CREDIT, 10 * CREDIT));
+    assert_eq!(out.receipt.held, Funding::new(0, 15 * CREDIT));
+    assert!(out.receipt.may_continue);
+    // Third chunk leaves 5 credits: not enough for another 15, so the task may not go on.
+    let out = store
+        .commit(commit_cmd("p", &id, 55, false), at(30 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(out.receipt.charged, Funding::new(0, 25 * CREDIT));
+    assert!(!out.receipt.may_continue);
+    assert_eq!(
+        out.receipt.denial.as_ref().map(|d| d.action),
+        Some(Action::BuyCredits)
+    );
+    assert_eq!(out.status.credit_balance, -5 * CREDIT);
+    // The final commit still lands and charges nothing more for a repeated cumulative usage.
+    let out = store
+        .commit(commit_cmd("p", &id, 55, true), at(31 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(out.receipt.charged, Funding::ZERO);
+    assert_eq!(
+        out.receipt.charged_total,
+        Funding::new(20 * CREDIT, 35 * CREDIT)
+    );
+}
+
+pub async fn final_commit_and_release_act_once<S: Store>(store: S) {
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("a", "r1", "codex", 10), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    let first = store
+        .commit(commit_cmd("a", &id, 4, true), at(MINUTE_MS))
+        .await
+        .unwrap();
+    let retry = store
+        .commit(commit_cmd("a", &id, 4, true), at(2 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(first.receipt, retry.receipt);
+    assert_eq!(retry.status.windows[0].used, 4 * CREDIT, "charged once");
+    let conflict = store
+        .commit(commit_cmd("a", &id, 5, true), at(2 * MINUTE_MS))
+        .await
+        .unwrap_err();
+    assert!(matches!(rule(conflict), DomainError::AlreadyExists(_)));
+    let conflict = store
+        .release(release_cmd("a", &id), at(2 * MINUTE_MS))
+        .await
+        .unwrap_err();
+    assert!(matches!(rule(conflict), DomainError::AlreadyExists(_)));
+
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("a", "r2", "codex", 7), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    let released = store
+        .release(release_cmd("a", &id), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(released.released, Funding::new(7 * CREDIT, 0));
+    let again = store
+        .release(release_cmd("a", &id), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(again, released);
+    let conflict = store
+        .commit(commit_cmd("a", &id, 1, true), at(MINUTE_MS))
+        .await
+        .unwrap_err();
+    assert!(matches!(rule(conflict), DomainError::AlreadyExists(_)));
+    let snapshot = store.usage("a", 10, at(MINUTE_MS)).await.unwrap();
+    assert_eq!(snapshot.status.windows[0].used, 4 * CREDIT);
+}
+
+pub async fn expired_holds_are_returned<S: Store>(store: S) {
+    let mut cmd = reserve_cmd("a", "r1", "codex", 12);
+    cmd.ttl_ms = 60_000;
+    let (id, _) = allowed(&store.reserve(cmd, at(0)).await.unwrap().decision);
+    let before = store.usage("a", 10, at(59_999)).await.unwrap();
+    assert_eq!(before.status.windows[0].held, 12 * CREDIT);
+    let after = store.usage("a", 10, at(60_000)).await.unwrap();
+    assert_eq!(after.status.windows[0].used, 0);
+    assert!(after.holds.is_empty());
+    let late = store
+        .commit(commit_cmd("a", &id, 1, true), at(61_000))
+        .await
+        .unwrap_err();
+    assert!(matches!(rule(late), DomainError::FailedPrecondition(_)));
+    let released = store
+        .release(release_cmd("a", &id), at(61_000))
+        .await
+        .unwrap();
+    assert_eq!(released.released, Funding::new(12 * CREDIT, 0));
+}
+
+pub async fn reserve_retries_act_once<S: Store>(store: S) {
+    let first = store
+        .reserve(reserve_cmd("a", "r1", "codex", 10), at(0))
+        .await
+        .unwrap();
+    let mut retry_cmd = reserve_cmd("a", "r1", "codex", 10);
+    retry_cmd.reservation_id = "another-fresh-id".into();
+    let retry = store.reserve(retry_cmd, at(1_000)).await.unwrap();
+    assert_eq!(first.decision, retry.decision);
+    assert_eq!(retry.status.windows[0].used, 10 * CREDIT, "held once");
+    let conflict = store
+        .reserve(reserve_cmd("a", "r1", "excel", 10), at(1_000))
+        .await
+        .unwrap_err();
+    assert!(matches!(rule(conflict), DomainError::AlreadyExists(_)));
+    // A deny is an answer too: its retry is the same deny, even after capacity returned.
+    let deny = store
+        .reserve(reserve_cmd("a", "r2", "codex", 10), at(0))
+        .await
+        .unwrap();
+    assert!(matches!(deny.decision, Decision::Deny(_)));
+    let (id, _) = allowed(&first.decision);
+    store
+        .release(release_cmd("a", &id), at(2_000))
+        .await
+        .unwrap();
+    let again = store
+        .reserve(reserve_cmd("a", "r2", "codex", 10), at(3_000))
+        .await
+        .unwrap();
+    assert_eq!(again.decision, deny.decision);
+}
+
+pub async fn grants_are_idempotent_and_spent_in_order<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 0).await;
+    let later = GrantCommand {
+        expires_at: Some(at(30 * 24 * HOUR_MS)),
+        ..grant_cmd("p", "late", 10)
+    };
+    let sooner = GrantCommand {
+        expires_at: Some(at(10 * 24 * HOUR_MS)),
+        ..grant_cmd("p", "soon", 10)
+    };
+    let promo = GrantCommand {
+        source: LotSource::Promo,
+        expires_at: Some(at(30 * 24 * HOUR_MS)),
+        ..grant_cmd("p", "promo", 10)
+    };
+    for g in [&later, &sooner, &promo] {
+        store.grant(g.clone(), at(0)).await.unwrap();
+    }
+    let retry = store.grant(later.clone(), at(1_000)).await.unwrap();
+    assert_eq!(retry.credit_balance, 30 * CREDIT, "granted once");
+    let conflict = store
+        .grant(
+            GrantCommand {
+                amount: 11 * CREDIT,
+                ..later.clone()
+            },
+            at(1_000),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(rule(conflict), DomainError::AlreadyExists(_)));
+    let default_expiry = store
+        .grant(grant_cmd("p", "default", 1), at(0))
+        .await
+        .unwrap();
+    assert_eq!(default_expiry.lot.expires_at, at(0).plus_months(12));
+
+    // Use up the plan, then 15 credits: the soonest lot first, then promo before purchased.
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("p", "r1", "codex", 150), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    store
+        .commit(commit_cmd("p", &id, 150, true), at(0))
+        .await
+        .unwrap();
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("p", "r2", "codex", 15), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    store
+        .commit(commit_cmd("p", &id, 15, true), at(0))
+        .await
+        .unwrap();
+    let lots = store.usage("p", 10, at(0)).await.unwrap().lots;
+    let remaining: Vec<(&str, i64)> = lots.iter().map(|l| (l.id.as_str(), l.remaining)).collect();
+    assert_eq!(
+        remaining,
+        [
+            ("promo", 5 * CREDIT),
+            ("late", 10 * CREDIT),
+            ("default", CREDIT)
+        ]
+    );
+}
+
+pub async fn expired_lots_are_never_spent<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 0).await;
+    let short = GrantCommand {
+        expires_at: Some(at(HOUR_MS)),
+        ..grant_cmd("p", "short", 50)
+    };
+    store.grant(short, at(0)).await.unwrap();
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("p", "r1", "codex", 150), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    store
+        .commit(commit_cmd("p", &id, 150, true), at(0))
+        .await
+        .unwrap();
+    let out = store
+        .reserve(reserve_cmd("p", "r2", "codex", 10), at(HOUR_MS))
+        .await
+        .unwrap();
+    let Decision::Deny(denial) = out.decision else {
+        panic!("the lot expired")
+    };
+    assert_eq!(
+        (denial.reason, denial.action),
+        (DenyReason::CreditsExhausted, Action::BuyCredits)
+    );
+    let t = store.usage("p", 10, at(HOUR_MS)).await.unwrap().totals;
+    assert_eq!(
+        (t.granted, t.expired, t.balance, t.spent),
+        (50 * CREDIT, 50 * CREDIT, 0, 0)
+    );
+}
+
+pub async fn upsert_changes_plan_but_keeps_usage<S: Store>(store: S) {
+    let (id, _) = allowed(
+        &store
+            .reserve(reserve_cmd("a", "r1", "codex", 15), at(0))
+            .await
+            .unwrap()
+            .decision,
+    );
+    store
+        .commit(commit_cmd("a", &id, 15, true), at(0))
+        .await
+        .unwrap();
+    let upgraded = Account {
+        id: "a".into(),
+        plan: "plus".into(),
+        credit_purchase_allowed: false,
+    };
+    assert_eq!(
+        store.upsert_account(upgraded.clone(), at(0)).await.unwrap(),
+        upgraded
+    );
+    let snapshot = store.usage("a", 10, at(0)).await.unwrap();
+    assert_eq!(snapshot.account, upgraded);
+    assert_eq!(snapshot.status.windows[0].used, 15 * CREDIT);
+    assert_eq!(snapshot.status.windows[0].limit, 150 * CREDIT);
+}
+
+pub async fn unknown_accounts_and_reservations_are_not_found<S: Store>(store: S) {
+    let is_not_found = |e: StoreError| matches!(rule(e), DomainError::NotFound { .. });
+    assert!(is_not_found(store.account("nobody").await.unwrap_err()));
+    assert!(is_not_found(
+        store.usage("nobody", 10, at(0)).await.unwrap_err()
+    ));
+    assert!(is_not_found(
+        store
+            .grant(grant_cmd("nobody", "g", 1), at(0))
+            .await
+            .unwrap_err()
+    ));
+    assert!(is_not_found(
+        store
+            .commit(commit_cmd("nobody", "r", 1, true), at(0))
+            .await
+            .unwrap_err()
+    ));
+    store
+        .reserve(reserve_cmd("a", "r1", "codex", 1), at(0))
+        .await
+        .unwrap();
+    assert!(is_not_found(
+        store
+            .commit(commit_cmd("a", "nope", 1, true), at(0))
+            .await
+            .unwrap_err()
+    ));
+    assert!(is_not_found(
+        store
+            .release(release_cmd("a", "nope"), at(0))
+            .await
+            .unwrap_err()
+    ));
+}
+
+pub async fn usage_history_and_conservation<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 40).await;
+    for (i, credits) in [100, 60, 20].into_iter().enumerate() {
+        let request = format!("r{i}");
+        let now = at(i as i64 * MINUTE_MS);
+        let (id, _) = allowed(
+            &store
+                .reserve(reserve_cmd("p", &request, "codex", credits), now)
+                .await
+                .unwrap()
+                .decision,
+        );
+        store
+            .commit(commit_cmd("p", &id, credits, true), now)
+            .await
+            .unwrap();
+    }
+    let s = store.usage("p", 2, at(3 * MINUTE_MS)).await.unwrap();
+    assert_eq!(s.recent.len(), 2, "recent_limit honoured");
+    assert_eq!(
+        s.recent[0].charged,
+        Funding::new(0, 20 * CREDIT),
+        "newest first"
+    );
+    assert_eq!(s.recent[1].charged, Funding::new(50 * CREDIT, 10 * CREDIT));
+    assert_eq!(s.recent[0].usage.output_tokens, 100_000);
+    assert_eq!(s.recent[0].price_version, PriceSheet::default().version);
+    let t = s.totals;
+    assert_eq!(
+        (t.granted, t.spent, t.balance),
+        (40 * CREDIT, 30 * CREDIT, 10 * CREDIT)
+    );
+    assert_eq!(t.granted, t.balance + t.spent + t.expired);
+}
+
+pub async fn concurrent_reserves_never_overcommit<S: Store>(store: S) {
+    let store = Arc::new(store);
+    plus_account_with_credits(store.as_ref(), "p", 50).await;
+    // 150 plan + 50 credits = 200 credits of capacity; 100 tasks ask for 3 each.
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .reserve(reserve_cmd("p", &format!("r{i}"), "codex", 3), at(0))
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    let mut held = Funding::ZERO;
+    for task in tasks {
+        if let Decision::Allow {
+            reservation_id,
+            held: h,
+            ..
+        } = task.await.unwrap().unwrap().decision
+        {
+            assert!(ids.insert(reservation_id));
+            held = held.plus(h);
+        }
+    }
+    assert_eq!(ids.len(), 66, "floor(200 / 3) tasks fit");
+    assert!(
+        held.plan <= 150 * CREDIT && held.credit <= 50 * CREDIT,
+        "{held:?}"
+    );
+    let s = store.usage("p", 0, at(0)).await.unwrap();
+    assert_eq!(s.credit_held, held.credit);
+    assert!(s.status.windows.iter().all(|w| w.used <= w.limit));
+}

@@ -1,0 +1,158 @@
+//! Shared test harness: starts a real quotad server on a free loopback port with a manual clock,
+//! and hands out real tonic clients for it.
+#![allow(dead_code)]
+
+pub mod contract;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quotad::api::pb;
+use quotad::api::pb::admin_service_client::AdminServiceClient;
+use quotad::api::pb::quota_service_client::QuotaServiceClient;
+use quotad::config::Config;
+use quotad::domain::{ManualClock, Timestamp};
+use quotad::server::{self, ServeSettings};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// Where test clocks start: 2026-11-24T22:00:00Z, on the hour.
+pub const T0: Timestamp = Timestamp::from_millis(1_795_557_600_000);
+pub const CREDIT: i64 = 1_000_000;
+
+pub type QuotaClient = QuotaServiceClient<Channel>;
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerToken(pub Option<String>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+/// A quotad serving on 127.0.0.1:<free port>, in this process, with a manual clock.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub clock: ManualClock,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(Config::default()).await
+    }
+
+    /// A server with no admin token configured: AdminService is disabled.
+    pub async fn start_without_admin_token() -> TestServer {
+        Self::serve(Config::default()).await
+    }
+
+    pub async fn start_with(mut config: Config) -> TestServer {
+        config.admin_token = Some(ADMIN_TOKEN.into());
+        Self::serve(config).await
+    }
+
+    async fn serve(config: Config) -> TestServer {
+        config.validate().expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clock = ManualClock::new(T0);
+        let app = quotad::build_memory(&config, Arc::new(clock.clone()));
+        let (tx, rx) = oneshot::channel();
+        let settings = ServeSettings {
+            admin_token: config.admin_token.clone(),
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(async move {
+            server::run(listener, app, settings, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        TestServer {
+            addr,
+            clock,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// The server's clock, in whole seconds since the epoch.
+    pub fn now_secs(&self) -> i64 {
+        use quotad::domain::Clock;
+        self.clock.now().as_millis().div_euclid(1_000)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the test server")
+    }
+
+    pub async fn quota(&self) -> QuotaClient {
+        QuotaServiceClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> AdminClient {
+        self.admin_with_token(Some(ADMIN_TOKEN)).await
+    }
+
+    pub async fn admin_with_token(&self, token: Option<&str>) -> AdminClient {
+        AdminServiceClient::with_interceptor(
+            self.channel().await,
+            BearerToken(token.map(str::to_owned)),
+        )
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub fn usage(model: &str, input: u64, cached: u64, output: u64) -> pb::Usage {
+    pb::Usage {
+        model: model.into(),
+        input_tokens: input,
+        cached_input_tokens: cached,
+        output_tokens: output,
+        ..Default::default()
+    }
+}
+
+/// Usage on gpt-5.5-mini that costs exactly `credits` credits (200 credits per million output tokens).
+pub fn costing(credits: u64) -> pb::Usage {
+    usage("gpt-5.5-mini", 0, 0, credits * 5_000)
+}
