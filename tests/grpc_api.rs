@@ -287,7 +287,7 @@ async fn a_long_task_continues_on_credits_mid_task() {
     let c = commit(&mut q, "agent", &id, 20, false).await;
     assert!(c.may_continue);
     assert_eq!(
-        (c.charged.clone(), c.held.clone()),
+        (c.charged, c.held),
         (funding(20, 0), funding(10, 10))
     );
     assert_eq!(
@@ -300,7 +300,7 @@ async fn a_long_task_continues_on_credits_mid_task() {
     server.clock.advance_secs(5 * MINUTE);
     let c = commit(&mut q, "agent", &id, 40, false).await;
     assert_eq!(
-        (c.charged.clone(), c.held.clone()),
+        (c.charged, c.held),
         (funding(10, 10), funding(0, 20))
     );
     assert!(c.may_continue);
@@ -412,7 +412,7 @@ async fn retries_act_once_and_conflicting_reuse_is_already_exists() {
     let once = q.release(release.clone()).await.unwrap().into_inner();
     let twice = q.release(release).await.unwrap().into_inner();
     assert_eq!(
-        (once.released.clone(), twice.released),
+        (once.released, twice.released),
         (funding(4, 0), funding(4, 0))
     );
 
