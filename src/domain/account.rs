@@ -9,13 +9,16 @@
 //! Reservations follow the two-phase pattern of a ledger transfer: a hold is *pending* until it
 //! is committed (posted), released (voided) or passes its `expires_at` (timed out). Holds count
 //! as used from the moment they are made, so two tasks cannot both spend the last of a window.
+//! Open reservations are kept apart from finished ones, so the work of an operation grows with
+//! the tasks in flight, not with the day's history; finished ones are kept only to answer
+//! retries, and forgotten after the idempotency retention.
 
 use std::collections::{HashMap, VecDeque};
 
 use super::decision::{
     Account, AccountStatus, Action, CommitCommand, CommitOutcome, CommitReceipt, Decision, Denial,
-    DenyReason, GrantCommand, GrantOutcome, HoldView, ReleaseCommand, ReleaseOutcome,
-    ReserveCommand, ReserveOutcome, UsageEvent, UsageSnapshot, WindowStatus,
+    DenialFacts, GrantCommand, GrantOutcome, HoldView, ReleaseCommand, ReleaseOutcome,
+    ReserveCommand, ReserveOutcome, Shortfall, UsageEvent, UsageSnapshot, WindowStatus,
 };
 use super::error::DomainError;
 use super::ledger::{CreditLot, Ledger};
@@ -28,25 +31,7 @@ use super::window::{FIVE_HOUR, SlidingWindow, WEEKLY};
 /// Credit lots last this many months unless a grant says otherwise.
 pub const LOT_VALIDITY_MONTHS: u32 = 12;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ReservationState {
-    Open,
-    Committed {
-        fingerprint: u64,
-        receipt: CommitReceipt,
-        at: Timestamp,
-    },
-    Released {
-        released: Funding,
-        at: Timestamp,
-    },
-    Expired {
-        released: Funding,
-        at: Timestamp,
-    },
-}
-
-/// A task's hold on the plan and on credits, and what it has been charged so far.
+/// A task's open hold on the plan and on credits, and what it has been charged so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     id: String,
@@ -59,22 +44,22 @@ pub struct Reservation {
     /// Highest cumulative usage committed so far, to record what each commit added.
     usage: Usage,
     expires_at: Timestamp,
-    state: ReservationState,
 }
 
-impl Reservation {
-    fn closed_at(&self) -> Option<Timestamp> {
-        match &self.state {
-            ReservationState::Open => None,
-            ReservationState::Committed { at, .. }
-            | ReservationState::Released { at, .. }
-            | ReservationState::Expired { at, .. } => Some(*at),
-        }
-    }
-
-    fn is_open(&self) -> bool {
-        self.state == ReservationState::Open
-    }
+/// How a reservation ended; kept to answer retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Closed {
+    Committed {
+        fingerprint: u64,
+        receipt: CommitReceipt,
+    },
+    Released {
+        released: Funding,
+    },
+    Expired {
+        released: Funding,
+        at: Timestamp,
+    },
 }
 
 /// The first answer to a Reserve, kept for retries with the same request id.
@@ -83,13 +68,56 @@ struct RequestRecord {
     fingerprint: u64,
     decision: Decision,
     estimate: Micros,
-    at: Timestamp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct GrantRecord {
     fingerprint: u64,
     lot: CreditLot,
+}
+
+/// Records kept for a while, forgotten in the order they were made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Retained<T> {
+    by_id: HashMap<String, T>,
+    /// (when recorded, id), oldest first.
+    order: VecDeque<(Timestamp, String)>,
+}
+
+impl<T> Default for Retained<T> {
+    fn default() -> Self {
+        Retained {
+            by_id: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> Retained<T> {
+    fn get(&self, id: &str) -> Option<&T> {
+        self.by_id.get(id)
+    }
+
+    fn insert(&mut self, now: Timestamp, id: String, record: T) {
+        self.order.push_back((now, id.clone()));
+        self.by_id.insert(id, record);
+    }
+
+    /// Forgets records made at or before `cutoff`.
+    fn forget_until(&mut self, cutoff: Timestamp) {
+        while let Some((at, _)) = self.order.front() {
+            if *at > cutoff {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.by_id.remove(&id);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
 }
 
 /// How usage beyond the plan's allowance is handled for one product on one account.
@@ -109,8 +137,9 @@ pub struct AccountState {
     five_hour: SlidingWindow,
     weekly: SlidingWindow,
     ledger: Ledger,
-    reservations: HashMap<String, Reservation>,
-    requests: HashMap<String, RequestRecord>,
+    open: HashMap<String, Reservation>,
+    closed: Retained<Closed>,
+    requests: Retained<RequestRecord>,
     grants: HashMap<String, GrantRecord>,
     /// Newest last.
     recent: VecDeque<UsageEvent>,
@@ -123,8 +152,9 @@ impl AccountState {
             five_hour: SlidingWindow::new(FIVE_HOUR),
             weekly: SlidingWindow::new(WEEKLY),
             ledger: Ledger::default(),
-            reservations: HashMap::new(),
-            requests: HashMap::new(),
+            open: HashMap::new(),
+            closed: Retained::default(),
+            requests: Retained::default(),
             grants: HashMap::new(),
             recent: VecDeque::new(),
         }
@@ -143,36 +173,48 @@ impl AccountState {
     /// Applies what time has done up to `now`: returns expired holds, expires lots, lets old
     /// usage leave the windows and forgets idempotency records past their retention.
     pub fn settle(&mut self, policy: &Policy, now: Timestamp) {
-        let retention = i64::from(policy.limits.idempotency_retention_seconds) * SECOND_MS;
-        for r in self.reservations.values_mut() {
-            if r.is_open() && r.expires_at <= now {
-                let released = std::mem::take(&mut r.held);
-                r.state = ReservationState::Expired {
-                    released,
-                    at: r.expires_at,
-                };
+        let expired: Vec<String> = self
+            .open
+            .values()
+            .filter(|r| r.expires_at <= now)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in expired {
+            if let Some(r) = self.open.remove(&id) {
+                self.closed.insert(
+                    now,
+                    id,
+                    Closed::Expired {
+                        released: r.held,
+                        at: r.expires_at,
+                    },
+                );
             }
         }
-        self.reservations.retain(|_, r| {
-            r.closed_at()
-                .is_none_or(|at| at.plus_millis(retention) > now)
-        });
-        self.requests
-            .retain(|_, rec| rec.at.plus_millis(retention) > now);
+        let retention = i64::from(policy.limits.idempotency_retention_seconds) * SECOND_MS;
+        let cutoff = now.plus_millis(-retention);
+        self.closed.forget_until(cutoff);
+        self.requests.forget_until(cutoff);
         self.ledger.expire(now);
         self.five_hour.advance(now);
         self.weekly.advance(now);
     }
 
     /// True when nothing about this account needs remembering beyond its record: no usage in
-    /// any window, no holds, no credits, no idempotency records. A store may then evict it.
+    /// any window, no holds, no credits, no idempotency records.
     pub fn is_idle(&self) -> bool {
         self.five_hour.committed() == 0
             && self.weekly.committed() == 0
-            && self.reservations.is_empty()
+            && self.open.is_empty()
+            && self.closed.is_empty()
             && self.requests.is_empty()
             && self.ledger.lots().is_empty()
             && self.ledger.balance() == 0
+    }
+
+    /// The earliest instant an open hold expires, for stores that sweep expired holds.
+    pub fn next_hold_expiry(&self) -> Option<Timestamp> {
+        self.open.values().map(|r| r.expires_at).min()
     }
 
     fn plan<'p>(&self, policy: &'p Policy) -> Result<&'p Plan, DomainError> {
@@ -187,9 +229,8 @@ impl AccountState {
     }
 
     fn held(&self) -> Funding {
-        self.reservations
+        self.open
             .values()
-            .filter(|r| r.is_open())
             .fold(Funding::ZERO, |sum, r| sum.plus(r.held))
     }
 
@@ -263,8 +304,7 @@ impl AccountState {
         if cost <= room {
             return Ok(Funding::new(cost, 0));
         }
-        let plan_name = &self.account.plan;
-        match self.route(policy, plan, product) {
+        let (action, upgrade_to, shortfall, retry_at) = match self.route(policy, plan, product) {
             Route::Credits => {
                 let available = self.credits_available();
                 let need = cost - room;
@@ -272,65 +312,35 @@ impl AccountState {
                     return Ok(Funding::new(room, need));
                 }
                 let (_, retry_at) = self.plan_refill(plan, cost - available.max(0), now);
-                Err(Denial {
-                    reason: DenyReason::CreditsExhausted,
-                    action: Action::BuyCredits,
-                    upgrade_to: None,
-                    retry_at,
-                    message: format!(
-                        "The included usage of your {plan_name} plan is used up and your credits do not cover \
-                         this task ({} credits needed, {} available). Buy credits to keep going{}.",
-                        Credits(need),
-                        Credits(available.max(0)),
-                        retry_phrase(retry_at, "or wait until")
-                    ),
-                })
+                let shortfall = Shortfall::Credits {
+                    need,
+                    available: available.max(0),
+                };
+                (Action::BuyCredits, None, shortfall, retry_at)
             }
             Route::Deny {
                 credits_barred,
                 action,
                 upgrade_to,
             } => {
-                let (weekly_binds, retry_at) = self.plan_refill(plan, cost, now);
-                let reason = match (credits_barred, weekly_binds) {
-                    (true, _) => DenyReason::CreditsNotAllowed,
-                    (false, true) => DenyReason::WeeklyExhausted,
-                    (false, false) => DenyReason::WindowExhausted,
-                };
-                let period = if weekly_binds {
-                    "this week"
+                let (weekly, retry_at) = self.plan_refill(plan, cost, now);
+                let shortfall = if credits_barred {
+                    Shortfall::CreditsBarred
                 } else {
-                    "this 5-hour window"
+                    Shortfall::Window { weekly }
                 };
-                let why = if credits_barred {
-                    format!(
-                        "You have used the included usage of your {plan_name} plan, and this account cannot buy credits."
-                    )
-                } else if action == Action::WaitForReset && plan.overage == Overage::Credits {
-                    format!(
-                        "You have used the included usage of your {plan_name} plan for {period}, and {product} cannot run on credits."
-                    )
-                } else {
-                    format!(
-                        "You have used the included usage of your {plan_name} plan for {period}."
-                    )
-                };
-                let next = match upgrade_to {
-                    Some(to) => format!(
-                        " Upgrade to {to} for more{}.",
-                        retry_phrase(retry_at, ", or try again at")
-                    ),
-                    None => format!("{}.", retry_phrase(retry_at, " Try again at")),
-                };
-                Err(Denial {
-                    reason,
-                    action,
-                    upgrade_to: upgrade_to.map(str::to_owned),
-                    retry_at,
-                    message: why + &next,
-                })
+                (action, upgrade_to, shortfall, retry_at)
             }
-        }
+        };
+        Err(Denial::from_facts(DenialFacts {
+            plan: &self.account.plan,
+            product,
+            product_credits: policy.product(product).is_some_and(|p| p.credits),
+            shortfall,
+            action,
+            upgrade_to: upgrade_to.map(str::to_owned),
+            retry_at,
+        }))
     }
 
     /// When the plan windows can next fund `need` (holds as they are now), and whether the
@@ -396,7 +406,7 @@ impl AccountState {
         let decision = match self.fund(policy, plan, &cmd.product, cmd.cost, now) {
             Ok(held) => {
                 let expires_at = now.plus_millis(cmd.ttl_ms);
-                self.reservations.insert(
+                self.open.insert(
                     cmd.reservation_id.clone(),
                     Reservation {
                         id: cmd.reservation_id.clone(),
@@ -410,7 +420,6 @@ impl AccountState {
                             ..Usage::default()
                         },
                         expires_at,
-                        state: ReservationState::Open,
                     },
                 );
                 Decision::Allow {
@@ -421,20 +430,45 @@ impl AccountState {
             }
             Err(denial) => Decision::Deny(denial),
         };
-        self.requests.insert(
-            cmd.request_id.clone(),
-            RequestRecord {
-                fingerprint,
-                decision: decision.clone(),
-                estimate: cmd.cost,
-                at: now,
-            },
-        );
+        let record = RequestRecord {
+            fingerprint,
+            decision: decision.clone(),
+            estimate: cmd.cost,
+        };
+        self.requests.insert(now, cmd.request_id.clone(), record);
         Ok(ReserveOutcome {
             decision,
             estimate: cmd.cost,
             status: self.status(policy)?,
         })
+    }
+
+    /// The answer for a reservation that is no longer open.
+    fn closed_answer(
+        &self,
+        id: &str,
+        is_final: bool,
+        fingerprint: u64,
+    ) -> Result<CommitReceipt, DomainError> {
+        match self.closed.get(id) {
+            None => Err(DomainError::NotFound {
+                what: "reservation",
+                id: id.to_owned(),
+            }),
+            Some(Closed::Committed {
+                fingerprint: first,
+                receipt,
+            }) if is_final && *first == fingerprint => Ok(receipt.clone()),
+            Some(Closed::Committed { .. }) => Err(DomainError::AlreadyExists(format!(
+                "reservation {id:?} was already committed with final = true and different usage"
+            ))),
+            Some(Closed::Released { .. }) => Err(DomainError::AlreadyExists(format!(
+                "reservation {id:?} was already released"
+            ))),
+            Some(Closed::Expired { at, .. }) => Err(DomainError::FailedPrecondition(format!(
+                "reservation {id:?} expired at {at} and its hold was returned; reserve again"
+            ))),
+        }
     }
 
     pub fn commit(
@@ -445,51 +479,19 @@ impl AccountState {
     ) -> Result<CommitOutcome, DomainError> {
         self.settle(policy, now);
         let fingerprint = cmd.fingerprint();
-        let id = &cmd.reservation_id;
-        let Some(reservation) = self.reservations.get(id) else {
-            return Err(DomainError::NotFound {
-                what: "reservation",
-                id: id.clone(),
-            });
-        };
-        match &reservation.state {
-            ReservationState::Open => {}
-            ReservationState::Committed {
-                fingerprint: first,
-                receipt,
-                ..
-            } => {
-                if cmd.is_final && *first == fingerprint {
-                    let receipt = receipt.clone();
-                    return Ok(CommitOutcome {
-                        receipt,
-                        status: self.status(policy)?,
-                    });
-                }
-                return Err(DomainError::AlreadyExists(format!(
-                    "reservation {id:?} was already committed with final = true and different usage"
-                )));
-            }
-            ReservationState::Released { .. } => {
-                return Err(DomainError::AlreadyExists(format!(
-                    "reservation {id:?} was already released"
-                )));
-            }
-            ReservationState::Expired { at, .. } => {
-                return Err(DomainError::FailedPrecondition(format!(
-                    "reservation {id:?} expired at {at} and its hold was returned; reserve again"
-                )));
-            }
-        }
         let plan = self.plan(policy)?;
         // Take the reservation out so the account's other state can be read while it changes.
-        let Some(mut r) = self.reservations.remove(id) else {
-            unreachable!("looked up above")
+        let Some(mut r) = self.open.remove(&cmd.reservation_id) else {
+            let receipt = self.closed_answer(&cmd.reservation_id, cmd.is_final, fingerprint)?;
+            return Ok(CommitOutcome {
+                receipt,
+                status: self.status(policy)?,
+            });
         };
 
         let delta = (cmd.cost - r.charged.total()).max(0);
-        let from_hold = Funding::new(delta.min(r.held.plan), 0);
-        let from_hold = Funding::new(from_hold.plan, (delta - from_hold.plan).min(r.held.credit));
+        let hold_plan = delta.min(r.held.plan);
+        let from_hold = Funding::new(hold_plan, (delta - hold_plan).min(r.held.credit));
         let beyond = delta - from_hold.total();
         r.held = Funding::ZERO;
         // Usage beyond the hold is charged all the same: plan allowance first, then credits
@@ -521,11 +523,14 @@ impl AccountState {
                     Credits(r.charged.total())
                 ),
             };
-            r.state = ReservationState::Committed {
-                fingerprint,
-                receipt: receipt.clone(),
-                at: now,
-            };
+            self.closed.insert(
+                now,
+                r.id,
+                Closed::Committed {
+                    fingerprint,
+                    receipt: receipt.clone(),
+                },
+            );
             receipt
         } else {
             r.expires_at = now.plus_millis(r.ttl_ms);
@@ -541,7 +546,7 @@ impl AccountState {
                 }
                 None => String::new(),
             };
-            CommitReceipt {
+            let receipt = CommitReceipt {
                 charged: charge,
                 charged_total: r.charged,
                 held,
@@ -549,9 +554,10 @@ impl AccountState {
                 may_continue: denial.is_none(),
                 denial,
                 message,
-            }
+            };
+            self.open.insert(r.id.clone(), r);
+            receipt
         };
-        self.reservations.insert(r.id.clone(), r);
         Ok(CommitOutcome {
             receipt,
             status: self.status(policy)?,
@@ -591,28 +597,25 @@ impl AccountState {
     ) -> Result<ReleaseOutcome, DomainError> {
         self.settle(policy, now);
         let id = &cmd.reservation_id;
-        let r = self
-            .reservations
-            .get_mut(id)
-            .ok_or_else(|| DomainError::NotFound {
+        if let Some(r) = self.open.remove(id) {
+            self.closed
+                .insert(now, id.clone(), Closed::Released { released: r.held });
+            return Ok(ReleaseOutcome { released: r.held });
+        }
+        match self.closed.get(id) {
+            None => Err(DomainError::NotFound {
                 what: "reservation",
                 id: id.clone(),
-            })?;
-        let released = match &r.state {
-            ReservationState::Open => {
-                let released = std::mem::take(&mut r.held);
-                r.state = ReservationState::Released { released, at: now };
-                released
+            }),
+            Some(Closed::Released { released } | Closed::Expired { released, .. }) => {
+                Ok(ReleaseOutcome {
+                    released: *released,
+                })
             }
-            ReservationState::Released { released, .. }
-            | ReservationState::Expired { released, .. } => *released,
-            ReservationState::Committed { .. } => {
-                return Err(DomainError::AlreadyExists(format!(
-                    "reservation {id:?} was already committed with final = true"
-                )));
-            }
-        };
-        Ok(ReleaseOutcome { released })
+            Some(Closed::Committed { .. }) => Err(DomainError::AlreadyExists(format!(
+                "reservation {id:?} was already committed with final = true"
+            ))),
+        }
     }
 
     pub fn grant(
@@ -676,9 +679,8 @@ impl AccountState {
         recent_limit: usize,
     ) -> Result<UsageSnapshot, DomainError> {
         let mut holds: Vec<HoldView> = self
-            .reservations
+            .open
             .values()
-            .filter(|r| r.is_open())
             .map(|r| HoldView {
                 reservation_id: r.id.clone(),
                 product: r.product.clone(),
@@ -708,13 +710,6 @@ impl AccountState {
     }
 }
 
-fn retry_phrase(retry_at: Option<Timestamp>, lead: &str) -> String {
-    match retry_at {
-        Some(t) => format!("{lead} {t}"),
-        None => String::new(),
-    }
-}
-
 fn max_usage(a: &Usage, b: &Usage) -> Usage {
     Usage {
         model: b.model.clone(),
@@ -729,6 +724,7 @@ fn max_usage(a: &Usage, b: &Usage) -> Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::decision::DenyReason;
     use crate::domain::decision::{CommitCommand, GrantCommand, ReleaseCommand, ReserveCommand};
     use crate::domain::ledger::LotSource;
     use crate::domain::money::MICROS_PER_CREDIT as C;
@@ -850,7 +846,7 @@ mod tests {
                     }
                     Op::Commit { pick, credits, is_final } if !reservations.is_empty() => {
                         let id = reservations[pick % reservations.len()].clone();
-                        if let Some(r) = s.reservations.get(&id).filter(|r| r.is_open()) {
+                        if let Some(r) = s.open.get(&id) {
                             beyond_hold = (credits * C - r.charged.total() - r.held.total()).max(0);
                         }
                         let cmd = CommitCommand {

@@ -3,7 +3,7 @@
 
 use super::fingerprint::Fingerprint;
 use super::ledger::{CreditLot, LedgerTotals, LotSource};
-use super::money::{Funding, Micros};
+use super::money::{Credits, Funding, Micros};
 use super::pricing::Usage;
 use super::time::Timestamp;
 
@@ -121,6 +121,100 @@ pub struct Denial {
     pub retry_at: Option<Timestamp>,
     /// A sentence a frontend can show.
     pub message: String,
+}
+
+/// What was missing when work could not be funded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortfall {
+    /// The plan is used up and credits do not cover the rest.
+    Credits { need: Micros, available: Micros },
+    /// The plan is used up and the account may not use credits.
+    CreditsBarred,
+    /// The plan is used up and this product has no credit route; `weekly` when the weekly
+    /// window is the one that binds.
+    Window { weekly: bool },
+}
+
+/// Everything a denial says, before it is put into words. Stores compute the facts; the words
+/// are made here, once, so every store denies in the same sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenialFacts<'a> {
+    pub plan: &'a str,
+    pub product: &'a str,
+    pub product_credits: bool,
+    pub shortfall: Shortfall,
+    pub action: Action,
+    pub upgrade_to: Option<String>,
+    pub retry_at: Option<Timestamp>,
+}
+
+impl Denial {
+    pub fn from_facts(f: DenialFacts<'_>) -> Denial {
+        let when = |lead: &str| {
+            f.retry_at
+                .map(|t| format!("{lead} {t}"))
+                .unwrap_or_default()
+        };
+        let plan = f.plan;
+        let (reason, message) = match f.shortfall {
+            Shortfall::Credits { need, available } => (
+                DenyReason::CreditsExhausted,
+                format!(
+                    "The included usage of your {plan} plan is used up and your credits do not cover this task \
+                     ({} credits needed, {} available). Buy credits to keep going{}.",
+                    Credits(need),
+                    Credits(available),
+                    when(", or wait until")
+                ),
+            ),
+            shortfall => {
+                let (reason, why) = match shortfall {
+                    Shortfall::Window { weekly } => {
+                        let period = if weekly {
+                            "this week"
+                        } else {
+                            "this 5-hour window"
+                        };
+                        let reason = if weekly {
+                            DenyReason::WeeklyExhausted
+                        } else {
+                            DenyReason::WindowExhausted
+                        };
+                        let why = if f.product_credits || f.action != Action::WaitForReset {
+                            format!(
+                                "You have used the included usage of your {plan} plan for {period}."
+                            )
+                        } else {
+                            format!(
+                                "You have used the included usage of your {plan} plan for {period}, and {} cannot run on credits.",
+                                f.product
+                            )
+                        };
+                        (reason, why)
+                    }
+                    _ => (
+                        DenyReason::CreditsNotAllowed,
+                        format!(
+                            "You have used the included usage of your {plan} plan, and this account cannot buy credits."
+                        ),
+                    ),
+                };
+                let next = match &f.upgrade_to {
+                    Some(to) => format!(" Upgrade to {to} for more{}.", when(", or try again at")),
+                    None if f.retry_at.is_some() => format!("{}.", when(" Try again at")),
+                    None => String::new(),
+                };
+                (reason, why + &next)
+            }
+        };
+        Denial {
+            reason,
+            action: f.action,
+            upgrade_to: f.upgrade_to,
+            retry_at: f.retry_at,
+            message,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
