@@ -10,7 +10,9 @@ use quotad::api::pb::quota_service_client::QuotaServiceClient;
 
 fn quotad() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quotad"));
-    cmd.env_remove("RUST_LOG").env_remove("QUOTAD_CONFIG").env_remove("QUOTAD_ADMIN_TOKEN");
+    cmd.env_remove("RUST_LOG")
+        .env_remove("QUOTAD_CONFIG")
+        .env_remove("QUOTAD_ADMIN_TOKEN");
     cmd
 }
 
@@ -36,31 +38,49 @@ fn serve(extra_env: &[(&str, &str)]) -> (Child, String, BufReader<std::process::
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("quotad did not log its address; last line: {line}");
 }
 
 #[tokio::test]
 async fn serves_on_the_logged_address_and_exits_0_on_sigterm() {
     // Kubernetes injects QUOTAD_PORT & co. for a Service named quotad: they are not config.
-    let (mut child, addr, mut out) = serve(&[("QUOTAD_PORT", "tcp://10.0.0.1:50051"), ("QUOTAD_SERVICE_HOST", "10.0.0.1")]);
-    let mut client = QuotaServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let (mut child, addr, mut out) = serve(&[
+        ("QUOTAD_PORT", "tcp://10.0.0.1:50051"),
+        ("QUOTAD_SERVICE_HOST", "10.0.0.1"),
+    ]);
+    let mut client = QuotaServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
     let req = pb::ReserveRequest {
         account_id: "a".into(),
         request_id: "r".into(),
         product: "codex".into(),
-        estimate: Some(pb::Usage { model: "gpt-5.5".into(), output_tokens: 1_000, ..Default::default() }),
+        estimate: Some(pb::Usage {
+            model: "gpt-5.5".into(),
+            output_tokens: 1_000,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let resp = client.reserve(req).await.unwrap().into_inner();
     assert_eq!(resp.decision(), pb::Decision::Allow);
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
     assert_eq!(exit.code(), Some(0));
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-    assert!(rest.contains("shutting down") && rest.contains("stopped"), "{rest}");
+    assert!(
+        rest.contains("shutting down") && rest.contains("stopped"),
+        "{rest}"
+    );
 }
 
 #[test]
@@ -77,24 +97,52 @@ fn config_prints_the_layers_without_secrets() {
         .env("QUOTAD_LOG_LEVEL", "debug")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shown = String::from_utf8(out.stdout).unwrap();
-    assert!(shown.contains("listen = \"127.0.0.1:7000\""), "flag over file: {shown}");
-    assert!(shown.contains("default_ttl_seconds = 120"), "file over defaults: {shown}");
-    assert!(shown.contains("log_level = \"debug\""), "env over defaults: {shown}");
+    assert!(
+        shown.contains("listen = \"127.0.0.1:7000\""),
+        "flag over file: {shown}"
+    );
+    assert!(
+        shown.contains("default_ttl_seconds = 120"),
+        "file over defaults: {shown}"
+    );
+    assert!(
+        shown.contains("log_level = \"debug\""),
+        "env over defaults: {shown}"
+    );
     assert!(shown.contains("[plans.plus]"), "defaults kept: {shown}");
-    assert!(!shown.contains("hunter2-token") && shown.contains("admin_token = \"<redacted>\""), "{shown}");
+    assert!(
+        !shown.contains("hunter2-token") && shown.contains("admin_token = \"<redacted>\""),
+        "{shown}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_bad_config_fails_at_start_naming_the_key() {
-    let out = quotad().args(["serve"]).env("QUOTAD_LIMITS__MAX_TTL_SECONDS", "999999").output().unwrap();
+    let out = quotad()
+        .args(["serve"])
+        .env("QUOTAD_LIMITS__MAX_TTL_SECONDS", "999999")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("limits.max_ttl_seconds must be at most 86400"), "{err}");
+    assert!(
+        err.contains("limits.max_ttl_seconds must be at most 86400"),
+        "{err}"
+    );
 
-    let out = quotad().args(["config", "--config", "/nonexistent/quotad.toml"]).output().unwrap();
+    let out = quotad()
+        .args(["config", "--config", "/nonexistent/quotad.toml"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/quotad.toml does not exist"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/quotad.toml does not exist")
+    );
 }
