@@ -22,7 +22,7 @@ use super::decision::{
 };
 use super::error::DomainError;
 use super::ledger::{CreditLot, Ledger};
-use super::money::{Credits, Funding, Micros};
+use super::money::{Funding, Micros};
 use super::policy::{Overage, Plan, Policy};
 use super::pricing::Usage;
 use super::time::{SECOND_MS, Timestamp};
@@ -511,26 +511,12 @@ impl AccountState {
         r.usage = max_usage(&r.usage, &cmd.usage);
 
         let receipt = if cmd.is_final {
-            let receipt = CommitReceipt {
-                charged: charge,
-                charged_total: r.charged,
-                held: Funding::ZERO,
-                expires_at: None,
-                may_continue: false,
-                denial: None,
-                message: format!(
-                    "Task finished: {} credits charged in all.",
-                    Credits(r.charged.total())
-                ),
+            let receipt = CommitReceipt::finished(charge, r.charged);
+            let closed = Closed::Committed {
+                fingerprint,
+                receipt: receipt.clone(),
             };
-            self.closed.insert(
-                now,
-                r.id,
-                Closed::Committed {
-                    fingerprint,
-                    receipt: receipt.clone(),
-                },
-            );
+            self.closed.insert(now, r.id, closed);
             receipt
         } else {
             r.expires_at = now.plus_millis(r.ttl_ms);
@@ -539,22 +525,7 @@ impl AccountState {
                 Err(denial) => (Funding::ZERO, Some(denial)),
             };
             r.held = held;
-            let message = match &denial {
-                Some(d) => d.message.clone(),
-                None if held.credit > 0 => {
-                    "The plan's included usage is used up; the task continues on credits.".into()
-                }
-                None => String::new(),
-            };
-            let receipt = CommitReceipt {
-                charged: charge,
-                charged_total: r.charged,
-                held,
-                expires_at: Some(r.expires_at),
-                may_continue: denial.is_none(),
-                denial,
-                message,
-            };
+            let receipt = CommitReceipt::continuing(charge, r.charged, held, r.expires_at, denial);
             self.open.insert(r.id.clone(), r);
             receipt
         };

@@ -266,6 +266,50 @@ pub struct CommitReceipt {
     pub message: String,
 }
 
+impl CommitReceipt {
+    /// The receipt of a final commit.
+    pub fn finished(charged: Funding, charged_total: Funding) -> CommitReceipt {
+        CommitReceipt {
+            charged,
+            charged_total,
+            held: Funding::ZERO,
+            expires_at: None,
+            may_continue: false,
+            denial: None,
+            message: format!(
+                "Task finished: {} credits charged in all.",
+                Credits(charged_total.total())
+            ),
+        }
+    }
+
+    /// The receipt of a partial commit: the renewed hold, or why the next chunk is not funded.
+    pub fn continuing(
+        charged: Funding,
+        charged_total: Funding,
+        held: Funding,
+        expires_at: Timestamp,
+        denial: Option<Denial>,
+    ) -> CommitReceipt {
+        let message = match &denial {
+            Some(d) => d.message.clone(),
+            None if held.credit > 0 => {
+                "The plan's included usage is used up; the task continues on credits.".into()
+            }
+            None => String::new(),
+        };
+        CommitReceipt {
+            charged,
+            charged_total,
+            held,
+            expires_at: Some(expires_at),
+            may_continue: denial.is_none(),
+            denial,
+            message,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitOutcome {
     pub receipt: CommitReceipt,
