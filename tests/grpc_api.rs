@@ -286,10 +286,7 @@ async fn a_long_task_continues_on_credits_mid_task() {
     server.clock.advance_secs(5 * MINUTE);
     let c = commit(&mut q, "agent", &id, 20, false).await;
     assert!(c.may_continue);
-    assert_eq!(
-        (c.charged, c.held),
-        (funding(20, 0), funding(10, 10))
-    );
+    assert_eq!((c.charged, c.held), (funding(20, 0), funding(10, 10)));
     assert_eq!(
         seconds(&c.expires_at),
         server.now_secs() + 15 * MINUTE,
@@ -299,10 +296,7 @@ async fn a_long_task_continues_on_credits_mid_task() {
     // Chunk 2 (cumulative 40): now all credits.
     server.clock.advance_secs(5 * MINUTE);
     let c = commit(&mut q, "agent", &id, 40, false).await;
-    assert_eq!(
-        (c.charged, c.held),
-        (funding(10, 10), funding(0, 20))
-    );
+    assert_eq!((c.charged, c.held), (funding(10, 10), funding(0, 20)));
     assert!(c.may_continue);
     // Chunk 3 (cumulative 60) leaves 10 credits, less than the next chunk's 20.
     let c = commit(&mut q, "agent", &id, 60, false).await;
