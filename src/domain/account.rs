@@ -219,12 +219,11 @@ impl AccountState {
 
     fn plan<'p>(&self, policy: &'p Policy) -> Result<&'p Plan, DomainError> {
         policy.plan(&self.account.plan).ok_or_else(|| {
-            DomainError::FailedPrecondition(format!(
-                "account {:?} is on plan {:?}, which is not configured; configured plans: {}",
-                self.account.id,
-                self.account.plan,
-                policy.plan_names()
-            ))
+            DomainError::plan_not_configured(
+                &self.account.id,
+                &self.account.plan,
+                &policy.plan_names(),
+            )
         })
     }
 
@@ -390,10 +389,7 @@ impl AccountState {
         let fingerprint = cmd.fingerprint();
         if let Some(first) = self.requests.get(&cmd.request_id) {
             if first.fingerprint != fingerprint {
-                return Err(DomainError::AlreadyExists(format!(
-                    "request_id {:?} was already used for a different Reserve on this account",
-                    cmd.request_id
-                )));
+                return Err(DomainError::request_reused(&cmd.request_id));
             }
             let (decision, estimate) = (first.decision.clone(), first.estimate);
             return Ok(ReserveOutcome {
@@ -451,23 +447,14 @@ impl AccountState {
         fingerprint: u64,
     ) -> Result<CommitReceipt, DomainError> {
         match self.closed.get(id) {
-            None => Err(DomainError::NotFound {
-                what: "reservation",
-                id: id.to_owned(),
-            }),
+            None => Err(DomainError::reservation_not_found(id)),
             Some(Closed::Committed {
                 fingerprint: first,
                 receipt,
             }) if is_final && *first == fingerprint => Ok(receipt.clone()),
-            Some(Closed::Committed { .. }) => Err(DomainError::AlreadyExists(format!(
-                "reservation {id:?} was already committed with final = true and different usage"
-            ))),
-            Some(Closed::Released { .. }) => Err(DomainError::AlreadyExists(format!(
-                "reservation {id:?} was already released"
-            ))),
-            Some(Closed::Expired { at, .. }) => Err(DomainError::FailedPrecondition(format!(
-                "reservation {id:?} expired at {at} and its hold was returned; reserve again"
-            ))),
+            Some(Closed::Committed { .. }) => Err(DomainError::already_committed(id, true)),
+            Some(Closed::Released { .. }) => Err(DomainError::already_released(id)),
+            Some(Closed::Expired { at, .. }) => Err(DomainError::reservation_expired(id, *at)),
         }
     }
 
@@ -574,18 +561,13 @@ impl AccountState {
             return Ok(ReleaseOutcome { released: r.held });
         }
         match self.closed.get(id) {
-            None => Err(DomainError::NotFound {
-                what: "reservation",
-                id: id.clone(),
-            }),
+            None => Err(DomainError::reservation_not_found(id)),
             Some(Closed::Released { released } | Closed::Expired { released, .. }) => {
                 Ok(ReleaseOutcome {
                     released: *released,
                 })
             }
-            Some(Closed::Committed { .. }) => Err(DomainError::AlreadyExists(format!(
-                "reservation {id:?} was already committed with final = true"
-            ))),
+            Some(Closed::Committed { .. }) => Err(DomainError::already_committed(id, false)),
         }
     }
 
@@ -599,10 +581,7 @@ impl AccountState {
         let fingerprint = cmd.fingerprint();
         if let Some(first) = self.grants.get(&cmd.grant_id) {
             if first.fingerprint != fingerprint {
-                return Err(DomainError::AlreadyExists(format!(
-                    "grant_id {:?} was already used for a different grant on this account",
-                    cmd.grant_id
-                )));
+                return Err(DomainError::grant_reused(&cmd.grant_id));
             }
             return Ok(GrantOutcome {
                 lot: first.lot.clone(),
@@ -613,10 +592,7 @@ impl AccountState {
             .expires_at
             .unwrap_or_else(|| now.plus_months(LOT_VALIDITY_MONTHS));
         if expires_at <= now {
-            return Err(DomainError::invalid(
-                "expires_at",
-                format!("must be after now ({now}), got {expires_at}"),
-            ));
+            return Err(DomainError::expiry_not_in_future(now, expires_at));
         }
         let lot = CreditLot {
             id: cmd.grant_id.clone(),

@@ -1,6 +1,8 @@
 //! Why the domain refuses a request. Each variant maps to one gRPC status code at the API edge
 //! (see `api::status`); a deny is not an error but a normal [`Decision`](super::Decision).
 
+use super::time::Timestamp;
+
 /// An error of the quota rules, with a message a caller can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DomainError {
@@ -17,11 +19,73 @@ pub enum DomainError {
     AlreadyExists(String),
 }
 
+// The wording of each refusal lives here, once, so that every store refuses in the same words.
 impl DomainError {
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         DomainError::InvalidArgument {
             field: field.into(),
             reason: reason.into(),
         }
+    }
+
+    pub fn account_not_found(id: &str) -> Self {
+        DomainError::NotFound {
+            what: "account",
+            id: id.to_owned(),
+        }
+    }
+
+    pub fn reservation_not_found(id: &str) -> Self {
+        DomainError::NotFound {
+            what: "reservation",
+            id: id.to_owned(),
+        }
+    }
+
+    pub fn request_reused(request_id: &str) -> Self {
+        DomainError::AlreadyExists(format!(
+            "request_id {request_id:?} was already used for a different Reserve on this account"
+        ))
+    }
+
+    pub fn grant_reused(grant_id: &str) -> Self {
+        DomainError::AlreadyExists(format!(
+            "grant_id {grant_id:?} was already used for a different grant on this account"
+        ))
+    }
+
+    /// A commit (`by_commit`) or release on a reservation that a final commit already ended.
+    pub fn already_committed(id: &str, by_commit: bool) -> Self {
+        let what = if by_commit {
+            " and different usage"
+        } else {
+            ""
+        };
+        DomainError::AlreadyExists(format!(
+            "reservation {id:?} was already committed with final = true{what}"
+        ))
+    }
+
+    pub fn already_released(id: &str) -> Self {
+        DomainError::AlreadyExists(format!("reservation {id:?} was already released"))
+    }
+
+    pub fn reservation_expired(id: &str, at: Timestamp) -> Self {
+        DomainError::FailedPrecondition(format!(
+            "reservation {id:?} expired at {at} and its hold was returned; reserve again"
+        ))
+    }
+
+    pub fn plan_not_configured(account: &str, plan: &str, configured: &str) -> Self {
+        DomainError::FailedPrecondition(format!(
+            "account {account:?} is on plan {plan:?}, which is not configured; configured plans: {configured}"
+        ))
+    }
+
+    pub fn expiry_not_in_future(now: Timestamp, expires_at: Timestamp) -> Self {
+        DomainError::invalid(
+            "expires_at",
+            format!("must be after now ({now}), got {expires_at}"),
+        )
     }
 }

@@ -78,8 +78,5 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub(crate) fn account_not_found(account_id: &str) -> StoreError {
-    StoreError::Rule(DomainError::NotFound {
-        what: "account",
-        id: account_id.to_owned(),
-    })
+    StoreError::Rule(DomainError::account_not_found(account_id))
 }
