@@ -11,6 +11,7 @@ impl From<StoreError> for Status {
         match err {
             StoreError::Rule(rule) => rule.into(),
             StoreError::Unavailable(_) => Status::unavailable(err.to_string()),
+            StoreError::Internal(_) => Status::internal(err.to_string()),
         }
     }
 }

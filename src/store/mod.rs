@@ -7,6 +7,7 @@
 //! Every store must pass the same contract suite (`tests/support/contract.rs`).
 
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 
@@ -16,6 +17,7 @@ use crate::domain::{
 };
 
 pub use memory::MemoryStore;
+pub use redis::{RedisSettings, RedisStore};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -25,6 +27,9 @@ pub enum StoreError {
     /// The backing store could not be reached in time; the operation may be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store answered something it should never answer (a bug, or a version mismatch).
+    #[error("store error: {0}")]
+    Internal(String),
 }
 
 /// Account state behind intent-level atomic operations. `now` comes from the caller's clock

@@ -1,0 +1,99 @@
+//! Key names. Every key of one account carries the same hash tag, so all of them live in one
+//! Redis Cluster slot and one Lua script may touch them all. The sweeper's index is sharded by
+//! slot: for each of the 16,384 slots there is one index key whose hash tag lands in that slot,
+//! and an account's script updates the index key of its own slot, atomically with its holds.
+
+use std::sync::OnceLock;
+
+/// Number of Redis Cluster hash slots.
+pub const SLOTS: u16 = 16_384;
+
+/// The per-account keys, in the order the scripts expect them (see `lua/prelude.lua`).
+pub const ACCOUNT_KEYS: [&str; 11] =
+    ["acct", "w5", "ww", "lots", "open", "closed", "closedz", "req", "reqz", "grants", "events"];
+
+/// The keys one account script is given: the account's own, then its slot's hold index.
+pub fn account_keys(prefix: &str, account_id: &str) -> [String; 12] {
+    let tag = hash_tag(account_id);
+    let index = hold_index_key(prefix, slot(tag.as_bytes()));
+    let mut keys: [String; 12] = Default::default();
+    for (key, suffix) in keys.iter_mut().zip(ACCOUNT_KEYS) {
+        *key = format!("{prefix}:{{{tag}}}:{suffix}");
+    }
+    keys[11] = index;
+    keys
+}
+
+/// The hold-expiry index key whose hash tag maps to `slot`.
+pub fn hold_index_key(prefix: &str, slot: u16) -> String {
+    format!("{prefix}:hx:{{{}}}", slot_tags()[usize::from(slot)])
+}
+
+/// An account id made safe as a hash tag: braces would end the tag early, so they (and the
+/// escape character) are percent-encoded. The encoding is one-to-one, so ids never collide.
+fn hash_tag(account_id: &str) -> std::borrow::Cow<'_, str> {
+    if !account_id.contains(['{', '}', '%']) {
+        return account_id.into();
+    }
+    account_id.replace('%', "%25").replace('{', "%7B").replace('}', "%7D").into()
+}
+
+/// The Redis Cluster slot of a hash tag: CRC16-CCITT (XMODEM) modulo 16,384.
+pub fn slot(tag: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in tag {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % SLOTS
+}
+
+/// For each slot, a short tag that hashes to it (found once by counting upwards).
+fn slot_tags() -> &'static [String] {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); usize::from(SLOTS)];
+        let mut missing = usize::from(SLOTS);
+        let mut n: u64 = 0;
+        while missing > 0 {
+            let candidate = n.to_string();
+            let s = usize::from(slot(candidate.as_bytes()));
+            if tags[s].is_empty() {
+                tags[s] = candidate;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot(b"123456789"), 0x31C3 % SLOTS);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"user1000"), 3443);
+    }
+
+    #[test]
+    fn an_account_and_its_index_share_a_slot() {
+        for id in ["alice", "acct-42", "we{ird}", "%7B"] {
+            let keys = account_keys("q", id);
+            let tag_of = |k: &str| {
+                let open = k.find('{').unwrap();
+                let close = open + 1 + k[open + 1..].find('}').unwrap();
+                slot(&k.as_bytes()[open + 1..close])
+            };
+            let s = tag_of(&keys[0]);
+            assert!(keys.iter().all(|k| tag_of(k) == s), "{id}: {keys:?}");
+        }
+        assert_ne!(account_keys("q", "a{b}")[0], account_keys("q", "a%7Bb%7D")[0]);
+    }
+}

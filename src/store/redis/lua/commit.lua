@@ -1,0 +1,78 @@
+-- Commit: charge a task's cumulative usage (AccountState::commit). ARGV 4 reservation id,
+-- 5 cumulative cost, 6 final (1/0), 7 commit fingerprint, 8 usage JSON {model, i, c, o, img,
+-- fast} with counts as decimal strings, 9 price version, 10 recent-event capacity.
+-- Returns {receipt: {final, charged, total, held?, expires_at?, denial?}, status}.
+local rid, cost, is_final, fp = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
+local u = cjson.decode(ARGV[8])
+local usage = { model = u.model, i = tonumber(u.i), c = tonumber(u.c), o = tonumber(u.o), img = tonumber(u.img), fast = u.fast }
+local price_version, capacity = ARGV[9], tonumber(ARGV[10])
+
+if not load_account() then return err({ kind = 'account_not_found', id = ID }) end
+settle()
+local plan = plan_of()
+if not plan then
+  finish()
+  return plan_missing()
+end
+local r = OPEN[rid]
+if not r then
+  local closed = redis.call('HGET', K_CLOSED, rid)
+  finish()
+  if not closed then return err({ kind = 'reservation_not_found', id = rid }) end
+  closed = cjson.decode(closed)
+  if closed.k == 'committed' then
+    if is_final and closed.fp == fp then return J({ receipt = raw(closed.receipt), status = status(plan) }) end
+    return err({ kind = 'already_committed', id = rid, by_commit = true })
+  end
+  if closed.k == 'released' then return err({ kind = 'already_released', id = rid }) end
+  return err({ kind = 'reservation_expired', id = rid, at = tonumber(closed.at) })
+end
+
+-- Out of the open set while the account's other state is read, as in the Rust model.
+OPEN[rid] = nil
+local delta = math.max(cost - (r.cp + r.cc), 0)
+local hold_plan = math.min(delta, r.hp)
+local hold_credit = math.min(delta - hold_plan, r.hc)
+local beyond = delta - hold_plan - hold_credit
+r.hp, r.hc = 0, 0
+-- Beyond the hold: plan allowance first, then credits on the credits route, else plan overage.
+local beyond_plan = beyond
+if route(plan, r.product) == 'credits' then
+  beyond_plan = math.min(beyond, math.max(plan_room(plan) - hold_plan, 0))
+end
+local cp, cc = hold_plan + beyond_plan, hold_credit + beyond - beyond_plan
+add_usage(WINDOWS[1], cp)
+add_usage(WINDOWS[2], cp)
+spend(cc)
+r.cp, r.cc = r.cp + cp, r.cc + cc
+if delta > 0 and capacity > 0 then
+  local since = function(k) return math.max(usage[k] - r.usage[k], 0) end
+  local event = J({
+    at = NOW, product = r.product, reservation_id = rid, price_version = price_version,
+    charged = { plan = cp, credit = cc },
+    usage = { model = usage.model, i = since('i'), c = since('c'), o = since('o'), img = since('img'), fast = usage.fast },
+  })
+  redis.call('LPUSH', K_EVENTS, event)
+  redis.call('LTRIM', K_EVENTS, 0, capacity - 1)
+end
+for _, k in ipairs({ 'i', 'c', 'o', 'img' }) do r.usage[k] = math.max(r.usage[k], usage[k]) end
+r.usage.model, r.usage.fast = usage.model, usage.fast
+
+local receipt
+local charged, total = { plan = cp, credit = cc }, { plan = r.cp, credit = r.cc }
+if is_final then
+  receipt = J({ final = true, charged = charged, total = total })
+  redis.call('HDEL', K_OPEN, rid)
+  close(rid, { k = 'committed', fp = fp, receipt = receipt })
+else
+  r.ex = NOW + r.ttl
+  local hp, hc = fund(plan, r.product, r.estimate)
+  local denial = nil
+  if hp then r.hp, r.hc = hp, hc else denial = hc end
+  receipt = J({ final = false, charged = charged, total = total, held = { plan = r.hp, credit = r.hc },
+                expires_at = r.ex, denial = denial })
+  OPEN[rid] = r
+  redis.call('HSET', K_OPEN, rid, encode_res(r))
+end
+finish()
+return J({ receipt = raw(receipt), status = status(plan) })

@@ -1,0 +1,409 @@
+-- quotad: the part every account script shares. Each script is this prelude followed by one
+-- operation's body, loaded once and run with EVALSHA; Redis runs a script atomically, so an
+-- operation on an account is one step and one round trip. This is a port of the rules in
+-- src/domain/account.rs; the store contract suite runs the same tests against both.
+--
+-- KEYS (all hash-tagged by the account id, so they live in one Cluster slot):
+--   1 acct     HASH  id, plan, cpa (credit purchase allowed 0/1), granted, spent, expired, debt,
+--                    w5t, wwt (committed totals of the windows)
+--   2 w5       LIST  "bucket:amount" of the 5h window, oldest first (5-minute buckets)
+--   3 ww       LIST  "bucket:amount" of the weekly window, oldest first (1-hour buckets)
+--   4 lots     HASH  lot id -> {src, g (granted), r (remaining), ga (granted at), ex (expires at)}
+--   5 open     HASH  reservation id -> open reservation
+--   6 closed   HASH  reservation id -> how it ended (kept for retries)
+--   7 closedz  ZSET  reservation id scored by when it ended (to forget in order)
+--   8 req      HASH  request id -> first answer to a Reserve
+--   9 reqz     ZSET  request id scored by when it was answered
+--  10 grants   HASH  grant id -> {fp, lot} (kept for retries)
+--  11 events   LIST  usage events, newest first, capped
+--  12 holdidx  ZSET  (one per Cluster slot, shared by the accounts of that slot) account id
+--                    scored by its earliest open hold expiry, for the sweeper
+-- ARGV: 1 policy (JSON, see redis.rs), 2 now (ms since the epoch), 3 account id, 4.. the
+-- operation's own.
+--
+-- Numbers: Lua numbers are IEEE doubles, which hold every integer up to 2^53 exactly, and the
+-- scripts only add, subtract and compare integers (the one division, of an instant by a bucket
+-- length, is floored and far from rounding trouble). quotad bounds every amount so that sums
+-- stay below 2^53 micro-credits. Numbers are always written out with %d, never tostring, which
+-- would round to 14 digits; records store them as decimal strings.
+--
+-- Results are JSON text built by J below; errors of the rules are results too ({"err": ...}).
+
+local K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_GRANTS, K_EVENTS, K_HOLDIDX =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local P = cjson.decode(ARGV[1])
+local NOW = tonumber(ARGV[2])
+local ID = ARGV[3]
+
+local function int(x) return string.format('%d', x) end
+
+-- JSON output ------------------------------------------------------------------------------
+local ARRAY, RAW = {}, {}
+local function array(t) return setmetatable(t or {}, ARRAY) end
+local function raw(s) return setmetatable({ s = s }, RAW) end
+local function J(v)
+  local t = type(v)
+  if t == 'number' then return int(v) end
+  if t == 'string' then return cjson.encode(v) end
+  if t == 'boolean' then return v and 'true' or 'false' end
+  if v == nil then return 'null' end
+  local mt = getmetatable(v)
+  if mt == RAW then return v.s end
+  local parts = {}
+  if mt == ARRAY then
+    for i = 1, #v do parts[i] = J(v[i]) end
+    return '[' .. table.concat(parts, ',') .. ']'
+  end
+  for k, x in pairs(v) do parts[#parts + 1] = cjson.encode(k) .. ':' .. J(x) end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+local function err(e) return J({ err = e }) end
+
+-- The account record ------------------------------------------------------------------------
+local A = nil -- the account hash as a table, numbers converted
+local NUMERIC = { granted = true, spent = true, expired = true, debt = true, w5t = true, wwt = true }
+
+local function load_account()
+  local flat = redis.call('HGETALL', K_ACCT)
+  if #flat == 0 then return false end
+  A = {}
+  for i = 1, #flat, 2 do
+    local k, v = flat[i], flat[i + 1]
+    A[k] = NUMERIC[k] and tonumber(v) or v
+  end
+  return true
+end
+
+local function create_account(id, plan)
+  A = { id = id, plan = plan, cpa = '1', granted = 0, spent = 0, expired = 0, debt = 0, w5t = 0, wwt = 0 }
+end
+
+local function save_account()
+  redis.call('HSET', K_ACCT, 'id', A.id, 'plan', A.plan, 'cpa', A.cpa, 'granted', int(A.granted),
+    'spent', int(A.spent), 'expired', int(A.expired), 'debt', int(A.debt), 'w5t', int(A.w5t), 'wwt', int(A.wwt))
+end
+
+local function plan_of()
+  return P.plans[A.plan]
+end
+
+-- Windows -----------------------------------------------------------------------------------
+local WINDOWS = {
+  { key = K_W5, total = 'w5t', name = '5h', len = 5 * 3600000, bucket = 300000, limit = 'l5' },
+  { key = K_WW, total = 'wwt', name = 'weekly', len = 7 * 86400000, bucket = 3600000, limit = 'lw' },
+}
+
+local function parse_bucket(s)
+  local b, a = string.match(s, '^(-?%d+):(-?%d+)$')
+  return tonumber(b), tonumber(a)
+end
+
+local function leaves_at(w, b) return (b + 1) * w.bucket + w.len end
+
+local function advance(w)
+  while true do
+    local head = redis.call('LINDEX', w.key, 0)
+    if not head then
+      A[w.total] = 0 -- an expired list means all of it had left
+      return
+    end
+    local b, a = parse_bucket(head)
+    if leaves_at(w, b) > NOW then return end
+    redis.call('LPOP', w.key)
+    A[w.total] = A[w.total] - a
+  end
+end
+
+local function add_usage(w, amount)
+  if amount == 0 then return end
+  local b = math.floor(NOW / w.bucket)
+  local tail = redis.call('LINDEX', w.key, -1)
+  if tail then
+    local tb, ta = parse_bucket(tail)
+    if tb >= b then
+      redis.call('LSET', w.key, -1, int(tb) .. ':' .. int(ta + amount))
+      A[w.total] = A[w.total] + amount
+      return
+    end
+  end
+  redis.call('RPUSH', w.key, int(b) .. ':' .. int(amount))
+  A[w.total] = A[w.total] + amount
+end
+
+local function resets_at(w)
+  local tail = redis.call('LINDEX', w.key, -1)
+  if not tail then return nil end
+  local b = parse_bucket(tail)
+  return leaves_at(w, b)
+end
+
+-- The earliest instant >= NOW at which committed usage is at most target (nil: never).
+local function committed_at_most_at(w, target)
+  if target < 0 then return nil end
+  local remaining = A[w.total]
+  if remaining <= target then return NOW end
+  for _, entry in ipairs(redis.call('LRANGE', w.key, 0, -1)) do
+    local b, a = parse_bucket(entry)
+    remaining = remaining - a
+    if remaining <= target then return leaves_at(w, b) end
+  end
+  return nil
+end
+
+-- Credit lots -------------------------------------------------------------------------------
+local function decode_lot(id, s)
+  local l = cjson.decode(s)
+  return { id = id, src = l.src, g = tonumber(l.g), r = tonumber(l.r), ga = tonumber(l.ga), ex = tonumber(l.ex) }
+end
+
+local function encode_lot(l)
+  return cjson.encode({ src = l.src, g = int(l.g), r = int(l.r), ga = int(l.ga), ex = int(l.ex) })
+end
+
+local function lot_rank(l) return l.src == 'promo' and 0 or 1 end
+
+-- Consumption order: earliest expiry, promotional before purchased, oldest grant, lot id.
+local function before(a, b)
+  if a.ex ~= b.ex then return a.ex < b.ex end
+  local ra, rb = lot_rank(a), lot_rank(b)
+  if ra ~= rb then return ra < rb end
+  if a.ga ~= b.ga then return a.ga < b.ga end
+  return a.id < b.id
+end
+
+local LOTS = nil -- lots with credits left, in consumption order
+local function load_lots()
+  LOTS = {}
+  local flat = redis.call('HGETALL', K_LOTS)
+  for i = 1, #flat, 2 do LOTS[#LOTS + 1] = decode_lot(flat[i], flat[i + 1]) end
+  table.sort(LOTS, before)
+end
+
+local function expire_lots()
+  local kept = {}
+  for _, l in ipairs(LOTS) do
+    if l.ex <= NOW then
+      A.expired = A.expired + l.r
+      redis.call('HDEL', K_LOTS, l.id)
+    else
+      kept[#kept + 1] = l
+    end
+  end
+  LOTS = kept
+end
+
+local function balance()
+  local sum = 0
+  for _, l in ipairs(LOTS) do sum = sum + l.r end
+  return sum - A.debt
+end
+
+local function spend(amount)
+  A.spent = A.spent + amount
+  local left = amount
+  local kept = {}
+  for _, l in ipairs(LOTS) do
+    if left > 0 then
+      local take = math.min(l.r, left)
+      l.r = l.r - take
+      left = left - take
+      if l.r == 0 then
+        redis.call('HDEL', K_LOTS, l.id)
+      else
+        redis.call('HSET', K_LOTS, l.id, encode_lot(l))
+      end
+    end
+    if l.r > 0 then kept[#kept + 1] = l end
+  end
+  LOTS = kept
+  A.debt = A.debt + left
+end
+
+-- Adds a lot, paying off debt from it first; returns the amount that paid off debt.
+local function grant_lot(l)
+  A.granted = A.granted + l.g
+  local pay_off = math.min(A.debt, l.r)
+  A.debt = A.debt - pay_off
+  l.r = l.r - pay_off
+  if l.r > 0 then
+    redis.call('HSET', K_LOTS, l.id, encode_lot(l))
+    LOTS[#LOTS + 1] = l
+    table.sort(LOTS, before)
+  end
+  return pay_off
+end
+
+-- Reservations ------------------------------------------------------------------------------
+local function decode_res(id, s)
+  local r = cjson.decode(s)
+  local n = function(k) return tonumber(r[k]) end
+  return {
+    id = id, product = r.product, estimate = n('est'), ttl = n('ttl'), hp = n('hp'), hc = n('hc'),
+    cp = n('cp'), cc = n('cc'), ex = n('ex'),
+    usage = { model = r.model, i = n('ui'), c = n('uc'), o = n('uo'), img = n('uimg'), fast = r.fast },
+  }
+end
+
+local function encode_res(r)
+  return cjson.encode({
+    product = r.product, est = int(r.estimate), ttl = int(r.ttl), hp = int(r.hp), hc = int(r.hc),
+    cp = int(r.cp), cc = int(r.cc), ex = int(r.ex), model = r.usage.model, ui = int(r.usage.i),
+    uc = int(r.usage.c), uo = int(r.usage.o), uimg = int(r.usage.img), fast = r.usage.fast,
+  })
+end
+
+local OPEN = nil -- open reservations by id
+local function load_open()
+  OPEN = {}
+  local flat = redis.call('HGETALL', K_OPEN)
+  for i = 1, #flat, 2 do OPEN[flat[i]] = decode_res(flat[i], flat[i + 1]) end
+end
+
+local function held()
+  local plan, credit = 0, 0
+  for _, r in pairs(OPEN) do
+    plan = plan + r.hp
+    credit = credit + r.hc
+  end
+  return plan, credit
+end
+
+local function close(id, record)
+  redis.call('HSET', K_CLOSED, id, cjson.encode(record))
+  redis.call('ZADD', K_CLOSEDZ, NOW, id)
+end
+
+-- Forgets what was recorded at or before the retention cutoff.
+-- (At most 1,000 a call, so a script's work stays bounded; the rest go with the next calls.)
+local function forget(hash, zset, cutoff)
+  local old = redis.call('ZRANGEBYSCORE', zset, '-inf', cutoff, 'LIMIT', 0, 1000)
+  if #old > 0 then
+    redis.call('HDEL', hash, unpack(old))
+    redis.call('ZREM', zset, unpack(old))
+  end
+end
+
+-- Applies what time has done up to NOW (see AccountState::settle).
+local function settle()
+  load_open()
+  for id, r in pairs(OPEN) do
+    if r.ex <= NOW then
+      redis.call('HDEL', K_OPEN, id)
+      close(id, { k = 'expired', rp = int(r.hp), rc = int(r.hc), at = int(r.ex) })
+      OPEN[id] = nil
+    end
+  end
+  local cutoff = NOW - P.retention_ms
+  forget(K_CLOSED, K_CLOSEDZ, cutoff)
+  forget(K_REQ, K_REQZ, cutoff)
+  load_lots()
+  expire_lots()
+  advance(WINDOWS[1])
+  advance(WINDOWS[2])
+end
+
+-- Decisions ---------------------------------------------------------------------------------
+local function plan_room(plan)
+  local hp = held()
+  local room = nil
+  for _, w in ipairs(WINDOWS) do
+    local r = math.max(plan[w.limit] - A[w.total] - hp, 0)
+    if room == nil or r < room then room = r end
+  end
+  return room
+end
+
+local function credits_available()
+  local _, hc = held()
+  return balance() - hc
+end
+
+-- 'credits', or nil plus the deny's {barred, action, upgrade_to}.
+local function route(plan, product)
+  local product_credits = P.products[product] == true
+  local function upgrade()
+    if plan.up then return 'upgrade_plan', plan.up end
+    return 'wait_for_reset', nil
+  end
+  if plan.credits and product_credits and A.cpa == '1' then return 'credits' end
+  if plan.credits and product_credits then
+    local action, to = upgrade()
+    return nil, { barred = true, action = action, up = to }
+  end
+  if plan.credits then return nil, { barred = false, action = 'wait_for_reset' } end
+  local action, to = upgrade()
+  return nil, { barred = false, action = action, up = to }
+end
+
+-- When the windows can fund `need` again, and whether the weekly window binds.
+local function plan_refill(plan, need)
+  local hp = held()
+  local fits = {}
+  for i, w in ipairs(WINDOWS) do
+    local at = committed_at_most_at(w, plan[w.limit] - hp - need)
+    if at then fits[i] = { never = 0, at = at } else fits[i] = { never = 1, at = resets_at(w) or NOW } end
+  end
+  local f, wk = fits[1], fits[2]
+  local weekly = wk.never > f.never or (wk.never == f.never and wk.at > f.at)
+  local at = weekly and wk.at or f.at
+  if at <= NOW then at = nil end
+  return weekly, at
+end
+
+-- Returns plan part, credit part; or nil and the denial facts.
+local function fund(plan, product, cost)
+  local room = plan_room(plan)
+  if cost <= room then return cost, 0 end
+  local kind, deny = route(plan, product)
+  if kind == 'credits' then
+    local available = credits_available()
+    local need = cost - room
+    if available >= need then return room, need end
+    local _, retry = plan_refill(plan, cost - math.max(available, 0))
+    return nil, { shortfall = 'credits', need = need, available = math.max(available, 0),
+                  action = 'buy_credits', retry_at = retry, plan = A.plan, product = product }
+  end
+  local weekly, retry = plan_refill(plan, cost)
+  return nil, { shortfall = deny.barred and 'barred' or 'window', weekly = weekly, action = deny.action,
+                upgrade_to = deny.up, retry_at = retry, plan = A.plan, product = product }
+end
+
+local function status(plan)
+  local hp = held()
+  local windows = array()
+  for i, w in ipairs(WINDOWS) do
+    windows[i] = { name = w.name, used = A[w.total] + hp, held = hp, limit = plan[w.limit], resets_at = resets_at(w) }
+  end
+  return { windows = windows, balance = balance() }
+end
+
+local function plan_missing()
+  return err({ kind = 'plan_missing', plan = A.plan })
+end
+
+-- Bookkeeping after a change: the sweeper's index and the keys' lifetimes.
+local function finish()
+  save_account()
+  local next_expiry = nil
+  for _, r in pairs(OPEN) do
+    if next_expiry == nil or r.ex < next_expiry then next_expiry = r.ex end
+  end
+  if next_expiry then
+    redis.call('ZADD', K_HOLDIDX, next_expiry, A.id)
+  else
+    redis.call('ZREM', K_HOLDIDX, A.id)
+  end
+  local keep = P.account_ttl_ms
+  for _, l in ipairs(LOTS) do keep = math.max(keep, l.ex - NOW + P.account_ttl_ms) end
+  for _, k in ipairs({ K_ACCT, K_LOTS, K_GRANTS, K_EVENTS, K_OPEN }) do redis.call('PEXPIRE', k, keep) end
+  for _, w in ipairs(WINDOWS) do redis.call('PEXPIRE', w.key, w.len + w.bucket) end
+  for _, k in ipairs({ K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ }) do redis.call('PEXPIRE', k, P.retention_ms) end
+end
+
+local function publish_change()
+  redis.call('PUBLISH', P.admin_channel, A.id)
+end
+
+local function account_json()
+  return { id = A.id, plan = A.plan, cpa = A.cpa == '1' }
+end

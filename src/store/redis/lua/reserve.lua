@@ -1,0 +1,40 @@
+-- Reserve: hold the priced estimate, or deny (AccountState::reserve). Creates the account on
+-- first sight. ARGV 4 request id, 5 cost, 6 product, 7 plan hint ('' = default), 8 ttl (ms),
+-- 9 reservation id, 10 request fingerprint, 11 estimate model.
+-- Returns {decision: {allow: {id, held, expires_at}} | {deny: facts}, estimate, status}.
+local request_id, cost, product, hint = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local ttl, rid, fp, model = tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
+
+if not load_account() then create_account(ID, hint ~= '' and hint or P.default_plan) end
+settle()
+local first = redis.call('HGET', K_REQ, request_id)
+local plan = plan_of()
+if first then
+  first = cjson.decode(first)
+  finish()
+  if first.fp ~= fp then return err({ kind = 'request_reused', id = request_id }) end
+  if not plan then return plan_missing() end
+  return J({ decision = raw(first.d), estimate = tonumber(first.e), status = status(plan) })
+end
+if not plan then
+  finish()
+  return plan_missing()
+end
+
+local hp, hc = fund(plan, product, cost)
+local decision
+if hp then
+  local r = {
+    id = rid, product = product, estimate = cost, ttl = ttl, hp = hp, hc = hc, cp = 0, cc = 0, ex = NOW + ttl,
+    usage = { model = model, i = 0, c = 0, o = 0, img = 0, fast = false },
+  }
+  redis.call('HSET', K_OPEN, rid, encode_res(r))
+  OPEN[rid] = r
+  decision = J({ allow = { id = rid, held = { plan = hp, credit = hc }, expires_at = r.ex } })
+else
+  decision = J({ deny = hc })
+end
+redis.call('HSET', K_REQ, request_id, cjson.encode({ fp = fp, d = decision, e = int(cost) }))
+redis.call('ZADD', K_REQZ, NOW, request_id)
+finish()
+return J({ decision = raw(decision), estimate = cost, status = status(plan) })

@@ -1,0 +1,397 @@
+//! The shared store: all account state in Redis (standalone or Cluster), so that any number of
+//! quotad replicas agree, and state survives restarts as far as Redis persistence goes.
+//!
+//! Each intent is one Lua script (`lua/*.lua`, documented there with the key schema), run with
+//! EVALSHA: one round trip, atomic on the account, since all of an account's keys share one hash
+//! tag. The scripts are a port of [`crate::domain::account`]; the store contract suite holds them
+//! to the same behaviour. Scripts answer with JSON facts ([`wire`]); words come from the domain.
+//!
+//! Connections are multiplexed (one pipelined connection per node, shared by every call), with
+//! short connect and response timeouts, and reconnect on their own. A call that cannot reach
+//! Redis in time fails with [`StoreError::Unavailable`]; it never hangs.
+
+mod keys;
+mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+pub use keys::{hold_index_key, slot};
+
+use super::{Store, StoreError};
+use crate::domain::{
+    Account, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy, ReleaseCommand,
+    ReleaseOutcome, ReserveCommand, ReserveOutcome, Timestamp, UsageSnapshot,
+};
+use crate::domain::account::LOT_VALIDITY_MONTHS;
+use crate::domain::time::DAY_MS;
+use wire::Reply;
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` for TLS; used when
+    /// `cluster_nodes` is empty.
+    pub url: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each).
+    pub cluster_nodes: Vec<String>,
+    /// Prefix of every key, so several deployments (or tests) can share a Redis.
+    pub key_prefix: String,
+    pub connect_timeout: Duration,
+    /// Longest wait for one script's answer.
+    pub command_timeout: Duration,
+    /// How long an account with no activity and no live credits is kept.
+    pub account_ttl: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: "redis://127.0.0.1:6379".into(),
+            cluster_nodes: Vec::new(),
+            key_prefix: "quotad".into(),
+            connect_timeout: Duration::from_millis(250),
+            command_timeout: Duration::from_millis(50),
+            account_ttl: Duration::from_millis(400 * DAY_MS as u64),
+        }
+    }
+}
+
+/// One multiplexed connection to a standalone Redis, or a cluster connection that routes each
+/// command to the node owning its slot.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The account scripts, each the shared prelude followed by one operation.
+struct Scripts {
+    reserve: Script,
+    commit: Script,
+    release: Script,
+    grant: Script,
+    upsert: Script,
+    account: Script,
+    usage: Script,
+    sweep: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        const PRELUDE: &str = include_str!("lua/prelude.lua");
+        let script = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
+        Scripts {
+            reserve: script(include_str!("lua/reserve.lua")),
+            commit: script(include_str!("lua/commit.lua")),
+            release: script(include_str!("lua/release.lua")),
+            grant: script(include_str!("lua/grant.lua")),
+            upsert: script(include_str!("lua/upsert.lua")),
+            account: script(include_str!("lua/account.lua")),
+            usage: script(include_str!("lua/usage.lua")),
+            sweep: script(include_str!("lua/sweep.lua")),
+        }
+    }
+
+    fn all(&self) -> [&Script; 8] {
+        [&self.reserve, &self.commit, &self.release, &self.grant, &self.upsert, &self.account, &self.usage, &self.sweep]
+    }
+}
+
+pub struct RedisStore {
+    conn: Connection,
+    scripts: Scripts,
+    policy: Arc<Policy>,
+    /// The policy as the scripts read it (ARGV[1]), encoded once.
+    policy_json: String,
+    settings: RedisSettings,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects (failing if Redis cannot be reached within the connect timeout) and loads the
+    /// scripts on every node.
+    pub async fn connect(settings: RedisSettings, policy: Arc<Policy>) -> Result<RedisStore, StoreError> {
+        let unavailable = |e: redis::RedisError| StoreError::Unavailable(format!("cannot connect to Redis: {e}"));
+        let conn = if settings.cluster_nodes.is_empty() {
+            let client = redis::Client::open(settings.url.as_str()).map_err(unavailable)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(settings.connect_timeout))
+                .set_response_timeout(Some(settings.command_timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            let manager = tokio::time::timeout(settings.connect_timeout * 2, ConnectionManager::new_with_config(client, config))
+                .await
+                .map_err(|_| StoreError::Unavailable("cannot connect to Redis: timed out".into()))?
+                .map_err(unavailable)?;
+            Connection::Single(manager)
+        } else {
+            let client = redis::cluster::ClusterClient::builder(settings.cluster_nodes.clone())
+                .connection_timeout(settings.connect_timeout)
+                .response_timeout(settings.command_timeout)
+                .retries(1)
+                .build()
+                .map_err(unavailable)?;
+            let conn = tokio::time::timeout(settings.connect_timeout * 4, client.get_async_connection())
+                .await
+                .map_err(|_| StoreError::Unavailable("cannot connect to Redis Cluster: timed out".into()))?
+                .map_err(unavailable)?;
+            Connection::Cluster(conn)
+        };
+        let store = RedisStore { policy_json: policy_json(&policy, &settings), conn, scripts: Scripts::new(), policy, settings };
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        for script in self.scripts.all() {
+            script.load_async(&mut conn).await.map_err(|e| StoreError::Unavailable(format!("cannot load scripts: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self) -> &RedisSettings {
+        &self.settings
+    }
+
+    /// The channel on which admin changes (plan, eligibility, grants) are announced.
+    pub fn admin_channel(&self) -> String {
+        format!("{}:admin", self.settings.key_prefix)
+    }
+
+    /// Runs one account script and decodes its JSON answer.
+    async fn run<T: DeserializeOwned>(
+        &self,
+        script: &Script,
+        account_id: &str,
+        now: Timestamp,
+        args: &[&str],
+    ) -> Result<T, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys::account_keys(&self.settings.key_prefix, account_id) {
+            invocation.key(key);
+        }
+        invocation.arg(self.policy_json.as_str()).arg(now.as_millis()).arg(account_id);
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut conn = self.conn.clone();
+        let text: String = tokio::time::timeout(self.settings.command_timeout, invocation.invoke_async(&mut conn))
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("Redis did not answer within {:?}", self.settings.command_timeout)))?
+            .map_err(|e| match e.kind() {
+                redis::ErrorKind::Server(_) if e.to_string().contains("Script") => {
+                    StoreError::Internal(format!("account script failed: {e}"))
+                }
+                _ => StoreError::Unavailable(format!("Redis: {e}")),
+            })?;
+        let reply: Reply<T> = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Internal(format!("cannot decode script answer ({e}): {text}")))?;
+        match reply {
+            Reply::Done(value) => Ok(value),
+            Reply::Refused { err } => Err(err.into_error(&self.policy, account_id, now).map_err(StoreError::Internal)?.into()),
+        }
+    }
+
+    /// Settles accounts whose earliest hold expired at or before `now`, for every slot's index;
+    /// returns how many accounts were settled.
+    pub async fn sweep_expired_holds(&self, now: Timestamp) -> Result<usize, StoreError> {
+        let mut settled = 0;
+        let mut conn = self.conn.clone();
+        for chunk in (0..keys::SLOTS).collect::<Vec<_>>().chunks(1024) {
+            let mut pipe = redis::pipe();
+            for &slot in chunk {
+                pipe.cmd("ZRANGEBYSCORE")
+                    .arg(keys::hold_index_key(&self.settings.key_prefix, slot))
+                    .arg("-inf")
+                    .arg(now.as_millis())
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(100);
+            }
+            let due: Vec<Vec<String>> = tokio::time::timeout(self.settings.command_timeout * 10, pipe.query_async(&mut conn))
+                .await
+                .map_err(|_| StoreError::Unavailable("sweep: Redis did not answer in time".into()))?
+                .map_err(|e| StoreError::Unavailable(format!("sweep: {e}")))?;
+            for account_id in due.into_iter().flatten() {
+                let _: wire::SweepJ = self.run(&self.scripts.sweep, &account_id, now, &[]).await?;
+                settled += 1;
+            }
+        }
+        Ok(settled)
+    }
+}
+
+/// The policy as the scripts read it: plan limits and routes, products' credit flags, and the
+/// retention and lifetime settings.
+fn policy_json(policy: &Policy, settings: &RedisSettings) -> String {
+    let plans: serde_json::Map<String, serde_json::Value> = policy
+        .plans
+        .iter()
+        .map(|(name, plan)| {
+            let mut p = json!({
+                "l5": plan.limit_5h_micros,
+                "lw": plan.limit_weekly_micros,
+                "credits": plan.overage == crate::domain::Overage::Credits,
+            });
+            if let Some(to) = &plan.upgrade_to {
+                p["up"] = json!(to);
+            }
+            (name.clone(), p)
+        })
+        .collect();
+    let products: serde_json::Map<String, serde_json::Value> =
+        policy.products.iter().map(|(name, p)| (name.clone(), json!(p.credits))).collect();
+    json!({
+        "plans": plans,
+        "products": products,
+        "default_plan": policy.default_plan,
+        "retention_ms": i64::from(policy.limits.idempotency_retention_seconds) * 1_000,
+        "account_ttl_ms": settings.account_ttl.as_millis() as i64,
+        "admin_channel": format!("{}:admin", settings.key_prefix),
+    })
+    .to_string()
+}
+
+fn usage_json(u: &crate::domain::Usage) -> String {
+    json!({
+        "model": u.model,
+        "i": u.input_tokens.to_string(),
+        "c": u.cached_input_tokens.to_string(),
+        "o": u.output_tokens.to_string(),
+        "img": u.images.to_string(),
+        "fast": u.fast_mode,
+    })
+    .to_string()
+}
+
+impl Store for RedisStore {
+    async fn reserve(&self, cmd: ReserveCommand, now: Timestamp) -> Result<ReserveOutcome, StoreError> {
+        let reply: wire::ReserveJ = self
+            .run(
+                &self.scripts.reserve,
+                &cmd.account_id,
+                now,
+                &[
+                    &cmd.request_id,
+                    &cmd.cost.to_string(),
+                    &cmd.product,
+                    cmd.plan_hint.as_deref().unwrap_or(""),
+                    &cmd.ttl_ms.to_string(),
+                    &cmd.reservation_id,
+                    &cmd.fingerprint().to_string(),
+                    &cmd.estimate.model,
+                ],
+            )
+            .await?;
+        Ok(ReserveOutcome {
+            decision: reply.decision.into_decision(&self.policy),
+            estimate: reply.estimate,
+            status: reply.status.into(),
+        })
+    }
+
+    async fn commit(&self, cmd: CommitCommand, now: Timestamp) -> Result<CommitOutcome, StoreError> {
+        let reply: wire::CommitJ = self
+            .run(
+                &self.scripts.commit,
+                &cmd.account_id,
+                now,
+                &[
+                    &cmd.reservation_id,
+                    &cmd.cost.to_string(),
+                    if cmd.is_final { "1" } else { "0" },
+                    &cmd.fingerprint().to_string(),
+                    &usage_json(&cmd.usage),
+                    &cmd.price_version,
+                    &self.policy.limits.recent_events.to_string(),
+                ],
+            )
+            .await?;
+        Ok(CommitOutcome { receipt: reply.receipt.into_receipt(&self.policy), status: reply.status.into() })
+    }
+
+    async fn release(&self, cmd: ReleaseCommand, now: Timestamp) -> Result<ReleaseOutcome, StoreError> {
+        let reply: wire::ReleaseJ = self.run(&self.scripts.release, &cmd.account_id, now, &[&cmd.reservation_id]).await?;
+        Ok(ReleaseOutcome { released: reply.released.into() })
+    }
+
+    async fn grant(&self, cmd: GrantCommand, now: Timestamp) -> Result<GrantOutcome, StoreError> {
+        let expires_at = cmd.expires_at.unwrap_or_else(|| now.plus_months(LOT_VALIDITY_MONTHS));
+        let reply: wire::GrantJ = self
+            .run(
+                &self.scripts.grant,
+                &cmd.account_id,
+                now,
+                &[
+                    &cmd.grant_id,
+                    &cmd.amount.to_string(),
+                    cmd.source.as_str(),
+                    &expires_at.as_millis().to_string(),
+                    &cmd.fingerprint().to_string(),
+                ],
+            )
+            .await?;
+        Ok(GrantOutcome { lot: reply.lot.try_into().map_err(StoreError::Internal)?, credit_balance: reply.balance })
+    }
+
+    async fn upsert_account(&self, account: Account, now: Timestamp) -> Result<Account, StoreError> {
+        let allowed = if account.credit_purchase_allowed { "1" } else { "0" };
+        let reply: wire::AccountReply = self.run(&self.scripts.upsert, &account.id, now, &[&account.plan, allowed]).await?;
+        Ok(reply.account.into())
+    }
+
+    async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
+        let reply: wire::AccountReply = self.run(&self.scripts.account, account_id, Timestamp::default(), &[]).await?;
+        Ok(reply.account.into())
+    }
+
+    async fn usage(&self, account_id: &str, recent_limit: usize, now: Timestamp) -> Result<UsageSnapshot, StoreError> {
+        let reply: wire::SnapshotJ =
+            self.run(&self.scripts.usage, account_id, now, &[&recent_limit.to_string()]).await?;
+        Ok(UsageSnapshot {
+            account: reply.account.into(),
+            status: reply.status.into(),
+            lots: reply.lots.into_iter().map(TryInto::try_into).collect::<Result<_, _>>().map_err(StoreError::Internal)?,
+            recent: reply.recent.into_iter().map(Into::into).collect(),
+            totals: reply.totals.into(),
+            credit_held: reply.credit_held,
+            holds: reply.holds.into_iter().map(Into::into).collect(),
+        })
+    }
+}

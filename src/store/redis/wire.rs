@@ -1,0 +1,341 @@
+//! What the Lua scripts answer, as JSON, and how it becomes the domain's outcome types. The
+//! scripts return facts (amounts, instants, kinds); words are added here by the same domain
+//! functions the memory store uses, so both stores answer in the same sentences.
+
+use serde::Deserialize;
+
+use crate::domain::{
+    Account, AccountStatus, Action, CommitReceipt, CreditLot, Decision, Denial, DenialFacts,
+    DomainError, Funding, HoldView, LedgerTotals, Policy, Shortfall, Timestamp, Usage, UsageEvent,
+    WindowStatus,
+};
+use crate::domain::{FIVE_HOUR, WEEKLY};
+
+/// A script's answer: its result, or a refusal of the rules.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Reply<T> {
+    Refused { err: Refusal },
+    Done(T),
+}
+
+/// A refusal, as a kind and the facts its words need.
+#[derive(Debug, Deserialize)]
+pub struct Refusal {
+    kind: String,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    plan: String,
+    #[serde(default)]
+    at: i64,
+    #[serde(default)]
+    by_commit: bool,
+}
+
+impl Refusal {
+    pub fn into_error(self, policy: &Policy, account_id: &str, now: Timestamp) -> Result<DomainError, String> {
+        Ok(match self.kind.as_str() {
+            "account_not_found" => DomainError::account_not_found(&self.id),
+            "reservation_not_found" => DomainError::reservation_not_found(&self.id),
+            "request_reused" => DomainError::request_reused(&self.id),
+            "grant_reused" => DomainError::grant_reused(&self.id),
+            "already_committed" => DomainError::already_committed(&self.id, self.by_commit),
+            "already_released" => DomainError::already_released(&self.id),
+            "reservation_expired" => DomainError::reservation_expired(&self.id, Timestamp::from_millis(self.at)),
+            "plan_missing" => DomainError::plan_not_configured(account_id, &self.plan, &policy.plan_names()),
+            "expiry_not_in_future" => DomainError::expiry_not_in_future(now, Timestamp::from_millis(self.at)),
+            other => return Err(format!("script answered an unknown refusal kind {other:?}")),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct FundingJ {
+    plan: i64,
+    credit: i64,
+}
+
+impl From<FundingJ> for Funding {
+    fn from(f: FundingJ) -> Funding {
+        Funding::new(f.plan, f.credit)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WindowJ {
+    name: String,
+    used: i64,
+    held: i64,
+    limit: i64,
+    resets_at: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StatusJ {
+    windows: Vec<WindowJ>,
+    balance: i64,
+}
+
+impl From<StatusJ> for AccountStatus {
+    fn from(s: StatusJ) -> AccountStatus {
+        let windows = s
+            .windows
+            .into_iter()
+            .map(|w| WindowStatus {
+                name: if w.name == WEEKLY.name { WEEKLY.name } else { FIVE_HOUR.name },
+                used: w.used,
+                held: w.held,
+                limit: w.limit,
+                resets_at: w.resets_at.map(Timestamp::from_millis),
+            })
+            .collect();
+        AccountStatus { windows, credit_balance: s.balance }
+    }
+}
+
+/// The facts of a denial, as `fund` in the prelude computes them.
+#[derive(Debug, Deserialize)]
+pub struct FactsJ {
+    shortfall: String,
+    #[serde(default)]
+    weekly: bool,
+    #[serde(default)]
+    need: i64,
+    #[serde(default)]
+    available: i64,
+    action: String,
+    upgrade_to: Option<String>,
+    retry_at: Option<i64>,
+    plan: String,
+    product: String,
+}
+
+impl FactsJ {
+    fn into_denial(self, policy: &Policy) -> Denial {
+        let shortfall = match self.shortfall.as_str() {
+            "credits" => Shortfall::Credits { need: self.need, available: self.available },
+            "barred" => Shortfall::CreditsBarred,
+            _ => Shortfall::Window { weekly: self.weekly },
+        };
+        let action = match self.action.as_str() {
+            "buy_credits" => Action::BuyCredits,
+            "upgrade_plan" => Action::UpgradePlan,
+            "update_payment_method" => Action::UpdatePaymentMethod,
+            _ => Action::WaitForReset,
+        };
+        Denial::from_facts(DenialFacts {
+            plan: &self.plan,
+            product: &self.product,
+            product_credits: policy.product(&self.product).is_some_and(|p| p.credits),
+            shortfall,
+            action,
+            upgrade_to: self.upgrade_to,
+            retry_at: self.retry_at.map(Timestamp::from_millis),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionJ {
+    Allow { id: String, held: FundingJ, expires_at: i64 },
+    Deny(FactsJ),
+}
+
+impl DecisionJ {
+    pub fn into_decision(self, policy: &Policy) -> Decision {
+        match self {
+            DecisionJ::Allow { id, held, expires_at } => {
+                Decision::Allow { reservation_id: id, held: held.into(), expires_at: Timestamp::from_millis(expires_at) }
+            }
+            DecisionJ::Deny(facts) => Decision::Deny(facts.into_denial(policy)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReserveJ {
+    pub decision: DecisionJ,
+    pub estimate: i64,
+    pub status: StatusJ,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReceiptJ {
+    #[serde(rename = "final")]
+    is_final: bool,
+    charged: FundingJ,
+    total: FundingJ,
+    held: Option<FundingJ>,
+    expires_at: Option<i64>,
+    denial: Option<FactsJ>,
+}
+
+impl ReceiptJ {
+    pub fn into_receipt(self, policy: &Policy) -> CommitReceipt {
+        if self.is_final {
+            return CommitReceipt::finished(self.charged.into(), self.total.into());
+        }
+        CommitReceipt::continuing(
+            self.charged.into(),
+            self.total.into(),
+            self.held.map_or(Funding::ZERO, Into::into),
+            Timestamp::from_millis(self.expires_at.unwrap_or_default()),
+            self.denial.map(|d| d.into_denial(policy)),
+        )
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CommitJ {
+    pub receipt: ReceiptJ,
+    pub status: StatusJ,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReleaseJ {
+    pub released: FundingJ,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LotJ {
+    id: String,
+    source: String,
+    granted: i64,
+    remaining: i64,
+    granted_at: i64,
+    expires_at: i64,
+}
+
+impl TryFrom<LotJ> for CreditLot {
+    type Error = String;
+
+    fn try_from(l: LotJ) -> Result<CreditLot, String> {
+        Ok(CreditLot {
+            source: l.source.parse().map_err(|()| format!("lot {:?} has unknown source {:?}", l.id, l.source))?,
+            id: l.id,
+            granted: l.granted,
+            remaining: l.remaining,
+            granted_at: Timestamp::from_millis(l.granted_at),
+            expires_at: Timestamp::from_millis(l.expires_at),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GrantJ {
+    pub lot: LotJ,
+    pub balance: i64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AccountJ {
+    id: String,
+    plan: String,
+    cpa: bool,
+}
+
+impl From<AccountJ> for Account {
+    fn from(a: AccountJ) -> Account {
+        Account { id: a.id, plan: a.plan, credit_purchase_allowed: a.cpa }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AccountReply {
+    pub account: AccountJ,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UsageJ {
+    i: i64,
+    c: i64,
+    o: i64,
+    img: i64,
+    model: String,
+    fast: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventJ {
+    at: i64,
+    product: String,
+    reservation_id: String,
+    price_version: String,
+    charged: FundingJ,
+    usage: UsageJ,
+}
+
+impl From<EventJ> for UsageEvent {
+    fn from(e: EventJ) -> UsageEvent {
+        let count = |n: i64| u64::try_from(n).unwrap_or_default();
+        UsageEvent {
+            at: Timestamp::from_millis(e.at),
+            product: e.product,
+            usage: Usage {
+                model: e.usage.model,
+                input_tokens: count(e.usage.i),
+                cached_input_tokens: count(e.usage.c),
+                output_tokens: count(e.usage.o),
+                images: u32::try_from(e.usage.img).unwrap_or_default(),
+                fast_mode: e.usage.fast,
+            },
+            charged: e.charged.into(),
+            reservation_id: e.reservation_id,
+            price_version: e.price_version,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HoldJ {
+    id: String,
+    product: String,
+    held: FundingJ,
+    charged: FundingJ,
+    expires_at: i64,
+}
+
+impl From<HoldJ> for HoldView {
+    fn from(h: HoldJ) -> HoldView {
+        HoldView {
+            reservation_id: h.id,
+            product: h.product,
+            held: h.held.into(),
+            charged: h.charged.into(),
+            expires_at: Timestamp::from_millis(h.expires_at),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TotalsJ {
+    granted: i64,
+    spent: i64,
+    expired: i64,
+    balance: i64,
+}
+
+impl From<TotalsJ> for LedgerTotals {
+    fn from(t: TotalsJ) -> LedgerTotals {
+        LedgerTotals { granted: t.granted, spent: t.spent, expired: t.expired, balance: t.balance }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SnapshotJ {
+    pub account: AccountJ,
+    pub status: StatusJ,
+    pub lots: Vec<LotJ>,
+    pub recent: Vec<EventJ>,
+    pub holds: Vec<HoldJ>,
+    pub totals: TotalsJ,
+    pub credit_held: i64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SweepJ {
+    #[serde(default)]
+    pub next: Option<i64>,
+}
