@@ -76,11 +76,12 @@ struct GrantRecord {
     lot: CreditLot,
 }
 
-/// Records kept for a while, forgotten in the order they were made.
+/// Records kept for a while, forgotten in the order they were made. An id recorded again
+/// (a request id reused after its first answer was forgotten) lives on from its new time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Retained<T> {
-    by_id: HashMap<String, T>,
-    /// (when recorded, id), oldest first.
+    by_id: HashMap<String, (Timestamp, T)>,
+    /// (when recorded, id), oldest first; may name an id that was recorded again since.
     order: VecDeque<(Timestamp, String)>,
 }
 
@@ -95,22 +96,25 @@ impl<T> Default for Retained<T> {
 
 impl<T> Retained<T> {
     fn get(&self, id: &str) -> Option<&T> {
-        self.by_id.get(id)
+        self.by_id.get(id).map(|(_, record)| record)
     }
 
     fn insert(&mut self, now: Timestamp, id: String, record: T) {
         self.order.push_back((now, id.clone()));
-        self.by_id.insert(id, record);
+        self.by_id.insert(id, (now, record));
     }
 
     /// Forgets records made at or before `cutoff`.
     fn forget_until(&mut self, cutoff: Timestamp) {
-        while let Some((at, _)) = self.order.front() {
-            if *at > cutoff {
-                break;
-            }
-            if let Some((_, id)) = self.order.pop_front() {
-                self.by_id.remove(&id);
+        while self.order.front().is_some_and(|(at, _)| *at <= cutoff) {
+            if let Some((at, id)) = self.order.pop_front() {
+                if self
+                    .by_id
+                    .get(&id)
+                    .is_some_and(|(recorded, _)| *recorded == at)
+                {
+                    self.by_id.remove(&id);
+                }
             }
         }
     }

@@ -16,7 +16,11 @@ use std::sync::Arc;
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
@@ -51,7 +55,12 @@ impl RedisServer {
         for _ in 0..5 {
             let port = free_port();
             let child = spawn_redis(port, &dir, &extra);
-            let mut server = RedisServer { port, child, dir: dir.clone(), extra: extra.clone() };
+            let mut server = RedisServer {
+                port,
+                child,
+                dir: dir.clone(),
+                extra: extra.clone(),
+            };
             if server.wait_ready(Duration::from_secs(10)) {
                 return server;
             }
@@ -87,7 +96,9 @@ impl RedisServer {
             .stderr(Stdio::null())
             .output()
             .ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Kills the server (as a crash would).
@@ -100,7 +111,10 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         self.child = spawn_redis(self.port, &self.dir, &self.extra);
-        assert!(self.wait_ready(Duration::from_secs(10)), "redis-server did not come back");
+        assert!(
+            self.wait_ready(Duration::from_secs(10)),
+            "redis-server did not come back"
+        );
     }
 }
 
@@ -113,7 +127,16 @@ impl Drop for RedisServer {
 
 fn spawn_redis(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .arg("--dir")
         .arg(dir)
         .args(extra)
@@ -130,7 +153,9 @@ fn watch(pid: u32) {
     let me = std::process::id();
     let _ = Command::new("sh")
         .arg("-c")
-        .arg(format!("while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pid} 2>/dev/null"))
+        .arg(format!(
+            "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pid} 2>/dev/null"
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -146,10 +171,20 @@ impl RedisCluster {
     pub fn start() -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"])
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
             })
             .collect();
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
         let out = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
@@ -159,10 +194,17 @@ impl RedisCluster {
             .stderr(Stdio::piped())
             .output()
             .expect("redis-cli is installed");
-        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            let ok = nodes.iter().all(|n| n.cli(&["CLUSTER", "INFO"]).is_some_and(|i| i.contains("cluster_state:ok")));
+            let ok = nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "INFO"])
+                    .is_some_and(|i| i.contains("cluster_state:ok"))
+            });
             if ok {
                 return RedisCluster { nodes };
             }
@@ -191,7 +233,11 @@ pub fn shared_cluster() -> &'static RedisCluster {
 /// A key prefix no other store in this process uses, so stores sharing a server never meet.
 pub fn fresh_prefix() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("t{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "t{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Settings for a standalone server (or a cluster when `cluster` is given), with a fresh prefix.
@@ -207,10 +253,14 @@ pub fn settings(url: &str, cluster: Option<&RedisCluster>) -> RedisSettings {
 
 pub async fn standalone_store() -> RedisStore {
     let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
-    RedisStore::connect(settings(&server.url(), None), Arc::new(Policy::default())).await.expect("connects to redis")
+    RedisStore::connect(settings(&server.url(), None), Arc::new(Policy::default()))
+        .await
+        .expect("connects to redis")
 }
 
 pub async fn cluster_store() -> RedisStore {
     let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
-    RedisStore::connect(settings("", Some(cluster)), Arc::new(Policy::default())).await.expect("connects to the cluster")
+    RedisStore::connect(settings("", Some(cluster)), Arc::new(Policy::default()))
+        .await
+        .expect("connects to the cluster")
 }

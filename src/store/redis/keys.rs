@@ -9,8 +9,9 @@ use std::sync::OnceLock;
 pub const SLOTS: u16 = 16_384;
 
 /// The per-account keys, in the order the scripts expect them (see `lua/prelude.lua`).
-pub const ACCOUNT_KEYS: [&str; 11] =
-    ["acct", "w5", "ww", "lots", "open", "closed", "closedz", "req", "reqz", "grants", "events"];
+pub const ACCOUNT_KEYS: [&str; 11] = [
+    "acct", "w5", "ww", "lots", "open", "closed", "closedz", "req", "reqz", "grants", "events",
+];
 
 /// The keys one account script is given: the account's own, then its slot's hold index.
 pub fn account_keys(prefix: &str, account_id: &str) -> [String; 12] {
@@ -35,7 +36,11 @@ fn hash_tag(account_id: &str) -> std::borrow::Cow<'_, str> {
     if !account_id.contains(['{', '}', '%']) {
         return account_id.into();
     }
-    account_id.replace('%', "%25").replace('{', "%7B").replace('}', "%7D").into()
+    account_id
+        .replace('%', "%25")
+        .replace('{', "%7B")
+        .replace('}', "%7D")
+        .into()
 }
 
 /// The Redis Cluster slot of a hash tag: CRC16-CCITT (XMODEM) modulo 16,384.
@@ -44,7 +49,11 @@ pub fn slot(tag: &[u8]) -> u16 {
     for &byte in tag {
         crc ^= u16::from(byte) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
     crc % SLOTS
@@ -94,6 +103,9 @@ mod tests {
             let s = tag_of(&keys[0]);
             assert!(keys.iter().all(|k| tag_of(k) == s), "{id}: {keys:?}");
         }
-        assert_ne!(account_keys("q", "a{b}")[0], account_keys("q", "a%7Bb%7D")[0]);
+        assert_ne!(
+            account_keys("q", "a{b}")[0],
+            account_keys("q", "a%7Bb%7D")[0]
+        );
     }
 }

@@ -25,12 +25,12 @@ use serde_json::json;
 pub use keys::{hold_index_key, slot};
 
 use super::{Store, StoreError};
+use crate::domain::account::LOT_VALIDITY_MONTHS;
+use crate::domain::time::DAY_MS;
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy, ReleaseCommand,
     ReleaseOutcome, ReserveCommand, ReserveOutcome, Timestamp, UsageSnapshot,
 };
-use crate::domain::account::LOT_VALIDITY_MONTHS;
-use crate::domain::time::DAY_MS;
 use wire::Reply;
 
 /// How to reach Redis and how long to wait for it.
@@ -79,7 +79,12 @@ impl ConnectionLike for Connection {
         }
     }
 
-    fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
@@ -123,7 +128,16 @@ impl Scripts {
     }
 
     fn all(&self) -> [&Script; 8] {
-        [&self.reserve, &self.commit, &self.release, &self.grant, &self.upsert, &self.account, &self.usage, &self.sweep]
+        [
+            &self.reserve,
+            &self.commit,
+            &self.release,
+            &self.grant,
+            &self.upsert,
+            &self.account,
+            &self.usage,
+            &self.sweep,
+        ]
     }
 }
 
@@ -138,15 +152,21 @@ pub struct RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("RedisStore")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
     /// Connects (failing if Redis cannot be reached within the connect timeout) and loads the
     /// scripts on every node.
-    pub async fn connect(settings: RedisSettings, policy: Arc<Policy>) -> Result<RedisStore, StoreError> {
-        let unavailable = |e: redis::RedisError| StoreError::Unavailable(format!("cannot connect to Redis: {e}"));
+    pub async fn connect(
+        settings: RedisSettings,
+        policy: Arc<Policy>,
+    ) -> Result<RedisStore, StoreError> {
+        let unavailable =
+            |e: redis::RedisError| StoreError::Unavailable(format!("cannot connect to Redis: {e}"));
         let conn = if settings.cluster_nodes.is_empty() {
             let client = redis::Client::open(settings.url.as_str()).map_err(unavailable)?;
             let config = ConnectionManagerConfig::new()
@@ -154,10 +174,13 @@ impl RedisStore {
                 .set_response_timeout(Some(settings.command_timeout))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(500));
-            let manager = tokio::time::timeout(settings.connect_timeout * 2, ConnectionManager::new_with_config(client, config))
-                .await
-                .map_err(|_| StoreError::Unavailable("cannot connect to Redis: timed out".into()))?
-                .map_err(unavailable)?;
+            let manager = tokio::time::timeout(
+                settings.connect_timeout * 2,
+                ConnectionManager::new_with_config(client, config),
+            )
+            .await
+            .map_err(|_| StoreError::Unavailable("cannot connect to Redis: timed out".into()))?
+            .map_err(unavailable)?;
             Connection::Single(manager)
         } else {
             let client = redis::cluster::ClusterClient::builder(settings.cluster_nodes.clone())
@@ -166,13 +189,22 @@ impl RedisStore {
                 .retries(1)
                 .build()
                 .map_err(unavailable)?;
-            let conn = tokio::time::timeout(settings.connect_timeout * 4, client.get_async_connection())
-                .await
-                .map_err(|_| StoreError::Unavailable("cannot connect to Redis Cluster: timed out".into()))?
-                .map_err(unavailable)?;
+            let conn =
+                tokio::time::timeout(settings.connect_timeout * 4, client.get_async_connection())
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable("cannot connect to Redis Cluster: timed out".into())
+                    })?
+                    .map_err(unavailable)?;
             Connection::Cluster(conn)
         };
-        let store = RedisStore { policy_json: policy_json(&policy, &settings), conn, scripts: Scripts::new(), policy, settings };
+        let store = RedisStore {
+            policy_json: policy_json(&policy, &settings),
+            conn,
+            scripts: Scripts::new(),
+            policy,
+            settings,
+        };
         store.load_scripts().await?;
         Ok(store)
     }
@@ -180,7 +212,10 @@ impl RedisStore {
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         for script in self.scripts.all() {
-            script.load_async(&mut conn).await.map_err(|e| StoreError::Unavailable(format!("cannot load scripts: {e}")))?;
+            script
+                .load_async(&mut conn)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("cannot load scripts: {e}")))?;
         }
         Ok(())
     }
@@ -206,25 +241,40 @@ impl RedisStore {
         for key in keys::account_keys(&self.settings.key_prefix, account_id) {
             invocation.key(key);
         }
-        invocation.arg(self.policy_json.as_str()).arg(now.as_millis()).arg(account_id);
+        invocation
+            .arg(self.policy_json.as_str())
+            .arg(now.as_millis())
+            .arg(account_id);
         for arg in args {
             invocation.arg(*arg);
         }
         let mut conn = self.conn.clone();
-        let text: String = tokio::time::timeout(self.settings.command_timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| StoreError::Unavailable(format!("Redis did not answer within {:?}", self.settings.command_timeout)))?
-            .map_err(|e| match e.kind() {
-                redis::ErrorKind::Server(_) if e.to_string().contains("Script") => {
-                    StoreError::Internal(format!("account script failed: {e}"))
-                }
-                _ => StoreError::Unavailable(format!("Redis: {e}")),
-            })?;
-        let reply: Reply<T> = serde_json::from_str(&text)
-            .map_err(|e| StoreError::Internal(format!("cannot decode script answer ({e}): {text}")))?;
+        let text: String = tokio::time::timeout(
+            self.settings.command_timeout,
+            invocation.invoke_async(&mut conn),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "Redis did not answer within {:?}",
+                self.settings.command_timeout
+            ))
+        })?
+        .map_err(|e| match e.kind() {
+            redis::ErrorKind::Server(_) if e.to_string().contains("Script") => {
+                StoreError::Internal(format!("account script failed: {e}"))
+            }
+            _ => StoreError::Unavailable(format!("Redis: {e}")),
+        })?;
+        let reply: Reply<T> = serde_json::from_str(&text).map_err(|e| {
+            StoreError::Internal(format!("cannot decode script answer ({e}): {text}"))
+        })?;
         match reply {
             Reply::Done(value) => Ok(value),
-            Reply::Refused { err } => Err(err.into_error(&self.policy, account_id, now).map_err(StoreError::Internal)?.into()),
+            Reply::Refused { err } => Err(err
+                .into_error(&self.policy, account_id, now)
+                .map_err(StoreError::Internal)?
+                .into()),
         }
     }
 
@@ -244,12 +294,15 @@ impl RedisStore {
                     .arg(0)
                     .arg(100);
             }
-            let due: Vec<Vec<String>> = tokio::time::timeout(self.settings.command_timeout * 10, pipe.query_async(&mut conn))
-                .await
-                .map_err(|_| StoreError::Unavailable("sweep: Redis did not answer in time".into()))?
-                .map_err(|e| StoreError::Unavailable(format!("sweep: {e}")))?;
+            let due: Vec<Vec<String>> = tokio::time::timeout(
+                self.settings.command_timeout * 10,
+                pipe.query_async(&mut conn),
+            )
+            .await
+            .map_err(|_| StoreError::Unavailable("sweep: Redis did not answer in time".into()))?
+            .map_err(|e| StoreError::Unavailable(format!("sweep: {e}")))?;
             for account_id in due.into_iter().flatten() {
-                let _: wire::SweepJ = self.run(&self.scripts.sweep, &account_id, now, &[]).await?;
+                let _: serde::de::IgnoredAny = self.run(&self.scripts.sweep, &account_id, now, &[]).await?;
                 settled += 1;
             }
         }
@@ -275,8 +328,11 @@ fn policy_json(policy: &Policy, settings: &RedisSettings) -> String {
             (name.clone(), p)
         })
         .collect();
-    let products: serde_json::Map<String, serde_json::Value> =
-        policy.products.iter().map(|(name, p)| (name.clone(), json!(p.credits))).collect();
+    let products: serde_json::Map<String, serde_json::Value> = policy
+        .products
+        .iter()
+        .map(|(name, p)| (name.clone(), json!(p.credits)))
+        .collect();
     json!({
         "plans": plans,
         "products": products,
@@ -301,7 +357,11 @@ fn usage_json(u: &crate::domain::Usage) -> String {
 }
 
 impl Store for RedisStore {
-    async fn reserve(&self, cmd: ReserveCommand, now: Timestamp) -> Result<ReserveOutcome, StoreError> {
+    async fn reserve(
+        &self,
+        cmd: ReserveCommand,
+        now: Timestamp,
+    ) -> Result<ReserveOutcome, StoreError> {
         let reply: wire::ReserveJ = self
             .run(
                 &self.scripts.reserve,
@@ -326,7 +386,11 @@ impl Store for RedisStore {
         })
     }
 
-    async fn commit(&self, cmd: CommitCommand, now: Timestamp) -> Result<CommitOutcome, StoreError> {
+    async fn commit(
+        &self,
+        cmd: CommitCommand,
+        now: Timestamp,
+    ) -> Result<CommitOutcome, StoreError> {
         let reply: wire::CommitJ = self
             .run(
                 &self.scripts.commit,
@@ -343,16 +407,34 @@ impl Store for RedisStore {
                 ],
             )
             .await?;
-        Ok(CommitOutcome { receipt: reply.receipt.into_receipt(&self.policy), status: reply.status.into() })
+        Ok(CommitOutcome {
+            receipt: reply.receipt.into_receipt(&self.policy),
+            status: reply.status.into(),
+        })
     }
 
-    async fn release(&self, cmd: ReleaseCommand, now: Timestamp) -> Result<ReleaseOutcome, StoreError> {
-        let reply: wire::ReleaseJ = self.run(&self.scripts.release, &cmd.account_id, now, &[&cmd.reservation_id]).await?;
-        Ok(ReleaseOutcome { released: reply.released.into() })
+    async fn release(
+        &self,
+        cmd: ReleaseCommand,
+        now: Timestamp,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let reply: wire::ReleaseJ = self
+            .run(
+                &self.scripts.release,
+                &cmd.account_id,
+                now,
+                &[&cmd.reservation_id],
+            )
+            .await?;
+        Ok(ReleaseOutcome {
+            released: reply.released.into(),
+        })
     }
 
     async fn grant(&self, cmd: GrantCommand, now: Timestamp) -> Result<GrantOutcome, StoreError> {
-        let expires_at = cmd.expires_at.unwrap_or_else(|| now.plus_months(LOT_VALIDITY_MONTHS));
+        let expires_at = cmd
+            .expires_at
+            .unwrap_or_else(|| now.plus_months(LOT_VALIDITY_MONTHS));
         let reply: wire::GrantJ = self
             .run(
                 &self.scripts.grant,
@@ -367,27 +449,63 @@ impl Store for RedisStore {
                 ],
             )
             .await?;
-        Ok(GrantOutcome { lot: reply.lot.try_into().map_err(StoreError::Internal)?, credit_balance: reply.balance })
+        Ok(GrantOutcome {
+            lot: reply.lot.try_into().map_err(StoreError::Internal)?,
+            credit_balance: reply.balance,
+        })
     }
 
-    async fn upsert_account(&self, account: Account, now: Timestamp) -> Result<Account, StoreError> {
-        let allowed = if account.credit_purchase_allowed { "1" } else { "0" };
-        let reply: wire::AccountReply = self.run(&self.scripts.upsert, &account.id, now, &[&account.plan, allowed]).await?;
+    async fn upsert_account(
+        &self,
+        account: Account,
+        now: Timestamp,
+    ) -> Result<Account, StoreError> {
+        let allowed = if account.credit_purchase_allowed {
+            "1"
+        } else {
+            "0"
+        };
+        let reply: wire::AccountReply = self
+            .run(
+                &self.scripts.upsert,
+                &account.id,
+                now,
+                &[&account.plan, allowed],
+            )
+            .await?;
         Ok(reply.account.into())
     }
 
     async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
-        let reply: wire::AccountReply = self.run(&self.scripts.account, account_id, Timestamp::default(), &[]).await?;
+        let reply: wire::AccountReply = self
+            .run(&self.scripts.account, account_id, Timestamp::default(), &[])
+            .await?;
         Ok(reply.account.into())
     }
 
-    async fn usage(&self, account_id: &str, recent_limit: usize, now: Timestamp) -> Result<UsageSnapshot, StoreError> {
-        let reply: wire::SnapshotJ =
-            self.run(&self.scripts.usage, account_id, now, &[&recent_limit.to_string()]).await?;
+    async fn usage(
+        &self,
+        account_id: &str,
+        recent_limit: usize,
+        now: Timestamp,
+    ) -> Result<UsageSnapshot, StoreError> {
+        let reply: wire::SnapshotJ = self
+            .run(
+                &self.scripts.usage,
+                account_id,
+                now,
+                &[&recent_limit.to_string()],
+            )
+            .await?;
         Ok(UsageSnapshot {
             account: reply.account.into(),
             status: reply.status.into(),
-            lots: reply.lots.into_iter().map(TryInto::try_into).collect::<Result<_, _>>().map_err(StoreError::Internal)?,
+            lots: reply
+                .lots
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()
+                .map_err(StoreError::Internal)?,
             recent: reply.recent.into_iter().map(Into::into).collect(),
             totals: reply.totals.into(),
             credit_held: reply.credit_held,

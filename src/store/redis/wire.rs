@@ -34,7 +34,12 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    pub fn into_error(self, policy: &Policy, account_id: &str, now: Timestamp) -> Result<DomainError, String> {
+    pub fn into_error(
+        self,
+        policy: &Policy,
+        account_id: &str,
+        now: Timestamp,
+    ) -> Result<DomainError, String> {
         Ok(match self.kind.as_str() {
             "account_not_found" => DomainError::account_not_found(&self.id),
             "reservation_not_found" => DomainError::reservation_not_found(&self.id),
@@ -42,9 +47,15 @@ impl Refusal {
             "grant_reused" => DomainError::grant_reused(&self.id),
             "already_committed" => DomainError::already_committed(&self.id, self.by_commit),
             "already_released" => DomainError::already_released(&self.id),
-            "reservation_expired" => DomainError::reservation_expired(&self.id, Timestamp::from_millis(self.at)),
-            "plan_missing" => DomainError::plan_not_configured(account_id, &self.plan, &policy.plan_names()),
-            "expiry_not_in_future" => DomainError::expiry_not_in_future(now, Timestamp::from_millis(self.at)),
+            "reservation_expired" => {
+                DomainError::reservation_expired(&self.id, Timestamp::from_millis(self.at))
+            }
+            "plan_missing" => {
+                DomainError::plan_not_configured(account_id, &self.plan, &policy.plan_names())
+            }
+            "expiry_not_in_future" => {
+                DomainError::expiry_not_in_future(now, Timestamp::from_millis(self.at))
+            }
             other => return Err(format!("script answered an unknown refusal kind {other:?}")),
         })
     }
@@ -83,14 +94,21 @@ impl From<StatusJ> for AccountStatus {
             .windows
             .into_iter()
             .map(|w| WindowStatus {
-                name: if w.name == WEEKLY.name { WEEKLY.name } else { FIVE_HOUR.name },
+                name: if w.name == WEEKLY.name {
+                    WEEKLY.name
+                } else {
+                    FIVE_HOUR.name
+                },
                 used: w.used,
                 held: w.held,
                 limit: w.limit,
                 resets_at: w.resets_at.map(Timestamp::from_millis),
             })
             .collect();
-        AccountStatus { windows, credit_balance: s.balance }
+        AccountStatus {
+            windows,
+            credit_balance: s.balance,
+        }
     }
 }
 
@@ -114,9 +132,14 @@ pub struct FactsJ {
 impl FactsJ {
     fn into_denial(self, policy: &Policy) -> Denial {
         let shortfall = match self.shortfall.as_str() {
-            "credits" => Shortfall::Credits { need: self.need, available: self.available },
+            "credits" => Shortfall::Credits {
+                need: self.need,
+                available: self.available,
+            },
             "barred" => Shortfall::CreditsBarred,
-            _ => Shortfall::Window { weekly: self.weekly },
+            _ => Shortfall::Window {
+                weekly: self.weekly,
+            },
         };
         let action = match self.action.as_str() {
             "buy_credits" => Action::BuyCredits,
@@ -139,16 +162,26 @@ impl FactsJ {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DecisionJ {
-    Allow { id: String, held: FundingJ, expires_at: i64 },
+    Allow {
+        id: String,
+        held: FundingJ,
+        expires_at: i64,
+    },
     Deny(FactsJ),
 }
 
 impl DecisionJ {
     pub fn into_decision(self, policy: &Policy) -> Decision {
         match self {
-            DecisionJ::Allow { id, held, expires_at } => {
-                Decision::Allow { reservation_id: id, held: held.into(), expires_at: Timestamp::from_millis(expires_at) }
-            }
+            DecisionJ::Allow {
+                id,
+                held,
+                expires_at,
+            } => Decision::Allow {
+                reservation_id: id,
+                held: held.into(),
+                expires_at: Timestamp::from_millis(expires_at),
+            },
             DecisionJ::Deny(facts) => Decision::Deny(facts.into_denial(policy)),
         }
     }
@@ -213,7 +246,10 @@ impl TryFrom<LotJ> for CreditLot {
 
     fn try_from(l: LotJ) -> Result<CreditLot, String> {
         Ok(CreditLot {
-            source: l.source.parse().map_err(|()| format!("lot {:?} has unknown source {:?}", l.id, l.source))?,
+            source: l
+                .source
+                .parse()
+                .map_err(|()| format!("lot {:?} has unknown source {:?}", l.id, l.source))?,
             id: l.id,
             granted: l.granted,
             remaining: l.remaining,
@@ -238,7 +274,11 @@ pub struct AccountJ {
 
 impl From<AccountJ> for Account {
     fn from(a: AccountJ) -> Account {
-        Account { id: a.id, plan: a.plan, credit_purchase_allowed: a.cpa }
+        Account {
+            id: a.id,
+            plan: a.plan,
+            credit_purchase_allowed: a.cpa,
+        }
     }
 }
 
@@ -319,7 +359,12 @@ pub struct TotalsJ {
 
 impl From<TotalsJ> for LedgerTotals {
     fn from(t: TotalsJ) -> LedgerTotals {
-        LedgerTotals { granted: t.granted, spent: t.spent, expired: t.expired, balance: t.balance }
+        LedgerTotals {
+            granted: t.granted,
+            spent: t.spent,
+            expired: t.expired,
+            balance: t.balance,
+        }
     }
 }
 
@@ -332,10 +377,4 @@ pub struct SnapshotJ {
     pub holds: Vec<HoldJ>,
     pub totals: TotalsJ,
     pub credit_held: i64,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct SweepJ {
-    #[serde(default)]
-    pub next: Option<i64>,
 }
