@@ -20,6 +20,8 @@ use crate::domain::{Limits, Plan, Policy, PriceSheet, Product};
 pub const ENV_PREFIX: &str = "QUOTAD_";
 /// The admin token is read verbatim from this variable (it is never parsed as TOML).
 pub const ADMIN_TOKEN_ENV: &str = "QUOTAD_ADMIN_TOKEN";
+/// The Redis URL is read verbatim from this variable (it may carry a password).
+pub const REDIS_URL_ENV: &str = "QUOTAD_REDIS_URL";
 const REDACTED: &str = "<redacted>";
 
 #[derive(Debug, thiserror::Error)]
@@ -32,18 +34,127 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreKind {
     /// In-process state; nothing shared or persisted.
     #[default]
     Memory,
+    /// Redis or Redis Cluster, shared by every replica.
+    Redis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    pub redis: RedisConfig,
+}
+
+/// `[store.redis]`: how to reach Redis and how long to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS. Used when
+    /// `cluster_nodes` is empty. Also `QUOTAD_REDIS_URL` (read verbatim; it may hold a password).
+    pub url: String,
+    /// Seed nodes of a Redis Cluster, e.g. `["redis://10.0.0.1:6379", …]`.
+    pub cluster_nodes: Vec<String>,
+    /// Prefix of every key quotad writes.
+    pub key_prefix: String,
+    pub connect_timeout_ms: u64,
+    /// Longest wait for one operation; past it the call fails with UNAVAILABLE.
+    pub command_timeout_ms: u64,
+    /// How long an idle account (no activity, no live credits) is kept.
+    pub account_ttl_days: u32,
+    /// How often expired holds of clients that died are swept.
+    pub sweep_interval_ms: u64,
+    /// GetUsage is answered from memory when this replica's copy is at most this old.
+    pub usage_staleness_ms: u64,
+    /// Whether denials with no route to credits are answered from memory until they can change.
+    pub deny_cache: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            cluster_nodes: Vec::new(),
+            key_prefix: "quotad".into(),
+            connect_timeout_ms: 250,
+            command_timeout_ms: 15,
+            account_ttl_days: 400,
+            sweep_interval_ms: 1_000,
+            usage_staleness_ms: 250,
+            deny_cache: true,
+        }
+    }
+}
+
+impl RedisConfig {
+    pub fn settings(&self) -> crate::store::RedisSettings {
+        crate::store::RedisSettings {
+            url: self.url.clone(),
+            cluster_nodes: self.cluster_nodes.clone(),
+            key_prefix: self.key_prefix.clone(),
+            connect_timeout: std::time::Duration::from_millis(self.connect_timeout_ms),
+            command_timeout: std::time::Duration::from_millis(self.command_timeout_ms),
+            account_ttl: std::time::Duration::from_secs(u64::from(self.account_ttl_days) * 86_400),
+            usage_staleness: std::time::Duration::from_millis(self.usage_staleness_ms),
+            deny_cache: self.deny_cache,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let urls = if self.cluster_nodes.is_empty() {
+            std::slice::from_ref(&self.url)
+        } else {
+            &self.cluster_nodes[..]
+        };
+        for url in urls {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(format!(
+                    "store.redis: {:?} must start with redis:// or rediss://",
+                    redact_url(url)
+                ));
+            }
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
+            return Err("store.redis.key_prefix must be non-empty and contain no braces".into());
+        }
+        for (key, value) in [
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("command_timeout_ms", self.command_timeout_ms),
+            ("sweep_interval_ms", self.sweep_interval_ms),
+        ] {
+            if value == 0 || value > 60_000 {
+                return Err(format!(
+                    "store.redis.{key} must be between 1 and 60000, got {value}"
+                ));
+            }
+        }
+        if self.account_ttl_days < 8 {
+            return Err(format!(
+                "store.redis.account_ttl_days must be at least 8 (longer than the weekly window), got {}",
+                self.account_ttl_days
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A Redis URL with any password replaced, for messages and `quotad config`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:{REDACTED}@{host}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -145,6 +256,9 @@ impl Config {
         if let Some(token) = env(ADMIN_TOKEN_ENV) {
             config.admin_token = Some(token);
         }
+        if let Some(url) = env(REDIS_URL_ENV) {
+            config.store.redis.url = url;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -162,6 +276,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy().validate().map_err(ConfigError::Invalid)?;
         self.pricing.validate().map_err(ConfigError::Invalid)?;
+        self.store.redis.validate().map_err(ConfigError::Invalid)?;
         if self
             .admin_token
             .as_deref()
@@ -190,6 +305,9 @@ impl Config {
         if shown.admin_token.is_some() {
             shown.admin_token = Some(REDACTED.into());
         }
+        let redis = &mut shown.store.redis;
+        redis.url = redact_url(&redis.url);
+        redis.cluster_nodes = redis.cluster_nodes.iter().map(|u| redact_url(u)).collect();
         shown
     }
 
@@ -291,6 +409,18 @@ mod tests {
         let shown = config.to_toml();
         assert!(
             !shown.contains("s3cret") && shown.contains(REDACTED),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn redis_passwords_are_redacted() {
+        let mut config = Config::default();
+        config.store.redis.url = "redis://app:pa55word@redis.internal:6379/0".into();
+        let shown = config.to_toml();
+        assert!(!shown.contains("pa55word"), "{shown}");
+        assert!(
+            shown.contains("redis://app:<redacted>@redis.internal:6379/0"),
             "{shown}"
         );
     }

@@ -15,22 +15,66 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
 
 use crate::app::Quota;
 use crate::config::{Config, StoreKind};
 use crate::domain::Clock;
-use crate::store::MemoryStore;
+use crate::server::{ServeSettings, ServerError};
+use crate::store::{MemoryStore, RedisStore, Store, StoreError};
 
-/// The quota service for `config` on its configured store, reading time from `clock`.
-pub fn build_memory(config: &Config, clock: Arc<dyn Clock>) -> Arc<Quota<MemoryStore>> {
-    debug_assert_eq!(config.store.kind, StoreKind::Memory);
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// Runs quotad as `config` says on `listener` until `shutdown` resolves, reading time from
+/// `clock`: builds the configured store, then serves (see [`server::run`]).
+pub async fn run(
+    config: &Config,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let settings = ServeSettings {
+        admin_token: config.admin_token.clone(),
+        shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
+    };
     let policy = Arc::new(config.policy());
-    let store = MemoryStore::new(policy.clone());
-    Arc::new(Quota::new(
+    match config.store.kind {
+        StoreKind::Memory => {
+            let store = MemoryStore::new(policy.clone());
+            serve_on(store, config, policy, clock, listener, settings, shutdown).await
+        }
+        StoreKind::Redis => {
+            let store = RedisStore::connect(config.store.redis.settings(), policy.clone()).await?;
+            serve_on(store, config, policy, clock, listener, settings, shutdown).await
+        }
+    }
+}
+
+async fn serve_on<S: Store>(
+    store: S,
+    config: &Config,
+    policy: Arc<crate::domain::Policy>,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    settings: ServeSettings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let app = Arc::new(Quota::new(
         store,
         policy,
         Arc::new(config.pricing.clone()),
         clock,
-    ))
+    ));
+    server::run(listener, app, settings, shutdown).await?;
+    Ok(())
 }

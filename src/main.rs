@@ -3,13 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use quotad::config::Config;
+use quotad::config::{Config, StoreKind};
 use quotad::domain::SystemClock;
-use quotad::server::{self, ServeSettings};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +36,12 @@ struct ConfigArgs {
     /// gRPC listen address; port 0 picks a free port.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Where account state lives.
+    #[arg(long, value_enum)]
+    store: Option<StoreKind>,
+    /// Redis URL for `--store redis` (redis://, or rediss:// for TLS).
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 impl ConfigArgs {
@@ -45,6 +49,12 @@ impl ConfigArgs {
         let mut config = Config::load(self.config.as_deref())?;
         if let Some(listen) = self.listen {
             config.listen = listen;
+        }
+        if let Some(kind) = self.store {
+            config.store.kind = kind;
+        }
+        if let Some(url) = &self.redis_url {
+            config.store.redis.url = url.clone();
         }
         config.validate()?;
         Ok(config)
@@ -67,13 +77,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let app = quotad::build_memory(&config, Arc::new(SystemClock));
     tracing::info!(store = ?config.store.kind, "listening on {}", listener.local_addr()?);
-    let settings = ServeSettings {
-        admin_token: config.admin_token.clone(),
-        shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
-    };
-    server::run(listener, app, settings, shutdown_signal()).await?;
+    quotad::run(&config, listener, Arc::new(SystemClock), shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,11 +1,51 @@
 //! The rules of the quota API, end to end: a real quotad on a loopback port, real tonic
-//! clients, a manual clock. Each test starts its own server.
+//! clients, a manual clock. Each test starts its own server, once on the memory store and
+//! once on the Redis store (a real `redis-server` started by the test).
 
 mod support;
 
 use quotad::api::pb::{self, Action, Decision, DenyReason};
+use quotad::config::StoreKind;
 use support::{ADMIN_TOKEN, AdminClient, CREDIT, QuotaClient, TestServer, costing, usage};
 use tonic::Code;
+
+/// Runs each test once per store.
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(quotad::config::StoreKind::Memory).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(quotad::config::StoreKind::Redis).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    free_user_over_the_5h_window_gets_the_upgrade_prompt,
+    go_user_is_prompted_to_plus_and_the_weekly_limit_binds_too,
+    plus_user_runs_on_credits_across_the_boundary,
+    workspace_agents_wait_for_reset_instead_of_credits,
+    accounts_barred_from_credits_get_upgrade_or_wait,
+    a_long_task_continues_on_credits_mid_task,
+    expired_holds_return_without_any_call,
+    retries_act_once_and_conflicting_reuse_is_already_exists,
+    lots_are_spent_earliest_expiry_first_and_never_after_expiry,
+    bad_input_is_invalid_argument_naming_the_field_and_changes_nothing,
+    admin_calls_need_the_bearer_token,
+    health_and_reflection_are_served,
+    without_a_configured_token_admin_is_disabled,
+);
 
 const MINUTE: i64 = 60;
 const HOUR: i64 = 3_600;
@@ -113,9 +153,8 @@ fn seconds(t: &Option<prost_types::Timestamp>) -> i64 {
     t.as_ref().expect("timestamp set").seconds
 }
 
-#[tokio::test]
-async fn free_user_over_the_5h_window_gets_the_upgrade_prompt() {
-    let server = TestServer::start().await;
+async fn free_user_over_the_5h_window_gets_the_upgrade_prompt(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let mut q = server.quota().await;
     let t0 = server.now_secs();
     spend(&mut q, "free-user", "t1", 15).await;
@@ -156,9 +195,8 @@ async fn free_user_over_the_5h_window_gets_the_upgrade_prompt() {
     );
 }
 
-#[tokio::test]
-async fn go_user_is_prompted_to_plus_and_the_weekly_limit_binds_too() {
-    let server = TestServer::start().await;
+async fn go_user_is_prompted_to_plus_and_the_weekly_limit_binds_too(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let mut q = server.quota().await;
     let mut first = reserve_req("go-user", "t0", "codex", costing(50));
     first.plan_hint = "go".into();
@@ -183,9 +221,8 @@ async fn go_user_is_prompted_to_plus_and_the_weekly_limit_binds_too() {
     assert!(r.message.contains("this week"), "{}", r.message);
 }
 
-#[tokio::test]
-async fn plus_user_runs_on_credits_across_the_boundary() {
-    let server = TestServer::start().await;
+async fn plus_user_runs_on_credits_across_the_boundary(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "plus-user", "plus", true).await;
     // No credits: buy some.
@@ -225,9 +262,8 @@ async fn plus_user_runs_on_credits_across_the_boundary() {
     assert_eq!(u.recent[0].charged, funding(10, 15));
 }
 
-#[tokio::test]
-async fn workspace_agents_wait_for_reset_instead_of_credits() {
-    let server = TestServer::start().await;
+async fn workspace_agents_wait_for_reset_instead_of_credits(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "team", "plus", true).await;
     grant(&mut a, "team", "g", 500).await;
@@ -250,9 +286,8 @@ async fn workspace_agents_wait_for_reset_instead_of_credits() {
     );
 }
 
-#[tokio::test]
-async fn accounts_barred_from_credits_get_upgrade_or_wait() {
-    let server = TestServer::start().await;
+async fn accounts_barred_from_credits_get_upgrade_or_wait(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "plus-barred", "plus", false).await;
     set_account(&mut a, "pro-barred", "pro", false).await;
@@ -272,9 +307,8 @@ async fn accounts_barred_from_credits_get_upgrade_or_wait() {
     assert!(r.message.contains("cannot buy credits"), "{}", r.message);
 }
 
-#[tokio::test]
-async fn a_long_task_continues_on_credits_mid_task() {
-    let server = TestServer::start().await;
+async fn a_long_task_continues_on_credits_mid_task(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "agent", "plus", true).await;
     grant(&mut a, "agent", "g", 40).await;
@@ -311,9 +345,8 @@ async fn a_long_task_continues_on_credits_mid_task() {
     assert_eq!(c.credit_balance_micros, 8 * CREDIT);
 }
 
-#[tokio::test]
-async fn expired_holds_return_without_any_call() {
-    let server = TestServer::start().await;
+async fn expired_holds_return_without_any_call(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let mut q = server.quota().await;
     let mut req = reserve_req("u", "t1", "codex", costing(10));
     req.ttl_seconds = 120;
@@ -349,9 +382,8 @@ async fn expired_holds_return_without_any_call() {
     assert_eq!(seconds(&r.expires_at), server.now_secs() + 15 * MINUTE);
 }
 
-#[tokio::test]
-async fn retries_act_once_and_conflicting_reuse_is_already_exists() {
-    let server = TestServer::start().await;
+async fn retries_act_once_and_conflicting_reuse_is_already_exists(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     let first = reserve(&mut q, "u", "same", "codex", 5).await;
     let retry = reserve(&mut q, "u", "same", "codex", 5).await;
@@ -427,9 +459,8 @@ async fn retries_act_once_and_conflicting_reuse_is_already_exists() {
     );
 }
 
-#[tokio::test]
-async fn lots_are_spent_earliest_expiry_first_and_never_after_expiry() {
-    let server = TestServer::start().await;
+async fn lots_are_spent_earliest_expiry_first_and_never_after_expiry(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "p", "plus", true).await;
     let now = server.now_secs();
@@ -487,9 +518,8 @@ async fn lots_are_spent_earliest_expiry_first_and_never_after_expiry() {
     );
 }
 
-#[tokio::test]
-async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing() {
-    let server = TestServer::start().await;
+async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "p", "plus", true).await;
     let r = reserve(&mut q, "p", "ok", "codex", 3).await;
@@ -670,9 +700,8 @@ fn grant_req(account: &str) -> pb::GrantCreditsRequest {
     }
 }
 
-#[tokio::test]
-async fn admin_calls_need_the_bearer_token() {
-    let server = TestServer::start().await;
+async fn admin_calls_need_the_bearer_token(store: StoreKind) {
+    let server = TestServer::start(store).await;
     let get = || pb::GetAccountRequest {
         account_id: "x".into(),
     };
@@ -698,13 +727,12 @@ async fn admin_calls_need_the_bearer_token() {
     assert_eq!(usage_of(&mut q, "x").await.plan, "pro");
 }
 
-#[tokio::test]
-async fn health_and_reflection_are_served() {
+async fn health_and_reflection_are_served(store: StoreKind) {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_reflection::pb::{v1, v1alpha};
 
-    let server = TestServer::start().await;
+    let server = TestServer::start(store).await;
     let mut health = HealthClient::new(server.channel().await);
     for service in ["", "quota.v1.QuotaService", "quota.v1.AdminService"] {
         let req = tonic_health::pb::HealthCheckRequest {
@@ -758,9 +786,8 @@ async fn health_and_reflection_are_served() {
     );
 }
 
-#[tokio::test]
-async fn without_a_configured_token_admin_is_disabled() {
-    let server = TestServer::start_without_admin_token().await;
+async fn without_a_configured_token_admin_is_disabled(store: StoreKind) {
+    let server = TestServer::start_without_admin_token(store).await;
     let mut a = server.admin_with_token(Some("anything")).await;
     let err = a
         .get_account(pb::GetAccountRequest {

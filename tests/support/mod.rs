@@ -7,14 +7,12 @@ pub mod redis;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use quotad::api::pb;
 use quotad::api::pb::admin_service_client::AdminServiceClient;
 use quotad::api::pb::quota_service_client::QuotaServiceClient;
-use quotad::config::Config;
+use quotad::config::{Config, StoreKind};
 use quotad::domain::{ManualClock, Timestamp};
-use quotad::server::{self, ServeSettings};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
@@ -52,37 +50,46 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start() -> TestServer {
-        Self::start_with(Config::default()).await
+    pub async fn start(store: StoreKind) -> TestServer {
+        Self::start_with(Config::default(), store).await
     }
 
     /// A server with no admin token configured: AdminService is disabled.
-    pub async fn start_without_admin_token() -> TestServer {
-        Self::serve(Config::default()).await
+    pub async fn start_without_admin_token(store: StoreKind) -> TestServer {
+        Self::serve(Config::default(), store).await
     }
 
-    pub async fn start_with(mut config: Config) -> TestServer {
+    pub async fn start_with(mut config: Config, store: StoreKind) -> TestServer {
         config.admin_token = Some(ADMIN_TOKEN.into());
-        Self::serve(config).await
+        Self::serve(config, store).await
     }
 
-    async fn serve(config: Config) -> TestServer {
+    /// Serves `config` on `store`; a Redis store gets the shared test server and a key prefix
+    /// of its own.
+    async fn serve(mut config: Config, store: StoreKind) -> TestServer {
+        config.store.kind = store;
+        if store == StoreKind::Redis {
+            let server = tokio::task::spawn_blocking(redis::shared_server)
+                .await
+                .unwrap();
+            config.store.redis.url = server.url();
+            config.store.redis.key_prefix = redis::fresh_prefix();
+            config.store.redis.command_timeout_ms = 2_000;
+        }
+        config.shutdown_grace_seconds = 5;
         config.validate().expect("test config is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let clock = ManualClock::new(T0);
-        let app = quotad::build_memory(&config, Arc::new(clock.clone()));
+        let server_clock = Arc::new(clock.clone());
         let (tx, rx) = oneshot::channel();
-        let settings = ServeSettings {
-            admin_token: config.admin_token.clone(),
-            shutdown_grace: Duration::from_secs(5),
-        };
         let task = tokio::spawn(async move {
-            server::run(listener, app, settings, async {
+            let shutdown = async {
                 let _ = rx.await;
-            })
-            .await
-            .expect("server runs");
+            };
+            quotad::run(&config, listener, server_clock, shutdown)
+                .await
+                .expect("server runs");
         });
         TestServer {
             addr,

@@ -48,6 +48,10 @@ pub struct RedisSettings {
     pub command_timeout: Duration,
     /// How long an account with no activity and no live credits is kept.
     pub account_ttl: Duration,
+    /// GetUsage is answered from this replica's memory when its copy is at most this old.
+    pub usage_staleness: Duration,
+    /// Whether denials with no route to credits are answered from memory until they can change.
+    pub deny_cache: bool,
 }
 
 impl Default for RedisSettings {
@@ -57,8 +61,10 @@ impl Default for RedisSettings {
             cluster_nodes: Vec::new(),
             key_prefix: "quotad".into(),
             connect_timeout: Duration::from_millis(250),
-            command_timeout: Duration::from_millis(50),
+            command_timeout: Duration::from_millis(15),
             account_ttl: Duration::from_millis(400 * DAY_MS as u64),
+            usage_staleness: Duration::from_millis(250),
+            deny_cache: true,
         }
     }
 }
@@ -302,7 +308,8 @@ impl RedisStore {
             .map_err(|_| StoreError::Unavailable("sweep: Redis did not answer in time".into()))?
             .map_err(|e| StoreError::Unavailable(format!("sweep: {e}")))?;
             for account_id in due.into_iter().flatten() {
-                let _: serde::de::IgnoredAny = self.run(&self.scripts.sweep, &account_id, now, &[]).await?;
+                let _: serde::de::IgnoredAny =
+                    self.run(&self.scripts.sweep, &account_id, now, &[]).await?;
                 settled += 1;
             }
         }
