@@ -87,6 +87,11 @@ impl<S: Store> Quota<S> {
         &self.policy
     }
 
+    /// Background upkeep of the store at the current time.
+    pub async fn maintain(&self) {
+        self.store.maintain(self.clock.now()).await;
+    }
+
     pub async fn reserve(&self, req: ReserveRequest) -> Result<ReserveOutcome, StoreError> {
         let limits = &self.policy.limits;
         self.check_id("account_id", &req.account_id)?;

@@ -102,6 +102,7 @@ impl RedisConfig {
             account_ttl: std::time::Duration::from_secs(u64::from(self.account_ttl_days) * 86_400),
             usage_staleness: std::time::Duration::from_millis(self.usage_staleness_ms),
             deny_cache: self.deny_cache,
+            sweep_interval: std::time::Duration::from_millis(self.sweep_interval_ms),
         }
     }
 

@@ -66,6 +66,17 @@ pub async fn run<S: Store>(
     }
     let auth = BearerAuth::new(settings.admin_token.as_deref());
 
+    let upkeep = app.store().maintenance_interval().map(|every| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                app.maintain().await;
+            }
+        })
+    });
     let draining = Arc::new(Notify::new());
     let signal = {
         let draining = draining.clone();
@@ -92,11 +103,15 @@ pub async fn run<S: Store>(
         ))
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result?,
+    let served = tokio::select! {
+        result = &mut server => result.map_err(ServerError::from),
         () = async { draining.notified().await; tokio::time::sleep(settings.shutdown_grace).await } => {
             tracing::warn!("grace period over: closing the calls still in flight");
+            Ok(())
         }
+    };
+    if let Some(upkeep) = upkeep {
+        upkeep.abort();
     }
-    Ok(())
+    served
 }

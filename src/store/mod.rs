@@ -10,6 +10,7 @@ pub mod memory;
 pub mod redis;
 
 use std::future::Future;
+use std::time::Duration;
 
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome, ReleaseCommand,
@@ -18,6 +19,13 @@ use crate::domain::{
 
 pub use memory::MemoryStore;
 pub use redis::{RedisSettings, RedisStore};
+
+/// Whether the backing store answers, as this replica last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    Up,
+    Down { error: String },
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -80,6 +88,22 @@ pub trait Store: Send + Sync + 'static {
         recent_limit: usize,
         now: Timestamp,
     ) -> impl Future<Output = Result<UsageSnapshot, StoreError>> + Send;
+
+    /// How often [`maintain`](Store::maintain) should run; `None` if the store needs no upkeep.
+    fn maintenance_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Background upkeep at `now` (for example, returning holds of clients that died).
+    fn maintain(&self, now: Timestamp) -> impl Future<Output = ()> + Send {
+        let _ = now;
+        async {}
+    }
+
+    /// Whether the backing store answers, as this replica last saw it.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Up
+    }
 }
 
 pub(crate) fn account_not_found(account_id: &str) -> StoreError {

@@ -10,11 +10,17 @@
 //! short connect and response timeouts, and reconnect on their own. A call that cannot reach
 //! Redis in time fails with [`StoreError::Unavailable`]; it never hangs.
 
+mod front;
+mod health;
 mod keys;
 mod wire;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -24,13 +30,15 @@ use serde_json::json;
 
 pub use keys::{hold_index_key, slot};
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, StoreHealth};
 use crate::domain::account::LOT_VALIDITY_MONTHS;
-use crate::domain::time::DAY_MS;
+use crate::domain::time::{DAY_MS, MINUTE_MS};
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy, ReleaseCommand,
     ReleaseOutcome, ReserveCommand, ReserveOutcome, Timestamp, UsageSnapshot,
 };
+use front::Front;
+use health::Health;
 use wire::Reply;
 
 /// How to reach Redis and how long to wait for it.
@@ -52,6 +60,8 @@ pub struct RedisSettings {
     pub usage_staleness: Duration,
     /// Whether denials with no route to credits are answered from memory until they can change.
     pub deny_cache: bool,
+    /// How often expired holds of clients that died are swept.
+    pub sweep_interval: Duration,
 }
 
 impl Default for RedisSettings {
@@ -65,6 +75,7 @@ impl Default for RedisSettings {
             account_ttl: Duration::from_millis(400 * DAY_MS as u64),
             usage_staleness: Duration::from_millis(250),
             deny_cache: true,
+            sweep_interval: Duration::from_secs(1),
         }
     }
 }
@@ -154,7 +165,21 @@ pub struct RedisStore {
     /// The policy as the scripts read it (ARGV[1]), encoded once.
     policy_json: String,
     settings: RedisSettings,
+    front: Arc<Front>,
+    health: Health,
+    deny_cache_hits: AtomicU64,
+    /// Listens for admin changes announced by any replica.
+    subscriber: JoinHandle<()>,
 }
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+/// How long calls fail at once after Redis could not be reached, before one tries again.
+const BREAKER_COOLDOWN: Duration = Duration::from_millis(100);
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -204,12 +229,18 @@ impl RedisStore {
                     .map_err(unavailable)?;
             Connection::Cluster(conn)
         };
+        let front = Arc::new(Front::default());
+        let subscriber = spawn_subscriber(&settings, front.clone());
         let store = RedisStore {
             policy_json: policy_json(&policy, &settings),
             conn,
             scripts: Scripts::new(),
             policy,
             settings,
+            front,
+            health: Health::new(BREAKER_COOLDOWN),
+            deny_cache_hits: AtomicU64::new(0),
+            subscriber,
         };
         store.load_scripts().await?;
         Ok(store)
@@ -230,9 +261,14 @@ impl RedisStore {
         &self.settings
     }
 
-    /// The channel on which admin changes (plan, eligibility, grants) are announced.
-    pub fn admin_channel(&self) -> String {
-        format!("{}:admin", self.settings.key_prefix)
+    /// How many accounts this replica remembers in front of Redis.
+    pub fn remembered_accounts(&self) -> usize {
+        self.front.len()
+    }
+
+    /// Reserves answered from the deny cache without a Redis call, since start.
+    pub fn deny_cache_hits(&self) -> u64 {
+        self.deny_cache_hits.load(Ordering::Relaxed)
     }
 
     /// Runs one account script and decodes its JSON answer.
@@ -254,24 +290,32 @@ impl RedisStore {
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut conn = self.conn.clone();
-        let text: String = tokio::time::timeout(
-            self.settings.command_timeout,
-            invocation.invoke_async(&mut conn),
-        )
-        .await
-        .map_err(|_| {
-            StoreError::Unavailable(format!(
-                "Redis did not answer within {:?}",
-                self.settings.command_timeout
-            ))
-        })?
-        .map_err(|e| match e.kind() {
-            redis::ErrorKind::Server(_) if e.to_string().contains("Script") => {
-                StoreError::Internal(format!("account script failed: {e}"))
-            }
-            _ => StoreError::Unavailable(format!("Redis: {e}")),
+        self.health.check().map_err(|e| {
+            StoreError::Unavailable(format!("Redis is unreachable ({e}); retrying shortly"))
         })?;
+        let mut conn = self.conn.clone();
+        let timeout = self.settings.command_timeout;
+        let answer =
+            tokio::time::timeout(timeout, invocation.invoke_async::<String>(&mut conn)).await;
+        let text = match answer {
+            Ok(Ok(text)) => text,
+            Ok(Err(e))
+                if matches!(e.kind(), redis::ErrorKind::Server(_))
+                    && e.to_string().contains("Script") =>
+            {
+                return Err(StoreError::Internal(format!("account script failed: {e}")));
+            }
+            Ok(Err(e)) => {
+                self.health.failed(&e.to_string());
+                return Err(StoreError::Unavailable(format!("Redis: {e}")));
+            }
+            Err(_) => {
+                let error = format!("Redis did not answer within {timeout:?}");
+                self.health.failed(&error);
+                return Err(StoreError::Unavailable(error));
+            }
+        };
+        self.health.succeeded();
         let reply: Reply<T> = serde_json::from_str(&text).map_err(|e| {
             StoreError::Internal(format!("cannot decode script answer ({e}): {text}"))
         })?;
@@ -346,7 +390,7 @@ fn policy_json(policy: &Policy, settings: &RedisSettings) -> String {
         "default_plan": policy.default_plan,
         "retention_ms": i64::from(policy.limits.idempotency_retention_seconds) * 1_000,
         "account_ttl_ms": settings.account_ttl.as_millis() as i64,
-        "admin_channel": format!("{}:admin", settings.key_prefix),
+        "admin_channel": admin_channel(&settings.key_prefix),
     })
     .to_string()
 }
@@ -369,28 +413,44 @@ impl Store for RedisStore {
         cmd: ReserveCommand,
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
+        if self.settings.deny_cache {
+            if let Some((decision, status)) =
+                self.front
+                    .deny(&cmd.account_id, &cmd.product, cmd.cost, now)
+            {
+                self.deny_cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(ReserveOutcome {
+                    decision,
+                    estimate: cmd.cost,
+                    status,
+                });
+            }
+        }
+        let args = [
+            cmd.request_id.as_str(),
+            &cmd.cost.to_string(),
+            &cmd.product,
+            cmd.plan_hint.as_deref().unwrap_or(""),
+            &cmd.ttl_ms.to_string(),
+            &cmd.reservation_id,
+            &cmd.fingerprint().to_string(),
+            &cmd.estimate.model,
+        ];
         let reply: wire::ReserveJ = self
-            .run(
-                &self.scripts.reserve,
-                &cmd.account_id,
-                now,
-                &[
-                    &cmd.request_id,
-                    &cmd.cost.to_string(),
-                    &cmd.product,
-                    cmd.plan_hint.as_deref().unwrap_or(""),
-                    &cmd.ttl_ms.to_string(),
-                    &cmd.reservation_id,
-                    &cmd.fingerprint().to_string(),
-                    &cmd.estimate.model,
-                ],
-            )
+            .run(&self.scripts.reserve, &cmd.account_id, now, &args)
             .await?;
-        Ok(ReserveOutcome {
+        let outcome = ReserveOutcome {
             decision: reply.decision.into_decision(&self.policy),
             estimate: reply.estimate,
             status: reply.status.into(),
-        })
+        };
+        self.front.changed(&cmd.account_id);
+        if let (true, Some(until)) = (self.settings.deny_cache, reply.cache_until) {
+            let until = Timestamp::from_millis(until);
+            self.front
+                .remember_deny(&cmd.account_id, &cmd.product, until, &outcome, now);
+        }
+        Ok(outcome)
     }
 
     async fn commit(
@@ -398,22 +458,19 @@ impl Store for RedisStore {
         cmd: CommitCommand,
         now: Timestamp,
     ) -> Result<CommitOutcome, StoreError> {
+        let args = [
+            cmd.reservation_id.as_str(),
+            &cmd.cost.to_string(),
+            if cmd.is_final { "1" } else { "0" },
+            &cmd.fingerprint().to_string(),
+            &usage_json(&cmd.usage),
+            &cmd.price_version,
+            &self.policy.limits.recent_events.to_string(),
+        ];
         let reply: wire::CommitJ = self
-            .run(
-                &self.scripts.commit,
-                &cmd.account_id,
-                now,
-                &[
-                    &cmd.reservation_id,
-                    &cmd.cost.to_string(),
-                    if cmd.is_final { "1" } else { "0" },
-                    &cmd.fingerprint().to_string(),
-                    &usage_json(&cmd.usage),
-                    &cmd.price_version,
-                    &self.policy.limits.recent_events.to_string(),
-                ],
-            )
+            .run(&self.scripts.commit, &cmd.account_id, now, &args)
             .await?;
+        self.front.changed(&cmd.account_id);
         Ok(CommitOutcome {
             receipt: reply.receipt.into_receipt(&self.policy),
             status: reply.status.into(),
@@ -425,14 +482,11 @@ impl Store for RedisStore {
         cmd: ReleaseCommand,
         now: Timestamp,
     ) -> Result<ReleaseOutcome, StoreError> {
+        let args = [cmd.reservation_id.as_str()];
         let reply: wire::ReleaseJ = self
-            .run(
-                &self.scripts.release,
-                &cmd.account_id,
-                now,
-                &[&cmd.reservation_id],
-            )
+            .run(&self.scripts.release, &cmd.account_id, now, &args)
             .await?;
+        self.front.changed(&cmd.account_id);
         Ok(ReleaseOutcome {
             released: reply.released.into(),
         })
@@ -442,20 +496,17 @@ impl Store for RedisStore {
         let expires_at = cmd
             .expires_at
             .unwrap_or_else(|| now.plus_months(LOT_VALIDITY_MONTHS));
+        let args = [
+            cmd.grant_id.as_str(),
+            &cmd.amount.to_string(),
+            cmd.source.as_str(),
+            &expires_at.as_millis().to_string(),
+            &cmd.fingerprint().to_string(),
+        ];
         let reply: wire::GrantJ = self
-            .run(
-                &self.scripts.grant,
-                &cmd.account_id,
-                now,
-                &[
-                    &cmd.grant_id,
-                    &cmd.amount.to_string(),
-                    cmd.source.as_str(),
-                    &expires_at.as_millis().to_string(),
-                    &cmd.fingerprint().to_string(),
-                ],
-            )
+            .run(&self.scripts.grant, &cmd.account_id, now, &args)
             .await?;
+        self.front.forget(&cmd.account_id);
         Ok(GrantOutcome {
             lot: reply.lot.try_into().map_err(StoreError::Internal)?,
             credit_balance: reply.balance,
@@ -472,14 +523,11 @@ impl Store for RedisStore {
         } else {
             "0"
         };
+        let args = [account.plan.as_str(), allowed];
         let reply: wire::AccountReply = self
-            .run(
-                &self.scripts.upsert,
-                &account.id,
-                now,
-                &[&account.plan, allowed],
-            )
+            .run(&self.scripts.upsert, &account.id, now, &args)
             .await?;
+        self.front.forget(&account.id);
         Ok(reply.account.into())
     }
 
@@ -496,27 +544,85 @@ impl Store for RedisStore {
         recent_limit: usize,
         now: Timestamp,
     ) -> Result<UsageSnapshot, StoreError> {
-        let reply: wire::SnapshotJ = self
-            .run(
-                &self.scripts.usage,
-                account_id,
-                now,
-                &[&recent_limit.to_string()],
-            )
-            .await?;
-        Ok(UsageSnapshot {
-            account: reply.account.into(),
-            status: reply.status.into(),
-            lots: reply
-                .lots
-                .into_iter()
-                .map(TryInto::try_into)
-                .collect::<Result<_, _>>()
-                .map_err(StoreError::Internal)?,
-            recent: reply.recent.into_iter().map(Into::into).collect(),
-            totals: reply.totals.into(),
-            credit_held: reply.credit_held,
-            holds: reply.holds.into_iter().map(Into::into).collect(),
-        })
+        let staleness =
+            i64::try_from(self.settings.usage_staleness.as_millis()).unwrap_or(i64::MAX);
+        let mut snapshot = match self.front.snapshot(account_id, now, staleness) {
+            Some(snapshot) => snapshot,
+            None => {
+                // Fetch every kept event once, so that any recent_limit can be answered from the copy.
+                let keep = self.policy.limits.recent_events.to_string();
+                let reply: wire::SnapshotJ = self
+                    .run(&self.scripts.usage, account_id, now, &[&keep])
+                    .await?;
+                let snapshot = reply.into_snapshot().map_err(StoreError::Internal)?;
+                self.front.remember_snapshot(account_id, &snapshot, now);
+                snapshot
+            }
+        };
+        snapshot.recent.truncate(recent_limit);
+        Ok(snapshot)
     }
+
+    fn maintenance_interval(&self) -> Option<Duration> {
+        Some(self.settings.sweep_interval)
+    }
+
+    async fn maintain(&self, now: Timestamp) {
+        match self.sweep_expired_holds(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(accounts = n, "returned expired holds"),
+            Err(e) => tracing::debug!("sweep skipped: {e}"),
+        }
+        self.front.prune(now, now.plus_millis(-MINUTE_MS));
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.health.status()
+    }
+}
+
+/// Listens on the admin channel and forgets what this replica remembers of an account as soon
+/// as an admin change for it is announced. Reconnects on its own; while disconnected, changes
+/// may be missed, so it forgets everything each time it (re)subscribes.
+fn spawn_subscriber(settings: &RedisSettings, front: Arc<Front>) -> JoinHandle<()> {
+    let urls = if settings.cluster_nodes.is_empty() {
+        vec![settings.url.clone()]
+    } else {
+        settings.cluster_nodes.clone()
+    };
+    let channel = admin_channel(&settings.key_prefix);
+    let timeout = settings.connect_timeout;
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            for url in &urls {
+                let Ok(client) = redis::Client::open(url.as_str()) else {
+                    continue;
+                };
+                let Ok(Ok(mut pubsub)) =
+                    tokio::time::timeout(timeout, client.get_async_pubsub()).await
+                else {
+                    continue;
+                };
+                if pubsub.subscribe(&channel).await.is_err() {
+                    continue;
+                }
+                front.forget_all();
+                backoff = Duration::from_millis(50);
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    if let Ok(account) = message.get_payload::<String>() {
+                        front.forget(&account);
+                    }
+                }
+                front.forget_all();
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    })
+}
+
+fn admin_channel(prefix: &str) -> String {
+    format!("{prefix}:admin")
 }

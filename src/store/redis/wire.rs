@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::domain::{
     Account, AccountStatus, Action, CommitReceipt, CreditLot, Decision, Denial, DenialFacts,
     DomainError, Funding, HoldView, LedgerTotals, Policy, Shortfall, Timestamp, Usage, UsageEvent,
-    WindowStatus,
+    UsageSnapshot, WindowStatus,
 };
 use crate::domain::{FIVE_HOUR, WEEKLY};
 
@@ -192,6 +192,8 @@ pub struct ReserveJ {
     pub decision: DecisionJ,
     pub estimate: i64,
     pub status: StatusJ,
+    /// On a deny that only time or an admin change can turn: until when it holds.
+    pub cache_until: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -377,4 +379,22 @@ pub struct SnapshotJ {
     pub holds: Vec<HoldJ>,
     pub totals: TotalsJ,
     pub credit_held: i64,
+}
+
+impl SnapshotJ {
+    pub fn into_snapshot(self) -> Result<UsageSnapshot, String> {
+        Ok(UsageSnapshot {
+            account: self.account.into(),
+            status: self.status.into(),
+            lots: self
+                .lots
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+            recent: self.recent.into_iter().map(Into::into).collect(),
+            totals: self.totals.into(),
+            credit_held: self.credit_held,
+            holds: self.holds.into_iter().map(Into::into).collect(),
+        })
+    }
 }

@@ -335,9 +335,9 @@ local function route(plan, product)
   return nil, { barred = false, action = action, up = to }
 end
 
--- When the windows can fund `need` again, and whether the weekly window binds.
-local function plan_refill(plan, need)
-  local hp = held()
+-- When the windows can fund `need` again with `hp` held on the plan, and whether the weekly
+-- window binds.
+local function plan_refill(plan, need, hp)
   local fits = {}
   for i, w in ipairs(WINDOWS) do
     local at = committed_at_most_at(w, plan[w.limit] - hp - need)
@@ -359,11 +359,11 @@ local function fund(plan, product, cost)
     local available = credits_available()
     local need = cost - room
     if available >= need then return room, need end
-    local _, retry = plan_refill(plan, cost - math.max(available, 0))
+    local _, retry = plan_refill(plan, cost - math.max(available, 0), held())
     return nil, { shortfall = 'credits', need = need, available = math.max(available, 0),
                   action = 'buy_credits', retry_at = retry, plan = A.plan, product = product }
   end
-  local weekly, retry = plan_refill(plan, cost)
+  local weekly, retry = plan_refill(plan, cost, held())
   return nil, { shortfall = deny.barred and 'barred' or 'window', weekly = weekly, action = deny.action,
                 upgrade_to = deny.up, retry_at = retry, plan = A.plan, product = product }
 end

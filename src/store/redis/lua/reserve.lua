@@ -1,7 +1,10 @@
 -- Reserve: hold the priced estimate, or deny (AccountState::reserve). Creates the account on
 -- first sight. ARGV 4 request id, 5 cost, 6 product, 7 plan hint ('' = default), 8 ttl (ms),
 -- 9 reservation id, 10 request fingerprint, 11 estimate model.
--- Returns {decision: {allow: {id, held, expires_at}} | {deny: facts}, estimate, status}.
+-- Returns {decision: {allow: {id, held, expires_at}} | {deny: facts}, estimate, status,
+-- cache_until?}. cache_until, on a deny with no route to credits, is when this estimate could
+-- fit even if every hold were released: until then only time or an admin change can turn the
+-- answer, so a replica may repeat it from memory (the deny cache).
 local request_id, cost, product, hint = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local ttl, rid, fp, model = tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
 
@@ -22,7 +25,7 @@ if not plan then
 end
 
 local hp, hc = fund(plan, product, cost)
-local decision
+local decision, cache_until
 if hp then
   local r = {
     id = rid, product = product, estimate = cost, ttl = ttl, hp = hp, hc = hc, cp = 0, cc = 0, ex = NOW + ttl,
@@ -33,8 +36,12 @@ if hp then
   decision = J({ allow = { id = rid, held = { plan = hp, credit = hc }, expires_at = r.ex } })
 else
   decision = J({ deny = hc })
+  if hc.shortfall ~= 'credits' then
+    local _, free_at = plan_refill(plan, cost, 0)
+    cache_until = free_at
+  end
 end
 redis.call('HSET', K_REQ, request_id, cjson.encode({ fp = fp, d = decision, e = int(cost) }))
 redis.call('ZADD', K_REQZ, NOW, request_id)
 finish()
-return J({ decision = raw(decision), estimate = cost, status = status(plan) })
+return J({ decision = raw(decision), estimate = cost, status = status(plan), cache_until = cache_until })
