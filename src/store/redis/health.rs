@@ -1,7 +1,8 @@
 //! Whether Redis is reachable, as this replica last saw it, and the circuit breaker that turns an
 //! outage into fast failures: once a call could not reach Redis, calls fail at once for a short
-//! cool-down instead of each waiting out its timeout and queueing behind the others; the first
-//! call after the cool-down tries again, and one success closes the breaker.
+//! cool-down instead of each waiting out its timeout and queueing behind the others. After the
+//! cool-down exactly one call (the probe) tries again while the others keep failing fast; its
+//! success closes the breaker, its failure starts another cool-down.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,16 +35,32 @@ impl Health {
         u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// `Err(last error)` while the breaker is open.
+    /// `Err(last error)` while the breaker is open; `Ok` when closed, or for the one call
+    /// that probes once the cool-down is over.
     pub fn check(&self) -> Result<(), String> {
-        if self.elapsed() < self.open_until.load(Ordering::Acquire) {
-            return Err(self
-                .last_error
-                .lock()
-                .map(|e| e.clone())
-                .unwrap_or_default());
+        let open_until = self.open_until.load(Ordering::Acquire);
+        if open_until == 0 {
+            return Ok(());
         }
-        Ok(())
+        let now = self.elapsed();
+        if now >= open_until {
+            // Claim the probe: whoever moves the deadline goes; everyone else waits it out.
+            let next = now + u64::try_from(self.cooldown.as_nanos()).unwrap_or(u64::MAX);
+            let claimed = self.open_until.compare_exchange(
+                open_until,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            if claimed.is_ok() {
+                return Ok(());
+            }
+        }
+        Err(self
+            .last_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default())
     }
 
     pub fn succeeded(&self) {
@@ -104,13 +121,18 @@ mod tests {
     }
 
     #[test]
-    fn lets_a_call_through_after_the_cooldown() {
-        let health = Health::new(Duration::ZERO);
+    fn lets_one_call_probe_after_the_cooldown() {
+        let health = Health::new(Duration::from_millis(50));
         health.failed("timeout");
-        assert!(health.check().is_ok(), "half-open: the next call may try");
+        assert!(health.check().is_err());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(health.check().is_ok(), "the probe may try");
+        assert!(health.check().is_err(), "the others still fail fast");
         assert!(
             matches!(health.status(), StoreHealth::Down { .. }),
             "still down until a success"
         );
+        health.succeeded();
+        assert!(health.check().is_ok());
     }
 }

@@ -1,0 +1,287 @@
+//! What the Redis store adds over the contract: several replicas (store instances) sharing one
+//! real Redis, the memory each keeps in front of it (deny cache, usage within staleness), admin
+//! changes reaching every replica, the sweeper, and failing fast while Redis is down.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quotad::domain::time::MINUTE_MS;
+use quotad::domain::{
+    Account, CommitCommand, Decision, Policy, PriceSheet, ReserveCommand, Timestamp, Usage,
+};
+use quotad::store::{RedisSettings, RedisStore, Store, StoreError, StoreHealth};
+use support::redis::{RedisServer, fresh_prefix, shared_server};
+use support::{CREDIT, T0};
+
+fn at(ms: i64) -> Timestamp {
+    T0.plus_millis(ms)
+}
+
+fn reserve(account: &str, request: &str, product: &str, credits: i64) -> ReserveCommand {
+    let estimate = Usage {
+        model: "gpt-5.5-mini".into(),
+        output_tokens: credits as u64 * 5_000,
+        ..Usage::default()
+    };
+    ReserveCommand {
+        account_id: account.into(),
+        request_id: request.into(),
+        product: product.into(),
+        cost: credits * CREDIT,
+        estimate,
+        plan_hint: None,
+        ttl_ms: 15 * MINUTE_MS,
+        reservation_id: format!("rsv-{request}"),
+    }
+}
+
+fn commit(account: &str, reservation: &str, credits: i64) -> CommitCommand {
+    let usage = Usage {
+        model: "gpt-5.5-mini".into(),
+        output_tokens: credits as u64 * 5_000,
+        ..Usage::default()
+    };
+    CommitCommand {
+        account_id: account.into(),
+        reservation_id: reservation.into(),
+        cost: credits * CREDIT,
+        usage,
+        is_final: true,
+        price_version: PriceSheet::default().version,
+    }
+}
+
+/// Replica settings as in production: memory in front of Redis.
+fn replica_settings(url: &str, prefix: &str) -> RedisSettings {
+    RedisSettings {
+        url: url.to_owned(),
+        key_prefix: prefix.to_owned(),
+        command_timeout: Duration::from_millis(500),
+        ..RedisSettings::default()
+    }
+}
+
+async fn replicas(n: usize) -> Vec<RedisStore> {
+    let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
+    let prefix = fresh_prefix();
+    let mut stores = Vec::new();
+    for _ in 0..n {
+        let settings = replica_settings(&server.url(), &prefix);
+        stores.push(
+            RedisStore::connect(settings, Arc::new(Policy::default()))
+                .await
+                .unwrap(),
+        );
+    }
+    stores
+}
+
+fn is_allow(d: &Decision) -> bool {
+    matches!(d, Decision::Allow { .. })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deny_cache_answers_from_memory_until_an_admin_change_arrives() {
+    let stores = replicas(2).await;
+    let (a, b) = (&stores[0], &stores[1]);
+    let out = a
+        .reserve(reserve("f", "r1", "codex", 15), at(0))
+        .await
+        .unwrap();
+    assert!(is_allow(&out.decision));
+    a.commit(commit("f", "rsv-r1", 15), at(0)).await.unwrap();
+
+    let denied = a
+        .reserve(reserve("f", "r2", "codex", 3), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert!(!is_allow(&denied.decision));
+    assert_eq!(a.deny_cache_hits(), 0, "the first deny came from Redis");
+    // The same or a larger estimate is denied from memory; a smaller one asks Redis.
+    let again = a
+        .reserve(reserve("f", "r3", "codex", 5), at(2 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(again.decision, denied.decision);
+    assert_eq!(a.deny_cache_hits(), 1);
+    a.reserve(reserve("f", "r4", "codex", 1), at(2 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(a.deny_cache_hits(), 1);
+
+    // Another replica upgrades the account: the first one forgets its denial within a second.
+    let started = Instant::now();
+    let plus = Account {
+        id: "f".into(),
+        plan: "plus".into(),
+        credit_purchase_allowed: true,
+    };
+    b.upsert_account(plus, at(3 * MINUTE_MS)).await.unwrap();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let out = a
+            .reserve(
+                reserve("f", &format!("after{n}"), "codex", 3),
+                at(3 * MINUTE_MS),
+            )
+            .await
+            .unwrap();
+        if is_allow(&out.decision) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the admin change did not arrive within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_answered_from_memory_within_the_staleness_bound() {
+    let stores = replicas(2).await;
+    let (a, b) = (&stores[0], &stores[1]);
+    a.reserve(reserve("u", "r1", "codex", 2), at(0))
+        .await
+        .unwrap();
+    let first = a.usage("u", 10, at(0)).await.unwrap();
+    b.commit(commit("u", "rsv-r1", 2), at(0)).await.unwrap();
+    // Within 250 ms this replica may answer from its copy...
+    assert_eq!(a.usage("u", 10, at(250)).await.unwrap(), first);
+    // ...and after that it asks Redis again.
+    let later = a.usage("u", 10, at(251)).await.unwrap();
+    assert_eq!(later.status.windows[0].held, 0);
+    assert_eq!(later.recent.len(), 1);
+    // A change made by this replica is never hidden by its own copy.
+    a.reserve(reserve("u", "r2", "codex", 1), at(300))
+        .await
+        .unwrap();
+    assert_eq!(a.usage("u", 10, at(300)).await.unwrap().holds.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_of_a_client_that_died_are_swept_by_any_replica() {
+    let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
+    let stores = replicas(2).await;
+    let (a, b) = (&stores[0], &stores[1]);
+    let prefix = a.settings().key_prefix.clone();
+    let mut cmd = reserve("dead-client", "r1", "codex", 4);
+    cmd.ttl_ms = 60_000;
+    a.reserve(cmd, at(0)).await.unwrap();
+    let open_key = format!("{prefix}:{{dead-client}}:open");
+    assert_eq!(server.cli(&["HLEN", &open_key]).unwrap().trim(), "1");
+    b.maintain(at(59_999)).await;
+    assert_eq!(
+        server.cli(&["HLEN", &open_key]).unwrap().trim(),
+        "1",
+        "not before it expires"
+    );
+    // Both replicas sweep at once: the hold is returned exactly once.
+    tokio::join!(a.maintain(at(60_000)), b.maintain(at(60_000)));
+    assert_eq!(server.cli(&["HLEN", &open_key]).unwrap().trim(), "0");
+    let closed_key = format!("{prefix}:{{dead-client}}:closed");
+    assert!(
+        server
+            .cli(&["HGET", &closed_key, "rsv-r1"])
+            .unwrap()
+            .contains("expired")
+    );
+    // Nothing is left in the sweeper's index.
+    let slot = quotad::store::redis::slot(b"dead-client");
+    let index = quotad::store::redis::hold_index_key(&prefix, slot);
+    assert_eq!(server.cli(&["ZCARD", &index]).unwrap().trim(), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_redis_is_down_calls_fail_fast_and_recover_within_a_second() {
+    let mut redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let settings = RedisSettings {
+        url: redis.url(),
+        key_prefix: fresh_prefix(),
+        command_timeout: Duration::from_millis(15),
+        ..RedisSettings::default()
+    };
+    let store = Arc::new(
+        RedisStore::connect(settings, Arc::new(Policy::default()))
+            .await
+            .unwrap(),
+    );
+    store
+        .reserve(reserve("warm", "w", "codex", 1), at(0))
+        .await
+        .unwrap();
+    redis.kill();
+
+    // 400 calls in flight at a time, each for a different account: 200,000 accounts in all.
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for wave in 0..500 {
+        let calls: Vec<_> = (0..400)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let out = store
+                        .reserve(reserve(&format!("acct-{wave}-{i}"), "r", "codex", 1), at(0))
+                        .await;
+                    (t.elapsed(), out)
+                })
+            })
+            .collect();
+        for call in calls {
+            let (took, out) = call.await.unwrap();
+            assert!(matches!(out, Err(StoreError::Unavailable(_))), "{out:?}");
+            latencies.push(took);
+        }
+    }
+    latencies.sort();
+    let p999 = latencies[latencies.len() * 999 / 1000];
+    println!(
+        "outage: {} calls in {:?}, p50 {:?}, p99.9 {:?}, max {:?}",
+        latencies.len(),
+        started.elapsed(),
+        latencies[latencies.len() / 2],
+        p999,
+        latencies.last().unwrap()
+    );
+    assert!(p999 < Duration::from_millis(20), "p99.9 {p999:?}");
+    assert!(matches!(store.health(), StoreHealth::Down { .. }));
+    assert!(
+        store.remembered_accounts() < 10,
+        "failed calls leave nothing behind in memory"
+    );
+
+    // (Blocking here is fine: the runtime has other workers for the store's tasks.)
+    redis.restart();
+    let back = Instant::now();
+    loop {
+        if store
+            .reserve(
+                reserve(
+                    "after",
+                    &format!("r{}", back.elapsed().as_micros()),
+                    "codex",
+                    1,
+                ),
+                at(0),
+            )
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(1),
+            "not serving again within 1 s of Redis returning"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!("recovered {:?} after Redis returned", back.elapsed());
+    assert_eq!(store.health(), StoreHealth::Up);
+    redis.kill();
+}
