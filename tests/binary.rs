@@ -1,57 +1,23 @@
 //! The `quotad` binary itself: it serves on the address it logs, prints its effective config
 //! without secrets, refuses a bad config with a clear message, and exits 0 on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
 use quotad::api::pb;
 use quotad::api::pb::quota_service_client::QuotaServiceClient;
-
-fn quotad() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_quotad"));
-    cmd.env_remove("RUST_LOG")
-        .env_remove("QUOTAD_CONFIG")
-        .env_remove("QUOTAD_ADMIN_TOKEN");
-    cmd
-}
-
-/// Starts `quotad serve` on port 0 and returns the child and the address it logged.
-fn serve(extra_env: &[(&str, &str)]) -> (Child, String, BufReader<std::process::ChildStdout>) {
-    let mut child = quotad()
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .envs(extra_env.iter().copied())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut line = String::new();
-    while Instant::now() < deadline {
-        line.clear();
-        if out.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_owned();
-            return (child, addr, out);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("quotad did not log its address; last line: {line}");
-}
+use support::process::{Quotad, command as quotad};
 
 #[tokio::test]
 async fn serves_on_the_logged_address_and_exits_0_on_sigterm() {
     // Kubernetes injects QUOTAD_PORT & co. for a Service named quotad: they are not config.
-    let (mut child, addr, mut out) = serve(&[
+    let env = [
         ("QUOTAD_PORT", "tcp://10.0.0.1:50051"),
         ("QUOTAD_SERVICE_HOST", "10.0.0.1"),
-    ]);
-    let mut client = QuotaServiceClient::connect(format!("http://{addr}"))
+    ];
+    let mut server = tokio::task::spawn_blocking(move || Quotad::start(&[], &env))
         .await
         .unwrap();
+    let mut client = QuotaServiceClient::connect(server.url()).await.unwrap();
     let req = pb::ReserveRequest {
         account_id: "a".into(),
         request_id: "r".into(),
@@ -66,20 +32,18 @@ async fn serves_on_the_logged_address_and_exits_0_on_sigterm() {
     let resp = client.reserve(req).await.unwrap().into_inner();
     assert_eq!(resp.decision(), pb::Decision::Allow);
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    server.signal("TERM");
+    let (server, exit) = tokio::task::spawn_blocking(move || {
+        let exit = server.wait();
+        (server, exit)
+    })
+    .await
+    .unwrap();
     assert_eq!(exit.code(), Some(0));
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let printed = server.output();
     assert!(
-        rest.contains("shutting down") && rest.contains("stopped"),
-        "{rest}"
+        printed.contains("shutting down") && printed.contains("stopped"),
+        "{printed}"
     );
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod process;
 pub mod redis;
 
 use std::net::SocketAddr;

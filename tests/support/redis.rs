@@ -23,6 +23,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port whose cluster-bus port (port + 10000) is valid and free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 fn scratch_dir(name: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -52,8 +62,13 @@ impl RedisServer {
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = scratch_dir("redis");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let cluster = extra.iter().any(|a| a == "--cluster-enabled");
         for _ in 0..5 {
-            let port = free_port();
+            let port = if cluster {
+                free_cluster_port()
+            } else {
+                free_port()
+            };
             let child = spawn_redis(port, &dir, &extra);
             let mut server = RedisServer {
                 port,

@@ -1,0 +1,394 @@
+//! Three real quotad processes on one real Redis (and on a real 3-master Redis Cluster), driven
+//! concurrently on the same accounts: hundreds of Reserve/Commit/Release calls spread over all
+//! replicas, every one retried with the same key on another replica. Afterwards, for every
+//! account, credits are conserved exactly, what was acknowledged is exactly what was charged
+//! (each retry acted once), no window is over its limit and no balance below zero. One variant
+//! kills a replica with SIGKILL in the middle of the load and starts it again.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quotad::api::pb::admin_service_client::AdminServiceClient;
+use quotad::api::pb::quota_service_client::QuotaServiceClient;
+use quotad::api::pb::{self, Decision};
+use support::process::Quotad;
+use support::redis::{RedisCluster, RedisServer, fresh_prefix};
+use support::{ADMIN_TOKEN, BearerToken, CREDIT, costing};
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+const REPLICAS: usize = 3;
+const OPERATIONS: usize = 360;
+const IN_FLIGHT: usize = 48;
+const PLUS: [&str; 6] = ["p0", "p1", "p2", "p3", "p4", "p5"];
+const FREE: [&str; 3] = ["f0", "f1", "f2"];
+
+/// Where the replicas keep their state.
+enum Backend<'a> {
+    Standalone(&'a RedisServer),
+    Cluster(&'a RedisCluster),
+}
+
+fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("QUOTAD_ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string()),
+        ("QUOTAD_STORE__KIND".into(), "redis".into()),
+        ("QUOTAD_STORE__REDIS__KEY_PREFIX".into(), prefix.into()),
+        // Debug builds on a loaded 2-core machine: this test is about correctness, not latency.
+        (
+            "QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS".into(),
+            "3000".into(),
+        ),
+        ("QUOTAD_LOG_LEVEL".into(), "info".into()),
+    ];
+    match backend {
+        Backend::Standalone(server) => env.push(("QUOTAD_REDIS_URL".into(), server.url())),
+        Backend::Cluster(cluster) => {
+            let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
+            env.push((
+                "QUOTAD_STORE__REDIS__CLUSTER_NODES".into(),
+                format!("[{}]", nodes.join(",")),
+            ));
+        }
+    }
+    env
+}
+
+fn start(listen: &str, env: &[(String, String)]) -> Quotad {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Quotad::start_on(listen, &[], &env)
+}
+
+/// Clients of every replica; a call goes to its first choice and fails over to the others.
+#[derive(Clone)]
+struct Replicas {
+    quota: Vec<QuotaServiceClient<Channel>>,
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
+}
+
+impl Replicas {
+    fn connect(urls: &[String]) -> Replicas {
+        let quota = urls
+            .iter()
+            .map(|u| {
+                QuotaServiceClient::new(Channel::from_shared(u.clone()).unwrap().connect_lazy())
+            })
+            .collect();
+        Replicas { quota }
+    }
+
+    /// Runs `call` on replica `first`, then on the others while the replica cannot answer.
+    async fn call<T, F, Fut>(&self, first: usize, call: F) -> T
+    where
+        F: Fn(QuotaServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        for attempt in 0..REPLICAS * 20 {
+            let client = self.quota[(first + attempt) % REPLICAS].clone();
+            match call(client).await {
+                Ok(response) => return response.into_inner(),
+                Err(s) if retryable(&s) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(s) => panic!("unexpected error: {s:?}"),
+            }
+        }
+        panic!("no replica answered");
+    }
+}
+
+/// What the client was told, per account.
+#[derive(Default, Debug)]
+struct Acknowledged {
+    charged_plan: i64,
+    charged_credit: i64,
+    open_holds: usize,
+}
+
+async fn drive(
+    replicas: Replicas,
+    mut on_third: impl FnMut() + Send,
+) -> HashMap<String, Acknowledged> {
+    let acknowledged: Arc<Mutex<HashMap<String, Acknowledged>>> = Arc::default();
+    let gate = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut tasks = Vec::new();
+    for op in 0..OPERATIONS {
+        if op == OPERATIONS / 3 {
+            on_third();
+        }
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let (replicas, acknowledged) = (replicas.clone(), acknowledged.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            one_task(op, &replicas, &acknowledged).await;
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    Arc::try_unwrap(acknowledged).unwrap().into_inner().unwrap()
+}
+
+/// One frontend task: reserve (and the same reserve again, elsewhere), then commit, release or
+/// abandon it (and the same call again, elsewhere).
+async fn one_task(
+    op: usize,
+    replicas: &Replicas,
+    acknowledged: &Mutex<HashMap<String, Acknowledged>>,
+) {
+    let account = if op % 4 == 0 {
+        FREE[op % FREE.len()]
+    } else {
+        PLUS[op % PLUS.len()]
+    };
+    let product = if op % 11 == 0 {
+        "workspace_agents"
+    } else {
+        "codex"
+    };
+    let estimate = 2 + (op as u64 * 7) % 11;
+    let replica = op % REPLICAS;
+    let request = pb::ReserveRequest {
+        account_id: account.into(),
+        request_id: format!("req-{op}"),
+        product: product.into(),
+        estimate: Some(costing(estimate)),
+        ..Default::default()
+    };
+    let reserve = |first: usize| {
+        let request = request.clone();
+        replicas.call(first, move |mut c| {
+            let request = request.clone();
+            async move { c.reserve(request).await }
+        })
+    };
+    let first = reserve(replica).await;
+    let retry = reserve(replica + 1).await;
+    assert_eq!(
+        first.reservation_id, retry.reservation_id,
+        "op {op}: a retried Reserve acted twice"
+    );
+    assert_eq!(first.decision, retry.decision);
+    if first.decision() != Decision::Allow {
+        return;
+    }
+    let id = first.reservation_id;
+    match op % 10 {
+        0..=6 => {
+            let used = 1 + (op as u64 * 13) % estimate;
+            let commit = pb::CommitRequest {
+                account_id: account.into(),
+                reservation_id: id,
+                usage: Some(costing(used)),
+                r#final: true,
+            };
+            let call = |first: usize| {
+                let commit = commit.clone();
+                replicas.call(first, move |mut c| {
+                    let commit = commit.clone();
+                    async move { c.commit(commit).await }
+                })
+            };
+            let once = call(replica + 1).await;
+            let again = call(replica + 2).await;
+            assert_eq!(
+                once.charged, again.charged,
+                "op {op}: a retried Commit acted twice"
+            );
+            let charged = once.charged.unwrap();
+            assert_eq!(
+                charged.plan_micros + charged.credit_micros,
+                used as i64 * CREDIT
+            );
+            let mut acks = acknowledged.lock().unwrap();
+            let ack = acks.entry(account.into()).or_default();
+            ack.charged_plan += charged.plan_micros;
+            ack.charged_credit += charged.credit_micros;
+        }
+        7 | 8 => {
+            let release = pb::ReleaseRequest {
+                account_id: account.into(),
+                reservation_id: id,
+            };
+            let call = |first: usize| {
+                let release = release.clone();
+                replicas.call(first, move |mut c| {
+                    let release = release.clone();
+                    async move { c.release(release).await }
+                })
+            };
+            let once = call(replica + 2).await;
+            let again = call(replica).await;
+            assert_eq!(
+                once.released, again.released,
+                "op {op}: a retried Release acted twice"
+            );
+        }
+        _ => {
+            acknowledged
+                .lock()
+                .unwrap()
+                .entry(account.into())
+                .or_default()
+                .open_holds += 1
+        }
+    }
+}
+
+async fn setup_accounts(url: &str) {
+    let channel = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel, BearerToken(Some(ADMIN_TOKEN.into())));
+    for (plans, plan) in [(&PLUS[..], "plus"), (&FREE[..], "free")] {
+        for id in plans {
+            let account = pb::Account {
+                account_id: id.to_string(),
+                plan: plan.into(),
+                credit_purchase_allowed: true,
+            };
+            admin
+                .upsert_account(pb::UpsertAccountRequest {
+                    account: Some(account),
+                })
+                .await
+                .unwrap();
+        }
+    }
+    for id in PLUS {
+        let grant = pb::GrantCreditsRequest {
+            account_id: id.into(),
+            grant_id: format!("seed-{id}"),
+            amount_micros: 40 * CREDIT,
+            ..Default::default()
+        };
+        admin.grant_credits(grant).await.unwrap();
+    }
+}
+
+/// Everything every account shows agrees with what the clients were told.
+async fn verify(url: &str, acknowledged: &HashMap<String, Acknowledged>) {
+    // Past the usage staleness bound, so every answer comes from Redis.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = QuotaServiceClient::connect(url.to_owned()).await.unwrap();
+    for id in PLUS.iter().chain(FREE.iter()) {
+        let usage = client
+            .get_usage(pb::GetUsageRequest {
+                account_id: id.to_string(),
+                recent_limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let ledger = usage.ledger.unwrap();
+        let ack = acknowledged.get(*id).map_or((0, 0, 0), |a| {
+            (a.charged_plan, a.charged_credit, a.open_holds)
+        });
+        assert_eq!(
+            ledger.granted_micros,
+            ledger.balance_micros + ledger.spent_micros + ledger.expired_micros,
+            "{id}: conservation"
+        );
+        assert_eq!(
+            ledger.spent_micros, ack.1,
+            "{id}: credits charged = credits acknowledged"
+        );
+        assert!(
+            ledger.balance_micros >= 0 && ledger.available_micros >= 0,
+            "{id}: credits overspent: {ledger:?}"
+        );
+        for window in &usage.windows {
+            assert_eq!(
+                window.used_micros - window.held_micros,
+                ack.0,
+                "{id}: plan usage = plan usage acknowledged"
+            );
+            assert!(
+                window.used_micros <= window.limit_micros,
+                "{id}: {window:?} over its limit"
+            );
+        }
+        assert_eq!(
+            usage.holds.len(),
+            ack.2,
+            "{id}: abandoned holds are still there"
+        );
+    }
+}
+
+async fn replicated_load(backend: Backend<'_>, kill_one: bool) {
+    let env = replica_env(&backend, &fresh_prefix());
+    let env_for_start = env.clone();
+    let mut procs = tokio::task::spawn_blocking(move || {
+        (0..REPLICAS)
+            .map(|_| Some(start("127.0.0.1:0", &env_for_start)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let urls: Vec<String> = procs.iter().flatten().map(Quotad::url).collect();
+    setup_accounts(&urls[0]).await;
+    let replicas = Replicas::connect(&urls);
+
+    let mut victim = procs[1].take();
+    let victim_addr = victim.as_ref().unwrap().addr.clone();
+    let killed = Arc::new(Mutex::new(None::<std::thread::JoinHandle<Quotad>>));
+    let killed_in = killed.clone();
+    let acknowledged = drive(replicas, move || {
+        if !kill_one {
+            return;
+        }
+        let mut old = victim.take().unwrap();
+        old.signal("KILL");
+        old.wait();
+        let (addr, env) = (victim_addr.clone(), env.clone());
+        // Start it again on the same port while the load goes on.
+        *killed_in.lock().unwrap() = Some(std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            start(&addr, &env)
+        }));
+    })
+    .await;
+    let restarted = killed.lock().unwrap().take().map(|h| h.join().unwrap());
+    verify(&urls[0], &acknowledged).await;
+    if let Some(replica) = &restarted {
+        verify(&replica.url(), &acknowledged).await;
+    }
+    let total: usize = acknowledged.values().map(|a| a.open_holds).sum();
+    assert!(total > 0, "the load left some holds open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_on_one_redis_agree() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    replicated_load(Backend::Standalone(&server), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_mid_load_loses_nothing_acknowledged() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    replicated_load(Backend::Standalone(&server), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_on_a_redis_cluster_agree() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    replicated_load(Backend::Cluster(&cluster), true).await;
+}
