@@ -16,7 +16,7 @@ mod keys;
 mod wire;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -168,6 +168,8 @@ pub struct RedisStore {
     front: Arc<Front>,
     health: Health,
     deny_cache_hits: AtomicU64,
+    /// Where the next maintenance tick's sweep starts.
+    sweep_cursor: AtomicU16,
     /// Listens for admin changes announced by any replica.
     subscriber: JoinHandle<()>,
 }
@@ -177,6 +179,9 @@ impl Drop for RedisStore {
         self.subscriber.abort();
     }
 }
+
+/// Slots whose hold index one maintenance tick sweeps (the ring has 16,384).
+const SWEEP_SLICE: u16 = 1_024;
 
 /// How long calls fail at once after Redis could not be reached, before one tries again.
 const BREAKER_COOLDOWN: Duration = Duration::from_millis(100);
@@ -240,6 +245,7 @@ impl RedisStore {
             front,
             health: Health::new(BREAKER_COOLDOWN),
             deny_cache_hits: AtomicU64::new(0),
+            sweep_cursor: AtomicU16::new(start_slice()),
             subscriber,
         };
         store.load_scripts().await?;
@@ -328,36 +334,56 @@ impl RedisStore {
         }
     }
 
-    /// Settles accounts whose earliest hold expired at or before `now`, for every slot's index;
+    /// Settles every account whose earliest hold expired at or before `now`, in every slot;
     /// returns how many accounts were settled.
     pub async fn sweep_expired_holds(&self, now: Timestamp) -> Result<usize, StoreError> {
-        let mut settled = 0;
-        let mut conn = self.conn.clone();
-        for chunk in (0..keys::SLOTS).collect::<Vec<_>>().chunks(1024) {
-            let mut pipe = redis::pipe();
+        self.sweep_slots(now, 0..keys::SLOTS).await
+    }
+
+    /// Sweeps the hold indexes of `slots`. The index reads are sent concurrently on the shared
+    /// connection (which pipelines them), one command per slot, since a Cluster pipeline may
+    /// not span slots.
+    async fn sweep_slots(
+        &self,
+        now: Timestamp,
+        slots: std::ops::Range<u16>,
+    ) -> Result<usize, StoreError> {
+        let mut due = Vec::new();
+        let slots: Vec<u16> = slots.collect();
+        // A few hundred reads in flight at a time: enough to fill the pipe, not to flood it.
+        for chunk in slots.chunks(256) {
+            let mut reads = tokio::task::JoinSet::new();
             for &slot in chunk {
-                pipe.cmd("ZRANGEBYSCORE")
-                    .arg(keys::hold_index_key(&self.settings.key_prefix, slot))
+                let mut conn = self.conn.clone();
+                let mut read = redis::cmd("ZRANGEBYSCORE");
+                read.arg(keys::hold_index_key(&self.settings.key_prefix, slot))
                     .arg("-inf")
                     .arg(now.as_millis())
                     .arg("LIMIT")
                     .arg(0)
                     .arg(100);
+                let timeout = self.settings.command_timeout * 10;
+                reads.spawn(async move {
+                    match tokio::time::timeout(timeout, read.query_async::<Vec<String>>(&mut conn))
+                        .await
+                    {
+                        Ok(Ok(due)) => Ok(due),
+                        Ok(Err(e)) => Err(StoreError::Unavailable(format!("sweep: {e}"))),
+                        Err(_) => Err(StoreError::Unavailable(
+                            "sweep: Redis did not answer in time".into(),
+                        )),
+                    }
+                });
             }
-            let due: Vec<Vec<String>> = tokio::time::timeout(
-                self.settings.command_timeout * 10,
-                pipe.query_async(&mut conn),
-            )
-            .await
-            .map_err(|_| StoreError::Unavailable("sweep: Redis did not answer in time".into()))?
-            .map_err(|e| StoreError::Unavailable(format!("sweep: {e}")))?;
-            for account_id in due.into_iter().flatten() {
-                let _: serde::de::IgnoredAny =
-                    self.run(&self.scripts.sweep, &account_id, now, &[]).await?;
-                settled += 1;
+            while let Some(read) = reads.join_next().await {
+                due.extend(read.map_err(|e| StoreError::Internal(format!("sweep task: {e}")))??);
             }
         }
-        Ok(settled)
+        for account_id in &due {
+            let _: serde::de::IgnoredAny =
+                self.run(&self.scripts.sweep, account_id, now, &[]).await?;
+        }
+        Ok(due.len())
     }
 }
 
@@ -568,7 +594,10 @@ impl Store for RedisStore {
     }
 
     async fn maintain(&self, now: Timestamp) {
-        match self.sweep_expired_holds(now).await {
+        // A slice of the slots per tick keeps the sweep's cost flat: the whole ring is covered
+        // every SLOTS / SWEEP_SLICE ticks, by each replica, starting from a random place.
+        let start = self.sweep_cursor.fetch_add(SWEEP_SLICE, Ordering::Relaxed) % keys::SLOTS;
+        match self.sweep_slots(now, start..start + SWEEP_SLICE).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(accounts = n, "returned expired holds"),
             Err(e) => tracing::debug!("sweep skipped: {e}"),
@@ -621,6 +650,17 @@ fn spawn_subscriber(settings: &RedisSettings, front: Arc<Front>) -> JoinHandle<(
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     })
+}
+
+/// A slice boundary to start sweeping from, different on each replica (from the process id and
+/// the clock), so that replicas together cover the ring sooner.
+fn start_slice() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let seed = u64::from(nanos) ^ u64::from(std::process::id()).rotate_left(17);
+    (seed % u64::from(keys::SLOTS / SWEEP_SLICE)) as u16 * SWEEP_SLICE
 }
 
 fn admin_channel(prefix: &str) -> String {
