@@ -160,8 +160,8 @@ impl Denial {
             Shortfall::Credits { need, available } => (
                 DenyReason::CreditsExhausted,
                 format!(
-                    "The included usage of your {plan} plan is used up and your credits do not cover this task \
-                     ({} credits needed, {} available). Buy credits to keep going{}.",
+                    "What is left of your {plan} plan's included usage and your credits do not cover this task \
+                     ({} credits needed from credits, {} available). Buy credits to keep going{}.",
                     Credits(need),
                     Credits(available),
                     when(", or wait until")
@@ -182,11 +182,11 @@ impl Denial {
                         };
                         let why = if f.product_credits || f.action != Action::WaitForReset {
                             format!(
-                                "You have used the included usage of your {plan} plan for {period}."
+                                "What is left of your {plan} plan's included usage for {period} does not cover this task."
                             )
                         } else {
                             format!(
-                                "You have used the included usage of your {plan} plan for {period}, and {} cannot run on credits.",
+                                "What is left of your {plan} plan's included usage for {period} does not cover this task, and {} cannot run on credits.",
                                 f.product
                             )
                         };
@@ -195,7 +195,7 @@ impl Denial {
                     _ => (
                         DenyReason::CreditsNotAllowed,
                         format!(
-                            "You have used the included usage of your {plan} plan, and this account cannot buy credits."
+                            "What is left of your {plan} plan's included usage does not cover this task, and this account cannot buy credits."
                         ),
                     ),
                 };
