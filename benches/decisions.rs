@@ -5,91 +5,17 @@
 //! `cargo bench --bench decisions` (needs `redis-server` on PATH). Tune with
 //! `BENCH_SECONDS` (default 5 per store), `BENCH_IN_FLIGHT` (64) and `BENCH_ACCOUNTS` (10000).
 
-use std::collections::BTreeMap;
-use std::net::TcpListener as StdListener;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{Redis, env_or, serve};
 use quotad::api::pb;
 use quotad::api::pb::quota_service_client::QuotaServiceClient;
 use quotad::config::{Config, StoreKind};
-use quotad::domain::SystemClock;
 use tonic::transport::Channel;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Redis(Child, u16);
-
-impl Redis {
-    fn start() -> Redis {
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let redis = Redis(child, port);
-        for _ in 0..200 {
-            if redis.cli(&["PING"]).trim() == "PONG" {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server did not start");
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.1.to_string()])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `cmdstat_*` call counts.
-    fn command_calls(&self) -> BTreeMap<String, u64> {
-        self.cli(&["INFO", "commandstats"])
-            .lines()
-            .filter_map(|line| {
-                let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = stats
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix("calls="))?
-                    .parse()
-                    .ok()?;
-                Some((name.to_owned(), calls))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Figures {
     pairs: u64,
@@ -103,21 +29,6 @@ impl Figures {
         let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
         self.latencies_us.get(i).copied().unwrap_or_default()
     }
-}
-
-async fn serve(config: Config) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let shutdown = async {
-            let _ = rx.await;
-        };
-        quotad::run(&config, listener, Arc::new(SystemClock), shutdown)
-            .await
-            .unwrap();
-    });
-    (url, tx)
 }
 
 /// Reserve then final Commit, from `in_flight` concurrent loops over shared connections.
@@ -225,7 +136,7 @@ fn main() {
         let (memory_url, stop_memory) = serve(Config::default()).await;
         let mut config = Config::default();
         config.store.kind = StoreKind::Redis;
-        config.store.redis.url = format!("redis://127.0.0.1:{}", redis.1);
+        config.store.redis.url = redis.url();
         config.store.redis.command_timeout_ms = 1_000;
         // Keep the sweeper's reads out of the per-decision command counts.
         config.store.redis.sweep_interval_ms = 60_000;

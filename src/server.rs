@@ -19,10 +19,17 @@ use crate::api::pb::admin_service_server::AdminServiceServer;
 use crate::api::pb::quota_service_server::QuotaServiceServer;
 use crate::api::{AdminApi, QuotaApi, pb};
 use crate::app::Quota;
-use crate::store::Store;
+use crate::store::{Store, StoreHealth};
 
 /// Names under which `grpc.health.v1` reports; "" is the server as a whole.
 const HEALTH_NAMES: [&str; 3] = ["", "quota.v1.QuotaService", "quota.v1.AdminService"];
+
+/// The health name that reports the backing store alone. A store outage shows here (and in the
+/// logs), never in the names above: one shared dependency must not take every pod out of service.
+pub const STORE_HEALTH_NAME: &str = "quotad.store";
+
+/// How often the store's health is copied into `grpc.health.v1`.
+const STORE_HEALTH_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone)]
 pub struct ServeSettings {
@@ -66,6 +73,20 @@ pub async fn run<S: Store>(
     }
     let auth = BearerAuth::new(settings.admin_token.as_deref());
 
+    let store_health = {
+        let (app, health) = (app.clone(), health.clone());
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(STORE_HEALTH_EVERY);
+            loop {
+                ticks.tick().await;
+                let status = match app.store().health() {
+                    StoreHealth::Up => ServingStatus::Serving,
+                    StoreHealth::Down { .. } => ServingStatus::NotServing,
+                };
+                health.set_service_status(STORE_HEALTH_NAME, status).await;
+            }
+        })
+    };
     let upkeep = app.store().maintenance_interval().map(|every| {
         let app = app.clone();
         tokio::spawn(async move {
@@ -110,6 +131,7 @@ pub async fn run<S: Store>(
             Ok(())
         }
     };
+    store_health.abort();
     if let Some(upkeep) = upkeep {
         upkeep.abort();
     }
