@@ -4,7 +4,8 @@
 //! serves again (no restart).
 //!
 //! `cargo bench --bench outage` (needs `redis-server`). `BENCH_CALLS` (default 1000000) and
-//! `BENCH_IN_FLIGHT` (400) tune it.
+//! `BENCH_IN_FLIGHT` (200) tune it. The same load on
+//! `grpc.health.v1.Health/Check` first gives the floor: what any gRPC call costs here.
 
 mod common;
 
@@ -15,6 +16,8 @@ use quotad::api::pb;
 use quotad::api::pb::quota_service_client::QuotaServiceClient;
 use quotad::config::{Config, StoreKind};
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 fn reserve(n: u64) -> pb::ReserveRequest {
     pb::ReserveRequest {
@@ -30,9 +33,55 @@ fn reserve(n: u64) -> pb::ReserveRequest {
     }
 }
 
+/// Latencies of `calls` calls made by `in_flight` loops; `call(n)` makes call number `n` and says
+/// whether its answer was the expected one.
+async fn drive<F, Fut>(calls: u64, in_flight: u64, call: F) -> (Vec<Duration>, u64)
+where
+    F: Fn(u64, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let per_loop = calls / in_flight;
+    let loops: Vec<_> = (0..in_flight)
+        .map(|l| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_loop as usize);
+                let mut unexpected = 0u64;
+                for i in 0..per_loop {
+                    let t = Instant::now();
+                    let expected = call(l * per_loop + i, l as usize).await;
+                    latencies.push(t.elapsed());
+                    unexpected += u64::from(!expected);
+                }
+                (latencies, unexpected)
+            })
+        })
+        .collect();
+    let (mut latencies, mut unexpected) = (Vec::new(), 0);
+    for l in loops {
+        let (mut lat, bad) = l.await.unwrap();
+        latencies.append(&mut lat);
+        unexpected += bad;
+    }
+    latencies.sort_unstable();
+    (latencies, unexpected)
+}
+
+fn report(name: &str, latencies: &[Duration], elapsed: Duration) {
+    let at = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    println!(
+        "{name:<28} {:>9.0}/s  p50 {:>9.2?}  p99 {:>9.2?}  p99.9 {:>9.2?}  max {:>9.2?}",
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        at(0.5),
+        at(0.99),
+        at(0.999),
+        at(1.0)
+    );
+}
+
 fn main() {
     let calls = env_or("BENCH_CALLS", 1_000_000);
-    let in_flight = env_or("BENCH_IN_FLIGHT", 400);
+    let in_flight = env_or("BENCH_IN_FLIGHT", 200);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut redis = Redis::start();
     runtime.block_on(async {
@@ -46,44 +95,28 @@ fn main() {
             channels.push(Channel::from_shared(url.clone()).unwrap().connect().await.unwrap());
         }
         QuotaServiceClient::new(channels[0].clone()).reserve(reserve(u64::MAX)).await.unwrap();
+        println!("{calls} calls, {in_flight} in flight on 4 connections, command timeout {timeout} ms");
+
+        // The gRPC floor on the same connections: a health check does no work at all.
+        let floor = channels.clone();
+        let started = Instant::now();
+        let (latencies, _) = drive(calls, in_flight, move |_, l| {
+            let mut client = HealthClient::new(floor[l % floor.len()].clone());
+            async move { client.check(HealthCheckRequest { service: String::new() }).await.is_ok() }
+        })
+        .await;
+        report("health check (gRPC floor)", &latencies, started.elapsed());
 
         redis.kill();
+        let down = channels.clone();
         let started = Instant::now();
-        let per_loop = calls / in_flight;
-        let loops: Vec<_> = (0..in_flight)
-            .map(|l| {
-                let mut client = QuotaServiceClient::new(channels[l as usize % channels.len()].clone());
-                tokio::spawn(async move {
-                    let mut latencies = Vec::with_capacity(per_loop as usize);
-                    let mut unexpected = 0u64;
-                    for i in 0..per_loop {
-                        let t = Instant::now();
-                        let out = client.reserve(reserve(l * per_loop + i)).await;
-                        latencies.push(t.elapsed());
-                        if !matches!(out, Err(ref s) if s.code() == tonic::Code::Unavailable) {
-                            unexpected += 1;
-                        }
-                    }
-                    (latencies, unexpected)
-                })
-            })
-            .collect();
-        let (mut latencies, mut unexpected) = (Vec::new(), 0);
-        for l in loops {
-            let (mut lat, bad) = l.await.unwrap();
-            latencies.append(&mut lat);
-            unexpected += bad;
-        }
-        let elapsed = started.elapsed();
-        latencies.sort_unstable();
-        let at = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
-        println!(
-            "Redis down, command timeout {timeout} ms: {} calls ({} distinct accounts, {in_flight} in flight) in {elapsed:?}; \
-             {unexpected} answers other than UNAVAILABLE",
-            latencies.len(),
-            latencies.len()
-        );
-        println!("p50 {:?}  p99 {:?}  p99.9 {:?}  max {:?}", at(0.5), at(0.99), at(0.999), at(1.0));
+        let (latencies, unexpected) = drive(calls, in_flight, move |n, l| {
+            let mut client = QuotaServiceClient::new(down[l % down.len()].clone());
+            async move { matches!(client.reserve(reserve(n)).await, Err(s) if s.code() == tonic::Code::Unavailable) }
+        })
+        .await;
+        report("Reserve, Redis down", &latencies, started.elapsed());
+        println!("{} distinct accounts; {unexpected} answers other than UNAVAILABLE", latencies.len());
 
         redis.restart();
         let back = Instant::now();
