@@ -6,7 +6,7 @@
 //! printed: [`Config::redacted`] is what `quotad config` shows.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -73,6 +73,14 @@ pub struct RedisConfig {
     pub usage_staleness_ms: u64,
     /// Whether denials with no route to credits are answered from memory until they can change.
     pub deny_cache: bool,
+    /// PEM file of the CA that signed Redis's certificate, when the system's roots do not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM files of a client certificate and its key, for Redis with `tls-auth-clients yes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -87,13 +95,36 @@ impl Default for RedisConfig {
             sweep_interval_ms: 1_000,
             usage_staleness_ms: 250,
             deny_cache: true,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl RedisConfig {
-    pub fn settings(&self) -> crate::store::RedisSettings {
-        crate::store::RedisSettings {
+    /// The store's settings, with the TLS files read.
+    pub fn settings(&self) -> Result<crate::store::RedisSettings, ConfigError> {
+        let read = |key: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "store.redis.{key}: cannot read {}: {e}",
+                    path.display()
+                ))
+            })
+        };
+        let ca = self
+            .tls_ca_file
+            .as_deref()
+            .map(|p| read("tls_ca_file", p))
+            .transpose()?;
+        let client_cert_and_key = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                Some((read("tls_cert_file", cert)?, read("tls_key_file", key)?))
+            }
+            _ => None,
+        };
+        Ok(crate::store::RedisSettings {
             url: self.url.clone(),
             cluster_nodes: self.cluster_nodes.clone(),
             key_prefix: self.key_prefix.clone(),
@@ -103,7 +134,11 @@ impl RedisConfig {
             usage_staleness: std::time::Duration::from_millis(self.usage_staleness_ms),
             deny_cache: self.deny_cache,
             sweep_interval: std::time::Duration::from_millis(self.sweep_interval_ms),
-        }
+            tls: crate::store::RedisTls {
+                ca,
+                client_cert_and_key,
+            },
+        })
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -119,6 +154,9 @@ impl RedisConfig {
                     redact_url(url)
                 ));
             }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err("store.redis.tls_cert_file and store.redis.tls_key_file go together: set both or neither".into());
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
             return Err("store.redis.key_prefix must be non-empty and contain no braces".into());

@@ -30,6 +30,8 @@ use crate::store::{MemoryStore, RedisStore, Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Server(#[from] ServerError),
@@ -54,7 +56,8 @@ pub async fn run(
             serve_on(store, config, policy, clock, listener, settings, shutdown).await
         }
         StoreKind::Redis => {
-            let store = RedisStore::connect(config.store.redis.settings(), policy.clone()).await?;
+            let redis = config.store.redis.settings()?;
+            let store = RedisStore::connect(redis, policy.clone()).await?;
             serve_on(store, config, policy, clock, listener, settings, shutdown).await
         }
     }

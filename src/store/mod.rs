@@ -18,7 +18,7 @@ use crate::domain::{
 };
 
 pub use memory::MemoryStore;
-pub use redis::{RedisSettings, RedisStore};
+pub use redis::{RedisSettings, RedisStore, RedisTls};
 
 /// Whether the backing store answers, as this replica last saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]

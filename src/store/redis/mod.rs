@@ -62,6 +62,51 @@ pub struct RedisSettings {
     pub deny_cache: bool,
     /// How often expired holds of clients that died are swept.
     pub sweep_interval: Duration,
+    /// TLS (`rediss://`) material in PEM, when the system's trust store is not the one to use.
+    pub tls: RedisTls,
+}
+
+/// PEM bytes for TLS to Redis: a CA to trust instead of the system's roots, and a client
+/// certificate and key for Redis servers that require them (`tls-auth-clients yes`).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca: Option<Vec<u8>>,
+    pub client_cert_and_key: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.is_some())
+            .field("client_cert", &self.client_cert_and_key.is_some())
+            .finish()
+    }
+}
+
+impl RedisTls {
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        if self.ca.is_none() && self.client_cert_and_key.is_none() {
+            return None;
+        }
+        Some(redis::TlsCertificates {
+            client_tls: self
+                .client_cert_and_key
+                .clone()
+                .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }),
+            root_cert: self.ca.clone(),
+        })
+    }
+
+    /// A client for one node: plain, or TLS with this material.
+    fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        match self.certificates() {
+            Some(certs) => redis::Client::build_with_tls(url, certs),
+            None => redis::Client::open(url),
+        }
+    }
 }
 
 impl Default for RedisSettings {
@@ -76,6 +121,7 @@ impl Default for RedisSettings {
             usage_staleness: Duration::from_millis(250),
             deny_cache: true,
             sweep_interval: Duration::from_secs(1),
+            tls: RedisTls::default(),
         }
     }
 }
@@ -201,10 +247,12 @@ impl RedisStore {
         settings: RedisSettings,
         policy: Arc<Policy>,
     ) -> Result<RedisStore, StoreError> {
+        // rustls is built without a default crypto provider; install ring's once per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let unavailable =
             |e: redis::RedisError| StoreError::Unavailable(format!("cannot connect to Redis: {e}"));
         let conn = if settings.cluster_nodes.is_empty() {
-            let client = redis::Client::open(settings.url.as_str()).map_err(unavailable)?;
+            let client = settings.tls.client(&settings.url).map_err(unavailable)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(settings.connect_timeout))
                 .set_response_timeout(Some(settings.command_timeout))
@@ -219,12 +267,15 @@ impl RedisStore {
             .map_err(unavailable)?;
             Connection::Single(manager)
         } else {
-            let client = redis::cluster::ClusterClient::builder(settings.cluster_nodes.clone())
-                .connection_timeout(settings.connect_timeout)
-                .response_timeout(settings.command_timeout)
-                .retries(1)
-                .build()
-                .map_err(unavailable)?;
+            let mut builder =
+                redis::cluster::ClusterClient::builder(settings.cluster_nodes.clone())
+                    .connection_timeout(settings.connect_timeout)
+                    .response_timeout(settings.command_timeout)
+                    .retries(1);
+            if let Some(certs) = settings.tls.certificates() {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build().map_err(unavailable)?;
             let conn =
                 tokio::time::timeout(settings.connect_timeout * 4, client.get_async_connection())
                     .await
@@ -621,11 +672,12 @@ fn spawn_subscriber(settings: &RedisSettings, front: Arc<Front>) -> JoinHandle<(
     };
     let channel = admin_channel(&settings.key_prefix);
     let timeout = settings.connect_timeout;
+    let tls = settings.tls.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         loop {
             for url in &urls {
-                let Ok(client) = redis::Client::open(url.as_str()) else {
+                let Ok(client) = tls.client(url) else {
                     continue;
                 };
                 let Ok(Ok(mut pubsub)) =
