@@ -115,6 +115,20 @@ fn release_cmd(account: &str, reservation: &str) -> ReleaseCommand {
     }
 }
 
+/// Reserves and expects an ALLOW: (reservation id, held).
+async fn allow<S: Store>(store: &S, cmd: ReserveCommand, now: Timestamp) -> (String, Funding) {
+    allowed(&store.reserve(cmd, now).await.unwrap().decision)
+}
+
+/// Reserves `credits` on codex and commits exactly that, finally.
+async fn spend<S: Store>(store: &S, account: &str, request: &str, credits: i64, now: Timestamp) {
+    let (id, _) = allow(store, reserve_cmd(account, request, "codex", credits), now).await;
+    store
+        .commit(commit_cmd(account, &id, credits, true), now)
+        .await
+        .unwrap();
+}
+
 fn allowed(decision: &Decision) -> (String, Funding) {
     match decision {
         Decision::Allow {
@@ -195,13 +209,7 @@ pub async fn reserve_holds_plan_allowance<S: Store>(store: S) {
 }
 
 pub async fn free_plan_over_limit_is_denied_with_upgrade<S: Store>(store: S) {
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("a", "r1", "codex", 15), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
+    let (id, _) = allow(&store, reserve_cmd("a", "r1", "codex", 15), at(0)).await;
     store
         .commit(commit_cmd("a", &id, 15, true), at(MINUTE_MS))
         .await
@@ -236,13 +244,7 @@ pub async fn free_plan_over_limit_is_denied_with_upgrade<S: Store>(store: S) {
 
 pub async fn plus_plan_splits_across_the_boundary_onto_credits<S: Store>(store: S) {
     plus_account_with_credits(&store, "p", 100).await;
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("p", "r1", "codex", 140), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
+    let (id, _) = allow(&store, reserve_cmd("p", "r1", "codex", 140), at(0)).await;
     store
         .commit(commit_cmd("p", &id, 140, true), at(MINUTE_MS))
         .await
@@ -264,20 +266,8 @@ pub async fn plus_plan_splits_across_the_boundary_onto_credits<S: Store>(store: 
 
 pub async fn commit_charges_actual_usage_and_returns_the_excess<S: Store>(store: S) {
     plus_account_with_credits(&store, "p", 50).await;
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("p", "r1", "codex", 145), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
-    let (id2, held2) = allowed(
-        &store
-            .reserve(reserve_cmd("p", "r2", "codex", 20), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
+    let (id, _) = allow(&store, reserve_cmd("p", "r1", "codex", 145), at(0)).await;
+    let (id2, held2) = allow(&store, reserve_cmd("p", "r2", "codex", 20), at(0)).await;
     assert_eq!(held2, Funding::new(5 * CREDIT, 15 * CREDIT));
     let out = store
         .commit(commit_cmd("p", &id2, 8, true), at(MINUTE_MS))
@@ -304,13 +294,7 @@ pub async fn commit_charges_actual_usage_and_returns_the_excess<S: Store>(store:
 
 pub async fn commit_beyond_the_hold_is_still_charged<S: Store>(store: S) {
     // Free plan: usage over the hold is charged to the plan, even past its limit.
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("f", "r1", "codex", 10), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
+    let (id, _) = allow(&store, reserve_cmd("f", "r1", "codex", 10), at(0)).await;
     let out = store
         .commit(commit_cmd("f", &id, 20, true), at(MINUTE_MS))
         .await
@@ -319,13 +303,7 @@ pub async fn commit_beyond_the_hold_is_still_charged<S: Store>(store: S) {
     assert_eq!(out.status.windows[0].used, 20 * CREDIT);
     // Plus plan: plan allowance first, then credits, and the balance may go below zero.
     plus_account_with_credits(&store, "p", 5).await;
-    let (id, held) = allowed(
-        &store
-            .reserve(reserve_cmd("p", "r1", "codex", 150), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
+    let (id, held) = allow(&store, reserve_cmd("p", "r1", "codex", 150), at(0)).await;
     assert_eq!(held, Funding::new(150 * CREDIT, 0));
     let out = store
         .commit(commit_cmd("p", &id, 160, true), at(MINUTE_MS))
@@ -348,24 +326,12 @@ pub async fn commit_beyond_the_hold_is_still_charged<S: Store>(store: S) {
 pub async fn non_final_commit_renews_the_hold_on_credits<S: Store>(store: S) {
     plus_account_with_credits(&store, "p", 30).await;
     // 130 of 150 plan credits used by another task.
-    let (other, _) = allowed(
-        &store
-            .reserve(reserve_cmd("p", "big", "codex", 130), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
+    let (other, _) = allow(&store, reserve_cmd("p", "big", "codex", 130), at(0)).await;
     store
         .commit(commit_cmd("p", &other, 130, true), at(0))
         .await
         .unwrap();
-    let (id, held) = allowed(
-        &store
-            .reserve(reserve_cmd("p", "task", "codex", 15), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
+    let (id, held) = allow(&store, reserve_cmd("p", "task", "codex", 15), at(0)).await;
     assert_eq!(held, Funding::new(15 * CREDIT, 0));
     // First chunk used 15: the plan has 5 left, so the renewed hold is 5 plan + 10 credits.
     let out = store
@@ -413,13 +379,7 @@ pub async fn non_final_commit_renews_the_hold_on_credits<S: Store>(store: S) {
 }
 
 pub async fn final_commit_and_release_act_once<S: Store>(store: S) {
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("a", "r1", "codex", 10), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
+    let (id, _) = allow(&store, reserve_cmd("a", "r1", "codex", 10), at(0)).await;
     let first = store
         .commit(commit_cmd("a", &id, 4, true), at(MINUTE_MS))
         .await
@@ -441,13 +401,7 @@ pub async fn final_commit_and_release_act_once<S: Store>(store: S) {
         .unwrap_err();
     assert!(matches!(rule(conflict), DomainError::AlreadyExists(_)));
 
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("a", "r2", "codex", 7), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
+    let (id, _) = allow(&store, reserve_cmd("a", "r2", "codex", 7), at(0)).await;
     let released = store
         .release(release_cmd("a", &id), at(MINUTE_MS))
         .await
@@ -470,7 +424,7 @@ pub async fn final_commit_and_release_act_once<S: Store>(store: S) {
 pub async fn expired_holds_are_returned<S: Store>(store: S) {
     let mut cmd = reserve_cmd("a", "r1", "codex", 12);
     cmd.ttl_ms = 60_000;
-    let (id, _) = allowed(&store.reserve(cmd, at(0)).await.unwrap().decision);
+    let (id, _) = allow(&store, cmd, at(0)).await;
     let before = store.usage("a", 10, at(59_999)).await.unwrap();
     assert_eq!(before.status.windows[0].held, 12 * CREDIT);
     let after = store.usage("a", 10, at(60_000)).await.unwrap();
@@ -559,28 +513,8 @@ pub async fn grants_are_idempotent_and_spent_in_order<S: Store>(store: S) {
     assert_eq!(default_expiry.lot.expires_at, at(0).plus_months(12));
 
     // Use up the plan, then 15 credits: the soonest lot first, then promo before purchased.
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("p", "r1", "codex", 150), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
-    store
-        .commit(commit_cmd("p", &id, 150, true), at(0))
-        .await
-        .unwrap();
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("p", "r2", "codex", 15), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
-    store
-        .commit(commit_cmd("p", &id, 15, true), at(0))
-        .await
-        .unwrap();
+    spend(&store, "p", "r1", 150, at(0)).await;
+    spend(&store, "p", "r2", 15, at(0)).await;
     let lots = store.usage("p", 10, at(0)).await.unwrap().lots;
     let remaining: Vec<(&str, i64)> = lots.iter().map(|l| (l.id.as_str(), l.remaining)).collect();
     assert_eq!(
@@ -600,17 +534,7 @@ pub async fn expired_lots_are_never_spent<S: Store>(store: S) {
         ..grant_cmd("p", "short", 50)
     };
     store.grant(short, at(0)).await.unwrap();
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("p", "r1", "codex", 150), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
-    store
-        .commit(commit_cmd("p", &id, 150, true), at(0))
-        .await
-        .unwrap();
+    spend(&store, "p", "r1", 150, at(0)).await;
     let out = store
         .reserve(reserve_cmd("p", "r2", "codex", 10), at(HOUR_MS))
         .await
@@ -630,17 +554,7 @@ pub async fn expired_lots_are_never_spent<S: Store>(store: S) {
 }
 
 pub async fn upsert_changes_plan_but_keeps_usage<S: Store>(store: S) {
-    let (id, _) = allowed(
-        &store
-            .reserve(reserve_cmd("a", "r1", "codex", 15), at(0))
-            .await
-            .unwrap()
-            .decision,
-    );
-    store
-        .commit(commit_cmd("a", &id, 15, true), at(0))
-        .await
-        .unwrap();
+    spend(&store, "a", "r1", 15, at(0)).await;
     let upgraded = Account {
         id: "a".into(),
         plan: "plus".into(),
@@ -697,13 +611,7 @@ pub async fn usage_history_and_conservation<S: Store>(store: S) {
     for (i, credits) in [100, 60, 20].into_iter().enumerate() {
         let request = format!("r{i}");
         let now = at(i as i64 * MINUTE_MS);
-        let (id, _) = allowed(
-            &store
-                .reserve(reserve_cmd("p", &request, "codex", credits), now)
-                .await
-                .unwrap()
-                .decision,
-        );
+        let (id, _) = allow(&store, reserve_cmd("p", &request, "codex", credits), now).await;
         store
             .commit(commit_cmd("p", &id, credits, true), now)
             .await
