@@ -28,6 +28,10 @@ use super::pricing::Usage;
 use super::time::{SECOND_MS, Timestamp};
 use super::window::{FIVE_HOUR, SlidingWindow, WEEKLY};
 
+/// The largest amount any account total may reach: every integer up to 2^53 − 1 is exact in an
+/// IEEE double, which is what the Redis store's Lua scripts compute with.
+pub const MAX_EXACT_MICROS: Micros = (1 << 53) - 1;
+
 /// Credit lots last this many months unless a grant says otherwise.
 pub const LOT_VALIDITY_MONTHS: u32 = 12;
 
@@ -591,6 +595,15 @@ impl AccountState {
                 lot: first.lot.clone(),
                 credit_balance: self.ledger.balance(),
             });
+        }
+        if self
+            .ledger
+            .totals()
+            .granted
+            .checked_add(cmd.amount)
+            .is_none_or(|total| total > MAX_EXACT_MICROS)
+        {
+            return Err(DomainError::lifetime_grants_too_large());
         }
         let expires_at = cmd
             .expires_at

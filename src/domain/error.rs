@@ -82,6 +82,13 @@ impl DomainError {
         ))
     }
 
+    pub fn lifetime_grants_too_large() -> Self {
+        DomainError::invalid(
+            "amount_micros",
+            "the account's credits granted in all would exceed 9007199254740991 micro-credits",
+        )
+    }
+
     pub fn expiry_not_in_future(now: Timestamp, expires_at: Timestamp) -> Self {
         DomainError::invalid(
             "expires_at",

@@ -37,6 +37,7 @@ macro_rules! store_contract_tests {
             unknown_accounts_and_reservations_are_not_found,
             usage_history_and_conservation,
             concurrent_reserves_never_overcommit,
+            lifetime_grants_stay_exact,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -670,4 +671,41 @@ pub async fn concurrent_reserves_never_overcommit<S: Store>(store: S) {
     let s = store.usage("p", 0, at(0)).await.unwrap();
     assert_eq!(s.credit_held, held.credit);
     assert!(s.status.windows.iter().all(|w| w.used <= w.limit));
+}
+
+pub async fn lifetime_grants_stay_exact<S: Store>(store: S) {
+    plus_account_with_credits(&store, "rich", 0).await;
+    let big = 1_000_000_000 * CREDIT; // the largest single grant
+    for i in 0..9 {
+        let g = GrantCommand {
+            amount: big,
+            ..grant_cmd("rich", &format!("g{i}"), 0)
+        };
+        store.grant(g, at(0)).await.unwrap();
+    }
+    // One micro-credit more per grant would pass 2^53 - 1 in all: refused, nothing changes.
+    let one_more = GrantCommand {
+        amount: 7_199_254_740_992,
+        ..grant_cmd("rich", "g9", 0)
+    };
+    let err = store.grant(one_more, at(0)).await.unwrap_err();
+    assert!(
+        matches!(rule(err), DomainError::InvalidArgument { ref field, .. } if field == "amount_micros")
+    );
+    let last = GrantCommand {
+        amount: 7_199_254_740_991,
+        ..grant_cmd("rich", "g9", 0)
+    };
+    assert_eq!(
+        store.grant(last, at(0)).await.unwrap().credit_balance,
+        (1 << 53) - 1
+    );
+    spend(&store, "rich", "r", 150, at(0)).await;
+    spend(&store, "rich", "r2", 1, at(0)).await;
+    let t = store.usage("rich", 1, at(0)).await.unwrap().totals;
+    assert_eq!(
+        (t.balance, t.spent),
+        ((1 << 53) - 1 - CREDIT, CREDIT),
+        "exact at the top of the range"
+    );
 }

@@ -53,6 +53,7 @@ impl Refusal {
             "plan_missing" => {
                 DomainError::plan_not_configured(account_id, &self.plan, &policy.plan_names())
             }
+            "lifetime_grants_too_large" => DomainError::lifetime_grants_too_large(),
             "expiry_not_in_future" => {
                 DomainError::expiry_not_in_future(now, Timestamp::from_millis(self.at))
             }

@@ -11,6 +11,10 @@ if first then
   if first.fp ~= fp then return err({ kind = 'grant_reused', id = gid }) end
   return J({ lot = raw(first.lot), balance = balance() })
 end
+if A.granted + amount > 9007199254740991 then -- 2^53 - 1: past it, doubles are not exact
+  finish()
+  return err({ kind = 'lifetime_grants_too_large' })
+end
 if ex <= NOW then
   finish()
   return err({ kind = 'expiry_not_in_future', at = ex })
