@@ -11,7 +11,7 @@ use crate::domain::time::SECOND_MS;
 use crate::domain::{
     Account, Clock, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome,
     LotSource, Micros, Policy, PriceSheet, PricingError, ReleaseCommand, ReleaseOutcome,
-    ReserveCommand, ReserveOutcome, Timestamp, Usage, UsageSnapshot,
+    ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, Timestamp, Usage, UsageSnapshot,
 };
 use crate::store::{Store, StoreError};
 
@@ -224,6 +224,24 @@ impl<S: Store> Quota<S> {
             expires_at: req.expires_at,
         };
         self.store.grant(cmd, self.clock.now()).await
+    }
+
+    pub async fn revoke_grant(
+        &self,
+        account_id: String,
+        grant_id: String,
+    ) -> Result<RevokeOutcome, StoreError> {
+        self.check_id("account_id", &account_id)?;
+        self.check_id("grant_id", &grant_id)?;
+        self.store
+            .revoke_grant(
+                RevokeCommand {
+                    account_id,
+                    grant_id,
+                },
+                self.clock.now(),
+            )
+            .await
     }
 
     fn check_id(&self, field: &str, id: &str) -> Result<(), StoreError> {

@@ -45,6 +45,7 @@ on_every_store!(
     admin_calls_need_the_bearer_token,
     health_and_reflection_are_served,
     without_a_configured_token_admin_is_disabled,
+    a_revoked_grant_takes_back_what_is_left_of_its_lot,
 );
 
 const MINUTE: i64 = 60;
@@ -800,5 +801,51 @@ async fn without_a_configured_token_admin_is_disabled(store: StoreKind) {
         err.message().contains("no admin token"),
         "{}",
         err.message()
+    );
+}
+
+async fn a_revoked_grant_takes_back_what_is_left_of_its_lot(store: StoreKind) {
+    let server = TestServer::start(store).await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "p", "plus", true).await;
+    grant(&mut a, "p", "refunded", 10).await;
+    grant(&mut a, "p", "kept", 10).await;
+    spend(&mut q, "p", "plan", 150).await;
+    spend(&mut q, "p", "credits", 3).await;
+    let revoke = pb::RevokeGrantRequest {
+        account_id: "p".into(),
+        grant_id: "refunded".into(),
+    };
+    let first = a.revoke_grant(revoke.clone()).await.unwrap().into_inner();
+    // Same expiry, source and instant: the lot id decides, so "kept" was spent and "refunded"
+    // is whole.
+    assert_eq!(
+        (first.revoked_micros, first.credit_balance_micros),
+        (10 * CREDIT, 7 * CREDIT)
+    );
+    let retry = a.revoke_grant(revoke).await.unwrap().into_inner();
+    assert_eq!(retry, first);
+    let ledger = usage_of(&mut q, "p").await.ledger.unwrap();
+    assert_eq!(ledger.revoked_micros, 10 * CREDIT);
+    assert_eq!(
+        ledger.granted_micros,
+        ledger.balance_micros + ledger.spent_micros + ledger.expired_micros + ledger.revoked_micros
+    );
+    let unknown = pb::RevokeGrantRequest {
+        account_id: "p".into(),
+        grant_id: "nope".into(),
+    };
+    assert_eq!(
+        a.revoke_grant(unknown).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let mut anonymous = server.admin_with_token(None).await;
+    let revoke = pb::RevokeGrantRequest {
+        account_id: "p".into(),
+        grant_id: "kept".into(),
+    };
+    assert_eq!(
+        anonymous.revoke_grant(revoke).await.unwrap_err().code(),
+        Code::Unauthenticated
     );
 }

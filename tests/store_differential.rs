@@ -12,7 +12,7 @@ use std::sync::Arc;
 use quotad::domain::time::{DAY_MS, HOUR_MS, MINUTE_MS};
 use quotad::domain::{
     Account, CommitCommand, Decision, GrantCommand, LotSource, Policy, PriceSheet, ReleaseCommand,
-    ReserveCommand, Timestamp, Usage,
+    ReserveCommand, RevokeCommand, Timestamp, Usage,
 };
 use quotad::store::{MemoryStore, RedisStore, Store};
 use support::T0;
@@ -158,7 +158,7 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                 );
                 assert_eq!(m, r, "{context}: release");
             }
-            63..=72 => {
+            63..=70 => {
                 let cmd = if !grants.is_empty() && rng.below(5) == 0 {
                     let mut again = rng.pick(&grants).clone();
                     if rng.below(2) == 0 {
@@ -188,6 +188,18 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.grant(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: grant");
+            }
+            71..=72 if !grants.is_empty() => {
+                let grant = rng.pick(&grants).clone();
+                let cmd = RevokeCommand {
+                    account_id: grant.account_id,
+                    grant_id: grant.grant_id,
+                };
+                let (m, r) = (
+                    memory.revoke_grant(cmd.clone(), now).await,
+                    redis.revoke_grant(cmd, now).await,
+                );
+                assert_eq!(m, r, "{context}: revoke");
             }
             73..=78 => {
                 let plan = rng.pick(&["free", "go", "plus", "pro"]).to_string();
@@ -230,7 +242,7 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
             let t = s.totals;
             assert_eq!(
                 t.granted,
-                t.balance + t.spent + t.expired,
+                t.balance + t.spent + t.expired + t.revoked,
                 "seed {seed}: conservation"
             );
         }

@@ -308,6 +308,7 @@ impl From<UsageSnapshot> for pb::GetUsageResponse {
                 balance_micros: t.balance,
                 held_micros: s.credit_held,
                 available_micros: t.balance - s.credit_held,
+                revoked_micros: t.revoked,
             }),
             holds: s.holds.into_iter().map(Into::into).collect(),
             credit_purchase_allowed: s.account.credit_purchase_allowed,

@@ -118,4 +118,16 @@ impl<S: Store> AdminService for AdminApi<S> {
         let outcome = self.app.grant(request.into_inner().try_into()?).await?;
         Ok(Response::new(outcome.into()))
     }
+
+    async fn revoke_grant(
+        &self,
+        request: Request<pb::RevokeGrantRequest>,
+    ) -> Result<Response<pb::RevokeGrantResponse>, Status> {
+        let req = request.into_inner();
+        let outcome = self.app.revoke_grant(req.account_id, req.grant_id).await?;
+        Ok(Response::new(pb::RevokeGrantResponse {
+            revoked_micros: outcome.revoked,
+            credit_balance_micros: outcome.credit_balance,
+        }))
+    }
 }

@@ -97,6 +97,8 @@ enum Command {
         #[arg(long)]
         expires_at: Option<String>,
     },
+    /// Take back what is left of a grant's lot: a refund or chargeback (admin).
+    Revoke { account: String, grant_id: String },
     /// Read or change an account (admin).
     #[command(subcommand)]
     Account(AccountCommand),
@@ -253,6 +255,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 expires_at: expires_at.as_deref().map(parse_instant).transpose()?,
             };
             out.grant(&admin.grant_credits(request).await?.into_inner());
+        }
+        Command::Revoke { account, grant_id } => {
+            let request = pb::RevokeGrantRequest {
+                account_id: account,
+                grant_id,
+            };
+            out.revoke(&admin.revoke_grant(request).await?.into_inner());
         }
         Command::Account(AccountCommand::Get { account }) => {
             let request = pb::GetAccountRequest {
@@ -486,7 +495,8 @@ impl Output {
             "windows": windows_json(&u.windows), "credit_balance_micros": u.credit_balance_micros,
             "ledger": {
                 "granted_micros": ledger.granted_micros, "spent_micros": ledger.spent_micros,
-                "expired_micros": ledger.expired_micros, "balance_micros": ledger.balance_micros,
+                "expired_micros": ledger.expired_micros, "revoked_micros": ledger.revoked_micros,
+                "balance_micros": ledger.balance_micros,
                 "held_micros": ledger.held_micros, "available_micros": ledger.available_micros,
             },
             "lots": u.lots.iter().map(|l| json!({
@@ -513,10 +523,11 @@ impl Output {
         )];
         Self::windows_text(&mut lines, &u.windows, u.credit_balance_micros);
         lines.push(format!(
-            "credits  granted {}, spent {}, expired {}, held {}, available {}",
+            "credits  granted {}, spent {}, expired {}, revoked {}, held {}, available {}",
             Credits(ledger.granted_micros),
             Credits(ledger.spent_micros),
             Credits(ledger.expired_micros),
+            Credits(ledger.revoked_micros),
             Credits(ledger.held_micros),
             Credits(ledger.available_micros)
         ));
@@ -566,6 +577,15 @@ impl Output {
                 instant(&lot.expires_at).unwrap_or_default()
             ),
             format!("balance  {} credits", Credits(g.credit_balance_micros)),
+        ];
+        self.emit(value, lines);
+    }
+
+    fn revoke(&self, r: &pb::RevokeGrantResponse) {
+        let value = json!({ "revoked_micros": r.revoked_micros, "credit_balance_micros": r.credit_balance_micros });
+        let lines = vec![
+            format!("revoked  {} credits", Credits(r.revoked_micros)),
+            format!("balance  {} credits", Credits(r.credit_balance_micros)),
         ];
         self.emit(value, lines);
     }

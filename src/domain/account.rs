@@ -18,7 +18,8 @@ use std::collections::{HashMap, VecDeque};
 use super::decision::{
     Account, AccountStatus, Action, CommitCommand, CommitOutcome, CommitReceipt, Decision, Denial,
     DenialFacts, GrantCommand, GrantOutcome, HoldView, ReleaseCommand, ReleaseOutcome,
-    ReserveCommand, ReserveOutcome, Shortfall, UsageEvent, UsageSnapshot, WindowStatus,
+    ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, Shortfall, UsageEvent,
+    UsageSnapshot, WindowStatus,
 };
 use super::error::DomainError;
 use super::ledger::{CreditLot, Ledger};
@@ -78,6 +79,8 @@ struct RequestRecord {
 struct GrantRecord {
     fingerprint: u64,
     lot: CreditLot,
+    /// What a revocation took back, once revoked.
+    revoked: Option<Micros>,
 }
 
 /// Records kept for a while, forgotten in the order they were made. An id recorded again
@@ -629,10 +632,37 @@ impl AccountState {
             GrantRecord {
                 fingerprint,
                 lot: lot.clone(),
+                revoked: None,
             },
         );
         Ok(GrantOutcome {
             lot,
+            credit_balance: self.ledger.balance(),
+        })
+    }
+
+    /// Takes back what is left of a grant's lot (a refund or a chargeback); acts once per grant.
+    pub fn revoke(
+        &mut self,
+        policy: &Policy,
+        cmd: &RevokeCommand,
+        now: Timestamp,
+    ) -> Result<RevokeOutcome, DomainError> {
+        self.settle(policy, now);
+        let record = self
+            .grants
+            .get_mut(&cmd.grant_id)
+            .ok_or_else(|| DomainError::grant_not_found(&cmd.grant_id))?;
+        let revoked = match record.revoked {
+            Some(revoked) => revoked,
+            None => {
+                let revoked = self.ledger.revoke(&cmd.grant_id);
+                record.revoked = Some(revoked);
+                revoked
+            }
+        };
+        Ok(RevokeOutcome {
+            revoked,
             credit_balance: self.ledger.balance(),
         })
     }
@@ -689,7 +719,9 @@ fn max_usage(a: &Usage, b: &Usage) -> Usage {
 mod tests {
     use super::*;
     use crate::domain::decision::DenyReason;
-    use crate::domain::decision::{CommitCommand, GrantCommand, ReleaseCommand, ReserveCommand};
+    use crate::domain::decision::{
+        CommitCommand, GrantCommand, ReleaseCommand, ReserveCommand, RevokeCommand,
+    };
     use crate::domain::ledger::LotSource;
     use crate::domain::money::MICROS_PER_CREDIT as C;
     use crate::domain::time::{DAY_MS, HOUR_MS, MINUTE_MS};
@@ -739,6 +771,9 @@ mod tests {
         Advance {
             minutes: i64,
         },
+        Revoke {
+            pick: usize,
+        },
         SetPlan {
             plus: bool,
             allowed: bool,
@@ -753,6 +788,7 @@ mod tests {
             1 => (1i64..40, 1i64..10).prop_map(|(credits, days)| Op::Grant { credits, days }),
             2 => (0i64..400).prop_map(|minutes| Op::Advance { minutes }),
             1 => (any::<bool>(), any::<bool>()).prop_map(|(plus, allowed)| Op::SetPlan { plus, allowed }),
+            1 => any::<usize>().prop_map(|pick| Op::Revoke { pick }),
         ]
     }
 
@@ -788,6 +824,7 @@ mod tests {
             let mut s = AccountState::new(Account { id: "a".into(), plan: "plus".into(), credit_purchase_allowed: true });
             let mut now = Timestamp::from_millis(T0);
             let mut reservations: Vec<String> = Vec::new();
+            let mut grants: Vec<String> = Vec::new();
             for (i, op) in ops.into_iter().enumerate() {
                 s.settle(&policy, now);
                 let before = observe(&s, &policy);
@@ -836,10 +873,15 @@ mod tests {
                             expires_at: Some(now.plus_millis(days * DAY_MS)),
                         };
                         s.grant(&policy, &cmd, now).unwrap();
+                        grants.push(cmd.grant_id);
                     }
                     Op::Advance { minutes } => now = now.plus_millis(minutes * MINUTE_MS),
                     Op::SetPlan { plus, allowed } => {
                         s.update_account(if plus { "plus" } else { "free" }.into(), allowed);
+                    }
+                    Op::Revoke { pick } if !grants.is_empty() => {
+                        let grant_id = grants[pick % grants.len()].clone();
+                        s.revoke(&policy, &RevokeCommand { account_id: "a".into(), grant_id }, now).unwrap();
                     }
                     _ => {}
                 }
@@ -850,7 +892,7 @@ mod tests {
                 let after = observe(&s, &policy);
 
                 let t = s.ledger.totals();
-                prop_assert_eq!(t.granted, t.balance + t.spent + t.expired, "conservation");
+                prop_assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked, "conservation");
                 if !is_commit {
                     prop_assert!(after.debt <= before.debt, "only a commit may spend credits that are not there");
                 }

@@ -321,6 +321,20 @@ pub struct ReleaseOutcome {
     pub released: Funding,
 }
 
+/// RevokeGrant: take back what is left of a grant's lot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeCommand {
+    pub account_id: String,
+    pub grant_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeOutcome {
+    /// What the revocation took back (the same on every retry).
+    pub revoked: Micros,
+    pub credit_balance: Micros,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantOutcome {
     /// The lot as granted (its remaining amount is after any debt it paid off).

@@ -42,6 +42,13 @@ impl DomainError {
         }
     }
 
+    pub fn grant_not_found(id: &str) -> Self {
+        DomainError::NotFound {
+            what: "grant",
+            id: id.to_owned(),
+        }
+    }
+
     pub fn request_reused(request_id: &str) -> Self {
         DomainError::AlreadyExists(format!(
             "request_id {request_id:?} was already used for a different Reserve on this account"

@@ -9,7 +9,7 @@
 //! A commit whose usage outgrew its hold is charged even when the lots run dry (the work is
 //! done); the shortfall is `debt`, a negative balance, which the next grant pays off first.
 //! The ledger keeps its totals so that at every instant
-//! `granted = balance + spent + expired`, where `balance = Σ remaining − debt`.
+//! `granted = balance + spent + expired + revoked`, where `balance = Σ remaining − debt`.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -95,6 +95,7 @@ pub struct Ledger {
     granted: Micros,
     spent: Micros,
     expired: Micros,
+    revoked: Micros,
 }
 
 /// The ledger's running totals.
@@ -103,6 +104,8 @@ pub struct LedgerTotals {
     pub granted: Micros,
     pub spent: Micros,
     pub expired: Micros,
+    /// Taken back by revoked grants (refunds, chargebacks).
+    pub revoked: Micros,
     pub balance: Micros,
 }
 
@@ -122,8 +125,20 @@ impl Ledger {
             granted: self.granted,
             spent: self.spent,
             expired: self.expired,
+            revoked: self.revoked,
             balance: self.balance(),
         }
+    }
+
+    /// Removes what is left of lot `id` (a refund or chargeback of its grant); returns how much.
+    /// A lot already spent or expired has nothing left to take.
+    pub fn revoke(&mut self, id: &str) -> Micros {
+        let Some(at) = self.lots.iter().position(|l| l.id == id) else {
+            return 0;
+        };
+        let lot = self.lots.remove(at);
+        self.revoked += lot.remaining;
+        lot.remaining
     }
 
     /// Moves what is left of every lot expiring at or before `now` to `expired`.
@@ -233,6 +248,7 @@ mod tests {
                 granted: 20,
                 spent: 4,
                 expired: 10,
+                revoked: 0,
                 balance: 6
             }
         );
@@ -243,6 +259,7 @@ mod tests {
         Grant(Micros, i64),
         Spend(Micros),
         Advance(i64),
+        Revoke(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -250,6 +267,7 @@ mod tests {
             (1i64..1_000, 1i64..50).prop_map(|(a, e)| Op::Grant(a, e)),
             (0i64..700).prop_map(Op::Spend),
             (0i64..20).prop_map(Op::Advance),
+            (0usize..80).prop_map(Op::Revoke),
         ]
     }
 
@@ -266,9 +284,12 @@ mod tests {
                     }
                     Op::Spend(a) => l.spend(a),
                     Op::Advance(dt) => now += dt,
+                    Op::Revoke(i) => {
+                        l.revoke(&format!("{i}"));
+                    }
                 }
                 let t = l.totals();
-                prop_assert_eq!(t.granted, t.balance + t.spent + t.expired);
+                prop_assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked);
                 prop_assert!(l.lots().iter().all(|lot| lot.remaining > 0 && lot.remaining <= lot.granted));
                 prop_assert!(l.lots().windows(2).all(|w| w[0].consumption_order(&w[1]) == Ordering::Less));
             }

@@ -12,7 +12,8 @@ use dashmap::DashMap;
 use super::{Store, StoreError, account_not_found};
 use crate::domain::{
     Account, AccountState, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy,
-    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, Timestamp, UsageSnapshot,
+    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
+    Timestamp, UsageSnapshot,
 };
 
 #[derive(Debug)]
@@ -99,6 +100,16 @@ impl Store for MemoryStore {
     async fn grant(&self, cmd: GrantCommand, now: Timestamp) -> Result<GrantOutcome, StoreError> {
         self.with_account(&cmd.account_id, |state, policy| {
             state.grant(policy, &cmd, now)
+        })
+    }
+
+    async fn revoke_grant(
+        &self,
+        cmd: RevokeCommand,
+        now: Timestamp,
+    ) -> Result<RevokeOutcome, StoreError> {
+        self.with_account(&cmd.account_id, |state, policy| {
+            state.revoke(policy, &cmd, now)
         })
     }
 

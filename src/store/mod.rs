@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome, ReleaseCommand,
-    ReleaseOutcome, ReserveCommand, ReserveOutcome, Timestamp, UsageSnapshot,
+    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, Timestamp,
+    UsageSnapshot,
 };
 
 pub use memory::MemoryStore;
@@ -70,6 +71,13 @@ pub trait Store: Send + Sync + 'static {
         cmd: GrantCommand,
         now: Timestamp,
     ) -> impl Future<Output = Result<GrantOutcome, StoreError>> + Send;
+
+    /// Takes back what is left of a grant's lot; acts once per grant.
+    fn revoke_grant(
+        &self,
+        cmd: RevokeCommand,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<RevokeOutcome, StoreError>> + Send;
 
     /// Creates an account or changes its plan and credit eligibility.
     fn upsert_account(

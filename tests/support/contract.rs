@@ -10,7 +10,7 @@ use std::sync::Arc;
 use quotad::domain::time::{HOUR_MS, MINUTE_MS};
 use quotad::domain::{
     Account, Action, CommitCommand, Decision, DenyReason, DomainError, Funding, GrantCommand,
-    LotSource, Policy, PriceSheet, ReleaseCommand, ReserveCommand, Timestamp, Usage,
+    LotSource, Policy, PriceSheet, ReleaseCommand, ReserveCommand, RevokeCommand, Timestamp, Usage,
 };
 use quotad::store::{Store, StoreError};
 
@@ -38,6 +38,7 @@ macro_rules! store_contract_tests {
             usage_history_and_conservation,
             concurrent_reserves_never_overcommit,
             lifetime_grants_stay_exact,
+            revoking_a_grant_takes_back_what_is_left_of_its_lot_once,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -314,7 +315,7 @@ pub async fn commit_beyond_the_hold_is_still_charged<S: Store>(store: S) {
     assert_eq!(out.status.credit_balance, -5 * CREDIT);
     let snapshot = store.usage("p", 10, at(MINUTE_MS)).await.unwrap();
     let t = snapshot.totals;
-    assert_eq!(t.granted, t.balance + t.spent + t.expired);
+    assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked);
     // The next grant pays the debt first.
     let out = store
         .grant(grant_cmd("p", "g2", 20), at(2 * MINUTE_MS))
@@ -633,7 +634,7 @@ pub async fn usage_history_and_conservation<S: Store>(store: S) {
         (t.granted, t.spent, t.balance),
         (40 * CREDIT, 30 * CREDIT, 10 * CREDIT)
     );
-    assert_eq!(t.granted, t.balance + t.spent + t.expired);
+    assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked);
 }
 
 pub async fn concurrent_reserves_never_overcommit<S: Store>(store: S) {
@@ -708,4 +709,58 @@ pub async fn lifetime_grants_stay_exact<S: Store>(store: S) {
         ((1 << 53) - 1 - CREDIT, CREDIT),
         "exact at the top of the range"
     );
+}
+
+pub async fn revoking_a_grant_takes_back_what_is_left_of_its_lot_once<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 0).await;
+    let soon = GrantCommand {
+        expires_at: Some(at(10 * 24 * HOUR_MS)),
+        ..grant_cmd("p", "soon", 10)
+    };
+    store.grant(soon, at(0)).await.unwrap();
+    store
+        .grant(grant_cmd("p", "later", 20), at(0))
+        .await
+        .unwrap();
+    spend(&store, "p", "plan", 150, at(0)).await;
+    spend(&store, "p", "credits", 4, at(0)).await; // from the lot expiring soonest
+    let revoke = |grant: &str| RevokeCommand {
+        account_id: "p".into(),
+        grant_id: grant.into(),
+    };
+    let first = store.revoke_grant(revoke("soon"), at(0)).await.unwrap();
+    assert_eq!(
+        (first.revoked, first.credit_balance),
+        (6 * CREDIT, 20 * CREDIT)
+    );
+    let again = store.revoke_grant(revoke("soon"), at(0)).await.unwrap();
+    assert_eq!(again, first, "a retry takes nothing more");
+    let lots = store.usage("p", 0, at(0)).await.unwrap().lots;
+    assert_eq!(
+        lots.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
+        ["later"],
+        "only that lot"
+    );
+    assert_eq!(
+        store
+            .revoke_grant(revoke("later"), at(0))
+            .await
+            .unwrap()
+            .credit_balance,
+        0
+    );
+    let t = store.usage("p", 0, at(0)).await.unwrap().totals;
+    assert_eq!(
+        (t.granted, t.spent, t.revoked, t.balance),
+        (30 * CREDIT, 4 * CREDIT, 26 * CREDIT, 0)
+    );
+    assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked);
+    let missing = store
+        .revoke_grant(revoke("never-granted"), at(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        rule(missing),
+        DomainError::NotFound { what: "grant", .. }
+    ));
 }

@@ -35,7 +35,8 @@ use crate::domain::account::LOT_VALIDITY_MONTHS;
 use crate::domain::time::{DAY_MS, MINUTE_MS};
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy, ReleaseCommand,
-    ReleaseOutcome, ReserveCommand, ReserveOutcome, Timestamp, UsageSnapshot,
+    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, Timestamp,
+    UsageSnapshot,
 };
 use front::Front;
 use health::Health;
@@ -172,6 +173,7 @@ struct Scripts {
     account: Script,
     usage: Script,
     sweep: Script,
+    revoke: Script,
 }
 
 impl Scripts {
@@ -187,10 +189,11 @@ impl Scripts {
             account: script(include_str!("lua/account.lua")),
             usage: script(include_str!("lua/usage.lua")),
             sweep: script(include_str!("lua/sweep.lua")),
+            revoke: script(include_str!("lua/revoke.lua")),
         }
     }
 
-    fn all(&self) -> [&Script; 8] {
+    fn all(&self) -> [&Script; 9] {
         [
             &self.reserve,
             &self.commit,
@@ -200,6 +203,7 @@ impl Scripts {
             &self.account,
             &self.usage,
             &self.sweep,
+            &self.revoke,
         ]
     }
 }
@@ -586,6 +590,22 @@ impl Store for RedisStore {
         self.front.forget(&cmd.account_id);
         Ok(GrantOutcome {
             lot: reply.lot.try_into().map_err(StoreError::Internal)?,
+            credit_balance: reply.balance,
+        })
+    }
+
+    async fn revoke_grant(
+        &self,
+        cmd: RevokeCommand,
+        now: Timestamp,
+    ) -> Result<RevokeOutcome, StoreError> {
+        let args = [cmd.grant_id.as_str()];
+        let reply: wire::RevokeJ = self
+            .run(&self.scripts.revoke, &cmd.account_id, now, &args)
+            .await?;
+        self.front.forget(&cmd.account_id);
+        Ok(RevokeOutcome {
+            revoked: reply.revoked,
             credit_balance: reply.balance,
         })
     }

@@ -45,6 +45,7 @@ impl Refusal {
             "reservation_not_found" => DomainError::reservation_not_found(&self.id),
             "request_reused" => DomainError::request_reused(&self.id),
             "grant_reused" => DomainError::grant_reused(&self.id),
+            "grant_not_found" => DomainError::grant_not_found(&self.id),
             "already_committed" => DomainError::already_committed(&self.id, self.by_commit),
             "already_released" => DomainError::already_released(&self.id),
             "reservation_expired" => {
@@ -235,6 +236,12 @@ pub struct ReleaseJ {
 }
 
 #[derive(Debug, Deserialize)]
+pub struct RevokeJ {
+    pub revoked: i64,
+    pub balance: i64,
+}
+
+#[derive(Debug, Deserialize)]
 pub struct LotJ {
     id: String,
     source: String,
@@ -357,6 +364,7 @@ pub struct TotalsJ {
     granted: i64,
     spent: i64,
     expired: i64,
+    revoked: i64,
     balance: i64,
 }
 
@@ -366,6 +374,7 @@ impl From<TotalsJ> for LedgerTotals {
             granted: t.granted,
             spent: t.spent,
             expired: t.expired,
+            revoked: t.revoked,
             balance: t.balance,
         }
     }

@@ -4,8 +4,8 @@
 -- src/domain/account.rs; the store contract suite runs the same tests against both.
 --
 -- KEYS (all hash-tagged by the account id, so they live in one Cluster slot):
---   1 acct     HASH  id, plan, cpa (credit purchase allowed 0/1), granted, spent, expired, debt,
---                    w5t, wwt (committed totals of the windows)
+--   1 acct     HASH  id, plan, cpa (credit purchase allowed 0/1), granted, spent, expired,
+--                    revoked, debt, w5t, wwt (committed totals of the windows)
 --   2 w5       LIST  "bucket:amount" of the 5h window, oldest first (5-minute buckets)
 --   3 ww       LIST  "bucket:amount" of the weekly window, oldest first (1-hour buckets)
 --   4 lots     HASH  lot id -> {src, g (granted), r (remaining), ga (granted at), ex (expires at)}
@@ -14,7 +14,7 @@
 --   7 closedz  ZSET  reservation id scored by when it ended (to forget in order)
 --   8 req      HASH  request id -> first answer to a Reserve
 --   9 reqz     ZSET  request id scored by when it was answered
---  10 grants   HASH  grant id -> {fp, lot} (kept for retries)
+--  10 grants   HASH  grant id -> {fp, lot, rv (what a revocation took back, once revoked)}
 --  11 events   LIST  usage events, newest first, capped
 --  12 holdidx  ZSET  (one per Cluster slot, shared by the accounts of that slot) account id
 --                    scored by its earliest open hold expiry, for the sweeper
@@ -61,7 +61,7 @@ local function err(e) return J({ err = e }) end
 
 -- The account record ------------------------------------------------------------------------
 local A = nil -- the account hash as a table, numbers converted
-local NUMERIC = { granted = true, spent = true, expired = true, debt = true, w5t = true, wwt = true }
+local NUMERIC = { granted = true, spent = true, expired = true, revoked = true, debt = true, w5t = true, wwt = true }
 
 local function load_account()
   local flat = redis.call('HGETALL', K_ACCT)
@@ -71,16 +71,18 @@ local function load_account()
     local k, v = flat[i], flat[i + 1]
     A[k] = NUMERIC[k] and tonumber(v) or v
   end
+  for k in pairs(NUMERIC) do A[k] = A[k] or 0 end
   return true
 end
 
 local function create_account(id, plan)
-  A = { id = id, plan = plan, cpa = '1', granted = 0, spent = 0, expired = 0, debt = 0, w5t = 0, wwt = 0 }
+  A = { id = id, plan = plan, cpa = '1', granted = 0, spent = 0, expired = 0, revoked = 0, debt = 0, w5t = 0, wwt = 0 }
 end
 
 local function save_account()
   redis.call('HSET', K_ACCT, 'id', A.id, 'plan', A.plan, 'cpa', A.cpa, 'granted', int(A.granted),
-    'spent', int(A.spent), 'expired', int(A.expired), 'debt', int(A.debt), 'w5t', int(A.w5t), 'wwt', int(A.wwt))
+    'spent', int(A.spent), 'expired', int(A.expired), 'revoked', int(A.revoked), 'debt', int(A.debt),
+    'w5t', int(A.w5t), 'wwt', int(A.wwt))
 end
 
 local function plan_of()
