@@ -14,6 +14,7 @@ pub mod money;
 pub mod policy;
 pub mod pricing;
 pub mod time;
+pub mod top_up;
 pub mod window;
 
 pub use account::AccountState;

@@ -29,6 +29,13 @@ impl Timestamp {
         Self(self.0.saturating_add(ms))
     }
 
+    /// The calendar month (UTC) this instant falls in, as months since January of year 0, so
+    /// that two instants are in the same month exactly when their indexes are equal.
+    pub fn month_index(self) -> i64 {
+        let (y, m, _) = civil_from_days(self.0.div_euclid(DAY_MS));
+        y * 12 + i64::from(m) - 1
+    }
+
     /// The same wall-clock instant `months` calendar months later (UTC). A day that does not
     /// exist in the target month is clamped to that month's last day (Jan 31 + 1 month = Feb 28/29).
     pub fn plus_months(self, months: u32) -> Self {
