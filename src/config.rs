@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
+use crate::domain::top_up::TopUpRules;
 use crate::domain::{Limits, Plan, Policy, PriceSheet, Product};
 
 /// Environment variables that configure quotad start with this.
@@ -225,6 +226,8 @@ pub struct Config {
     pub plans: BTreeMap<String, Plan>,
     pub products: BTreeMap<String, Product>,
     pub limits: Limits,
+    /// Auto top-up rules shared by every account.
+    pub top_up: TopUpRules,
     pub pricing: PriceSheet,
 }
 
@@ -242,6 +245,7 @@ impl Default for Config {
             plans: policy.plans,
             products: policy.products,
             limits: policy.limits,
+            top_up: policy.top_up,
             pricing: PriceSheet::default(),
         }
     }
@@ -259,6 +263,7 @@ const ENV_KEYS: &[&str] = &[
     "plans",
     "products",
     "limits",
+    "top_up",
     "pricing",
 ];
 
@@ -309,6 +314,7 @@ impl Config {
             plans: self.plans.clone(),
             products: self.products.clone(),
             limits: self.limits.clone(),
+            top_up: self.top_up,
         }
     }
 

@@ -10,10 +10,12 @@ mod support;
 use std::sync::Arc;
 
 use quotad::domain::time::{DAY_MS, HOUR_MS, MINUTE_MS};
+use quotad::domain::top_up::{PaymentResult, TopUpSettings};
 use quotad::domain::{
     Account, CommitCommand, Decision, GrantCommand, LotSource, Policy, PriceSheet, ReleaseCommand,
     ReserveCommand, RevokeCommand, Timestamp, Usage,
 };
+use quotad::domain::{SetTopUpCommand, SettleTopUpCommand};
 use quotad::store::{MemoryStore, RedisStore, Store};
 use support::T0;
 
@@ -74,6 +76,7 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
     let mut reservations: Vec<(String, String, Usage)> = Vec::new();
     let mut requests: Vec<ReserveCommand> = Vec::new();
     let mut grants: Vec<GrantCommand> = Vec::new();
+    let mut purchases: Vec<(String, String)> = Vec::new();
     for step in 0..steps {
         let account = rng.pick(&accounts).to_string();
         let context = format!("seed {seed}, step {step}");
@@ -105,6 +108,11 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                 );
                 assert_eq!(m, r, "{context}: reserve");
                 if let Ok(ref out) = m {
+                    purchases.extend(
+                        out.top_up
+                            .iter()
+                            .map(|p| (cmd.account_id.clone(), p.id.clone())),
+                    );
                     if let Decision::Allow { reservation_id, .. } = &out.decision {
                         reservations.push((
                             cmd.account_id,
@@ -145,6 +153,9 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.commit(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: commit");
+                if let Ok(out) = m {
+                    purchases.extend(out.top_up.map(|p| (account, p.id)));
+                }
             }
             55..=62 if !reservations.is_empty() => {
                 let (account, id, _) = rng.pick(&reservations).clone();
@@ -192,7 +203,7 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
             71..=72 if !grants.is_empty() => {
                 let grant = rng.pick(&grants).clone();
                 let cmd = RevokeCommand {
-                    account_id: grant.account_id,
+                    account_id: grant.account_id.clone(),
                     grant_id: grant.grant_id,
                 };
                 let (m, r) = (
@@ -200,6 +211,9 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.revoke_grant(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: revoke");
+                if let Ok(out) = m {
+                    purchases.extend(out.top_up.map(|p| (grant.account_id.clone(), p.id)));
+                }
             }
             73..=78 => {
                 let plan = rng.pick(&["free", "go", "plus", "pro"]).to_string();
@@ -221,6 +235,60 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.usage(&account, limit, now).await,
                 );
                 assert_eq!(m, r, "{context}: usage of {account}");
+            }
+            89..=91 => {
+                let threshold = rng.below(20) as i64 * 1_000_000 + rng.below(1_000) as i64;
+                let target = if rng.below(10) == 0 {
+                    threshold
+                } else {
+                    threshold + (1 + rng.below(50) as i64) * 1_000_000
+                };
+                let settings = TopUpSettings {
+                    enabled: rng.below(3) > 0,
+                    threshold,
+                    target,
+                    monthly_cap: (rng.below(3) == 0)
+                        .then(|| (10 + rng.below(70) as i64) * 1_000_000),
+                };
+                let cmd = SetTopUpCommand {
+                    account_id: account.clone(),
+                    settings,
+                };
+                let (m, r) = (
+                    memory.set_top_up(cmd.clone(), now).await,
+                    redis.set_top_up(cmd, now).await,
+                );
+                assert_eq!(m, r, "{context}: set top-up");
+                if let Ok(out) = m {
+                    purchases.extend(out.top_up.map(|p| (account.clone(), p.id)));
+                }
+            }
+            92..=94 if !purchases.is_empty() => {
+                let (account, purchase_id) = rng.pick(&purchases).clone();
+                let result = match rng.below(3) {
+                    0 => PaymentResult::Approved {
+                        payment_id: format!("pay-{step}"),
+                    },
+                    1 => PaymentResult::Declined {
+                        error: "declined".into(),
+                    },
+                    _ => PaymentResult::Failed {
+                        error: "timeout".into(),
+                    },
+                };
+                let cmd = SettleTopUpCommand {
+                    account_id: account.clone(),
+                    purchase_id,
+                    result,
+                };
+                let (m, r) = (
+                    memory.settle_top_up(cmd.clone(), now).await,
+                    redis.settle_top_up(cmd, now).await,
+                );
+                assert_eq!(m, r, "{context}: settle top-up");
+                if let Ok(out) = m {
+                    purchases.extend(out.top_up.map(|p| (account.clone(), p.id)));
+                }
             }
             _ => {
                 let jump = match rng.below(10) {

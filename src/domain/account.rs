@@ -18,15 +18,17 @@ use std::collections::{HashMap, VecDeque};
 use super::decision::{
     Account, AccountStatus, Action, CommitCommand, CommitOutcome, CommitReceipt, Decision, Denial,
     DenialFacts, GrantCommand, GrantOutcome, HoldView, ReleaseCommand, ReleaseOutcome,
-    ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, Shortfall, UsageEvent,
-    UsageSnapshot, WindowStatus,
+    ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
+    SettleTopUpCommand, Shortfall, TopUpOutcome, TopUpView, UsageEvent, UsageSnapshot,
+    WindowStatus,
 };
 use super::error::DomainError;
-use super::ledger::{CreditLot, Ledger};
+use super::ledger::{CreditLot, Ledger, LotSource};
 use super::money::{Funding, Micros};
 use super::policy::{Overage, Plan, Policy};
 use super::pricing::Usage;
 use super::time::{SECOND_MS, Timestamp};
+use super::top_up::{Purchase, TopUp};
 use super::window::{FIVE_HOUR, SlidingWindow, WEEKLY};
 
 /// The largest amount any account total may reach: every integer up to 2^53 − 1 is exact in an
@@ -154,6 +156,7 @@ pub struct AccountState {
     grants: HashMap<String, GrantRecord>,
     /// Newest last.
     recent: VecDeque<UsageEvent>,
+    top_up: TopUp,
 }
 
 impl AccountState {
@@ -168,6 +171,7 @@ impl AccountState {
             requests: Retained::default(),
             grants: HashMap::new(),
             recent: VecDeque::new(),
+            top_up: TopUp::default(),
         }
     }
 
@@ -326,7 +330,13 @@ impl AccountState {
                     need,
                     available: available.max(0),
                 };
-                (Action::BuyCredits, None, shortfall, retry_at)
+                // After declines, buying more will not help until the payment method is fixed.
+                let action = if self.top_up.payment_method_failing() {
+                    Action::UpdatePaymentMethod
+                } else {
+                    Action::BuyCredits
+                };
+                (action, None, shortfall, retry_at)
             }
             Route::Deny {
                 credits_barred,
@@ -407,6 +417,7 @@ impl AccountState {
                 decision,
                 estimate,
                 status: self.status(policy)?,
+                top_up: None,
             });
         }
         let plan = self.plan(policy)?;
@@ -443,10 +454,12 @@ impl AccountState {
             estimate: cmd.cost,
         };
         self.requests.insert(now, cmd.request_id.clone(), record);
+        let top_up = self.check_top_up(policy, now);
         Ok(ReserveOutcome {
             decision,
             estimate: cmd.cost,
             status: self.status(policy)?,
+            top_up,
         })
     }
 
@@ -484,6 +497,7 @@ impl AccountState {
             return Ok(CommitOutcome {
                 receipt,
                 status: self.status(policy)?,
+                top_up: None,
             });
         };
 
@@ -527,9 +541,11 @@ impl AccountState {
             self.open.insert(r.id.clone(), r);
             receipt
         };
+        let top_up = self.check_top_up(policy, now);
         Ok(CommitOutcome {
             receipt,
             status: self.status(policy)?,
+            top_up,
         })
     }
 
@@ -661,8 +677,111 @@ impl AccountState {
                 revoked
             }
         };
+        let top_up = self.check_top_up(policy, now);
         Ok(RevokeOutcome {
             revoked,
+            credit_balance: self.ledger.balance(),
+            top_up,
+        })
+    }
+
+    /// Whether this account may have credits bought for it: a plan on the credits route and
+    /// credit purchase allowed.
+    fn top_up_eligible(&self, policy: &Policy) -> bool {
+        self.account.credit_purchase_allowed
+            && policy
+                .plan(&self.account.plan)
+                .is_some_and(|p| p.overage == Overage::Credits)
+    }
+
+    /// The auto top-up trigger, run at the end of every change.
+    fn check_top_up(&mut self, policy: &Policy, now: Timestamp) -> Option<Purchase> {
+        if !self.top_up_eligible(policy) {
+            return None;
+        }
+        let available = self.credits_available();
+        self.top_up
+            .check(available, &self.account.id, policy.top_up, now)
+    }
+
+    fn top_up_view(&self) -> TopUpView {
+        TopUpView {
+            settings: self.top_up.settings(),
+            last_attempt: self.top_up.last_attempt().cloned(),
+            consecutive_declines: self.top_up.consecutive_declines(),
+            in_flight: self.top_up.in_flight().cloned(),
+        }
+    }
+
+    /// SetAutoTopUp: free/go accounts and accounts barred from buying credits may only turn it off.
+    pub fn set_top_up(
+        &mut self,
+        policy: &Policy,
+        cmd: &SetTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpOutcome, DomainError> {
+        cmd.settings.validate()?;
+        self.settle(policy, now);
+        if cmd.settings.enabled && !self.top_up_eligible(policy) {
+            return Err(DomainError::top_up_not_allowed(
+                &self.account.id,
+                &self.account.plan,
+            ));
+        }
+        let available = self.credits_available();
+        let top_up = self.top_up.configure(
+            cmd.settings,
+            available,
+            &self.account.id,
+            policy.top_up,
+            now,
+        )?;
+        Ok(TopUpOutcome {
+            view: self.top_up_view(),
+            top_up,
+            credit_balance: self.ledger.balance(),
+        })
+    }
+
+    /// Settles an auto top-up purchase with the payment's result: an approved one becomes a lot
+    /// (source `auto_top_up`, id the purchase id, valid 12 months); a duplicate changes nothing.
+    pub fn settle_top_up(
+        &mut self,
+        policy: &Policy,
+        cmd: &SettleTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpOutcome, DomainError> {
+        self.settle(policy, now);
+        if let Some(paid) = self
+            .top_up
+            .settle(&cmd.purchase_id, &cmd.result, policy.top_up, now)
+        {
+            let lot = CreditLot {
+                id: paid.id.clone(),
+                source: LotSource::AutoTopUp,
+                granted: paid.amount,
+                remaining: paid.amount,
+                granted_at: now,
+                expires_at: now.plus_months(LOT_VALIDITY_MONTHS),
+            };
+            let paid_off = self.ledger.grant(lot.clone());
+            let lot = CreditLot {
+                remaining: paid.amount - paid_off,
+                ..lot
+            };
+            self.grants.insert(
+                paid.id,
+                GrantRecord {
+                    fingerprint: 0,
+                    lot,
+                    revoked: None,
+                },
+            );
+        }
+        let top_up = self.check_top_up(policy, now);
+        Ok(TopUpOutcome {
+            view: self.top_up_view(),
+            top_up,
             credit_balance: self.ledger.balance(),
         })
     }
@@ -700,6 +819,7 @@ impl AccountState {
             totals: self.ledger.totals(),
             credit_held: self.held().credit,
             holds,
+            top_up: self.top_up_view(),
         })
     }
 }

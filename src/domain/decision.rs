@@ -6,6 +6,7 @@ use super::ledger::{CreditLot, LedgerTotals, LotSource};
 use super::money::{Credits, Funding, Micros};
 use super::pricing::Usage;
 use super::time::Timestamp;
+use super::top_up::{PaymentResult, Purchase, TopUpAttempt, TopUpSettings};
 
 /// Reserve, after validation and pricing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +252,8 @@ pub struct ReserveOutcome {
     pub decision: Decision,
     pub estimate: Micros,
     pub status: AccountStatus,
+    /// An auto top-up purchase this operation started: the caller has it paid.
+    pub top_up: Option<Purchase>,
 }
 
 /// What a Commit did; kept with a finished reservation so a retry gets the same answer.
@@ -314,6 +317,8 @@ impl CommitReceipt {
 pub struct CommitOutcome {
     pub receipt: CommitReceipt,
     pub status: AccountStatus,
+    /// An auto top-up purchase this operation started: the caller has it paid.
+    pub top_up: Option<Purchase>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,6 +337,40 @@ pub struct RevokeCommand {
 pub struct RevokeOutcome {
     /// What the revocation took back (the same on every retry).
     pub revoked: Micros,
+    pub credit_balance: Micros,
+    /// An auto top-up purchase this operation started: the caller has it paid.
+    pub top_up: Option<Purchase>,
+}
+
+/// SetAutoTopUp, after validation of its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetTopUpCommand {
+    pub account_id: String,
+    pub settings: TopUpSettings,
+}
+
+/// The outcome of a payment, to settle the purchase it paid for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettleTopUpCommand {
+    pub account_id: String,
+    pub purchase_id: String,
+    pub result: PaymentResult,
+}
+
+/// An account's auto top-up, as GetUsage and SetAutoTopUp show it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TopUpView {
+    pub settings: TopUpSettings,
+    pub last_attempt: Option<TopUpAttempt>,
+    pub consecutive_declines: u32,
+    pub in_flight: Option<Purchase>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopUpOutcome {
+    pub view: TopUpView,
+    /// A purchase this call started (turning it on below the threshold): the caller has it paid.
+    pub top_up: Option<Purchase>,
     pub credit_balance: Micros,
 }
 
@@ -375,4 +414,5 @@ pub struct UsageSnapshot {
     /// Credits held by open reservations.
     pub credit_held: Micros,
     pub holds: Vec<HoldView>,
+    pub top_up: TopUpView,
 }

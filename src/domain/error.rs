@@ -42,6 +42,12 @@ impl DomainError {
         }
     }
 
+    pub fn top_up_not_allowed(account: &str, plan: &str) -> Self {
+        DomainError::FailedPrecondition(format!(
+            "account {account:?} cannot have credits bought for it (plan {plan:?}, or credit purchase barred); auto top-up can only be turned off"
+        ))
+    }
+
     pub fn grant_not_found(id: &str) -> Self {
         DomainError::NotFound {
             what: "grant",

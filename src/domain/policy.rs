@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::money::{MICROS_PER_CREDIT, Micros};
+use super::top_up::TopUpRules;
 
 /// What happens when a plan's included usage runs out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +84,7 @@ pub struct Policy {
     pub plans: BTreeMap<String, Plan>,
     pub products: BTreeMap<String, Product>,
     pub limits: Limits,
+    pub top_up: TopUpRules,
 }
 
 impl Policy {
@@ -183,6 +185,12 @@ impl Policy {
         if l.max_grant_micros <= 0 {
             return Err("limits.max_grant_micros must be positive".into());
         }
+        if self.top_up.purchase_unit_micros <= 0
+            || self.top_up.max_declines == 0
+            || self.top_up.decline_backoff_ms < 0
+        {
+            return Err("top_up: purchase_unit_micros and max_declines must be positive, decline_backoff_ms not negative".into());
+        }
         if l.max_id_bytes == 0 || l.max_id_bytes > 1024 {
             return Err(format!(
                 "limits.max_id_bytes must be between 1 and 1024, got {}",
@@ -224,6 +232,7 @@ impl Default for Policy {
                 ("workspace_agents".into(), Product { credits: false }),
             ]),
             limits: Limits::default(),
+            top_up: TopUpRules::default(),
         }
     }
 }

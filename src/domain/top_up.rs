@@ -36,11 +36,40 @@ pub struct TopUpSettings {
     pub monthly_cap: Option<Micros>,
 }
 
+impl TopUpSettings {
+    /// Checks the settings' shape; the error names the field.
+    pub fn validate(&self) -> Result<(), DomainError> {
+        if self.threshold < 0 {
+            return Err(DomainError::invalid(
+                "threshold_micros",
+                "must not be negative",
+            ));
+        }
+        if self.target <= self.threshold {
+            return Err(DomainError::invalid(
+                "target_micros",
+                format!(
+                    "must exceed threshold_micros ({}), got {}",
+                    self.threshold, self.target
+                ),
+            ));
+        }
+        if self.monthly_cap.is_some_and(|cap| cap < 0) {
+            return Err(DomainError::invalid(
+                "monthly_cap_micros",
+                "must not be negative (0 means no cap)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Rules common to every account (from configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TopUpRules {
     /// Purchases are whole multiples of this.
-    pub purchase_unit: Micros,
+    pub purchase_unit_micros: Micros,
     /// How long after a decline no purchase starts (unless one succeeds meanwhile).
     pub decline_backoff_ms: i64,
     /// Consecutive declines after which auto top-up turns itself off.
@@ -50,7 +79,7 @@ pub struct TopUpRules {
 impl Default for TopUpRules {
     fn default() -> Self {
         TopUpRules {
-            purchase_unit: 1_000_000,
+            purchase_unit_micros: 1_000_000,
             decline_backoff_ms: HOUR_MS,
             max_declines: 3,
         }
@@ -58,7 +87,7 @@ impl Default for TopUpRules {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TopUpOutcome {
+pub enum AttemptOutcome {
     Pending,
     Succeeded,
     Declined,
@@ -71,7 +100,7 @@ pub enum TopUpOutcome {
 pub struct TopUpAttempt {
     pub at: Timestamp,
     pub amount: Micros,
-    pub outcome: TopUpOutcome,
+    pub outcome: AttemptOutcome,
     pub error: String,
     pub payment_id: String,
 }
@@ -195,7 +224,7 @@ impl TopUp {
             return None;
         }
         self.roll_month(now);
-        let unit = rules.purchase_unit.max(1);
+        let unit = rules.purchase_unit_micros.max(1);
         let wanted = (s.target - available).div_euclid(unit) * unit
             + if (s.target - available).rem_euclid(unit) == 0 {
                 0
@@ -210,7 +239,7 @@ impl TopUp {
             self.last_attempt = Some(TopUpAttempt {
                 at: now,
                 amount: allowed,
-                outcome: TopUpOutcome::Capped,
+                outcome: AttemptOutcome::Capped,
                 error: format!(
                     "the monthly cap allows {allowed} of the {wanted} micro-credits needed to reach the target"
                 ),
@@ -230,7 +259,7 @@ impl TopUp {
             self.last_attempt = Some(TopUpAttempt {
                 at: now,
                 amount: allowed,
-                outcome: TopUpOutcome::Pending,
+                outcome: AttemptOutcome::Pending,
                 error: String::new(),
                 payment_id: String::new(),
             });
@@ -268,7 +297,7 @@ impl TopUp {
                 self.bought += purchase.amount;
                 self.consecutive_declines = 0;
                 self.quiet_until = None;
-                self.last_attempt = Some(attempt(TopUpOutcome::Succeeded, "", payment_id));
+                self.last_attempt = Some(attempt(AttemptOutcome::Succeeded, "", payment_id));
                 Some(purchase)
             }
             PaymentResult::Declined { error } => {
@@ -283,11 +312,11 @@ impl TopUp {
                         self.consecutive_declines
                     );
                 }
-                self.last_attempt = Some(attempt(TopUpOutcome::Declined, &error, ""));
+                self.last_attempt = Some(attempt(AttemptOutcome::Declined, &error, ""));
                 None
             }
             PaymentResult::Failed { error } => {
-                self.last_attempt = Some(attempt(TopUpOutcome::Failed, error, ""));
+                self.last_attempt = Some(attempt(AttemptOutcome::Failed, error, ""));
                 None
             }
         }
@@ -336,7 +365,7 @@ mod tests {
             .unwrap()
             .expect("a purchase");
         assert_eq!((p.id.as_str(), p.amount), ("topup:a:1", 46 * C));
-        assert_eq!(t.last_attempt().unwrap().outcome, TopUpOutcome::Pending);
+        assert_eq!(t.last_attempt().unwrap().outcome, AttemptOutcome::Pending);
         // Saving the same settings again, or crossing again while it is in flight, buys nothing.
         assert_eq!(
             t.configure(settings(10, 50, None), 4 * C, "a", rules(), T0)
@@ -357,7 +386,7 @@ mod tests {
         );
         // After it settles the balance is at the target, above the threshold: nothing fires.
         assert_eq!(t.check(50 * C, "a", rules(), T0), None);
-        assert_eq!(t.last_attempt().unwrap().outcome, TopUpOutcome::Succeeded);
+        assert_eq!(t.last_attempt().unwrap().outcome, AttemptOutcome::Succeeded);
     }
 
     #[test]
@@ -397,7 +426,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(p.amount, 30 * C);
-        assert_eq!(t.last_attempt().unwrap().outcome, TopUpOutcome::Capped);
+        assert_eq!(t.last_attempt().unwrap().outcome, AttemptOutcome::Capped);
         t.settle(
             &p.id,
             &PaymentResult::Approved {
@@ -411,7 +440,7 @@ mod tests {
             None,
             "the cap is used up this month"
         );
-        assert_eq!(t.last_attempt().unwrap().outcome, TopUpOutcome::Capped);
+        assert_eq!(t.last_attempt().unwrap().outcome, AttemptOutcome::Capped);
         let next_month = T0.plus_months(1);
         assert_eq!(
             t.check(5 * C, "a", rules(), next_month).unwrap().amount,
@@ -510,7 +539,7 @@ mod tests {
                 prop_assert!(before.is_none() || started.is_none(), "two purchases in flight");
                 if let Some(p) = &started {
                     prop_assert!(p.amount > 0);
-                    if t.last_attempt().map(|a| a.outcome) == Some(TopUpOutcome::Pending) {
+                    if t.last_attempt().map(|a| a.outcome) == Some(AttemptOutcome::Pending) {
                         // Just enough, to the unit: back to the target, less than a unit over it.
                         prop_assert!(available + p.amount >= 60 * C && available + p.amount < 61 * C);
                     }

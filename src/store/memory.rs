@@ -13,7 +13,7 @@ use super::{Store, StoreError, account_not_found};
 use crate::domain::{
     Account, AccountState, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy,
     ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
-    Timestamp, UsageSnapshot,
+    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
 
 #[derive(Debug)]
@@ -110,6 +110,27 @@ impl Store for MemoryStore {
     ) -> Result<RevokeOutcome, StoreError> {
         self.with_account(&cmd.account_id, |state, policy| {
             state.revoke(policy, &cmd, now)
+        })
+    }
+
+    async fn set_top_up(
+        &self,
+        cmd: SetTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpOutcome, StoreError> {
+        cmd.settings.validate()?;
+        self.with_account(&cmd.account_id, |state, policy| {
+            state.set_top_up(policy, &cmd, now)
+        })
+    }
+
+    async fn settle_top_up(
+        &self,
+        cmd: SettleTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpOutcome, StoreError> {
+        self.with_account(&cmd.account_id, |state, policy| {
+            state.settle_top_up(policy, &cmd, now)
         })
     }
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome, ReleaseCommand,
-    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, Timestamp,
-    UsageSnapshot,
+    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
+    SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
 
 pub use memory::MemoryStore;
@@ -78,6 +78,20 @@ pub trait Store: Send + Sync + 'static {
         cmd: RevokeCommand,
         now: Timestamp,
     ) -> impl Future<Output = Result<RevokeOutcome, StoreError>> + Send;
+
+    /// Changes an account's auto top-up settings.
+    fn set_top_up(
+        &self,
+        cmd: SetTopUpCommand,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<TopUpOutcome, StoreError>> + Send;
+
+    /// Settles an auto top-up purchase with the payment's result.
+    fn settle_top_up(
+        &self,
+        cmd: SettleTopUpCommand,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<TopUpOutcome, StoreError>> + Send;
 
     /// Creates an account or changes its plan and credit eligibility.
     fn upsert_account(

@@ -8,9 +8,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use quotad::domain::time::{HOUR_MS, MINUTE_MS};
+use quotad::domain::top_up::{AttemptOutcome, PaymentResult, TopUpSettings};
 use quotad::domain::{
     Account, Action, CommitCommand, Decision, DenyReason, DomainError, Funding, GrantCommand,
-    LotSource, Policy, PriceSheet, ReleaseCommand, ReserveCommand, RevokeCommand, Timestamp, Usage,
+    LotSource, Policy, PriceSheet, ReleaseCommand, ReserveCommand, RevokeCommand, SetTopUpCommand,
+    SettleTopUpCommand, Timestamp, Usage,
 };
 use quotad::store::{Store, StoreError};
 
@@ -39,6 +41,8 @@ macro_rules! store_contract_tests {
             concurrent_reserves_never_overcommit,
             lifetime_grants_stay_exact,
             revoking_a_grant_takes_back_what_is_left_of_its_lot_once,
+            auto_top_up_buys_just_enough_once_and_backs_off_after_declines,
+            auto_top_up_needs_an_account_that_may_buy_credits,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -763,4 +767,172 @@ pub async fn revoking_a_grant_takes_back_what_is_left_of_its_lot_once<S: Store>(
         rule(missing),
         DomainError::NotFound { what: "grant", .. }
     ));
+}
+
+fn top_up(account: &str, enabled: bool, threshold: i64, target: i64) -> SetTopUpCommand {
+    let settings = TopUpSettings {
+        enabled,
+        threshold: threshold * CREDIT,
+        target: target * CREDIT,
+        monthly_cap: None,
+    };
+    SetTopUpCommand {
+        account_id: account.into(),
+        settings,
+    }
+}
+
+fn paid(account: &str, purchase: &str, result: PaymentResult) -> SettleTopUpCommand {
+    SettleTopUpCommand {
+        account_id: account.into(),
+        purchase_id: purchase.into(),
+        result,
+    }
+}
+
+pub async fn auto_top_up_buys_just_enough_once_and_backs_off_after_declines<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 5).await;
+    // Turned on below the threshold: one purchase at once, just enough to reach the target.
+    let on = store
+        .set_top_up(top_up("p", true, 10, 50), at(0))
+        .await
+        .unwrap();
+    let first = on.top_up.expect("a purchase");
+    assert_eq!(
+        (first.id.as_str(), first.amount),
+        ("topup:p:1", 45 * CREDIT)
+    );
+    assert_eq!(on.view.in_flight.as_ref(), Some(&first));
+    assert_eq!(
+        store
+            .set_top_up(top_up("p", true, 10, 50), at(0))
+            .await
+            .unwrap()
+            .top_up,
+        None,
+        "saved again"
+    );
+    // While it is in flight, crossings coalesce into it.
+    spend(&store, "p", "plan", 150, at(0)).await;
+    let (id, _) = allow(&store, reserve_cmd("p", "c1", "codex", 2), at(0)).await;
+    let out = store
+        .commit(commit_cmd("p", &id, 2, true), at(0))
+        .await
+        .unwrap();
+    assert_eq!(out.top_up, None);
+    let approved = PaymentResult::Approved {
+        payment_id: "pay-1".into(),
+    };
+    let settled = store
+        .settle_top_up(paid("p", &first.id, approved.clone()), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(settled.credit_balance, 48 * CREDIT);
+    assert_eq!(
+        settled.view.last_attempt.as_ref().map(|a| a.outcome),
+        Some(AttemptOutcome::Succeeded)
+    );
+    assert_eq!(settled.top_up, None, "above the threshold after it settles");
+    let again = store
+        .settle_top_up(paid("p", &first.id, approved), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(again.credit_balance, 48 * CREDIT, "settled once");
+    let lots = store.usage("p", 0, at(MINUTE_MS)).await.unwrap().lots;
+    assert!(
+        lots.iter().any(|l| l.id == first.id
+            && l.source == LotSource::AutoTopUp
+            && l.granted == 45 * CREDIT)
+    );
+
+    // A hold on credits that takes available credits below the threshold starts the next one.
+    let held = store
+        .reserve(reserve_cmd("p", "c2", "codex", 40), at(MINUTE_MS))
+        .await
+        .unwrap();
+    let second = held.top_up.expect("crossed the threshold");
+    assert_eq!(
+        (second.id.as_str(), second.amount),
+        ("topup:p:2", 42 * CREDIT)
+    );
+    let (id, _) = allowed(&held.decision);
+    let out = store
+        .commit(commit_cmd("p", &id, 40, true), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(out.top_up, None, "one purchase in flight at most");
+    // Three declines in a row: nothing granted, a back-off between them, then it turns off.
+    let declined = PaymentResult::Declined {
+        error: "card declined".into(),
+    };
+    let mut purchase = second;
+    let mut now = at(MINUTE_MS);
+    for n in 1..=3u32 {
+        let out = store
+            .settle_top_up(paid("p", &purchase.id, declined.clone()), now)
+            .await
+            .unwrap();
+        assert_eq!(out.credit_balance, 8 * CREDIT, "a decline grants nothing");
+        assert_eq!(out.view.consecutive_declines, n);
+        assert_eq!(out.top_up, None, "backing off");
+        if n == 3 {
+            assert!(
+                !out.view.settings.enabled,
+                "turned off after three declines"
+            );
+            break;
+        }
+        now = now.plus_millis(HOUR_MS);
+        let out = store
+            .reserve(reserve_cmd("p", &format!("d{n}"), "codex", 1), now)
+            .await
+            .unwrap();
+        purchase = out
+            .top_up
+            .expect("after the back-off, the next crossing buys again");
+    }
+    // Credits run out: the denial asks for a new payment method, not for more credits.
+    let out = store
+        .reserve(reserve_cmd("p", "big", "codex", 30), now)
+        .await
+        .unwrap();
+    let Decision::Deny(denial) = out.decision else {
+        panic!("not enough credits")
+    };
+    assert_eq!(denial.action, Action::UpdatePaymentMethod);
+}
+
+pub async fn auto_top_up_needs_an_account_that_may_buy_credits<S: Store>(store: S) {
+    store
+        .reserve(reserve_cmd("free", "r", "codex", 1), at(0))
+        .await
+        .unwrap();
+    let err = store
+        .set_top_up(top_up("free", true, 10, 50), at(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(rule(err), DomainError::FailedPrecondition(_)));
+    store
+        .set_top_up(top_up("free", false, 10, 50), at(0))
+        .await
+        .unwrap();
+    plus_account_with_credits(&store, "p", 100).await;
+    let err = store
+        .set_top_up(top_up("p", true, 50, 50), at(0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(rule(err), DomainError::InvalidArgument { ref field, .. } if field == "target_micros")
+    );
+    let barred = Account {
+        id: "p".into(),
+        plan: "plus".into(),
+        credit_purchase_allowed: false,
+    };
+    store.upsert_account(barred, at(0)).await.unwrap();
+    let err = store
+        .set_top_up(top_up("p", true, 10, 50), at(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(rule(err), DomainError::FailedPrecondition(_)));
 }

@@ -33,10 +33,11 @@ pub use keys::{hold_index_key, slot};
 use super::{Store, StoreError, StoreHealth};
 use crate::domain::account::LOT_VALIDITY_MONTHS;
 use crate::domain::time::{DAY_MS, MINUTE_MS};
+use crate::domain::top_up::PaymentResult;
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy, ReleaseCommand,
-    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, Timestamp,
-    UsageSnapshot,
+    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
+    SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
 use front::Front;
 use health::Health;
@@ -174,6 +175,8 @@ struct Scripts {
     usage: Script,
     sweep: Script,
     revoke: Script,
+    set_top_up: Script,
+    settle_top_up: Script,
 }
 
 impl Scripts {
@@ -190,10 +193,12 @@ impl Scripts {
             usage: script(include_str!("lua/usage.lua")),
             sweep: script(include_str!("lua/sweep.lua")),
             revoke: script(include_str!("lua/revoke.lua")),
+            set_top_up: script(include_str!("lua/set_top_up.lua")),
+            settle_top_up: script(include_str!("lua/settle_top_up.lua")),
         }
     }
 
-    fn all(&self) -> [&Script; 9] {
+    fn all(&self) -> [&Script; 11] {
         [
             &self.reserve,
             &self.commit,
@@ -204,6 +209,8 @@ impl Scripts {
             &self.usage,
             &self.sweep,
             &self.revoke,
+            &self.set_top_up,
+            &self.settle_top_up,
         ]
     }
 }
@@ -472,6 +479,7 @@ fn policy_json(policy: &Policy, settings: &RedisSettings) -> String {
         "retention_ms": i64::from(policy.limits.idempotency_retention_seconds) * 1_000,
         "account_ttl_ms": settings.account_ttl.as_millis() as i64,
         "admin_channel": admin_channel(&settings.key_prefix),
+        "top_up": policy.top_up,
     })
     .to_string()
 }
@@ -504,6 +512,7 @@ impl Store for RedisStore {
                     decision,
                     estimate: cmd.cost,
                     status,
+                    top_up: None,
                 });
             }
         }
@@ -524,6 +533,7 @@ impl Store for RedisStore {
             decision: reply.decision.into_decision(&self.policy),
             estimate: reply.estimate,
             status: reply.status.into(),
+            top_up: reply.top_up.map(Into::into),
         };
         self.front.changed(&cmd.account_id);
         if let (true, Some(until)) = (self.settings.deny_cache, reply.cache_until) {
@@ -555,6 +565,7 @@ impl Store for RedisStore {
         Ok(CommitOutcome {
             receipt: reply.receipt.into_receipt(&self.policy),
             status: reply.status.into(),
+            top_up: reply.top_up.map(Into::into),
         })
     }
 
@@ -607,7 +618,48 @@ impl Store for RedisStore {
         Ok(RevokeOutcome {
             revoked: reply.revoked,
             credit_balance: reply.balance,
+            top_up: reply.top_up.map(Into::into),
         })
+    }
+
+    async fn set_top_up(
+        &self,
+        cmd: SetTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpOutcome, StoreError> {
+        cmd.settings.validate()?;
+        let s = cmd.settings;
+        let cap = s.monthly_cap.map(|c| c.to_string()).unwrap_or_default();
+        let args = [
+            if s.enabled { "1" } else { "0" },
+            &s.threshold.to_string(),
+            &s.target.to_string(),
+            &cap,
+        ];
+        let reply: wire::TopUpJ = self
+            .run(&self.scripts.set_top_up, &cmd.account_id, now, &args)
+            .await?;
+        self.front.forget(&cmd.account_id);
+        Ok(reply.into())
+    }
+
+    async fn settle_top_up(
+        &self,
+        cmd: SettleTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpOutcome, StoreError> {
+        let (kind, detail) = match &cmd.result {
+            PaymentResult::Approved { payment_id } => ("approved", payment_id.as_str()),
+            PaymentResult::Declined { error } => ("declined", error.as_str()),
+            PaymentResult::Failed { error } => ("failed", error.as_str()),
+        };
+        let expiry = now.plus_months(LOT_VALIDITY_MONTHS).as_millis().to_string();
+        let args = [cmd.purchase_id.as_str(), kind, detail, &expiry];
+        let reply: wire::TopUpJ = self
+            .run(&self.scripts.settle_top_up, &cmd.account_id, now, &args)
+            .await?;
+        self.front.forget(&cmd.account_id);
+        Ok(reply.into())
     }
 
     async fn upsert_account(

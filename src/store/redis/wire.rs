@@ -4,12 +4,13 @@
 
 use serde::Deserialize;
 
+use crate::domain::top_up::{AttemptOutcome, Purchase, TopUpAttempt, TopUpSettings};
 use crate::domain::{
     Account, AccountStatus, Action, CommitReceipt, CreditLot, Decision, Denial, DenialFacts,
     DomainError, Funding, HoldView, LedgerTotals, Policy, Shortfall, Timestamp, Usage, UsageEvent,
     UsageSnapshot, WindowStatus,
 };
-use crate::domain::{FIVE_HOUR, WEEKLY};
+use crate::domain::{FIVE_HOUR, TopUpView, WEEKLY};
 
 /// A script's answer: its result, or a refusal of the rules.
 #[derive(Debug, Deserialize)]
@@ -55,6 +56,7 @@ impl Refusal {
                 DomainError::plan_not_configured(account_id, &self.plan, &policy.plan_names())
             }
             "lifetime_grants_too_large" => DomainError::lifetime_grants_too_large(),
+            "top_up_not_allowed" => DomainError::top_up_not_allowed(&self.id, &self.plan),
             "expiry_not_in_future" => {
                 DomainError::expiry_not_in_future(now, Timestamp::from_millis(self.at))
             }
@@ -196,6 +198,7 @@ pub struct ReserveJ {
     pub status: StatusJ,
     /// On a deny that only time or an admin change can turn: until when it holds.
     pub cache_until: Option<i64>,
+    pub top_up: Option<PurchaseJ>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,6 +231,7 @@ impl ReceiptJ {
 pub struct CommitJ {
     pub receipt: ReceiptJ,
     pub status: StatusJ,
+    pub top_up: Option<PurchaseJ>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +243,7 @@ pub struct ReleaseJ {
 pub struct RevokeJ {
     pub revoked: i64,
     pub balance: i64,
+    pub top_up: Option<PurchaseJ>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -389,6 +394,7 @@ pub struct SnapshotJ {
     pub holds: Vec<HoldJ>,
     pub totals: TotalsJ,
     pub credit_held: i64,
+    pub top_up: TopUpViewJ,
 }
 
 impl SnapshotJ {
@@ -405,6 +411,96 @@ impl SnapshotJ {
             totals: self.totals.into(),
             credit_held: self.credit_held,
             holds: self.holds.into_iter().map(Into::into).collect(),
+            top_up: self.top_up.into(),
         })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PurchaseJ {
+    id: String,
+    amount: i64,
+    started_at: i64,
+}
+
+impl From<PurchaseJ> for Purchase {
+    fn from(p: PurchaseJ) -> Purchase {
+        Purchase {
+            id: p.id,
+            amount: p.amount,
+            started_at: Timestamp::from_millis(p.started_at),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AttemptJ {
+    at: i64,
+    amount: i64,
+    outcome: String,
+    error: String,
+    payment_id: String,
+}
+
+impl From<AttemptJ> for TopUpAttempt {
+    fn from(a: AttemptJ) -> TopUpAttempt {
+        let outcome = match a.outcome.as_str() {
+            "succeeded" => AttemptOutcome::Succeeded,
+            "declined" => AttemptOutcome::Declined,
+            "failed" => AttemptOutcome::Failed,
+            "capped" => AttemptOutcome::Capped,
+            _ => AttemptOutcome::Pending,
+        };
+        TopUpAttempt {
+            at: Timestamp::from_millis(a.at),
+            amount: a.amount,
+            outcome,
+            error: a.error,
+            payment_id: a.payment_id,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TopUpViewJ {
+    enabled: bool,
+    threshold: i64,
+    target: i64,
+    cap: Option<i64>,
+    declines: u32,
+    last: Option<AttemptJ>,
+    in_flight: Option<PurchaseJ>,
+}
+
+impl From<TopUpViewJ> for TopUpView {
+    fn from(v: TopUpViewJ) -> TopUpView {
+        TopUpView {
+            settings: TopUpSettings {
+                enabled: v.enabled,
+                threshold: v.threshold,
+                target: v.target,
+                monthly_cap: v.cap,
+            },
+            last_attempt: v.last.map(Into::into),
+            consecutive_declines: v.declines,
+            in_flight: v.in_flight.map(Into::into),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TopUpJ {
+    pub view: TopUpViewJ,
+    pub top_up: Option<PurchaseJ>,
+    pub balance: i64,
+}
+
+impl From<TopUpJ> for crate::domain::TopUpOutcome {
+    fn from(t: TopUpJ) -> crate::domain::TopUpOutcome {
+        crate::domain::TopUpOutcome {
+            view: t.view.into(),
+            top_up: t.top_up.map(Into::into),
+            credit_balance: t.balance,
+        }
     }
 }

@@ -74,5 +74,6 @@ else
   OPEN[rid] = r
   redis.call('HSET', K_OPEN, rid, encode_res(r))
 end
+local top_up = tu_check()
 finish()
-return J({ receipt = raw(receipt), status = status(plan) })
+return J({ receipt = raw(receipt), status = status(plan), top_up = top_up and raw(top_up) or nil })

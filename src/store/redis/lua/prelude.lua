@@ -5,7 +5,11 @@
 --
 -- KEYS (all hash-tagged by the account id, so they live in one Cluster slot):
 --   1 acct     HASH  id, plan, cpa (credit purchase allowed 0/1), granted, spent, expired,
---                    revoked, debt, w5t, wwt (committed totals of the windows)
+--                    revoked, debt, w5t, wwt (committed totals of the windows), and the auto
+--                    top-up (domain/top_up.rs): tu_en (0/1), tu_th, tu_tg, tu_cap ('' = none),
+--                    tu_seq (purchases started), tu_month, tu_bought, tu_decl (declines in a
+--                    row), tu_quiet ('' or ms), tu_if (purchase in flight, JSON or ''), tu_last
+--                    (last attempt, JSON or '')
 --   2 w5       LIST  "bucket:amount" of the 5h window, oldest first (5-minute buckets)
 --   3 ww       LIST  "bucket:amount" of the weekly window, oldest first (1-hour buckets)
 --   4 lots     HASH  lot id -> {src, g (granted), r (remaining), ga (granted at), ex (expires at)}
@@ -61,7 +65,11 @@ local function err(e) return J({ err = e }) end
 
 -- The account record ------------------------------------------------------------------------
 local A = nil -- the account hash as a table, numbers converted
-local NUMERIC = { granted = true, spent = true, expired = true, revoked = true, debt = true, w5t = true, wwt = true }
+local NUMERIC = {
+  granted = true, spent = true, expired = true, revoked = true, debt = true, w5t = true, wwt = true,
+  tu_th = true, tu_tg = true, tu_seq = true, tu_month = true, tu_bought = true, tu_decl = true,
+}
+local TEXT = { tu_en = '0', tu_cap = '', tu_quiet = '', tu_if = '', tu_last = '' }
 
 local function load_account()
   local flat = redis.call('HGETALL', K_ACCT)
@@ -72,17 +80,27 @@ local function load_account()
     A[k] = NUMERIC[k] and tonumber(v) or v
   end
   for k in pairs(NUMERIC) do A[k] = A[k] or 0 end
+  for k, default in pairs(TEXT) do A[k] = A[k] or default end
   return true
 end
 
 local function create_account(id, plan)
-  A = { id = id, plan = plan, cpa = '1', granted = 0, spent = 0, expired = 0, revoked = 0, debt = 0, w5t = 0, wwt = 0 }
+  A = { id = id, plan = plan, cpa = '1' }
+  for k in pairs(NUMERIC) do A[k] = 0 end
+  for k, default in pairs(TEXT) do A[k] = default end
 end
 
 local function save_account()
-  redis.call('HSET', K_ACCT, 'id', A.id, 'plan', A.plan, 'cpa', A.cpa, 'granted', int(A.granted),
-    'spent', int(A.spent), 'expired', int(A.expired), 'revoked', int(A.revoked), 'debt', int(A.debt),
-    'w5t', int(A.w5t), 'wwt', int(A.wwt))
+  local fields = { 'id', A.id, 'plan', A.plan, 'cpa', A.cpa }
+  for k in pairs(NUMERIC) do
+    fields[#fields + 1] = k
+    fields[#fields + 1] = int(A[k])
+  end
+  for k in pairs(TEXT) do
+    fields[#fields + 1] = k
+    fields[#fields + 1] = A[k]
+  end
+  redis.call('HSET', K_ACCT, unpack(fields))
 end
 
 local function plan_of()
@@ -362,8 +380,10 @@ local function fund(plan, product, cost)
     local need = cost - room
     if available >= need then return room, need end
     local _, retry = plan_refill(plan, cost - math.max(available, 0), held())
+    -- After declines, buying more will not help until the payment method is fixed.
+    local action = A.tu_decl > 0 and 'update_payment_method' or 'buy_credits'
     return nil, { shortfall = 'credits', need = need, available = math.max(available, 0),
-                  action = 'buy_credits', retry_at = retry, plan = A.plan, product = product }
+                  action = action, retry_at = retry, plan = A.plan, product = product }
   end
   local weekly, retry = plan_refill(plan, cost, held())
   return nil, { shortfall = deny.barred and 'barred' or 'window', weekly = weekly, action = deny.action,
@@ -377,6 +397,80 @@ local function status(plan)
     windows[i] = { name = w.name, used = A[w.total] + hp, held = hp, limit = plan[w.limit], resets_at = resets_at(w) }
   end
   return { windows = windows, balance = balance() }
+end
+
+-- Auto top-up (a port of domain/top_up.rs) ---------------------------------------------------
+
+-- The calendar month (UTC) of an instant, as months since January of year 0.
+local function month_index(ms)
+  local z = math.floor(ms / 86400000) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return y * 12 + m - 1
+end
+
+-- floor(a / b) for non-negative integers, exact (the division of doubles is corrected).
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  while q * b > a do q = q - 1 end
+  while (q + 1) * b <= a do q = q + 1 end
+  return q
+end
+
+local function tu_eligible()
+  local plan = plan_of()
+  return A.cpa == '1' and plan ~= nil and plan.credits == true
+end
+
+local function tu_roll_month()
+  local month = month_index(NOW)
+  if month ~= A.tu_month then
+    A.tu_month = month
+    A.tu_bought = 0
+  end
+end
+
+local function tu_attempt(amount, outcome, error, payment_id)
+  A.tu_last = J({ at = NOW, amount = amount, outcome = outcome, error = error, payment_id = payment_id })
+end
+
+-- The trigger (TopUp::check); returns the purchase JSON it started, or nil.
+local function tu_check()
+  if not tu_eligible() or A.tu_en ~= '1' or A.tu_if ~= '' then return nil end
+  local available = credits_available()
+  if available >= A.tu_th then return nil end
+  if A.tu_quiet ~= '' and NOW < tonumber(A.tu_quiet) then return nil end
+  tu_roll_month()
+  local unit = math.max(P.top_up.purchase_unit_micros, 1)
+  local short = A.tu_tg - available
+  local wanted = idiv(short, unit) * unit
+  if wanted < short then wanted = wanted + unit end
+  local allowed = wanted
+  if A.tu_cap ~= '' then
+    allowed = math.min(idiv(math.max(tonumber(A.tu_cap) - A.tu_bought, 0), unit) * unit, wanted)
+  end
+  if allowed < wanted then
+    tu_attempt(allowed, 'capped', 'the monthly cap allows ' .. int(allowed) .. ' of the ' .. int(wanted)
+      .. ' micro-credits needed to reach the target', '')
+    if allowed == 0 then return nil end
+  end
+  A.tu_seq = A.tu_seq + 1
+  A.tu_if = J({ id = 'topup:' .. A.id .. ':' .. int(A.tu_seq), amount = allowed, started_at = NOW })
+  if allowed == wanted then tu_attempt(allowed, 'pending', '', '') end
+  return A.tu_if
+end
+
+local function tu_view()
+  local view = { enabled = A.tu_en == '1', threshold = A.tu_th, target = A.tu_tg, declines = A.tu_decl }
+  if A.tu_cap ~= '' then view.cap = tonumber(A.tu_cap) end
+  if A.tu_last ~= '' then view.last = raw(A.tu_last) end
+  if A.tu_if ~= '' then view.in_flight = raw(A.tu_if) end
+  return view
 end
 
 local function plan_missing()

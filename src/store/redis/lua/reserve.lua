@@ -43,5 +43,9 @@ else
 end
 redis.call('HSET', K_REQ, request_id, cjson.encode({ fp = fp, d = decision, e = int(cost) }))
 redis.call('ZADD', K_REQZ, NOW, request_id)
+local top_up = tu_check()
 finish()
-return J({ decision = raw(decision), estimate = cost, status = status(plan), cache_until = cache_until })
+return J({
+  decision = raw(decision), estimate = cost, status = status(plan), cache_until = cache_until,
+  top_up = top_up and raw(top_up) or nil,
+})

@@ -27,6 +27,7 @@ if not revoked then
   record.rv = int(revoked)
   redis.call('HSET', K_GRANTS, gid, cjson.encode(record))
 end
+local top_up = tu_check()
 finish()
 publish_change()
-return J({ revoked = revoked, balance = balance() })
+return J({ revoked = revoked, balance = balance(), top_up = top_up and raw(top_up) or nil })

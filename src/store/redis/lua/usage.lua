@@ -27,5 +27,5 @@ local _, credit_held = held()
 return J({
   account = account_json(), status = status(plan), lots = lots, recent = recent, holds = holds,
   totals = { granted = A.granted, spent = A.spent, expired = A.expired, revoked = A.revoked, balance = balance() },
-  credit_held = credit_held,
+  credit_held = credit_held, top_up = tu_view(),
 })
