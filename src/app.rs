@@ -8,11 +8,14 @@
 use std::sync::Arc;
 
 use crate::domain::time::SECOND_MS;
+use crate::domain::top_up::{PaymentResult, Purchase, TopUpSettings};
 use crate::domain::{
     Account, Clock, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome,
     LotSource, Micros, Policy, PriceSheet, PricingError, ReleaseCommand, ReleaseOutcome,
-    ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, Timestamp, Usage, UsageSnapshot,
+    ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
+    SettleTopUpCommand, Timestamp, TopUpOutcome, Usage, UsageSnapshot,
 };
+use crate::payment::{PaymentQueue, Settle};
 use crate::store::{Store, StoreError};
 
 /// Recent usage events returned when a GetUsage does not say how many.
@@ -62,6 +65,8 @@ pub struct Quota<S> {
     policy: Arc<Policy>,
     pricing: Arc<PriceSheet>,
     clock: Arc<dyn Clock>,
+    /// Auto top-up purchases that operations started, for the payment worker.
+    payments: PaymentQueue,
 }
 
 impl<S: Store> Quota<S> {
@@ -76,6 +81,7 @@ impl<S: Store> Quota<S> {
             policy,
             pricing,
             clock,
+            payments: PaymentQueue::default(),
         }
     }
 
@@ -85,6 +91,42 @@ impl<S: Store> Quota<S> {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    pub fn payments(&self) -> &PaymentQueue {
+        &self.payments
+    }
+
+    /// Hands a purchase an operation started to the payment worker.
+    fn order(&self, account_id: &str, purchase: Option<Purchase>) {
+        if let Some(purchase) = purchase {
+            self.payments.push(account_id, purchase);
+        }
+    }
+
+    /// SetAutoTopUp. A monthly cap of 0 means no cap.
+    pub async fn set_top_up(
+        &self,
+        account_id: String,
+        enabled: bool,
+        threshold: Micros,
+        target: Micros,
+        monthly_cap: Micros,
+    ) -> Result<TopUpOutcome, StoreError> {
+        self.check_id("account_id", &account_id)?;
+        let settings = TopUpSettings {
+            enabled,
+            threshold,
+            target,
+            monthly_cap: (monthly_cap != 0).then_some(monthly_cap),
+        };
+        let cmd = SetTopUpCommand {
+            account_id: account_id.clone(),
+            settings,
+        };
+        let outcome = self.store.set_top_up(cmd, self.clock.now()).await?;
+        self.order(&account_id, outcome.top_up.clone());
+        Ok(outcome)
     }
 
     /// Background upkeep of the store at the current time.
@@ -140,7 +182,10 @@ impl<S: Store> Quota<S> {
             ttl_ms: i64::from(ttl_seconds) * SECOND_MS,
             reservation_id: new_id("rsv"),
         };
-        self.store.reserve(cmd, self.clock.now()).await
+        let account_id = cmd.account_id.clone();
+        let outcome = self.store.reserve(cmd, self.clock.now()).await?;
+        self.order(&account_id, outcome.top_up.clone());
+        Ok(outcome)
     }
 
     pub async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
@@ -156,7 +201,10 @@ impl<S: Store> Quota<S> {
             is_final: req.is_final,
             price_version: self.pricing.version.clone(),
         };
-        self.store.commit(cmd, self.clock.now()).await
+        let account_id = cmd.account_id.clone();
+        let outcome = self.store.commit(cmd, self.clock.now()).await?;
+        self.order(&account_id, outcome.top_up.clone());
+        Ok(outcome)
     }
 
     pub async fn release(&self, req: ReleaseRequest) -> Result<ReleaseOutcome, StoreError> {
@@ -233,15 +281,13 @@ impl<S: Store> Quota<S> {
     ) -> Result<RevokeOutcome, StoreError> {
         self.check_id("account_id", &account_id)?;
         self.check_id("grant_id", &grant_id)?;
-        self.store
-            .revoke_grant(
-                RevokeCommand {
-                    account_id,
-                    grant_id,
-                },
-                self.clock.now(),
-            )
-            .await
+        let cmd = RevokeCommand {
+            account_id: account_id.clone(),
+            grant_id,
+        };
+        let outcome = self.store.revoke_grant(cmd, self.clock.now()).await?;
+        self.order(&account_id, outcome.top_up.clone());
+        Ok(outcome)
     }
 
     fn check_id(&self, field: &str, id: &str) -> Result<(), StoreError> {
@@ -318,4 +364,31 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> StoreError {
 /// A fresh opaque id such as `rsv_5f0c…`: 128 random bits, so replicas never collide.
 fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+impl<S: Store> Settle for Quota<S> {
+    async fn settle(
+        &self,
+        account_id: &str,
+        purchase_id: &str,
+        result: PaymentResult,
+    ) -> Option<Purchase> {
+        let cmd = SettleTopUpCommand {
+            account_id: account_id.to_owned(),
+            purchase_id: purchase_id.to_owned(),
+            result,
+        };
+        match self.store.settle_top_up(cmd, self.clock.now()).await {
+            Ok(outcome) => outcome.top_up,
+            Err(e) => {
+                // The purchase stays in flight in the store; it is not lost, only not yet settled.
+                tracing::warn!(
+                    account = account_id,
+                    purchase = purchase_id,
+                    "cannot settle a top-up payment: {e}"
+                );
+                None
+            }
+        }
+    }
 }

@@ -199,6 +199,57 @@ pub fn redact_url(url: &str) -> String {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+pub enum PaymentProviderKind {
+    /// Embedded: approves every charge (or declines every one with `simulated_decline`).
+    #[default]
+    Simulated,
+}
+
+/// `[payments]`: the payment provider for auto top-up and how its calls are retried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentsConfig {
+    pub provider: PaymentProviderKind,
+    /// With the simulated provider: decline every charge (for demos of the decline path).
+    pub simulated_decline: bool,
+    /// Tries of a payment that gets no settling answer, with the same idempotency key.
+    pub retry_attempts: u32,
+    pub retry_first_delay_ms: u64,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig {
+            provider: PaymentProviderKind::Simulated,
+            simulated_decline: false,
+            retry_attempts: 8,
+            retry_first_delay_ms: 200,
+        }
+    }
+}
+
+impl PaymentsConfig {
+    pub fn provider(&self) -> std::sync::Arc<dyn crate::payment::PaymentProvider> {
+        match self.provider {
+            PaymentProviderKind::Simulated => {
+                std::sync::Arc::new(crate::payment::SimulatedProvider {
+                    decline: self.simulated_decline,
+                })
+            }
+        }
+    }
+
+    pub fn retry(&self) -> crate::payment::RetryPolicy {
+        crate::payment::RetryPolicy {
+            attempts: self.retry_attempts.max(1),
+            first_delay: std::time::Duration::from_millis(self.retry_first_delay_ms),
+            ..crate::payment::RetryPolicy::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
@@ -228,6 +279,8 @@ pub struct Config {
     pub limits: Limits,
     /// Auto top-up rules shared by every account.
     pub top_up: TopUpRules,
+    /// Who pays for auto top-up purchases.
+    pub payments: PaymentsConfig,
     pub pricing: PriceSheet,
 }
 
@@ -246,6 +299,7 @@ impl Default for Config {
             products: policy.products,
             limits: policy.limits,
             top_up: policy.top_up,
+            payments: PaymentsConfig::default(),
             pricing: PriceSheet::default(),
         }
     }
@@ -264,6 +318,7 @@ const ENV_KEYS: &[&str] = &[
     "products",
     "limits",
     "top_up",
+    "payments",
     "pricing",
 ];
 

@@ -11,6 +11,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod domain;
+pub mod payment;
 pub mod server;
 pub mod store;
 pub mod telemetry;
@@ -48,6 +49,8 @@ pub async fn run(
     let settings = ServeSettings {
         admin_token: config.admin_token.clone(),
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
+        payments: config.payments.provider(),
+        payment_retry: config.payments.retry(),
     };
     let policy = Arc::new(config.policy());
     match config.store.kind {

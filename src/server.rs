@@ -19,6 +19,7 @@ use crate::api::pb::admin_service_server::AdminServiceServer;
 use crate::api::pb::quota_service_server::QuotaServiceServer;
 use crate::api::{AdminApi, QuotaApi, pb};
 use crate::app::Quota;
+use crate::payment::{PaymentProvider, RetryPolicy, run_worker};
 use crate::store::{Store, StoreHealth};
 
 /// Names under which `grpc.health.v1` reports; "" is the server as a whole.
@@ -36,6 +37,9 @@ pub struct ServeSettings {
     pub admin_token: Option<String>,
     /// How long in-flight calls may run on after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Pays for auto top-up purchases.
+    pub payments: Arc<dyn PaymentProvider>,
+    pub payment_retry: RetryPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,14 @@ pub async fn run<S: Store>(
     }
     let auth = BearerAuth::new(settings.admin_token.as_deref());
 
+    let payer = app.payments().take().map(|orders| {
+        tokio::spawn(run_worker(
+            orders,
+            settings.payments.clone(),
+            app.clone(),
+            settings.payment_retry,
+        ))
+    });
     let store_health = {
         let (app, health) = (app.clone(), health.clone());
         tokio::spawn(async move {
@@ -132,6 +144,9 @@ pub async fn run<S: Store>(
         }
     };
     store_health.abort();
+    if let Some(payer) = payer {
+        payer.abort();
+    }
     if let Some(upkeep) = upkeep {
         upkeep.abort();
     }

@@ -46,6 +46,8 @@ on_every_store!(
     health_and_reflection_are_served,
     without_a_configured_token_admin_is_disabled,
     a_revoked_grant_takes_back_what_is_left_of_its_lot,
+    auto_top_up_below_the_threshold_buys_at_once_in_the_background,
+    declined_top_ups_ask_for_a_new_payment_method,
 );
 
 const MINUTE: i64 = 60;
@@ -847,5 +849,121 @@ async fn a_revoked_grant_takes_back_what_is_left_of_its_lot(store: StoreKind) {
     assert_eq!(
         anonymous.revoke_grant(revoke).await.unwrap_err().code(),
         Code::Unauthenticated
+    );
+}
+
+/// GetUsage until `done` holds (the payment runs in the background), for at most 5 s.
+async fn usage_until(
+    q: &mut QuotaClient,
+    account: &str,
+    done: impl Fn(&pb::GetUsageResponse) -> bool,
+) -> pb::GetUsageResponse {
+    let started = std::time::Instant::now();
+    loop {
+        let usage = usage_of(q, account).await;
+        if done(&usage) {
+            return usage;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "not settled: {usage:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+fn set_top_up(account: &str, threshold: i64, target: i64) -> pb::SetAutoTopUpRequest {
+    pb::SetAutoTopUpRequest {
+        account_id: account.into(),
+        enabled: true,
+        threshold_micros: threshold * CREDIT,
+        target_micros: target * CREDIT,
+        monthly_cap_micros: 0,
+    }
+}
+
+async fn auto_top_up_below_the_threshold_buys_at_once_in_the_background(store: StoreKind) {
+    let server = TestServer::start(store).await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "p", "plus", true).await;
+    grant(&mut a, "p", "seed", 3).await;
+    let settings = a
+        .set_auto_top_up(set_top_up("p", 10, 50))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(settings.enabled);
+    let usage = usage_until(&mut q, "p", |u| u.credit_balance_micros == 50 * CREDIT).await;
+    let top_up = usage.auto_top_up.unwrap();
+    let last = top_up.last_attempt.unwrap();
+    assert_eq!(
+        (last.outcome(), last.amount_micros),
+        (pb::TopUpOutcome::Succeeded, 47 * CREDIT)
+    );
+    assert_eq!(last.payment_id, "sim_topup:p:1");
+    assert!(top_up.in_flight_purchase_id.is_empty());
+    let lot = usage
+        .lots
+        .iter()
+        .find(|l| l.source == "auto_top_up")
+        .unwrap();
+    assert_eq!(
+        (lot.lot_id.as_str(), lot.granted_micros),
+        ("topup:p:1", 47 * CREDIT)
+    );
+    // Saving the same settings again buys nothing.
+    a.set_auto_top_up(set_top_up("p", 10, 50)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        usage_of(&mut q, "p").await.credit_balance_micros,
+        50 * CREDIT
+    );
+    // Free accounts cannot turn it on; a target not above the threshold is refused.
+    let err = a
+        .set_auto_top_up(set_top_up("nobody-free", 10, 50))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    set_account(&mut a, "f", "free", true).await;
+    assert_eq!(
+        a.set_auto_top_up(set_top_up("f", 10, 50))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+    let err = a
+        .set_auto_top_up(set_top_up("p", 10, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("target_micros"),
+        "{}",
+        err.message()
+    );
+}
+
+async fn declined_top_ups_ask_for_a_new_payment_method(store: StoreKind) {
+    let mut config = quotad::config::Config::default();
+    config.payments.simulated_decline = true;
+    let server = TestServer::start_with(config, store).await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "p", "plus", true).await;
+    a.set_auto_top_up(set_top_up("p", 10, 50)).await.unwrap();
+    let usage = usage_until(&mut q, "p", |u| {
+        u.auto_top_up
+            .as_ref()
+            .is_some_and(|t| t.consecutive_declines == 1)
+    })
+    .await;
+    let last = usage.auto_top_up.unwrap().last_attempt.unwrap();
+    assert_eq!(last.outcome(), pb::TopUpOutcome::Declined);
+    assert_eq!(usage.credit_balance_micros, 0, "a decline grants nothing");
+    spend(&mut q, "p", "plan", 150).await;
+    let r = reserve(&mut q, "p", "more", "codex", 5).await;
+    assert_eq!(
+        (r.decision(), r.action()),
+        (Decision::Deny, Action::UpdatePaymentMethod)
     );
 }

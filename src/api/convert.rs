@@ -6,10 +6,11 @@ use tonic::Status;
 
 use super::pb;
 use crate::app::{CommitRequest, GrantRequest, ReleaseRequest, ReserveRequest};
+use crate::domain::top_up::AttemptOutcome;
 use crate::domain::{
     Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, DenyReason, Funding,
-    GrantOutcome, HoldView, ReleaseOutcome, ReserveOutcome, Timestamp, Usage, UsageEvent,
-    UsageSnapshot, WindowStatus,
+    GrantOutcome, HoldView, ReleaseOutcome, ReserveOutcome, Timestamp, TopUpView, Usage,
+    UsageEvent, UsageSnapshot, WindowStatus,
 };
 
 pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
@@ -292,6 +293,41 @@ impl From<HoldView> for pb::Hold {
     }
 }
 
+impl From<TopUpView> for pb::AutoTopUp {
+    fn from(v: TopUpView) -> pb::AutoTopUp {
+        let s = v.settings;
+        pb::AutoTopUp {
+            enabled: s.enabled,
+            threshold_micros: s.threshold,
+            target_micros: s.target,
+            monthly_cap_micros: s.monthly_cap.unwrap_or(0),
+            last_attempt: v.last_attempt.map(|a| {
+                let outcome = match a.outcome {
+                    AttemptOutcome::Pending => pb::TopUpOutcome::Pending,
+                    AttemptOutcome::Succeeded => pb::TopUpOutcome::Succeeded,
+                    AttemptOutcome::Declined => pb::TopUpOutcome::Declined,
+                    AttemptOutcome::Failed => pb::TopUpOutcome::Failed,
+                    AttemptOutcome::Capped => pb::TopUpOutcome::Capped,
+                };
+                pb::TopUpAttempt {
+                    at: Some(timestamp(a.at)),
+                    amount_micros: a.amount,
+                    outcome: outcome.into(),
+                    error: a.error,
+                    payment_id: a.payment_id,
+                }
+            }),
+            consecutive_declines: v.consecutive_declines,
+            in_flight_purchase_id: v
+                .in_flight
+                .as_ref()
+                .map(|p| p.id.clone())
+                .unwrap_or_default(),
+            in_flight_micros: v.in_flight.map_or(0, |p| p.amount),
+        }
+    }
+}
+
 impl From<UsageSnapshot> for pb::GetUsageResponse {
     fn from(s: UsageSnapshot) -> pb::GetUsageResponse {
         let t = s.totals;
@@ -312,6 +348,7 @@ impl From<UsageSnapshot> for pb::GetUsageResponse {
             }),
             holds: s.holds.into_iter().map(Into::into).collect(),
             credit_purchase_allowed: s.account.credit_purchase_allowed,
+            auto_top_up: Some(s.top_up.into()),
         }
     }
 }

@@ -130,4 +130,22 @@ impl<S: Store> AdminService for AdminApi<S> {
             credit_balance_micros: outcome.credit_balance,
         }))
     }
+
+    async fn set_auto_top_up(
+        &self,
+        request: Request<pb::SetAutoTopUpRequest>,
+    ) -> Result<Response<pb::AutoTopUp>, Status> {
+        let r = request.into_inner();
+        let outcome = self
+            .app
+            .set_top_up(
+                r.account_id,
+                r.enabled,
+                r.threshold_micros,
+                r.target_micros,
+                r.monthly_cap_micros,
+            )
+            .await?;
+        Ok(Response::new(outcome.view.into()))
+    }
 }

@@ -1,0 +1,175 @@
+//! Paying for auto top-up purchases. A [`PaymentProvider`] charges the account's default payment
+//! method; the [`PaymentWorker`] takes purchases that operations started, has them paid in the
+//! background (never on the Reserve/Commit path), retries a payment that got no settling answer
+//! with the same idempotency key, and settles each purchase in the store.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::domain::top_up::{PaymentResult, Purchase};
+
+/// One charge: the purchase id is the idempotency key, the same on every retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRequest {
+    pub account_id: String,
+    pub purchase_id: String,
+    pub amount_micros: i64,
+}
+
+pub type PaymentFuture = Pin<Box<dyn Future<Output = PaymentResult> + Send>>;
+
+/// Charges an account's default payment method.
+pub trait PaymentProvider: Send + Sync + std::fmt::Debug + 'static {
+    fn charge(&self, request: PaymentRequest) -> PaymentFuture;
+}
+
+/// The embedded provider: approves every charge (or declines every one, for demos).
+#[derive(Debug, Clone, Default)]
+pub struct SimulatedProvider {
+    pub decline: bool,
+}
+
+impl PaymentProvider for SimulatedProvider {
+    fn charge(&self, request: PaymentRequest) -> PaymentFuture {
+        let result = if self.decline {
+            PaymentResult::Declined {
+                error: "declined by the simulated payment provider".into(),
+            }
+        } else {
+            PaymentResult::Approved {
+                payment_id: format!("sim_{}", request.purchase_id),
+            }
+        };
+        Box::pin(async move { result })
+    }
+}
+
+/// A purchase to have paid, for an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentOrder {
+    pub account_id: String,
+    pub purchase: Purchase,
+}
+
+/// How the worker retries a payment that got no settling answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 8,
+            first_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where operations drop the purchases they started; the worker picks them up.
+#[derive(Debug)]
+pub struct PaymentQueue {
+    tx: mpsc::UnboundedSender<PaymentOrder>,
+    rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PaymentOrder>>>,
+}
+
+impl Default for PaymentQueue {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        PaymentQueue {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl PaymentQueue {
+    pub fn push(&self, account_id: &str, purchase: Purchase) {
+        // The receiver lives as long as the server; after it is gone nothing can pay anyway,
+        // and the purchase stays in flight in the store, to be resumed.
+        let _ = self.tx.send(PaymentOrder {
+            account_id: account_id.to_owned(),
+            purchase,
+        });
+    }
+
+    /// The receiving end, once (for the worker).
+    pub fn take(&self) -> Option<mpsc::UnboundedReceiver<PaymentOrder>> {
+        self.rx.lock().ok()?.take()
+    }
+}
+
+/// Settles a purchase with a payment's result and returns the next purchase, if settling
+/// started one.
+pub trait Settle: Send + Sync + 'static {
+    fn settle(
+        &self,
+        account_id: &str,
+        purchase_id: &str,
+        result: PaymentResult,
+    ) -> impl Future<Output = Option<Purchase>> + Send;
+}
+
+/// Pays every order that arrives, each in its own task, until the queue closes.
+pub async fn run_worker<T: Settle>(
+    mut orders: mpsc::UnboundedReceiver<PaymentOrder>,
+    provider: Arc<dyn PaymentProvider>,
+    settle: Arc<T>,
+    retry: RetryPolicy,
+) {
+    while let Some(order) = orders.recv().await {
+        let (provider, settle) = (provider.clone(), settle.clone());
+        tokio::spawn(async move { pay(order, provider.as_ref(), settle.as_ref(), retry).await });
+    }
+}
+
+async fn pay<T: Settle>(
+    mut order: PaymentOrder,
+    provider: &dyn PaymentProvider,
+    settle: &T,
+    retry: RetryPolicy,
+) {
+    let mut delay = retry.first_delay;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let request = PaymentRequest {
+            account_id: order.account_id.clone(),
+            purchase_id: order.purchase.id.clone(),
+            amount_micros: order.purchase.amount,
+        };
+        let result = provider.charge(request).await;
+        let unsettled = matches!(result, PaymentResult::Failed { .. });
+        if let PaymentResult::Failed { error } = &result {
+            tracing::warn!(purchase = %order.purchase.id, attempt, error, "top-up payment got no answer; retrying");
+        }
+        let next = settle
+            .settle(&order.account_id, &order.purchase.id, result)
+            .await;
+        if unsettled {
+            if attempt >= retry.attempts {
+                tracing::warn!(purchase = %order.purchase.id, "top-up payment still unsettled; left in flight");
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(retry.max_delay);
+            continue;
+        }
+        match next {
+            // Settling started another purchase (e.g. the first was capped short): pay it too.
+            Some(purchase) => {
+                order.purchase = purchase;
+                attempt = 0;
+                delay = retry.first_delay;
+            }
+            None => return,
+        }
+    }
+}
