@@ -189,3 +189,53 @@ async fn bad_input_and_missing_credentials_exit_1_with_a_clear_message() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topup_set_show_and_disable() {
+    let server = TestServer::start(StoreKind::Memory).await;
+    stdout(
+        &quotactl(
+            &server,
+            &["account", "set", "carol", "--plan", "pro"],
+            Some(ADMIN_TOKEN),
+        )
+        .await,
+    );
+    let set = stdout(
+        &quotactl(
+            &server,
+            &[
+                "topup",
+                "set",
+                "carol",
+                "--threshold",
+                "10",
+                "--target",
+                "50.5",
+            ],
+            Some(ADMIN_TOKEN),
+        )
+        .await,
+    );
+    assert!(
+        set.starts_with("auto top-up on: below 10 credits, buy back up to 50.5"),
+        "{set}"
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let shown = json(&quotactl(&server, &["--json", "topup", "show", "carol"], None).await);
+        if shown["last_attempt"]["outcome"] == "SUCCEEDED" {
+            assert_eq!(
+                shown["last_attempt"]["amount_micros"], 51_000_000,
+                "rounded up to whole credits"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{shown}"
+        );
+    }
+    let off = stdout(&quotactl(&server, &["topup", "disable", "carol"], Some(ADMIN_TOKEN)).await);
+    assert!(off.starts_with("auto top-up off"), "{off}");
+}

@@ -97,6 +97,9 @@ enum Command {
         #[arg(long)]
         expires_at: Option<String>,
     },
+    /// Auto top-up: show, set or disable (admin for set and disable).
+    #[command(subcommand)]
+    Topup(TopupCommand),
     /// Take back what is left of a grant's lot: a refund or chargeback (admin).
     Revoke { account: String, grant_id: String },
     /// Read or change an account (admin).
@@ -116,6 +119,28 @@ enum AccountCommand {
         /// Bar the account from buying (and spending) credits.
         #[arg(long)]
         no_credit_purchase: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopupCommand {
+    /// Settings, the last attempt and any purchase in flight.
+    Show {
+        account: String,
+    },
+    /// Turn auto top-up on: below THRESHOLD credits, buy back up to TARGET.
+    Set {
+        account: String,
+        #[arg(long)]
+        threshold: String,
+        #[arg(long)]
+        target: String,
+        /// Most bought per calendar month, in credits.
+        #[arg(long)]
+        monthly_cap: Option<String>,
+    },
+    Disable {
+        account: String,
     },
 }
 
@@ -242,11 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             source,
             expires_at,
         } => {
-            let Some(amount_micros) = parse_credits(&credits) else {
-                bail!(
-                    "--credits {credits:?}: expected a positive decimal with at most 6 decimal places, e.g. 25 or 0.5"
-                );
-            };
+            let amount_micros = self::credits("--credits", &credits)?;
             let request = pb::GrantCreditsRequest {
                 account_id: account,
                 grant_id: grant_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
@@ -255,6 +276,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 expires_at: expires_at.as_deref().map(parse_instant).transpose()?,
             };
             out.grant(&admin.grant_credits(request).await?.into_inner());
+        }
+        Command::Topup(TopupCommand::Show { account }) => {
+            let request = pb::GetUsageRequest {
+                account_id: account,
+                recent_limit: 0,
+            };
+            out.top_up(
+                &quota
+                    .get_usage(request)
+                    .await?
+                    .into_inner()
+                    .auto_top_up
+                    .unwrap_or_default(),
+            );
+        }
+        Command::Topup(TopupCommand::Set {
+            account,
+            threshold,
+            target,
+            monthly_cap,
+        }) => {
+            let request = pb::SetAutoTopUpRequest {
+                account_id: account,
+                enabled: true,
+                threshold_micros: credits("--threshold", &threshold)?,
+                target_micros: credits("--target", &target)?,
+                monthly_cap_micros: monthly_cap
+                    .map(|c| credits("--monthly-cap", &c))
+                    .transpose()?
+                    .unwrap_or(0),
+            };
+            out.top_up(&admin.set_auto_top_up(request).await?.into_inner());
+        }
+        Command::Topup(TopupCommand::Disable { account }) => {
+            let current = quota
+                .get_usage(pb::GetUsageRequest {
+                    account_id: account.clone(),
+                    recent_limit: 0,
+                })
+                .await?
+                .into_inner()
+                .auto_top_up
+                .unwrap_or_default();
+            // Keep the amounts (they must stay valid), only turn it off.
+            let target = current.target_micros.max(current.threshold_micros + 1);
+            let request = pb::SetAutoTopUpRequest {
+                account_id: account,
+                enabled: false,
+                threshold_micros: current.threshold_micros,
+                target_micros: target,
+                monthly_cap_micros: current.monthly_cap_micros,
+            };
+            out.top_up(&admin.set_auto_top_up(request).await?.into_inner());
         }
         Command::Revoke { account, grant_id } => {
             let request = pb::RevokeGrantRequest {
@@ -286,6 +360,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A credit amount from a flag, exactly, in micros.
+fn credits(flag: &str, text: &str) -> anyhow::Result<i64> {
+    match parse_credits(text) {
+        Some(micros) => Ok(micros),
+        None => bail!(
+            "{flag} {text:?}: expected a positive decimal with at most 6 decimal places, e.g. 25 or 0.5"
+        ),
+    }
 }
 
 /// Parses `YYYY-MM-DDTHH:MM:SSZ` (UTC) exactly.
@@ -578,6 +662,54 @@ impl Output {
             ),
             format!("balance  {} credits", Credits(g.credit_balance_micros)),
         ];
+        self.emit(value, lines);
+    }
+
+    fn top_up(&self, t: &pb::AutoTopUp) {
+        let last = t.last_attempt.clone().unwrap_or_default();
+        let value = json!({
+            "enabled": t.enabled, "threshold_micros": t.threshold_micros, "target_micros": t.target_micros,
+            "monthly_cap_micros": t.monthly_cap_micros, "consecutive_declines": t.consecutive_declines,
+            "in_flight_purchase_id": t.in_flight_purchase_id, "in_flight_micros": t.in_flight_micros,
+            "last_attempt": t.last_attempt.as_ref().map(|a| json!({
+                "at": instant(&a.at), "amount_micros": a.amount_micros, "outcome": a.outcome().as_str_name(),
+                "error": a.error, "payment_id": a.payment_id,
+            })),
+        });
+        let cap = if t.monthly_cap_micros > 0 {
+            format!(", at most {} a month", Credits(t.monthly_cap_micros))
+        } else {
+            String::new()
+        };
+        let mut lines = vec![format!(
+            "auto top-up {}: below {} credits, buy back up to {}{cap}",
+            if t.enabled { "on" } else { "off" },
+            Credits(t.threshold_micros),
+            Credits(t.target_micros)
+        )];
+        if !t.in_flight_purchase_id.is_empty() {
+            lines.push(format!(
+                "paying   {} credits ({})",
+                Credits(t.in_flight_micros),
+                t.in_flight_purchase_id
+            ));
+        }
+        if t.last_attempt.is_some() {
+            let error = if last.error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", last.error)
+            };
+            lines.push(format!(
+                "last     {} {} credits at {}{error}",
+                last.outcome().as_str_name(),
+                Credits(last.amount_micros),
+                instant(&last.at).unwrap_or_default()
+            ));
+        }
+        if t.consecutive_declines > 0 {
+            lines.push(format!("declines {} in a row", t.consecutive_declines));
+        }
         self.emit(value, lines);
     }
 
