@@ -21,6 +21,8 @@ use crate::domain::{Limits, Plan, Policy, PriceSheet, Product};
 pub const ENV_PREFIX: &str = "QUOTAD_";
 /// The admin token is read verbatim from this variable (it is never parsed as TOML).
 pub const ADMIN_TOKEN_ENV: &str = "QUOTAD_ADMIN_TOKEN";
+/// The billing service's bearer token is read verbatim from this variable.
+pub const PAYMENTS_TOKEN_ENV: &str = "QUOTAD_PAYMENTS_TOKEN";
 /// The Redis URL is read verbatim from this variable (it may carry a password).
 pub const REDIS_URL_ENV: &str = "QUOTAD_REDIS_URL";
 const REDACTED: &str = "<redacted>";
@@ -203,6 +205,8 @@ pub enum PaymentProviderKind {
     /// Embedded: approves every charge (or declines every one with `simulated_decline`).
     #[default]
     Simulated,
+    /// A billing service over HTTP (`http_url`).
+    Http,
 }
 
 /// `[payments]`: the payment provider for auto top-up and how its calls are retried.
@@ -215,6 +219,13 @@ pub struct PaymentsConfig {
     /// Tries of a payment that gets no settling answer, with the same idempotency key.
     pub retry_attempts: u32,
     pub retry_first_delay_ms: u64,
+    /// With the http provider: where charges are posted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_url: Option<String>,
+    /// Bearer token for the billing service; also `QUOTAD_PAYMENTS_TOKEN` (read verbatim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_token: Option<String>,
+    pub http_timeout_ms: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -224,19 +235,36 @@ impl Default for PaymentsConfig {
             simulated_decline: false,
             retry_attempts: 8,
             retry_first_delay_ms: 200,
+            http_url: None,
+            http_token: None,
+            http_timeout_ms: 5_000,
         }
     }
 }
 
 impl PaymentsConfig {
-    pub fn provider(&self) -> std::sync::Arc<dyn crate::payment::PaymentProvider> {
-        match self.provider {
+    pub fn provider(
+        &self,
+    ) -> Result<std::sync::Arc<dyn crate::payment::PaymentProvider>, ConfigError> {
+        Ok(match self.provider {
             PaymentProviderKind::Simulated => {
                 std::sync::Arc::new(crate::payment::SimulatedProvider {
                     decline: self.simulated_decline,
                 })
             }
-        }
+            PaymentProviderKind::Http => {
+                let url = self.http_url.as_deref().ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "payments.http_url is required with provider = \"http\"".into(),
+                    )
+                })?;
+                let timeout = std::time::Duration::from_millis(self.http_timeout_ms);
+                let provider =
+                    crate::payment::HttpProvider::new(url, self.http_token.clone(), timeout)
+                        .map_err(ConfigError::Invalid)?;
+                std::sync::Arc::new(provider)
+            }
+        })
     }
 
     pub fn retry(&self) -> crate::payment::RetryPolicy {
@@ -358,6 +386,9 @@ impl Config {
         if let Some(url) = env(REDIS_URL_ENV) {
             config.store.redis.url = url;
         }
+        if let Some(token) = env(PAYMENTS_TOKEN_ENV) {
+            config.payments.http_token = Some(token);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -377,6 +408,7 @@ impl Config {
         self.policy().validate().map_err(ConfigError::Invalid)?;
         self.pricing.validate().map_err(ConfigError::Invalid)?;
         self.store.redis.validate().map_err(ConfigError::Invalid)?;
+        self.payments.provider()?;
         if self
             .admin_token
             .as_deref()
@@ -404,6 +436,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.admin_token.is_some() {
             shown.admin_token = Some(REDACTED.into());
+        }
+        if shown.payments.http_token.is_some() {
+            shown.payments.http_token = Some(REDACTED.into());
         }
         let redis = &mut shown.store.redis;
         redis.url = redact_url(&redis.url);

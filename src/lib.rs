@@ -49,7 +49,7 @@ pub async fn run(
     let settings = ServeSettings {
         admin_token: config.admin_token.clone(),
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
-        payments: config.payments.provider(),
+        payments: config.payments.provider()?,
         payment_retry: config.payments.retry(),
     };
     let policy = Arc::new(config.policy());

@@ -8,6 +8,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
 use crate::domain::top_up::{PaymentResult, Purchase};
@@ -45,6 +50,129 @@ impl PaymentProvider for SimulatedProvider {
             }
         };
         Box::pin(async move { result })
+    }
+}
+
+/// A billing service over HTTP: `POST` of a JSON charge with the purchase id as the
+/// `Idempotency-Key` header (so a retry is the same charge), a bearer token, and a timeout.
+///
+/// Request body: `{"account_id": …, "purchase_id": …, "amount_micros": …}`.
+/// Answers: 2xx `{"status": "approved", "payment_id": …}` approves; 2xx
+/// `{"status": "declined", "error": …}` or 402 declines; anything else (5xx, a timeout, a
+/// connection error, a body that says neither) settles nothing and is retried.
+#[derive(Clone)]
+pub struct HttpProvider {
+    url: hyper::Uri,
+    token: Option<String>,
+    timeout: Duration,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for HttpProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpProvider")
+            .field("url", &self.url)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpProvider {
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<HttpProvider, String> {
+        let url: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("payments.http_url {url:?}: {e}"))?;
+        if url.scheme_str() != Some("http") {
+            return Err(format!(
+                "payments.http_url {url}: only http:// is supported (put TLS in the mesh)"
+            ));
+        }
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(HttpProvider {
+            url,
+            token,
+            timeout,
+            client,
+        })
+    }
+
+    async fn post(&self, charge: PaymentRequest) -> PaymentResult {
+        let failed = |error: String| PaymentResult::Failed { error };
+        let body = serde_json::json!({
+            "account_id": charge.account_id,
+            "purchase_id": charge.purchase_id,
+            "amount_micros": charge.amount_micros,
+        });
+        let mut request = hyper::Request::post(self.url.clone())
+            .header("content-type", "application/json")
+            .header("idempotency-key", &charge.purchase_id);
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = match request.body(Full::new(Bytes::from(body.to_string()))) {
+            Ok(request) => request,
+            Err(e) => return failed(format!("cannot build the billing request: {e}")),
+        };
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| format!("billing service: {e}"))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("billing service: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        let (status, body) = match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => {
+                return failed(format!(
+                    "billing service did not answer within {:?}",
+                    self.timeout
+                ));
+            }
+            Ok(Err(e)) => return failed(e),
+            Ok(Ok(answer)) => answer,
+        };
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let text = |key: &str| {
+            answer
+                .get(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        if status.as_u16() == 402 || (status.is_success() && text("status") == "declined") {
+            let error = text("error");
+            return PaymentResult::Declined {
+                error: if error.is_empty() {
+                    "payment declined".into()
+                } else {
+                    error
+                },
+            };
+        }
+        if status.is_success() && text("status") == "approved" && !text("payment_id").is_empty() {
+            return PaymentResult::Approved {
+                payment_id: text("payment_id"),
+            };
+        }
+        failed(format!("billing service answered {status}"))
+    }
+}
+
+impl PaymentProvider for HttpProvider {
+    fn charge(&self, request: PaymentRequest) -> PaymentFuture {
+        let provider = self.clone();
+        Box::pin(async move { provider.post(request).await })
     }
 }
 

@@ -1,0 +1,295 @@
+//! Auto top-up against a real HTTP billing endpoint started by the test (plain HTTP/1.1 over a
+//! loopback socket): approvals, declines, a 500 then success on retry, a timeout then success,
+//! a slow answer; exactly one lot per successful purchase, none per decline, the same
+//! idempotency key on every retry of a purchase, back-off and auto-disable after 3 declines.
+
+mod support;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quotad::api::pb;
+use quotad::config::{Config, PaymentProviderKind, StoreKind};
+use support::{CREDIT, QuotaClient, TestServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// How the billing endpoint answers one request.
+#[derive(Debug, Clone)]
+enum Answer {
+    Approve,
+    Decline,
+    ServerError,
+    /// Wait longer than quotad's timeout before approving.
+    Stall,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    idempotency_key: String,
+    authorization: String,
+    body: serde_json::Value,
+}
+
+#[derive(Default)]
+struct Billing {
+    script: Mutex<VecDeque<Answer>>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+impl Billing {
+    fn answers(&self, answers: &[Answer]) {
+        self.script.lock().unwrap().extend(answers.iter().cloned());
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A minimal HTTP/1.1 billing service: one request per connection, answers from the script
+/// (approve when the script is empty).
+async fn billing_service() -> (String, Arc<Billing>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/charges", listener.local_addr().unwrap());
+    let billing = Arc::new(Billing::default());
+    let state = billing.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut raw = Vec::new();
+                let mut buf = [0u8; 4096];
+                let (head, body) = loop {
+                    let n = socket.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    raw.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&raw).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            break (head.to_owned(), body[..length].to_owned());
+                        }
+                    }
+                };
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| {
+                            l.split_once(':')
+                                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                                .map(|(_, v)| v.trim().to_owned())
+                        })
+                        .unwrap_or_default()
+                };
+                let seen = Seen {
+                    idempotency_key: header("idempotency-key"),
+                    authorization: header("authorization"),
+                    body: serde_json::from_str(&body).unwrap(),
+                };
+                let key = seen.idempotency_key.clone();
+                state.seen.lock().unwrap().push(seen);
+                let answer = state
+                    .script
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or(Answer::Approve);
+                let (status, json) = match answer {
+                    Answer::Approve => (
+                        "200 OK",
+                        format!(r#"{{"status":"approved","payment_id":"pay_{key}"}}"#),
+                    ),
+                    Answer::Decline => (
+                        "402 Payment Required",
+                        r#"{"status":"declined","error":"card declined"}"#.to_owned(),
+                    ),
+                    Answer::ServerError => ("500 Internal Server Error", "{}".to_owned()),
+                    Answer::Stall => {
+                        tokio::time::sleep(Duration::from_millis(800)).await;
+                        (
+                            "200 OK",
+                            format!(r#"{{"status":"approved","payment_id":"late_{key}"}}"#),
+                        )
+                    }
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}",
+                    json.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (url, billing)
+}
+
+async fn server_with_billing(url: &str) -> TestServer {
+    let mut config = Config::default();
+    config.payments.provider = PaymentProviderKind::Http;
+    config.payments.http_url = Some(url.to_owned());
+    config.payments.http_token = Some("billing-secret".into());
+    config.payments.http_timeout_ms = 300;
+    config.payments.retry_first_delay_ms = 20;
+    TestServer::start_with(config, StoreKind::Memory).await
+}
+
+async fn usage(q: &mut QuotaClient, account: &str) -> pb::GetUsageResponse {
+    let req = pb::GetUsageRequest {
+        account_id: account.into(),
+        recent_limit: 0,
+    };
+    q.get_usage(req).await.unwrap().into_inner()
+}
+
+async fn wait_for(
+    q: &mut QuotaClient,
+    account: &str,
+    done: impl Fn(&pb::GetUsageResponse) -> bool,
+) -> pb::GetUsageResponse {
+    let started = std::time::Instant::now();
+    loop {
+        let u = usage(q, account).await;
+        if done(&u) {
+            return u;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not settled: {u:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn outcome(u: &pb::GetUsageResponse) -> Option<pb::TopUpOutcome> {
+    u.auto_top_up
+        .as_ref()?
+        .last_attempt
+        .as_ref()
+        .map(|a| a.outcome())
+}
+
+async fn plus_account(server: &TestServer, id: &str) {
+    let mut admin = server.admin().await;
+    let account = pb::Account {
+        account_id: id.into(),
+        plan: "plus".into(),
+        credit_purchase_allowed: true,
+    };
+    admin
+        .upsert_account(pb::UpsertAccountRequest {
+            account: Some(account),
+        })
+        .await
+        .unwrap();
+}
+
+async fn turn_on(server: &TestServer, id: &str) {
+    let req = pb::SetAutoTopUpRequest {
+        account_id: id.into(),
+        enabled: true,
+        threshold_micros: 10 * CREDIT,
+        target_micros: 30 * CREDIT,
+        monthly_cap_micros: 0,
+    };
+    server.admin().await.set_auto_top_up(req).await.unwrap();
+}
+
+fn auto_lots(u: &pb::GetUsageResponse) -> usize {
+    u.lots.iter().filter(|l| l.source == "auto_top_up").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_reuse_the_key_and_one_success_makes_one_lot() {
+    let (url, billing) = billing_service().await;
+    billing.answers(&[Answer::ServerError, Answer::Stall, Answer::Approve]);
+    let server = server_with_billing(&url).await;
+    let mut q = server.quota().await;
+    plus_account(&server, "p").await;
+    turn_on(&server, "p").await;
+    let u = wait_for(&mut q, "p", |u| {
+        outcome(u) == Some(pb::TopUpOutcome::Succeeded)
+    })
+    .await;
+    assert_eq!(u.credit_balance_micros, 30 * CREDIT);
+    assert_eq!(auto_lots(&u), 1, "exactly one lot for the purchase");
+    let seen = billing.seen();
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(
+        seen.iter().all(|s| s.idempotency_key == "topup:p:1"),
+        "the same key on every retry: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|s| s.authorization == "Bearer billing-secret")
+    );
+    assert_eq!(seen[0].body["amount_micros"], 30 * CREDIT);
+    assert_eq!(seen[0].body["account_id"], "p");
+    // A late answer to the stalled try would be a duplicate: nothing more is granted.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let u = usage(&mut q, "p").await;
+    assert_eq!((u.credit_balance_micros, auto_lots(&u)), (30 * CREDIT, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declines_create_nothing_back_off_and_turn_it_off_after_three() {
+    let (url, billing) = billing_service().await;
+    billing.answers(&[Answer::Decline, Answer::Decline, Answer::Decline]);
+    let server = server_with_billing(&url).await;
+    let mut q = server.quota().await;
+    plus_account(&server, "d").await;
+    turn_on(&server, "d").await;
+    let u = wait_for(&mut q, "d", |u| {
+        outcome(u) == Some(pb::TopUpOutcome::Declined)
+    })
+    .await;
+    assert_eq!(
+        (u.credit_balance_micros, auto_lots(&u)),
+        (0, 0),
+        "a decline grants nothing"
+    );
+    // An hour of back-off later, raising the threshold re-arms it: declined again, twice.
+    for n in 2..=3 {
+        server.clock.advance_secs(3_600);
+        turn_on_again(&server, "d", 10 + n as i64).await;
+        wait_for(&mut q, "d", |u| {
+            u.auto_top_up
+                .as_ref()
+                .is_some_and(|t| t.consecutive_declines == n)
+        })
+        .await;
+    }
+    let t = usage(&mut q, "d").await.auto_top_up.unwrap();
+    assert!(!t.enabled, "turned off after three declines");
+    assert!(
+        t.last_attempt
+            .unwrap()
+            .error
+            .contains("turned off after 3 declines")
+    );
+    assert_eq!(billing.seen().len(), 3);
+}
+
+/// Raising the threshold re-arms the trigger (the account is still below it).
+async fn turn_on_again(server: &TestServer, id: &str, threshold: i64) {
+    let req = pb::SetAutoTopUpRequest {
+        account_id: id.into(),
+        enabled: true,
+        threshold_micros: threshold * CREDIT,
+        target_micros: 30 * CREDIT,
+        monthly_cap_micros: 0,
+    };
+    server.admin().await.set_auto_top_up(req).await.unwrap();
+}
