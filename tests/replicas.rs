@@ -392,3 +392,161 @@ async fn three_replicas_on_a_redis_cluster_agree() {
         .unwrap();
     replicated_load(Backend::Cluster(&cluster), true).await;
 }
+
+/// Many parallel commits on one account, over three replicas on one Redis, cross the auto
+/// top-up threshold together: exactly one purchase, and after it settles available credits are
+/// back above the threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_commits_across_replicas_buy_exactly_once() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let env = replica_env(&Backend::Standalone(&server), &fresh_prefix());
+    let procs = tokio::task::spawn_blocking(move || {
+        (0..REPLICAS)
+            .map(|_| start("127.0.0.1:0", &env))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let urls: Vec<String> = procs.iter().map(Quotad::url).collect();
+    let channel = Channel::from_shared(urls[0].clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel, BearerToken(Some(ADMIN_TOKEN.into())));
+    let account = pb::Account {
+        account_id: "t".into(),
+        plan: "plus".into(),
+        credit_purchase_allowed: true,
+    };
+    admin
+        .upsert_account(pb::UpsertAccountRequest {
+            account: Some(account),
+        })
+        .await
+        .unwrap();
+    let grant = pb::GrantCreditsRequest {
+        account_id: "t".into(),
+        grant_id: "seed".into(),
+        amount_micros: 60 * CREDIT,
+        ..Default::default()
+    };
+    admin.grant_credits(grant).await.unwrap();
+    let settings = pb::SetAutoTopUpRequest {
+        account_id: "t".into(),
+        enabled: true,
+        threshold_micros: 50 * CREDIT,
+        target_micros: 100 * CREDIT,
+        monthly_cap_micros: 0,
+    };
+    admin.set_auto_top_up(settings).await.unwrap();
+    let replicas = Replicas::connect(&urls);
+    // The plan's 150 first, so that what follows is paid in credits.
+    let plan = pb::ReserveRequest {
+        account_id: "t".into(),
+        request_id: "plan".into(),
+        product: "codex".into(),
+        estimate: Some(costing(150)),
+        ..Default::default()
+    };
+    let r = replicas
+        .call(0, move |mut c| {
+            let plan = plan.clone();
+            async move { c.reserve(plan).await }
+        })
+        .await;
+    let commit = pb::CommitRequest {
+        account_id: "t".into(),
+        reservation_id: r.reservation_id,
+        usage: Some(costing(150)),
+        r#final: true,
+    };
+    replicas
+        .call(1, move |mut c| {
+            let commit = commit.clone();
+            async move { c.commit(commit).await }
+        })
+        .await;
+
+    // 30 tasks of 1 credit each, all at once, over the three replicas: 60 → 30 available.
+    let tasks: Vec<_> = (0..30usize)
+        .map(|i| {
+            let replicas = replicas.clone();
+            tokio::spawn(async move {
+                let reserve = pb::ReserveRequest {
+                    account_id: "t".into(),
+                    request_id: format!("c{i}"),
+                    product: "codex".into(),
+                    estimate: Some(costing(1)),
+                    ..Default::default()
+                };
+                let r = replicas
+                    .call(i, move |mut c| {
+                        let reserve = reserve.clone();
+                        async move { c.reserve(reserve).await }
+                    })
+                    .await;
+                assert_eq!(r.decision(), Decision::Allow);
+                let commit = pb::CommitRequest {
+                    account_id: "t".into(),
+                    reservation_id: r.reservation_id,
+                    usage: Some(costing(1)),
+                    r#final: true,
+                };
+                replicas
+                    .call(i + 1, move |mut c| {
+                        let commit = commit.clone();
+                        async move { c.commit(commit).await }
+                    })
+                    .await;
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut client = QuotaServiceClient::connect(urls[2].clone()).await.unwrap();
+    let started = std::time::Instant::now();
+    let usage = loop {
+        tokio::time::sleep(Duration::from_millis(300)).await; // past the usage staleness bound
+        let u = client
+            .get_usage(pb::GetUsageRequest {
+                account_id: "t".into(),
+                recent_limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if u.auto_top_up
+            .as_ref()
+            .is_some_and(|t| t.in_flight_purchase_id.is_empty() && t.last_attempt.is_some())
+        {
+            break u;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the purchase did not settle: {u:?}"
+        );
+    };
+    let bought: Vec<_> = usage
+        .lots
+        .iter()
+        .filter(|l| l.source == "auto_top_up")
+        .collect();
+    assert_eq!(bought.len(), 1, "exactly one purchase: {:?}", usage.lots);
+    assert_eq!(bought[0].lot_id, "topup:t:1");
+    let ledger = usage.ledger.unwrap();
+    assert_eq!(ledger.spent_micros, 30 * CREDIT);
+    assert_eq!(
+        ledger.granted_micros,
+        ledger.balance_micros + ledger.spent_micros + ledger.expired_micros + ledger.revoked_micros
+    );
+    assert!(
+        ledger.available_micros > 50 * CREDIT,
+        "back above the threshold: {ledger:?}"
+    );
+    drop(procs);
+}
