@@ -129,9 +129,20 @@ impl<S: Store> Quota<S> {
         Ok(outcome)
     }
 
-    /// Background upkeep of the store at the current time.
-    pub async fn maintain(&self) {
-        self.store.maintain(self.clock.now()).await;
+    /// Background upkeep at the current time: the store's own, then resuming auto top-up
+    /// purchases that a replica which died left unpaid (paid again with the same key).
+    pub async fn maintain(&self, resume_after: std::time::Duration) {
+        let now = self.clock.now();
+        self.store.maintain(now).await;
+        let cutoff = now.plus_millis(-i64::try_from(resume_after.as_millis()).unwrap_or(i64::MAX));
+        match self.store.stalled_purchases(cutoff).await {
+            Ok(stalled) => {
+                for (account_id, purchase) in stalled {
+                    self.payments.push(&account_id, purchase);
+                }
+            }
+            Err(e) => tracing::debug!("cannot look for stalled purchases: {e}"),
+        }
     }
 
     pub async fn reserve(&self, req: ReserveRequest) -> Result<ReserveOutcome, StoreError> {
@@ -390,5 +401,9 @@ impl<S: Store> Settle for Quota<S> {
                 None
             }
         }
+    }
+
+    fn done(&self, purchase_id: &str) {
+        self.payments.done(purchase_id);
     }
 }

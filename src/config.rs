@@ -226,6 +226,9 @@ pub struct PaymentsConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_token: Option<String>,
     pub http_timeout_ms: u64,
+    /// A purchase still in flight this long after it started (its replica died, or gave up
+    /// retrying) is paid again, with the same idempotency key.
+    pub resume_after_ms: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -238,6 +241,7 @@ impl Default for PaymentsConfig {
             http_url: None,
             http_token: None,
             http_timeout_ms: 5_000,
+            resume_after_ms: 60_000,
         }
     }
 }

@@ -51,6 +51,7 @@ pub async fn run(
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
         payments: config.payments.provider()?,
         payment_retry: config.payments.retry(),
+        payment_resume_after: Duration::from_millis(config.payments.resume_after_ms),
     };
     let policy = Arc::new(config.policy());
     match config.store.kind {

@@ -206,6 +206,8 @@ impl Default for RetryPolicy {
 pub struct PaymentQueue {
     tx: mpsc::UnboundedSender<PaymentOrder>,
     rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PaymentOrder>>>,
+    /// Purchases this replica is paying now, so a resumed one is not paid twice at once.
+    paying: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Default for PaymentQueue {
@@ -214,18 +216,34 @@ impl Default for PaymentQueue {
         PaymentQueue {
             tx,
             rx: std::sync::Mutex::new(Some(rx)),
+            paying: Default::default(),
         }
     }
 }
 
 impl PaymentQueue {
+    /// Queues a purchase for payment, unless this replica is paying it already.
     pub fn push(&self, account_id: &str, purchase: Purchase) {
-        // The receiver lives as long as the server; after it is gone nothing can pay anyway,
-        // and the purchase stays in flight in the store, to be resumed.
-        let _ = self.tx.send(PaymentOrder {
-            account_id: account_id.to_owned(),
-            purchase,
-        });
+        let fresh = self
+            .paying
+            .lock()
+            .map(|mut p| p.insert(purchase.id.clone()))
+            .unwrap_or(true);
+        if fresh {
+            // The receiver lives as long as the server; after it is gone nothing can pay anyway,
+            // and the purchase stays in flight in the store, to be resumed.
+            let _ = self.tx.send(PaymentOrder {
+                account_id: account_id.to_owned(),
+                purchase,
+            });
+        }
+    }
+
+    /// This replica is done with the purchase (settled, or given up on for now).
+    pub fn done(&self, purchase_id: &str) {
+        if let Ok(mut paying) = self.paying.lock() {
+            paying.remove(purchase_id);
+        }
     }
 
     /// The receiving end, once (for the worker).
@@ -243,6 +261,9 @@ pub trait Settle: Send + Sync + 'static {
         purchase_id: &str,
         result: PaymentResult,
     ) -> impl Future<Output = Option<Purchase>> + Send;
+
+    /// The worker is done with a purchase (settled, or given up on until it is resumed).
+    fn done(&self, purchase_id: &str);
 }
 
 /// Pays every order that arrives, each in its own task, until the queue closes.
@@ -254,7 +275,11 @@ pub async fn run_worker<T: Settle>(
 ) {
     while let Some(order) = orders.recv().await {
         let (provider, settle) = (provider.clone(), settle.clone());
-        tokio::spawn(async move { pay(order, provider.as_ref(), settle.as_ref(), retry).await });
+        tokio::spawn(async move {
+            let id = order.purchase.id.clone();
+            pay(order, provider.as_ref(), settle.as_ref(), retry).await;
+            settle.done(&id);
+        });
     }
 }
 
@@ -293,6 +318,7 @@ async fn pay<T: Settle>(
         match next {
             // Settling started another purchase (e.g. the first was capped short): pay it too.
             Some(purchase) => {
+                settle.done(&order.purchase.id);
                 order.purchase = purchase;
                 attempt = 0;
                 delay = retry.first_delay;

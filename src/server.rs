@@ -40,6 +40,8 @@ pub struct ServeSettings {
     /// Pays for auto top-up purchases.
     pub payments: Arc<dyn PaymentProvider>,
     pub payment_retry: RetryPolicy,
+    /// A purchase still in flight this long after it started is paid again (same key).
+    pub payment_resume_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,17 +101,21 @@ pub async fn run<S: Store>(
             }
         })
     };
-    let upkeep = app.store().maintenance_interval().map(|every| {
-        let app = app.clone();
-        tokio::spawn(async move {
+    let upkeep = {
+        let every = app
+            .store()
+            .maintenance_interval()
+            .unwrap_or(Duration::from_secs(1));
+        let (app, resume_after) = (app.clone(), settings.payment_resume_after);
+        Some(tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                app.maintain().await;
+                app.maintain(resume_after).await;
             }
-        })
-    });
+        }))
+    };
     let draining = Arc::new(Notify::new());
     let signal = {
         let draining = draining.clone();

@@ -227,6 +227,11 @@ impl AccountState {
             && self.ledger.balance() == 0
     }
 
+    /// The auto top-up purchase in flight, if any.
+    pub fn top_up_in_flight(&self) -> Option<&Purchase> {
+        self.top_up.in_flight()
+    }
+
     /// The earliest instant an open hold expires, for stores that sweep expired holds.
     pub fn next_hold_expiry(&self) -> Option<Timestamp> {
         self.open.values().map(|r| r.expires_at).min()

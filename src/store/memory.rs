@@ -10,6 +10,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use super::{Store, StoreError, account_not_found};
+use crate::domain::top_up::Purchase;
 use crate::domain::{
     Account, AccountState, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy,
     ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
@@ -166,5 +167,20 @@ impl Store for MemoryStore {
             state.settle(policy, now);
             state.snapshot(policy, recent_limit)
         })
+    }
+
+    async fn stalled_purchases(
+        &self,
+        started_before: Timestamp,
+    ) -> Result<Vec<(String, Purchase)>, StoreError> {
+        Ok(self
+            .accounts
+            .iter()
+            .filter_map(|entry| {
+                let purchase = entry.top_up_in_flight()?;
+                (purchase.started_at <= started_before)
+                    .then(|| (entry.key().clone(), purchase.clone()))
+            })
+            .collect())
     }
 }

@@ -12,6 +12,7 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
+use crate::domain::top_up::Purchase;
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome, ReleaseCommand,
     ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
@@ -126,6 +127,14 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> StoreHealth {
         StoreHealth::Up
     }
+
+    /// Auto top-up purchases still in flight that started at or before `started_before`: a
+    /// replica that died while paying them left them unsettled. A store may answer for a part
+    /// of its accounts at a time (each call the next part).
+    fn stalled_purchases(
+        &self,
+        started_before: Timestamp,
+    ) -> impl Future<Output = Result<Vec<(String, Purchase)>, StoreError>> + Send;
 }
 
 pub(crate) fn account_not_found(account_id: &str) -> StoreError {

@@ -2,6 +2,7 @@
 //! and hands out real tonic clients for it.
 #![allow(dead_code)]
 
+pub mod billing;
 pub mod contract;
 pub mod process;
 pub mod redis;

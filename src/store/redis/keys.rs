@@ -13,16 +13,29 @@ pub const ACCOUNT_KEYS: [&str; 11] = [
     "acct", "w5", "ww", "lots", "open", "closed", "closedz", "req", "reqz", "grants", "events",
 ];
 
-/// The keys one account script is given: the account's own, then its slot's hold index.
-pub fn account_keys(prefix: &str, account_id: &str) -> [String; 12] {
+/// The keys one account script is given: the account's own, then its slot's hold index and
+/// purchase index.
+pub fn account_keys(prefix: &str, account_id: &str) -> [String; 13] {
     let tag = hash_tag(account_id);
-    let index = hold_index_key(prefix, slot(tag.as_bytes()));
-    let mut keys: [String; 12] = Default::default();
+    let slot = slot(tag.as_bytes());
+    let mut keys: [String; 13] = Default::default();
     for (key, suffix) in keys.iter_mut().zip(ACCOUNT_KEYS) {
         *key = format!("{prefix}:{{{tag}}}:{suffix}");
     }
-    keys[11] = index;
+    keys[11] = hold_index_key(prefix, slot);
+    keys[12] = purchase_index_key(prefix, slot);
     keys
+}
+
+/// The account record key (`acct`) of an account.
+pub fn account_key(prefix: &str, account_id: &str) -> String {
+    format!("{prefix}:{{{}}}:acct", hash_tag(account_id))
+}
+
+/// The index, for one slot, of accounts with an auto top-up purchase in flight, scored by when
+/// it started: a replica resumes the purchases a dead replica left unpaid.
+pub fn purchase_index_key(prefix: &str, slot: u16) -> String {
+    format!("{prefix}:pi:{{{}}}", slot_tags()[usize::from(slot)])
 }
 
 /// The hold-expiry index key whose hash tag maps to `slot`.

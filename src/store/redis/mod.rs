@@ -33,7 +33,7 @@ pub use keys::{hold_index_key, slot};
 use super::{Store, StoreError, StoreHealth};
 use crate::domain::account::LOT_VALIDITY_MONTHS;
 use crate::domain::time::{DAY_MS, MINUTE_MS};
-use crate::domain::top_up::PaymentResult;
+use crate::domain::top_up::{PaymentResult, Purchase};
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy, ReleaseCommand,
     ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
@@ -227,6 +227,8 @@ pub struct RedisStore {
     deny_cache_hits: AtomicU64,
     /// Where the next maintenance tick's sweep starts.
     sweep_cursor: AtomicU16,
+    /// Where the next look for stalled purchases starts.
+    purchase_cursor: AtomicU16,
     /// Listens for admin changes announced by any replica.
     subscriber: JoinHandle<()>,
 }
@@ -308,6 +310,7 @@ impl RedisStore {
             health: Health::new(BREAKER_COOLDOWN),
             deny_cache_hits: AtomicU64::new(0),
             sweep_cursor: AtomicU16::new(start_slice()),
+            purchase_cursor: AtomicU16::new(start_slice()),
             subscriber,
         };
         store.load_scripts().await?;
@@ -730,6 +733,48 @@ impl Store for RedisStore {
 
     fn health(&self) -> StoreHealth {
         self.health.status()
+    }
+
+    async fn stalled_purchases(
+        &self,
+        started_before: Timestamp,
+    ) -> Result<Vec<(String, Purchase)>, StoreError> {
+        // A slice of the slots per call, like the sweeper.
+        let start = self
+            .purchase_cursor
+            .fetch_add(SWEEP_SLICE, Ordering::Relaxed)
+            % keys::SLOTS;
+        let mut found = Vec::new();
+        let mut conn = self.conn.clone();
+        for slot in start..start + SWEEP_SLICE {
+            let index = keys::purchase_index_key(&self.settings.key_prefix, slot);
+            let accounts: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(index)
+                .arg("-inf")
+                .arg(started_before.as_millis())
+                .arg("LIMIT")
+                .arg(0)
+                .arg(100)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("purchase index: {e}")))?;
+            for account in accounts {
+                let key = keys::account_key(&self.settings.key_prefix, &account);
+                let text: Option<String> = redis::cmd("HGET")
+                    .arg(key)
+                    .arg("tu_if")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("purchase index: {e}")))?;
+                if let Some(purchase) = text
+                    .filter(|t| !t.is_empty())
+                    .and_then(|t| serde_json::from_str::<wire::PurchaseJ>(&t).ok())
+                {
+                    found.push((account, purchase.into()));
+                }
+            }
+        }
+        Ok(found)
     }
 }
 

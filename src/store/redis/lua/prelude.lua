@@ -22,6 +22,8 @@
 --  11 events   LIST  usage events, newest first, capped
 --  12 holdidx  ZSET  (one per Cluster slot, shared by the accounts of that slot) account id
 --                    scored by its earliest open hold expiry, for the sweeper
+--  13 purchidx ZSET  (one per slot) account id scored by when its auto top-up purchase in
+--                    flight started, so that a replica can resume one a dead replica left
 -- ARGV: 1 policy (JSON, see redis.rs), 2 now (ms since the epoch), 3 account id, 4.. the
 -- operation's own.
 --
@@ -35,6 +37,7 @@
 
 local K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_GRANTS, K_EVENTS, K_HOLDIDX =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_PURCHASEIDX = KEYS[13]
 local P = cjson.decode(ARGV[1])
 local NOW = tonumber(ARGV[2])
 local ID = ARGV[3]
@@ -488,6 +491,11 @@ local function finish()
     redis.call('ZADD', K_HOLDIDX, next_expiry, A.id)
   else
     redis.call('ZREM', K_HOLDIDX, A.id)
+  end
+  if A.tu_if ~= '' then
+    redis.call('ZADD', K_PURCHASEIDX, tonumber(cjson.decode(A.tu_if).started_at), A.id)
+  else
+    redis.call('ZREM', K_PURCHASEIDX, A.id)
   end
   local keep = P.account_ttl_ms
   for _, l in ipairs(LOTS) do keep = math.max(keep, l.ex - NOW + P.account_ttl_ms) end

@@ -3,6 +3,7 @@
 -- at once: settling twice changes nothing more. Returns {next} (the next hold expiry, if any).
 if not load_account() then
   redis.call('ZREM', K_HOLDIDX, ID)
+  redis.call('ZREM', K_PURCHASEIDX, ID)
   return J({ gone = true })
 end
 settle()
