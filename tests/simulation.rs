@@ -9,6 +9,7 @@
 //! - available credits never drop below zero but by a commit's overage, or by credits that
 //!   leave under open holds (a revoked grant, an expired lot), as documented;
 //! - no calendar month buys more than the monthly cap.
+//!
 //! Runs on the memory store and on Redis. A failure names the seed: `QUOTAD_SIM_SEED=N` replays it.
 
 mod support;
