@@ -127,10 +127,6 @@ impl<T> Retained<T> {
             }
         }
     }
-
-    fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
 }
 
 /// How usage beyond the plan's allowance is handled for one product on one account.
@@ -215,26 +211,9 @@ impl AccountState {
         self.weekly.advance(now);
     }
 
-    /// True when nothing about this account needs remembering beyond its record: no usage in
-    /// any window, no holds, no credits, no idempotency records.
-    pub fn is_idle(&self) -> bool {
-        self.five_hour.committed() == 0
-            && self.weekly.committed() == 0
-            && self.open.is_empty()
-            && self.closed.is_empty()
-            && self.requests.is_empty()
-            && self.ledger.lots().is_empty()
-            && self.ledger.balance() == 0
-    }
-
     /// The auto top-up purchase in flight, if any.
     pub fn top_up_in_flight(&self) -> Option<&Purchase> {
         self.top_up.in_flight()
-    }
-
-    /// The earliest instant an open hold expires, for stores that sweep expired holds.
-    pub fn next_hold_expiry(&self) -> Option<Timestamp> {
-        self.open.values().map(|r| r.expires_at).min()
     }
 
     fn plan<'p>(&self, policy: &'p Policy) -> Result<&'p Plan, DomainError> {

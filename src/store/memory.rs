@@ -31,14 +31,6 @@ impl MemoryStore {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.accounts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.accounts.is_empty()
-    }
-
     /// Runs `op` on an existing account under its shard lock.
     fn with_account<T>(
         &self,

@@ -5,6 +5,12 @@
 //! Invalidation: a replica forgets an account's snapshot whenever it changes that account, and
 //! forgets everything about an account when an admin change for it is announced on the admin
 //! channel (or everything at all, when the channel was lost and changes may have been missed).
+//! A copy read from Redis is remembered only if nothing invalidated that account while it was
+//! being read ([`Front::version`] before the read, checked when remembering): otherwise a read
+//! that started before a change could store the old answer after the change forgot it.
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
@@ -28,12 +34,52 @@ struct Entry {
     touched: Timestamp,
 }
 
-#[derive(Debug, Default)]
+/// What [`Front::version`] saw before a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadVersion(u64, u64);
+
+/// Stripes of invalidation counters.
+const STRIPES: usize = 4_096;
+
+#[derive(Debug)]
 pub struct Front {
     accounts: DashMap<String, Entry>,
+    /// Invalidation counters, striped by account (a fixed few thousand, however many accounts),
+    /// and of everything (`epoch`), to spot a read that raced an invalidation. Two accounts
+    /// sharing a stripe only ever cost a copy not kept.
+    stripes: Vec<AtomicU64>,
+    epoch: AtomicU64,
+}
+
+impl Default for Front {
+    fn default() -> Self {
+        Front {
+            accounts: DashMap::new(),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Front {
+    /// Take this before reading an account from Redis; pass it when remembering what was read.
+    pub fn version(&self, account: &str) -> ReadVersion {
+        ReadVersion(
+            self.epoch.load(Ordering::Acquire),
+            self.stripe(account).load(Ordering::Acquire),
+        )
+    }
+
+    fn stripe(&self, account: &str) -> &AtomicU64 {
+        let mut hasher = std::hash::DefaultHasher::new();
+        account.hash(&mut hasher);
+        &self.stripes[(hasher.finish() % self.stripes.len() as u64) as usize]
+    }
+
+    fn invalidate(&self, account: &str) {
+        self.stripe(account).fetch_add(1, Ordering::AcqRel);
+    }
+
     /// A remembered denial for an estimate of `cost` on `product`, if one still holds at `now`.
     pub fn deny(
         &self,
@@ -50,14 +96,18 @@ impl Front {
         Some((hit.decision.clone(), hit.status.clone()))
     }
 
+    /// Remembers a denial read at `read`, for (account, product), unless it raced a change.
     pub fn remember_deny(
         &self,
-        account: &str,
-        product: &str,
+        read: ReadVersion,
+        (account, product): (&str, &str),
         until: Timestamp,
         outcome: &ReserveOutcome,
         now: Timestamp,
     ) {
+        if self.version(account) != read {
+            return;
+        }
         let mut entry = self.accounts.entry(account.to_owned()).or_default();
         entry.touched = now;
         entry
@@ -85,7 +135,17 @@ impl Front {
         (staleness_ms > 0 && (0..=staleness_ms).contains(&age)).then(|| snapshot.clone())
     }
 
-    pub fn remember_snapshot(&self, account: &str, snapshot: &UsageSnapshot, now: Timestamp) {
+    /// Remembers a snapshot read at `read`, unless it raced a change.
+    pub fn remember_snapshot(
+        &self,
+        read: ReadVersion,
+        account: &str,
+        snapshot: &UsageSnapshot,
+        now: Timestamp,
+    ) {
+        if self.version(account) != read {
+            return;
+        }
         let mut entry = self.accounts.entry(account.to_owned()).or_default();
         entry.touched = now;
         entry.snapshot = Some((now, snapshot.clone()));
@@ -93,6 +153,7 @@ impl Front {
 
     /// This replica changed the account: its snapshot is out of date.
     pub fn changed(&self, account: &str) {
+        self.invalidate(account);
         if let Some(mut entry) = self.accounts.get_mut(account) {
             entry.snapshot = None;
         }
@@ -100,10 +161,12 @@ impl Front {
 
     /// An admin change (plan, eligibility, credits) for the account was announced.
     pub fn forget(&self, account: &str) {
+        self.invalidate(account);
         self.accounts.remove(account);
     }
 
     pub fn forget_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.accounts.clear();
     }
 
@@ -116,5 +179,52 @@ impl Front {
 
     pub fn len(&self) -> usize {
         self.accounts.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Account, AccountStatus, LedgerTotals};
+
+    fn snapshot() -> UsageSnapshot {
+        UsageSnapshot {
+            account: Account {
+                id: "a".into(),
+                plan: "free".into(),
+                credit_purchase_allowed: true,
+            },
+            status: AccountStatus {
+                windows: Vec::new(),
+                credit_balance: 0,
+            },
+            lots: Vec::new(),
+            recent: Vec::new(),
+            totals: LedgerTotals::default(),
+            credit_held: 0,
+            holds: Vec::new(),
+            top_up: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_read_that_raced_a_change_is_not_remembered() {
+        let front = Front::default();
+        let now = Timestamp::from_millis(1_000);
+        let read = front.version("a");
+        front.changed("a"); // a change lands while the read is on its way
+        front.remember_snapshot(read, "a", &snapshot(), now);
+        assert_eq!(front.snapshot("a", now, 250), None);
+        let read = front.version("a");
+        front.remember_snapshot(read, "a", &snapshot(), now);
+        assert!(front.snapshot("a", now, 250).is_some());
+        let read = front.version("a");
+        front.forget_all();
+        front.remember_snapshot(read, "a", &snapshot(), now);
+        assert_eq!(
+            front.snapshot("a", now, 250),
+            None,
+            "a lost channel invalidates every read in flight"
+        );
     }
 }

@@ -529,6 +529,7 @@ impl Store for RedisStore {
             &cmd.fingerprint().to_string(),
             &cmd.estimate.model,
         ];
+        let read = self.front.version(&cmd.account_id);
         let reply: wire::ReserveJ = self
             .run(&self.scripts.reserve, &cmd.account_id, now, &args)
             .await?;
@@ -538,12 +539,13 @@ impl Store for RedisStore {
             status: reply.status.into(),
             top_up: reply.top_up.map(Into::into),
         };
-        self.front.changed(&cmd.account_id);
         if let (true, Some(until)) = (self.settings.deny_cache, reply.cache_until) {
             let until = Timestamp::from_millis(until);
             self.front
-                .remember_deny(&cmd.account_id, &cmd.product, until, &outcome, now);
+                .remember_deny(read, (&cmd.account_id, &cmd.product), until, &outcome, now);
         }
+        // After remembering: this replica's own change must not make its own denial look raced.
+        self.front.changed(&cmd.account_id);
         Ok(outcome)
     }
 
@@ -703,11 +705,13 @@ impl Store for RedisStore {
             None => {
                 // Fetch every kept event once, so that any recent_limit can be answered from the copy.
                 let keep = self.policy.limits.recent_events.to_string();
+                let read = self.front.version(account_id);
                 let reply: wire::SnapshotJ = self
                     .run(&self.scripts.usage, account_id, now, &[&keep])
                     .await?;
                 let snapshot = reply.into_snapshot().map_err(StoreError::Internal)?;
-                self.front.remember_snapshot(account_id, &snapshot, now);
+                self.front
+                    .remember_snapshot(read, account_id, &snapshot, now);
                 snapshot
             }
         };
