@@ -67,7 +67,12 @@ pub struct Quota<S> {
     clock: Arc<dyn Clock>,
     /// Auto top-up purchases that operations started, for the payment worker.
     payments: PaymentQueue,
+    /// How long a Reserve short of credits may wait for a purchase in flight.
+    reserve_wait: std::time::Duration,
 }
+
+/// How often a waiting Reserve asks again.
+const RESERVE_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl<S: Store> Quota<S> {
     pub fn new(
@@ -82,7 +87,14 @@ impl<S: Store> Quota<S> {
             pricing,
             clock,
             payments: PaymentQueue::default(),
+            reserve_wait: std::time::Duration::ZERO,
         }
+    }
+
+    /// Lets a Reserve short of credits wait up to `wait` for an auto top-up purchase in flight.
+    pub fn with_reserve_wait(mut self, wait: std::time::Duration) -> Self {
+        self.reserve_wait = wait;
+        self
     }
 
     pub fn store(&self) -> &S {
@@ -192,11 +204,24 @@ impl<S: Store> Quota<S> {
             plan_hint,
             ttl_ms: i64::from(ttl_seconds) * SECOND_MS,
             reservation_id: new_id("rsv"),
+            wait_for_top_up: !self.reserve_wait.is_zero(),
         };
-        let account_id = cmd.account_id.clone();
-        let outcome = self.store.reserve(cmd, self.clock.now()).await?;
-        self.order(&account_id, outcome.top_up.clone());
-        Ok(outcome)
+        let mut cmd = cmd;
+        let deadline = std::time::Instant::now() + self.reserve_wait;
+        loop {
+            let outcome = self.store.reserve(cmd.clone(), self.clock.now()).await?;
+            self.order(&cmd.account_id, outcome.top_up.clone());
+            if !outcome.awaiting_top_up {
+                return Ok(outcome);
+            }
+            // Short of credits while a purchase is on its way: wait a little for it; at the
+            // deadline, ask once more for an answer that is recorded.
+            if std::time::Instant::now() >= deadline {
+                cmd.wait_for_top_up = false;
+            } else {
+                tokio::time::sleep(RESERVE_WAIT_POLL).await;
+            }
+        }
     }
 
     pub async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {

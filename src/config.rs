@@ -229,6 +229,8 @@ pub struct PaymentsConfig {
     /// A purchase still in flight this long after it started (its replica died, or gave up
     /// retrying) is paid again, with the same idempotency key.
     pub resume_after_ms: u64,
+    /// How long a Reserve short of credits may wait for an auto top-up purchase in flight.
+    pub reserve_wait_ms: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -242,6 +244,7 @@ impl Default for PaymentsConfig {
             http_token: None,
             http_timeout_ms: 5_000,
             resume_after_ms: 60_000,
+            reserve_wait_ms: 300,
         }
     }
 }

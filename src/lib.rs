@@ -76,12 +76,10 @@ async fn serve_on<S: Store>(
     settings: ServeSettings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let app = Arc::new(Quota::new(
-        store,
-        policy,
-        Arc::new(config.pricing.clone()),
-        clock,
-    ));
+    let wait = Duration::from_millis(config.payments.reserve_wait_ms);
+    let quota =
+        Quota::new(store, policy, Arc::new(config.pricing.clone()), clock).with_reserve_wait(wait);
+    let app = Arc::new(quota);
     server::run(listener, app, settings, shutdown).await?;
     Ok(())
 }

@@ -173,3 +173,44 @@ async fn turn_on_again(server: &TestServer, id: &str, threshold: i64) {
     };
     server.admin().await.set_auto_top_up(req).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserve_short_of_credits_waits_briefly_for_the_purchase_in_flight() {
+    let (url, billing) = billing_service().await;
+    billing.answers(&[Answer::Stall(Duration::from_millis(100))]);
+    let server = server_with_billing(&url).await;
+    let mut q = server.quota().await;
+    let mut admin = server.admin().await;
+    plus_account(&server, "w").await;
+    let grant = pb::GrantCreditsRequest {
+        account_id: "w".into(),
+        grant_id: "g".into(),
+        amount_micros: 20 * CREDIT,
+        ..Default::default()
+    };
+    admin.grant_credits(grant).await.unwrap();
+    turn_on(&server, "w").await; // 20 available, threshold 10: nothing to buy yet
+    let reserve = |id: &str, credits: u64| pb::ReserveRequest {
+        account_id: "w".into(),
+        request_id: id.into(),
+        product: "codex".into(),
+        estimate: Some(support::costing(credits)),
+        ..Default::default()
+    };
+    let plan = q.reserve(reserve("plan", 150)).await.unwrap().into_inner();
+    let commit = pb::CommitRequest {
+        account_id: "w".into(),
+        reservation_id: plan.reservation_id,
+        usage: Some(support::costing(150)),
+        r#final: true,
+    };
+    q.commit(commit).await.unwrap();
+    // Holding 15 of the 20 credits takes available credits below the threshold: a purchase starts.
+    let first = q.reserve(reserve("first", 15)).await.unwrap().into_inner();
+    assert_eq!(first.decision(), pb::Decision::Allow);
+    // 10 more do not fit in the 5 left, but the purchase is on its way: the Reserve waits for it.
+    let second = q.reserve(reserve("second", 10)).await.unwrap().into_inner();
+    assert_eq!(second.decision(), pb::Decision::Allow, "{}", second.message);
+    assert_eq!(second.held.unwrap().credit_micros, 10 * CREDIT);
+    assert_eq!(billing.seen().len(), 1);
+}

@@ -34,6 +34,7 @@ fn reserve(account: &str, request: &str, product: &str, credits: i64) -> Reserve
         plan_hint: None,
         ttl_ms: 15 * MINUTE_MS,
         reservation_id: format!("rsv-{request}"),
+        wait_for_top_up: false,
     }
 }
 

@@ -99,6 +99,7 @@ async fn the_redis_store_speaks_tls() {
         plan_hint: None,
         ttl_ms: 60_000,
         reservation_id: "rsv-1".into(),
+        wait_for_top_up: false,
     };
     let out = store.reserve(cmd, T0).await.unwrap();
     assert!(matches!(out.decision, Decision::Allow { .. }));

@@ -168,6 +168,7 @@ async fn simulate<S: Store>(store: &S, seed: u64, steps: usize) {
                     plan_hint: None,
                     ttl_ms: (5 + rng.below(60) as i64) * MINUTE_MS,
                     reservation_id: format!("r{step}"),
+                    wait_for_top_up: rng.below(2) == 0,
                 };
                 let out = store.reserve(cmd, at(now)).await.unwrap();
                 if let Decision::Allow { reservation_id, .. } = out.decision {

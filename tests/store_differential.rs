@@ -99,6 +99,7 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                             .map(str::to_owned),
                         ttl_ms: (1 + rng.below(90) as i64) * MINUTE_MS,
                         reservation_id: format!("r{step}"),
+                        wait_for_top_up: rng.below(2) == 0,
                     }
                 };
                 requests.push(cmd.clone());

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::decision::{
     Account, AccountStatus, Action, CommitCommand, CommitOutcome, CommitReceipt, Decision, Denial,
-    DenialFacts, GrantCommand, GrantOutcome, HoldView, ReleaseCommand, ReleaseOutcome,
+    DenialFacts, DenyReason, GrantCommand, GrantOutcome, HoldView, ReleaseCommand, ReleaseOutcome,
     ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
     SettleTopUpCommand, Shortfall, TopUpOutcome, TopUpView, UsageEvent, UsageSnapshot,
     WindowStatus,
@@ -402,6 +402,7 @@ impl AccountState {
                 estimate,
                 status: self.status(policy)?,
                 top_up: None,
+                awaiting_top_up: false,
             });
         }
         let plan = self.plan(policy)?;
@@ -432,6 +433,23 @@ impl AccountState {
             }
             Err(denial) => Decision::Deny(denial),
         };
+        // Short of credits while a purchase is on its way: the caller may wait for it and ask
+        // again, so this answer is not recorded as the request's first.
+        let short_of_credits =
+            matches!(&decision, Decision::Deny(d) if d.reason == DenyReason::CreditsExhausted);
+        if cmd.wait_for_top_up && short_of_credits {
+            let top_up = self.check_top_up(policy, now);
+            if self.top_up.in_flight().is_some() {
+                let status = self.status(policy)?;
+                return Ok(ReserveOutcome {
+                    decision,
+                    estimate: cmd.cost,
+                    status,
+                    top_up,
+                    awaiting_top_up: true,
+                });
+            }
+        }
         let record = RequestRecord {
             fingerprint,
             decision: decision.clone(),
@@ -444,6 +462,7 @@ impl AccountState {
             estimate: cmd.cost,
             status: self.status(policy)?,
             top_up,
+            awaiting_top_up: false,
         })
     }
 
@@ -944,6 +963,7 @@ mod tests {
                             plan_hint: None,
                             ttl_ms: ttl_min * MINUTE_MS,
                             reservation_id: format!("r{i}"),
+                            wait_for_top_up: false,
                         };
                         if let Decision::Allow { reservation_id, .. } = s.reserve(&policy, &cmd, now).unwrap().decision {
                             reservations.push(reservation_id);
@@ -1034,6 +1054,7 @@ mod tests {
                 plan_hint: None,
                 ttl_ms: HOUR_MS,
                 reservation_id: format!("r{day}"),
+                wait_for_top_up: false,
             };
             assert!(matches!(
                 s.reserve(&policy, &cmd, now).unwrap().decision,
@@ -1059,6 +1080,7 @@ mod tests {
             plan_hint: None,
             ttl_ms: HOUR_MS,
             reservation_id: "late".into(),
+            wait_for_top_up: false,
         };
         let Decision::Deny(d) = s.reserve(&policy, &cmd, now).unwrap().decision else {
             panic!("week is full")

@@ -22,6 +22,9 @@ pub struct ReserveCommand {
     pub ttl_ms: i64,
     /// Id the reservation gets if this request creates one (a retry keeps the first one's).
     pub reservation_id: String,
+    /// If credits are short while an auto top-up purchase is in flight, answer without
+    /// recording the answer, so that the caller may wait for the purchase and ask again.
+    pub wait_for_top_up: bool,
 }
 
 impl ReserveCommand {
@@ -254,6 +257,9 @@ pub struct ReserveOutcome {
     pub status: AccountStatus,
     /// An auto top-up purchase this operation started: the caller has it paid.
     pub top_up: Option<Purchase>,
+    /// Denied for want of credits while a purchase is in flight, and not recorded (the request
+    /// asked to wait for top-ups): ask again shortly.
+    pub awaiting_top_up: bool,
 }
 
 /// What a Commit did; kept with a finished reservation so a retry gets the same answer.

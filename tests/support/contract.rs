@@ -84,6 +84,7 @@ fn reserve_cmd(account: &str, request: &str, product: &str, credits: i64) -> Res
         plan_hint: None,
         ttl_ms: 15 * MINUTE_MS,
         reservation_id: format!("rsv-{account}-{request}"),
+        wait_for_top_up: false,
     }
 }
 

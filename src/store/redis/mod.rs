@@ -516,6 +516,7 @@ impl Store for RedisStore {
                     estimate: cmd.cost,
                     status,
                     top_up: None,
+                    awaiting_top_up: false,
                 });
             }
         }
@@ -528,6 +529,7 @@ impl Store for RedisStore {
             &cmd.reservation_id,
             &cmd.fingerprint().to_string(),
             &cmd.estimate.model,
+            if cmd.wait_for_top_up { "1" } else { "0" },
         ];
         let read = self.front.version(&cmd.account_id);
         let reply: wire::ReserveJ = self
@@ -538,6 +540,7 @@ impl Store for RedisStore {
             estimate: reply.estimate,
             status: reply.status.into(),
             top_up: reply.top_up.map(Into::into),
+            awaiting_top_up: reply.awaiting,
         };
         if let (true, Some(until)) = (self.settings.deny_cache, reply.cache_until) {
             let until = Timestamp::from_millis(until);

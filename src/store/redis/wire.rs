@@ -199,6 +199,9 @@ pub struct ReserveJ {
     /// On a deny that only time or an admin change can turn: until when it holds.
     pub cache_until: Option<i64>,
     pub top_up: Option<PurchaseJ>,
+    /// Short of credits while a purchase is in flight, and not recorded.
+    #[serde(default)]
+    pub awaiting: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,10 +1,12 @@
 -- Reserve: hold the priced estimate, or deny (AccountState::reserve). Creates the account on
 -- first sight. ARGV 4 request id, 5 cost, 6 product, 7 plan hint ('' = default), 8 ttl (ms),
--- 9 reservation id, 10 request fingerprint, 11 estimate model.
+-- 9 reservation id, 10 request fingerprint, 11 estimate model, 12 wait for top-up (1/0).
 -- Returns {decision: {allow: {id, held, expires_at}} | {deny: facts}, estimate, status,
 -- cache_until?}. cache_until, on a deny with no route to credits, is when this estimate could
 -- fit even if every hold were released: until then only time or an admin change can turn the
--- answer, so a replica may repeat it from memory (the deny cache).
+-- answer, so a replica may repeat it from memory (the deny cache). With ARGV 12 = 1, a deny for
+-- want of credits while an auto top-up purchase is in flight is answered with awaiting = true
+-- and not recorded, so that quotad may wait for the purchase and ask again.
 local request_id, cost, product, hint = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local ttl, rid, fp, model = tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
 
@@ -36,6 +38,16 @@ if hp then
   decision = J({ allow = { id = rid, held = { plan = hp, credit = hc }, expires_at = r.ex } })
 else
   decision = J({ deny = hc })
+  if hc.shortfall == 'credits' and ARGV[12] == '1' then
+    local top_up = tu_check()
+    if A.tu_if ~= '' then
+      finish()
+      return J({
+        decision = raw(decision), estimate = cost, status = status(plan),
+        top_up = top_up and raw(top_up) or nil, awaiting = true,
+      })
+    end
+  end
   if hc.shortfall ~= 'credits' then
     local _, free_at = plan_refill(plan, cost, 0)
     cache_until = free_at
