@@ -177,7 +177,7 @@ async fn turn_on_again(server: &TestServer, id: &str, threshold: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reserve_short_of_credits_waits_briefly_for_the_purchase_in_flight() {
     let (url, billing) = billing_service().await;
-    billing.answers(&[Answer::Stall(Duration::from_millis(100))]);
+    billing.answers(&[Answer::Stall(Duration::from_millis(50))]);
     let server = server_with_billing(&url).await;
     let mut q = server.quota().await;
     let mut admin = server.admin().await;
