@@ -852,26 +852,6 @@ async fn a_revoked_grant_takes_back_what_is_left_of_its_lot(store: StoreKind) {
     );
 }
 
-/// GetUsage until `done` holds (the payment runs in the background), for at most 5 s.
-async fn usage_until(
-    q: &mut QuotaClient,
-    account: &str,
-    done: impl Fn(&pb::GetUsageResponse) -> bool,
-) -> pb::GetUsageResponse {
-    let started = std::time::Instant::now();
-    loop {
-        let usage = usage_of(q, account).await;
-        if done(&usage) {
-            return usage;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(5),
-            "not settled: {usage:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
 fn set_top_up(account: &str, threshold: i64, target: i64) -> pb::SetAutoTopUpRequest {
     pb::SetAutoTopUpRequest {
         account_id: account.into(),
@@ -893,7 +873,7 @@ async fn auto_top_up_below_the_threshold_buys_at_once_in_the_background(store: S
         .unwrap()
         .into_inner();
     assert!(settings.enabled);
-    let usage = usage_until(&mut q, "p", |u| u.credit_balance_micros == 50 * CREDIT).await;
+    let usage = support::usage_until(&mut q, "p", |u| u.credit_balance_micros == 50 * CREDIT).await;
     let top_up = usage.auto_top_up.unwrap();
     let last = top_up.last_attempt.unwrap();
     assert_eq!(
@@ -951,7 +931,7 @@ async fn declined_top_ups_ask_for_a_new_payment_method(store: StoreKind) {
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "p", "plus", true).await;
     a.set_auto_top_up(set_top_up("p", 10, 50)).await.unwrap();
-    let usage = usage_until(&mut q, "p", |u| {
+    let usage = support::usage_until(&mut q, "p", |u| {
         u.auto_top_up
             .as_ref()
             .is_some_and(|t| t.consecutive_declines == 1)

@@ -30,25 +30,6 @@ async fn usage(q: &mut QuotaClient, account: &str) -> pb::GetUsageResponse {
     q.get_usage(req).await.unwrap().into_inner()
 }
 
-async fn wait_for(
-    q: &mut QuotaClient,
-    account: &str,
-    done: impl Fn(&pb::GetUsageResponse) -> bool,
-) -> pb::GetUsageResponse {
-    let started = std::time::Instant::now();
-    loop {
-        let u = usage(q, account).await;
-        if done(&u) {
-            return u;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "not settled: {u:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn outcome(u: &pb::GetUsageResponse) -> Option<pb::TopUpOutcome> {
     u.auto_top_up
         .as_ref()?
@@ -99,7 +80,7 @@ async fn retries_reuse_the_key_and_one_success_makes_one_lot() {
     let mut q = server.quota().await;
     plus_account(&server, "p").await;
     turn_on(&server, "p").await;
-    let u = wait_for(&mut q, "p", |u| {
+    let u = support::usage_until(&mut q, "p", |u| {
         outcome(u) == Some(pb::TopUpOutcome::Succeeded)
     })
     .await;
@@ -131,7 +112,7 @@ async fn declines_create_nothing_back_off_and_turn_it_off_after_three() {
     let mut q = server.quota().await;
     plus_account(&server, "d").await;
     turn_on(&server, "d").await;
-    let u = wait_for(&mut q, "d", |u| {
+    let u = support::usage_until(&mut q, "d", |u| {
         outcome(u) == Some(pb::TopUpOutcome::Declined)
     })
     .await;
@@ -144,7 +125,7 @@ async fn declines_create_nothing_back_off_and_turn_it_off_after_three() {
     for n in 2..=3 {
         server.clock.advance_secs(3_600);
         turn_on_again(&server, "d", 10 + n as i64).await;
-        wait_for(&mut q, "d", |u| {
+        support::usage_until(&mut q, "d", |u| {
             u.auto_top_up
                 .as_ref()
                 .is_some_and(|t| t.consecutive_declines == n)

@@ -166,3 +166,28 @@ pub fn usage(model: &str, input: u64, cached: u64, output: u64) -> pb::Usage {
 pub fn costing(credits: u64) -> pb::Usage {
     usage("gpt-5.5-mini", 0, 0, credits * 5_000)
 }
+
+/// GetUsage until `done` holds (for what runs in the background, such as payments), for at most
+/// 10 s.
+pub async fn usage_until(
+    q: &mut QuotaClient,
+    account: &str,
+    done: impl Fn(&pb::GetUsageResponse) -> bool,
+) -> pb::GetUsageResponse {
+    let started = std::time::Instant::now();
+    loop {
+        let req = pb::GetUsageRequest {
+            account_id: account.into(),
+            recent_limit: 50,
+        };
+        let usage = q.get_usage(req).await.unwrap().into_inner();
+        if done(&usage) {
+            return usage;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "not settled: {usage:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
