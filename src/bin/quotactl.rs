@@ -278,18 +278,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.grant(&admin.grant_credits(request).await?.into_inner());
         }
         Command::Topup(TopupCommand::Show { account }) => {
-            let request = pb::GetUsageRequest {
-                account_id: account,
-                recent_limit: 0,
-            };
-            out.top_up(
-                &quota
-                    .get_usage(request)
-                    .await?
-                    .into_inner()
-                    .auto_top_up
-                    .unwrap_or_default(),
-            );
+            out.top_up(&current_top_up(&mut quota, &account).await?);
         }
         Command::Topup(TopupCommand::Set {
             account,
@@ -310,15 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.top_up(&admin.set_auto_top_up(request).await?.into_inner());
         }
         Command::Topup(TopupCommand::Disable { account }) => {
-            let current = quota
-                .get_usage(pb::GetUsageRequest {
-                    account_id: account.clone(),
-                    recent_limit: 0,
-                })
-                .await?
-                .into_inner()
-                .auto_top_up
-                .unwrap_or_default();
+            let current = current_top_up(&mut quota, &account).await?;
             // Keep the amounts (they must stay valid), only turn it off.
             let target = current.target_micros.max(current.threshold_micros + 1);
             let request = pb::SetAutoTopUpRequest {
@@ -360,6 +341,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The account's auto top-up settings: AdminService has no getter, GetUsage carries them.
+async fn current_top_up(
+    quota: &mut QuotaServiceClient<Channel>,
+    account: &str,
+) -> anyhow::Result<pb::AutoTopUp> {
+    let request = pb::GetUsageRequest {
+        account_id: account.to_owned(),
+        recent_limit: 0,
+    };
+    let usage = quota.get_usage(request).await?.into_inner();
+    Ok(usage.auto_top_up.unwrap_or_default())
 }
 
 /// A credit amount from a flag, exactly, in micros.
