@@ -10,16 +10,21 @@ use std::sync::Arc;
 use crate::domain::time::SECOND_MS;
 use crate::domain::top_up::{PaymentResult, Purchase, TopUpSettings};
 use crate::domain::{
-    Account, Clock, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome,
-    LotSource, Micros, Policy, PriceSheet, PricingError, ReleaseCommand, ReleaseOutcome,
-    ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
+    Account, Clock, CommitCommand, CommitOutcome, DomainError, ExportedEvent, GrantCommand,
+    GrantOutcome, LotSource, Micros, Policy, PriceSheet, PricingError, ReleaseCommand,
+    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
     SettleTopUpCommand, Timestamp, TopUpOutcome, Usage, UsageSnapshot,
 };
 use crate::payment::{PaymentQueue, Settle};
-use crate::store::{Store, StoreError};
+use crate::store::{ExportRead, Store, StoreError};
 
 /// Recent usage events returned when a GetUsage does not say how many.
 pub const DEFAULT_RECENT_LIMIT: u32 = 20;
+/// Usage export reads: events per read by default and at most, and how long a delivery stays
+/// with a consumer before it is delivered again.
+const DEFAULT_EXPORT_READ: u32 = 100;
+const MAX_EXPORT_READ: u32 = 1_000;
+const DEFAULT_CLAIM_IDLE_MS: i64 = 60_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReserveRequest {
@@ -324,6 +329,58 @@ impl<S: Store> Quota<S> {
         let outcome = self.store.revoke_grant(cmd, self.clock.now()).await?;
         self.order(&account_id, outcome.top_up.clone());
         Ok(outcome)
+    }
+
+    pub async fn read_export(
+        &self,
+        group: String,
+        consumer: String,
+        max_events: u32,
+        claim_idle_ms: u32,
+    ) -> Result<Vec<ExportedEvent>, StoreError> {
+        self.check_id("group", &group)?;
+        self.check_id("consumer", &consumer)?;
+        let max_events = match max_events {
+            0 => DEFAULT_EXPORT_READ,
+            n @ 1..=MAX_EXPORT_READ => n,
+            n => {
+                return Err(invalid(
+                    "max_events",
+                    format!(
+                        "must be between 1 and {MAX_EXPORT_READ} (0 means {DEFAULT_EXPORT_READ}), got {n}"
+                    ),
+                ));
+            }
+        };
+        let claim_idle_ms = match claim_idle_ms {
+            0 => DEFAULT_CLAIM_IDLE_MS,
+            n => i64::from(n),
+        };
+        let read = ExportRead {
+            group,
+            consumer,
+            max_events: max_events as usize,
+            claim_idle_ms,
+        };
+        self.store.export_read(read, self.clock.now()).await
+    }
+
+    pub async fn ack_export(
+        &self,
+        group: &str,
+        delivery_ids: &[String],
+    ) -> Result<u64, StoreError> {
+        self.check_id("group", group)?;
+        if delivery_ids.len() > MAX_EXPORT_READ as usize {
+            return Err(invalid(
+                "delivery_ids",
+                format!(
+                    "must hold at most {MAX_EXPORT_READ} ids, got {}",
+                    delivery_ids.len()
+                ),
+            ));
+        }
+        self.store.export_ack(group, delivery_ids).await
     }
 
     fn check_id(&self, field: &str, id: &str) -> Result<(), StoreError> {

@@ -76,6 +76,8 @@ pub struct RedisConfig {
     pub usage_staleness_ms: u64,
     /// Whether denials with no route to credits are answered from memory until they can change.
     pub deny_cache: bool,
+    /// Streams the usage export is spread over (`PREFIX:export:{0}` … `{N-1}`), 1 to 1024.
+    pub export_shards: u16,
     /// PEM file of the CA that signed Redis's certificate, when the system's roots do not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
@@ -98,6 +100,7 @@ impl Default for RedisConfig {
             sweep_interval_ms: 1_000,
             usage_staleness_ms: 250,
             deny_cache: true,
+            export_shards: 1,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -141,6 +144,7 @@ impl RedisConfig {
                 ca,
                 client_cert_and_key,
             },
+            export_shards: self.export_shards,
         })
     }
 
@@ -160,6 +164,12 @@ impl RedisConfig {
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err("store.redis.tls_cert_file and store.redis.tls_key_file go together: set both or neither".into());
+        }
+        if !(1..=1024).contains(&self.export_shards) {
+            return Err(format!(
+                "store.redis.export_shards must be between 1 and 1024, got {}",
+                self.export_shards
+            ));
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
             return Err("store.redis.key_prefix must be non-empty and contain no braces".into());

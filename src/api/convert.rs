@@ -8,8 +8,8 @@ use super::pb;
 use crate::app::{CommitRequest, GrantRequest, ReleaseRequest, ReserveRequest};
 use crate::domain::top_up::AttemptOutcome;
 use crate::domain::{
-    Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, DenyReason, Funding,
-    GrantOutcome, HoldView, ReleaseOutcome, ReserveOutcome, Timestamp, TopUpView, Usage,
+    Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, DenyReason, ExportedEvent,
+    Funding, GrantOutcome, HoldView, ReleaseOutcome, ReserveOutcome, Timestamp, TopUpView, Usage,
     UsageEvent, UsageSnapshot, WindowStatus,
 };
 
@@ -267,16 +267,27 @@ impl From<GrantOutcome> for pb::GrantCreditsResponse {
     }
 }
 
-impl From<UsageEvent> for pb::UsageEvent {
-    fn from(e: UsageEvent) -> pb::UsageEvent {
-        pb::UsageEvent {
-            at: Some(timestamp(e.at)),
-            product: e.product,
-            model: e.usage.model.clone(),
-            usage: Some(e.usage.into()),
-            charged: Some(e.charged.into()),
-            reservation_id: e.reservation_id,
-            price_version: e.price_version,
+/// A usage event of `account_id` (part of its id).
+fn usage_event(account_id: &str, e: UsageEvent) -> pb::UsageEvent {
+    pb::UsageEvent {
+        event_id: e.id(account_id),
+        seq: e.seq,
+        at: Some(timestamp(e.at)),
+        product: e.product,
+        model: e.usage.model.clone(),
+        usage: Some(e.usage.into()),
+        charged: Some(e.charged.into()),
+        reservation_id: e.reservation_id,
+        price_version: e.price_version,
+    }
+}
+
+impl From<ExportedEvent> for pb::ExportedUsageEvent {
+    fn from(e: ExportedEvent) -> pb::ExportedUsageEvent {
+        pb::ExportedUsageEvent {
+            event: Some(usage_event(&e.account_id, e.event)),
+            delivery_id: e.delivery_id,
+            account_id: e.account_id,
         }
     }
 }
@@ -336,7 +347,11 @@ impl From<UsageSnapshot> for pb::GetUsageResponse {
             credit_balance_micros: s.status.credit_balance,
             windows: windows(s.status),
             lots: s.lots.into_iter().map(Into::into).collect(),
-            recent: s.recent.into_iter().map(Into::into).collect(),
+            recent: s
+                .recent
+                .into_iter()
+                .map(|e| usage_event(&s.account.id, e))
+                .collect(),
             ledger: Some(pb::CreditLedger {
                 granted_micros: t.granted,
                 spent_micros: t.spent,

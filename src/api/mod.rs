@@ -148,4 +148,27 @@ impl<S: Store> AdminService for AdminApi<S> {
             .await?;
         Ok(Response::new(outcome.view.into()))
     }
+
+    async fn read_usage_export(
+        &self,
+        request: Request<pb::ReadUsageExportRequest>,
+    ) -> Result<Response<pb::ReadUsageExportResponse>, Status> {
+        let r = request.into_inner();
+        let events = self
+            .app
+            .read_export(r.group, r.consumer, r.max_events, r.claim_idle_ms)
+            .await?;
+        Ok(Response::new(pb::ReadUsageExportResponse {
+            events: events.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn ack_usage_export(
+        &self,
+        request: Request<pb::AckUsageExportRequest>,
+    ) -> Result<Response<pb::AckUsageExportResponse>, Status> {
+        let r = request.into_inner();
+        let acknowledged = self.app.ack_export(&r.group, &r.delivery_ids).await?;
+        Ok(Response::new(pb::AckUsageExportResponse { acknowledged }))
+    }
 }

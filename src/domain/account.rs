@@ -152,6 +152,8 @@ pub struct AccountState {
     grants: HashMap<String, GrantRecord>,
     /// Newest last.
     recent: VecDeque<UsageEvent>,
+    /// Charges recorded so far (the last event's `seq`).
+    events: u64,
     top_up: TopUp,
 }
 
@@ -167,6 +169,7 @@ impl AccountState {
             requests: Retained::default(),
             grants: HashMap::new(),
             recent: VecDeque::new(),
+            events: 0,
             top_up: TopUp::default(),
         }
     }
@@ -501,6 +504,7 @@ impl AccountState {
                 receipt,
                 status: self.status(policy)?,
                 top_up: None,
+                event: None,
             });
         };
 
@@ -520,9 +524,7 @@ impl AccountState {
         self.weekly.add(now, charge.plan);
         self.ledger.spend(charge.credit);
         r.charged = r.charged.plus(charge);
-        if delta > 0 {
-            self.record_event(policy, now, &r, cmd, charge);
-        }
+        let event = (delta > 0).then(|| self.record_event(policy, now, &r, cmd, charge));
         r.usage = max_usage(&r.usage, &cmd.usage);
 
         let receipt = if cmd.is_final {
@@ -549,9 +551,11 @@ impl AccountState {
             receipt,
             status: self.status(policy)?,
             top_up,
+            event,
         })
     }
 
+    /// Numbers a charge and keeps it in the bounded recent history.
     fn record_event(
         &mut self,
         policy: &Policy,
@@ -559,22 +563,25 @@ impl AccountState {
         r: &Reservation,
         cmd: &CommitCommand,
         charged: Funding,
-    ) {
-        let capacity = policy.limits.recent_events as usize;
-        if capacity == 0 {
-            return;
-        }
-        while self.recent.len() >= capacity {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(UsageEvent {
+    ) -> UsageEvent {
+        self.events += 1;
+        let event = UsageEvent {
+            seq: self.events,
             at: now,
             product: r.product.clone(),
             usage: cmd.usage.since(&r.usage),
             charged,
             reservation_id: r.id.clone(),
             price_version: cmd.price_version.clone(),
-        });
+        };
+        let capacity = policy.limits.recent_events as usize;
+        if capacity > 0 {
+            while self.recent.len() >= capacity {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(event.clone());
+        }
+        event
     }
 
     pub fn release(

@@ -325,6 +325,8 @@ pub struct CommitOutcome {
     pub status: AccountStatus,
     /// An auto top-up purchase this operation started: the caller has it paid.
     pub top_up: Option<Purchase>,
+    /// The usage event this commit recorded (none when it charged nothing, or was a retry).
+    pub event: Option<UsageEvent>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,9 +389,11 @@ pub struct GrantOutcome {
     pub credit_balance: Micros,
 }
 
-/// One charge, as recorded in an account's recent history.
+/// One charge, as recorded in an account's recent history and in the usage export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageEvent {
+    /// The account's charges are numbered from 1, in the order they were made.
+    pub seq: u64,
     pub at: Timestamp,
     pub product: String,
     /// Usage added by this charge (the difference between cumulative commits).
@@ -397,6 +401,29 @@ pub struct UsageEvent {
     pub charged: Funding,
     pub reservation_id: String,
     pub price_version: String,
+}
+
+impl UsageEvent {
+    /// The event's unique id, `ACCOUNT:SEQ`, by which export consumers deduplicate. The
+    /// sequence number has no `:`, so the id is unique even when account ids contain one.
+    pub fn id(&self, account_id: &str) -> String {
+        format!("{account_id}:{}", self.seq)
+    }
+}
+
+/// One usage event as delivered from the export stream to a consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedEvent {
+    /// What the consumer acknowledges (the stream entry); opaque.
+    pub delivery_id: String,
+    pub account_id: String,
+    pub event: UsageEvent,
+}
+
+impl ExportedEvent {
+    pub fn event_id(&self) -> String {
+        self.event.id(&self.account_id)
+    }
 }
 
 /// An open reservation, as shown by GetUsage.

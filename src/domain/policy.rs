@@ -57,6 +57,9 @@ pub struct Limits {
     pub max_grant_micros: Micros,
     /// Usage events kept per account for GetUsage.
     pub recent_events: u32,
+    /// Usage events kept in the export stream (the newest; Redis trims approximately, a
+    /// little above this). Consumers must read faster than this many charges arrive.
+    pub export_max_len: u64,
     /// Longest accepted id (account, request, reservation, grant), in bytes.
     pub max_id_bytes: u32,
 }
@@ -71,6 +74,7 @@ impl Default for Limits {
             max_images: 1_000,
             max_grant_micros: 1_000_000_000 * MICROS_PER_CREDIT,
             recent_events: 100,
+            export_max_len: 100_000,
             max_id_bytes: 128,
         }
     }

@@ -9,23 +9,26 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use super::{Store, StoreError, account_not_found};
+use super::export_log::ExportLog;
+use super::{ExportRead, Store, StoreError, account_not_found};
 use crate::domain::top_up::Purchase;
 use crate::domain::{
-    Account, AccountState, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy,
-    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
-    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
+    Account, AccountState, CommitCommand, CommitOutcome, ExportedEvent, GrantCommand, GrantOutcome,
+    Policy, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand,
+    RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
 
 #[derive(Debug)]
 pub struct MemoryStore {
     policy: Arc<Policy>,
     accounts: DashMap<String, AccountState>,
+    export: ExportLog,
 }
 
 impl MemoryStore {
     pub fn new(policy: Arc<Policy>) -> Self {
         MemoryStore {
+            export: ExportLog::new(policy.limits.export_max_len as usize),
             policy,
             accounts: DashMap::new(),
         }
@@ -76,7 +79,12 @@ impl Store for MemoryStore {
         now: Timestamp,
     ) -> Result<CommitOutcome, StoreError> {
         self.with_account(&cmd.account_id, |state, policy| {
-            state.commit(policy, &cmd, now)
+            let outcome = state.commit(policy, &cmd, now)?;
+            // Under the account's lock, so the export holds the account's events in order.
+            if let Some(event) = &outcome.event {
+                self.export.append(&cmd.account_id, event.clone());
+            }
+            Ok(outcome)
         })
     }
 
@@ -159,6 +167,18 @@ impl Store for MemoryStore {
             state.settle(policy, now);
             state.snapshot(policy, recent_limit)
         })
+    }
+
+    async fn export_read(
+        &self,
+        read: ExportRead,
+        now: Timestamp,
+    ) -> Result<Vec<ExportedEvent>, StoreError> {
+        Ok(self.export.read(&read, now))
+    }
+
+    async fn export_ack(&self, group: &str, delivery_ids: &[String]) -> Result<u64, StoreError> {
+        Ok(self.export.ack(group, delivery_ids))
     }
 
     async fn stalled_purchases(

@@ -6,6 +6,7 @@
 //!
 //! Every store must pass the same contract suite (`tests/support/contract.rs`).
 
+mod export_log;
 pub mod memory;
 pub mod redis;
 
@@ -14,9 +15,9 @@ use std::time::Duration;
 
 use crate::domain::top_up::Purchase;
 use crate::domain::{
-    Account, CommitCommand, CommitOutcome, DomainError, GrantCommand, GrantOutcome, ReleaseCommand,
-    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
-    SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
+    Account, CommitCommand, CommitOutcome, DomainError, ExportedEvent, GrantCommand, GrantOutcome,
+    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
+    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
 
 pub use memory::MemoryStore;
@@ -40,6 +41,19 @@ pub enum StoreError {
     /// The store answered something it should never answer (a bug, or a version mismatch).
     #[error("store error: {0}")]
     Internal(String),
+}
+
+/// A consumer group's read of the usage export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRead {
+    /// The group; created at the oldest retained event on its first read.
+    pub group: String,
+    /// The reading member of the group: what it is given stays pending under its name.
+    pub consumer: String,
+    pub max_events: usize,
+    /// Events delivered at least this long ago and still unacknowledged are delivered again
+    /// (the consumer that had them probably died) before new ones.
+    pub claim_idle_ms: i64,
 }
 
 /// Account state behind intent-level atomic operations. `now` comes from the caller's clock
@@ -127,6 +141,22 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> StoreHealth {
         StoreHealth::Up
     }
+
+    /// Usage events for a consumer group: unacknowledged ones idle past `claim_idle_ms` first,
+    /// then new ones. At least once: consumers deduplicate by [`ExportedEvent::event_id`].
+    fn export_read(
+        &self,
+        read: ExportRead,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<ExportedEvent>, StoreError>> + Send;
+
+    /// Acknowledges deliveries of [`export_read`](Store::export_read); returns how many were
+    /// pending for the group.
+    fn export_ack(
+        &self,
+        group: &str,
+        delivery_ids: &[String],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Auto top-up purchases still in flight that started at or before `started_before`: a
     /// replica that died while paying them left them unsettled. A store may answer for a part

@@ -14,7 +14,7 @@ use quotad::domain::{
     LotSource, Policy, PriceSheet, ReleaseCommand, ReserveCommand, RevokeCommand, SetTopUpCommand,
     SettleTopUpCommand, Timestamp, Usage,
 };
-use quotad::store::{Store, StoreError};
+use quotad::store::{ExportRead, Store, StoreError};
 
 use super::{CREDIT, T0};
 
@@ -43,6 +43,7 @@ macro_rules! store_contract_tests {
             revoking_a_grant_takes_back_what_is_left_of_its_lot_once,
             auto_top_up_buys_just_enough_once_and_backs_off_after_declines,
             auto_top_up_needs_an_account_that_may_buy_credits,
+            every_charge_is_exported_once_per_consumer_group,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -936,4 +937,119 @@ pub async fn auto_top_up_needs_an_account_that_may_buy_credits<S: Store>(store: 
         .await
         .unwrap_err();
     assert!(matches!(rule(err), DomainError::FailedPrecondition(_)));
+}
+
+fn export_read(group: &str, claim_idle_ms: i64) -> ExportRead {
+    ExportRead {
+        group: group.into(),
+        consumer: "c1".into(),
+        max_events: 1_000,
+        claim_idle_ms,
+    }
+}
+
+pub async fn every_charge_is_exported_once_per_consumer_group<S: Store>(store: S) {
+    let mut expected = HashSet::new();
+    for account in ["a", "b:with:colons"] {
+        plus_account_with_credits(&store, account, 0).await;
+        for i in 0..3 {
+            let now = at(i * MINUTE_MS);
+            let (id, _) = allow(
+                &store,
+                reserve_cmd(account, &format!("r{i}"), "codex", 5),
+                now,
+            )
+            .await;
+            // Two charges: a non-final commit, then the final one adding to it.
+            store
+                .commit(commit_cmd(account, &id, 2, false), now)
+                .await
+                .unwrap();
+            let done = store
+                .commit(commit_cmd(account, &id, 5, true), now)
+                .await
+                .unwrap();
+            assert!(done.event.is_some(), "a charge records an event");
+            // A retried final commit and a release of nothing are not charges.
+            let retry = store
+                .commit(commit_cmd(account, &id, 5, true), now)
+                .await
+                .unwrap();
+            assert_eq!(retry.event, None);
+        }
+        let (id, _) = allow(&store, reserve_cmd(account, "free", "codex", 5), at(0)).await;
+        store
+            .commit(commit_cmd(account, &id, 0, true), at(0))
+            .await
+            .unwrap();
+        expected.extend((1..=6).map(|seq| format!("{account}:{seq}")));
+    }
+    store.maintain(at(3 * MINUTE_MS)).await; // Redis: the relay copies the outboxes.
+
+    let billing = store
+        .export_read(export_read("billing", 60_000), at(4 * MINUTE_MS))
+        .await
+        .unwrap();
+    let ids: Vec<String> = billing.iter().map(|e| e.event_id()).collect();
+    assert_eq!(ids.len(), 12, "one event per charge: {ids:?}");
+    assert_eq!(ids.iter().cloned().collect::<HashSet<_>>(), expected);
+    for account in ["a", "b:with:colons"] {
+        let seqs: Vec<u64> = billing
+            .iter()
+            .filter(|e| e.account_id == account)
+            .map(|e| e.event.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6], "an account's events in order");
+    }
+    let second = billing.iter().find(|e| e.event_id() == "a:2").unwrap();
+    assert_eq!(second.event.charged, Funding::new(3 * CREDIT, 0));
+    assert_eq!(second.event.product, "codex");
+    assert_eq!(second.event.usage.output_tokens, 3 * 5_000);
+    let history = store.usage("a", 10, at(4 * MINUTE_MS)).await.unwrap();
+    assert_eq!(
+        history.recent[0].seq, 6,
+        "GetUsage shows the same numbering"
+    );
+
+    // Nothing new for the group until something is charged; another group reads everything.
+    assert!(
+        store
+            .export_read(export_read("billing", 60_000), at(4 * MINUTE_MS))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let analytics = store
+        .export_read(export_read("analytics", 60_000), at(4 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(analytics.len(), 12);
+
+    let deliveries: Vec<String> = billing.iter().map(|e| e.delivery_id.clone()).collect();
+    assert_eq!(store.export_ack("billing", &deliveries).await.unwrap(), 12);
+    assert_eq!(
+        store.export_ack("billing", &deliveries).await.unwrap(),
+        0,
+        "acked once"
+    );
+    assert_eq!(
+        store
+            .export_ack("billing", &["0/0-1".into(), "junk".into()])
+            .await
+            .unwrap(),
+        0
+    );
+    // Unacknowledged deliveries come back once idle (here: at once) and not to the acked group.
+    let again = store
+        .export_read(export_read("analytics", 0), at(5 * MINUTE_MS))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 12, "redelivered until acknowledged");
+    assert!(
+        store
+            .export_read(export_read("billing", 0), at(5 * MINUTE_MS))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

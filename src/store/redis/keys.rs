@@ -2,6 +2,7 @@
 //! Redis Cluster slot and one Lua script may touch them all. The sweeper's index is sharded by
 //! slot: for each of the 16,384 slots there is one index key whose hash tag lands in that slot,
 //! and an account's script updates the index key of its own slot, atomically with its holds.
+//! The usage export's outbox is sharded the same way (see [`outbox_key`]).
 
 use std::sync::OnceLock;
 
@@ -10,21 +11,44 @@ pub const SLOTS: u16 = 16_384;
 
 /// The per-account keys, in the order the scripts expect them (see `lua/prelude.lua`).
 pub const ACCOUNT_KEYS: [&str; 11] = [
-    "acct", "w5", "ww", "lots", "open", "closed", "closedz", "req", "reqz", "grants", "events",
+    "acct", "w5", "ww", "lots", "open", "closed", "closedz", "req", "reqz", "grants", "hist",
 ];
 
-/// The keys one account script is given: the account's own, then its slot's hold index and
-/// purchase index.
-pub fn account_keys(prefix: &str, account_id: &str) -> [String; 13] {
+/// The keys one account script is given: the account's own, then its slot's hold index,
+/// purchase index and export outbox.
+pub fn account_keys(prefix: &str, account_id: &str) -> [String; 14] {
     let tag = hash_tag(account_id);
     let slot = slot(tag.as_bytes());
-    let mut keys: [String; 13] = Default::default();
+    let mut keys: [String; 14] = Default::default();
     for (key, suffix) in keys.iter_mut().zip(ACCOUNT_KEYS) {
         *key = format!("{prefix}:{{{tag}}}:{suffix}");
     }
     keys[11] = hold_index_key(prefix, slot);
     keys[12] = purchase_index_key(prefix, slot);
+    keys[13] = outbox_key(prefix, slot);
     keys
+}
+
+/// The slot of an account's keys.
+pub fn account_slot(account_id: &str) -> u16 {
+    slot(hash_tag(account_id).as_bytes())
+}
+
+/// The usage export's outbox of one slot: a stream the scripts append each charge to,
+/// atomically with the charge, since a script may not write to a key in another slot. The
+/// relay moves its entries into the export stream.
+pub fn outbox_key(prefix: &str, slot: u16) -> String {
+    format!("{prefix}:ob:{{{}}}", slot_tags()[usize::from(slot)])
+}
+
+/// The relay's lease on one slot's outbox, so that replicas do not relay the same entries.
+pub fn outbox_lease_key(prefix: &str, slot: u16) -> String {
+    format!("{prefix}:ol:{{{}}}", slot_tags()[usize::from(slot)])
+}
+
+/// One shard of the usage export stream, the stream consumers read.
+pub fn export_key(prefix: &str, shard: u16) -> String {
+    format!("{prefix}:export:{{{shard}}}")
 }
 
 /// The account record key (`acct`) of an account.

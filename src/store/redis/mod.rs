@@ -10,6 +10,7 @@
 //! short connect and response timeouts, and reconnect on their own. A call that cannot reach
 //! Redis in time fails with [`StoreError::Unavailable`]; it never hangs.
 
+mod export;
 mod front;
 mod health;
 mod keys;
@@ -30,14 +31,14 @@ use serde_json::json;
 
 pub use keys::{hold_index_key, slot};
 
-use super::{Store, StoreError, StoreHealth};
+use super::{ExportRead, Store, StoreError, StoreHealth};
 use crate::domain::account::LOT_VALIDITY_MONTHS;
 use crate::domain::time::{DAY_MS, MINUTE_MS};
 use crate::domain::top_up::{PaymentResult, Purchase};
 use crate::domain::{
-    Account, CommitCommand, CommitOutcome, GrantCommand, GrantOutcome, Policy, ReleaseCommand,
-    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
-    SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
+    Account, CommitCommand, CommitOutcome, ExportedEvent, GrantCommand, GrantOutcome, Policy,
+    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
+    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
 use front::Front;
 use health::Health;
@@ -66,6 +67,9 @@ pub struct RedisSettings {
     pub sweep_interval: Duration,
     /// TLS (`rediss://`) material in PEM, when the system's trust store is not the one to use.
     pub tls: RedisTls,
+    /// Streams the usage export is spread over (`PREFIX:export:{0}` …), for Clusters where
+    /// one stream's node would be the bottleneck. An account's events stay in one shard.
+    pub export_shards: u16,
 }
 
 /// PEM bytes for TLS to Redis: a CA to trust instead of the system's roots, and a client
@@ -124,6 +128,7 @@ impl Default for RedisSettings {
             deny_cache: true,
             sweep_interval: Duration::from_secs(1),
             tls: RedisTls::default(),
+            export_shards: 1,
         }
     }
 }
@@ -231,6 +236,10 @@ pub struct RedisStore {
     purchase_cursor: AtomicU16,
     /// Listens for admin changes announced by any replica.
     subscriber: JoinHandle<()>,
+    /// Slots whose usage export outbox this replica wrote to since it last relayed.
+    dirty: export::DirtySlots,
+    /// This process's name on relay leases.
+    replica: String,
 }
 
 impl Drop for RedisStore {
@@ -312,6 +321,8 @@ impl RedisStore {
             sweep_cursor: AtomicU16::new(start_slice()),
             purchase_cursor: AtomicU16::new(start_slice()),
             subscriber,
+            dirty: export::DirtySlots::new(),
+            replica: replica_name(),
         };
         store.load_scripts().await?;
         Ok(store)
@@ -405,50 +416,66 @@ impl RedisStore {
         self.sweep_slots(now, 0..keys::SLOTS).await
     }
 
-    /// Sweeps the hold indexes of `slots`. The index reads are sent concurrently on the shared
-    /// connection (which pipelines them), one command per slot, since a Cluster pipeline may
-    /// not span slots.
+    /// Sweeps the hold indexes of `slots`.
     async fn sweep_slots(
         &self,
         now: Timestamp,
         slots: std::ops::Range<u16>,
     ) -> Result<usize, StoreError> {
-        let mut due = Vec::new();
-        let slots: Vec<u16> = slots.collect();
-        // A few hundred reads in flight at a time: enough to fill the pipe, not to flood it.
-        for chunk in slots.chunks(256) {
-            let mut reads = tokio::task::JoinSet::new();
-            for &slot in chunk {
-                let mut conn = self.conn.clone();
+        let prefix = &self.settings.key_prefix;
+        let due: Vec<(u16, Vec<String>)> = self
+            .per_slot(slots.collect(), |slot| {
                 let mut read = redis::cmd("ZRANGEBYSCORE");
-                read.arg(keys::hold_index_key(&self.settings.key_prefix, slot))
+                read.arg(keys::hold_index_key(prefix, slot))
                     .arg("-inf")
                     .arg(now.as_millis())
                     .arg("LIMIT")
                     .arg(0)
                     .arg(100);
+                read
+            })
+            .await?;
+        let mut settled = 0;
+        for account_id in due.iter().flat_map(|(_, accounts)| accounts) {
+            let _: serde::de::IgnoredAny =
+                self.run(&self.scripts.sweep, account_id, now, &[]).await?;
+            settled += 1;
+        }
+        Ok(settled)
+    }
+
+    /// Runs one read per slot, concurrently on the shared connection (which pipelines them),
+    /// since a Cluster pipeline may not span slots; answers in slot order.
+    async fn per_slot<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        slots: Vec<u16>,
+        read: impl Fn(u16) -> Cmd,
+    ) -> Result<Vec<(u16, T)>, StoreError> {
+        let mut answers = Vec::with_capacity(slots.len());
+        // A few hundred reads in flight at a time: enough to fill the pipe, not to flood it.
+        for chunk in slots.chunks(256) {
+            let mut reads = tokio::task::JoinSet::new();
+            for &slot in chunk {
+                let mut conn = self.conn.clone();
+                let cmd = read(slot);
                 let timeout = self.settings.command_timeout * 10;
                 reads.spawn(async move {
-                    match tokio::time::timeout(timeout, read.query_async::<Vec<String>>(&mut conn))
-                        .await
-                    {
-                        Ok(Ok(due)) => Ok(due),
-                        Ok(Err(e)) => Err(StoreError::Unavailable(format!("sweep: {e}"))),
+                    match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
+                        Ok(Ok(answer)) => Ok((slot, answer)),
+                        Ok(Err(e)) => Err(StoreError::Unavailable(format!("slot scan: {e}"))),
                         Err(_) => Err(StoreError::Unavailable(
-                            "sweep: Redis did not answer in time".into(),
+                            "slot scan: Redis did not answer in time".into(),
                         )),
                     }
                 });
             }
             while let Some(read) = reads.join_next().await {
-                due.extend(read.map_err(|e| StoreError::Internal(format!("sweep task: {e}")))??);
+                answers
+                    .push(read.map_err(|e| StoreError::Internal(format!("slot scan task: {e}")))??);
             }
         }
-        for account_id in &due {
-            let _: serde::de::IgnoredAny =
-                self.run(&self.scripts.sweep, account_id, now, &[]).await?;
-        }
-        Ok(due.len())
+        answers.sort_unstable_by_key(|&(slot, _)| slot);
+        Ok(answers)
     }
 }
 
@@ -570,10 +597,14 @@ impl Store for RedisStore {
             .run(&self.scripts.commit, &cmd.account_id, now, &args)
             .await?;
         self.front.changed(&cmd.account_id);
+        if reply.event.is_some() {
+            self.dirty.mark(keys::account_slot(&cmd.account_id));
+        }
         Ok(CommitOutcome {
             receipt: reply.receipt.into_receipt(&self.policy),
             status: reply.status.into(),
             top_up: reply.top_up.map(Into::into),
+            event: reply.event.map(Into::into),
         })
     }
 
@@ -735,11 +766,29 @@ impl Store for RedisStore {
             Ok(n) => tracing::debug!(accounts = n, "returned expired holds"),
             Err(e) => tracing::debug!("sweep skipped: {e}"),
         }
+        match self.relay_exports(start..start + SWEEP_SLICE).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(events = n, "relayed usage events to the export stream"),
+            Err(e) => tracing::debug!("export relay skipped: {e}"),
+        }
         self.front.prune(now, now.plus_millis(-MINUTE_MS));
     }
 
     fn health(&self) -> StoreHealth {
         self.health.status()
+    }
+
+    async fn export_read(
+        &self,
+        read: ExportRead,
+        _now: Timestamp,
+    ) -> Result<Vec<ExportedEvent>, StoreError> {
+        // Idle times are Redis's own (XAUTOCLAIM), not the caller's clock.
+        self.read_exports(&read).await
+    }
+
+    async fn export_ack(&self, group: &str, delivery_ids: &[String]) -> Result<u64, StoreError> {
+        self.ack_exports(group, delivery_ids).await
     }
 
     async fn stalled_purchases(
@@ -837,6 +886,16 @@ fn start_slice() -> u16 {
         .subsec_nanos();
     let seed = u64::from(nanos) ^ u64::from(std::process::id()).rotate_left(17);
     (seed % u64::from(keys::SLOTS / SWEEP_SLICE)) as u16 * SWEEP_SLICE
+}
+
+/// A name unique to this process, for leases: host, process id and start time.
+fn replica_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    format!("{host}/{}/{nanos}", std::process::id())
 }
 
 fn admin_channel(prefix: &str) -> String {

@@ -2,7 +2,7 @@
 //! scripts return facts (amounts, instants, kinds); words are added here by the same domain
 //! functions the memory store uses, so both stores answer in the same sentences.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::domain::top_up::{AttemptOutcome, Purchase, TopUpAttempt, TopUpSettings};
 use crate::domain::{
@@ -235,6 +235,7 @@ pub struct CommitJ {
     pub receipt: ReceiptJ,
     pub status: StatusJ,
     pub top_up: Option<PurchaseJ>,
+    pub event: Option<EventJ>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -317,6 +318,7 @@ pub struct UsageJ {
 
 #[derive(Debug, Deserialize)]
 pub struct EventJ {
+    seq: u64,
     at: i64,
     product: String,
     reservation_id: String,
@@ -329,6 +331,7 @@ impl From<EventJ> for UsageEvent {
     fn from(e: EventJ) -> UsageEvent {
         let count = |n: i64| u64::try_from(n).unwrap_or_default();
         UsageEvent {
+            seq: e.seq,
             at: Timestamp::from_millis(e.at),
             product: e.product,
             usage: Usage {
@@ -506,4 +509,67 @@ impl From<TopUpJ> for crate::domain::TopUpOutcome {
             credit_balance: t.balance,
         }
     }
+}
+
+/// One usage event as written to the export stream (field `event`): the format consumers read,
+/// documented in the README; plain names, amounts in micro-credits, counts as numbers.
+#[derive(Debug, Serialize, Deserialize)]
+struct ExportJ {
+    id: String,
+    account_id: String,
+    seq: u64,
+    at_ms: i64,
+    product: String,
+    model: String,
+    input_tokens: u64,
+    cached_input_tokens: u64,
+    output_tokens: u64,
+    images: u32,
+    fast_mode: bool,
+    plan_micros: i64,
+    credit_micros: i64,
+    reservation_id: String,
+    price_version: String,
+}
+
+pub fn export_json(account_id: &str, e: &UsageEvent) -> String {
+    let j = ExportJ {
+        id: e.id(account_id),
+        account_id: account_id.to_owned(),
+        seq: e.seq,
+        at_ms: e.at.as_millis(),
+        product: e.product.clone(),
+        model: e.usage.model.clone(),
+        input_tokens: e.usage.input_tokens,
+        cached_input_tokens: e.usage.cached_input_tokens,
+        output_tokens: e.usage.output_tokens,
+        images: e.usage.images,
+        fast_mode: e.usage.fast_mode,
+        plan_micros: e.charged.plan,
+        credit_micros: e.charged.credit,
+        reservation_id: e.reservation_id.clone(),
+        price_version: e.price_version.clone(),
+    };
+    serde_json::to_string(&j).expect("plain data serializes")
+}
+
+pub fn parse_export_json(text: &str) -> Result<(String, UsageEvent), serde_json::Error> {
+    let j: ExportJ = serde_json::from_str(text)?;
+    let event = UsageEvent {
+        seq: j.seq,
+        at: Timestamp::from_millis(j.at_ms),
+        product: j.product,
+        usage: Usage {
+            model: j.model,
+            input_tokens: j.input_tokens,
+            cached_input_tokens: j.cached_input_tokens,
+            output_tokens: j.output_tokens,
+            images: j.images,
+            fast_mode: j.fast_mode,
+        },
+        charged: Funding::new(j.plan_micros, j.credit_micros),
+        reservation_id: j.reservation_id,
+        price_version: j.price_version,
+    };
+    Ok((j.account_id, event))
 }

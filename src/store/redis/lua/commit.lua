@@ -45,15 +45,18 @@ add_usage(WINDOWS[1], cp)
 add_usage(WINDOWS[2], cp)
 spend(cc)
 r.cp, r.cc = r.cp + cp, r.cc + cc
-if delta > 0 and capacity > 0 then
+local event = nil
+if delta > 0 then
+  -- Recorded for GetUsage (bounded) and, atomically with the charge, in the slot's outbox.
+  A.evseq = A.evseq + 1
   local since = function(k) return math.max(usage[k] - r.usage[k], 0) end
-  local event = J({
-    at = NOW, product = r.product, reservation_id = rid, price_version = price_version,
+  event = J({
+    seq = A.evseq, at = NOW, product = r.product, reservation_id = rid, price_version = price_version,
     charged = { plan = cp, credit = cc },
     usage = { model = usage.model, i = since('i'), c = since('c'), o = since('o'), img = since('img'), fast = usage.fast },
   })
-  redis.call('LPUSH', K_EVENTS, event)
-  redis.call('LTRIM', K_EVENTS, 0, capacity - 1)
+  if capacity > 0 then redis.call('XADD', K_HIST, 'MAXLEN', capacity, '*', 'e', event) end
+  redis.call('XADD', K_OUTBOX, '*', 'a', ID, 'e', event)
 end
 for _, k in ipairs({ 'i', 'c', 'o', 'img' }) do r.usage[k] = math.max(r.usage[k], usage[k]) end
 r.usage.model, r.usage.fast = usage.model, usage.fast
@@ -76,4 +79,5 @@ else
 end
 local top_up = tu_check()
 finish()
-return J({ receipt = raw(receipt), status = status(plan), top_up = top_up and raw(top_up) or nil })
+return J({ receipt = raw(receipt), status = status(plan), top_up = top_up and raw(top_up) or nil,
+           event = event and raw(event) or nil })

@@ -9,7 +9,8 @@
 --                    top-up (domain/top_up.rs): tu_en (0/1), tu_th, tu_tg, tu_cap ('' = none),
 --                    tu_seq (purchases started), tu_month, tu_bought, tu_decl (declines in a
 --                    row), tu_quiet ('' or ms), tu_if (purchase in flight, JSON or ''), tu_last
---                    (last attempt, JSON or '')
+--                    (last attempt, JSON or ''), evseq (charges recorded, the last event's
+--                    seq)
 --   2 w5       LIST  "bucket:amount" of the 5h window, oldest first (5-minute buckets)
 --   3 ww       LIST  "bucket:amount" of the weekly window, oldest first (1-hour buckets)
 --   4 lots     HASH  lot id -> {src, g (granted), r (remaining), ga (granted at), ex (expires at)}
@@ -19,11 +20,14 @@
 --   8 req      HASH  request id -> first answer to a Reserve
 --   9 reqz     ZSET  request id scored by when it was answered
 --  10 grants   HASH  grant id -> {fp, lot, rv (what a revocation took back, once revoked)}
---  11 events   LIST  usage events, newest first, capped
+--  11 hist     STREAM the recent usage events (field e: event JSON), trimmed to the newest
+--                    limits.recent_events
 --  12 holdidx  ZSET  (one per Cluster slot, shared by the accounts of that slot) account id
 --                    scored by its earliest open hold expiry, for the sweeper
 --  13 purchidx ZSET  (one per slot) account id scored by when its auto top-up purchase in
 --                    flight started, so that a replica can resume one a dead replica left
+--  14 outbox   STREAM (one per slot) every charge's event (fields a: account id, e: event JSON)
+--                    until the relay (redis/mod.rs) has copied it into the export stream
 -- ARGV: 1 policy (JSON, see redis.rs), 2 now (ms since the epoch), 3 account id, 4.. the
 -- operation's own.
 --
@@ -35,9 +39,9 @@
 --
 -- Results are JSON text built by J below; errors of the rules are results too ({"err": ...}).
 
-local K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_GRANTS, K_EVENTS, K_HOLDIDX =
+local K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_GRANTS, K_HIST, K_HOLDIDX =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local K_PURCHASEIDX = KEYS[13]
+local K_PURCHASEIDX, K_OUTBOX = KEYS[13], KEYS[14]
 local P = cjson.decode(ARGV[1])
 local NOW = tonumber(ARGV[2])
 local ID = ARGV[3]
@@ -71,6 +75,7 @@ local A = nil -- the account hash as a table, numbers converted
 local NUMERIC = {
   granted = true, spent = true, expired = true, revoked = true, debt = true, w5t = true, wwt = true,
   tu_th = true, tu_tg = true, tu_seq = true, tu_month = true, tu_bought = true, tu_decl = true,
+  evseq = true,
 }
 local TEXT = { tu_en = '0', tu_cap = '', tu_quiet = '', tu_if = '', tu_last = '' }
 
@@ -499,7 +504,7 @@ local function finish()
   end
   local keep = P.account_ttl_ms
   for _, l in ipairs(LOTS) do keep = math.max(keep, l.ex - NOW + P.account_ttl_ms) end
-  for _, k in ipairs({ K_ACCT, K_LOTS, K_GRANTS, K_EVENTS, K_OPEN }) do redis.call('PEXPIRE', k, keep) end
+  for _, k in ipairs({ K_ACCT, K_LOTS, K_GRANTS, K_HIST, K_OPEN }) do redis.call('PEXPIRE', k, keep) end
   for _, w in ipairs(WINDOWS) do redis.call('PEXPIRE', w.key, w.len + w.bucket) end
   for _, k in ipairs({ K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ }) do redis.call('PEXPIRE', k, P.retention_ms) end
 end

@@ -1,0 +1,180 @@
+//! The memory store's usage export: one bounded, in-process log of every charge, read by
+//! consumer groups with the same semantics as a Redis stream read with `XREADGROUP` and
+//! `XAUTOCLAIM`, so that billing and analytics consumers behave the same on either store.
+//!
+//! A group starts at the oldest retained event the first time it reads. Each event is
+//! delivered to one consumer of a group and stays pending until acknowledged; an event left
+//! unacknowledged for longer than the reader's `claim_idle` is delivered again (to whoever
+//! reads next), so delivery is at least once and consumers deduplicate by event id.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+
+use super::ExportRead;
+use crate::domain::{ExportedEvent, Timestamp, UsageEvent};
+
+#[derive(Debug)]
+pub struct ExportLog {
+    max_len: usize,
+    state: Mutex<LogState>,
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    /// Offset of `entries[0]`; offsets are delivery ids and never reused.
+    first: u64,
+    entries: VecDeque<(String, UsageEvent)>,
+    groups: HashMap<String, Group>,
+}
+
+#[derive(Debug)]
+struct Group {
+    /// The next offset never delivered to this group.
+    next: u64,
+    /// Delivered, not yet acknowledged: offset -> when last delivered.
+    pending: BTreeMap<u64, Timestamp>,
+}
+
+impl ExportLog {
+    /// A log keeping the newest `max_len` events.
+    pub fn new(max_len: usize) -> ExportLog {
+        ExportLog {
+            max_len: max_len.max(1),
+            state: Mutex::new(LogState::default()),
+        }
+    }
+
+    pub fn append(&self, account_id: &str, event: UsageEvent) {
+        let mut state = self.lock();
+        state.entries.push_back((account_id.to_owned(), event));
+        while state.entries.len() > self.max_len {
+            state.entries.pop_front();
+            state.first += 1;
+        }
+    }
+
+    pub fn read(&self, read: &ExportRead, now: Timestamp) -> Vec<ExportedEvent> {
+        let mut state = self.lock();
+        let LogState {
+            first,
+            entries,
+            groups,
+        } = &mut *state;
+        let first = *first;
+        let group = groups.entry(read.group.clone()).or_insert_with(|| Group {
+            next: first,
+            pending: BTreeMap::new(),
+        });
+        // Trimmed events can no longer be delivered: like a stream, forget them.
+        group.pending.retain(|&offset, _| offset >= first);
+        group.next = group.next.max(first);
+
+        let stale_before = now.plus_millis(-read.claim_idle_ms);
+        let mut offsets: Vec<u64> = group
+            .pending
+            .iter()
+            .filter(|&(_, &delivered)| delivered <= stale_before)
+            .map(|(&offset, _)| offset)
+            .take(read.max_events)
+            .collect();
+        let end = first + entries.len() as u64;
+        while offsets.len() < read.max_events && group.next < end {
+            offsets.push(group.next);
+            group.next += 1;
+        }
+        offsets
+            .into_iter()
+            .map(|offset| {
+                group.pending.insert(offset, now);
+                let (account_id, event) = &entries[(offset - first) as usize];
+                ExportedEvent {
+                    delivery_id: offset.to_string(),
+                    account_id: account_id.clone(),
+                    event: event.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Acknowledges deliveries; returns how many were pending. Unknown ids count for nothing.
+    pub fn ack(&self, group: &str, delivery_ids: &[String]) -> u64 {
+        let mut state = self.lock();
+        let Some(group) = state.groups.get_mut(group) else {
+            return 0;
+        };
+        delivery_ids
+            .iter()
+            .filter_map(|id| id.parse::<u64>().ok())
+            .filter(|offset| group.pending.remove(offset).is_some())
+            .count() as u64
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
+        // The state stays consistent even if a holder panicked: every change is a push or pop.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Funding, Usage};
+
+    fn event(seq: u64) -> UsageEvent {
+        UsageEvent {
+            seq,
+            at: Timestamp::from_millis(0),
+            product: "codex".into(),
+            usage: Usage::default(),
+            charged: Funding::new(1, 0),
+            reservation_id: format!("r{seq}"),
+            price_version: "v".into(),
+        }
+    }
+
+    fn read(group: &str, max_events: usize, claim_idle_ms: i64) -> ExportRead {
+        ExportRead {
+            group: group.into(),
+            consumer: "c".into(),
+            max_events,
+            claim_idle_ms,
+        }
+    }
+
+    fn seqs(events: &[ExportedEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.event.seq).collect()
+    }
+
+    #[test]
+    fn groups_read_independently_and_redeliver_what_stays_unacknowledged() {
+        let log = ExportLog::new(10);
+        let t = |ms| Timestamp::from_millis(ms);
+        for seq in 1..=3 {
+            log.append("a", event(seq));
+        }
+        let first = log.read(&read("billing", 2, 1_000), t(0));
+        assert_eq!(seqs(&first), [1, 2]);
+        assert_eq!(
+            seqs(&log.read(&read("analytics", 10, 1_000), t(0))),
+            [1, 2, 3]
+        );
+        assert_eq!(log.ack("billing", &[first[0].delivery_id.clone()]), 1);
+        // Not idle long enough: only the new event.
+        assert_eq!(seqs(&log.read(&read("billing", 10, 1_000), t(500))), [3]);
+        // Event 2 was never acknowledged: delivered again once idle.
+        assert_eq!(seqs(&log.read(&read("billing", 10, 1_000), t(1_000))), [2]);
+        assert_eq!(log.ack("billing", &["99".into(), "x".into()]), 0);
+        assert_eq!(log.ack("nobody", &["0".into()]), 0);
+    }
+
+    #[test]
+    fn trimming_keeps_the_newest_events() {
+        let log = ExportLog::new(2);
+        for seq in 1..=5 {
+            log.append("a", event(seq));
+        }
+        let got = log.read(&read("g", 10, 0), Timestamp::from_millis(0));
+        assert_eq!(seqs(&got), [4, 5]);
+        assert_eq!(got[0].event_id(), "a:4");
+    }
+}
