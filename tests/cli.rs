@@ -239,3 +239,55 @@ async fn topup_set_show_and_disable() {
     let off = stdout(&quotactl(&server, &["topup", "disable", "carol"], Some(ADMIN_TOKEN)).await);
     assert!(off.starts_with("auto top-up off"), "{off}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_and_export_show_every_charge() {
+    let server = TestServer::start(StoreKind::Memory).await;
+    for _ in 0..2 {
+        let reserved = json(
+            &quotactl(
+                &server,
+                &[
+                    "--json",
+                    "reserve",
+                    "dora",
+                    "--product",
+                    "codex",
+                    "--output",
+                    "1000",
+                ],
+                None,
+            )
+            .await,
+        );
+        let id = reserved["reservation_id"].as_str().unwrap().to_owned();
+        stdout(&quotactl(&server, &["commit", "dora", &id, "--output", "1000"], None).await);
+    }
+    let history = json(&quotactl(&server, &["--json", "history", "dora"], None).await);
+    let events = history["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["event_id"], "dora:2", "newest first");
+    assert_eq!(events[0]["output_tokens"], 1000);
+    let text = stdout(&quotactl(&server, &["history", "dora"], None).await);
+    assert!(
+        text.contains("dora:1") && text.contains("codex gpt-5.5"),
+        "{text}"
+    );
+
+    let read = |ack: bool| {
+        let mut args = vec!["--json", "export", "read", "--group", "billing"];
+        if ack {
+            args.push("--ack");
+        }
+        let server = &server;
+        async move { json(&quotactl(server, &args, Some(ADMIN_TOKEN)).await) }
+    };
+    let first = read(true).await;
+    assert_eq!(first["events"].as_array().unwrap().len(), 2);
+    assert_eq!(first["acknowledged"], 2);
+    assert_eq!(first["events"][1]["event"]["event_id"], "dora:2");
+    let again = read(false).await;
+    assert!(again["events"].as_array().unwrap().is_empty(), "{again}");
+    let refused = quotactl(&server, &["export", "read", "--group", "billing"], None).await;
+    assert_eq!(refused.status.code(), Some(1));
+}

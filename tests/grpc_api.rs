@@ -662,6 +662,24 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing(stor
             err.message()
         );
     }
+    let export_read = |group: &str, consumer: &str, max_events| pb::ReadUsageExportRequest {
+        group: group.into(),
+        consumer: consumer.into(),
+        max_events,
+        claim_idle_ms: 0,
+    };
+    for (req, message) in [
+        (export_read("", "c", 0), "group: must not be empty"),
+        (export_read("g", "", 0), "consumer: must not be empty"),
+        (
+            export_read("g", "c", 1_001),
+            "max_events: must be between 1 and 1000 (0 means 100), got 1001",
+        ),
+    ] {
+        let err = a.read_usage_export(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{message}");
+        assert!(err.message().contains(message), "{}", err.message());
+    }
     let bad_account = pb::UpsertAccountRequest {
         account: Some(pb::Account {
             account_id: "p".into(),

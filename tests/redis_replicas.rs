@@ -315,3 +315,93 @@ async fn while_redis_is_down_calls_fail_fast_and_recover_within_a_second() {
     assert_eq!(store.health(), StoreHealth::Up);
     redis.kill();
 }
+
+/// Two replicas charge accounts spread over four export shards and relay at the same time:
+/// a consumer reading the streams straight from Redis (as billing would, with its own client
+/// and consumer group) finds every charge exactly once, in the documented format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_consumers_read_the_export_stream_straight_from_redis() {
+    let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
+    let prefix = fresh_prefix();
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let settings = RedisSettings {
+            export_shards: 4,
+            ..replica_settings(&server.url(), &prefix)
+        };
+        stores.push(
+            RedisStore::connect(settings, Arc::new(Policy::default()))
+                .await
+                .unwrap(),
+        );
+    }
+    for i in 0..40 {
+        let store = &stores[i % 2];
+        let account = format!("acct-{}", i % 20);
+        let request = format!("r{i}");
+        let out = store
+            .reserve(reserve(&account, &request, "codex", 2), at(0))
+            .await
+            .unwrap();
+        assert!(is_allow(&out.decision));
+        store
+            .commit(commit(&account, &format!("rsv-{request}"), 2), at(0))
+            .await
+            .unwrap();
+    }
+    // Both relay at once, each its own outboxes and (by the probe) possibly the other's.
+    let (a, b) = (&stores[0], &stores[1]);
+    tokio::join!(a.maintain(at(1_000)), b.maintain(at(1_000)));
+    for store in &stores {
+        store.maintain(at(2_000)).await; // whatever a lease held back
+    }
+
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for shard in 0..4 {
+        let key = format!("{prefix}:export:{{{shard}}}");
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg("billing")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("billing")
+            .arg("consumer-1")
+            .arg("COUNT")
+            .arg(1_000)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for entry in reply.keys.iter().flat_map(|k| &k.ids) {
+            let id: String = entry.get("id").unwrap();
+            let event: serde_json::Value =
+                serde_json::from_str(&entry.get::<String>("event").unwrap()).unwrap();
+            assert_eq!(event["id"], id.as_str());
+            let account = event["account_id"].as_str().unwrap();
+            assert_eq!(id, format!("{account}:{}", event["seq"]));
+            assert_eq!(event["product"], "codex");
+            assert_eq!(event["model"], "gpt-5.5-mini");
+            assert_eq!(event["output_tokens"], 10_000);
+            assert_eq!(
+                event["plan_micros"].as_i64().unwrap() + event["credit_micros"].as_i64().unwrap(),
+                2 * CREDIT
+            );
+            assert!(event["at_ms"].is_i64() && event["reservation_id"].is_string());
+            assert!(ids.insert(id.clone()), "{id} exported twice");
+        }
+    }
+    let expected: std::collections::HashSet<String> = (0..20)
+        .flat_map(|a| [format!("acct-{a}:1"), format!("acct-{a}:2")])
+        .collect();
+    assert_eq!(ids, expected);
+}

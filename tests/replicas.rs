@@ -3,7 +3,8 @@
 //! replicas, every one retried with the same key on another replica. Afterwards, for every
 //! account, credits are conserved exactly, what was acknowledged is exactly what was charged
 //! (each retry acted once), no window is over its limit and no balance below zero. One variant
-//! kills a replica with SIGKILL in the middle of the load and starts it again.
+//! kills a replica with SIGKILL in the middle of the load and starts it again. The usage
+//! export then holds exactly one event per acknowledged charge, read by a consumer group.
 
 mod support;
 
@@ -44,6 +45,10 @@ fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
             "3000".into(),
         ),
         ("QUOTAD_LOG_LEVEL".into(), "info".into()),
+        (
+            "QUOTAD_STORE__REDIS__SWEEP_INTERVAL_MS".into(),
+            "200".into(),
+        ),
     ];
     match backend {
         Backend::Standalone(server) => env.push(("QUOTAD_REDIS_URL".into(), server.url())),
@@ -111,6 +116,8 @@ struct Acknowledged {
     charged_plan: i64,
     charged_credit: i64,
     open_holds: usize,
+    /// Commits that charged something.
+    charges: u64,
 }
 
 async fn drive(
@@ -212,6 +219,7 @@ async fn one_task(
             let ack = acks.entry(account.into()).or_default();
             ack.charged_plan += charged.plan_micros;
             ack.charged_credit += charged.credit_micros;
+            ack.charges += 1;
         }
         7 | 8 => {
             let release = pb::ReleaseRequest {
@@ -327,6 +335,82 @@ async fn verify(url: &str, acknowledged: &HashMap<String, Acknowledged>) {
     }
 }
 
+/// A consumer group reads the usage export until it holds every charge: exactly the charges
+/// acknowledged, each account's numbered 1..=n, none twice.
+async fn verify_export(url: &str, acknowledged: &HashMap<String, Acknowledged>, killed: bool) {
+    let channel = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin =
+        AdminServiceClient::with_interceptor(channel, BearerToken(Some(ADMIN_TOKEN.into())));
+    let expected: u64 = acknowledged.values().map(|a| a.charges).sum();
+    let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut deliveries = 0;
+    // The relay copies outboxes every maintenance tick (200 ms here).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let distinct = |seen: &HashMap<String, Vec<u64>>| {
+        let mut n = 0;
+        for seqs in seen.values() {
+            let mut seqs = seqs.clone();
+            seqs.sort_unstable();
+            seqs.dedup();
+            n += seqs.len() as u64;
+        }
+        n
+    };
+    while distinct(&seen) < expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export has {seen:?}, expected {expected} events"
+        );
+        let read = pb::ReadUsageExportRequest {
+            group: "billing".into(),
+            consumer: "test".into(),
+            max_events: 1_000,
+            claim_idle_ms: 60_000,
+        };
+        let events = admin
+            .read_usage_export(read)
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if events.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        deliveries += events.len();
+        let ack = pb::AckUsageExportRequest {
+            group: "billing".into(),
+            delivery_ids: events.iter().map(|e| e.delivery_id.clone()).collect(),
+        };
+        admin.ack_usage_export(ack).await.unwrap();
+        for e in events {
+            let event = e.event.unwrap();
+            assert_eq!(event.event_id, format!("{}:{}", e.account_id, event.seq));
+            seen.entry(e.account_id).or_default().push(event.seq);
+        }
+    }
+    for (account, ack) in acknowledged {
+        let mut seqs = seen.remove(account).unwrap_or_default();
+        seqs.sort_unstable();
+        seqs.dedup(); // as consumers do, by event id
+        assert_eq!(
+            seqs,
+            (1..=ack.charges).collect::<Vec<_>>(),
+            "{account}: one event per charge"
+        );
+    }
+    assert!(seen.is_empty(), "events of unknown accounts: {seen:?}");
+    // At least once allows a copy twice if a relay dies between copying and deleting, which
+    // only a killed replica can do.
+    if !killed {
+        assert_eq!(deliveries as u64, expected, "an event delivered twice");
+    }
+}
+
 async fn replicated_load(backend: Backend<'_>, kill_one: bool) {
     let env = replica_env(&backend, &fresh_prefix());
     let env_for_start = env.clone();
@@ -365,6 +449,7 @@ async fn replicated_load(backend: Backend<'_>, kill_one: bool) {
     if let Some(replica) = &restarted {
         verify(&replica.url(), &acknowledged).await;
     }
+    verify_export(&urls[2], &acknowledged, kill_one).await;
     let total: usize = acknowledged.values().map(|a| a.open_holds).sum();
     assert!(total > 0, "the load left some holds open");
 }

@@ -81,6 +81,16 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         recent: u32,
     },
+    /// An account's recent charges, newest first: what, when, how many tokens, who paid.
+    History {
+        account: String,
+        /// How many events (at most the server's `limits.recent_events`).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// The usage export, as a consumer group reads it (admin).
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Grant credits (admin).
     Grant {
         account: String,
@@ -119,6 +129,29 @@ enum AccountCommand {
         /// Bar the account from buying (and spending) credits.
         #[arg(long)]
         no_credit_purchase: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// Events not yet delivered to GROUP (and those left unacknowledged too long).
+    Read {
+        #[arg(long)]
+        group: String,
+        #[arg(long, default_value = "quotactl")]
+        consumer: String,
+        #[arg(long, default_value_t = 100)]
+        max: u32,
+        /// Acknowledge what was read (otherwise it is delivered again after a minute).
+        #[arg(long)]
+        ack: bool,
+    },
+    /// Acknowledge deliveries by their delivery ids.
+    Ack {
+        #[arg(long)]
+        group: String,
+        #[arg(required = true)]
+        delivery_ids: Vec<String>,
     },
 }
 
@@ -259,6 +292,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 recent_limit: recent,
             };
             out.usage(&quota.get_usage(request).await?.into_inner());
+        }
+        Command::History { account, limit } => {
+            let request = pb::GetUsageRequest {
+                account_id: account.clone(),
+                recent_limit: limit,
+            };
+            out.history(
+                &account,
+                &quota.get_usage(request).await?.into_inner().recent,
+            );
+        }
+        Command::Export(ExportCommand::Read {
+            group,
+            consumer,
+            max,
+            ack,
+        }) => {
+            let request = pb::ReadUsageExportRequest {
+                group: group.clone(),
+                consumer,
+                max_events: max,
+                claim_idle_ms: 0,
+            };
+            let events = admin.read_usage_export(request).await?.into_inner().events;
+            let acknowledged = if ack && !events.is_empty() {
+                let request = pb::AckUsageExportRequest {
+                    group,
+                    delivery_ids: events.iter().map(|e| e.delivery_id.clone()).collect(),
+                };
+                Some(
+                    admin
+                        .ack_usage_export(request)
+                        .await?
+                        .into_inner()
+                        .acknowledged,
+                )
+            } else {
+                None
+            };
+            out.export(&events, acknowledged);
+        }
+        Command::Export(ExportCommand::Ack {
+            group,
+            delivery_ids,
+        }) => {
+            let request = pb::AckUsageExportRequest {
+                group,
+                delivery_ids,
+            };
+            let n = admin
+                .ack_usage_export(request)
+                .await?
+                .into_inner()
+                .acknowledged;
+            out.emit(
+                json!({ "acknowledged": n }),
+                vec![format!("acknowledged {n}")],
+            );
         }
         Command::Grant {
             account,
@@ -430,6 +521,39 @@ fn funding_text(f: &Option<pb::Funding>) -> String {
     )
 }
 
+fn event_json(e: &pb::UsageEvent) -> Value {
+    let u = e.usage.clone().unwrap_or_default();
+    json!({
+        "event_id": e.event_id, "seq": e.seq, "at": instant(&e.at), "product": e.product,
+        "model": e.model, "input_tokens": u.input_tokens, "cached_input_tokens": u.cached_input_tokens,
+        "output_tokens": u.output_tokens, "images": u.images, "fast_mode": u.fast_mode,
+        "charged": funding_json(&e.charged), "reservation_id": e.reservation_id,
+        "price_version": e.price_version,
+    })
+}
+
+fn event_text(e: &pb::UsageEvent) -> String {
+    let u = e.usage.clone().unwrap_or_default();
+    format!(
+        "{}  {:<14} {} {}{}: in {} (cached {}), out {}{}  {}  [{}]",
+        instant(&e.at).unwrap_or_default(),
+        e.event_id,
+        e.product,
+        e.model,
+        if u.fast_mode { " fast" } else { "" },
+        u.input_tokens,
+        u.cached_input_tokens,
+        u.output_tokens,
+        if u.images > 0 {
+            format!(", {} images", u.images)
+        } else {
+            String::new()
+        },
+        funding_text(&e.charged),
+        e.reservation_id
+    )
+}
+
 fn windows_json(windows: &[pb::WindowStatus]) -> Value {
     windows
         .iter()
@@ -585,10 +709,7 @@ impl Output {
                 "reservation_id": h.reservation_id, "product": h.product, "held": funding_json(&h.held),
                 "charged": funding_json(&h.charged), "expires_at": instant(&h.expires_at),
             })).collect::<Vec<_>>(),
-            "recent": u.recent.iter().map(|e| json!({
-                "at": instant(&e.at), "product": e.product, "model": e.model, "charged": funding_json(&e.charged),
-                "reservation_id": e.reservation_id, "price_version": e.price_version,
-            })).collect::<Vec<_>>(),
+            "recent": u.recent.iter().map(event_json).collect::<Vec<_>>(),
         });
         let mut lines = vec![format!(
             "plan     {}{}",
@@ -627,14 +748,42 @@ impl Output {
                 funding_text(&h.held)
             ));
         }
-        for e in &u.recent {
-            lines.push(format!(
-                "  {} {} {}: {}",
-                instant(&e.at).unwrap_or_default(),
-                e.product,
-                e.model,
-                funding_text(&e.charged)
-            ));
+        lines.extend(u.recent.iter().map(|e| format!("  {}", event_text(e))));
+        self.emit(value, lines);
+    }
+
+    fn history(&self, account: &str, events: &[pb::UsageEvent]) {
+        let value = json!({
+            "account_id": account,
+            "events": events.iter().map(event_json).collect::<Vec<_>>(),
+        });
+        let mut lines: Vec<String> = events.iter().map(event_text).collect();
+        if lines.is_empty() {
+            lines.push(format!("no charges recorded for {account}"));
+        }
+        self.emit(value, lines);
+    }
+
+    fn export(&self, events: &[pb::ExportedUsageEvent], acknowledged: Option<u64>) {
+        let value = json!({
+            "events": events.iter().map(|e| json!({
+                "delivery_id": e.delivery_id, "account_id": e.account_id,
+                "event": e.event.as_ref().map(event_json),
+            })).collect::<Vec<_>>(),
+            "acknowledged": acknowledged,
+        });
+        let mut lines: Vec<String> = events
+            .iter()
+            .map(|e| {
+                let event = e.event.as_ref().map(event_text).unwrap_or_default();
+                format!("{}  {event}", e.delivery_id)
+            })
+            .collect();
+        if lines.is_empty() {
+            lines.push("no new events".into());
+        }
+        if let Some(n) = acknowledged {
+            lines.push(format!("acknowledged {n}"));
         }
         self.emit(value, lines);
     }

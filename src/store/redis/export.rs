@@ -89,7 +89,9 @@ impl RedisStore {
         let mut moved = 0;
         for (i, &slot) in slots.iter().enumerate() {
             match self.relay_slot(slot).await {
-                Ok(n) => moved += n,
+                Ok(Some(n)) => moved += n,
+                // Another replica holds the lease; entries it missed are ours next tick.
+                Ok(None) => self.dirty.mark(slot),
                 Err(e) => {
                     // Try these again next tick.
                     for &slot in &slots[i..] {
@@ -102,7 +104,8 @@ impl RedisStore {
         Ok(moved)
     }
 
-    async fn relay_slot(&self, slot: u16) -> Result<usize, StoreError> {
+    /// Moves one outbox into the export stream; `None` if another replica holds its lease.
+    async fn relay_slot(&self, slot: u16) -> Result<Option<usize>, StoreError> {
         let prefix = &self.settings.key_prefix;
         let outbox = keys::outbox_key(prefix, slot);
         let lease = keys::outbox_lease_key(prefix, slot);
@@ -117,7 +120,7 @@ impl RedisStore {
             .await
             .map_err(unavailable("export relay"))?;
         if took.is_none() {
-            return Ok(0); // Another replica is relaying this outbox.
+            return Ok(None);
         }
         let export = keys::export_key(prefix, self.export_shard(slot));
         let max_len = self.policy.limits.export_max_len;
@@ -179,7 +182,7 @@ impl RedisStore {
         .arg(&self.replica)
         .invoke_async(&mut conn)
         .await;
-        result.map(|()| moved)
+        result.map(|()| Some(moved))
     }
 
     pub(super) async fn read_exports(
