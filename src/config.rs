@@ -23,6 +23,8 @@ pub const ENV_PREFIX: &str = "QUOTAD_";
 pub const ADMIN_TOKEN_ENV: &str = "QUOTAD_ADMIN_TOKEN";
 /// The billing service's bearer token is read verbatim from this variable.
 pub const PAYMENTS_TOKEN_ENV: &str = "QUOTAD_PAYMENTS_TOKEN";
+/// The secret that signs requests to the billing service is read verbatim from this variable.
+pub const PAYMENTS_HMAC_SECRET_ENV: &str = "QUOTAD_PAYMENTS_HMAC_SECRET";
 /// The Redis URL is read verbatim from this variable (it may carry a password).
 pub const REDIS_URL_ENV: &str = "QUOTAD_REDIS_URL";
 const REDACTED: &str = "<redacted>";
@@ -235,6 +237,10 @@ pub struct PaymentsConfig {
     /// Bearer token for the billing service; also `QUOTAD_PAYMENTS_TOKEN` (read verbatim).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_token: Option<String>,
+    /// Shared secret to sign each request with (HMAC-SHA256, header `Quotad-Signature`); also
+    /// `QUOTAD_PAYMENTS_HMAC_SECRET` (read verbatim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_hmac_secret: Option<String>,
     pub http_timeout_ms: u64,
     /// A purchase still in flight this long after it started (its replica died, or gave up
     /// retrying) is paid again, with the same idempotency key.
@@ -252,6 +258,7 @@ impl Default for PaymentsConfig {
             retry_first_delay_ms: 200,
             http_url: None,
             http_token: None,
+            http_hmac_secret: None,
             http_timeout_ms: 5_000,
             resume_after_ms: 60_000,
             reserve_wait_ms: 300,
@@ -276,9 +283,17 @@ impl PaymentsConfig {
                     )
                 })?;
                 let timeout = std::time::Duration::from_millis(self.http_timeout_ms);
-                let provider =
-                    crate::payment::HttpProvider::new(url, self.http_token.clone(), timeout)
-                        .map_err(ConfigError::Invalid)?;
+                let auth = crate::payment::HttpAuth {
+                    bearer_token: self.http_token.clone(),
+                    hmac_secret: self.http_hmac_secret.clone(),
+                };
+                if auth.hmac_secret.as_deref().is_some_and(|s| s.len() < 16) {
+                    return Err(ConfigError::Invalid(
+                        "payments.http_hmac_secret must be at least 16 bytes".into(),
+                    ));
+                }
+                let provider = crate::payment::HttpProvider::new(url, auth, timeout)
+                    .map_err(ConfigError::Invalid)?;
                 std::sync::Arc::new(provider)
             }
         })
@@ -406,6 +421,9 @@ impl Config {
         if let Some(token) = env(PAYMENTS_TOKEN_ENV) {
             config.payments.http_token = Some(token);
         }
+        if let Some(secret) = env(PAYMENTS_HMAC_SECRET_ENV) {
+            config.payments.http_hmac_secret = Some(secret);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -454,8 +472,13 @@ impl Config {
         if shown.admin_token.is_some() {
             shown.admin_token = Some(REDACTED.into());
         }
-        if shown.payments.http_token.is_some() {
-            shown.payments.http_token = Some(REDACTED.into());
+        for secret in [
+            &mut shown.payments.http_token,
+            &mut shown.payments.http_hmac_secret,
+        ] {
+            if secret.is_some() {
+                *secret = Some(REDACTED.into());
+            }
         }
         let redis = &mut shown.store.redis;
         redis.url = redact_url(&redis.url);
@@ -554,15 +577,17 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let config = Config {
+        let mut config = Config {
             admin_token: Some("s3cret".into()),
             ..Config::default()
         };
+        config.payments.http_token = Some("b1lling".into());
+        config.payments.http_hmac_secret = Some("a-long-hmac-s3cret".into());
         let shown = config.to_toml();
-        assert!(
-            !shown.contains("s3cret") && shown.contains(REDACTED),
-            "{shown}"
-        );
+        for secret in ["s3cret", "b1lling"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert_eq!(shown.matches(REDACTED).count(), 3, "{shown}");
     }
 
     #[test]

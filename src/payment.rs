@@ -54,7 +54,13 @@ impl PaymentProvider for SimulatedProvider {
 }
 
 /// A billing service over HTTP: `POST` of a JSON charge with the purchase id as the
-/// `Idempotency-Key` header (so a retry is the same charge), a bearer token, and a timeout.
+/// `Idempotency-Key` header (so a retry is the same charge), a bearer token and/or an HMAC
+/// signature, and a timeout.
+///
+/// The signature header, when a secret is set, is `Quotad-Signature: t=UNIX_SECONDS,v1=HEX`
+/// with HEX the HMAC-SHA256 of `UNIX_SECONDS.BODY` under the shared secret: the service
+/// recomputes it over the raw body and refuses stale timestamps, so a captured request can
+/// neither be altered nor replayed later.
 ///
 /// Request body: `{"account_id": …, "purchase_id": …, "amount_micros": …}`.
 /// Answers: 2xx `{"status": "approved", "payment_id": …}` approves; 2xx
@@ -63,7 +69,8 @@ impl PaymentProvider for SimulatedProvider {
 #[derive(Clone)]
 pub struct HttpProvider {
     url: hyper::Uri,
-    token: Option<String>,
+    auth: HttpAuth,
+    hmac: Option<ring::hmac::Key>,
     timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -77,12 +84,15 @@ impl std::fmt::Debug for HttpProvider {
     }
 }
 
+/// Credentials for the billing service; either, both or neither.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct HttpAuth {
+    pub bearer_token: Option<String>,
+    pub hmac_secret: Option<String>,
+}
+
 impl HttpProvider {
-    pub fn new(
-        url: &str,
-        token: Option<String>,
-        timeout: Duration,
-    ) -> Result<HttpProvider, String> {
+    pub fn new(url: &str, auth: HttpAuth, timeout: Duration) -> Result<HttpProvider, String> {
         let url: hyper::Uri = url
             .parse()
             .map_err(|e| format!("payments.http_url {url:?}: {e}"))?;
@@ -92,9 +102,14 @@ impl HttpProvider {
             ));
         }
         let client = Client::builder(TokioExecutor::new()).build_http();
+        let hmac = auth
+            .hmac_secret
+            .as_deref()
+            .map(|secret| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes()));
         Ok(HttpProvider {
             url,
-            token,
+            auth,
+            hmac,
             timeout,
             client,
         })
@@ -107,13 +122,21 @@ impl HttpProvider {
             "purchase_id": charge.purchase_id,
             "amount_micros": charge.amount_micros,
         });
+        let body = body.to_string();
         let mut request = hyper::Request::post(self.url.clone())
             .header("content-type", "application/json")
             .header("idempotency-key", &charge.purchase_id);
-        if let Some(token) = &self.token {
+        if let Some(token) = &self.auth.bearer_token {
             request = request.header("authorization", format!("Bearer {token}"));
         }
-        let request = match request.body(Full::new(Bytes::from(body.to_string()))) {
+        if let Some(key) = &self.hmac {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            request = request.header("quotad-signature", signature(key, now, &body));
+        }
+        let request = match request.body(Full::new(Bytes::from(body))) {
             Ok(request) => request,
             Err(e) => return failed(format!("cannot build the billing request: {e}")),
         };
@@ -167,6 +190,13 @@ impl HttpProvider {
         }
         failed(format!("billing service answered {status}"))
     }
+}
+
+/// `t=SECONDS,v1=HEX(HMAC-SHA256(key, "SECONDS.BODY"))`.
+pub fn signature(key: &ring::hmac::Key, unix_seconds: u64, body: &str) -> String {
+    let tag = ring::hmac::sign(key, format!("{unix_seconds}.{body}").as_bytes());
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={unix_seconds},v1={hex}")
 }
 
 impl PaymentProvider for HttpProvider {

@@ -17,9 +17,33 @@ async fn server_with_billing(url: &str) -> TestServer {
     config.payments.provider = PaymentProviderKind::Http;
     config.payments.http_url = Some(url.to_owned());
     config.payments.http_token = Some("billing-secret".into());
+    config.payments.http_hmac_secret = Some(HMAC_SECRET.into());
     config.payments.http_timeout_ms = 300;
     config.payments.retry_first_delay_ms = 20;
     TestServer::start_with(config, StoreKind::Memory).await
+}
+
+const HMAC_SECRET: &str = "a shared secret of the billing service";
+
+/// What the billing service does with `Quotad-Signature`: recompute it over the raw body.
+fn signature_is_valid(seen: &support::billing::Seen) -> bool {
+    let Some((t, v1)) = seen
+        .signature
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split_once(",v1="))
+    else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_SECRET.as_bytes());
+    let tag: Vec<u8> = (0..v1.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&v1[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let fresh = t.parse::<u64>().is_ok_and(|t| now.abs_diff(t) < 300);
+    fresh && ring::hmac::verify(&key, format!("{t}.{}", seen.raw_body).as_bytes(), &tag).is_ok()
 }
 
 async fn usage(q: &mut QuotaClient, account: &str) -> pb::GetUsageResponse {
@@ -95,6 +119,16 @@ async fn retries_reuse_the_key_and_one_success_makes_one_lot() {
     assert!(
         seen.iter()
             .all(|s| s.authorization == "Bearer billing-secret")
+    );
+    assert!(
+        seen.iter().all(signature_is_valid),
+        "every request signed over its body: {seen:?}"
+    );
+    let mut forged = seen[0].clone();
+    forged.raw_body = forged.raw_body.replace("30000000", "90000000");
+    assert!(
+        !signature_is_valid(&forged),
+        "an altered body fails the check"
     );
     assert_eq!(seen[0].body["amount_micros"], 30 * CREDIT);
     assert_eq!(seen[0].body["account_id"], "p");

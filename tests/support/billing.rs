@@ -22,6 +22,9 @@ pub enum Answer {
 pub struct Seen {
     pub idempotency_key: String,
     pub authorization: String,
+    /// The `Quotad-Signature` header, and the body exactly as sent, to check it against.
+    pub signature: String,
+    pub raw_body: String,
     pub body: serde_json::Value,
 }
 
@@ -90,7 +93,9 @@ pub async fn billing_service() -> (String, Arc<Billing>) {
                 let seen = Seen {
                     idempotency_key: header("idempotency-key"),
                     authorization: header("authorization"),
+                    signature: header("quotad-signature"),
                     body: serde_json::from_str(&body).unwrap(),
+                    raw_body: body,
                 };
                 let key = seen.idempotency_key.clone();
                 state.seen.lock().unwrap().push(seen);
