@@ -10,13 +10,34 @@ use std::sync::Arc;
 use crate::domain::time::SECOND_MS;
 use crate::domain::top_up::{PaymentResult, Purchase, TopUpSettings};
 use crate::domain::{
-    Account, Clock, CommitCommand, CommitOutcome, DomainError, ExportedEvent, GrantCommand,
-    GrantOutcome, LotSource, Micros, Policy, PriceSheet, PricingError, ReleaseCommand,
-    ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand,
-    SettleTopUpCommand, Timestamp, TopUpOutcome, Usage, UsageSnapshot,
+    Account, Action, Clock, CommitCommand, CommitOutcome, Decision, DomainError, ExportedEvent,
+    Funding, GrantCommand, GrantOutcome, LotSource, Micros, Policy, PriceSheet, PricingError,
+    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
+    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, Usage, UsageSnapshot,
 };
+use crate::metrics::Metrics;
 use crate::payment::{PaymentQueue, Settle};
 use crate::store::{ExportRead, Store, StoreError};
+use tracing::Instrument;
+
+/// Who pays, in a word, for spans and logs.
+fn funding_name(f: Funding) -> &'static str {
+    match (f.plan > 0, f.credit > 0) {
+        (true, true) => "mixed",
+        (true, false) => "plan",
+        (false, true) => "credits",
+        (false, false) => "none",
+    }
+}
+
+fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::UpgradePlan => "UPGRADE_PLAN",
+        Action::BuyCredits => "BUY_CREDITS",
+        Action::WaitForReset => "WAIT_FOR_RESET",
+        Action::UpdatePaymentMethod => "UPDATE_PAYMENT_METHOD",
+    }
+}
 
 /// Recent usage events returned when a GetUsage does not say how many.
 pub const DEFAULT_RECENT_LIMIT: u32 = 20;
@@ -74,6 +95,7 @@ pub struct Quota<S> {
     payments: PaymentQueue,
     /// How long a Reserve short of credits may wait for a purchase in flight.
     reserve_wait: std::time::Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// How often a waiting Reserve asks again.
@@ -93,7 +115,37 @@ impl<S: Store> Quota<S> {
             clock,
             payments: PaymentQueue::default(),
             reserve_wait: std::time::Duration::ZERO,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Records into `metrics` (shared with the HTTP `/metrics` endpoint).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// One store operation, in a child span of the call's, timed and counted.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = call
+            .instrument(tracing::debug_span!("store", op, otel.kind = "client"))
+            .await;
+        let error = match &result {
+            Err(StoreError::Unavailable(_)) => Some("unavailable"),
+            Err(StoreError::Internal(_)) => Some("internal"),
+            Ok(_) | Err(StoreError::Rule(_)) => None,
+        };
+        self.metrics.store_call(op, started.elapsed(), error);
+        result
     }
 
     /// Lets a Reserve short of credits wait up to `wait` for an auto top-up purchase in flight.
@@ -141,7 +193,9 @@ impl<S: Store> Quota<S> {
             account_id: account_id.clone(),
             settings,
         };
-        let outcome = self.store.set_top_up(cmd, self.clock.now()).await?;
+        let outcome = self
+            .timed("set_top_up", self.store.set_top_up(cmd, self.clock.now()))
+            .await?;
         self.order(&account_id, outcome.top_up.clone());
         Ok(outcome)
     }
@@ -214,9 +268,12 @@ impl<S: Store> Quota<S> {
         let mut cmd = cmd;
         let deadline = std::time::Instant::now() + self.reserve_wait;
         loop {
-            let outcome = self.store.reserve(cmd.clone(), self.clock.now()).await?;
+            let outcome = self
+                .timed("reserve", self.store.reserve(cmd.clone(), self.clock.now()))
+                .await?;
             self.order(&cmd.account_id, outcome.top_up.clone());
             if !outcome.awaiting_top_up {
+                self.observe_reserve(&cmd, &outcome);
                 return Ok(outcome);
             }
             // Short of credits while a purchase is on its way: wait a little for it; at the
@@ -243,8 +300,19 @@ impl<S: Store> Quota<S> {
             price_version: self.pricing.version.clone(),
         };
         let account_id = cmd.account_id.clone();
-        let outcome = self.store.commit(cmd, self.clock.now()).await?;
+        let is_final = cmd.is_final;
+        let outcome = self
+            .timed("commit", self.store.commit(cmd, self.clock.now()))
+            .await?;
         self.order(&account_id, outcome.top_up.clone());
+        let charged = outcome.receipt.charged;
+        self.metrics.credits_spent(charged.credit);
+        if is_final && outcome.event.is_some() {
+            self.metrics.hold_closed("commit");
+        }
+        let span = tracing::Span::current();
+        span.record("plan", outcome.status.plan.as_str());
+        span.record("funding", funding_name(charged));
         Ok(outcome)
     }
 
@@ -255,7 +323,11 @@ impl<S: Store> Quota<S> {
             account_id: req.account_id,
             reservation_id: req.reservation_id,
         };
-        self.store.release(cmd, self.clock.now()).await
+        let outcome = self
+            .timed("release", self.store.release(cmd, self.clock.now()))
+            .await?;
+        self.metrics.hold_closed("release");
+        Ok(outcome)
     }
 
     pub async fn usage(
@@ -269,21 +341,28 @@ impl<S: Store> Quota<S> {
             n => n,
         }
         .min(self.policy.limits.recent_events);
-        self.store
-            .usage(account_id, limit as usize, self.clock.now())
-            .await
+        self.timed(
+            "usage",
+            self.store
+                .usage(account_id, limit as usize, self.clock.now()),
+        )
+        .await
     }
 
     pub async fn upsert_account(&self, account: Option<Account>) -> Result<Account, StoreError> {
         let account = account.ok_or_else(|| invalid("account", "is required"))?;
         self.check_id("account.account_id", &account.id)?;
         self.check_plan("account.plan", &account.plan)?;
-        self.store.upsert_account(account, self.clock.now()).await
+        self.timed(
+            "upsert_account",
+            self.store.upsert_account(account, self.clock.now()),
+        )
+        .await
     }
 
     pub async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
         self.check_id("account_id", account_id)?;
-        self.store.account(account_id).await
+        self.timed("account", self.store.account(account_id)).await
     }
 
     pub async fn grant(&self, req: GrantRequest) -> Result<GrantOutcome, StoreError> {
@@ -312,7 +391,13 @@ impl<S: Store> Quota<S> {
             source,
             expires_at: req.expires_at,
         };
-        self.store.grant(cmd, self.clock.now()).await
+        let source_name = cmd.source.as_str();
+        let outcome = self
+            .timed("grant", self.store.grant(cmd, self.clock.now()))
+            .await?;
+        self.metrics
+            .credits_granted(source_name, outcome.lot.granted);
+        Ok(outcome)
     }
 
     pub async fn revoke_grant(
@@ -326,7 +411,12 @@ impl<S: Store> Quota<S> {
             account_id: account_id.clone(),
             grant_id,
         };
-        let outcome = self.store.revoke_grant(cmd, self.clock.now()).await?;
+        let outcome = self
+            .timed(
+                "revoke_grant",
+                self.store.revoke_grant(cmd, self.clock.now()),
+            )
+            .await?;
         self.order(&account_id, outcome.top_up.clone());
         Ok(outcome)
     }
@@ -362,7 +452,11 @@ impl<S: Store> Quota<S> {
             max_events: max_events as usize,
             claim_idle_ms,
         };
-        self.store.export_read(read, self.clock.now()).await
+        self.timed(
+            "export_read",
+            self.store.export_read(read, self.clock.now()),
+        )
+        .await
     }
 
     pub async fn ack_export(
@@ -380,7 +474,24 @@ impl<S: Store> Quota<S> {
                 ),
             ));
         }
-        self.store.export_ack(group, delivery_ids).await
+        self.timed("export_ack", self.store.export_ack(group, delivery_ids))
+            .await
+    }
+
+    /// Counts a Reserve's decision and adds its domain fields to the call's span.
+    fn observe_reserve(&self, cmd: &ReserveCommand, outcome: &ReserveOutcome) {
+        let (decision, action, funding) = match &outcome.decision {
+            Decision::Allow { held, .. } => ("ALLOW", "NONE", funding_name(*held)),
+            Decision::Deny(denial) => ("DENY", action_name(denial.action), "none"),
+        };
+        let plan = outcome.status.plan.as_str();
+        self.metrics.decision(decision, action, plan, &cmd.product);
+        let span = tracing::Span::current();
+        span.record("product", cmd.product.as_str());
+        span.record("plan", plan);
+        span.record("decision", decision);
+        span.record("action", action);
+        span.record("funding", funding);
     }
 
     fn check_id(&self, field: &str, id: &str) -> Result<(), StoreError> {
@@ -471,13 +582,26 @@ impl<S: Store> Settle for Quota<S> {
             purchase_id: purchase_id.to_owned(),
             result,
         };
-        match self.store.settle_top_up(cmd, self.clock.now()).await {
-            Ok(outcome) => outcome.top_up,
+        let outcome = match &cmd.result {
+            PaymentResult::Approved { .. } => "succeeded",
+            PaymentResult::Declined { .. } => "declined",
+            PaymentResult::Failed { .. } => "failed",
+        };
+        match self
+            .timed(
+                "settle_top_up",
+                self.store.settle_top_up(cmd, self.clock.now()),
+            )
+            .await
+        {
+            Ok(settled) => {
+                self.metrics.top_up(outcome);
+                settled.top_up
+            }
             Err(e) => {
                 // The purchase stays in flight in the store; it is not lost, only not yet settled.
                 tracing::warn!(
-                    account = account_id,
-                    purchase = purchase_id,
+                    account = %crate::telemetry::account_hash(account_id),
                     "cannot settle a top-up payment: {e}"
                 );
                 None

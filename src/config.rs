@@ -19,6 +19,11 @@ use crate::domain::{Limits, Plan, Policy, PriceSheet, Product};
 
 /// Environment variables that configure quotad start with this.
 pub const ENV_PREFIX: &str = "QUOTAD_";
+/// The QuotaService token is read verbatim from this variable.
+pub const QUOTA_TOKEN_ENV: &str = "QUOTAD_QUOTA_TOKEN";
+/// A Redis password read verbatim from this variable is put into the Redis URL(s), so that it
+/// can come from a Kubernetes Secret while the URL stays in the config.
+pub const REDIS_PASSWORD_ENV: &str = "QUOTAD_REDIS_PASSWORD";
 /// The admin token is read verbatim from this variable (it is never parsed as TOML).
 pub const ADMIN_TOKEN_ENV: &str = "QUOTAD_ADMIN_TOKEN";
 /// The billing service's bearer token is read verbatim from this variable.
@@ -308,11 +313,144 @@ impl PaymentsConfig {
     }
 }
 
+/// `[tls]`: TLS on the gRPC listeners. The files are read again when they change (certificate
+/// rotation by cert-manager or a Secret update needs no restart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain and private key of the server; both or neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("tls.cert_file and tls.key_file go together: set both or neither".into());
+        }
+        if self.client_ca_file.is_some() && !self.enabled() {
+            return Err("tls.client_ca_file needs tls.cert_file and tls.key_file".into());
+        }
+        Ok(())
+    }
+}
+
+/// `[server]`: limits that keep an overloaded quotad answering instead of queueing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerLimits {
+    /// A call still running after this long is answered UNAVAILABLE.
+    pub request_timeout_ms: u64,
+    /// Calls served at once (all connections together); one more is answered
+    /// RESOURCE_EXHAUSTED at once.
+    pub max_concurrent_requests: usize,
+    /// Largest request or response message.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            request_timeout_ms: 2_000,
+            max_concurrent_requests: 4_096,
+            max_message_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl ServerLimits {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=300_000).contains(&self.request_timeout_ms) {
+            return Err(format!(
+                "server.request_timeout_ms must be between 1 and 300000, got {}",
+                self.request_timeout_ms
+            ));
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err("server.max_concurrent_requests must be at least 1".into());
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err(format!(
+                "server.max_message_bytes must be between 1024 and 67108864, got {}",
+                self.max_message_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[telemetry]`: OpenTelemetry export of traces and metrics over OTLP/gRPC; off unless an
+/// endpoint is set (here or by `OTEL_EXPORTER_OTLP_ENDPOINT`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported resource; also `OTEL_SERVICE_NAME`.
+    pub service_name: String,
+    /// How often metrics are exported.
+    pub metrics_interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "quotad".into(),
+            metrics_interval_ms: 10_000,
+        }
+    }
+}
+
+/// `url` with its password replaced by `password`.
+fn with_password(url: &str, password: &str) -> Result<String, ConfigError> {
+    let bad = || {
+        ConfigError::Invalid(format!(
+            "{REDIS_PASSWORD_ENV} is set but the Redis URL {:?} is not redis://host… or rediss://host…",
+            redact_url(url)
+        ))
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+    let host = match rest.rsplit_once('@') {
+        Some((_, host)) => host,
+        None => rest,
+    };
+    let user = rest
+        .rsplit_once('@')
+        .map(|(auth, _)| auth.split_once(':').map_or(auth, |(user, _)| user))
+        .unwrap_or("");
+    if host.is_empty() {
+        return Err(bad());
+    }
+    // Userinfo must be percent-encoded in a URL.
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    Ok(format!("{scheme}://{user}:{encoded}@{host}"))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
-    /// Human-readable lines.
+    /// Pretty on a terminal, JSON otherwise (in a container, under a log collector).
     #[default]
+    Auto,
+    /// Human-readable lines.
     Pretty,
     /// One JSON object per line, for log collectors.
     Json,
@@ -323,9 +461,31 @@ pub enum LogFormat {
 pub struct Config {
     /// gRPC listen address; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// AdminService on its own gRPC listener (then not on `listen`), e.g. reachable only from
+    /// the back office's network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
+    /// HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
     /// Bearer token that AdminService calls must present. Unset: AdminService refuses every call.
+    /// Also `admin_token_file` or `QUOTAD_ADMIN_TOKEN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Bearer token that QuotaService calls must present; unset: QuotaService is open (to what
+    /// can reach the port). Also `quota_token_file` or `QUOTAD_QUOTA_TOKEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_token_file: Option<PathBuf>,
+    /// TLS on the gRPC listeners, optionally requiring client certificates (mTLS).
+    pub tls: TlsConfig,
+    /// Limits that keep an overloaded quotad answering.
+    pub server: ServerLimits,
+    /// OpenTelemetry export.
+    pub telemetry: TelemetryConfig,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace_seconds: u64,
     pub log_format: LogFormat,
@@ -349,7 +509,15 @@ impl Default for Config {
         let policy = Policy::default();
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: None,
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             admin_token: None,
+            admin_token_file: None,
+            quota_token: None,
+            quota_token_file: None,
+            tls: TlsConfig::default(),
+            server: ServerLimits::default(),
+            telemetry: TelemetryConfig::default(),
             shutdown_grace_seconds: 20,
             log_format: LogFormat::default(),
             log_level: "info".into(),
@@ -369,6 +537,13 @@ impl Default for Config {
 /// `QUOTAD_PORT` and friends for a Service named quotad) are not configuration and are ignored.
 const ENV_KEYS: &[&str] = &[
     "listen",
+    "admin_listen",
+    "http_listen",
+    "admin_token_file",
+    "quota_token_file",
+    "tls",
+    "server",
+    "telemetry",
     "shutdown_grace_seconds",
     "log_format",
     "log_level",
@@ -418,6 +593,41 @@ impl Config {
         if let Some(url) = env(REDIS_URL_ENV) {
             config.store.redis.url = url;
         }
+        if let Some(password) = env(REDIS_PASSWORD_ENV) {
+            config.store.redis.url = with_password(&config.store.redis.url, &password)?;
+            config.store.redis.cluster_nodes = (config.store.redis.cluster_nodes.iter())
+                .map(|node| with_password(node, &password))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(token) = env(QUOTA_TOKEN_ENV) {
+            config.quota_token = Some(token);
+        }
+        // The standard OpenTelemetry variables, over the file.
+        if let Some(endpoint) = env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            config.telemetry.otlp_endpoint = Some(endpoint);
+        }
+        if let Some(name) = env("OTEL_SERVICE_NAME") {
+            config.telemetry.service_name = name;
+        }
+        for (token, file, key) in [
+            (
+                &mut config.admin_token,
+                &config.admin_token_file,
+                "admin_token_file",
+            ),
+            (
+                &mut config.quota_token,
+                &config.quota_token_file,
+                "quota_token_file",
+            ),
+        ] {
+            if let Some(path) = file {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::Invalid(format!("{key}: cannot read {}: {e}", path.display()))
+                })?;
+                *token = Some(text.trim_end_matches(['\n', '\r']).to_owned());
+            }
+        }
         if let Some(token) = env(PAYMENTS_TOKEN_ENV) {
             config.payments.http_token = Some(token);
         }
@@ -444,15 +654,18 @@ impl Config {
         self.pricing.validate().map_err(ConfigError::Invalid)?;
         self.store.redis.validate().map_err(ConfigError::Invalid)?;
         self.payments.provider()?;
-        if self
-            .admin_token
-            .as_deref()
-            .is_some_and(|t| t.trim().is_empty())
-        {
-            return Err(ConfigError::Invalid(
-                "admin_token must not be empty when set".into(),
-            ));
+        for (key, token) in [
+            ("admin_token", &self.admin_token),
+            ("quota_token", &self.quota_token),
+        ] {
+            if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} must not be empty when set"
+                )));
+            }
         }
+        self.tls.validate().map_err(ConfigError::Invalid)?;
+        self.server.validate().map_err(ConfigError::Invalid)?;
         if self
             .log_level
             .parse::<tracing_subscriber::EnvFilter>()
@@ -471,6 +684,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.admin_token.is_some() {
             shown.admin_token = Some(REDACTED.into());
+        }
+        if shown.quota_token.is_some() {
+            shown.quota_token = Some(REDACTED.into());
         }
         for secret in [
             &mut shown.payments.http_token,

@@ -5,27 +5,32 @@
 //! - [`app`]: validation, pricing and id generation in front of a store.
 //! - [`api`]: the gRPC edge (tonic), converting protobuf to domain types and back.
 //! - [`config`]: layered configuration; [`server`]: serving until shutdown;
-//!   [`telemetry`]: logs.
+//!   [`telemetry`]: logs, traces and OTLP export; [`metrics`]: Prometheus and OTLP metrics;
+//!   [`http`]: the HTTP admin port; [`tls`]: TLS with certificate reload.
 
 pub mod api;
 pub mod app;
 pub mod config;
 pub mod domain;
+pub mod http;
+pub mod metrics;
 pub mod payment;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-
 use crate::app::Quota;
 use crate::config::{Config, StoreKind};
 use crate::domain::Clock;
+use crate::metrics::Metrics;
 use crate::server::{ServeSettings, ServerError};
+
+pub use crate::server::Listeners;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,50 +41,89 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
-/// Runs quotad as `config` says on `listener` until `shutdown` resolves, reading time from
-/// `clock`: builds the configured store, then serves (see [`server::run`]).
+/// Runs quotad as `config` says on `listeners` until `shutdown` resolves, reading time from
+/// `clock`: serves at once, connects the configured store (retrying while it is not up), and
+/// drains on shutdown (see [`server::run`]).
 pub async fn run(
     config: &Config,
-    listener: TcpListener,
+    listeners: Listeners,
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
+    let tls = if config.tls.enabled() {
+        Some(Arc::new(crate::tls::Certificates::load(&config.tls)?))
+    } else {
+        None
+    };
+    let metrics = Arc::new(Metrics::new());
     let settings = ServeSettings {
         admin_token: config.admin_token.clone(),
+        quota_token: config.quota_token.clone(),
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
+        request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+        max_concurrent_requests: config.server.max_concurrent_requests,
+        max_message_bytes: config.server.max_message_bytes,
+        tls,
         payments: config.payments.provider()?,
         payment_retry: config.payments.retry(),
         payment_resume_after: Duration::from_millis(config.payments.resume_after_ms),
+        metrics: metrics.clone(),
     };
-    let policy = Arc::new(config.policy());
+    let parts = Parts {
+        policy: Arc::new(config.policy()),
+        pricing: Arc::new(config.pricing.clone()),
+        clock,
+        reserve_wait: Duration::from_millis(config.payments.reserve_wait_ms),
+        metrics,
+    };
     match config.store.kind {
         StoreKind::Memory => {
-            let store = MemoryStore::new(policy.clone());
-            serve_on(store, config, policy, clock, listener, settings, shutdown).await
+            let connect = move || {
+                let quota = parts.quota(MemoryStore::new(parts.policy.clone()));
+                Box::pin(async move { Ok(quota) }) as Connecting<MemoryStore>
+            };
+            server::run(listeners, connect, settings, shutdown).await?;
         }
         StoreKind::Redis => {
             let redis = config.store.redis.settings()?;
-            let store = RedisStore::connect(redis, policy.clone()).await?;
-            serve_on(store, config, policy, clock, listener, settings, shutdown).await
+            let connect = move || {
+                let (redis, parts) = (redis.clone(), parts.clone());
+                Box::pin(async move {
+                    let store = RedisStore::connect(redis, parts.policy.clone()).await?;
+                    Ok(parts.quota(store))
+                }) as Connecting<RedisStore>
+            };
+            server::run(listeners, connect, settings, shutdown).await?;
         }
+    }
+    Ok(())
+}
+
+/// What every store's application is built from.
+#[derive(Clone)]
+struct Parts {
+    policy: Arc<crate::domain::Policy>,
+    pricing: Arc<crate::domain::PriceSheet>,
+    clock: Arc<dyn Clock>,
+    reserve_wait: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Parts {
+    fn quota<S: Store>(&self, store: S) -> Quota<S> {
+        Quota::new(
+            store,
+            self.policy.clone(),
+            self.pricing.clone(),
+            self.clock.clone(),
+        )
+        .with_reserve_wait(self.reserve_wait)
+        .with_metrics(self.metrics.clone())
     }
 }
 
-async fn serve_on<S: Store>(
-    store: S,
-    config: &Config,
-    policy: Arc<crate::domain::Policy>,
-    clock: Arc<dyn Clock>,
-    listener: TcpListener,
-    settings: ServeSettings,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), RunError> {
-    let wait = Duration::from_millis(config.payments.reserve_wait_ms);
-    let quota =
-        Quota::new(store, policy, Arc::new(config.pricing.clone()), clock).with_reserve_wait(wait);
-    let app = Arc::new(quota);
-    server::run(listener, app, settings, shutdown).await?;
-    Ok(())
-}
+type Connecting<S> = std::pin::Pin<Box<dyn Future<Output = Result<Quota<S>, StoreError>> + Send>>;

@@ -1,4 +1,4 @@
-//! `quotad`: config → telemetry → app → serve until a signal → drain.
+//! `quotad`: config → telemetry → listeners → serve until a signal → drain → flush.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use quotad::Listeners;
 use quotad::config::{Config, StoreKind};
 use quotad::domain::SystemClock;
+use quotad::telemetry::Telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -73,14 +75,40 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    quotad::telemetry::init(&config);
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    tracing::info!(store = ?config.store.kind, "listening on {}", listener.local_addr()?);
-    quotad::run(&config, listener, Arc::new(SystemClock), shutdown_signal()).await?;
+    let telemetry = Telemetry::init(&config)?;
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({what})"))
+    };
+    let listeners = Listeners {
+        grpc: bind(config.listen, "listen").await?,
+        admin: match config.admin_listen {
+            Some(addr) => Some(bind(addr, "admin_listen").await?),
+            None => None,
+        },
+        http: match config.http_listen {
+            Some(addr) => Some(bind(addr, "http_listen").await?),
+            None => None,
+        },
+    };
+    tracing::info!(
+        store = ?config.store.kind,
+        tls = config.tls.enabled(),
+        otlp = telemetry.exporting(),
+        "listening on {}",
+        listeners.grpc.local_addr()?
+    );
+    if let Some(admin) = &listeners.admin {
+        tracing::info!("AdminService at {}", admin.local_addr()?);
+    }
+    if let Some(http) = &listeners.http {
+        tracing::info!("metrics and probes at http://{}", http.local_addr()?);
+    }
+    let served = quotad::run(&config, listeners, Arc::new(SystemClock), shutdown_signal()).await;
     tracing::info!("stopped");
-    Ok(())
+    telemetry.shutdown();
+    Ok(served?)
 }
 
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C).

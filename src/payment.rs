@@ -331,14 +331,14 @@ async fn pay<T: Settle>(
         let result = provider.charge(request).await;
         let unsettled = matches!(result, PaymentResult::Failed { .. });
         if let PaymentResult::Failed { error } = &result {
-            tracing::warn!(purchase = %order.purchase.id, attempt, error, "top-up payment got no answer; retrying");
+            tracing::warn!(account = %crate::telemetry::account_hash(&order.account_id), attempt, error, "top-up payment got no answer; retrying");
         }
         let next = settle
             .settle(&order.account_id, &order.purchase.id, result)
             .await;
         if unsettled {
             if attempt >= retry.attempts {
-                tracing::warn!(purchase = %order.purchase.id, "top-up payment still unsettled; left in flight");
+                tracing::warn!(account = %crate::telemetry::account_hash(&order.account_id), "top-up payment still unsettled; left in flight");
                 return;
             }
             tokio::time::sleep(delay).await;

@@ -1,26 +1,41 @@
-//! Serving: wires the gRPC services, health and reflection onto a listener and runs until the
-//! shutdown future resolves, then drains in-flight calls for at most the grace period.
+//! Serving: the gRPC services, health, reflection and the HTTP admin port on their listeners,
+//! from start to drain.
 //!
-//! `run` takes an already-bound listener, so tests bind port 0 and read the address, and the
-//! binary logs `listening on ADDR` before serving.
+//! - **Starting.** Listeners serve at once, but `grpc.health.v1` and `/readyz` say not serving
+//!   and QuotaService/AdminService answer `UNAVAILABLE` until the store has answered once (a
+//!   Redis that is not up yet is retried with backoff, it does not stop quotad).
+//! - **Serving.** Every call passes the [`GuardLayer`] (span, admission, deadline, metrics),
+//!   then its service's bearer-token check. A store outage after start shows in the
+//!   `quotad.store` health name, `/readyz`'s body and metrics, never in readiness: one shared
+//!   dependency must not take every pod out of service.
+//! - **Draining.** When `shutdown` resolves: not serving everywhere, listeners closed (new
+//!   connections are refused), in-flight calls finish within the grace period.
+//!
+//! `run` takes already-bound listeners, so tests bind port 0 and read the addresses, and the
+//! binary logs them before serving.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::api::auth::BearerAuth;
+use crate::api::layer::GuardLayer;
 use crate::api::pb::admin_service_server::AdminServiceServer;
 use crate::api::pb::quota_service_server::QuotaServiceServer;
-use crate::api::{AdminApi, QuotaApi, pb};
+use crate::api::{AdminApi, AppSlot, QuotaApi, pb};
 use crate::app::Quota;
+use crate::http::Readiness;
+use crate::metrics::Metrics;
 use crate::payment::{PaymentProvider, RetryPolicy, run_worker};
-use crate::store::{Store, StoreHealth};
+use crate::store::{Store, StoreError, StoreHealth};
+use crate::tls::Certificates;
 
 /// Names under which `grpc.health.v1` reports; "" is the server as a whole.
 const HEALTH_NAMES: [&str; 3] = ["", "quota.v1.QuotaService", "quota.v1.AdminService"];
@@ -29,19 +44,46 @@ const HEALTH_NAMES: [&str; 3] = ["", "quota.v1.QuotaService", "quota.v1.AdminSer
 /// logs), never in the names above: one shared dependency must not take every pod out of service.
 pub const STORE_HEALTH_NAME: &str = "quotad.store";
 
-/// How often the store's health is copied into `grpc.health.v1`.
+/// How often the store's health is copied into `grpc.health.v1`, `/readyz` and metrics.
 const STORE_HEALTH_EVERY: Duration = Duration::from_millis(200);
 
-#[derive(Debug, Clone)]
+/// The sockets quotad serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC: QuotaService, and AdminService unless `admin` is given; health and reflection.
+    pub grpc: TcpListener,
+    /// gRPC for AdminService alone (with health and reflection).
+    pub admin: Option<TcpListener>,
+    /// HTTP: `/metrics`, `/healthz`, `/readyz`.
+    pub http: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub fn grpc_only(grpc: TcpListener) -> Listeners {
+        Listeners {
+            grpc,
+            admin: None,
+            http: None,
+        }
+    }
+}
+
+#[derive(Clone)]
 pub struct ServeSettings {
     pub admin_token: Option<String>,
+    pub quota_token: Option<String>,
     /// How long in-flight calls may run on after shutdown begins.
     pub shutdown_grace: Duration,
+    pub request_timeout: Duration,
+    pub max_concurrent_requests: usize,
+    pub max_message_bytes: usize,
+    pub tls: Option<Arc<Certificates>>,
     /// Pays for auto top-up purchases.
     pub payments: Arc<dyn PaymentProvider>,
     pub payment_retry: RetryPolicy,
     /// A purchase still in flight this long after it started is paid again (same key).
     pub payment_resume_after: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,20 +94,134 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves quotad on `listener` until `shutdown` resolves, then stops accepting, reports
-/// NOT_SERVING and lets in-flight calls finish within `settings.shutdown_grace`.
-pub async fn run<S: Store>(
-    listener: TcpListener,
-    app: Arc<Quota<S>>,
+/// Serves on `listeners` until `shutdown` resolves. `connect` builds the application (its
+/// store reachable); it is retried with backoff until it succeeds or shutdown begins.
+pub async fn run<S, C, F>(
+    listeners: Listeners,
+    connect: C,
     settings: ServeSettings,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServerError> {
+    shutdown: F,
+) -> Result<(), ServerError>
+where
+    S: Store,
+    C: Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Quota<S>, StoreError>> + Send>>
+        + Send
+        + 'static,
+    F: Future<Output = ()> + Send,
+{
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in HEALTH_NAMES {
+    for name in HEALTH_NAMES.into_iter().chain([STORE_HEALTH_NAME]) {
         health
-            .set_service_status(name, ServingStatus::Serving)
+            .set_service_status(name, ServingStatus::NotServing)
             .await;
     }
+    let readiness = Arc::new(Readiness::default());
+    let slot: AppSlot<S> = Arc::new(OnceLock::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let http = listeners.http.map(|listener| {
+        tokio::spawn(crate::http::serve(
+            listener,
+            settings.metrics.clone(),
+            readiness.clone(),
+            stopped(),
+        ))
+    });
+    let startup = tokio::spawn(start(
+        connect,
+        slot.clone(),
+        health.clone(),
+        readiness.clone(),
+        settings.clone(),
+        stopped(),
+    ));
+
+    let (grpc_incoming, grpc_accept) = crate::tls::incoming(listeners.grpc, settings.tls.clone());
+    let admin_separate = listeners.admin.is_some();
+    let mut accepts = vec![grpc_accept];
+    let mut servers = Vec::new();
+    servers.push(tokio::spawn(
+        router(&slot, &settings, &health_service, !admin_separate, true)?
+            .serve_with_incoming_shutdown(grpc_incoming, stopped()),
+    ));
+    if let Some(admin) = listeners.admin {
+        let (incoming, accept) = crate::tls::incoming(admin, settings.tls.clone());
+        accepts.push(accept);
+        servers.push(tokio::spawn(
+            router(&slot, &settings, &health_service, true, false)?
+                .serve_with_incoming_shutdown(incoming, stopped()),
+        ));
+    }
+    let reload = settings.tls.clone().map(|certificates| {
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(crate::tls::RELOAD_EVERY);
+            loop {
+                ticks.tick().await;
+                certificates.reload_if_changed();
+            }
+        })
+    });
+
+    shutdown.await;
+    tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight calls");
+    readiness.draining();
+    for name in HEALTH_NAMES {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    // Closing the listeners refuses new connections at once; open ones get GOAWAY.
+    for accept in &accepts {
+        accept.abort();
+    }
+    let _ = stop_tx.send(true);
+    let drained = async {
+        let mut result = Ok(());
+        for server in servers {
+            if let Ok(Err(e)) = server.await {
+                result = Err(ServerError::from(e));
+            }
+        }
+        result
+    };
+    let served = match tokio::time::timeout(settings.shutdown_grace, drained).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!("grace period over: closing the calls still in flight");
+            Ok(())
+        }
+    };
+    startup.abort();
+    if let Some(http) = http {
+        http.abort();
+    }
+    if let Some(reload) = reload {
+        reload.abort();
+    }
+    served
+}
+
+/// The gRPC services for one listener.
+fn router<S: Store>(
+    slot: &AppSlot<S>,
+    settings: &ServeSettings,
+    health_service: &tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    with_admin: bool,
+    with_quota: bool,
+) -> Result<
+    tonic::transport::server::Router<
+        tower::layer::util::Stack<GuardLayer, tower::layer::util::Identity>,
+    >,
+    ServerError,
+> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -74,87 +230,123 @@ pub async fn run<S: Store>(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let guard = GuardLayer::new(
+        settings.max_concurrent_requests,
+        settings.request_timeout,
+        settings.metrics.clone(),
+    );
+    let size = settings.max_message_bytes;
+    let quota = with_quota.then(|| {
+        InterceptedService::new(
+            QuotaServiceServer::new(QuotaApi::new(slot.clone()))
+                .max_decoding_message_size(size)
+                .max_encoding_message_size(size),
+            BearerAuth::optional(settings.quota_token.as_deref()),
+        )
+    });
+    let admin = with_admin.then(|| {
+        InterceptedService::new(
+            AdminServiceServer::new(AdminApi::new(slot.clone()))
+                .max_decoding_message_size(size)
+                .max_encoding_message_size(size),
+            BearerAuth::new(settings.admin_token.as_deref()),
+        )
+    });
+    Ok(Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(guard)
+        .add_service(health_service.clone())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_optional_service(quota)
+        .add_optional_service(admin))
+}
+
+/// Builds the application (retrying while the store cannot be reached), then marks quotad
+/// serving and starts the background work: payments, store health, maintenance.
+async fn start<S, C>(
+    connect: C,
+    slot: AppSlot<S>,
+    health: HealthReporter,
+    readiness: Arc<Readiness>,
+    settings: ServeSettings,
+    stopped: impl Future<Output = ()> + Send,
+) where
+    S: Store,
+    C: Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Quota<S>, StoreError>> + Send>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    let app = loop {
+        match connect().await {
+            Ok(app) => break Arc::new(app),
+            Err(e) => {
+                tracing::warn!("store not reachable yet, retrying in {backoff:?}: {e}");
+                readiness.set_store_error(Some(e.to_string()));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let _ = slot.set(app.clone());
+    readiness.set_store_error(None);
+    readiness.serving();
+    for name in HEALTH_NAMES.into_iter().chain([STORE_HEALTH_NAME]) {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
     if settings.admin_token.is_none() {
         tracing::warn!("no admin token configured: AdminService will refuse every call");
     }
-    let auth = BearerAuth::new(settings.admin_token.as_deref());
+    tracing::info!("ready: serving requests");
 
-    let payer = app.payments().take().map(|orders| {
-        tokio::spawn(run_worker(
+    let mut tasks = Vec::new();
+    if let Some(orders) = app.payments().take() {
+        tasks.push(tokio::spawn(run_worker(
             orders,
             settings.payments.clone(),
             app.clone(),
             settings.payment_retry,
-        ))
-    });
-    let store_health = {
-        let (app, health) = (app.clone(), health.clone());
+        )));
+    }
+    tasks.push({
+        let (app, health, readiness) = (app.clone(), health.clone(), readiness.clone());
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(STORE_HEALTH_EVERY);
             loop {
                 ticks.tick().await;
-                let status = match app.store().health() {
-                    StoreHealth::Up => ServingStatus::Serving,
-                    StoreHealth::Down { .. } => ServingStatus::NotServing,
+                let store = app.store();
+                let (status, error) = match store.health() {
+                    StoreHealth::Up => (ServingStatus::Serving, None),
+                    StoreHealth::Down { error } => (ServingStatus::NotServing, Some(error)),
                 };
+                app.metrics().observe_store(
+                    error.is_none(),
+                    store.deny_cache_hits(),
+                    store.open_holds(),
+                );
+                readiness.set_store_error(error);
                 health.set_service_status(STORE_HEALTH_NAME, status).await;
             }
         })
-    };
-    let upkeep = {
+    });
+    tasks.push({
         let every = app
             .store()
             .maintenance_interval()
             .unwrap_or(Duration::from_secs(1));
         let (app, resume_after) = (app.clone(), settings.payment_resume_after);
-        Some(tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
                 app.maintain(resume_after).await;
             }
-        }))
-    };
-    let draining = Arc::new(Notify::new());
-    let signal = {
-        let draining = draining.clone();
-        async move {
-            shutdown.await;
-            tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight calls");
-            for name in HEALTH_NAMES {
-                health
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
-            }
-            draining.notify_one();
-        }
-    };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(QuotaServiceServer::new(QuotaApi::new(app.clone())))
-        .add_service(AdminServiceServer::with_interceptor(
-            AdminApi::new(app),
-            auth,
-        ))
-        .serve_with_incoming_shutdown(incoming, signal);
-    tokio::pin!(server);
-    let served = tokio::select! {
-        result = &mut server => result.map_err(ServerError::from),
-        () = async { draining.notified().await; tokio::time::sleep(settings.shutdown_grace).await } => {
-            tracing::warn!("grace period over: closing the calls still in flight");
-            Ok(())
-        }
-    };
-    store_health.abort();
-    if let Some(payer) = payer {
-        payer.abort();
+        })
+    });
+    stopped.await;
+    for task in tasks {
+        task.abort();
     }
-    if let Some(upkeep) = upkeep {
-        upkeep.abort();
-    }
-    served
 }

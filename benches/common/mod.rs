@@ -115,9 +115,14 @@ pub async fn serve(config: Config) -> (String, tokio::sync::oneshot::Sender<()>)
         let shutdown = async {
             let _ = rx.await;
         };
-        quotad::run(&config, listener, Arc::new(SystemClock), shutdown)
-            .await
-            .unwrap();
+        quotad::run(
+            &config,
+            quotad::Listeners::grpc_only(listener),
+            Arc::new(SystemClock),
+            shutdown,
+        )
+        .await
+        .unwrap();
     });
     (url, tx)
 }

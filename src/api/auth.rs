@@ -1,6 +1,8 @@
-//! Bearer-token authentication for AdminService: the caller sends
-//! `authorization: Bearer <token>` metadata. With no token configured, every admin call is
-//! refused, so a quotad started without one can never be administered by accident.
+//! Bearer-token authentication, one token per service: the caller sends
+//! `authorization: Bearer <token>` metadata. AdminService with no token configured refuses
+//! every call, so a quotad started without one can never be administered by accident;
+//! QuotaService with no token configured is open to whatever can reach its port (a sidecar on
+//! localhost, or a mesh with mTLS and a NetworkPolicy in front).
 
 use std::sync::Arc;
 
@@ -9,12 +11,27 @@ use tonic::{Request, Status, service::Interceptor};
 #[derive(Debug, Clone)]
 pub struct BearerAuth {
     token: Option<Arc<[u8]>>,
+    /// Without a token: refuse everything (admin) or let everything through (quota).
+    open_without_token: bool,
+    service: &'static str,
 }
 
 impl BearerAuth {
+    /// AdminService: a token is required; without one configured, every call is refused.
     pub fn new(token: Option<&str>) -> Self {
         BearerAuth {
             token: token.map(|t| Arc::from(t.as_bytes())),
+            open_without_token: false,
+            service: "AdminService",
+        }
+    }
+
+    /// QuotaService: checked when a token is configured, open otherwise.
+    pub fn optional(token: Option<&str>) -> Self {
+        BearerAuth {
+            open_without_token: true,
+            service: "QuotaService",
+            ..BearerAuth::new(token)
         }
     }
 }
@@ -22,9 +39,13 @@ impl BearerAuth {
 impl Interceptor for BearerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.token else {
-            return Err(Status::unauthenticated(
-                "AdminService is disabled: no admin token is configured",
-            ));
+            if self.open_without_token {
+                return Ok(request);
+            }
+            return Err(Status::unauthenticated(format!(
+                "{} is disabled: no admin token is configured",
+                self.service
+            )));
         };
         let presented = request
             .metadata()
@@ -35,7 +56,10 @@ impl Interceptor for BearerAuth {
                 Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
             })?;
         if !constant_time_eq(presented.as_bytes(), expected) {
-            return Err(Status::unauthenticated("invalid admin token"));
+            return Err(Status::unauthenticated(format!(
+                "invalid {} token",
+                self.service
+            )));
         }
         Ok(request)
     }
@@ -80,5 +104,9 @@ mod tests {
             call(&mut disabled, Some("Bearer s3cret")),
             Err(tonic::Code::Unauthenticated)
         );
+        assert_eq!(call(&mut BearerAuth::optional(None), None), Ok(()));
+        let mut quota = BearerAuth::optional(Some("q"));
+        assert_eq!(call(&mut quota, None), Err(tonic::Code::Unauthenticated));
+        assert_eq!(call(&mut quota, Some("Bearer q")), Ok(()));
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod convert;
+pub mod layer;
 pub mod status;
 
 use std::sync::Arc;
@@ -27,15 +28,29 @@ pub mod pb {
 use pb::admin_service_server::AdminService;
 use pb::quota_service_server::QuotaService;
 
+/// The application once its store has answered: empty while quotad is starting, so that the
+/// gRPC server (and its health service) can run before the store is reachable.
+pub type AppSlot<S> = Arc<std::sync::OnceLock<Arc<Quota<S>>>>;
+
+fn ready<S>(slot: &AppSlot<S>) -> Result<&Quota<S>, Status> {
+    slot.get().map(AsRef::as_ref).ok_or_else(|| {
+        Status::unavailable("quotad is starting: its store has not answered yet; retry shortly")
+    })
+}
+
 /// `quota.v1.QuotaService`, for frontends.
 #[derive(Debug)]
 pub struct QuotaApi<S> {
-    app: Arc<Quota<S>>,
+    app: AppSlot<S>,
 }
 
 impl<S> QuotaApi<S> {
-    pub fn new(app: Arc<Quota<S>>) -> Self {
+    pub fn new(app: AppSlot<S>) -> Self {
         QuotaApi { app }
+    }
+
+    fn app(&self) -> Result<&Quota<S>, Status> {
+        ready(&self.app)
     }
 }
 
@@ -45,7 +60,7 @@ impl<S: Store> QuotaService for QuotaApi<S> {
         &self,
         request: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveResponse>, Status> {
-        let outcome = self.app.reserve(request.into_inner().into()).await?;
+        let outcome = self.app()?.reserve(request.into_inner().into()).await?;
         Ok(Response::new(outcome.into()))
     }
 
@@ -53,7 +68,7 @@ impl<S: Store> QuotaService for QuotaApi<S> {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
-        let outcome = self.app.commit(request.into_inner().into()).await?;
+        let outcome = self.app()?.commit(request.into_inner().into()).await?;
         Ok(Response::new(outcome.into()))
     }
 
@@ -61,7 +76,7 @@ impl<S: Store> QuotaService for QuotaApi<S> {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let outcome = self.app.release(request.into_inner().into()).await?;
+        let outcome = self.app()?.release(request.into_inner().into()).await?;
         Ok(Response::new(outcome.into()))
     }
 
@@ -70,7 +85,7 @@ impl<S: Store> QuotaService for QuotaApi<S> {
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let req = request.into_inner();
-        let snapshot = self.app.usage(&req.account_id, req.recent_limit).await?;
+        let snapshot = self.app()?.usage(&req.account_id, req.recent_limit).await?;
         Ok(Response::new(snapshot.into()))
     }
 }
@@ -78,12 +93,16 @@ impl<S: Store> QuotaService for QuotaApi<S> {
 /// `quota.v1.AdminService`, for the billing back office.
 #[derive(Debug)]
 pub struct AdminApi<S> {
-    app: Arc<Quota<S>>,
+    app: AppSlot<S>,
 }
 
 impl<S> AdminApi<S> {
-    pub fn new(app: Arc<Quota<S>>) -> Self {
+    pub fn new(app: AppSlot<S>) -> Self {
         AdminApi { app }
+    }
+
+    fn app(&self) -> Result<&Quota<S>, Status> {
+        ready(&self.app)
     }
 }
 
@@ -95,7 +114,7 @@ impl<S: Store> AdminService for AdminApi<S> {
     ) -> Result<Response<pb::Account>, Status> {
         let account = request.into_inner().account.map(Into::into);
         Ok(Response::new(
-            self.app.upsert_account(account).await?.into(),
+            self.app()?.upsert_account(account).await?.into(),
         ))
     }
 
@@ -104,7 +123,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
         Ok(Response::new(
-            self.app
+            self.app()?
                 .account(&request.into_inner().account_id)
                 .await?
                 .into(),
@@ -115,7 +134,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::GrantCreditsRequest>,
     ) -> Result<Response<pb::GrantCreditsResponse>, Status> {
-        let outcome = self.app.grant(request.into_inner().try_into()?).await?;
+        let outcome = self.app()?.grant(request.into_inner().try_into()?).await?;
         Ok(Response::new(outcome.into()))
     }
 
@@ -124,7 +143,10 @@ impl<S: Store> AdminService for AdminApi<S> {
         request: Request<pb::RevokeGrantRequest>,
     ) -> Result<Response<pb::RevokeGrantResponse>, Status> {
         let req = request.into_inner();
-        let outcome = self.app.revoke_grant(req.account_id, req.grant_id).await?;
+        let outcome = self
+            .app()?
+            .revoke_grant(req.account_id, req.grant_id)
+            .await?;
         Ok(Response::new(pb::RevokeGrantResponse {
             revoked_micros: outcome.revoked,
             credit_balance_micros: outcome.credit_balance,
@@ -137,7 +159,7 @@ impl<S: Store> AdminService for AdminApi<S> {
     ) -> Result<Response<pb::AutoTopUp>, Status> {
         let r = request.into_inner();
         let outcome = self
-            .app
+            .app()?
             .set_top_up(
                 r.account_id,
                 r.enabled,
@@ -155,7 +177,7 @@ impl<S: Store> AdminService for AdminApi<S> {
     ) -> Result<Response<pb::ReadUsageExportResponse>, Status> {
         let r = request.into_inner();
         let events = self
-            .app
+            .app()?
             .read_export(r.group, r.consumer, r.max_events, r.claim_idle_ms)
             .await?;
         Ok(Response::new(pb::ReadUsageExportResponse {
@@ -168,7 +190,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         request: Request<pb::AckUsageExportRequest>,
     ) -> Result<Response<pb::AckUsageExportResponse>, Status> {
         let r = request.into_inner();
-        let acknowledged = self.app.ack_export(&r.group, &r.delivery_ids).await?;
+        let acknowledged = self.app()?.ack_export(&r.group, &r.delivery_ids).await?;
         Ok(Response::new(pb::AckUsageExportResponse { acknowledged }))
     }
 }

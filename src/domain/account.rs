@@ -178,6 +178,11 @@ impl AccountState {
         &self.account
     }
 
+    /// Open reservations.
+    pub fn open_holds(&self) -> usize {
+        self.open.len()
+    }
+
     /// Changes plan and credit eligibility; windows, holds and credits stay.
     pub fn update_account(&mut self, plan: String, credit_purchase_allowed: bool) {
         self.account.plan = plan;
@@ -382,6 +387,7 @@ impl AccountState {
             })
             .collect();
         Ok(AccountStatus {
+            plan: self.account.plan.clone(),
             windows,
             credit_balance: self.ledger.balance(),
         })

@@ -246,6 +246,8 @@ pub struct WindowStatus {
 /// An account's windows and balance right after an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountStatus {
+    /// The account's plan (for metrics and logs).
+    pub plan: String,
     pub windows: Vec<WindowStatus>,
     pub credit_balance: Micros,
 }

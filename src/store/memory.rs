@@ -6,6 +6,7 @@
 //! for development and for tests. Shared, durable state is the Redis store's job.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use dashmap::DashMap;
 
@@ -23,6 +24,9 @@ pub struct MemoryStore {
     policy: Arc<Policy>,
     accounts: DashMap<String, AccountState>,
     export: ExportLog,
+    /// Open reservations of all accounts, kept by every operation (it sees the account's count
+    /// before and after, under the account's lock).
+    open_holds: AtomicI64,
 }
 
 impl MemoryStore {
@@ -31,6 +35,7 @@ impl MemoryStore {
             export: ExportLog::new(policy.limits.export_max_len as usize),
             policy,
             accounts: DashMap::new(),
+            open_holds: AtomicI64::new(0),
         }
     }
 
@@ -44,7 +49,17 @@ impl MemoryStore {
             .accounts
             .get_mut(account_id)
             .ok_or_else(|| account_not_found(account_id))?;
-        Ok(op(&mut state, &self.policy)?)
+        let before = state.open_holds();
+        let result = op(&mut state, &self.policy);
+        self.count_holds(before, state.open_holds());
+        Ok(result?)
+    }
+
+    fn count_holds(&self, before: usize, after: usize) {
+        if before != after {
+            self.open_holds
+                .fetch_add(after as i64 - before as i64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -55,7 +70,10 @@ impl Store for MemoryStore {
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
         if let Some(mut state) = self.accounts.get_mut(&cmd.account_id) {
-            return Ok(state.reserve(&self.policy, &cmd, now)?);
+            let before = state.open_holds();
+            let outcome = state.reserve(&self.policy, &cmd, now);
+            self.count_holds(before, state.open_holds());
+            return Ok(outcome?);
         }
         let mut state = self
             .accounts
@@ -70,7 +88,10 @@ impl Store for MemoryStore {
                     credit_purchase_allowed: true,
                 })
             });
-        Ok(state.reserve(&self.policy, &cmd, now)?)
+        let before = state.open_holds();
+        let outcome = state.reserve(&self.policy, &cmd, now);
+        self.count_holds(before, state.open_holds());
+        Ok(outcome?)
     }
 
     async fn commit(
@@ -144,7 +165,9 @@ impl Store for MemoryStore {
             .accounts
             .entry(account.id.clone())
             .or_insert_with(|| AccountState::new(account.clone()));
+        let before = state.open_holds();
         state.settle(&self.policy, now);
+        self.count_holds(before, state.open_holds());
         state.update_account(account.plan, account.credit_purchase_allowed);
         Ok(state.account().clone())
     }
@@ -167,6 +190,10 @@ impl Store for MemoryStore {
             state.settle(policy, now);
             state.snapshot(policy, recent_limit)
         })
+    }
+
+    fn open_holds(&self) -> Option<u64> {
+        u64::try_from(self.open_holds.load(Ordering::Relaxed)).ok()
     }
 
     async fn export_read(

@@ -89,16 +89,35 @@ impl TestServer {
             let shutdown = async {
                 let _ = rx.await;
             };
-            quotad::run(&config, listener, server_clock, shutdown)
+            let listeners = quotad::Listeners::grpc_only(listener);
+            quotad::run(&config, listeners, server_clock, shutdown)
                 .await
                 .expect("server runs");
         });
-        TestServer {
+        let server = TestServer {
             addr,
             clock,
             shutdown: Some(tx),
             task: Some(task),
+        };
+        server.wait_until_serving().await;
+        server
+    }
+
+    /// Polls `grpc.health.v1` until the server says SERVING (its store has answered).
+    async fn wait_until_serving(&self) {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        for _ in 0..500 {
+            let request = tonic_health::pb::HealthCheckRequest::default();
+            if let Ok(answer) = health.check(request).await
+                && answer.into_inner().status() == ServingStatus::Serving
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        panic!("the test server never became ready");
     }
 
     /// The server's clock, in whole seconds since the epoch.

@@ -9,18 +9,23 @@ use std::time::Duration;
 
 pub struct Quotad {
     pub addr: String,
+    /// The HTTP admin port (`/metrics`, `/healthz`, `/readyz`).
+    pub http_addr: String,
     child: Child,
     output: Arc<Mutex<Vec<String>>>,
 }
 
-/// `quotad` with none of the caller's quotad variables, so tests say everything they mean.
+/// `quotad` with none of the caller's quotad variables, so tests say everything they mean;
+/// pretty logs (the address lines are read from them) and the HTTP admin port on a free port.
 pub fn command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quotad"));
     for (key, _) in std::env::vars() {
-        if key.starts_with("QUOTAD_") || key == "RUST_LOG" {
+        if key.starts_with("QUOTAD_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
             cmd.env_remove(key);
         }
     }
+    cmd.env("QUOTAD_LOG_FORMAT", "pretty")
+        .env("QUOTAD_HTTP_LISTEN", "127.0.0.1:0");
     cmd
 }
 
@@ -30,8 +35,17 @@ impl Quotad {
         Self::start_on("127.0.0.1:0", args, env)
     }
 
-    /// Starts `quotad serve --listen LISTEN ARGS` with `env` added.
+    /// Starts `quotad serve --listen LISTEN ARGS` with `env` added, and waits until it serves.
     pub fn start_on(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Quotad {
+        Self::launch(listen, args, env, true)
+    }
+
+    /// Starts quotad and returns once it listens, before its store has answered.
+    pub fn start_listening(args: &[&str], env: &[(&str, &str)]) -> Quotad {
+        Self::launch("127.0.0.1:0", args, env, false)
+    }
+
+    fn launch(listen: &str, args: &[&str], env: &[(&str, &str)], until_serving: bool) -> Quotad {
         let mut child = command()
             .args(["serve", "--listen", listen])
             .args(args)
@@ -44,21 +58,32 @@ impl Quotad {
         let (tx, rx) = mpsc::channel();
         let lines = output.clone();
         std::thread::spawn(move || {
+            let word_after = |line: &str, marker: &str| {
+                let rest = line.split(marker).nth(1)?;
+                Some(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            };
+            let (mut grpc, mut http, mut sent) = (None, None, false);
+            let mut serving = !until_serving;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(
-                        rest.split_whitespace()
-                            .next()
-                            .unwrap_or_default()
-                            .to_owned(),
-                    );
-                }
+                grpc = grpc.or_else(|| word_after(&line, "listening on "));
+                http = http.or_else(|| word_after(&line, "metrics and probes at http://"));
+                serving |= line.contains("ready: serving requests");
                 lines.lock().unwrap().push(line);
+                if let (false, true, Some(g), Some(h)) = (sent, serving, &grpc, &http) {
+                    let _ = tx.send((g.clone(), h.clone()));
+                    sent = true;
+                }
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => Quotad {
+            Ok((addr, http_addr)) => Quotad {
                 addr,
+                http_addr,
                 child,
                 output,
             },

@@ -195,6 +195,7 @@ mod tests {
                 credit_purchase_allowed: true,
             },
             status: AccountStatus {
+                plan: "free".into(),
                 windows: Vec::new(),
                 credit_balance: 0,
             },

@@ -778,6 +778,10 @@ impl Store for RedisStore {
         self.health.status()
     }
 
+    fn deny_cache_hits(&self) -> u64 {
+        RedisStore::deny_cache_hits(self)
+    }
+
     async fn export_read(
         &self,
         read: ExportRead,
@@ -800,34 +804,34 @@ impl Store for RedisStore {
             .purchase_cursor
             .fetch_add(SWEEP_SLICE, Ordering::Relaxed)
             % keys::SLOTS;
+        let prefix = &self.settings.key_prefix;
+        let indexed: Vec<(u16, Vec<String>)> = self
+            .per_slot((start..start + SWEEP_SLICE).collect(), |slot| {
+                let mut read = redis::cmd("ZRANGEBYSCORE");
+                read.arg(keys::purchase_index_key(prefix, slot))
+                    .arg("-inf")
+                    .arg(started_before.as_millis())
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(100);
+                read
+            })
+            .await?;
         let mut found = Vec::new();
         let mut conn = self.conn.clone();
-        for slot in start..start + SWEEP_SLICE {
-            let index = keys::purchase_index_key(&self.settings.key_prefix, slot);
-            let accounts: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                .arg(index)
-                .arg("-inf")
-                .arg(started_before.as_millis())
-                .arg("LIMIT")
-                .arg(0)
-                .arg(100)
+        for account in indexed.into_iter().flat_map(|(_, accounts)| accounts) {
+            let key = keys::account_key(prefix, &account);
+            let text: Option<String> = redis::cmd("HGET")
+                .arg(key)
+                .arg("tu_if")
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("purchase index: {e}")))?;
-            for account in accounts {
-                let key = keys::account_key(&self.settings.key_prefix, &account);
-                let text: Option<String> = redis::cmd("HGET")
-                    .arg(key)
-                    .arg("tu_if")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| StoreError::Unavailable(format!("purchase index: {e}")))?;
-                if let Some(purchase) = text
-                    .filter(|t| !t.is_empty())
-                    .and_then(|t| serde_json::from_str::<wire::PurchaseJ>(&t).ok())
-                {
-                    found.push((account, purchase.into()));
-                }
+            if let Some(purchase) = text
+                .filter(|t| !t.is_empty())
+                .and_then(|t| serde_json::from_str::<wire::PurchaseJ>(&t).ok())
+            {
+                found.push((account, purchase.into()));
             }
         }
         Ok(found)

@@ -88,6 +88,7 @@ pub struct WindowJ {
 
 #[derive(Debug, Deserialize)]
 pub struct StatusJ {
+    plan: String,
     windows: Vec<WindowJ>,
     balance: i64,
 }
@@ -110,6 +111,7 @@ impl From<StatusJ> for AccountStatus {
             })
             .collect();
         AccountStatus {
+            plan: s.plan,
             windows,
             credit_balance: s.balance,
         }

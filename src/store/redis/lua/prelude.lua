@@ -404,7 +404,7 @@ local function status(plan)
   for i, w in ipairs(WINDOWS) do
     windows[i] = { name = w.name, used = A[w.total] + hp, held = hp, limit = plan[w.limit], resets_at = resets_at(w) }
   end
-  return { windows = windows, balance = balance() }
+  return { plan = A.plan, windows = windows, balance = balance() }
 end
 
 -- Auto top-up (a port of domain/top_up.rs) ---------------------------------------------------

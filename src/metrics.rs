@@ -1,0 +1,425 @@
+//! Operational metrics, recorded once and offered two ways: Prometheus text on the HTTP admin
+//! port (`/metrics`) and OpenTelemetry instruments exported over OTLP when telemetry is on.
+//!
+//! Labels are low-cardinality on purpose: decisions by decision, action, plan and product
+//! (plans and products come from config), latencies by method or store operation, errors by
+//! kind. Account ids never appear in a label.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+    action: &'static str,
+    plan: String,
+    product: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpErrorLabels {
+    op: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to about 1.6 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// The OpenTelemetry side: the same events through the global meter (a no-op unless
+/// telemetry export is on).
+struct Otel {
+    decisions: opentelemetry::metrics::Counter<u64>,
+    rpc_duration: opentelemetry::metrics::Histogram<f64>,
+    store_duration: opentelemetry::metrics::Histogram<f64>,
+    store_errors: opentelemetry::metrics::Counter<u64>,
+    credits_spent: opentelemetry::metrics::Counter<u64>,
+    top_ups: opentelemetry::metrics::Counter<u64>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    rpc_duration: HistogramFamily<MethodLabels>,
+    rpc_responses: Family<CallLabels, Counter>,
+    store_duration: HistogramFamily<OpLabels>,
+    store_errors: Family<OpErrorLabels, Counter>,
+    store_up: Gauge,
+    holds_opened: Counter,
+    holds_closed: Family<OutcomeLabels, Counter>,
+    open_holds: Gauge,
+    credits_spent: Counter,
+    credits_granted: Family<SourceLabels, Counter>,
+    top_ups: Family<OutcomeLabels, Counter>,
+    deny_cache_hits: Counter,
+    /// The store's own count at the last sample, to add only what is new.
+    deny_cache_seen: AtomicU64,
+    shed: Counter,
+    otel: Otel,
+    /// Serialises scrapes (encoding needs the registry whole).
+    scrape: Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("quotad");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Reserve decisions by decision, action, plan and product",
+            decisions.clone(),
+        );
+        let rpc_duration: HistogramFamily<MethodLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "rpc_duration_seconds",
+            "Time to answer a gRPC call, by method",
+            rpc_duration.clone(),
+        );
+        let rpc_responses = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "rpc_responses",
+            "gRPC answers by method and status code",
+            rpc_responses.clone(),
+        );
+        let store_duration: HistogramFamily<OpLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "store_duration_seconds",
+            "Round trip of one store operation, by operation",
+            store_duration.clone(),
+        );
+        let store_errors = Family::<OpErrorLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Store operations that failed, by operation and kind (unavailable, internal)",
+            store_errors.clone(),
+        );
+        let store_up = Gauge::default();
+        registry.register(
+            "store_up",
+            "1 while the backing store answers, 0 during an outage",
+            store_up.clone(),
+        );
+        let holds_opened = Counter::default();
+        registry.register(
+            "holds_opened",
+            "Reservations this replica allowed",
+            holds_opened.clone(),
+        );
+        let holds_closed = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "holds_closed",
+            "Reservations this replica closed, by how (commit, release)",
+            holds_closed.clone(),
+        );
+        let open_holds = Gauge::default();
+        registry.register(
+            "open_holds",
+            "Open reservations in the store (memory store; with Redis, this replica's opened minus closed)",
+            open_holds.clone(),
+        );
+        let credits_spent = Counter::default();
+        registry.register(
+            "credits_spent_micros",
+            "Micro-credits charged by commits",
+            credits_spent.clone(),
+        );
+        let credits_granted = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "credits_granted_micros",
+            "Micro-credits granted, by source",
+            credits_granted.clone(),
+        );
+        let top_ups = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "top_ups",
+            "Auto top-up purchases settled, by outcome",
+            top_ups.clone(),
+        );
+        let deny_cache_hits = Counter::default();
+        registry.register(
+            "deny_cache_hits",
+            "Reserves denied from memory without a store call",
+            deny_cache_hits.clone(),
+        );
+        let shed = Counter::default();
+        registry.register(
+            "shed",
+            "Calls refused at once because max_concurrent_requests were in flight",
+            shed.clone(),
+        );
+        let meter = opentelemetry::global::meter("quotad");
+        let otel = Otel {
+            decisions: meter.u64_counter("quotad.decisions").build(),
+            rpc_duration: meter
+                .f64_histogram("quotad.rpc.duration")
+                .with_unit("s")
+                .build(),
+            store_duration: meter
+                .f64_histogram("quotad.store.duration")
+                .with_unit("s")
+                .build(),
+            store_errors: meter.u64_counter("quotad.store.errors").build(),
+            credits_spent: meter
+                .u64_counter("quotad.credits.spent")
+                .with_unit("{micro-credit}")
+                .build(),
+            top_ups: meter.u64_counter("quotad.top_ups").build(),
+        };
+        Metrics {
+            registry,
+            decisions,
+            rpc_duration,
+            rpc_responses,
+            store_duration,
+            store_errors,
+            store_up,
+            holds_opened,
+            holds_closed,
+            open_holds,
+            credits_spent,
+            credits_granted,
+            top_ups,
+            deny_cache_hits,
+            deny_cache_seen: AtomicU64::new(0),
+            shed,
+            otel,
+            scrape: Mutex::new(()),
+        }
+    }
+
+    pub fn decision(
+        &self,
+        decision: &'static str,
+        action: &'static str,
+        plan: &str,
+        product: &str,
+    ) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                decision,
+                action,
+                plan: plan.to_owned(),
+                product: product.to_owned(),
+            })
+            .inc();
+        self.otel.decisions.add(
+            1,
+            &[
+                KeyValue::new("decision", decision),
+                KeyValue::new("action", action),
+                KeyValue::new("plan", plan.to_owned()),
+                KeyValue::new("product", product.to_owned()),
+            ],
+        );
+        if decision == "ALLOW" {
+            self.holds_opened.inc();
+        }
+    }
+
+    pub fn hold_closed(&self, how: &'static str) {
+        self.holds_closed
+            .get_or_create(&OutcomeLabels { outcome: how })
+            .inc();
+    }
+
+    pub fn rpc(&self, method: &str, code: tonic::Code, took: Duration) {
+        let method = method.to_owned();
+        self.rpc_duration
+            .get_or_create(&MethodLabels {
+                method: method.clone(),
+            })
+            .observe(took.as_secs_f64());
+        self.rpc_responses
+            .get_or_create(&CallLabels {
+                method: method.clone(),
+                code: code_name(code),
+            })
+            .inc();
+        self.otel.rpc_duration.record(
+            took.as_secs_f64(),
+            &[
+                KeyValue::new("rpc.method", method),
+                KeyValue::new("rpc.grpc.status_code", code as i64),
+            ],
+        );
+    }
+
+    pub fn store_call(&self, op: &'static str, took: Duration, error: Option<&'static str>) {
+        self.store_duration
+            .get_or_create(&OpLabels { op })
+            .observe(took.as_secs_f64());
+        self.otel
+            .store_duration
+            .record(took.as_secs_f64(), &[KeyValue::new("op", op)]);
+        if let Some(kind) = error {
+            self.store_errors
+                .get_or_create(&OpErrorLabels { op, kind })
+                .inc();
+            self.otel
+                .store_errors
+                .add(1, &[KeyValue::new("op", op), KeyValue::new("kind", kind)]);
+        }
+    }
+
+    pub fn credits_spent(&self, micros: i64) {
+        if let Ok(micros) = u64::try_from(micros)
+            && micros > 0
+        {
+            self.credits_spent.inc_by(micros);
+            self.otel.credits_spent.add(micros, &[]);
+        }
+    }
+
+    pub fn credits_granted(&self, source: &'static str, micros: i64) {
+        if let Ok(micros) = u64::try_from(micros) {
+            self.credits_granted
+                .get_or_create(&SourceLabels { source })
+                .inc_by(micros);
+        }
+    }
+
+    pub fn top_up(&self, outcome: &'static str) {
+        self.top_ups.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.otel
+            .top_ups
+            .add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    pub fn shed(&self) {
+        self.shed.inc();
+    }
+
+    /// Samples what the store knows of itself (called every few hundred ms).
+    pub fn observe_store(&self, up: bool, deny_cache_hits: u64, open_holds: Option<u64>) {
+        self.store_up.set(i64::from(up));
+        let before = self
+            .deny_cache_seen
+            .swap(deny_cache_hits, Ordering::Relaxed);
+        self.deny_cache_hits
+            .inc_by(deny_cache_hits.saturating_sub(before));
+        let open = match open_holds {
+            Some(n) => n,
+            None => {
+                let closed: u64 = ["commit", "release"]
+                    .into_iter()
+                    .map(|outcome| {
+                        self.holds_closed
+                            .get_or_create(&OutcomeLabels { outcome })
+                            .get()
+                    })
+                    .sum();
+                self.holds_opened.get().saturating_sub(closed)
+            }
+        };
+        self.open_holds.set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            text = format!("# cannot encode metrics: {e}\n");
+        }
+        text
+    }
+}
+
+/// The canonical name of a gRPC status code, as in the gRPC specification.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.decision("DENY", "UPGRADE_PLAN", "free", "codex");
+        m.rpc("Reserve", tonic::Code::Ok, Duration::from_micros(300));
+        m.observe_store(true, 3, Some(2));
+        let text = m.render();
+        for line in [
+            r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",plan="free",product="codex"} 1"#,
+            r#"quotad_rpc_responses_total{method="Reserve",code="OK"} 1"#,
+            "quotad_deny_cache_hits_total 3",
+            "quotad_open_holds 2",
+            "quotad_store_up 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+}
