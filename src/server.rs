@@ -125,12 +125,16 @@ where
         }
     };
 
+    // The HTTP port outlives the drain, so probes see "draining" while calls finish.
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = listeners.http.map(|listener| {
         tokio::spawn(crate::http::serve(
             listener,
             settings.metrics.clone(),
             readiness.clone(),
-            stopped(),
+            async move {
+                let _ = http_stopped.await;
+            },
         ))
     });
     let startup = tokio::spawn(start(
@@ -198,8 +202,9 @@ where
         }
     };
     startup.abort();
+    let _ = http_stop.send(());
     if let Some(http) = http {
-        http.abort();
+        let _ = http.await;
     }
     if let Some(reload) = reload {
         reload.abort();

@@ -66,11 +66,21 @@ impl TestServer {
         Self::serve(config, store).await
     }
 
-    /// Serves `config` on `store`; a Redis store gets the shared test server and a key prefix
-    /// of its own.
+    /// A server on a Redis of the test's own (which it may pause or stop).
+    pub async fn start_on_redis(mut config: Config, url: &str) -> TestServer {
+        config.admin_token = Some(ADMIN_TOKEN.into());
+        config.store.redis.url = url.to_owned();
+        config.store.redis.command_timeout_ms = 3_000;
+        config.store.kind = StoreKind::Redis;
+        Self::serve(config, StoreKind::Redis).await
+    }
+
+    /// Serves `config` on `store`; a Redis store gets the shared test server (unless the config
+    /// names another) and a key prefix of its own.
     async fn serve(mut config: Config, store: StoreKind) -> TestServer {
+        let own_redis = config.store.kind == StoreKind::Redis;
         config.store.kind = store;
-        if store == StoreKind::Redis {
+        if store == StoreKind::Redis && !own_redis {
             let server = tokio::task::spawn_blocking(redis::shared_server)
                 .await
                 .unwrap();
@@ -79,6 +89,7 @@ impl TestServer {
             config.store.redis.command_timeout_ms = 2_000;
         }
         config.shutdown_grace_seconds = 5;
+        let tls = config.tls.enabled();
         config.validate().expect("test config is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -100,7 +111,10 @@ impl TestServer {
             shutdown: Some(tx),
             task: Some(task),
         };
-        server.wait_until_serving().await;
+        // Over TLS the test checks readiness itself, with its own client certificate.
+        if !tls {
+            server.wait_until_serving().await;
+        }
         server
     }
 
