@@ -1,0 +1,123 @@
+//! The Helm chart's checks (`helm/tests/validate.py`): lint, render both modes and every example,
+//! validate every manifest against the Kubernetes schemas, and reject every bad values file.
+//!
+//! Every quotad.toml the chart renders is then loaded by the quotad binary (`quotad config`), so
+//! the chart and quotad's config keys cannot drift apart.
+//!
+//! The checks run in a Python virtualenv under `target/chart-venv`, made on the first run with the
+//! pinned packages below (the Helm library comes inside `helm-python-sdk`, so no `helm` binary is
+//! needed); later runs reuse it and need no network.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Exact versions, checked together. `helm-python-sdk` bundles Helm's Go library;
+/// `kubernetes-validate` carries the Kubernetes OpenAPI schemas.
+const PACKAGES: &[&str] = &[
+    "helm-python-sdk==0.2.2",
+    "kubernetes-validate==1.37.0",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "attrs==26.1.0",
+    "PyYAML==6.0.4",
+    "packaging==26.4",
+    "importlib-resources==7.1.0",
+    "typing-extensions==4.16.0",
+];
+
+fn crate_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(command: &mut Command) -> Output {
+    let shown = format!("{command:?}");
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    if !output.status.success() {
+        panic!(
+            "{shown} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    output
+}
+
+/// The virtualenv's python, with the pinned packages installed.
+fn venv_python() -> PathBuf {
+    let venv = crate_root().join("target").join("chart-venv");
+    let python = venv.join("bin").join("python");
+    let stamp = venv.join("quotad-packages.txt");
+    let wanted = PACKAGES.join("\n") + "\n";
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return python;
+    }
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
+    }
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+        ])
+        .args(PACKAGES));
+    std::fs::write(&stamp, wanted).expect("write the package stamp");
+    python
+}
+
+#[test]
+fn helm_chart_lints_renders_and_validates() {
+    let python = venv_python();
+    let script = crate_root().join("helm").join("tests").join("validate.py");
+    let configs = crate_root().join("target").join("chart-configs");
+    let _ = std::fs::remove_dir_all(&configs);
+    let output = Command::new(&python)
+        .arg(&script)
+        .arg("--write-configs")
+        .arg(&configs)
+        .current_dir(crate_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "chart checks failed ({}):\n{stdout}{stderr}",
+        output.status
+    );
+    println!("{stdout}");
+
+    // quotad itself accepts every quotad.toml the chart rendered.
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&configs)
+        .expect("the rendered configs")
+        .map(|entry| entry.expect("a rendered config").path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "too few rendered configs: {files:?}");
+    for file in files {
+        let mut quotad = Command::new(env!("CARGO_BIN_EXE_quotad"));
+        quotad.arg("config").arg("--config").arg(&file);
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("QUOTAD_") || name.starts_with("OTEL_") || name == "RUST_LOG" {
+                quotad.env_remove(&*name);
+            }
+        }
+        let output = quotad.output().expect("run quotad config");
+        assert!(
+            output.status.success(),
+            "quotad rejects the chart's {}:\n{}\n{}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr),
+            std::fs::read_to_string(&file).unwrap_or_default()
+        );
+    }
+}
