@@ -137,7 +137,7 @@ impl<S: Store> Quota<S> {
     ) -> Result<T, StoreError> {
         let started = std::time::Instant::now();
         let result = call
-            .instrument(tracing::debug_span!("store", op, otel.kind = "client"))
+            .instrument(tracing::info_span!("store", op, otel.kind = "client"))
             .await;
         let error = match &result {
             Err(StoreError::Unavailable(_)) => Some("unavailable"),
@@ -182,7 +182,7 @@ impl<S: Store> Quota<S> {
         target: Micros,
         monthly_cap: Micros,
     ) -> Result<TopUpOutcome, StoreError> {
-        self.check_id("account_id", &account_id)?;
+        self.check_account(&account_id)?;
         let settings = TopUpSettings {
             enabled,
             threshold,
@@ -218,7 +218,7 @@ impl<S: Store> Quota<S> {
 
     pub async fn reserve(&self, req: ReserveRequest) -> Result<ReserveOutcome, StoreError> {
         let limits = &self.policy.limits;
-        self.check_id("account_id", &req.account_id)?;
+        self.check_account(&req.account_id)?;
         self.check_id("request_id", &req.request_id)?;
         if self.policy.product(&req.product).is_none() {
             return Err(invalid(
@@ -287,7 +287,7 @@ impl<S: Store> Quota<S> {
     }
 
     pub async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
-        self.check_id("account_id", &req.account_id)?;
+        self.check_account(&req.account_id)?;
         self.check_id("reservation_id", &req.reservation_id)?;
         let usage = req.usage.ok_or_else(|| invalid("usage", "is required"))?;
         let cost = self.price("usage", &usage, true)?;
@@ -317,7 +317,7 @@ impl<S: Store> Quota<S> {
     }
 
     pub async fn release(&self, req: ReleaseRequest) -> Result<ReleaseOutcome, StoreError> {
-        self.check_id("account_id", &req.account_id)?;
+        self.check_account(&req.account_id)?;
         self.check_id("reservation_id", &req.reservation_id)?;
         let cmd = ReleaseCommand {
             account_id: req.account_id,
@@ -335,7 +335,7 @@ impl<S: Store> Quota<S> {
         account_id: &str,
         recent_limit: u32,
     ) -> Result<UsageSnapshot, StoreError> {
-        self.check_id("account_id", account_id)?;
+        self.check_account(account_id)?;
         let limit = match recent_limit {
             0 => DEFAULT_RECENT_LIMIT,
             n => n,
@@ -361,12 +361,12 @@ impl<S: Store> Quota<S> {
     }
 
     pub async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
-        self.check_id("account_id", account_id)?;
+        self.check_account(account_id)?;
         self.timed("account", self.store.account(account_id)).await
     }
 
     pub async fn grant(&self, req: GrantRequest) -> Result<GrantOutcome, StoreError> {
-        self.check_id("account_id", &req.account_id)?;
+        self.check_account(&req.account_id)?;
         self.check_id("grant_id", &req.grant_id)?;
         let max = self.policy.limits.max_grant_micros;
         if req.amount <= 0 || req.amount > max {
@@ -405,7 +405,7 @@ impl<S: Store> Quota<S> {
         account_id: String,
         grant_id: String,
     ) -> Result<RevokeOutcome, StoreError> {
-        self.check_id("account_id", &account_id)?;
+        self.check_account(&account_id)?;
         self.check_id("grant_id", &grant_id)?;
         let cmd = RevokeCommand {
             account_id: account_id.clone(),
@@ -492,6 +492,19 @@ impl<S: Store> Quota<S> {
         span.record("decision", decision);
         span.record("action", action);
         span.record("funding", funding);
+    }
+
+    /// Checks an account id and names the account (hashed) on the call's span.
+    fn check_account(&self, account_id: &str) -> Result<(), StoreError> {
+        self.check_id("account_id", account_id)?;
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record(
+                "account",
+                crate::telemetry::account_hash(account_id).as_str(),
+            );
+        }
+        Ok(())
     }
 
     fn check_id(&self, field: &str, id: &str) -> Result<(), StoreError> {
