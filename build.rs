@@ -1,5 +1,6 @@
-//! Generates the gRPC code for `proto/quota/v1/quota.proto` with a vendored `protoc`, so a
-//! fresh machine needs nothing installed, and writes the descriptor set that gRPC reflection serves.
+//! Generates the gRPC code for `proto/quota/v1/quota.proto` and Envoy's rate limit service
+//! (`proto/envoy/…`) with a vendored `protoc`, so a fresh machine needs nothing installed, and
+//! writes the descriptor sets that gRPC reflection serves.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -9,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("quota_descriptor.bin"))
         .compile_protos(&["proto/quota/v1/quota.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("rls_descriptor.bin"))
+        .compile_protos(&["proto/envoy/service/ratelimit/v3/rls.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

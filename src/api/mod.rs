@@ -25,6 +25,39 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quota_descriptor");
 }
 
+/// Code generated from Envoy's rate limit service definitions (`proto/envoy/…`), in modules
+/// that mirror their protobuf packages.
+#[allow(clippy::all, missing_docs)]
+pub mod envoy {
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    pub mod extensions {
+        pub mod common {
+            pub mod ratelimit {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                }
+            }
+        }
+    }
+    pub mod service {
+        pub mod ratelimit {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.ratelimit.v3");
+
+                /// The encoded descriptors, served by gRPC reflection.
+                pub const FILE_DESCRIPTOR_SET: &[u8] =
+                    tonic::include_file_descriptor_set!("rls_descriptor");
+            }
+        }
+    }
+}
+
 use pb::admin_service_server::AdminService;
 use pb::quota_service_server::QuotaService;
 
