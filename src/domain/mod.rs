@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod money;
 pub mod policy;
 pub mod pricing;
+pub mod rls;
 pub mod time;
 pub mod top_up;
 pub mod window;

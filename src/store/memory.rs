@@ -5,6 +5,7 @@
 //! shards proceed in parallel. Nothing is persisted: this is the default for a single replica,
 //! for development and for tests. Shared, durable state is the Redis store's job.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -12,7 +13,9 @@ use dashmap::DashMap;
 
 use super::export_log::ExportLog;
 use super::{ExportRead, Store, StoreError, account_not_found};
+use crate::domain::rls::{self, CounterCheck, CounterStatus};
 use crate::domain::top_up::Purchase;
+use crate::domain::window::SlidingWindow;
 use crate::domain::{
     Account, AccountState, CommitCommand, CommitOutcome, ExportedEvent, GrantCommand, GrantOutcome,
     Policy, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand,
@@ -27,6 +30,8 @@ pub struct MemoryStore {
     /// Open reservations of all accounts, kept by every operation (it sees the account's count
     /// before and after, under the account's lock).
     open_holds: AtomicI64,
+    /// Envoy RLS counters, per domain: one lock per domain makes a request's check atomic.
+    rls: DashMap<String, HashMap<String, SlidingWindow>>,
 }
 
 impl MemoryStore {
@@ -36,6 +41,7 @@ impl MemoryStore {
             policy,
             accounts: DashMap::new(),
             open_holds: AtomicI64::new(0),
+            rls: DashMap::new(),
         }
     }
 
@@ -190,6 +196,33 @@ impl Store for MemoryStore {
             state.settle(policy, now);
             state.snapshot(policy, recent_limit)
         })
+    }
+
+    async fn rls_check(
+        &self,
+        domain: &str,
+        checks: &[CounterCheck],
+        now: Timestamp,
+    ) -> Result<Vec<CounterStatus>, StoreError> {
+        if let Some(mut windows) = self.rls.get_mut(domain) {
+            return Ok(rls::check_and_count(now, checks, &mut windows));
+        }
+        let mut windows = self.rls.entry(domain.to_owned()).or_default();
+        Ok(rls::check_and_count(now, checks, &mut windows))
+    }
+
+    fn maintenance_interval(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(1))
+    }
+
+    async fn maintain(&self, now: Timestamp) {
+        // Forget RLS counters whose counts have all left their windows.
+        for mut windows in self.rls.iter_mut() {
+            windows.retain(|_, window| {
+                window.advance(now);
+                window.committed() > 0
+            });
+        }
     }
 
     fn open_holds(&self) -> Option<u64> {

@@ -13,6 +13,7 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
+use crate::domain::rls::{CounterCheck, CounterStatus};
 use crate::domain::top_up::Purchase;
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, DomainError, ExportedEvent, GrantCommand, GrantOutcome,
@@ -167,6 +168,15 @@ pub trait Store: Send + Sync + 'static {
         group: &str,
         delivery_ids: &[String],
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Envoy RLS: checks the counted descriptors of one request of `domain` and counts them
+    /// if all fit, as one atomic step (see [`crate::domain::rls`]).
+    fn rls_check(
+        &self,
+        domain: &str,
+        checks: &[CounterCheck],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<CounterStatus>, StoreError>> + Send;
 
     /// Auto top-up purchases still in flight that started at or before `started_before`: a
     /// replica that died while paying them left them unsettled. A store may answer for a part

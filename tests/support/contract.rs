@@ -44,6 +44,7 @@ macro_rules! store_contract_tests {
             auto_top_up_buys_just_enough_once_and_backs_off_after_declines,
             auto_top_up_needs_an_account_that_may_buy_credits,
             every_charge_is_exported_once_per_consumer_group,
+            rls_counts_a_request_only_if_every_descriptor_fits_and_slides,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -1052,4 +1053,51 @@ pub async fn every_charge_is_exported_once_per_consumer_group<S: Store>(store: S
             .unwrap()
             .is_empty()
     );
+}
+
+pub async fn rls_counts_a_request_only_if_every_descriptor_fits_and_slides<S: Store>(store: S) {
+    use quotad::domain::rls::{CounterCheck, RlsUnit};
+    let check = |key: &str, limit, hits| CounterCheck {
+        key: key.into(),
+        unit: RlsUnit::Minute,
+        limit,
+        hits,
+    };
+    let request = [check("ip:1", 10, 4), check("path:/x", 5, 4)];
+    let first = store.rls_check("edge", &request, at(0)).await.unwrap();
+    assert!(first.iter().all(|s| !s.over));
+    assert_eq!((first[0].remaining, first[1].remaining), (6, 1));
+    let second = store.rls_check("edge", &request, at(0)).await.unwrap();
+    assert!(!second[0].over && second[1].over);
+    assert_eq!(second[0].remaining, 6, "a refused request counts nowhere");
+    // The 4 hits leave a minute (and one 1-second bucket) after they were counted.
+    assert_eq!(second[1].reset_in_ms, MINUTE_MS + 1_000);
+    assert!(
+        store
+            .rls_check("edge", &request, at(MINUTE_MS))
+            .await
+            .unwrap()[1]
+            .over
+    );
+    let later = store
+        .rls_check("edge", &request, at(MINUTE_MS + 1_000))
+        .await
+        .unwrap();
+    assert!(later.iter().all(|s| !s.over), "{later:?}");
+    // Domains are apart; the same counter twice in one request adds up.
+    let other = store
+        .rls_check(
+            "other",
+            &[check("ip:1", 10, 6), check("ip:1", 10, 6)],
+            at(0),
+        )
+        .await
+        .unwrap();
+    assert!(other.iter().all(|s| s.over));
+    let once = store
+        .rls_check("other", &[check("ip:1", 10, 6)], at(0))
+        .await
+        .unwrap();
+    assert!(!once[0].over);
+    assert_eq!(once[0].remaining, 4);
 }

@@ -46,6 +46,13 @@ pub fn outbox_lease_key(prefix: &str, slot: u16) -> String {
     format!("{prefix}:ol:{{{}}}", slot_tags()[usize::from(slot)])
 }
 
+/// Envoy RLS counters of one domain: one hash, so that all counters a request touches are in
+/// one slot and one script checks them atomically (a busy domain lives on one node; split
+/// traffic over several domains to spread it).
+pub fn rls_key(prefix: &str, domain: &str) -> String {
+    format!("{prefix}:rl:{{{}}}", hash_tag(domain))
+}
+
 /// One shard of the usage export stream, the stream consumers read.
 pub fn export_key(prefix: &str, shard: u16) -> String {
     format!("{prefix}:export:{{{shard}}}")
@@ -69,7 +76,7 @@ pub fn hold_index_key(prefix: &str, slot: u16) -> String {
 
 /// An account id made safe as a hash tag: braces would end the tag early, so they (and the
 /// escape character) are percent-encoded. The encoding is one-to-one, so ids never collide.
-fn hash_tag(account_id: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn hash_tag(account_id: &str) -> std::borrow::Cow<'_, str> {
     if !account_id.contains(['{', '}', '%']) {
         return account_id.into();
     }

@@ -33,6 +33,7 @@ pub use keys::{hold_index_key, slot};
 
 use super::{ExportRead, Store, StoreError, StoreHealth};
 use crate::domain::account::LOT_VALIDITY_MONTHS;
+use crate::domain::rls::{CounterCheck, CounterStatus};
 use crate::domain::time::{DAY_MS, MINUTE_MS};
 use crate::domain::top_up::{PaymentResult, Purchase};
 use crate::domain::{
@@ -182,6 +183,8 @@ struct Scripts {
     revoke: Script,
     set_top_up: Script,
     settle_top_up: Script,
+    /// Not an account script (no prelude): Envoy RLS counters of one domain.
+    rls: Script,
 }
 
 impl Scripts {
@@ -200,10 +203,11 @@ impl Scripts {
             revoke: script(include_str!("lua/revoke.lua")),
             set_top_up: script(include_str!("lua/set_top_up.lua")),
             settle_top_up: script(include_str!("lua/settle_top_up.lua")),
+            rls: Script::new(include_str!("lua/rls.lua")),
         }
     }
 
-    fn all(&self) -> [&Script; 11] {
+    fn all(&self) -> [&Script; 12] {
         [
             &self.reserve,
             &self.commit,
@@ -216,6 +220,7 @@ impl Scripts {
             &self.revoke,
             &self.set_top_up,
             &self.settle_top_up,
+            &self.rls,
         ]
     }
 }
@@ -372,6 +377,22 @@ impl RedisStore {
         for arg in args {
             invocation.arg(*arg);
         }
+        let text = self.invoke(invocation).await?;
+        let reply: Reply<T> = serde_json::from_str(&text).map_err(|e| {
+            StoreError::Internal(format!("cannot decode script answer ({e}): {text}"))
+        })?;
+        match reply {
+            Reply::Done(value) => Ok(value),
+            Reply::Refused { err } => Err(err
+                .into_error(&self.policy, account_id, now)
+                .map_err(StoreError::Internal)?
+                .into()),
+        }
+    }
+
+    /// Runs a prepared script: failing at once while the breaker is open, within the command
+    /// timeout, and telling the breaker how Redis answered.
+    async fn invoke(&self, invocation: redis::ScriptInvocation<'_>) -> Result<String, StoreError> {
         self.health.check().map_err(|e| {
             StoreError::Unavailable(format!("Redis is unreachable ({e}); retrying shortly"))
         })?;
@@ -385,7 +406,7 @@ impl RedisStore {
                 if matches!(e.kind(), redis::ErrorKind::Server(_))
                     && e.to_string().contains("Script") =>
             {
-                return Err(StoreError::Internal(format!("account script failed: {e}")));
+                return Err(StoreError::Internal(format!("script failed: {e}")));
             }
             Ok(Err(e)) => {
                 self.health.failed(&e.to_string());
@@ -398,16 +419,7 @@ impl RedisStore {
             }
         };
         self.health.succeeded();
-        let reply: Reply<T> = serde_json::from_str(&text).map_err(|e| {
-            StoreError::Internal(format!("cannot decode script answer ({e}): {text}"))
-        })?;
-        match reply {
-            Reply::Done(value) => Ok(value),
-            Reply::Refused { err } => Err(err
-                .into_error(&self.policy, account_id, now)
-                .map_err(StoreError::Internal)?
-                .into()),
-        }
+        Ok(text)
     }
 
     /// Settles every account whose earliest hold expired at or before `now`, in every slot;
@@ -780,6 +792,32 @@ impl Store for RedisStore {
 
     fn deny_cache_hits(&self) -> u64 {
         RedisStore::deny_cache_hits(self)
+    }
+
+    async fn rls_check(
+        &self,
+        domain: &str,
+        checks: &[CounterCheck],
+        now: Timestamp,
+    ) -> Result<Vec<CounterStatus>, StoreError> {
+        let mut invocation = self.scripts.rls.prepare_invoke();
+        invocation
+            .key(keys::rls_key(&self.settings.key_prefix, domain))
+            .arg(now.as_millis())
+            .arg(checks.len());
+        for check in checks {
+            let window = check.unit.window();
+            invocation
+                .arg(check.key.as_str())
+                .arg(window.length_ms)
+                .arg(window.bucket_ms)
+                .arg(check.limit)
+                .arg(check.hits);
+        }
+        let text = self.invoke(invocation).await?;
+        let answers: Vec<wire::RlsJ> = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Internal(format!("cannot decode rls answer ({e}): {text}")))?;
+        Ok(answers.into_iter().map(Into::into).collect())
     }
 
     async fn export_read(

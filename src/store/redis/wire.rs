@@ -575,3 +575,21 @@ pub fn parse_export_json(text: &str) -> Result<(String, UsageEvent), serde_json:
     };
     Ok((j.account_id, event))
 }
+
+/// One counter's answer from `rls.lua`.
+#[derive(Debug, Deserialize)]
+pub struct RlsJ {
+    over: u8,
+    remaining: u64,
+    reset_in: i64,
+}
+
+impl From<RlsJ> for crate::domain::rls::CounterStatus {
+    fn from(r: RlsJ) -> Self {
+        crate::domain::rls::CounterStatus {
+            over: r.over != 0,
+            remaining: r.remaining,
+            reset_in_ms: r.reset_in,
+        }
+    }
+}
