@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use crate::domain::rls::{self, CounterCheck, RlsRule, Target};
 use crate::domain::time::SECOND_MS;
 use crate::domain::top_up::{PaymentResult, Purchase, TopUpSettings};
 use crate::domain::{
@@ -624,5 +625,178 @@ impl<S: Store> Settle for Quota<S> {
 
     fn done(&self, purchase_id: &str) {
         self.payments.done(purchase_id);
+    }
+}
+
+/// One descriptor of an Envoy rate-limit request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RlsDescriptor {
+    pub entries: Vec<(String, String)>,
+    /// Hits for this descriptor instead of the request's.
+    pub hits: Option<u64>,
+}
+
+/// How one descriptor stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RlsStatus {
+    pub over: bool,
+    /// The limit that applied: its name, amount and unit; none when no rule matched.
+    pub limit: Option<RlsLimitView>,
+    pub remaining: u64,
+    pub reset_in_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RlsLimitView {
+    pub name: String,
+    pub requests_per_unit: u64,
+    pub unit: crate::domain::rls::RlsUnit,
+}
+
+impl<S: Store> Quota<S> {
+    /// Envoy's ShouldRateLimit: each descriptor checked against the first matching rule; the
+    /// counted ones together in one atomic store step, accounts against their plan windows.
+    pub async fn should_rate_limit(
+        &self,
+        rules: &[RlsRule],
+        domain: &str,
+        descriptors: &[RlsDescriptor],
+        hits_addend: u32,
+    ) -> Result<Vec<RlsStatus>, StoreError> {
+        if domain.is_empty() {
+            return Err(invalid("domain", "must not be empty"));
+        }
+        if descriptors.is_empty() {
+            return Err(invalid("descriptors", "must hold at least one descriptor"));
+        }
+        let default_hits = u64::from(hits_addend.max(1));
+        let mut checks = Vec::new();
+        let mut statuses = Vec::with_capacity(descriptors.len());
+        // Where each counted descriptor's answer goes.
+        let mut counted = Vec::new();
+        for (i, descriptor) in descriptors.iter().enumerate() {
+            if descriptor.entries.is_empty() {
+                return Err(invalid(
+                    format!("descriptors[{i}].entries"),
+                    "must hold at least one entry",
+                ));
+            }
+            let hits = descriptor.hits.unwrap_or(default_hits);
+            let status = match rls::target(rules, domain, &descriptor.entries) {
+                Target::Unlimited => RlsStatus {
+                    over: false,
+                    limit: None,
+                    remaining: 0,
+                    reset_in_ms: 0,
+                },
+                Target::Account { rule, account_id } => {
+                    self.account_rate_limit(rule, &account_id).await?
+                }
+                Target::Counter {
+                    rule,
+                    key,
+                    limit,
+                    unit,
+                } => {
+                    checks.push(CounterCheck {
+                        key,
+                        unit,
+                        limit,
+                        hits,
+                    });
+                    counted.push(i);
+                    RlsStatus {
+                        over: false,
+                        limit: Some(RlsLimitView {
+                            name: rule.label(),
+                            requests_per_unit: limit,
+                            unit,
+                        }),
+                        remaining: 0,
+                        reset_in_ms: 0,
+                    }
+                }
+            };
+            statuses.push(status);
+        }
+        if !checks.is_empty() {
+            let answers = self
+                .timed(
+                    "rls",
+                    self.store.rls_check(domain, &checks, self.clock.now()),
+                )
+                .await?;
+            for (i, answer) in counted.into_iter().zip(answers) {
+                let status = &mut statuses[i];
+                status.over = answer.over;
+                status.remaining = answer.remaining;
+                status.reset_in_ms = answer.reset_in_ms;
+            }
+        }
+        Ok(statuses)
+    }
+
+    /// An account's plan windows as a rate limit: over when no window has room left and
+    /// credits cannot pay (not a credits plan, barred, or none available). An account quotad
+    /// has never seen has all its room.
+    async fn account_rate_limit(
+        &self,
+        rule: &RlsRule,
+        account_id: &str,
+    ) -> Result<RlsStatus, StoreError> {
+        self.check_id("descriptors.entries.account_id", account_id)?;
+        let now = self.clock.now();
+        let snapshot = match self
+            .timed("usage", self.store.usage(account_id, 0, now))
+            .await
+        {
+            Ok(snapshot) => Some(snapshot),
+            Err(StoreError::Rule(e)) if e.is_account_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        let plan_name = snapshot
+            .as_ref()
+            .map_or(self.policy.default_plan.as_str(), |s| {
+                s.account.plan.as_str()
+            });
+        let plan = self.policy.plan(plan_name);
+        let windows = snapshot
+            .as_ref()
+            .map(|s| s.status.windows.clone())
+            .unwrap_or_default();
+        // The window with the least room binds.
+        let binding = windows.iter().min_by_key(|w| w.limit - w.used).cloned();
+        let (limit, room, reset_in_ms) = match &binding {
+            Some(w) => (
+                w.limit,
+                (w.limit - w.used).max(0),
+                w.resets_at
+                    .map_or(0, |at| (at.as_millis() - now.as_millis()).max(0)),
+            ),
+            None => {
+                let limit = plan.map_or(0, |p| p.limit_5h_micros);
+                (limit, limit, 0)
+            }
+        };
+        let credits_available = snapshot.as_ref().is_some_and(|s| {
+            plan.is_some_and(|p| p.overage == crate::domain::Overage::Credits)
+                && s.account.credit_purchase_allowed
+                && s.totals.balance - s.credit_held > 0
+        });
+        Ok(RlsStatus {
+            over: room <= 0 && !credits_available,
+            limit: Some(RlsLimitView {
+                name: format!("{}:{plan_name}", rule.label()),
+                requests_per_unit: u64::try_from(limit / crate::domain::MICROS_PER_CREDIT)
+                    .unwrap_or(0),
+                unit: if binding.as_ref().is_some_and(|w| w.name == "weekly") {
+                    crate::domain::rls::RlsUnit::Week
+                } else {
+                    crate::domain::rls::RlsUnit::Hour
+                },
+            }),
+            remaining: u64::try_from(room / crate::domain::MICROS_PER_CREDIT).unwrap_or(0),
+            reset_in_ms,
+        })
     }
 }

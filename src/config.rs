@@ -344,6 +344,26 @@ impl TlsConfig {
     }
 }
 
+/// `[rls]`: Envoy's rate limit service (`envoy.service.ratelimit.v3`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlsConfig {
+    /// Checked in order; a descriptor matching none is not limited. The default serves domain
+    /// `quotad` with an `account_id` entry against that account's plan windows.
+    pub rules: Vec<crate::domain::rls::RlsRule>,
+    /// Add `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` headers to responses.
+    pub rate_limit_headers: bool,
+}
+
+impl Default for RlsConfig {
+    fn default() -> Self {
+        RlsConfig {
+            rules: crate::domain::rls::default_rules(),
+            rate_limit_headers: false,
+        }
+    }
+}
+
 /// `[server]`: limits that keep an overloaded quotad answering instead of queueing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -486,6 +506,8 @@ pub struct Config {
     pub server: ServerLimits,
     /// OpenTelemetry export.
     pub telemetry: TelemetryConfig,
+    /// Envoy's rate limit service.
+    pub rls: RlsConfig,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace_seconds: u64,
     pub log_format: LogFormat,
@@ -518,6 +540,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             server: ServerLimits::default(),
             telemetry: TelemetryConfig::default(),
+            rls: RlsConfig::default(),
             shutdown_grace_seconds: 20,
             log_format: LogFormat::default(),
             log_level: "info".into(),
@@ -544,6 +567,7 @@ const ENV_KEYS: &[&str] = &[
     "tls",
     "server",
     "telemetry",
+    "rls",
     "shutdown_grace_seconds",
     "log_format",
     "log_level",
@@ -666,6 +690,10 @@ impl Config {
         }
         self.tls.validate().map_err(ConfigError::Invalid)?;
         self.server.validate().map_err(ConfigError::Invalid)?;
+        for (i, rule) in self.rls.rules.iter().enumerate() {
+            rule.validate(&format!("rls.rules[{i}]"))
+                .map_err(ConfigError::Invalid)?;
+        }
         if self
             .log_level
             .parse::<tracing_subscriber::EnvFilter>()

@@ -72,6 +72,8 @@ pub async fn run(
         payment_retry: config.payments.retry(),
         payment_resume_after: Duration::from_millis(config.payments.resume_after_ms),
         metrics: metrics.clone(),
+        rls_rules: config.rls.rules.clone().into(),
+        rls_headers: config.rls.rate_limit_headers,
     };
     let parts = Parts {
         policy: Arc::new(config.policy()),

@@ -26,10 +26,11 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::api::auth::BearerAuth;
+use crate::api::envoy::service::ratelimit::v3 as envoy_rls;
 use crate::api::layer::GuardLayer;
 use crate::api::pb::admin_service_server::AdminServiceServer;
 use crate::api::pb::quota_service_server::QuotaServiceServer;
-use crate::api::{AdminApi, AppSlot, QuotaApi, pb};
+use crate::api::{AdminApi, AppSlot, QuotaApi, RlsApi, pb};
 use crate::app::Quota;
 use crate::http::Readiness;
 use crate::metrics::Metrics;
@@ -84,6 +85,9 @@ pub struct ServeSettings {
     /// A purchase still in flight this long after it started is paid again (same key).
     pub payment_resume_after: Duration,
     pub metrics: Arc<Metrics>,
+    /// Envoy rate limit rules, and whether to add `RateLimit-*` headers.
+    pub rls_rules: Arc<[crate::domain::rls::RlsRule]>,
+    pub rls_headers: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,10 +233,12 @@ fn router<S: Store>(
 > {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(envoy_rls::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(envoy_rls::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let guard = GuardLayer::new(
@@ -246,6 +252,18 @@ fn router<S: Store>(
             QuotaServiceServer::new(QuotaApi::new(slot.clone()))
                 .max_decoding_message_size(size)
                 .max_encoding_message_size(size),
+            BearerAuth::optional(settings.quota_token.as_deref()),
+        )
+    });
+    let rate_limits = with_quota.then(|| {
+        InterceptedService::new(
+            envoy_rls::rate_limit_service_server::RateLimitServiceServer::new(RlsApi::new(
+                slot.clone(),
+                settings.rls_rules.clone(),
+                settings.rls_headers,
+            ))
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
             BearerAuth::optional(settings.quota_token.as_deref()),
         )
     });
@@ -264,6 +282,7 @@ fn router<S: Store>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_optional_service(quota)
+        .add_optional_service(rate_limits)
         .add_optional_service(admin))
 }
 

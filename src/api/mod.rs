@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod convert;
 pub mod layer;
+pub mod rls;
 pub mod status;
 
 use std::sync::Arc;
@@ -57,6 +58,8 @@ pub mod envoy {
         }
     }
 }
+
+pub use rls::RlsApi;
 
 use pb::admin_service_server::AdminService;
 use pb::quota_service_server::QuotaService;

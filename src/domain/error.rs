@@ -35,6 +35,17 @@ impl DomainError {
         }
     }
 
+    /// Whether this says the account does not exist.
+    pub fn is_account_not_found(&self) -> bool {
+        matches!(
+            self,
+            DomainError::NotFound {
+                what: "account",
+                ..
+            }
+        )
+    }
+
     pub fn reservation_not_found(id: &str) -> Self {
         DomainError::NotFound {
             what: "reservation",

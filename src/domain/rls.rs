@@ -224,7 +224,8 @@ pub struct CounterStatus {
     pub over: bool,
     /// What is left after this request (if admitted).
     pub remaining: u64,
-    /// When enough has left the window to admit as much again; 0 if nothing is counted.
+    /// Over the limit: when enough has left the window to admit the request. Under it: when
+    /// everything counted now has left the window (0 if nothing is counted).
     pub reset_in_ms: i64,
 }
 
@@ -262,15 +263,20 @@ pub fn check_and_count(
         .map(|check| {
             let (counted, hits) = wanted[check.key.as_str()];
             let after = if all_fit { counted + hits } else { counted };
-            let target = i64::try_from(check.limit.saturating_sub(check.hits)).unwrap_or(0);
-            let reset_in_ms = windows
-                .get(&check.key)
-                .and_then(|w| w.committed_at_most_at(now, target))
-                .map_or(check.unit.length_ms(), |at| {
-                    at.as_millis() - now.as_millis()
-                });
+            let over = !fits(check);
+            let window = windows.get(&check.key);
+            let reset_at = if over {
+                let target = i64::try_from(check.limit).unwrap_or(i64::MAX)
+                    - i64::try_from(check.hits).unwrap_or(i64::MAX);
+                window.and_then(|w| w.committed_at_most_at(now, target))
+            } else {
+                Some(window.and_then(SlidingWindow::resets_at).unwrap_or(now))
+            };
+            let reset_in_ms = reset_at.map_or(check.unit.length_ms(), |at| {
+                at.as_millis() - now.as_millis()
+            });
             CounterStatus {
-                over: !fits(check),
+                over,
                 remaining: check.limit.saturating_sub(after),
                 reset_in_ms: reset_in_ms.max(0),
             }

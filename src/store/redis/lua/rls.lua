@@ -80,9 +80,14 @@ for i, c in ipairs(checks) do
   local want, w = wanted[c.key], windows[c.key]
   local after = want.counted
   if all_fit then after = after + want.hits end
-  -- When the count is down to limit - hits (when this request would fit again).
+  local over = want.counted + want.hits > c.limit
+  -- Over: when the count is down to limit - hits (the request would fit again). Under: when
+  -- everything counted has left.
   local target, remaining, reset_in = c.limit - c.hits, w.total, nil
-  if target >= 0 then
+  if not over then
+    local last = w.buckets[#w.buckets]
+    reset_in = last and ((last[1] + 1) * w.bucket + w.len - now) or 0
+  elseif target >= 0 then
     if remaining <= target then
       reset_in = 0
     else
@@ -97,6 +102,6 @@ for i, c in ipairs(checks) do
   end
   if not reset_in then reset_in = c.len end
   out[i] = string.format('{"over":%d,"remaining":%d,"reset_in":%d}',
-    (want.counted + want.hits > c.limit) and 1 or 0, math.max(c.limit - after, 0), math.max(reset_in, 0))
+    over and 1 or 0, math.max(c.limit - after, 0), math.max(reset_in, 0))
 end
 return '[' .. table.concat(out, ',') .. ']'
