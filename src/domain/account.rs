@@ -87,44 +87,102 @@ struct GrantRecord {
 
 /// Records kept for a while, forgotten in the order they were made. An id recorded again
 /// (a request id reused after its first answer was forgotten) lives on from its new time.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Most accounts keep a handful of records, so they are a queue searched from the newest, sized
+/// exactly (a hash map would cost a few hundred bytes per account even for one record); an
+/// index by id is built once an account keeps many.
+#[derive(Debug, Clone)]
 struct Retained<T> {
-    by_id: HashMap<String, (Timestamp, T)>,
-    /// (when recorded, id), oldest first; may name an id that was recorded again since.
-    order: VecDeque<(Timestamp, String)>,
+    /// (when recorded, id, record), oldest first; an id recorded again appears again, and
+    /// the newer entry is the one that counts.
+    entries: VecDeque<(Timestamp, Box<str>, T)>,
+    /// Sequence number of `entries[0]`.
+    first: u64,
+    /// id -> sequence number of its newest entry, once there are more than [`INDEX_FROM`].
+    index: Option<HashMap<Box<str>, u64>>,
 }
+
+/// Records an account keeps before they are indexed by id.
+const INDEX_FROM: usize = 16;
 
 impl<T> Default for Retained<T> {
     fn default() -> Self {
         Retained {
-            by_id: HashMap::new(),
-            order: VecDeque::new(),
+            entries: VecDeque::new(),
+            first: 0,
+            index: None,
         }
     }
 }
 
+impl<T: PartialEq> PartialEq for Retained<T> {
+    /// The same records in the same order; how they are indexed does not matter.
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl<T: Eq> Eq for Retained<T> {}
+
+/// Pushes onto a queue that grows by half its length at a time (from one), not by doubling
+/// from four: per-account queues are short and there are millions of them.
+fn push_compact<T>(queue: &mut VecDeque<T>, item: T) {
+    if queue.len() == queue.capacity() {
+        queue.reserve_exact((queue.len() / 2).max(1));
+    }
+    queue.push_back(item);
+}
+
 impl<T> Retained<T> {
     fn get(&self, id: &str) -> Option<&T> {
-        self.by_id.get(id).map(|(_, record)| record)
+        match &self.index {
+            Some(index) => {
+                let seq = *index.get(id)?;
+                let position = usize::try_from(seq - self.first).ok()?;
+                self.entries.get(position).map(|(_, _, record)| record)
+            }
+            None => self
+                .entries
+                .iter()
+                .rev()
+                .find(|(_, entry, _)| &**entry == id)
+                .map(|(_, _, record)| record),
+        }
     }
 
     fn insert(&mut self, now: Timestamp, id: String, record: T) {
-        self.order.push_back((now, id.clone()));
-        self.by_id.insert(id, (now, record));
+        let seq = self.first + self.entries.len() as u64;
+        let id: Box<str> = id.into_boxed_str();
+        if let Some(index) = &mut self.index {
+            index.insert(id.clone(), seq);
+        }
+        push_compact(&mut self.entries, (now, id, record));
+        if self.index.is_none() && self.entries.len() > INDEX_FROM {
+            let mut index = HashMap::with_capacity(self.entries.len());
+            for (offset, (_, id, _)) in self.entries.iter().enumerate() {
+                index.insert(id.clone(), self.first + offset as u64);
+            }
+            self.index = Some(index);
+        }
     }
 
     /// Forgets records made at or before `cutoff`.
     fn forget_until(&mut self, cutoff: Timestamp) {
-        while self.order.front().is_some_and(|(at, _)| *at <= cutoff) {
-            if let Some((at, id)) = self.order.pop_front() {
-                if self
-                    .by_id
-                    .get(&id)
-                    .is_some_and(|(recorded, _)| *recorded == at)
-                {
-                    self.by_id.remove(&id);
-                }
+        while self.entries.front().is_some_and(|(at, _, _)| *at <= cutoff) {
+            if let Some((_, id, _)) = self.entries.pop_front()
+                && let Some(index) = &mut self.index
+                && index.get(&id) == Some(&self.first)
+            {
+                index.remove(&id);
             }
+            self.first += 1;
+        }
+        if self.entries.is_empty() {
+            // Give the memory back: most accounts are idle most of the time.
+            *self = Retained {
+                first: self.first,
+                ..Retained::default()
+            };
         }
     }
 }
@@ -154,8 +212,12 @@ pub struct AccountState {
     recent: VecDeque<UsageEvent>,
     /// Charges recorded so far (the last event's `seq`).
     events: u64,
-    top_up: TopUp,
+    /// None until auto top-up is first configured (most accounts never do).
+    top_up: Option<Box<TopUp>>,
 }
+
+/// The auto top-up state of an account that never configured it.
+static NO_TOP_UP: std::sync::LazyLock<TopUp> = std::sync::LazyLock::new(TopUp::default);
 
 impl AccountState {
     pub fn new(account: Account) -> Self {
@@ -170,12 +232,19 @@ impl AccountState {
             grants: HashMap::new(),
             recent: VecDeque::new(),
             events: 0,
-            top_up: TopUp::default(),
+            top_up: None,
         }
     }
 
     pub fn account(&self) -> &Account {
         &self.account
+    }
+
+    /// A map keeps its table when emptied; an account with nothing open gives it back.
+    fn tidy_open(&mut self) {
+        if self.open.is_empty() && self.open.capacity() > 0 {
+            self.open = HashMap::new();
+        }
     }
 
     /// Open reservations.
@@ -210,6 +279,7 @@ impl AccountState {
                 );
             }
         }
+        self.tidy_open();
         let retention = i64::from(policy.limits.idempotency_retention_seconds) * SECOND_MS;
         let cutoff = now.plus_millis(-retention);
         self.closed.forget_until(cutoff);
@@ -221,7 +291,7 @@ impl AccountState {
 
     /// The auto top-up purchase in flight, if any.
     pub fn top_up_in_flight(&self) -> Option<&Purchase> {
-        self.top_up.in_flight()
+        self.top_up().in_flight()
     }
 
     fn plan<'p>(&self, policy: &'p Policy) -> Result<&'p Plan, DomainError> {
@@ -323,7 +393,7 @@ impl AccountState {
                     available: available.max(0),
                 };
                 // After declines, buying more will not help until the payment method is fixed.
-                let action = if self.top_up.payment_method_failing() {
+                let action = if self.top_up().payment_method_failing() {
                     Action::UpdatePaymentMethod
                 } else {
                     Action::BuyCredits
@@ -448,7 +518,7 @@ impl AccountState {
             matches!(&decision, Decision::Deny(d) if d.reason == DenyReason::CreditsExhausted);
         if cmd.wait_for_top_up && short_of_credits {
             let top_up = self.check_top_up(policy, now);
-            if self.top_up.in_flight().is_some() {
+            if self.top_up().in_flight().is_some() {
                 let status = self.status(policy)?;
                 return Ok(ReserveOutcome {
                     decision,
@@ -540,6 +610,7 @@ impl AccountState {
                 receipt: receipt.clone(),
             };
             self.closed.insert(now, r.id, closed);
+            self.tidy_open();
             receipt
         } else {
             r.expires_at = now.plus_millis(r.ttl_ms);
@@ -585,7 +656,7 @@ impl AccountState {
             while self.recent.len() >= capacity {
                 self.recent.pop_front();
             }
-            self.recent.push_back(event.clone());
+            push_compact(&mut self.recent, event.clone());
         }
         event
     }
@@ -601,6 +672,7 @@ impl AccountState {
         if let Some(r) = self.open.remove(id) {
             self.closed
                 .insert(now, id.clone(), Closed::Released { released: r.held });
+            self.tidy_open();
             return Ok(ReleaseOutcome { released: r.held });
         }
         match self.closed.get(id) {
@@ -716,16 +788,22 @@ impl AccountState {
             return None;
         }
         let available = self.credits_available();
+        // Never configured: nothing to check.
         self.top_up
+            .as_deref_mut()?
             .check(available, &self.account.id, policy.top_up, now)
+    }
+
+    fn top_up(&self) -> &TopUp {
+        self.top_up.as_deref().unwrap_or(&NO_TOP_UP)
     }
 
     fn top_up_view(&self) -> TopUpView {
         TopUpView {
-            settings: self.top_up.settings(),
-            last_attempt: self.top_up.last_attempt().cloned(),
-            consecutive_declines: self.top_up.consecutive_declines(),
-            in_flight: self.top_up.in_flight().cloned(),
+            settings: self.top_up().settings(),
+            last_attempt: self.top_up().last_attempt().cloned(),
+            consecutive_declines: self.top_up().consecutive_declines(),
+            in_flight: self.top_up().in_flight().cloned(),
         }
     }
 
@@ -745,7 +823,7 @@ impl AccountState {
             ));
         }
         let available = self.credits_available();
-        let top_up = self.top_up.configure(
+        let top_up = self.top_up.get_or_insert_with(Box::default).configure(
             cmd.settings,
             available,
             &self.account.id,
@@ -770,6 +848,7 @@ impl AccountState {
         self.settle(policy, now);
         if let Some(paid) = self
             .top_up
+            .get_or_insert_with(Box::default)
             .settle(&cmd.purchase_id, &cmd.result, policy.top_up, now)
         {
             let lot = CreditLot {
@@ -1107,5 +1186,36 @@ mod tests {
                 && retry <= Timestamp::from_millis(T0 + 7 * DAY_MS + HOUR_MS)
         );
         assert!(d.message.contains("this week"), "{}", d.message);
+    }
+}
+
+#[cfg(test)]
+mod retained_tests {
+    use super::*;
+
+    #[test]
+    fn records_are_found_forgotten_in_order_and_indexed_when_many() {
+        let t = Timestamp::from_millis;
+        for n in [3_i64, 40] {
+            let mut r: Retained<i64> = Retained::default();
+            for i in 0..n {
+                r.insert(t(i), format!("id{i}"), i);
+            }
+            // Recorded again later: the newer record counts.
+            r.insert(t(n), "id0".into(), 100);
+            assert_eq!(r.index.is_some(), n > INDEX_FROM as i64);
+            assert_eq!(r.get("id0"), Some(&100));
+            assert_eq!(r.get(&format!("id{}", n - 1)), Some(&(n - 1)));
+            assert_eq!(r.get("nope"), None);
+            r.forget_until(t(1));
+            assert_eq!(r.get("id1"), None);
+            assert_eq!(r.get("id0"), Some(&100), "its newer record stays");
+            assert_eq!(r.get("id2"), Some(&2));
+            r.forget_until(t(n));
+            assert_eq!(r.get("id0"), None);
+            assert!(r.entries.is_empty() && r.entries.capacity() == 0, "memory given back");
+            r.insert(t(n + 1), "again".into(), 7);
+            assert_eq!(r.get("again"), Some(&7));
+        }
     }
 }

@@ -81,7 +81,13 @@ impl SlidingWindow {
         let bucket = now.as_millis().div_euclid(self.spec.bucket_ms);
         match self.buckets.back_mut() {
             Some((newest, sum)) if *newest >= bucket => *sum += amount,
-            _ => self.buckets.push_back((bucket, amount)),
+            _ => {
+                // Sized exactly: most windows hold a few buckets, and there is one per account.
+                if self.buckets.len() == self.buckets.capacity() {
+                    self.buckets.reserve_exact((self.buckets.len() / 2).max(1));
+                }
+                self.buckets.push_back((bucket, amount));
+            }
         }
         self.total += amount;
     }

@@ -25,7 +25,9 @@ use crate::domain::{
 #[derive(Debug)]
 pub struct MemoryStore {
     policy: Arc<Policy>,
-    accounts: DashMap<String, AccountState>,
+    /// Boxed: the map's table then holds a pointer per slot, not a whole account, so its spare
+    /// capacity costs little (it matters at millions of accounts).
+    accounts: DashMap<String, Box<AccountState>>,
     export: ExportLog,
     /// Open reservations of all accounts, kept by every operation (it sees the account's count
     /// before and after, under the account's lock).
@@ -85,14 +87,14 @@ impl Store for MemoryStore {
             .accounts
             .entry(cmd.account_id.clone())
             .or_insert_with(|| {
-                AccountState::new(Account {
+                Box::new(AccountState::new(Account {
                     id: cmd.account_id.clone(),
                     plan: cmd
                         .plan_hint
                         .clone()
                         .unwrap_or_else(|| self.policy.default_plan.clone()),
                     credit_purchase_allowed: true,
-                })
+                }))
             });
         let before = state.open_holds();
         let outcome = state.reserve(&self.policy, &cmd, now);
@@ -170,7 +172,7 @@ impl Store for MemoryStore {
         let mut state = self
             .accounts
             .entry(account.id.clone())
-            .or_insert_with(|| AccountState::new(account.clone()));
+            .or_insert_with(|| Box::new(AccountState::new(account.clone())));
         let before = state.open_holds();
         state.settle(&self.policy, now);
         self.count_holds(before, state.open_holds());
