@@ -2,6 +2,10 @@
 //! output is short human-readable text by default (amounts in credits, instants in RFC 3339), or
 //! one JSON object with `--json` (amounts as integer `*_micros`, enums by their proto names).
 //! A deny is an answer, not a failure: it exits 0. A gRPC error exits 1 with `error: CODE: …`.
+//! `quotactl bench` is a load generator (see `bench.rs`).
+
+#[path = "quotactl/bench.rs"]
+mod bench;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -115,6 +119,30 @@ enum Command {
     /// Read or change an account (admin).
     #[command(subcommand)]
     Account(AccountCommand),
+    /// Load generator: throughput, outcomes and latency percentiles of one workload.
+    ///
+    /// Workloads: `reserve-commit` (default): a Reserve, then a final Commit of the same usage;
+    /// one operation is the pair, timed as a pair and for its Reserve alone. `reserve`: a
+    /// Reserve alone; an allowed hold is then released (the Release is not timed, but the
+    /// worker waits for it, so holds never pile up). `health`: grpc.health.v1 Check of the whole
+    /// server, the floor any call pays. `rls`: Envoy's ShouldRateLimit with one descriptor,
+    /// `account_id = ACCOUNT`.
+    ///
+    /// Accounts are `bench-RUN-N`, drawn with a Zipf popularity; before the run a share is set
+    /// up over the limit (free, 5-hour window used up: their Reserves are denied) and a share on
+    /// credits (plus with credits granted and the 5-hour window used up; needs the admin token,
+    /// skipped without one); the rest are new free accounts made by their first Reserve. The
+    /// default task is tiny (10 input and 1 output tokens on gpt-5.5-mini: 0.00045 credits) so
+    /// that even the most popular account, which gets about 15% of the calls with the defaults,
+    /// lasts 33,000 tasks on the free plan's 5-hour window; larger tasks make popular accounts
+    /// run out during the run, which shows as denials of free accounts.
+    ///
+    /// A denial is an answer (DENY, OVER_LIMIT) and counted apart from errors, which are counted
+    /// by gRPC code. Latency covers the operations answered (allowed or denied), in
+    /// microseconds; a denied reserve-commit operation is its Reserve alone. Output: a progress
+    /// bar on stderr (on a terminal, without --json), then a summary, or one JSON object with
+    /// --json.
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(Subcommand)]
@@ -235,6 +263,9 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Bench(args) = cli.command {
+        return bench::run(&cli.addr, cli.token.as_deref(), cli.json, *args).await;
+    }
     let channel = Channel::from_shared(cli.addr.clone())
         .context("--addr must be a URL such as http://127.0.0.1:50051")?
         .connect()
@@ -430,6 +461,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             out.account(&admin.upsert_account(request).await?.into_inner());
         }
+        Command::Bench(_) => unreachable!("run before connecting"),
     }
     Ok(())
 }
