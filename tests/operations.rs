@@ -452,3 +452,58 @@ async fn sigterm_finishes_calls_in_flight_refuses_new_ones_and_exits_0() {
         .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_on_its_own_listener_with_its_token_from_a_file() {
+    let dir = std::env::temp_dir().join(format!("quotad-admin-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, "from-a-file\n").unwrap();
+    let path = token_file.display().to_string();
+    let quotad = tokio::task::spawn_blocking(move || {
+        Quotad::start(
+            &[],
+            &[
+                ("QUOTAD_ADMIN_LISTEN", "127.0.0.1:0"),
+                ("QUOTAD_ADMIN_TOKEN_FILE", path.as_str()),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let output = quotad.output();
+    let admin_addr = output
+        .split("AdminService at ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the admin address is logged")
+        .to_owned();
+    let admin = |url: String, token: &str| {
+        let token = BearerToken(Some(token.into()));
+        async move {
+            let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+            AdminServiceClient::with_interceptor(channel, token)
+        }
+    };
+    let get = || pb::GetAccountRequest {
+        account_id: "nobody".into(),
+    };
+    // On its own port, with the token read from the file (its trailing newline dropped).
+    let err = admin(format!("http://{admin_addr}"), "from-a-file")
+        .await
+        .get_account(get())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Not on the main port at all.
+    let err = admin(quotad.url(), "from-a-file")
+        .await
+        .get_account(get())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    // QuotaService stays on the main port.
+    let mut q = QuotaServiceClient::connect(quotad.url()).await.unwrap();
+    q.reserve(reserve("a", "r", 1)).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
