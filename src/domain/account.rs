@@ -846,11 +846,12 @@ impl AccountState {
         now: Timestamp,
     ) -> Result<TopUpOutcome, DomainError> {
         self.settle(policy, now);
-        if let Some(paid) = self
-            .top_up
-            .get_or_insert_with(Box::default)
-            .settle(&cmd.purchase_id, &cmd.result, policy.top_up, now)
-        {
+        if let Some(paid) = self.top_up.get_or_insert_with(Box::default).settle(
+            &cmd.purchase_id,
+            &cmd.result,
+            policy.top_up,
+            now,
+        ) {
             let lot = CreditLot {
                 id: paid.id.clone(),
                 source: LotSource::AutoTopUp,
@@ -1213,7 +1214,10 @@ mod retained_tests {
             assert_eq!(r.get("id2"), Some(&2));
             r.forget_until(t(n));
             assert_eq!(r.get("id0"), None);
-            assert!(r.entries.is_empty() && r.entries.capacity() == 0, "memory given back");
+            assert!(
+                r.entries.is_empty() && r.entries.capacity() == 0,
+                "memory given back"
+            );
             r.insert(t(n + 1), "again".into(), 7);
             assert_eq!(r.get("again"), Some(&7));
         }
