@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The figures of README "Speed", each from one command, measured on this machine in one run:
+#
+#   bench/figures.sh ratios memory   # Reserve+Commit pairs/s and RLS calls/s over health checks/s
+#   bench/figures.sh ratios redis    # the same on a local redis-server
+#   bench/figures.sh latency memory  # p99 Reserve at half the saturation rate; p99.9 at saturation
+#   bench/figures.sh latency redis
+#   bench/figures.sh memory          # bytes per account, 1,000,000 accounts (cargo bench --bench memory)
+#   bench/figures.sh admission       # ns per decision beside governor and limitador (criterion)
+#
+# quotad and quotactl run as release builds on loopback; the load generator shares the machine,
+# so every figure is a ratio of runs made the same way, one after the other.
+# BENCH_SECONDS (default 10) sets each run's length.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds="${BENCH_SECONDS:-10}"
+token="bench-admin-token"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+start_quotad() { # $1: memory|redis
+  cargo build --release --quiet --bin quotad --bin quotactl
+  local port; port="$(free_port)"
+  local args=(serve --listen "127.0.0.1:$port")
+  if [ "$1" = redis ]; then
+    local redis_port; redis_port="$(free_port)"
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+    REDIS_PID=$!
+    for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    args+=(--store redis --redis-url "redis://127.0.0.1:$redis_port")
+  fi
+  # Load generator and quotad share the cores: give Redis calls room before they count as failed.
+  QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=1000 \
+  QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN=127.0.0.1:0 QUOTAD_LOG_FORMAT=pretty \
+    target/release/quotad "${args[@]}" >/dev/null 2>&1 &
+  QUOTAD_PID=$!
+  ADDR="http://127.0.0.1:$port"
+  for _ in $(seq 100); do
+    target/release/quotactl --addr "$ADDR" bench --workload health --requests 1 --json >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "quotad did not start" >&2; exit 1
+}
+
+stop() {
+  [ -n "${QUOTAD_PID:-}" ] && kill "$QUOTAD_PID" 2>/dev/null && wait "$QUOTAD_PID" 2>/dev/null || true
+  [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null || true
+}
+trap stop EXIT
+
+bench() { # workload, extra args...
+  local workload="$1"; shift
+  QUOTAD_ADMIN_TOKEN="$token" target/release/quotactl --addr "$ADDR" --json bench \
+    --workload "$workload" --duration "${seconds}s" --warmup 2s "$@"
+}
+
+field() { jq -r "$1"; }
+
+case "${1:-}" in
+  ratios)
+    store="${2:?memory or redis}"
+    start_quotad "$store"
+    health="$(bench health)"
+    pairs="$(bench reserve-commit)"
+    rls="$(bench rls)"
+    h="$(echo "$health" | field .ops_per_s)"
+    p="$(echo "$pairs" | field .ops_per_s)"
+    r="$(echo "$rls" | field .ops_per_s)"
+    echo "store $store, 4 connections, 64 in flight, ${seconds} s each"
+    printf '%-26s %10.0f /s  p99 %6s µs\n' "health checks" "$h" "$(echo "$health" | field .latency_us.p99)"
+    printf '%-26s %10.0f /s  p99 %6s µs  ratio %.2f\n' "Reserve+Commit pairs" "$p" "$(echo "$pairs" | field .latency_us.p99)" "$(jq -n "$p / $h")"
+    printf '%-26s %10.0f /s  p99 %6s µs  ratio %.2f\n' "RLS calls" "$r" "$(echo "$rls" | field .latency_us.p99)" "$(jq -n "$r / $h")"
+    ;;
+  latency)
+    store="${2:?memory or redis}"
+    start_quotad "$store"
+    saturated="$(bench reserve)"
+    max="$(echo "$saturated" | field .ops_per_s)"
+    half="$(jq -n "$max / 2 | floor")"
+    at_half="$(bench reserve --rate "$half")"
+    echo "store $store, Reserve, 4 connections, 64 in flight, ${seconds} s each"
+    printf 'saturation  %8.0f /s  p99 %6s µs  p99.9 %6s µs\n' "$max" "$(echo "$saturated" | field .latency_us.p99)" "$(echo "$saturated" | field .latency_us.p99_9)"
+    printf 'half rate   %8s /s  p99 %6s µs  p99.9 %6s µs\n' "$half" "$(echo "$at_half" | field .latency_us.p99)" "$(echo "$at_half" | field .latency_us.p99_9)"
+    ;;
+  memory)
+    cargo bench --bench memory
+    ;;
+  admission)
+    cargo bench --bench admission
+    ;;
+  *)
+    sed -n '2,14p' "$0"
+    exit 2
+    ;;
+esac
