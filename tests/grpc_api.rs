@@ -9,29 +9,7 @@ use quotad::config::StoreKind;
 use support::{ADMIN_TOKEN, AdminClient, CREDIT, QuotaClient, TestServer, costing, usage};
 use tonic::Code;
 
-/// Runs each test once per store.
-macro_rules! on_every_store {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(quotad::config::StoreKind::Memory).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(quotad::config::StoreKind::Redis).await;
-                }
-            )*
-        }
-    };
-}
-
-on_every_store!(
+support::on_every_store!(
     free_user_over_the_5h_window_gets_the_upgrade_prompt,
     go_user_is_prompted_to_plus_and_the_weekly_limit_binds_too,
     plus_user_runs_on_credits_across_the_boundary,

@@ -19,28 +19,7 @@ use support::redis::RedisServer;
 use support::{TestServer, costing};
 use tonic::transport::Channel;
 
-macro_rules! on_every_store {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(quotad::config::StoreKind::Memory).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(quotad::config::StoreKind::Redis).await;
-                }
-            )*
-        }
-    };
-}
-
-on_every_store!(
+support::on_every_store!(
     several_descriptors_are_checked_together_with_hits_at_both_levels,
     a_minute_limit_slides_over_any_60_seconds,
     the_default_config_stops_an_exhausted_account_at_the_edge,

@@ -224,3 +224,29 @@ pub async fn usage_until(
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Expands to one test per named function (taking the store kind) per store: `memory::NAME` and
+/// `redis::NAME`, each a real server on that store.
+#[allow(unused_macros)]
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(quotad::config::StoreKind::Memory).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(quotad::config::StoreKind::Redis).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_every_store;
