@@ -137,9 +137,12 @@ impl<S: Store> Quota<S> {
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let started = std::time::Instant::now();
-        let result = call
-            .instrument(tracing::info_span!("store", op, otel.kind = "client"))
-            .await;
+        let span = if crate::telemetry::exporting_traces() {
+            tracing::info_span!("store", op, otel.kind = "client")
+        } else {
+            tracing::debug_span!("store", op, otel.kind = "client")
+        };
+        let result = call.instrument(span).await;
         let error = match &result {
             Err(StoreError::Unavailable(_)) => Some("unavailable"),
             Err(StoreError::Internal(_)) => Some("internal"),

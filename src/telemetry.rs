@@ -8,6 +8,7 @@
 //! draining pod are not lost.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -28,6 +29,14 @@ pub enum TelemetryError {
     Exporter(String),
     #[error("cannot install the log subscriber: {0}")]
     Subscriber(String),
+}
+
+/// Whether spans are exported (set once at start): calls then get INFO spans with their
+/// domain fields; otherwise DEBUG spans, which cost nothing unless debug logging is on.
+static EXPORTING_TRACES: AtomicBool = AtomicBool::new(false);
+
+pub fn exporting_traces() -> bool {
+    EXPORTING_TRACES.load(Ordering::Relaxed)
 }
 
 /// An account id as it may appear in logs, spans and traces: the first 8 bytes of its SHA-256,
@@ -90,6 +99,7 @@ impl Telemetry {
                     .build();
                 let tracer = traces.tracer("quotad");
                 telemetry.traces = Some(traces);
+                EXPORTING_TRACES.store(true, Ordering::Relaxed);
 
                 let exporter = opentelemetry_otlp::MetricExporter::builder()
                     .with_tonic()

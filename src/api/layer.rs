@@ -101,25 +101,37 @@ where
             .trim_start_matches('/')
             .split_once('/')
             .unwrap_or(("", path.as_str()));
-        let span = tracing::info_span!(
-            "grpc",
-            otel.name = %path.trim_start_matches('/'),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
-            rpc.grpc.status_code = tracing::field::Empty,
-            account = tracing::field::Empty,
-            product = tracing::field::Empty,
-            plan = tracing::field::Empty,
-            decision = tracing::field::Empty,
-            action = tracing::field::Empty,
-            funding = tracing::field::Empty,
-        );
-        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.extract(&Headers(request.headers()))
-        });
-        let _ = span.set_parent(parent);
+        // Spans cost a formatted record each; they are made at INFO (recorded) only while traces
+        // are exported, at DEBUG (usually off) otherwise.
+        macro_rules! call_span {
+            ($make:ident) => {
+                tracing::$make!(
+                    "grpc",
+                    otel.name = %path.trim_start_matches('/'),
+                    otel.kind = "server",
+                    rpc.system = "grpc",
+                    rpc.service = %service,
+                    rpc.method = %method,
+                    rpc.grpc.status_code = tracing::field::Empty,
+                    account = tracing::field::Empty,
+                    product = tracing::field::Empty,
+                    plan = tracing::field::Empty,
+                    decision = tracing::field::Empty,
+                    action = tracing::field::Empty,
+                    funding = tracing::field::Empty,
+                )
+            };
+        }
+        let span = if crate::telemetry::exporting_traces() {
+            let span = call_span!(info_span);
+            let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+                propagator.extract(&Headers(request.headers()))
+            });
+            let _ = span.set_parent(parent);
+            span
+        } else {
+            call_span!(debug_span)
+        };
         let method = method.to_owned();
         let started = Instant::now();
         Box::pin(
