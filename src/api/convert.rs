@@ -223,7 +223,7 @@ impl From<CommitOutcome> for pb::CommitResponse {
             may_continue: r.may_continue,
             windows: windows(o.status.clone()),
             credit_balance_micros: o.status.credit_balance,
-            message: r.message,
+            message: r.message(),
             held: Some(r.held.into()),
             expires_at: r.expires_at.map(timestamp),
             charged_total: Some(r.charged_total.into()),
@@ -273,12 +273,12 @@ fn usage_event(account_id: &str, e: UsageEvent) -> pb::UsageEvent {
         event_id: e.id(account_id),
         seq: e.seq,
         at: Some(timestamp(e.at)),
-        product: e.product,
+        product: e.product.to_string(),
         model: e.usage.model.clone(),
         usage: Some(e.usage.into()),
         charged: Some(e.charged.into()),
         reservation_id: e.reservation_id,
-        price_version: e.price_version,
+        price_version: e.price_version.to_string(),
     }
 }
 

@@ -1,6 +1,8 @@
 //! What the rules answer: commands in, decisions and outcomes out. These are plain values, the
 //! same whichever store computed them, so the API edge converts them without knowing the store.
 
+use std::sync::Arc;
+
 use super::fingerprint::Fingerprint;
 use super::ledger::{CreditLot, LedgerTotals, LotSource};
 use super::money::{Credits, Funding, Micros};
@@ -228,7 +230,8 @@ pub enum Decision {
         held: Funding,
         expires_at: Timestamp,
     },
-    Deny(Denial),
+    /// Boxed: first answers are kept for retries, and most of them are allows.
+    Deny(Box<Denial>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,9 +275,9 @@ pub struct CommitReceipt {
     pub held: Funding,
     pub expires_at: Option<Timestamp>,
     pub may_continue: bool,
-    /// Set when the next chunk of the task is not funded.
-    pub denial: Option<Denial>,
-    pub message: String,
+    /// Set when the next chunk of the task is not funded (boxed: rare, and receipts are kept
+    /// for retries, one per finished task).
+    pub denial: Option<Box<Denial>>,
 }
 
 impl CommitReceipt {
@@ -287,10 +290,22 @@ impl CommitReceipt {
             expires_at: None,
             may_continue: false,
             denial: None,
-            message: format!(
+        }
+    }
+
+    /// A sentence a frontend can show, from the receipt's facts (not stored: receipts are kept
+    /// for retries, and the words are the same every time).
+    pub fn message(&self) -> String {
+        match (&self.denial, self.expires_at) {
+            (Some(denial), _) => denial.message.clone(),
+            (None, None) => format!(
                 "Task finished: {} credits charged in all.",
-                Credits(charged_total.total())
+                Credits(self.charged_total.total())
             ),
+            (None, Some(_)) if self.held.credit > 0 => {
+                "The plan's included usage is used up; the task continues on credits.".into()
+            }
+            (None, Some(_)) => String::new(),
         }
     }
 
@@ -302,21 +317,13 @@ impl CommitReceipt {
         expires_at: Timestamp,
         denial: Option<Denial>,
     ) -> CommitReceipt {
-        let message = match &denial {
-            Some(d) => d.message.clone(),
-            None if held.credit > 0 => {
-                "The plan's included usage is used up; the task continues on credits.".into()
-            }
-            None => String::new(),
-        };
         CommitReceipt {
             charged,
             charged_total,
             held,
             expires_at: Some(expires_at),
             may_continue: denial.is_none(),
-            denial,
-            message,
+            denial: denial.map(Box::new),
         }
     }
 }
@@ -397,12 +404,28 @@ pub struct UsageEvent {
     /// The account's charges are numbered from 1, in the order they were made.
     pub seq: u64,
     pub at: Timestamp,
-    pub product: String,
+    /// Interned (see [`intern`]): every account's history names the same few products.
+    pub product: Arc<str>,
     /// Usage added by this charge (the difference between cumulative commits).
     pub usage: Usage,
     pub charged: Funding,
     pub reservation_id: String,
-    pub price_version: String,
+    /// Interned, like `product`.
+    pub price_version: Arc<str>,
+}
+
+/// One shared copy of a short string that many records repeat (product names, price sheet
+/// versions: a handful of values from config), instead of one allocation per record.
+pub fn intern(text: &str) -> Arc<str> {
+    static TABLE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<Arc<str>>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(shared) = table.get(text) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = Arc::from(text);
+    table.insert(shared.clone());
+    shared
 }
 
 impl UsageEvent {

@@ -50,13 +50,24 @@ impl RlsUnit {
     }
 
     /// The sliding window of this unit: 60 buckets, so a count leaves at most 1/60 late.
-    pub fn window(self) -> WindowSpec {
-        let length_ms = self.length_ms();
-        WindowSpec {
-            name: "rls",
-            length_ms,
-            bucket_ms: (length_ms / 60).max(1),
+    pub fn window(self) -> &'static WindowSpec {
+        const fn spec(length_ms: i64) -> WindowSpec {
+            WindowSpec {
+                name: "rls",
+                length_ms,
+                bucket_ms: length_ms / 60,
+            }
         }
+        const SPECS: [WindowSpec; 7] = [
+            spec(SECOND_MS),
+            spec(MINUTE_MS),
+            spec(HOUR_MS),
+            spec(DAY_MS),
+            spec(7 * DAY_MS),
+            spec(30 * DAY_MS),
+            spec(365 * DAY_MS),
+        ];
+        &SPECS[self as usize]
     }
 }
 

@@ -37,14 +37,15 @@ pub const WEEKLY: WindowSpec = WindowSpec {
 /// Committed usage of one window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlidingWindow {
-    spec: WindowSpec,
+    /// A reference, not a copy: there are two windows per account, millions of accounts.
+    spec: &'static WindowSpec,
     /// (bucket index, amount), bucket index ascending.
     buckets: VecDeque<(i64, Micros)>,
     total: Micros,
 }
 
 impl SlidingWindow {
-    pub fn new(spec: WindowSpec) -> Self {
+    pub fn new(spec: &'static WindowSpec) -> Self {
         Self {
             spec,
             buckets: VecDeque::new(),
@@ -53,7 +54,7 @@ impl SlidingWindow {
     }
 
     pub fn spec(&self) -> WindowSpec {
-        self.spec
+        *self.spec
     }
 
     /// The instant a bucket's usage stops counting.
@@ -137,7 +138,7 @@ mod tests {
 
     #[test]
     fn usage_leaves_after_the_window_and_at_most_one_bucket_late() {
-        let mut w = SlidingWindow::new(FIVE_HOUR);
+        let mut w = SlidingWindow::new(&FIVE_HOUR);
         let start = at(0).as_millis().div_euclid(FIVE_HOUR.bucket_ms) * FIVE_HOUR.bucket_ms;
         let t = Timestamp::from_millis(start + 2 * MINUTE_MS);
         w.add(t, 10);
@@ -154,7 +155,7 @@ mod tests {
 
     #[test]
     fn finds_when_enough_capacity_returns() {
-        let mut w = SlidingWindow::new(FIVE_HOUR);
+        let mut w = SlidingWindow::new(&FIVE_HOUR);
         w.add(at(0), 10);
         w.add(at(HOUR_MS), 20);
         w.add(at(2 * HOUR_MS), 30);
@@ -170,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_clock_stepping_back_lands_in_the_newest_bucket() {
-        let mut w = SlidingWindow::new(WEEKLY);
+        let mut w = SlidingWindow::new(&WEEKLY);
         w.add(at(3 * HOUR_MS), 5);
         w.add(at(0), 7);
         assert_eq!(w.buckets.len(), 1);
@@ -185,7 +186,7 @@ mod tests {
             steps in prop::collection::vec((0i64..3 * HOUR_MS, 1i64..1_000), 1..60),
             weekly in any::<bool>(),
         ) {
-            let spec = if weekly { WEEKLY } else { FIVE_HOUR };
+            let spec = if weekly { &WEEKLY } else { &FIVE_HOUR };
             let mut w = SlidingWindow::new(spec);
             let mut exact: Vec<(i64, i64)> = Vec::new();
             let mut now = T0;

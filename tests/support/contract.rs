@@ -635,7 +635,7 @@ pub async fn usage_history_and_conservation<S: Store>(store: S) {
     );
     assert_eq!(s.recent[1].charged, Funding::new(50 * CREDIT, 10 * CREDIT));
     assert_eq!(s.recent[0].usage.output_tokens, 100_000);
-    assert_eq!(s.recent[0].price_version, PriceSheet::default().version);
+    assert_eq!(*s.recent[0].price_version, *PriceSheet::default().version);
     let t = s.totals;
     assert_eq!(
         (t.granted, t.spent, t.balance),
@@ -1004,7 +1004,7 @@ pub async fn every_charge_is_exported_once_per_consumer_group<S: Store>(store: S
     }
     let second = billing.iter().find(|e| e.event_id() == "a:2").unwrap();
     assert_eq!(second.event.charged, Funding::new(3 * CREDIT, 0));
-    assert_eq!(second.event.product, "codex");
+    assert_eq!(&*second.event.product, "codex");
     assert_eq!(second.event.usage.output_tokens, 3 * 5_000);
     let history = store.usage("a", 10, at(4 * MINUTE_MS)).await.unwrap();
     assert_eq!(

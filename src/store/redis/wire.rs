@@ -188,7 +188,7 @@ impl DecisionJ {
                 held: held.into(),
                 expires_at: Timestamp::from_millis(expires_at),
             },
-            DecisionJ::Deny(facts) => Decision::Deny(facts.into_denial(policy)),
+            DecisionJ::Deny(facts) => Decision::Deny(Box::new(facts.into_denial(policy))),
         }
     }
 }
@@ -335,7 +335,7 @@ impl From<EventJ> for UsageEvent {
         UsageEvent {
             seq: e.seq,
             at: Timestamp::from_millis(e.at),
-            product: e.product,
+            product: crate::domain::intern(&e.product),
             usage: Usage {
                 model: e.usage.model,
                 input_tokens: count(e.usage.i),
@@ -346,7 +346,7 @@ impl From<EventJ> for UsageEvent {
             },
             charged: e.charged.into(),
             reservation_id: e.reservation_id,
-            price_version: e.price_version,
+            price_version: crate::domain::intern(&e.price_version),
         }
     }
 }
@@ -540,7 +540,7 @@ pub fn export_json(account_id: &str, e: &UsageEvent) -> String {
         account_id: account_id.to_owned(),
         seq: e.seq,
         at_ms: e.at.as_millis(),
-        product: e.product.clone(),
+        product: e.product.to_string(),
         model: e.usage.model.clone(),
         input_tokens: e.usage.input_tokens,
         cached_input_tokens: e.usage.cached_input_tokens,
@@ -550,7 +550,7 @@ pub fn export_json(account_id: &str, e: &UsageEvent) -> String {
         plan_micros: e.charged.plan,
         credit_micros: e.charged.credit,
         reservation_id: e.reservation_id.clone(),
-        price_version: e.price_version.clone(),
+        price_version: e.price_version.to_string(),
     };
     serde_json::to_string(&j).expect("plain data serializes")
 }
@@ -560,7 +560,7 @@ pub fn parse_export_json(text: &str) -> Result<(String, UsageEvent), serde_json:
     let event = UsageEvent {
         seq: j.seq,
         at: Timestamp::from_millis(j.at_ms),
-        product: j.product,
+        product: crate::domain::intern(&j.product),
         usage: Usage {
             model: j.model,
             input_tokens: j.input_tokens,
@@ -571,7 +571,7 @@ pub fn parse_export_json(text: &str) -> Result<(String, UsageEvent), serde_json:
         },
         charged: Funding::new(j.plan_micros, j.credit_micros),
         reservation_id: j.reservation_id,
-        price_version: j.price_version,
+        price_version: crate::domain::intern(&j.price_version),
     };
     Ok((j.account_id, event))
 }
