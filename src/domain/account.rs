@@ -210,7 +210,9 @@ pub struct AccountState {
     open: HashMap<String, Reservation>,
     closed: Retained<Closed>,
     requests: Retained<RequestRecord>,
-    grants: HashMap<String, GrantRecord>,
+    /// Boxed and made on the first grant: most accounts never get one.
+    #[allow(clippy::box_collection)]
+    grants: Option<Box<HashMap<String, GrantRecord>>>,
     /// Newest last.
     recent: VecDeque<UsageEvent>,
     /// Charges recorded so far (the last event's `seq`).
@@ -232,7 +234,7 @@ impl AccountState {
             open: HashMap::new(),
             closed: Retained::default(),
             requests: Retained::default(),
-            grants: HashMap::new(),
+            grants: None,
             recent: VecDeque::new(),
             events: 0,
             top_up: None,
@@ -697,7 +699,7 @@ impl AccountState {
     ) -> Result<GrantOutcome, DomainError> {
         self.settle(policy, now);
         let fingerprint = cmd.fingerprint();
-        if let Some(first) = self.grants.get(&cmd.grant_id) {
+        if let Some(first) = self.grants.as_ref().and_then(|g| g.get(&cmd.grant_id)) {
             if first.fingerprint != fingerprint {
                 return Err(DomainError::grant_reused(&cmd.grant_id));
             }
@@ -734,7 +736,7 @@ impl AccountState {
             remaining: cmd.amount - paid_off,
             ..lot
         };
-        self.grants.insert(
+        self.grants.get_or_insert_with(Box::default).insert(
             cmd.grant_id.clone(),
             GrantRecord {
                 fingerprint,
@@ -758,7 +760,8 @@ impl AccountState {
         self.settle(policy, now);
         let record = self
             .grants
-            .get_mut(&cmd.grant_id)
+            .as_mut()
+            .and_then(|g| g.get_mut(&cmd.grant_id))
             .ok_or_else(|| DomainError::grant_not_found(&cmd.grant_id))?;
         let revoked = match record.revoked {
             Some(revoked) => revoked,
@@ -868,7 +871,7 @@ impl AccountState {
                 remaining: paid.amount - paid_off,
                 ..lot
             };
-            self.grants.insert(
+            self.grants.get_or_insert_with(Box::default).insert(
                 paid.id,
                 GrantRecord {
                     fingerprint: 0,

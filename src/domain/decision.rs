@@ -417,14 +417,14 @@ pub struct UsageEvent {
 /// One shared copy of a short string that many records repeat (product names, price sheet
 /// versions: a handful of values from config), instead of one allocation per record.
 pub fn intern(text: &str) -> Arc<str> {
-    static TABLE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<Arc<str>>>> =
+    // Sharded: this runs on every charge, on every core.
+    static TABLE: std::sync::LazyLock<dashmap::DashSet<Arc<str>>> =
         std::sync::LazyLock::new(Default::default);
-    let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(shared) = table.get(text) {
+    if let Some(shared) = TABLE.get(text) {
         return shared.clone();
     }
     let shared: Arc<str> = Arc::from(text);
-    table.insert(shared.clone());
+    TABLE.insert(shared.clone());
     shared
 }
 
