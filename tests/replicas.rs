@@ -252,13 +252,7 @@ async fn one_task(
 }
 
 async fn setup_accounts(url: &str) {
-    let channel = Channel::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut admin =
-        AdminServiceClient::with_interceptor(channel, BearerToken(Some(ADMIN_TOKEN.into())));
+    let mut admin = support::admin_client(url).await;
     for (plans, plan) in [(&PLUS[..], "plus"), (&FREE[..], "free")] {
         for id in plans {
             let account = pb::Account {
@@ -338,13 +332,7 @@ async fn verify(url: &str, acknowledged: &HashMap<String, Acknowledged>) {
 /// A consumer group reads the usage export until it holds every charge: exactly the charges
 /// acknowledged, each account's numbered 1..=n, none twice.
 async fn verify_export(url: &str, acknowledged: &HashMap<String, Acknowledged>, killed: bool) {
-    let channel = Channel::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut admin =
-        AdminServiceClient::with_interceptor(channel, BearerToken(Some(ADMIN_TOKEN.into())));
+    let mut admin = support::admin_client(url).await;
     let expected: u64 = acknowledged.values().map(|a| a.charges).sum();
     let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
     let mut deliveries = 0;

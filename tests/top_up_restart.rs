@@ -7,13 +7,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use quotad::api::pb;
-use quotad::api::pb::admin_service_client::AdminServiceClient;
 use quotad::api::pb::quota_service_client::QuotaServiceClient;
 use support::billing::{Answer, billing_service};
 use support::process::Quotad;
 use support::redis::{RedisServer, fresh_prefix};
-use support::{ADMIN_TOKEN, BearerToken, CREDIT};
-use tonic::transport::Channel;
+use support::{ADMIN_TOKEN, CREDIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_purchase_cut_off_by_a_crash_is_resumed_with_the_same_key() {
@@ -47,13 +45,7 @@ async fn a_purchase_cut_off_by_a_crash_is_resumed_with_the_same_key() {
         })
     };
     let mut first = start(env.clone()).await.unwrap();
-    let channel = Channel::from_shared(first.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut admin =
-        AdminServiceClient::with_interceptor(channel, BearerToken(Some(ADMIN_TOKEN.into())));
+    let mut admin = support::admin_client(&first.url()).await;
     let account = pb::Account {
         account_id: "r".into(),
         plan: "pro".into(),

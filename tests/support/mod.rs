@@ -29,6 +29,16 @@ pub const CREDIT: i64 = 1_000_000;
 pub type QuotaClient = QuotaServiceClient<Channel>;
 pub type AdminClient = AdminServiceClient<InterceptedService<Channel, BearerToken>>;
 
+/// An AdminService client of the quotad at `url`, with the test admin token.
+pub async fn admin_client(url: &str) -> AdminClient {
+    let channel = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    AdminServiceClient::with_interceptor(channel, BearerToken(Some(ADMIN_TOKEN.into())))
+}
+
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
 pub struct BearerToken(pub Option<String>);
