@@ -405,3 +405,104 @@ async fn external_consumers_read_the_export_stream_straight_from_redis() {
         .collect();
     assert_eq!(ids, expected);
 }
+
+/// Every key of an account carries a lifetime after every kind of operation, although each
+/// call refreshes only the keys it wrote: nothing an account leaves behind lives forever.
+/// (Slot indexes and the export outbox are shared by the slot and drained, not expired.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_account_key_carries_a_lifetime() {
+    use quotad::domain::top_up::TopUpSettings;
+    use quotad::domain::{GrantCommand, LotSource, ReleaseCommand, RevokeCommand, SetTopUpCommand};
+    let stores = replicas(1).await;
+    let store = &stores[0];
+    let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
+    let prefix = store.settings().key_prefix.clone();
+    store
+        .upsert_account(
+            Account {
+                id: "ttl".into(),
+                plan: "plus".into(),
+                credit_purchase_allowed: true,
+            },
+            at(0),
+        )
+        .await
+        .unwrap();
+    store
+        .grant(
+            GrantCommand {
+                account_id: "ttl".into(),
+                grant_id: "g1".into(),
+                amount: 500 * CREDIT,
+                source: LotSource::Purchase,
+                expires_at: None,
+            },
+            at(0),
+        )
+        .await
+        .unwrap();
+    for (i, credits) in [60, 120, 30].into_iter().enumerate() {
+        let request = format!("r{i}");
+        let now = at(i as i64 * MINUTE_MS);
+        assert!(is_allow(
+            &store
+                .reserve(reserve("ttl", &request, "codex", credits), now)
+                .await
+                .unwrap()
+                .decision
+        ));
+        if i == 2 {
+            store
+                .release(
+                    ReleaseCommand {
+                        account_id: "ttl".into(),
+                        reservation_id: format!("rsv-{request}"),
+                    },
+                    now,
+                )
+                .await
+                .unwrap();
+        } else {
+            store
+                .commit(commit("ttl", &format!("rsv-{request}"), credits), now)
+                .await
+                .unwrap();
+        }
+    }
+    store
+        .set_top_up(
+            SetTopUpCommand {
+                account_id: "ttl".into(),
+                settings: TopUpSettings {
+                    enabled: true,
+                    threshold: 10 * CREDIT,
+                    target: 20 * CREDIT,
+                    monthly_cap: None,
+                },
+            },
+            at(4 * MINUTE_MS),
+        )
+        .await
+        .unwrap();
+    store
+        .revoke_grant(
+            RevokeCommand {
+                account_id: "ttl".into(),
+                grant_id: "g1".into(),
+            },
+            at(5 * MINUTE_MS),
+        )
+        .await
+        .unwrap();
+    store.usage("ttl", 10, at(6 * MINUTE_MS)).await.unwrap();
+
+    let keys = server
+        .cli(&["--scan", "--pattern", &format!("{prefix}:{{ttl}}:*")])
+        .unwrap();
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    assert!(keys.len() >= 8, "{keys:?}");
+    for key in keys {
+        let ttl: i64 = server.cli(&["PTTL", key]).unwrap().trim().parse().unwrap();
+        assert!(ttl > 0, "{key} has no lifetime ({ttl})");
+    }
+}

@@ -55,7 +55,7 @@ if delta > 0 then
     charged = { plan = cp, credit = cc },
     usage = { model = usage.model, i = since('i'), c = since('c'), o = since('o'), img = since('img'), fast = usage.fast },
   })
-  if capacity > 0 then redis.call('XADD', K_HIST, 'MAXLEN', capacity, '*', 'e', event) end
+  if capacity > 0 then W('XADD', K_HIST, 'MAXLEN', capacity, '*', 'e', event) end
   redis.call('XADD', K_OUTBOX, '*', 'a', ID, 'e', event)
 end
 for _, k in ipairs({ 'i', 'c', 'o', 'img' }) do r.usage[k] = math.max(r.usage[k], usage[k]) end
@@ -65,7 +65,7 @@ local receipt
 local charged, total = { plan = cp, credit = cc }, { plan = r.cp, credit = r.cc }
 if is_final then
   receipt = J({ final = true, charged = charged, total = total })
-  redis.call('HDEL', K_OPEN, rid)
+  W('HDEL', K_OPEN, rid)
   close(rid, { k = 'committed', fp = fp, receipt = receipt })
 else
   r.ex = NOW + r.ttl
@@ -75,7 +75,7 @@ else
   receipt = J({ final = false, charged = charged, total = total, held = { plan = r.hp, credit = r.hc },
                 expires_at = r.ex, denial = denial })
   OPEN[rid] = r
-  redis.call('HSET', K_OPEN, rid, encode_res(r))
+  W('HSET', K_OPEN, rid, encode_res(r))
 end
 local top_up = tu_check()
 finish()

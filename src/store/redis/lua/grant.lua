@@ -22,7 +22,7 @@ end
 local lot = { id = gid, src = source, g = amount, r = amount, ga = NOW, ex = ex }
 grant_lot(lot)
 local lot_json = J({ id = gid, source = source, granted = amount, remaining = lot.r, granted_at = NOW, expires_at = ex })
-redis.call('HSET', K_GRANTS, gid, cjson.encode({ fp = fp, lot = lot_json }))
+W('HSET', K_GRANTS, gid, cjson.encode({ fp = fp, lot = lot_json }))
 finish()
 publish_change()
 return J({ lot = raw(lot_json), balance = balance() })

@@ -10,7 +10,7 @@
 --                    tu_seq (purchases started), tu_month, tu_bought, tu_decl (declines in a
 --                    row), tu_quiet ('' or ms), tu_if (purchase in flight, JSON or ''), tu_last
 --                    (last attempt, JSON or ''), evseq (charges recorded, the last event's
---                    seq)
+--                    seq), hx and pi (what the hold and purchase indexes hold for it, 0: nothing)
 --   2 w5       LIST  "bucket:amount" of the 5h window, oldest first (5-minute buckets)
 --   3 ww       LIST  "bucket:amount" of the weekly window, oldest first (1-hour buckets)
 --   4 lots     HASH  lot id -> {src, g (granted), r (remaining), ga (granted at), ex (expires at)}
@@ -43,6 +43,15 @@ local K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_PURCHASEIDX, K_OUTBOX = KEYS[13], KEYS[14]
 local P = cjson.decode(ARGV[1])
+
+-- Writes to the account's keys go through W, which notes the key: finish() refreshes the
+-- lifetime of the keys this call wrote (each TTL, set when the key was last written, covers
+-- what the key holds), not of every key on every call.
+local DIRTY = {}
+local function W(command, key, ...)
+  DIRTY[key] = true
+  return redis.call(command, key, ...)
+end
 local NOW = tonumber(ARGV[2])
 local ID = ARGV[3]
 
@@ -75,7 +84,7 @@ local A = nil -- the account hash as a table, numbers converted
 local NUMERIC = {
   granted = true, spent = true, expired = true, revoked = true, debt = true, w5t = true, wwt = true,
   tu_th = true, tu_tg = true, tu_seq = true, tu_month = true, tu_bought = true, tu_decl = true,
-  evseq = true,
+  evseq = true, hx = true, pi = true,
 }
 local TEXT = { tu_en = '0', tu_cap = '', tu_quiet = '', tu_if = '', tu_last = '' }
 
@@ -137,7 +146,7 @@ local function advance(w)
     end
     local b, a = parse_bucket(head)
     if leaves_at(w, b) > NOW then return end
-    redis.call('LPOP', w.key)
+    W('LPOP', w.key)
     A[w.total] = A[w.total] - a
   end
 end
@@ -149,12 +158,12 @@ local function add_usage(w, amount)
   if tail then
     local tb, ta = parse_bucket(tail)
     if tb >= b then
-      redis.call('LSET', w.key, -1, int(tb) .. ':' .. int(ta + amount))
+      W('LSET', w.key, -1, int(tb) .. ':' .. int(ta + amount))
       A[w.total] = A[w.total] + amount
       return
     end
   end
-  redis.call('RPUSH', w.key, int(b) .. ':' .. int(amount))
+  W('RPUSH', w.key, int(b) .. ':' .. int(amount))
   A[w.total] = A[w.total] + amount
 end
 
@@ -212,7 +221,7 @@ local function expire_lots()
   for _, l in ipairs(LOTS) do
     if l.ex <= NOW then
       A.expired = A.expired + l.r
-      redis.call('HDEL', K_LOTS, l.id)
+      W('HDEL', K_LOTS, l.id)
     else
       kept[#kept + 1] = l
     end
@@ -236,9 +245,9 @@ local function spend(amount)
       l.r = l.r - take
       left = left - take
       if l.r == 0 then
-        redis.call('HDEL', K_LOTS, l.id)
+        W('HDEL', K_LOTS, l.id)
       else
-        redis.call('HSET', K_LOTS, l.id, encode_lot(l))
+        W('HSET', K_LOTS, l.id, encode_lot(l))
       end
     end
     if l.r > 0 then kept[#kept + 1] = l end
@@ -254,7 +263,7 @@ local function grant_lot(l)
   A.debt = A.debt - pay_off
   l.r = l.r - pay_off
   if l.r > 0 then
-    redis.call('HSET', K_LOTS, l.id, encode_lot(l))
+    W('HSET', K_LOTS, l.id, encode_lot(l))
     LOTS[#LOTS + 1] = l
     table.sort(LOTS, before)
   end
@@ -297,8 +306,8 @@ local function held()
 end
 
 local function close(id, record)
-  redis.call('HSET', K_CLOSED, id, cjson.encode(record))
-  redis.call('ZADD', K_CLOSEDZ, NOW, id)
+  W('HSET', K_CLOSED, id, cjson.encode(record))
+  W('ZADD', K_CLOSEDZ, NOW, id)
 end
 
 -- Forgets what was recorded at or before the retention cutoff.
@@ -306,8 +315,8 @@ end
 local function forget(hash, zset, cutoff)
   local old = redis.call('ZRANGEBYSCORE', zset, '-inf', cutoff, 'LIMIT', 0, 1000)
   if #old > 0 then
-    redis.call('HDEL', hash, unpack(old))
-    redis.call('ZREM', zset, unpack(old))
+    W('HDEL', hash, unpack(old))
+    W('ZREM', zset, unpack(old))
   end
 end
 
@@ -316,7 +325,7 @@ local function settle()
   load_open()
   for id, r in pairs(OPEN) do
     if r.ex <= NOW then
-      redis.call('HDEL', K_OPEN, id)
+      W('HDEL', K_OPEN, id)
       close(id, { k = 'expired', rp = int(r.hp), rc = int(r.hc), at = int(r.ex) })
       OPEN[id] = nil
     end
@@ -487,26 +496,43 @@ end
 
 -- Bookkeeping after a change: the sweeper's index and the keys' lifetimes.
 local function finish()
-  save_account()
+  -- The slot's indexes change only when the earliest hold or the purchase in flight does; the
+  -- account remembers what it last indexed (hx, pi; 0 = not indexed).
   local next_expiry = nil
   for _, r in pairs(OPEN) do
     if next_expiry == nil or r.ex < next_expiry then next_expiry = r.ex end
   end
-  if next_expiry then
-    redis.call('ZADD', K_HOLDIDX, next_expiry, A.id)
-  else
-    redis.call('ZREM', K_HOLDIDX, A.id)
+  if (next_expiry or 0) ~= A.hx then
+    if next_expiry then
+      redis.call('ZADD', K_HOLDIDX, next_expiry, A.id)
+    else
+      redis.call('ZREM', K_HOLDIDX, A.id)
+    end
+    A.hx = next_expiry or 0
   end
-  if A.tu_if ~= '' then
-    redis.call('ZADD', K_PURCHASEIDX, tonumber(cjson.decode(A.tu_if).started_at), A.id)
-  else
-    redis.call('ZREM', K_PURCHASEIDX, A.id)
+  local started = 0
+  if A.tu_if ~= '' then started = tonumber(cjson.decode(A.tu_if).started_at) end
+  if started ~= A.pi then
+    if started ~= 0 then
+      redis.call('ZADD', K_PURCHASEIDX, started, A.id)
+    else
+      redis.call('ZREM', K_PURCHASEIDX, A.id)
+    end
+    A.pi = started
   end
+  save_account()
   local keep = P.account_ttl_ms
   for _, l in ipairs(LOTS) do keep = math.max(keep, l.ex - NOW + P.account_ttl_ms) end
-  for _, k in ipairs({ K_ACCT, K_LOTS, K_GRANTS, K_HIST, K_OPEN }) do redis.call('PEXPIRE', k, keep) end
-  for _, w in ipairs(WINDOWS) do redis.call('PEXPIRE', w.key, w.len + w.bucket) end
-  for _, k in ipairs({ K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ }) do redis.call('PEXPIRE', k, P.retention_ms) end
+  redis.call('PEXPIRE', K_ACCT, keep)
+  for _, k in ipairs({ K_LOTS, K_GRANTS, K_HIST, K_OPEN }) do
+    if DIRTY[k] then redis.call('PEXPIRE', k, keep) end
+  end
+  for _, w in ipairs(WINDOWS) do
+    if DIRTY[w.key] then redis.call('PEXPIRE', w.key, w.len + w.bucket) end
+  end
+  for _, k in ipairs({ K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ }) do
+    if DIRTY[k] then redis.call('PEXPIRE', k, P.retention_ms) end
+  end
 end
 
 local function publish_change()

@@ -5,7 +5,7 @@ if not load_account() then return err({ kind = 'account_not_found', id = ID }) e
 settle()
 local r = OPEN[rid]
 if r then
-  redis.call('HDEL', K_OPEN, rid)
+  W('HDEL', K_OPEN, rid)
   OPEN[rid] = nil
   close(rid, { k = 'released', rp = int(r.hp), rc = int(r.hc) })
   finish()

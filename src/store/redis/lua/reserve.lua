@@ -33,7 +33,7 @@ if hp then
     id = rid, product = product, estimate = cost, ttl = ttl, hp = hp, hc = hc, cp = 0, cc = 0, ex = NOW + ttl,
     usage = { model = model, i = 0, c = 0, o = 0, img = 0, fast = false },
   }
-  redis.call('HSET', K_OPEN, rid, encode_res(r))
+  W('HSET', K_OPEN, rid, encode_res(r))
   OPEN[rid] = r
   decision = J({ allow = { id = rid, held = { plan = hp, credit = hc }, expires_at = r.ex } })
 else
@@ -53,8 +53,8 @@ else
     cache_until = free_at
   end
 end
-redis.call('HSET', K_REQ, request_id, cjson.encode({ fp = fp, d = decision, e = int(cost) }))
-redis.call('ZADD', K_REQZ, NOW, request_id)
+W('HSET', K_REQ, request_id, cjson.encode({ fp = fp, d = decision, e = int(cost) }))
+W('ZADD', K_REQZ, NOW, request_id)
 local top_up = tu_check()
 finish()
 return J({

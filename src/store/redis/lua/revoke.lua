@@ -17,7 +17,7 @@ if not revoked then
   for _, l in ipairs(LOTS) do
     if l.id == gid then
       revoked = l.r
-      redis.call('HDEL', K_LOTS, l.id)
+      W('HDEL', K_LOTS, l.id)
     else
       kept[#kept + 1] = l
     end
@@ -25,7 +25,7 @@ if not revoked then
   LOTS = kept
   A.revoked = A.revoked + revoked
   record.rv = int(revoked)
-  redis.call('HSET', K_GRANTS, gid, cjson.encode(record))
+  W('HSET', K_GRANTS, gid, cjson.encode(record))
 end
 local top_up = tu_check()
 finish()

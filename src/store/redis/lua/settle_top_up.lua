@@ -18,7 +18,7 @@ if A.tu_if ~= '' then
     local lot = { id = pid, src = 'auto_top_up', g = amount, r = amount, ga = NOW, ex = lot_expiry }
     grant_lot(lot)
     local lot_json = J({ id = pid, source = 'auto_top_up', granted = amount, remaining = lot.r, granted_at = NOW, expires_at = lot_expiry })
-    redis.call('HSET', K_GRANTS, pid, cjson.encode({ fp = '0', lot = lot_json }))
+    W('HSET', K_GRANTS, pid, cjson.encode({ fp = '0', lot = lot_json }))
   elseif p.id == pid and kind == 'declined' then
     A.tu_if = ''
     A.tu_decl = A.tu_decl + 1

@@ -12,4 +12,7 @@ local next_expiry = nil
 for _, r in pairs(OPEN) do
   if next_expiry == nil or r.ex < next_expiry then next_expiry = r.ex end
 end
+-- The sweeper found the account in the index: make sure it leaves it when nothing is open
+-- (an index entry the account does not remember, as after a restore, is dropped here).
+if not next_expiry then redis.call('ZREM', K_HOLDIDX, ID) end
 return J({ next = next_expiry })
