@@ -4,6 +4,7 @@
 #   bench/figures.sh ratios memory   # Reserve+Commit pairs/s and RLS calls/s over health checks/s
 #   bench/figures.sh ratios redis    # the same on a local redis-server
 #   bench/figures.sh latency memory  # p99 Reserve at half the saturation rate; p99.9 at saturation
+#                                    # (the Reserve of Reserve+Commit tasks)
 #   bench/figures.sh latency redis
 #   bench/figures.sh memory          # bytes per account, 1,000,000 accounts (cargo bench --bench memory)
 #   bench/figures.sh admission       # ns per decision beside governor and limitador (criterion)
@@ -73,15 +74,17 @@ case "${1:-}" in
     printf '%-26s %10.0f /s  p99 %6s µs  ratio %.2f\n' "RLS calls" "$r" "$(echo "$rls" | field .latency_us.p99)" "$(jq -n "$r / $h")"
     ;;
   latency)
+    # Reserve latency inside Reserve+Commit tasks (the Reserve alone is timed), at saturation and
+    # at half the saturation rate (open loop: timed from each task's scheduled start).
     store="${2:?memory or redis}"
     start_quotad "$store"
-    saturated="$(bench reserve)"
+    saturated="$(bench reserve-commit)"
     max="$(echo "$saturated" | field .ops_per_s)"
     half="$(jq -n "$max / 2 | floor")"
-    at_half="$(bench reserve --rate "$half")"
-    echo "store $store, Reserve, 4 connections, 64 in flight, ${seconds} s each"
-    printf 'saturation  %8.0f /s  p99 %6s µs  p99.9 %6s µs\n' "$max" "$(echo "$saturated" | field .latency_us.p99)" "$(echo "$saturated" | field .latency_us.p99_9)"
-    printf 'half rate   %8s /s  p99 %6s µs  p99.9 %6s µs\n' "$half" "$(echo "$at_half" | field .latency_us.p99)" "$(echo "$at_half" | field .latency_us.p99_9)"
+    at_half="$(bench reserve-commit --rate "$half")"
+    echo "store $store, Reserve within Reserve+Commit tasks, 4 connections, 64 in flight, ${seconds} s each"
+    printf 'saturation  %8.0f tasks/s  Reserve p99 %6s µs  p99.9 %6s µs\n' "$max" "$(echo "$saturated" | field .reserve_latency_us.p99)" "$(echo "$saturated" | field .reserve_latency_us.p99_9)"
+    printf 'half rate   %8s tasks/s  Reserve p99 %6s µs  p99.9 %6s µs\n' "$half" "$(echo "$at_half" | field .reserve_latency_us.p99)" "$(echo "$at_half" | field .reserve_latency_us.p99_9)"
     ;;
   memory)
     cargo bench --bench memory
