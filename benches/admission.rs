@@ -78,7 +78,7 @@ fn admission(c: &mut Criterion) {
             };
             // Time moves so idempotency records are forgotten as they would be in a day.
             let at = now.plus_millis(n as i64 * 20);
-            ready(store.reserve(reserve, at)).unwrap();
+            ready(store.reserve(&reserve, at)).unwrap();
             let release = ReleaseCommand {
                 account_id: account.clone(),
                 reservation_id,

@@ -49,7 +49,7 @@ fn main() {
             let now = start.plus_millis((n % 240) as i64 * MINUTE_MS);
             let reserved = store
                 .reserve(
-                    ReserveCommand {
+                    &ReserveCommand {
                         account_id: account.clone(),
                         request_id: format!("req-{n}"),
                         product: "codex".into(),

@@ -273,7 +273,7 @@ impl<S: Store> Quota<S> {
         let deadline = std::time::Instant::now() + self.reserve_wait;
         loop {
             let outcome = self
-                .timed("reserve", self.store.reserve(cmd.clone(), self.clock.now()))
+                .timed("reserve", self.store.reserve(&cmd, self.clock.now()))
                 .await?;
             self.order(&cmd.account_id, outcome.top_up.clone());
             if !outcome.awaiting_top_up {

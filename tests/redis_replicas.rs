@@ -88,26 +88,26 @@ async fn the_deny_cache_answers_from_memory_until_an_admin_change_arrives() {
     let stores = replicas(2).await;
     let (a, b) = (&stores[0], &stores[1]);
     let out = a
-        .reserve(reserve("f", "r1", "codex", 15), at(0))
+        .reserve(&reserve("f", "r1", "codex", 15), at(0))
         .await
         .unwrap();
     assert!(is_allow(&out.decision));
     a.commit(commit("f", "rsv-r1", 15), at(0)).await.unwrap();
 
     let denied = a
-        .reserve(reserve("f", "r2", "codex", 3), at(MINUTE_MS))
+        .reserve(&reserve("f", "r2", "codex", 3), at(MINUTE_MS))
         .await
         .unwrap();
     assert!(!is_allow(&denied.decision));
     assert_eq!(a.deny_cache_hits(), 0, "the first deny came from Redis");
     // The same or a larger estimate is denied from memory; a smaller one asks Redis.
     let again = a
-        .reserve(reserve("f", "r3", "codex", 5), at(2 * MINUTE_MS))
+        .reserve(&reserve("f", "r3", "codex", 5), at(2 * MINUTE_MS))
         .await
         .unwrap();
     assert_eq!(again.decision, denied.decision);
     assert_eq!(a.deny_cache_hits(), 1);
-    a.reserve(reserve("f", "r4", "codex", 1), at(2 * MINUTE_MS))
+    a.reserve(&reserve("f", "r4", "codex", 1), at(2 * MINUTE_MS))
         .await
         .unwrap();
     assert_eq!(a.deny_cache_hits(), 1);
@@ -125,7 +125,7 @@ async fn the_deny_cache_answers_from_memory_until_an_admin_change_arrives() {
         n += 1;
         let out = a
             .reserve(
-                reserve("f", &format!("after{n}"), "codex", 3),
+                &reserve("f", &format!("after{n}"), "codex", 3),
                 at(3 * MINUTE_MS),
             )
             .await
@@ -145,7 +145,7 @@ async fn the_deny_cache_answers_from_memory_until_an_admin_change_arrives() {
 async fn usage_is_answered_from_memory_within_the_staleness_bound() {
     let stores = replicas(2).await;
     let (a, b) = (&stores[0], &stores[1]);
-    a.reserve(reserve("u", "r1", "codex", 2), at(0))
+    a.reserve(&reserve("u", "r1", "codex", 2), at(0))
         .await
         .unwrap();
     let first = a.usage("u", 10, at(0)).await.unwrap();
@@ -157,7 +157,7 @@ async fn usage_is_answered_from_memory_within_the_staleness_bound() {
     assert_eq!(later.status.windows[0].held, 0);
     assert_eq!(later.recent.len(), 1);
     // A change made by this replica is never hidden by its own copy.
-    a.reserve(reserve("u", "r2", "codex", 1), at(300))
+    a.reserve(&reserve("u", "r2", "codex", 1), at(300))
         .await
         .unwrap();
     assert_eq!(a.usage("u", 10, at(300)).await.unwrap().holds.len(), 1);
@@ -171,7 +171,7 @@ async fn holds_of_a_client_that_died_are_swept_by_any_replica() {
     let prefix = a.settings().key_prefix.clone();
     let mut cmd = reserve("dead-client", "r1", "codex", 4);
     cmd.ttl_ms = 60_000;
-    a.reserve(cmd, at(0)).await.unwrap();
+    a.reserve(&cmd, at(0)).await.unwrap();
     let open_key = format!("{prefix}:{{dead-client}}:open");
     assert_eq!(server.cli(&["HLEN", &open_key]).unwrap().trim(), "1");
     b.sweep_expired_holds(at(59_999)).await.unwrap();
@@ -205,7 +205,7 @@ async fn holds_are_swept_on_a_cluster_too() {
     for (i, account) in ["alpha", "bravo", "charlie", "delta"].iter().enumerate() {
         let mut cmd = reserve(account, &format!("r{i}"), "codex", 1);
         cmd.ttl_ms = 1_000;
-        store.reserve(cmd, at(0)).await.unwrap();
+        store.reserve(&cmd, at(0)).await.unwrap();
     }
     assert_eq!(store.sweep_expired_holds(at(999)).await.unwrap(), 0);
     assert_eq!(
@@ -237,7 +237,7 @@ async fn while_redis_is_down_calls_fail_fast_and_recover_within_a_second() {
             .unwrap(),
     );
     store
-        .reserve(reserve("warm", "w", "codex", 1), at(0))
+        .reserve(&reserve("warm", "w", "codex", 1), at(0))
         .await
         .unwrap();
     redis.kill();
@@ -252,7 +252,10 @@ async fn while_redis_is_down_calls_fail_fast_and_recover_within_a_second() {
                 tokio::spawn(async move {
                     let t = Instant::now();
                     let out = store
-                        .reserve(reserve(&format!("acct-{wave}-{i}"), "r", "codex", 1), at(0))
+                        .reserve(
+                            &reserve(&format!("acct-{wave}-{i}"), "r", "codex", 1),
+                            at(0),
+                        )
                         .await;
                     (t.elapsed(), out)
                 })
@@ -292,7 +295,7 @@ async fn while_redis_is_down_calls_fail_fast_and_recover_within_a_second() {
     loop {
         if store
             .reserve(
-                reserve(
+                &reserve(
                     "after",
                     &format!("r{}", back.elapsed().as_micros()),
                     "codex",
@@ -340,7 +343,7 @@ async fn external_consumers_read_the_export_stream_straight_from_redis() {
         let account = format!("acct-{}", i % 20);
         let request = format!("r{i}");
         let out = store
-            .reserve(reserve(&account, &request, "codex", 2), at(0))
+            .reserve(&reserve(&account, &request, "codex", 2), at(0))
             .await
             .unwrap();
         assert!(is_allow(&out.decision));
@@ -446,7 +449,7 @@ async fn every_account_key_carries_a_lifetime() {
         let now = at(i as i64 * MINUTE_MS);
         assert!(is_allow(
             &store
-                .reserve(reserve("ttl", &request, "codex", credits), now)
+                .reserve(&reserve("ttl", &request, "codex", credits), now)
                 .await
                 .unwrap()
                 .decision

@@ -101,7 +101,7 @@ async fn the_redis_store_speaks_tls() {
         reservation_id: "rsv-1".into(),
         wait_for_top_up: false,
     };
-    let out = store.reserve(cmd, T0).await.unwrap();
+    let out = store.reserve(&cmd, T0).await.unwrap();
     assert!(matches!(out.decision, Decision::Allow { .. }));
     assert_eq!(store.usage("over-tls", 5, T0).await.unwrap().holds.len(), 1);
 

@@ -170,7 +170,7 @@ async fn simulate<S: Store>(store: &S, seed: u64, steps: usize) {
                     reservation_id: format!("r{step}"),
                     wait_for_top_up: rng.below(2) == 0,
                 };
-                let out = store.reserve(cmd, at(now)).await.unwrap();
+                let out = store.reserve(&cmd, at(now)).await.unwrap();
                 if let Decision::Allow { reservation_id, .. } = out.decision {
                     open.push((reservation_id, 0));
                 }

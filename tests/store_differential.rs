@@ -104,8 +104,8 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                 };
                 requests.push(cmd.clone());
                 let (m, r) = (
-                    memory.reserve(cmd.clone(), now).await,
-                    redis.reserve(cmd.clone(), now).await,
+                    memory.reserve(&cmd, now).await,
+                    redis.reserve(&cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: reserve");
                 if let Ok(ref out) = m {

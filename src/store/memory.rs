@@ -74,12 +74,12 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn reserve(
         &self,
-        cmd: ReserveCommand,
+        cmd: &ReserveCommand,
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
         if let Some(mut state) = self.accounts.get_mut(&cmd.account_id) {
             let before = state.open_holds();
-            let outcome = state.reserve(&self.policy, &cmd, now);
+            let outcome = state.reserve(&self.policy, cmd, now);
             self.count_holds(before, state.open_holds());
             return Ok(outcome?);
         }
@@ -97,7 +97,7 @@ impl Store for MemoryStore {
                 }))
             });
         let before = state.open_holds();
-        let outcome = state.reserve(&self.policy, &cmd, now);
+        let outcome = state.reserve(&self.policy, cmd, now);
         self.count_holds(before, state.open_holds());
         Ok(outcome?)
     }

@@ -60,10 +60,11 @@ pub struct ExportRead {
 /// Account state behind intent-level atomic operations. `now` comes from the caller's clock
 /// so that every store decides at the same instant the caller saw.
 pub trait Store: Send + Sync + 'static {
-    /// Holds the priced estimate, or denies; creates the account on first sight.
+    /// Holds the priced estimate, or denies; creates the account on first sight. By reference:
+    /// a Reserve that waits for a top-up asks again with the same command.
     fn reserve(
         &self,
-        cmd: ReserveCommand,
+        cmd: &ReserveCommand,
         now: Timestamp,
     ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send;
 

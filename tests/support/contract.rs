@@ -126,7 +126,7 @@ fn release_cmd(account: &str, reservation: &str) -> ReleaseCommand {
 
 /// Reserves and expects an ALLOW: (reservation id, held).
 async fn allow<S: Store>(store: &S, cmd: ReserveCommand, now: Timestamp) -> (String, Funding) {
-    allowed(&store.reserve(cmd, now).await.unwrap().decision)
+    allowed(&store.reserve(&cmd, now).await.unwrap().decision)
 }
 
 /// Reserves `credits` on codex and commits exactly that, finally.
@@ -173,7 +173,7 @@ async fn plus_account_with_credits<S: Store>(store: &S, id: &str, credits: i64) 
 
 pub async fn first_reserve_creates_the_account<S: Store>(store: S) {
     let out = store
-        .reserve(with_plan(reserve_cmd("a1", "r1", "codex", 1), "go"), at(0))
+        .reserve(&with_plan(reserve_cmd("a1", "r1", "codex", 1), "go"), at(0))
         .await
         .unwrap();
     allowed(&out.decision);
@@ -188,13 +188,16 @@ pub async fn first_reserve_creates_the_account<S: Store>(store: S) {
     );
     // The hint only applies on first sight.
     store
-        .reserve(with_plan(reserve_cmd("a1", "r2", "codex", 1), "pro"), at(0))
+        .reserve(
+            &with_plan(reserve_cmd("a1", "r2", "codex", 1), "pro"),
+            at(0),
+        )
         .await
         .unwrap();
     assert_eq!(store.account("a1").await.unwrap().plan, "go");
     // No hint: the default plan.
     store
-        .reserve(reserve_cmd("a2", "r1", "codex", 1), at(0))
+        .reserve(&reserve_cmd("a2", "r1", "codex", 1), at(0))
         .await
         .unwrap();
     assert_eq!(
@@ -205,7 +208,7 @@ pub async fn first_reserve_creates_the_account<S: Store>(store: S) {
 
 pub async fn reserve_holds_plan_allowance<S: Store>(store: S) {
     let out = store
-        .reserve(reserve_cmd("a", "r1", "excel", 10), at(0))
+        .reserve(&reserve_cmd("a", "r1", "excel", 10), at(0))
         .await
         .unwrap();
     let (_, held) = allowed(&out.decision);
@@ -224,7 +227,7 @@ pub async fn free_plan_over_limit_is_denied_with_upgrade<S: Store>(store: S) {
         .await
         .unwrap();
     let out = store
-        .reserve(reserve_cmd("a", "r2", "excel", 1), at(2 * MINUTE_MS))
+        .reserve(&reserve_cmd("a", "r2", "excel", 1), at(2 * MINUTE_MS))
         .await
         .unwrap();
     let Decision::Deny(denial) = out.decision else {
@@ -240,12 +243,15 @@ pub async fn free_plan_over_limit_is_denied_with_upgrade<S: Store>(store: S) {
         "{retry_at}"
     );
     let early = store
-        .reserve(reserve_cmd("a", "r3", "excel", 1), retry_at.plus_millis(-1))
+        .reserve(
+            &reserve_cmd("a", "r3", "excel", 1),
+            retry_at.plus_millis(-1),
+        )
         .await
         .unwrap();
     assert!(matches!(early.decision, Decision::Deny(_)));
     let on_time = store
-        .reserve(reserve_cmd("a", "r4", "excel", 1), retry_at)
+        .reserve(&reserve_cmd("a", "r4", "excel", 1), retry_at)
         .await
         .unwrap();
     allowed(&on_time.decision);
@@ -259,7 +265,7 @@ pub async fn plus_plan_splits_across_the_boundary_onto_credits<S: Store>(store: 
         .await
         .unwrap();
     let out = store
-        .reserve(reserve_cmd("p", "r2", "excel", 30), at(2 * MINUTE_MS))
+        .reserve(&reserve_cmd("p", "r2", "excel", 30), at(2 * MINUTE_MS))
         .await
         .unwrap();
     let (_, held) = allowed(&out.decision);
@@ -453,22 +459,22 @@ pub async fn expired_holds_are_returned<S: Store>(store: S) {
 
 pub async fn reserve_retries_act_once<S: Store>(store: S) {
     let first = store
-        .reserve(reserve_cmd("a", "r1", "codex", 10), at(0))
+        .reserve(&reserve_cmd("a", "r1", "codex", 10), at(0))
         .await
         .unwrap();
     let mut retry_cmd = reserve_cmd("a", "r1", "codex", 10);
     retry_cmd.reservation_id = "another-fresh-id".into();
-    let retry = store.reserve(retry_cmd, at(1_000)).await.unwrap();
+    let retry = store.reserve(&retry_cmd, at(1_000)).await.unwrap();
     assert_eq!(first.decision, retry.decision);
     assert_eq!(retry.status.windows[0].used, 10 * CREDIT, "held once");
     let conflict = store
-        .reserve(reserve_cmd("a", "r1", "excel", 10), at(1_000))
+        .reserve(&reserve_cmd("a", "r1", "excel", 10), at(1_000))
         .await
         .unwrap_err();
     assert!(matches!(rule(conflict), DomainError::AlreadyExists(_)));
     // A deny is an answer too: its retry is the same deny, even after capacity returned.
     let deny = store
-        .reserve(reserve_cmd("a", "r2", "codex", 10), at(0))
+        .reserve(&reserve_cmd("a", "r2", "codex", 10), at(0))
         .await
         .unwrap();
     assert!(matches!(deny.decision, Decision::Deny(_)));
@@ -478,7 +484,7 @@ pub async fn reserve_retries_act_once<S: Store>(store: S) {
         .await
         .unwrap();
     let again = store
-        .reserve(reserve_cmd("a", "r2", "codex", 10), at(3_000))
+        .reserve(&reserve_cmd("a", "r2", "codex", 10), at(3_000))
         .await
         .unwrap();
     assert_eq!(again.decision, deny.decision);
@@ -545,7 +551,7 @@ pub async fn expired_lots_are_never_spent<S: Store>(store: S) {
     store.grant(short, at(0)).await.unwrap();
     spend(&store, "p", "r1", 150, at(0)).await;
     let out = store
-        .reserve(reserve_cmd("p", "r2", "codex", 10), at(HOUR_MS))
+        .reserve(&reserve_cmd("p", "r2", "codex", 10), at(HOUR_MS))
         .await
         .unwrap();
     let Decision::Deny(denial) = out.decision else {
@@ -598,7 +604,7 @@ pub async fn unknown_accounts_and_reservations_are_not_found<S: Store>(store: S)
             .unwrap_err()
     ));
     store
-        .reserve(reserve_cmd("a", "r1", "codex", 1), at(0))
+        .reserve(&reserve_cmd("a", "r1", "codex", 1), at(0))
         .await
         .unwrap();
     assert!(is_not_found(
@@ -653,7 +659,7 @@ pub async fn concurrent_reserves_never_overcommit<S: Store>(store: S) {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .reserve(reserve_cmd("p", &format!("r{i}"), "codex", 3), at(0))
+                    .reserve(&reserve_cmd("p", &format!("r{i}"), "codex", 3), at(0))
                     .await
             })
         })
@@ -850,7 +856,7 @@ pub async fn auto_top_up_buys_just_enough_once_and_backs_off_after_declines<S: S
 
     // A hold on credits that takes available credits below the threshold starts the next one.
     let held = store
-        .reserve(reserve_cmd("p", "c2", "codex", 40), at(MINUTE_MS))
+        .reserve(&reserve_cmd("p", "c2", "codex", 40), at(MINUTE_MS))
         .await
         .unwrap();
     let second = held.top_up.expect("crossed the threshold");
@@ -887,7 +893,7 @@ pub async fn auto_top_up_buys_just_enough_once_and_backs_off_after_declines<S: S
         }
         now = now.plus_millis(HOUR_MS);
         let out = store
-            .reserve(reserve_cmd("p", &format!("d{n}"), "codex", 1), now)
+            .reserve(&reserve_cmd("p", &format!("d{n}"), "codex", 1), now)
             .await
             .unwrap();
         purchase = out
@@ -896,7 +902,7 @@ pub async fn auto_top_up_buys_just_enough_once_and_backs_off_after_declines<S: S
     }
     // Credits run out: the denial asks for a new payment method, not for more credits.
     let out = store
-        .reserve(reserve_cmd("p", "big", "codex", 30), now)
+        .reserve(&reserve_cmd("p", "big", "codex", 30), now)
         .await
         .unwrap();
     let Decision::Deny(denial) = out.decision else {
@@ -907,7 +913,7 @@ pub async fn auto_top_up_buys_just_enough_once_and_backs_off_after_declines<S: S
 
 pub async fn auto_top_up_needs_an_account_that_may_buy_credits<S: Store>(store: S) {
     store
-        .reserve(reserve_cmd("free", "r", "codex", 1), at(0))
+        .reserve(&reserve_cmd("free", "r", "codex", 1), at(0))
         .await
         .unwrap();
     let err = store

@@ -541,7 +541,7 @@ fn usage_json(u: &crate::domain::Usage) -> String {
 impl Store for RedisStore {
     async fn reserve(
         &self,
-        cmd: ReserveCommand,
+        cmd: &ReserveCommand,
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
         if self.settings.deny_cache {
