@@ -96,11 +96,11 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
-        let path = request.uri().path().to_owned();
+        let path = request.uri().path();
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')
-            .unwrap_or(("", path.as_str()));
+            .unwrap_or(("", path));
         // Spans cost a formatted record each; they are made at INFO (recorded) only while traces
         // are exported, at DEBUG (usually off) otherwise.
         macro_rules! call_span {
