@@ -507,3 +507,37 @@ async fn admin_on_its_own_listener_with_its_token_from_a_file() {
     q.reserve(reserve("a", "r", 1)).await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_is_unavailable_and_oversized_messages_are_refused() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let mut config = Config::default();
+    config.server.request_timeout_ms = 300;
+    config.server.max_message_bytes = 1_024;
+    let server = TestServer::start_on_redis(config, &redis.url()).await;
+    let mut q = server.quota().await;
+    q.reserve(reserve("warm", "w", 1)).await.unwrap();
+
+    // Redis holds every command for 1.5 s (the store's own timeout is 3 s): the call is
+    // answered at its 300 ms deadline instead.
+    let redis = std::sync::Arc::new(redis);
+    let pause = redis.clone();
+    tokio::task::spawn_blocking(move || pause.cli(&["CLIENT", "PAUSE", "1500", "ALL"]).unwrap())
+        .await
+        .unwrap();
+    let err = q.reserve(reserve("slow", "s", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("did not answer within 300ms"),
+        "{}",
+        err.message()
+    );
+
+    // A request over server.max_message_bytes never reaches a handler.
+    let huge = "x".repeat(2_000);
+    let err = q.reserve(reserve("a", &huge, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+}

@@ -68,12 +68,12 @@ impl TestServer {
 
     /// A server with no admin token configured: AdminService is disabled.
     pub async fn start_without_admin_token(store: StoreKind) -> TestServer {
-        Self::serve(Config::default(), store).await
+        Self::serve(Self::on_store(Config::default(), store).await).await
     }
 
     pub async fn start_with(mut config: Config, store: StoreKind) -> TestServer {
         config.admin_token = Some(ADMIN_TOKEN.into());
-        Self::serve(config, store).await
+        Self::serve(Self::on_store(config, store).await).await
     }
 
     /// A server on a Redis of the test's own (which it may pause or stop).
@@ -82,15 +82,13 @@ impl TestServer {
         config.store.redis.url = url.to_owned();
         config.store.redis.command_timeout_ms = 3_000;
         config.store.kind = StoreKind::Redis;
-        Self::serve(config, StoreKind::Redis).await
+        Self::serve(config).await
     }
 
-    /// Serves `config` on `store`; a Redis store gets the shared test server (unless the config
-    /// names another) and a key prefix of its own.
-    async fn serve(mut config: Config, store: StoreKind) -> TestServer {
-        let own_redis = config.store.kind == StoreKind::Redis;
+    /// `config` on `store`: a Redis store is the shared test server, with a key prefix of its own.
+    async fn on_store(mut config: Config, store: StoreKind) -> Config {
         config.store.kind = store;
-        if store == StoreKind::Redis && !own_redis {
+        if store == StoreKind::Redis {
             let server = tokio::task::spawn_blocking(redis::shared_server)
                 .await
                 .unwrap();
@@ -98,6 +96,10 @@ impl TestServer {
             config.store.redis.key_prefix = redis::fresh_prefix();
             config.store.redis.command_timeout_ms = 2_000;
         }
+        config
+    }
+
+    async fn serve(mut config: Config) -> TestServer {
         config.shutdown_grace_seconds = 5;
         let tls = config.tls.enabled();
         config.validate().expect("test config is valid");
