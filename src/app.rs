@@ -315,7 +315,7 @@ impl<S: Store> Quota<S> {
             self.metrics.hold_closed("commit");
         }
         let span = tracing::Span::current();
-        span.record("plan", outcome.status.plan.as_str());
+        span.record("plan", &*outcome.status.plan);
         span.record("funding", funding_name(charged));
         Ok(outcome)
     }
@@ -488,7 +488,7 @@ impl<S: Store> Quota<S> {
             Decision::Allow { held, .. } => ("ALLOW", "NONE", funding_name(*held)),
             Decision::Deny(denial) => ("DENY", action_name(denial.action), "none"),
         };
-        let plan = outcome.status.plan.as_str();
+        let plan = &*outcome.status.plan;
         self.metrics.decision(decision, action, plan, &cmd.product);
         let span = tracing::Span::current();
         span.record("product", cmd.product.as_str());
@@ -760,7 +760,7 @@ impl<S: Store> Quota<S> {
         let plan_name = snapshot
             .as_ref()
             .map_or(self.policy.default_plan.as_str(), |s| {
-                s.account.plan.as_str()
+                &s.account.plan
             });
         let plan = self.policy.plan(plan_name);
         let windows = snapshot

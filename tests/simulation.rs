@@ -172,7 +172,7 @@ async fn simulate<S: Store>(store: &S, seed: u64, steps: usize) {
                 };
                 let out = store.reserve(&cmd, at(now)).await.unwrap();
                 if let Decision::Allow { reservation_id, .. } = out.decision {
-                    open.push((reservation_id, 0));
+                    open.push((reservation_id.to_string(), 0));
                 }
                 started = out.top_up;
             }

@@ -117,7 +117,7 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     if let Decision::Allow { reservation_id, .. } = &out.decision {
                         reservations.push((
                             cmd.account_id,
-                            reservation_id.clone(),
+                            reservation_id.to_string(),
                             Usage {
                                 model: cmd.estimate.model,
                                 ..Usage::default()
@@ -217,7 +217,7 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                 }
             }
             73..=78 => {
-                let plan = rng.pick(&["free", "go", "plus", "pro"]).to_string();
+                let plan: std::sync::Arc<str> = (*rng.pick(&["free", "go", "plus", "pro"])).into();
                 let account = Account {
                     id: account,
                     plan,

@@ -119,7 +119,7 @@ impl From<pb::Account> for Account {
     fn from(a: pb::Account) -> Account {
         Account {
             id: a.account_id,
-            plan: a.plan,
+            plan: crate::domain::intern(&a.plan),
             credit_purchase_allowed: a.credit_purchase_allowed,
         }
     }
@@ -129,7 +129,7 @@ impl From<Account> for pb::Account {
     fn from(a: Account) -> pb::Account {
         pb::Account {
             account_id: a.id,
-            plan: a.plan,
+            plan: a.plan.to_string(),
             credit_purchase_allowed: a.credit_purchase_allowed,
         }
     }
@@ -197,7 +197,7 @@ impl From<ReserveOutcome> for pb::ReserveResponse {
                 expires_at,
             } => {
                 resp.set_decision(pb::Decision::Allow);
-                resp.reservation_id = reservation_id;
+                resp.reservation_id = reservation_id.to_string();
                 resp.held = Some(held.into());
                 resp.expires_at = Some(timestamp(expires_at));
             }
@@ -277,7 +277,7 @@ fn usage_event(account_id: &str, e: UsageEvent) -> pb::UsageEvent {
         model: e.usage.model.clone(),
         usage: Some(e.usage.into()),
         charged: Some(e.charged.into()),
-        reservation_id: e.reservation_id,
+        reservation_id: e.reservation_id.to_string(),
         price_version: e.price_version.to_string(),
     }
 }
@@ -343,7 +343,7 @@ impl From<UsageSnapshot> for pb::GetUsageResponse {
     fn from(s: UsageSnapshot) -> pb::GetUsageResponse {
         let t = s.totals;
         pb::GetUsageResponse {
-            plan: s.account.plan,
+            plan: s.account.plan.to_string(),
             credit_balance_micros: s.status.credit_balance,
             windows: windows(s.status),
             lots: s.lots.into_iter().map(Into::into).collect(),

@@ -14,6 +14,7 @@
 //! retries, and forgotten after the idempotency retention.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use super::decision::{
     Account, AccountStatus, Action, CommitCommand, CommitOutcome, CommitReceipt, Decision, Denial,
@@ -41,7 +42,9 @@ pub const LOT_VALIDITY_MONTHS: u32 = 12;
 /// A task's open hold on the plan and on credits, and what it has been charged so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
-    id: String,
+    /// Shared with the first answer, the closed record and the usage events that name it: a
+    /// finished task keeps one copy of its id, not three.
+    id: Arc<str>,
     product: String,
     /// Price of the estimate: what each (re-)hold asks for.
     estimate: Micros,
@@ -56,9 +59,12 @@ pub struct Reservation {
 /// How a reservation ended; kept to answer retries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Closed {
+    /// Only a final commit closes a reservation, so its receipt is always
+    /// [`CommitReceipt::finished`]: the two amounts are all there is to keep.
     Committed {
         fingerprint: u64,
-        receipt: CommitReceipt,
+        charged: Funding,
+        charged_total: Funding,
     },
     Released {
         released: Funding,
@@ -95,14 +101,14 @@ struct GrantRecord {
 struct Retained<T> {
     /// (when recorded, id, record), oldest first; an id recorded again appears again, and
     /// the newer entry is the one that counts.
-    entries: VecDeque<(Timestamp, Box<str>, T)>,
+    entries: VecDeque<(Timestamp, Arc<str>, T)>,
     /// Sequence number of `entries[0]`.
     first: u64,
     /// id -> sequence number of its newest entry, once there are more than [`INDEX_FROM`].
     /// Boxed on purpose: 8 bytes in every account instead of a map's 48, for an index that
     /// few accounts ever build.
     #[allow(clippy::box_collection)]
-    index: Option<Box<HashMap<Box<str>, u64>>>,
+    index: Option<Box<HashMap<Arc<str>, u64>>>,
 }
 
 /// Records an account keeps before they are indexed by id.
@@ -153,9 +159,8 @@ impl<T> Retained<T> {
         }
     }
 
-    fn insert(&mut self, now: Timestamp, id: String, record: T) {
+    fn insert(&mut self, now: Timestamp, id: Arc<str>, record: T) {
         let seq = self.first + self.entries.len() as u64;
-        let id: Box<str> = id.into_boxed_str();
         if let Some(index) = &mut self.index {
             index.insert(id.clone(), seq);
         }
@@ -190,6 +195,40 @@ impl<T> Retained<T> {
     }
 }
 
+/// Open reservations by id (the key shares the reservation's id). Made on the first hold and
+/// dropped with the last: most accounts have nothing open most of the time, and an empty map
+/// would still cost 48 bytes in each of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct OpenHolds(Option<Box<HashMap<Arc<str>, Reservation>>>);
+
+impl OpenHolds {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Reservation> {
+        self.0.iter().flat_map(|m| m.values())
+    }
+
+    #[cfg(test)]
+    fn get(&self, id: &str) -> Option<&Reservation> {
+        self.0.as_ref()?.get(id)
+    }
+
+    fn insert(&mut self, r: Reservation) {
+        self.0.get_or_insert_default().insert(r.id.clone(), r);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Reservation> {
+        let map = self.0.as_mut()?;
+        let r = map.remove(id);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        r
+    }
+}
+
 /// How usage beyond the plan's allowance is handled for one product on one account.
 enum Route<'p> {
     Credits,
@@ -207,7 +246,7 @@ pub struct AccountState {
     five_hour: SlidingWindow,
     weekly: SlidingWindow,
     ledger: Ledger,
-    open: HashMap<String, Reservation>,
+    open: OpenHolds,
     closed: Retained<Closed>,
     requests: Retained<RequestRecord>,
     /// Boxed and made on the first grant: most accounts never get one.
@@ -231,7 +270,7 @@ impl AccountState {
             five_hour: SlidingWindow::new(&FIVE_HOUR),
             weekly: SlidingWindow::new(&WEEKLY),
             ledger: Ledger::default(),
-            open: HashMap::new(),
+            open: OpenHolds::default(),
             closed: Retained::default(),
             requests: Retained::default(),
             grants: None,
@@ -245,20 +284,13 @@ impl AccountState {
         &self.account
     }
 
-    /// A map keeps its table when emptied; an account with nothing open gives it back.
-    fn tidy_open(&mut self) {
-        if self.open.is_empty() && self.open.capacity() > 0 {
-            self.open = HashMap::new();
-        }
-    }
-
     /// Open reservations.
     pub fn open_holds(&self) -> usize {
         self.open.len()
     }
 
     /// Changes plan and credit eligibility; windows, holds and credits stay.
-    pub fn update_account(&mut self, plan: String, credit_purchase_allowed: bool) {
+    pub fn update_account(&mut self, plan: Arc<str>, credit_purchase_allowed: bool) {
         self.account.plan = plan;
         self.account.credit_purchase_allowed = credit_purchase_allowed;
     }
@@ -266,7 +298,7 @@ impl AccountState {
     /// Applies what time has done up to `now`: returns expired holds, expires lots, lets old
     /// usage leave the windows and forgets idempotency records past their retention.
     pub fn settle(&mut self, policy: &Policy, now: Timestamp) {
-        let expired: Vec<String> = self
+        let expired: Vec<Arc<str>> = self
             .open
             .values()
             .filter(|r| r.expires_at <= now)
@@ -284,7 +316,6 @@ impl AccountState {
                 );
             }
         }
-        self.tidy_open();
         let retention = i64::from(policy.limits.idempotency_retention_seconds) * SECOND_MS;
         let cutoff = now.plus_millis(-retention);
         self.closed.forget_until(cutoff);
@@ -493,10 +524,9 @@ impl AccountState {
         let decision = match self.fund(policy, plan, &cmd.product, cmd.cost, now) {
             Ok(held) => {
                 let expires_at = now.plus_millis(cmd.ttl_ms);
-                self.open.insert(
-                    cmd.reservation_id.clone(),
-                    Reservation {
-                        id: cmd.reservation_id.clone(),
+                let id: Arc<str> = cmd.reservation_id.as_str().into();
+                self.open.insert(Reservation {
+                        id: id.clone(),
                         product: cmd.product.clone(),
                         estimate: cmd.cost,
                         ttl_ms: cmd.ttl_ms,
@@ -507,10 +537,9 @@ impl AccountState {
                             ..Usage::default()
                         },
                         expires_at,
-                    },
-                );
+                    });
                 Decision::Allow {
-                    reservation_id: cmd.reservation_id.clone(),
+                    reservation_id: id,
                     held,
                     expires_at,
                 }
@@ -539,7 +568,8 @@ impl AccountState {
             decision: decision.clone(),
             estimate: cmd.cost,
         };
-        self.requests.insert(now, cmd.request_id.clone(), record);
+        self.requests
+            .insert(now, cmd.request_id.as_str().into(), record);
         let top_up = self.check_top_up(policy, now);
         Ok(ReserveOutcome {
             decision,
@@ -561,8 +591,11 @@ impl AccountState {
             None => Err(DomainError::reservation_not_found(id)),
             Some(Closed::Committed {
                 fingerprint: first,
-                receipt,
-            }) if is_final && *first == fingerprint => Ok(receipt.clone()),
+                charged,
+                charged_total,
+            }) if is_final && *first == fingerprint => {
+                Ok(CommitReceipt::finished(*charged, *charged_total))
+            }
             Some(Closed::Committed { .. }) => Err(DomainError::already_committed(id, true)),
             Some(Closed::Released { .. }) => Err(DomainError::already_released(id)),
             Some(Closed::Expired { at, .. }) => Err(DomainError::reservation_expired(id, *at)),
@@ -609,14 +642,13 @@ impl AccountState {
         r.usage = max_usage(&r.usage, &cmd.usage);
 
         let receipt = if cmd.is_final {
-            let receipt = CommitReceipt::finished(charge, r.charged);
             let closed = Closed::Committed {
                 fingerprint,
-                receipt: receipt.clone(),
+                charged: charge,
+                charged_total: r.charged,
             };
             self.closed.insert(now, r.id, closed);
-            self.tidy_open();
-            receipt
+            CommitReceipt::finished(charge, r.charged)
         } else {
             r.expires_at = now.plus_millis(r.ttl_ms);
             let (held, denial) = match self.fund(policy, plan, &r.product, r.estimate, now) {
@@ -625,7 +657,7 @@ impl AccountState {
             };
             r.held = held;
             let receipt = CommitReceipt::continuing(charge, r.charged, held, r.expires_at, denial);
-            self.open.insert(r.id.clone(), r);
+            self.open.insert(r);
             receipt
         };
         let top_up = self.check_top_up(policy, now);
@@ -676,9 +708,8 @@ impl AccountState {
         let id = &cmd.reservation_id;
         if let Some(r) = self.open.remove(id) {
             self.closed
-                .insert(now, id.clone(), Closed::Released { released: r.held });
-            self.tidy_open();
-            return Ok(ReleaseOutcome { released: r.held });
+                .insert(now, r.id, Closed::Released { released: r.held });
+                return Ok(ReleaseOutcome { released: r.held });
         }
         match self.closed.get(id) {
             None => Err(DomainError::reservation_not_found(id)),
@@ -897,7 +928,7 @@ impl AccountState {
             .open
             .values()
             .map(|r| HoldView {
-                reservation_id: r.id.clone(),
+                reservation_id: r.id.to_string(),
                 product: r.product.clone(),
                 held: r.held,
                 charged: r.charged,
@@ -1065,7 +1096,7 @@ mod tests {
                             wait_for_top_up: false,
                         };
                         if let Decision::Allow { reservation_id, .. } = s.reserve(&policy, &cmd, now).unwrap().decision {
-                            reservations.push(reservation_id);
+                            reservations.push(reservation_id.to_string());
                         }
                     }
                     Op::Commit { pick, credits, is_final } if !reservations.is_empty() => {
@@ -1206,7 +1237,7 @@ mod retained_tests {
         for n in [3_i64, 40] {
             let mut r: Retained<i64> = Retained::default();
             for i in 0..n {
-                r.insert(t(i), format!("id{i}"), i);
+                r.insert(t(i), format!("id{i}").into(), i);
             }
             // Recorded again later: the newer record counts.
             r.insert(t(n), "id0".into(), 100);

@@ -96,7 +96,8 @@ impl GrantCommand {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub id: String,
-    pub plan: String,
+    /// Interned (see [`intern`]): a plan is one of a few configured names.
+    pub plan: Arc<str>,
     pub credit_purchase_allowed: bool,
 }
 
@@ -226,7 +227,8 @@ impl Denial {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Allow {
-        reservation_id: String,
+        /// Shared with the account's records of the reservation.
+        reservation_id: Arc<str>,
         held: Funding,
         expires_at: Timestamp,
     },
@@ -250,7 +252,7 @@ pub struct WindowStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountStatus {
     /// The account's plan (for metrics and logs).
-    pub plan: String,
+    pub plan: Arc<str>,
     pub windows: Vec<WindowStatus>,
     pub credit_balance: Micros,
 }
@@ -409,7 +411,8 @@ pub struct UsageEvent {
     /// Usage added by this charge (the difference between cumulative commits).
     pub usage: Usage,
     pub charged: Funding,
-    pub reservation_id: String,
+    /// Shared with the account's records of the reservation.
+    pub reservation_id: Arc<str>,
     /// Interned, like `product`.
     pub price_version: Arc<str>,
 }

@@ -127,7 +127,7 @@ mod tests {
             product: "codex".into(),
             usage: Usage::default(),
             charged: Funding::new(1, 0),
-            reservation_id: format!("r{seq}"),
+            reservation_id: format!("r{seq}").into(),
             price_version: "v".into(),
         }
     }

@@ -89,10 +89,11 @@ impl Store for MemoryStore {
             .or_insert_with(|| {
                 Box::new(AccountState::new(Account {
                     id: cmd.account_id.clone(),
-                    plan: cmd
-                        .plan_hint
-                        .clone()
-                        .unwrap_or_else(|| self.policy.default_plan.clone()),
+                    plan: crate::domain::intern(
+                        cmd.plan_hint
+                            .as_deref()
+                            .unwrap_or(&self.policy.default_plan),
+                    ),
                     credit_purchase_allowed: true,
                 }))
             });

@@ -144,7 +144,7 @@ fn allowed(decision: &Decision) -> (String, Funding) {
             reservation_id,
             held,
             ..
-        } => (reservation_id.clone(), *held),
+        } => (reservation_id.to_string(), *held),
         Decision::Deny(d) => panic!("expected ALLOW, got {d:?}"),
     }
 }
@@ -194,14 +194,14 @@ pub async fn first_reserve_creates_the_account<S: Store>(store: S) {
         )
         .await
         .unwrap();
-    assert_eq!(store.account("a1").await.unwrap().plan, "go");
+    assert_eq!(store.account("a1").await.unwrap().plan.as_ref(), "go");
     // No hint: the default plan.
     store
         .reserve(&reserve_cmd("a2", "r1", "codex", 1), at(0))
         .await
         .unwrap();
     assert_eq!(
-        store.account("a2").await.unwrap().plan,
+        store.account("a2").await.unwrap().plan.to_string(),
         Policy::default().default_plan
     );
 }

@@ -723,7 +723,7 @@ impl Store for RedisStore {
         } else {
             "0"
         };
-        let args = [account.plan.as_str(), allowed];
+        let args = [&*account.plan, allowed];
         let reply: wire::AccountReply = self
             .run(&self.scripts.upsert, &account.id, now, &args)
             .await?;

@@ -111,7 +111,7 @@ impl From<StatusJ> for AccountStatus {
             })
             .collect();
         AccountStatus {
-            plan: s.plan,
+            plan: crate::domain::intern(&s.plan),
             windows,
             credit_balance: s.balance,
         }
@@ -184,7 +184,7 @@ impl DecisionJ {
                 held,
                 expires_at,
             } => Decision::Allow {
-                reservation_id: id,
+                reservation_id: id.into(),
                 held: held.into(),
                 expires_at: Timestamp::from_millis(expires_at),
             },
@@ -297,7 +297,7 @@ impl From<AccountJ> for Account {
     fn from(a: AccountJ) -> Account {
         Account {
             id: a.id,
-            plan: a.plan,
+            plan: crate::domain::intern(&a.plan),
             credit_purchase_allowed: a.cpa,
         }
     }
@@ -345,7 +345,7 @@ impl From<EventJ> for UsageEvent {
                 fast_mode: e.usage.fast,
             },
             charged: e.charged.into(),
-            reservation_id: e.reservation_id,
+            reservation_id: e.reservation_id.into(),
             price_version: crate::domain::intern(&e.price_version),
         }
     }
@@ -549,7 +549,7 @@ pub fn export_json(account_id: &str, e: &UsageEvent) -> String {
         fast_mode: e.usage.fast_mode,
         plan_micros: e.charged.plan,
         credit_micros: e.charged.credit,
-        reservation_id: e.reservation_id.clone(),
+        reservation_id: e.reservation_id.to_string(),
         price_version: e.price_version.to_string(),
     };
     serde_json::to_string(&j).expect("plain data serializes")
@@ -570,7 +570,7 @@ pub fn parse_export_json(text: &str) -> Result<(String, UsageEvent), serde_json:
             fast_mode: j.fast_mode,
         },
         charged: Funding::new(j.plan_micros, j.credit_micros),
-        reservation_id: j.reservation_id,
+        reservation_id: j.reservation_id.into(),
         price_version: crate::domain::intern(&j.price_version),
     };
     Ok((j.account_id, event))

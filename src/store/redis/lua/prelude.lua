@@ -74,7 +74,8 @@ local function J(v)
     for i = 1, #v do parts[i] = J(v[i]) end
     return '[' .. table.concat(parts, ',') .. ']'
   end
-  for k, x in pairs(v) do parts[#parts + 1] = cjson.encode(k) .. ':' .. J(x) end
+  -- Keys are the scripts' own identifiers, never user text: quoting them is enough.
+  for k, x in pairs(v) do parts[#parts + 1] = '"' .. k .. '":' .. J(x) end
   return '{' .. table.concat(parts, ',') .. '}'
 end
 local function err(e) return J({ err = e }) end
@@ -88,12 +89,17 @@ local NUMERIC = {
 }
 local TEXT = { tu_en = '0', tu_cap = '', tu_quiet = '', tu_if = '', tu_last = '' }
 
+-- The fields as the hash held them when loaded: save_account() writes back only what changed
+-- (rewriting the whole record was the costliest command of a call).
+local SAVED = {}
+
 local function load_account()
   local flat = redis.call('HGETALL', K_ACCT)
   if #flat == 0 then return false end
   A = {}
   for i = 1, #flat, 2 do
     local k, v = flat[i], flat[i + 1]
+    SAVED[k] = v
     A[k] = NUMERIC[k] and tonumber(v) or v
   end
   for k in pairs(NUMERIC) do A[k] = A[k] or 0 end
@@ -108,16 +114,20 @@ local function create_account(id, plan)
 end
 
 local function save_account()
-  local fields = { 'id', A.id, 'plan', A.plan, 'cpa', A.cpa }
-  for k in pairs(NUMERIC) do
-    fields[#fields + 1] = k
-    fields[#fields + 1] = int(A[k])
+  local fields = {}
+  local function put(k, v)
+    if SAVED[k] ~= v then
+      fields[#fields + 1] = k
+      fields[#fields + 1] = v
+      SAVED[k] = v
+    end
   end
-  for k in pairs(TEXT) do
-    fields[#fields + 1] = k
-    fields[#fields + 1] = A[k]
-  end
-  redis.call('HSET', K_ACCT, unpack(fields))
+  put('id', A.id)
+  put('plan', A.plan)
+  put('cpa', A.cpa)
+  for k in pairs(NUMERIC) do put(k, int(A[k])) end
+  for k in pairs(TEXT) do put(k, A[k]) end
+  if #fields > 0 then redis.call('HSET', K_ACCT, unpack(fields)) end
 end
 
 local function plan_of()
