@@ -759,9 +759,7 @@ impl<S: Store> Quota<S> {
         };
         let plan_name = snapshot
             .as_ref()
-            .map_or(self.policy.default_plan.as_str(), |s| {
-                &s.account.plan
-            });
+            .map_or(self.policy.default_plan.as_str(), |s| &s.account.plan);
         let plan = self.policy.plan(plan_name);
         let windows = snapshot
             .as_ref()

@@ -59,7 +59,7 @@ fn policy() -> Policy {
 
 fn usage(rng: &mut Rng, scale: u64) -> Usage {
     Usage {
-        model: rng.pick(&["gpt-5.5", "gpt-5.5-mini"]).to_string(),
+        model: (*rng.pick(&["gpt-5.5", "gpt-5.5-mini"])).into(),
         input_tokens: rng.below(20_000 * scale),
         cached_input_tokens: rng.below(20_000 * scale),
         output_tokens: rng.below(5_000 * scale),

@@ -41,7 +41,7 @@ pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<Timesta
 impl From<pb::Usage> for Usage {
     fn from(u: pb::Usage) -> Usage {
         Usage {
-            model: u.model,
+            model: u.model.into(),
             input_tokens: u.input_tokens,
             cached_input_tokens: u.cached_input_tokens,
             output_tokens: u.output_tokens,
@@ -54,7 +54,7 @@ impl From<pb::Usage> for Usage {
 impl From<Usage> for pb::Usage {
     fn from(u: Usage) -> pb::Usage {
         pb::Usage {
-            model: u.model,
+            model: u.model.to_string(),
             input_tokens: u.input_tokens,
             cached_input_tokens: u.cached_input_tokens,
             output_tokens: u.output_tokens,
@@ -274,7 +274,7 @@ fn usage_event(account_id: &str, e: UsageEvent) -> pb::UsageEvent {
         seq: e.seq,
         at: Some(timestamp(e.at)),
         product: e.product.to_string(),
-        model: e.usage.model.clone(),
+        model: e.usage.model.to_string(),
         usage: Some(e.usage.into()),
         charged: Some(e.charged.into()),
         reservation_id: e.reservation_id.to_string(),

@@ -526,18 +526,18 @@ impl AccountState {
                 let expires_at = now.plus_millis(cmd.ttl_ms);
                 let id: Arc<str> = cmd.reservation_id.as_str().into();
                 self.open.insert(Reservation {
-                        id: id.clone(),
-                        product: cmd.product.clone(),
-                        estimate: cmd.cost,
-                        ttl_ms: cmd.ttl_ms,
-                        held,
-                        charged: Funding::ZERO,
-                        usage: Usage {
-                            model: cmd.estimate.model.clone(),
-                            ..Usage::default()
-                        },
-                        expires_at,
-                    });
+                    id: id.clone(),
+                    product: cmd.product.clone(),
+                    estimate: cmd.cost,
+                    ttl_ms: cmd.ttl_ms,
+                    held,
+                    charged: Funding::ZERO,
+                    usage: Usage {
+                        model: cmd.estimate.model.clone(),
+                        ..Usage::default()
+                    },
+                    expires_at,
+                });
                 Decision::Allow {
                     reservation_id: id,
                     held,
@@ -683,7 +683,11 @@ impl AccountState {
             seq: self.events,
             at: now,
             product: super::decision::intern(&r.product),
-            usage: cmd.usage.since(&r.usage),
+            usage: Usage {
+                // Priced already, so one of the sheet's few models: one copy for all events.
+                model: super::decision::intern(&cmd.usage.model),
+                ..cmd.usage.since(&r.usage)
+            },
             charged,
             reservation_id: r.id.clone(),
             price_version: super::decision::intern(&cmd.price_version),
@@ -709,7 +713,7 @@ impl AccountState {
         if let Some(r) = self.open.remove(id) {
             self.closed
                 .insert(now, r.id, Closed::Released { released: r.held });
-                return Ok(ReleaseOutcome { released: r.held });
+            return Ok(ReleaseOutcome { released: r.held });
         }
         match self.closed.get(id) {
             None => Err(DomainError::reservation_not_found(id)),

@@ -14,6 +14,7 @@
 //! would not fit in `i64` is an error, never a wrapped number.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +23,8 @@ use super::money::Micros;
 /// Token and image counts of a task (an estimate before it runs, actual usage after).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
 pub struct Usage {
-    pub model: String,
+    /// Shared, not copied, between a task's records; interned once recorded in a usage event.
+    pub model: Arc<str>,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
@@ -90,9 +92,9 @@ impl PriceSheet {
     pub fn price(&self, usage: &Usage) -> Result<Micros, PricingError> {
         let model = self
             .models
-            .get(&usage.model)
+            .get(&*usage.model)
             .ok_or_else(|| PricingError::UnknownModel {
-                model: usage.model.clone(),
+                model: usage.model.to_string(),
                 allowed: self.model_names(),
             })?;
         let mul = |a: u64, b: u64| u128::from(a).checked_mul(u128::from(b));
@@ -300,7 +302,7 @@ mod tests {
         #[test]
         fn never_under_charges(u in any_usage()) {
             let sheet = PriceSheet::default();
-            let p = &sheet.models[&u.model];
+            let p = &sheet.models[&*u.model];
             let exact_times_1e8 = (u.input_tokens as u128 * p.input_per_mtok_micros as u128
                 + u.cached_input_tokens as u128 * p.cached_input_per_mtok_micros as u128
                 + u.output_tokens as u128 * p.output_per_mtok_micros as u128

@@ -337,7 +337,7 @@ impl From<EventJ> for UsageEvent {
             at: Timestamp::from_millis(e.at),
             product: crate::domain::intern(&e.product),
             usage: Usage {
-                model: e.usage.model,
+                model: crate::domain::intern(&e.usage.model),
                 input_tokens: count(e.usage.i),
                 cached_input_tokens: count(e.usage.c),
                 output_tokens: count(e.usage.o),
@@ -541,7 +541,7 @@ pub fn export_json(account_id: &str, e: &UsageEvent) -> String {
         seq: e.seq,
         at_ms: e.at.as_millis(),
         product: e.product.to_string(),
-        model: e.usage.model.clone(),
+        model: e.usage.model.to_string(),
         input_tokens: e.usage.input_tokens,
         cached_input_tokens: e.usage.cached_input_tokens,
         output_tokens: e.usage.output_tokens,
@@ -562,7 +562,7 @@ pub fn parse_export_json(text: &str) -> Result<(String, UsageEvent), serde_json:
         at: Timestamp::from_millis(j.at_ms),
         product: crate::domain::intern(&j.product),
         usage: Usage {
-            model: j.model,
+            model: crate::domain::intern(&j.model),
             input_tokens: j.input_tokens,
             cached_input_tokens: j.cached_input_tokens,
             output_tokens: j.output_tokens,
