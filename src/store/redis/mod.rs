@@ -528,7 +528,7 @@ fn policy_json(policy: &Policy, settings: &RedisSettings) -> String {
 
 fn usage_json(u: &crate::domain::Usage) -> String {
     json!({
-        "model": u.model,
+        "model": &*u.model,
         "i": u.input_tokens.to_string(),
         "c": u.cached_input_tokens.to_string(),
         "o": u.output_tokens.to_string(),
