@@ -4,7 +4,8 @@
 #   bench/figures.sh ratios memory   # Reserve+Commit pairs/s and RLS calls/s over health checks/s
 #   bench/figures.sh ratios redis    # the same on a local redis-server
 #   bench/figures.sh latency memory  # p99 Reserve at half the saturation rate; p99.9 at saturation
-#                                    # (the Reserve of Reserve+Commit tasks)
+#                                    # (the Reserve of Reserve+Commit tasks), beside health checks
+#                                    # at the same calls per second
 #   bench/figures.sh latency redis
 #   bench/figures.sh memory          # bytes per account, 1,000,000 accounts (cargo bench --bench memory)
 #   bench/figures.sh admission       # ns per decision beside governor and limitador (criterion)
@@ -82,9 +83,12 @@ case "${1:-}" in
     max="$(echo "$saturated" | field .ops_per_s)"
     half="$(jq -n "$max / 2 | floor")"
     at_half="$(bench reserve-commit --rate "$half")"
+    # The floor: health checks at the same number of calls per second (a task is two calls).
+    floor="$(bench health --rate "$((half * 2))")"
     echo "store $store, Reserve within Reserve+Commit tasks, 4 connections, 64 in flight, ${seconds} s each"
     printf 'saturation  %8.0f tasks/s  Reserve p99 %6s µs  p99.9 %6s µs\n' "$max" "$(echo "$saturated" | field .reserve_latency_us.p99)" "$(echo "$saturated" | field .reserve_latency_us.p99_9)"
     printf 'half rate   %8s tasks/s  Reserve p99 %6s µs  p99.9 %6s µs\n' "$half" "$(echo "$at_half" | field .reserve_latency_us.p99)" "$(echo "$at_half" | field .reserve_latency_us.p99_9)"
+    printf 'floor       %8s calls/s  health  p99 %6s µs  p99.9 %6s µs\n' "$((half * 2))" "$(echo "$floor" | field .latency_us.p99)" "$(echo "$floor" | field .latency_us.p99_9)"
     ;;
   memory)
     cargo bench --bench memory

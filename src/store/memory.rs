@@ -34,6 +34,27 @@ pub struct MemoryStore {
     open_holds: AtomicI64,
     /// Envoy RLS counters, per domain: one lock per domain makes a request's check atomic.
     rls: DashMap<String, HashMap<String, SlidingWindow>>,
+    /// Accounts with an auto top-up purchase in flight, and when it started, kept like
+    /// `open_holds`. The once-a-second look for stalled purchases reads this, not every
+    /// account: walking millions of accounts holds each shard's lock for milliseconds, and every
+    /// decision on that shard would wait behind it.
+    purchases: DashMap<String, Timestamp>,
+}
+
+/// What the store keeps indexed about an account, read before and after each operation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Indexed {
+    holds: usize,
+    purchase_started: Option<Timestamp>,
+}
+
+impl Indexed {
+    fn of(state: &AccountState) -> Indexed {
+        Indexed {
+            holds: state.open_holds(),
+            purchase_started: state.top_up_in_flight().map(|p| p.started_at),
+        }
+    }
 }
 
 impl MemoryStore {
@@ -44,6 +65,7 @@ impl MemoryStore {
             accounts: DashMap::new(),
             open_holds: AtomicI64::new(0),
             rls: DashMap::new(),
+            purchases: DashMap::new(),
         }
     }
 
@@ -57,17 +79,37 @@ impl MemoryStore {
             .accounts
             .get_mut(account_id)
             .ok_or_else(|| account_not_found(account_id))?;
-        let before = state.open_holds();
-        let result = op(&mut state, &self.policy);
-        self.count_holds(before, state.open_holds());
-        Ok(result?)
+        Ok(self.indexing(account_id, &mut state, op)?)
     }
 
-    fn count_holds(&self, before: usize, after: usize) {
+    /// Runs `op` on an account (whose shard lock the caller holds) and brings the store's
+    /// indexes up to date with what it changed.
+    fn indexing<T>(
+        &self,
+        account_id: &str,
+        state: &mut AccountState,
+        op: impl FnOnce(&mut AccountState, &Policy) -> T,
+    ) -> T {
+        let before = Indexed::of(state);
+        let result = op(state, &self.policy);
+        let after = Indexed::of(state);
         if before != after {
-            self.open_holds
-                .fetch_add(after as i64 - before as i64, Ordering::Relaxed);
+            if before.holds != after.holds {
+                self.open_holds
+                    .fetch_add(after.holds as i64 - before.holds as i64, Ordering::Relaxed);
+            }
+            if before.purchase_started != after.purchase_started {
+                match after.purchase_started {
+                    Some(started) => {
+                        self.purchases.insert(account_id.to_owned(), started);
+                    }
+                    None => {
+                        self.purchases.remove(account_id);
+                    }
+                }
+            }
         }
+        result
     }
 }
 
@@ -77,11 +119,9 @@ impl Store for MemoryStore {
         cmd: &ReserveCommand,
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
+        let reserve = |state: &mut AccountState, policy: &Policy| state.reserve(policy, cmd, now);
         if let Some(mut state) = self.accounts.get_mut(&cmd.account_id) {
-            let before = state.open_holds();
-            let outcome = state.reserve(&self.policy, cmd, now);
-            self.count_holds(before, state.open_holds());
-            return Ok(outcome?);
+            return Ok(self.indexing(&cmd.account_id, &mut state, reserve)?);
         }
         let mut state = self
             .accounts
@@ -97,10 +137,7 @@ impl Store for MemoryStore {
                     credit_purchase_allowed: true,
                 }))
             });
-        let before = state.open_holds();
-        let outcome = state.reserve(&self.policy, cmd, now);
-        self.count_holds(before, state.open_holds());
-        Ok(outcome?)
+        Ok(self.indexing(&cmd.account_id, &mut state, reserve)?)
     }
 
     async fn commit(
@@ -174,9 +211,9 @@ impl Store for MemoryStore {
             .accounts
             .entry(account.id.clone())
             .or_insert_with(|| Box::new(AccountState::new(account.clone())));
-        let before = state.open_holds();
-        state.settle(&self.policy, now);
-        self.count_holds(before, state.open_holds());
+        self.indexing(&account.id, &mut state, |state, policy| {
+            state.settle(policy, now);
+        });
         state.update_account(account.plan, account.credit_purchase_allowed);
         Ok(state.account().clone())
     }
@@ -248,13 +285,19 @@ impl Store for MemoryStore {
         &self,
         started_before: Timestamp,
     ) -> Result<Vec<(String, Purchase)>, StoreError> {
-        Ok(self
-            .accounts
+        let stalled: Vec<String> = self
+            .purchases
             .iter()
-            .filter_map(|entry| {
-                let purchase = entry.top_up_in_flight()?;
-                (purchase.started_at <= started_before)
-                    .then(|| (entry.key().clone(), purchase.clone()))
+            .filter(|entry| *entry.value() <= started_before)
+            .map(|entry| entry.key().clone())
+            .collect();
+        // The index is read first and each account after, never both locks at once (an
+        // operation holds the account's lock while it updates the index).
+        Ok(stalled
+            .into_iter()
+            .filter_map(|account_id| {
+                let purchase = self.accounts.get(&account_id)?.top_up_in_flight()?.clone();
+                (purchase.started_at <= started_before).then_some((account_id, purchase))
             })
             .collect())
     }

@@ -43,6 +43,7 @@ macro_rules! store_contract_tests {
             revoking_a_grant_takes_back_what_is_left_of_its_lot_once,
             auto_top_up_buys_just_enough_once_and_backs_off_after_declines,
             auto_top_up_needs_an_account_that_may_buy_credits,
+            purchases_in_flight_are_found_until_settled,
             every_charge_is_exported_once_per_consumer_group,
             rls_counts_a_request_only_if_every_descriptor_fits_and_slides,
         );
@@ -909,6 +910,45 @@ pub async fn auto_top_up_buys_just_enough_once_and_backs_off_after_declines<S: S
         panic!("not enough credits")
     };
     assert_eq!(denial.action, Action::UpdatePaymentMethod);
+}
+
+/// The look a replica takes for purchases a dead replica left unpaid: every purchase in flight
+/// that started at or before the cutoff, and no other.
+pub async fn purchases_in_flight_are_found_until_settled<S: Store>(store: S) {
+    plus_account_with_credits(&store, "buying", 5).await;
+    plus_account_with_credits(&store, "idle", 5).await;
+    let started = store
+        .set_top_up(top_up("buying", true, 10, 50), at(0))
+        .await
+        .unwrap()
+        .top_up
+        .expect("a purchase");
+    // A store may answer for a part of its accounts per call: ask for a whole round (the
+    // Redis store answers for a sixteenth of its slots per call).
+    let stalled = async |cutoff| {
+        let mut found = Vec::new();
+        for _ in 0..16 {
+            for hit in store.stalled_purchases(cutoff).await.unwrap() {
+                if !found.contains(&hit) {
+                    found.push(hit);
+                }
+            }
+        }
+        found
+    };
+    assert!(stalled(at(0).plus_millis(-1)).await.is_empty());
+    assert_eq!(
+        stalled(at(MINUTE_MS)).await,
+        vec![("buying".to_owned(), started.clone())]
+    );
+    let approved = PaymentResult::Approved {
+        payment_id: "pay-1".into(),
+    };
+    store
+        .settle_top_up(paid("buying", &started.id, approved), at(MINUTE_MS))
+        .await
+        .unwrap();
+    assert!(stalled(at(MINUTE_MS)).await.is_empty());
 }
 
 pub async fn auto_top_up_needs_an_account_that_may_buy_credits<S: Store>(store: S) {
