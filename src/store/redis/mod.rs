@@ -14,6 +14,7 @@ mod export;
 mod front;
 mod health;
 mod keys;
+mod library;
 mod wire;
 
 use std::sync::Arc;
@@ -25,7 +26,9 @@ use tokio_stream::StreamExt;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use library::{Library, Operation};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -170,64 +173,9 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// The account scripts, each the shared prelude followed by one operation.
-struct Scripts {
-    reserve: Script,
-    commit: Script,
-    release: Script,
-    grant: Script,
-    upsert: Script,
-    account: Script,
-    usage: Script,
-    sweep: Script,
-    revoke: Script,
-    set_top_up: Script,
-    settle_top_up: Script,
-    /// Not an account script (no prelude): Envoy RLS counters of one domain.
-    rls: Script,
-}
-
-impl Scripts {
-    fn new() -> Scripts {
-        const PRELUDE: &str = include_str!("lua/prelude.lua");
-        let script = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
-        Scripts {
-            reserve: script(include_str!("lua/reserve.lua")),
-            commit: script(include_str!("lua/commit.lua")),
-            release: script(include_str!("lua/release.lua")),
-            grant: script(include_str!("lua/grant.lua")),
-            upsert: script(include_str!("lua/upsert.lua")),
-            account: script(include_str!("lua/account.lua")),
-            usage: script(include_str!("lua/usage.lua")),
-            sweep: script(include_str!("lua/sweep.lua")),
-            revoke: script(include_str!("lua/revoke.lua")),
-            set_top_up: script(include_str!("lua/set_top_up.lua")),
-            settle_top_up: script(include_str!("lua/settle_top_up.lua")),
-            rls: Script::new(include_str!("lua/rls.lua")),
-        }
-    }
-
-    fn all(&self) -> [&Script; 12] {
-        [
-            &self.reserve,
-            &self.commit,
-            &self.release,
-            &self.grant,
-            &self.upsert,
-            &self.account,
-            &self.usage,
-            &self.sweep,
-            &self.revoke,
-            &self.set_top_up,
-            &self.settle_top_up,
-            &self.rls,
-        ]
-    }
-}
-
 pub struct RedisStore {
     conn: Connection,
-    scripts: Scripts,
+    library: Library,
     policy: Arc<Policy>,
     /// The policy as the scripts read it (ARGV[1]), encoded once.
     policy_json: String,
@@ -317,7 +265,7 @@ impl RedisStore {
         let store = RedisStore {
             policy_json: policy_json(&policy, &settings),
             conn,
-            scripts: Scripts::new(),
+            library: Library::new(),
             policy,
             settings,
             front,
@@ -329,18 +277,24 @@ impl RedisStore {
             dirty: export::DirtySlots::new(),
             replica: replica_name(),
         };
-        store.load_scripts().await?;
+        store.load_library().await?;
         Ok(store)
     }
 
-    async fn load_scripts(&self) -> Result<(), StoreError> {
+    /// Loads the function library on every primary (again, if it is there already).
+    async fn load_library(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        for script in self.scripts.all() {
-            script
-                .load_async(&mut conn)
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("cannot load scripts: {e}")))?;
-        }
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(self.library.source())
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot load the function library (Redis 7.0 or later is needed): {e}"
+                ))
+            })?;
         Ok(())
     }
 
@@ -358,26 +312,24 @@ impl RedisStore {
         self.deny_cache_hits.load(Ordering::Relaxed)
     }
 
-    /// Runs one account script and decodes its JSON answer.
+    /// Runs one account operation and decodes its JSON answer.
     async fn run<T: DeserializeOwned>(
         &self,
-        script: &Script,
+        op: Operation,
         account_id: &str,
         now: Timestamp,
         args: &[&str],
     ) -> Result<T, StoreError> {
-        let mut invocation = script.prepare_invoke();
-        for key in keys::account_keys(&self.settings.key_prefix, account_id) {
-            invocation.key(key);
-        }
-        invocation
+        let keys = keys::account_keys(&self.settings.key_prefix, account_id);
+        let mut call = redis::cmd("FCALL");
+        call.arg(self.library.function(op))
+            .arg(keys.len())
+            .arg(&keys)
             .arg(self.policy_json.as_str())
             .arg(now.as_millis())
-            .arg(account_id);
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        let text = self.invoke(invocation).await?;
+            .arg(account_id)
+            .arg(args);
+        let text = self.invoke(&call).await?;
         let reply: Reply<T> = serde_json::from_str(&text).map_err(|e| {
             StoreError::Internal(format!("cannot decode script answer ({e}): {text}"))
         })?;
@@ -390,23 +342,30 @@ impl RedisStore {
         }
     }
 
-    /// Runs a prepared script: failing at once while the breaker is open, within the command
-    /// timeout, and telling the breaker how Redis answered.
-    async fn invoke(&self, invocation: redis::ScriptInvocation<'_>) -> Result<String, StoreError> {
+    /// Runs an `FCALL`: failing at once while the breaker is open, within the command timeout,
+    /// loading the library again if Redis lost it, and telling the breaker how Redis answered.
+    async fn invoke(&self, call: &Cmd) -> Result<String, StoreError> {
         self.health.check().map_err(|e| {
             StoreError::Unavailable(format!("Redis is unreachable ({e}); retrying shortly"))
         })?;
         let mut conn = self.conn.clone();
         let timeout = self.settings.command_timeout;
-        let answer =
-            tokio::time::timeout(timeout, invocation.invoke_async::<String>(&mut conn)).await;
+        let mut answer = tokio::time::timeout(timeout, call.query_async::<String>(&mut conn)).await;
+        if let Ok(Err(e)) = &answer
+            && e.to_string().contains("Function not found")
+        {
+            tracing::info!("Redis lost the function library; loading it again");
+            self.load_library().await?;
+            answer = tokio::time::timeout(timeout, call.query_async::<String>(&mut conn)).await;
+        }
         let text = match answer {
             Ok(Ok(text)) => text,
+            // A Lua error: a bug in a function, not a Redis outage.
             Ok(Err(e))
                 if matches!(e.kind(), redis::ErrorKind::Server(_))
-                    && e.to_string().contains("Script") =>
+                    && e.to_string().contains("user_function") =>
             {
-                return Err(StoreError::Internal(format!("script failed: {e}")));
+                return Err(StoreError::Internal(format!("function failed: {e}")));
             }
             Ok(Err(e)) => {
                 self.health.failed(&e.to_string());
@@ -449,8 +408,7 @@ impl RedisStore {
             .await?;
         let mut settled = 0;
         for account_id in due.iter().flat_map(|(_, accounts)| accounts) {
-            let _: serde::de::IgnoredAny =
-                self.run(&self.scripts.sweep, account_id, now, &[]).await?;
+            let _: serde::de::IgnoredAny = self.run(Operation::Sweep, account_id, now, &[]).await?;
             settled += 1;
         }
         Ok(settled)
@@ -572,7 +530,7 @@ impl Store for RedisStore {
         ];
         let read = self.front.version(&cmd.account_id);
         let reply: wire::ReserveJ = self
-            .run(&self.scripts.reserve, &cmd.account_id, now, &args)
+            .run(Operation::Reserve, &cmd.account_id, now, &args)
             .await?;
         let outcome = ReserveOutcome {
             decision: reply.decision.into_decision(&self.policy),
@@ -606,7 +564,7 @@ impl Store for RedisStore {
             &self.policy.limits.recent_events.to_string(),
         ];
         let reply: wire::CommitJ = self
-            .run(&self.scripts.commit, &cmd.account_id, now, &args)
+            .run(Operation::Commit, &cmd.account_id, now, &args)
             .await?;
         self.front.changed(&cmd.account_id);
         if reply.event.is_some() {
@@ -627,7 +585,7 @@ impl Store for RedisStore {
     ) -> Result<ReleaseOutcome, StoreError> {
         let args = [cmd.reservation_id.as_str()];
         let reply: wire::ReleaseJ = self
-            .run(&self.scripts.release, &cmd.account_id, now, &args)
+            .run(Operation::Release, &cmd.account_id, now, &args)
             .await?;
         self.front.changed(&cmd.account_id);
         Ok(ReleaseOutcome {
@@ -647,7 +605,7 @@ impl Store for RedisStore {
             &cmd.fingerprint().to_string(),
         ];
         let reply: wire::GrantJ = self
-            .run(&self.scripts.grant, &cmd.account_id, now, &args)
+            .run(Operation::Grant, &cmd.account_id, now, &args)
             .await?;
         self.front.forget(&cmd.account_id);
         Ok(GrantOutcome {
@@ -663,7 +621,7 @@ impl Store for RedisStore {
     ) -> Result<RevokeOutcome, StoreError> {
         let args = [cmd.grant_id.as_str()];
         let reply: wire::RevokeJ = self
-            .run(&self.scripts.revoke, &cmd.account_id, now, &args)
+            .run(Operation::Revoke, &cmd.account_id, now, &args)
             .await?;
         self.front.forget(&cmd.account_id);
         Ok(RevokeOutcome {
@@ -688,7 +646,7 @@ impl Store for RedisStore {
             &cap,
         ];
         let reply: wire::TopUpJ = self
-            .run(&self.scripts.set_top_up, &cmd.account_id, now, &args)
+            .run(Operation::SetTopUp, &cmd.account_id, now, &args)
             .await?;
         self.front.forget(&cmd.account_id);
         Ok(reply.into())
@@ -707,7 +665,7 @@ impl Store for RedisStore {
         let expiry = now.plus_months(LOT_VALIDITY_MONTHS).as_millis().to_string();
         let args = [cmd.purchase_id.as_str(), kind, detail, &expiry];
         let reply: wire::TopUpJ = self
-            .run(&self.scripts.settle_top_up, &cmd.account_id, now, &args)
+            .run(Operation::SettleTopUp, &cmd.account_id, now, &args)
             .await?;
         self.front.forget(&cmd.account_id);
         Ok(reply.into())
@@ -724,16 +682,15 @@ impl Store for RedisStore {
             "0"
         };
         let args = [&*account.plan, allowed];
-        let reply: wire::AccountReply = self
-            .run(&self.scripts.upsert, &account.id, now, &args)
-            .await?;
+        let reply: wire::AccountReply =
+            self.run(Operation::Upsert, &account.id, now, &args).await?;
         self.front.forget(&account.id);
         Ok(reply.account.into())
     }
 
     async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
         let reply: wire::AccountReply = self
-            .run(&self.scripts.account, account_id, Timestamp::default(), &[])
+            .run(Operation::Account, account_id, Timestamp::default(), &[])
             .await?;
         Ok(reply.account.into())
     }
@@ -753,7 +710,7 @@ impl Store for RedisStore {
                 let keep = self.policy.limits.recent_events.to_string();
                 let read = self.front.version(account_id);
                 let reply: wire::SnapshotJ = self
-                    .run(&self.scripts.usage, account_id, now, &[&keep])
+                    .run(Operation::Usage, account_id, now, &[&keep])
                     .await?;
                 let snapshot = reply.into_snapshot().map_err(StoreError::Internal)?;
                 self.front
@@ -800,21 +757,21 @@ impl Store for RedisStore {
         checks: &[CounterCheck],
         now: Timestamp,
     ) -> Result<Vec<CounterStatus>, StoreError> {
-        let mut invocation = self.scripts.rls.prepare_invoke();
-        invocation
-            .key(keys::rls_key(&self.settings.key_prefix, domain))
+        let mut call = redis::cmd("FCALL");
+        call.arg(self.library.function(Operation::Rls))
+            .arg(1)
+            .arg(keys::rls_key(&self.settings.key_prefix, domain))
             .arg(now.as_millis())
             .arg(checks.len());
         for check in checks {
             let window = check.unit.window();
-            invocation
-                .arg(check.key.as_str())
+            call.arg(check.key.as_str())
                 .arg(window.length_ms)
                 .arg(window.bucket_ms)
                 .arg(check.limit)
                 .arg(check.hits);
         }
-        let text = self.invoke(invocation).await?;
+        let text = self.invoke(&call).await?;
         let answers: Vec<wire::RlsJ> = serde_json::from_str(&text)
             .map_err(|e| StoreError::Internal(format!("cannot decode rls answer ({e}): {text}")))?;
         Ok(answers.into_iter().map(Into::into).collect())

@@ -1,5 +1,6 @@
--- quotad: the part every account script shares. Each script is this prelude followed by one
--- operation's body, loaded once and run with EVALSHA; Redis runs a script atomically, so an
+-- quotad: the part every account operation shares. The library (library.rs) is this prelude
+-- followed by one function per operation, each running begin() and then its body; it is loaded
+-- once with FUNCTION LOAD and called with FCALL. Redis runs a function atomically, so an
 -- operation on an account is one step and one round trip. This is a port of the rules in
 -- src/domain/account.rs; the store contract suite runs the same tests against both.
 --
@@ -39,10 +40,13 @@
 --
 -- Results are JSON text built by J below; errors of the rules are results too ({"err": ...}).
 
-local K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_GRANTS, K_HIST, K_HOLDIDX =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local K_PURCHASEIDX, K_OUTBOX = KEYS[13], KEYS[14]
-local P = cjson.decode(ARGV[1])
+-- What a call works on. The library is loaded once and its functions run one at a time, so
+-- these are set afresh by begin() (at the end of this file) at the start of every call, and
+-- nothing carries over from one call to the next but the decoded policy.
+local K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_GRANTS, K_HIST, K_HOLDIDX
+local K_PURCHASEIDX, K_OUTBOX
+local P, P_TEXT -- the policy, decoded again only when its text changes
+local NOW, ID
 
 -- Writes to the account's keys go through W, which notes the key: finish() refreshes the
 -- lifetime of the keys this call wrote (each TTL, set when the key was last written, covers
@@ -52,8 +56,6 @@ local function W(command, key, ...)
   DIRTY[key] = true
   return redis.call(command, key, ...)
 end
-local NOW = tonumber(ARGV[2])
-local ID = ARGV[3]
 
 local function int(x) return string.format('%d', x) end
 
@@ -551,4 +553,15 @@ end
 
 local function account_json()
   return { id = A.id, plan = A.plan, cpa = A.cpa == '1' }
+end
+
+-- Every account function starts with this call.
+local function begin(keys, args)
+  K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_GRANTS, K_HIST, K_HOLDIDX =
+    keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8], keys[9], keys[10], keys[11], keys[12]
+  K_PURCHASEIDX, K_OUTBOX = keys[13], keys[14]
+  if args[1] ~= P_TEXT then P, P_TEXT = cjson.decode(args[1]), args[1] end
+  NOW, ID = tonumber(args[2]), args[3]
+  DIRTY, SAVED, A, LOTS, OPEN = {}, {}, nil, nil, nil
+  WINDOWS[1].key, WINDOWS[2].key = K_W5, K_WW
 end
