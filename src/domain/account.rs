@@ -199,6 +199,7 @@ impl<T> Retained<T> {
 /// dropped with the last: most accounts have nothing open most of the time, and an empty map
 /// would still cost 48 bytes in each of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[allow(clippy::box_collection)]
 struct OpenHolds(Option<Box<HashMap<Arc<str>, Reservation>>>);
 
 impl OpenHolds {
