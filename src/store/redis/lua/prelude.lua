@@ -11,7 +11,8 @@
 --                    tu_seq (purchases started), tu_month, tu_bought, tu_decl (declines in a
 --                    row), tu_quiet ('' or ms), tu_if (purchase in flight, JSON or ''), tu_last
 --                    (last attempt, JSON or ''), evseq (charges recorded, the last event's
---                    seq), hx and pi (what the hold and purchase indexes hold for it, 0: nothing)
+--                    seq), hx and pi (what the hold and purchase indexes hold for it, 0: nothing);
+--                    a field is absent until it first differs from its default (0 or '')
 --   2 w5       LIST  "bucket:amount" of the 5h window, oldest first (5-minute buckets)
 --   3 ww       LIST  "bucket:amount" of the weekly window, oldest first (1-hour buckets)
 --   4 lots     HASH  lot id -> {src, g (granted), r (remaining), ga (granted at), ex (expires at)}
@@ -115,10 +116,14 @@ local function create_account(id, plan)
   for k, default in pairs(TEXT) do A[k] = default end
 end
 
+-- A field never written reads as its default (load_account), so it is written only once it
+-- differs: most accounts never touch auto top-up, and a short hash is quicker to read.
 local function save_account()
   local fields = {}
-  local function put(k, v)
-    if SAVED[k] ~= v then
+  local function put(k, v, default)
+    local was = SAVED[k]
+    if was == nil then was = default end
+    if was ~= v then
       fields[#fields + 1] = k
       fields[#fields + 1] = v
       SAVED[k] = v
@@ -127,8 +132,8 @@ local function save_account()
   put('id', A.id)
   put('plan', A.plan)
   put('cpa', A.cpa)
-  for k in pairs(NUMERIC) do put(k, int(A[k])) end
-  for k in pairs(TEXT) do put(k, A[k]) end
+  for k in pairs(NUMERIC) do put(k, int(A[k]), '0') end
+  for k, default in pairs(TEXT) do put(k, A[k], default) end
   if #fields > 0 then redis.call('HSET', K_ACCT, unpack(fields)) end
 end
 
