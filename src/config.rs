@@ -104,7 +104,7 @@ impl Default for RedisConfig {
             connect_timeout_ms: 250,
             command_timeout_ms: 15,
             account_ttl_days: 400,
-            sweep_interval_ms: 1_000,
+            sweep_interval_ms: 100,
             usage_staleness_ms: 250,
             deny_cache: true,
             export_shards: 1,

@@ -266,6 +266,8 @@ pub fn settings(url: &str, cluster: Option<&RedisCluster>) -> RedisSettings {
         command_timeout: Duration::from_millis(2_000),
         usage_staleness: Duration::ZERO,
         deny_cache: false,
+        // One maintenance step covers the whole slot ring.
+        sweep_interval: Duration::from_secs(16),
         ..RedisSettings::default()
     }
 }

@@ -70,14 +70,15 @@ impl RedisStore {
     /// Relays the outboxes this replica wrote to, and those of `probe` that hold entries (left
     /// by replicas that died, or written while this one's relay failed). Returns how many
     /// events were copied into the export stream.
-    pub(super) async fn relay_exports(
-        &self,
-        probe: std::ops::Range<u16>,
-    ) -> Result<usize, StoreError> {
+    ///
+    /// All the outboxes of a tick move together, a few round trips in all (lease, read, copy,
+    /// delete, give back), not a few per outbox: at thousands of charges a second the outboxes
+    /// of a tick number in the thousands, and one round trip at a time they kept a core busy.
+    pub(super) async fn relay_exports(&self, probe: Vec<u16>) -> Result<usize, StoreError> {
         let mut slots = self.dirty.take();
         let prefix = &self.settings.key_prefix;
         let lengths: Vec<(u16, u64)> = self
-            .per_slot(probe.collect(), |slot| {
+            .per_slot(probe, |slot| {
                 let mut cmd = redis::cmd("XLEN");
                 cmd.arg(keys::outbox_key(prefix, slot));
                 cmd
@@ -86,60 +87,88 @@ impl RedisStore {
         slots.extend(lengths.into_iter().filter(|&(_, n)| n > 0).map(|(s, _)| s));
         slots.sort_unstable();
         slots.dedup();
-        let mut moved = 0;
-        for (i, &slot) in slots.iter().enumerate() {
-            match self.relay_slot(slot).await {
-                Ok(Some(n)) => moved += n,
-                // Another replica holds the lease; entries it missed are ours next tick.
-                Ok(None) => self.dirty.mark(slot),
-                Err(e) => {
-                    // Try these again next tick.
-                    for &slot in &slots[i..] {
-                        self.dirty.mark(slot);
-                    }
-                    return Err(e);
-                }
+        if slots.is_empty() {
+            return Ok(0);
+        }
+        let result = self.relay_slots(&slots).await;
+        if result.is_err() {
+            // Try them all again next tick; copies made are deduplicated by event id.
+            for &slot in &slots {
+                self.dirty.mark(slot);
             }
         }
-        Ok(moved)
+        result
     }
 
-    /// Moves one outbox into the export stream; `None` if another replica holds its lease.
-    async fn relay_slot(&self, slot: u16) -> Result<Option<usize>, StoreError> {
+    async fn relay_slots(&self, slots: &[u16]) -> Result<usize, StoreError> {
         let prefix = &self.settings.key_prefix;
-        let outbox = keys::outbox_key(prefix, slot);
-        let lease = keys::outbox_lease_key(prefix, slot);
-        let mut conn = self.conn.clone();
-        let took: Option<String> = redis::cmd("SET")
-            .arg(&lease)
-            .arg(&self.replica)
-            .arg("NX")
-            .arg("PX")
-            .arg(LEASE_MS)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable("export relay"))?;
-        if took.is_none() {
-            return Ok(None);
+        let took: Vec<(u16, Option<String>)> = self
+            .per_slot(slots.to_vec(), |slot| {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(keys::outbox_lease_key(prefix, slot))
+                    .arg(&self.replica)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(LEASE_MS);
+                cmd
+            })
+            .await?;
+        let mut leased = Vec::new();
+        for (slot, took) in took {
+            match took {
+                Some(_) => leased.push(slot),
+                // Another replica holds the lease; entries it missed are ours next tick.
+                None => self.dirty.mark(slot),
+            }
         }
-        let export = keys::export_key(prefix, self.export_shard(slot));
+        let moved = self.move_outboxes(leased.clone()).await;
+        // Give each lease back only if it is still ours (it may have run out).
+        let _ = self
+            .per_slot::<i64>(leased, |slot| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(
+                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                )
+                .arg(1)
+                .arg(keys::outbox_lease_key(prefix, slot))
+                .arg(&self.replica);
+                cmd
+            })
+            .await;
+        moved
+    }
+
+    /// Copies the entries of leased outboxes into the export stream and deletes them, a batch
+    /// per outbox at a time, until they are empty or each has had RELAY_BATCHES batches.
+    async fn move_outboxes(&self, mut active: Vec<u16>) -> Result<usize, StoreError> {
+        let prefix = &self.settings.key_prefix;
         let max_len = self.policy.limits.export_max_len;
         let mut moved = 0;
-        let result = async {
-            for _ in 0..RELAY_BATCHES {
-                let batch: StreamRangeReply = redis::cmd("XRANGE")
-                    .arg(&outbox)
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(RELAY_BATCH)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable("export relay"))?;
+        for _ in 0..RELAY_BATCHES {
+            if active.is_empty() {
+                break;
+            }
+            let batches: Vec<(u16, StreamRangeReply)> = self
+                .per_slot(active, |slot| {
+                    let mut cmd = redis::cmd("XRANGE");
+                    cmd.arg(keys::outbox_key(prefix, slot))
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(RELAY_BATCH);
+                    cmd
+                })
+                .await?;
+            // One pipeline per export shard (a shard is one key, so one Cluster slot), in slot
+            // and entry order: an account's events keep their order in its shard.
+            let mut copies: BTreeMap<u16, redis::Pipeline> = BTreeMap::new();
+            let mut read: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+            for (slot, batch) in &batches {
                 if batch.ids.is_empty() {
-                    break;
+                    continue;
                 }
-                let mut copy = redis::pipe();
+                let export = keys::export_key(prefix, self.export_shard(*slot));
+                let copy = copies.entry(self.export_shard(*slot)).or_default();
                 for entry in &batch.ids {
                     let (account, event) = outbox_entry(entry)?;
                     copy.cmd("XADD")
@@ -154,35 +183,33 @@ impl RedisStore {
                         .arg(wire::export_json(&account, &event))
                         .ignore();
                 }
-                copy.query_async::<()>(&mut conn)
-                    .await
-                    .map_err(unavailable("export relay"))?;
-                let mut delete = redis::cmd("XDEL");
-                delete.arg(&outbox);
-                for entry in &batch.ids {
-                    delete.arg(&entry.id);
-                }
-                delete
-                    .query_async::<u64>(&mut conn)
-                    .await
-                    .map_err(unavailable("export relay"))?;
-                moved += batch.ids.len();
-                if batch.ids.len() < RELAY_BATCH {
-                    break;
-                }
+                read.insert(*slot, batch.ids.iter().map(|e| e.id.clone()).collect());
             }
-            Ok::<_, StoreError>(())
+            let mut writes = tokio::task::JoinSet::new();
+            for copy in copies.into_values() {
+                let mut conn = self.conn.clone();
+                writes.spawn(async move { copy.query_async::<()>(&mut conn).await });
+            }
+            while let Some(written) = writes.join_next().await {
+                written
+                    .map_err(|e| StoreError::Internal(format!("export relay task: {e}")))?
+                    .map_err(unavailable("export relay"))?;
+            }
+            let _: Vec<(u16, u64)> = self
+                .per_slot(read.keys().copied().collect(), |slot| {
+                    let mut cmd = redis::cmd("XDEL");
+                    cmd.arg(keys::outbox_key(prefix, slot)).arg(&read[&slot]);
+                    cmd
+                })
+                .await?;
+            moved += read.values().map(Vec::len).sum::<usize>();
+            active = read
+                .into_iter()
+                .filter(|(_, ids)| ids.len() == RELAY_BATCH)
+                .map(|(slot, _)| slot)
+                .collect();
         }
-        .await;
-        // Give the lease back only if it is still ours (it may have run out).
-        let _: Result<i64, _> = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-        )
-        .key(&lease)
-        .arg(&self.replica)
-        .invoke_async(&mut conn)
-        .await;
-        result.map(|()| Some(moved))
+        Ok(moved)
     }
 
     pub(super) async fn read_exports(

@@ -130,7 +130,7 @@ impl Default for RedisSettings {
             account_ttl: Duration::from_millis(400 * DAY_MS as u64),
             usage_staleness: Duration::from_millis(250),
             deny_cache: true,
-            sweep_interval: Duration::from_secs(1),
+            sweep_interval: Duration::from_millis(100),
             tls: RedisTls::default(),
             export_shards: 1,
         }
@@ -201,8 +201,9 @@ impl Drop for RedisStore {
     }
 }
 
-/// Slots whose hold index one maintenance tick sweeps (the ring has 16,384).
-const SWEEP_SLICE: u16 = 1_024;
+/// How long the maintenance ticks take to go once round the ring of 16,384 slots (sweeping
+/// hold indexes, probing outboxes, looking for stalled purchases), whatever their interval.
+const RING_ROUND: Duration = Duration::from_secs(16);
 
 /// How long calls fail at once after Redis could not be reached, before one tries again.
 const BREAKER_COOLDOWN: Duration = Duration::from_millis(100);
@@ -384,18 +385,27 @@ impl RedisStore {
     /// Settles every account whose earliest hold expired at or before `now`, in every slot;
     /// returns how many accounts were settled.
     pub async fn sweep_expired_holds(&self, now: Timestamp) -> Result<usize, StoreError> {
-        self.sweep_slots(now, 0..keys::SLOTS).await
+        self.sweep_slots(now, (0..keys::SLOTS).collect()).await
+    }
+
+    /// The next slice of the slot ring from `cursor`: small, frequent slices rather than large
+    /// ones, since each is a burst of reads that decisions queue behind in Redis.
+    fn next_slots(&self, cursor: &AtomicU16) -> Vec<u16> {
+        let tick = self.settings.sweep_interval.as_millis().max(1);
+        let per_tick = (u128::from(keys::SLOTS) * tick).div_ceil(RING_ROUND.as_millis());
+        let per_tick = u16::try_from(per_tick.min(u128::from(keys::SLOTS))).unwrap_or(keys::SLOTS);
+        // The cursor wraps at 2^16, a multiple of the ring's size.
+        let start = cursor.fetch_add(per_tick, Ordering::Relaxed);
+        (0..per_tick)
+            .map(|i| start.wrapping_add(i) % keys::SLOTS)
+            .collect()
     }
 
     /// Sweeps the hold indexes of `slots`.
-    async fn sweep_slots(
-        &self,
-        now: Timestamp,
-        slots: std::ops::Range<u16>,
-    ) -> Result<usize, StoreError> {
+    async fn sweep_slots(&self, now: Timestamp, slots: Vec<u16>) -> Result<usize, StoreError> {
         let prefix = &self.settings.key_prefix;
         let due: Vec<(u16, Vec<String>)> = self
-            .per_slot(slots.collect(), |slot| {
+            .per_slot(slots, |slot| {
                 let mut read = redis::cmd("ZRANGEBYSCORE");
                 read.arg(keys::hold_index_key(prefix, slot))
                     .arg("-inf")
@@ -750,14 +760,14 @@ impl Store for RedisStore {
 
     async fn maintain(&self, now: Timestamp) {
         // A slice of the slots per tick keeps the sweep's cost flat: the whole ring is covered
-        // every SLOTS / SWEEP_SLICE ticks, by each replica, starting from a random place.
-        let start = self.sweep_cursor.fetch_add(SWEEP_SLICE, Ordering::Relaxed) % keys::SLOTS;
-        match self.sweep_slots(now, start..start + SWEEP_SLICE).await {
+        // every RING_ROUND, by each replica, starting from a random place.
+        let slots = self.next_slots(&self.sweep_cursor);
+        match self.sweep_slots(now, slots.clone()).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(accounts = n, "returned expired holds"),
             Err(e) => tracing::debug!("sweep skipped: {e}"),
         }
-        match self.relay_exports(start..start + SWEEP_SLICE).await {
+        match self.relay_exports(slots).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(events = n, "relayed usage events to the export stream"),
             Err(e) => tracing::debug!("export relay skipped: {e}"),
@@ -817,13 +827,10 @@ impl Store for RedisStore {
         started_before: Timestamp,
     ) -> Result<Vec<(String, Purchase)>, StoreError> {
         // A slice of the slots per call, like the sweeper.
-        let start = self
-            .purchase_cursor
-            .fetch_add(SWEEP_SLICE, Ordering::Relaxed)
-            % keys::SLOTS;
+        let slots = self.next_slots(&self.purchase_cursor);
         let prefix = &self.settings.key_prefix;
         let indexed: Vec<(u16, Vec<String>)> = self
-            .per_slot((start..start + SWEEP_SLICE).collect(), |slot| {
+            .per_slot(slots, |slot| {
                 let mut read = redis::cmd("ZRANGEBYSCORE");
                 read.arg(keys::purchase_index_key(prefix, slot))
                     .arg("-inf")
@@ -898,15 +905,15 @@ fn spawn_subscriber(settings: &RedisSettings, front: Arc<Front>) -> JoinHandle<(
     })
 }
 
-/// A slice boundary to start sweeping from, different on each replica (from the process id and
-/// the clock), so that replicas together cover the ring sooner.
+/// A slot to start sweeping from, different on each replica (from the process id and the
+/// clock), so that replicas together cover the ring sooner.
 fn start_slice() -> u16 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .subsec_nanos();
     let seed = u64::from(nanos) ^ u64::from(std::process::id()).rotate_left(17);
-    (seed % u64::from(keys::SLOTS / SWEEP_SLICE)) as u16 * SWEEP_SLICE
+    (seed % u64::from(keys::SLOTS)) as u16
 }
 
 /// A name unique to this process, for leases: host, process id and start time.
