@@ -2,6 +2,7 @@
 # The figures of README "Speed", each from one command, measured on this machine in one run:
 #
 #   bench/figures.sh ratios memory   # Reserve+Commit pairs/s and RLS calls/s over health checks/s
+#                                    # (and pairs of health checks: a two-call task's ceiling)
 #   bench/figures.sh ratios redis    # the same on a local redis-server
 #   bench/figures.sh latency memory  # p99 Reserve at half the saturation rate; p99.9 at saturation
 #                                    # (the Reserve of Reserve+Commit tasks), beside health checks
@@ -64,13 +65,17 @@ case "${1:-}" in
     store="${2:?memory or redis}"
     start_quotad "$store"
     health="$(bench health)"
+    # The ceiling of a two-call task: two health checks, made the way a pair makes its calls.
+    floor="$(bench health-pair)"
     pairs="$(bench reserve-commit)"
     rls="$(bench rls)"
     h="$(echo "$health" | field .ops_per_s)"
+    f="$(echo "$floor" | field .ops_per_s)"
     p="$(echo "$pairs" | field .ops_per_s)"
     r="$(echo "$rls" | field .ops_per_s)"
     echo "store $store, 4 connections, 64 in flight, ${seconds} s each"
     printf '%-26s %10.0f /s  p99 %6s µs\n' "health checks" "$h" "$(echo "$health" | field .latency_us.p99)"
+    printf '%-26s %10.0f /s  p99 %6s µs  ratio %.2f\n' "health-check pairs" "$f" "$(echo "$floor" | field .latency_us.p99)" "$(jq -n "$f / $h")"
     printf '%-26s %10.0f /s  p99 %6s µs  ratio %.2f\n' "Reserve+Commit pairs" "$p" "$(echo "$pairs" | field .latency_us.p99)" "$(jq -n "$p / $h")"
     printf '%-26s %10.0f /s  p99 %6s µs  ratio %.2f\n' "RLS calls" "$r" "$(echo "$rls" | field .latency_us.p99)" "$(jq -n "$r / $h")"
     ;;

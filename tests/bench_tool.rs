@@ -146,6 +146,16 @@ async fn reserve_health_and_rls_workloads_add_up() {
     check_counts_and_percentiles(&report);
     assert!(report.get("accounts").is_none(), "{report}");
 
+    // Two health checks per operation: the floor of a two-call task.
+    let report = bench_json(&server, &["--workload", "health-pair", "--requests", "300"]).await;
+    assert_eq!(report["workload"], "health-pair");
+    assert_eq!(
+        (n(&report["operations"]), n(&report["ok"])),
+        (300, 300),
+        "{report}"
+    );
+    check_counts_and_percentiles(&report);
+
     // Envoy's rate limit calls on the default config: the over-limit accounts are stopped at the
     // edge, nobody else is, and nothing fails.
     let report = bench_json(&server, &[&SMALL[..], &["--workload", "rls"]].concat()).await;

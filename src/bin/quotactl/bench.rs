@@ -118,6 +118,9 @@ enum Workload {
     Reserve,
     /// grpc.health.v1.Health/Check of the server as a whole: the gRPC floor.
     Health,
+    /// Two health checks one after the other on consecutive connections, as reserve-commit
+    /// makes its two calls: the floor of a two-call task.
+    HealthPair,
     /// envoy.service.ratelimit.v3 ShouldRateLimit with one descriptor, account_id = ACCOUNT.
     Rls,
 }
@@ -128,12 +131,13 @@ impl Workload {
             Workload::ReserveCommit => "reserve-commit",
             Workload::Reserve => "reserve",
             Workload::Health => "health",
+            Workload::HealthPair => "health-pair",
             Workload::Rls => "rls",
         }
     }
 
     fn uses_accounts(self) -> bool {
-        self != Workload::Health
+        !matches!(self, Workload::Health | Workload::HealthPair)
     }
 }
 
@@ -544,7 +548,14 @@ impl Worker {
                 let request = HealthCheckRequest {
                     service: String::new(),
                 };
-                let outcome = match clients[t].check(request).await {
+                let mut answer = clients[t].check(request.clone()).await;
+                if shared.workload == Workload::HealthPair && answer.is_ok() {
+                    // The second call takes the next connection, as a Commit does.
+                    let t = if t + 1 == clients.len() { 0 } else { t + 1 };
+                    self.turn = if t + 1 == clients.len() { 0 } else { t + 1 };
+                    answer = clients[t].check(request).await;
+                }
+                let outcome = match answer {
                     Ok(r) if serving(r.get_ref()) => Outcome::Ok,
                     Ok(_) => Outcome::Error(
                         NOT_SERVING,
@@ -954,7 +965,7 @@ pub async fn run(
     let mut handles = Vec::with_capacity(workers);
     for w in 0..workers {
         let clients = match workload {
-            Workload::Health => {
+            Workload::Health | Workload::HealthPair => {
                 Clients::Health(channels.iter().cloned().map(HealthClient::new).collect())
             }
             Workload::Rls => Clients::Rls(
