@@ -60,6 +60,8 @@ fn replica_settings(url: &str, prefix: &str) -> RedisSettings {
         url: url.to_owned(),
         key_prefix: prefix.to_owned(),
         command_timeout: Duration::from_millis(500),
+        // Slices of 1,024 slots: 16 maintenance ticks go round the ring.
+        sweep_interval: Duration::from_secs(1),
         ..RedisSettings::default()
     }
 }

@@ -391,9 +391,7 @@ impl RedisStore {
     /// The next slice of the slot ring from `cursor`: small, frequent slices rather than large
     /// ones, since each is a burst of reads that decisions queue behind in Redis.
     fn next_slots(&self, cursor: &AtomicU16) -> Vec<u16> {
-        let tick = self.settings.sweep_interval.as_millis().max(1);
-        let per_tick = (u128::from(keys::SLOTS) * tick).div_ceil(RING_ROUND.as_millis());
-        let per_tick = u16::try_from(per_tick.min(u128::from(keys::SLOTS))).unwrap_or(keys::SLOTS);
+        let per_tick = slots_per_tick(self.settings.sweep_interval);
         // The cursor wraps at 2^16, a multiple of the ring's size.
         let start = cursor.fetch_add(per_tick, Ordering::Relaxed);
         (0..per_tick)
@@ -905,6 +903,14 @@ fn spawn_subscriber(settings: &RedisSettings, front: Arc<Front>) -> JoinHandle<(
     })
 }
 
+/// How many slots each maintenance tick takes, for the ticks to go round the ring in
+/// RING_ROUND.
+fn slots_per_tick(interval: Duration) -> u16 {
+    let tick = interval.as_millis().max(1);
+    let per_tick = (u128::from(keys::SLOTS) * tick).div_ceil(RING_ROUND.as_millis());
+    u16::try_from(per_tick.min(u128::from(keys::SLOTS))).unwrap_or(keys::SLOTS)
+}
+
 /// A slot to start sweeping from, different on each replica (from the process id and the
 /// clock), so that replicas together cover the ring sooner.
 fn start_slice() -> u16 {
@@ -928,4 +934,19 @@ fn replica_name() -> String {
 
 fn admin_channel(prefix: &str) -> String {
     format!("{prefix}:admin")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maintenance_ticks_go_round_the_ring_in_sixteen_seconds_whatever_their_interval() {
+        let ms = Duration::from_millis;
+        assert_eq!(slots_per_tick(ms(100)), 103);
+        assert_eq!(slots_per_tick(ms(1_000)), 1_024);
+        assert_eq!(slots_per_tick(ms(1)), 2);
+        assert_eq!(slots_per_tick(ms(16_000)), keys::SLOTS);
+        assert_eq!(slots_per_tick(ms(60_000)), keys::SLOTS);
+    }
 }
