@@ -1,10 +1,11 @@
 //! The shared store: all account state in Redis (standalone or Cluster), so that any number of
 //! quotad replicas agree, and state survives restarts as far as Redis persistence goes.
 //!
-//! Each intent is one Lua script (`lua/*.lua`, documented there with the key schema), run with
-//! EVALSHA: one round trip, atomic on the account, since all of an account's keys share one hash
-//! tag. The scripts are a port of [`crate::domain::account`]; the store contract suite holds them
-//! to the same behaviour. Scripts answer with JSON facts ([`wire`]); words come from the domain.
+//! Each intent is one Lua function of one Redis function library (`lua/*.lua`, documented there
+//! with the key schema; assembled in `library.rs`), run with FCALL: one round trip, atomic on the
+//! account, since all of an account's keys share one hash tag. The functions are a port of
+//! [`crate::domain::account`]; the store contract suite holds them to the same behaviour. They
+//! answer with JSON facts ([`wire`]); words come from the domain.
 //!
 //! Connections are multiplexed (one pipelined connection per node, shared by every call), with
 //! short connect and response timeouts, and reconnect on their own. A call that cannot reach
@@ -218,7 +219,7 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// Connects (failing if Redis cannot be reached within the connect timeout) and loads the
-    /// scripts on every node.
+    /// function library on every primary.
     pub async fn connect(
         settings: RedisSettings,
         policy: Arc<Policy>,
