@@ -27,12 +27,12 @@ struct DecisionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
-    method: String,
+    method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
-    method: String,
+    method: &'static str,
     code: &'static str,
 }
 
@@ -274,16 +274,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn rpc(&self, method: &str, code: tonic::Code, took: Duration) {
-        let method = method.to_owned();
+    pub fn rpc(&self, method: &'static str, code: tonic::Code, took: Duration) {
         self.rpc_duration
-            .get_or_create(&MethodLabels {
-                method: method.clone(),
-            })
+            .get_or_create(&MethodLabels { method })
             .observe(took.as_secs_f64());
         self.rpc_responses
             .get_or_create(&CallLabels {
-                method: method.clone(),
+                method,
                 code: code_name(code),
             })
             .inc();

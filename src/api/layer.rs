@@ -10,11 +10,13 @@
 //!   like a store that did not answer in time).
 //! - **Metrics.** Latency and status code by method.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use opentelemetry::propagation::Extractor;
+use prost::Message;
 use tokio::sync::Semaphore;
 use tonic::Status;
 use tonic::body::Body;
@@ -132,7 +134,7 @@ where
         } else {
             call_span!(debug_span)
         };
-        let method = method.to_owned();
+        let method = method_label(method);
         let started = Instant::now();
         Box::pin(
             async move {
@@ -142,7 +144,7 @@ where
                         "quotad is serving its limit of {} calls at once; retry with backoff",
                         layer.max_concurrent
                     ));
-                    return Ok(finish(&layer, &method, started, status.into_http()));
+                    return Ok(finish(&layer, method, started, status.into_http()));
                 };
                 let response = match tokio::time::timeout(layer.timeout, inner.call(request)).await
                 {
@@ -154,17 +156,39 @@ where
                     .into_http(),
                 };
                 drop(permit);
-                Ok(finish(&layer, &method, started, response))
+                Ok(finish(&layer, method, started, response))
             }
             .instrument(span),
         )
     }
 }
 
+/// The method as a metric label: one of the methods quotad serves (read from the descriptors it
+/// serves them by), or `unknown`. A client's made-up paths then neither grow the label sets
+/// without bound nor cost an allocation per call.
+fn method_label(method: &str) -> &'static str {
+    static SERVED: LazyLock<HashSet<String>> = LazyLock::new(|| {
+        [
+            super::pb::FILE_DESCRIPTOR_SET,
+            super::envoy::service::ratelimit::v3::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        ]
+        .into_iter()
+        .filter_map(|bytes| prost_types::FileDescriptorSet::decode(bytes).ok())
+        .flat_map(|set| set.file)
+        .flat_map(|file| file.service)
+        .flat_map(|service| service.method)
+        .filter_map(|method| method.name)
+        .collect()
+    });
+    SERVED.get(method).map_or("unknown", String::as_str)
+}
+
 /// Records the answer's status; a unary success carries it in trailers, so no header means OK.
 fn finish(
     layer: &GuardLayer,
-    method: &str,
+    method: &'static str,
     started: Instant,
     response: http::Response<Body>,
 ) -> http::Response<Body> {
@@ -177,4 +201,25 @@ fn finish(
     tracing::Span::current().record("rpc.grpc.status_code", code as i32);
     layer.metrics.rpc(method, code, started.elapsed());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::method_label;
+
+    #[test]
+    fn served_methods_are_their_own_labels_and_anything_else_is_unknown() {
+        for method in [
+            "Reserve",
+            "Commit",
+            "ShouldRateLimit",
+            "Check",
+            "ServerReflectionInfo",
+        ] {
+            assert_eq!(method_label(method), method);
+        }
+        for made_up in ["", "reserve", "Reserve2", "../Reserve"] {
+            assert_eq!(method_label(made_up), "unknown");
+        }
+    }
 }
