@@ -402,25 +402,37 @@ impl RedisStore {
 
     /// Sweeps the hold indexes of `slots`.
     async fn sweep_slots(&self, now: Timestamp, slots: Vec<u16>) -> Result<usize, StoreError> {
+        let due = self.indexed_until(slots, keys::hold_index_key, now).await?;
+        let mut settled = 0;
+        for account_id in &due {
+            let _: serde::de::IgnoredAny = self.run(Operation::Sweep, account_id, now, &[]).await?;
+            settled += 1;
+        }
+        Ok(settled)
+    }
+
+    /// The accounts a per-slot index (hold or purchase index) scores at or before `until`, at
+    /// most 100 per slot, in slot order.
+    async fn indexed_until(
+        &self,
+        slots: Vec<u16>,
+        index_key: fn(&str, u16) -> String,
+        until: Timestamp,
+    ) -> Result<Vec<String>, StoreError> {
         let prefix = &self.settings.key_prefix;
-        let due: Vec<(u16, Vec<String>)> = self
+        let indexed: Vec<(u16, Vec<String>)> = self
             .per_slot(slots, |slot| {
                 let mut read = redis::cmd("ZRANGEBYSCORE");
-                read.arg(keys::hold_index_key(prefix, slot))
+                read.arg(index_key(prefix, slot))
                     .arg("-inf")
-                    .arg(now.as_millis())
+                    .arg(until.as_millis())
                     .arg("LIMIT")
                     .arg(0)
                     .arg(100);
                 read
             })
             .await?;
-        let mut settled = 0;
-        for account_id in due.iter().flat_map(|(_, accounts)| accounts) {
-            let _: serde::de::IgnoredAny = self.run(Operation::Sweep, account_id, now, &[]).await?;
-            settled += 1;
-        }
-        Ok(settled)
+        Ok(indexed.into_iter().flat_map(|(_, ids)| ids).collect())
     }
 
     /// Runs one read per slot and answers in slot order: on one Redis as one pipeline (one
@@ -827,22 +839,13 @@ impl Store for RedisStore {
     ) -> Result<Vec<(String, Purchase)>, StoreError> {
         // A slice of the slots per call, like the sweeper.
         let slots = self.next_slots(&self.purchase_cursor);
-        let prefix = &self.settings.key_prefix;
-        let indexed: Vec<(u16, Vec<String>)> = self
-            .per_slot(slots, |slot| {
-                let mut read = redis::cmd("ZRANGEBYSCORE");
-                read.arg(keys::purchase_index_key(prefix, slot))
-                    .arg("-inf")
-                    .arg(started_before.as_millis())
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(100);
-                read
-            })
+        let indexed = self
+            .indexed_until(slots, keys::purchase_index_key, started_before)
             .await?;
+        let prefix = &self.settings.key_prefix;
         let mut found = Vec::new();
         let mut conn = self.conn.clone();
-        for account in indexed.into_iter().flat_map(|(_, accounts)| accounts) {
+        for account in indexed {
             let key = keys::account_key(prefix, &account);
             let text: Option<String> = redis::cmd("HGET")
                 .arg(key)
