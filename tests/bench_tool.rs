@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use quotad::api::pb;
 use quotad::config::StoreKind;
 use serde_json::Value;
+use support::process::{Quotad, http_get};
 use support::{ADMIN_TOKEN, TestServer};
 
 async fn bench(server: &TestServer, args: &[&str]) -> Output {
@@ -146,16 +147,6 @@ async fn reserve_health_and_rls_workloads_add_up() {
     check_counts_and_percentiles(&report);
     assert!(report.get("accounts").is_none(), "{report}");
 
-    // Two health checks per operation: the floor of a two-call task.
-    let report = bench_json(&server, &["--workload", "health-pair", "--requests", "300"]).await;
-    assert_eq!(report["workload"], "health-pair");
-    assert_eq!(
-        (n(&report["operations"]), n(&report["ok"])),
-        (300, 300),
-        "{report}"
-    );
-    check_counts_and_percentiles(&report);
-
     // Envoy's rate limit calls on the default config: the over-limit accounts are stopped at the
     // edge, nobody else is, and nothing fails.
     let report = bench_json(&server, &[&SMALL[..], &["--workload", "rls"]].concat()).await;
@@ -195,4 +186,48 @@ async fn a_fixed_rate_is_kept() {
     assert!((0.9..2.0).contains(&secs), "{report}");
     check_counts_and_percentiles(&report);
     assert_eq!(report["rate"], 200.0);
+}
+
+/// The health-pair workload makes two health checks per operation, as the server counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_pairs_are_two_health_checks_each() {
+    let quotad = Quotad::start(&[], &[]);
+    let checks = async || {
+        let (status, text) = http_get(&quotad.http_addr, "/metrics").await;
+        assert_eq!(status, 200);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"quotad_rpc_responses_total{method="Check",code="OK"} "#)
+            })
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    let before = checks().await;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_quotactl"));
+    cmd.arg("--addr").arg(quotad.url()).args([
+        "--json",
+        "bench",
+        "--warmup",
+        "0s",
+        "--workload",
+        "health-pair",
+        "--requests",
+        "300",
+    ]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["workload"], "health-pair");
+    assert_eq!(
+        (n(&report["operations"]), n(&report["ok"])),
+        (300, 300),
+        "{report}"
+    );
+    check_counts_and_percentiles(&report);
+    assert_eq!(checks().await - before, 600);
 }

@@ -13,27 +13,15 @@ use quotad::api::pb;
 use quotad::api::pb::admin_service_client::AdminServiceClient;
 use quotad::api::pb::quota_service_client::QuotaServiceClient;
 use quotad::config::{Config, TlsConfig};
-use support::process::Quotad;
+use support::process::{Quotad, http_get};
 use support::redis::RedisServer;
 use support::{ADMIN_TOKEN, BearerToken, TestServer, costing};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// `GET path` over a fresh connection: (status code, body).
-async fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: quotad\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
-}
-
 fn reserve(account: &str, request: &str, credits: u64) -> pb::ReserveRequest {
     pb::ReserveRequest {
         account_id: account.into(),
