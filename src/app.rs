@@ -489,7 +489,10 @@ impl<S: Store> Quota<S> {
             Decision::Deny(denial) => ("DENY", action_name(denial.action), "none"),
         };
         let plan = &*outcome.status.plan;
-        self.metrics.decision(decision, action, plan, &cmd.product);
+        // The product was checked against the configured ones: one of a few names.
+        let product = crate::domain::intern(&cmd.product);
+        self.metrics
+            .decision(decision, action, &outcome.status.plan, &product);
         let span = tracing::Span::current();
         span.record("product", cmd.product.as_str());
         span.record("plan", plan);

@@ -5,8 +5,8 @@
 //! (plans and products come from config), latencies by method or store operation, errors by
 //! kind. Account ids never appear in a label.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -21,8 +21,9 @@ use prometheus_client::registry::Registry;
 struct DecisionLabels {
     decision: &'static str,
     action: &'static str,
-    plan: String,
-    product: String,
+    /// Shared, not copied per call: plan and product names are interned.
+    plan: Arc<str>,
+    product: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -243,15 +244,15 @@ impl Metrics {
         &self,
         decision: &'static str,
         action: &'static str,
-        plan: &str,
-        product: &str,
+        plan: &Arc<str>,
+        product: &Arc<str>,
     ) {
         self.decisions
             .get_or_create(&DecisionLabels {
                 decision,
                 action,
-                plan: plan.to_owned(),
-                product: product.to_owned(),
+                plan: plan.clone(),
+                product: product.clone(),
             })
             .inc();
         self.otel.decisions.add(
@@ -259,8 +260,8 @@ impl Metrics {
             &[
                 KeyValue::new("decision", decision),
                 KeyValue::new("action", action),
-                KeyValue::new("plan", plan.to_owned()),
-                KeyValue::new("product", product.to_owned()),
+                KeyValue::new("plan", plan.clone()),
+                KeyValue::new("product", product.clone()),
             ],
         );
         if decision == "ALLOW" {
@@ -405,7 +406,7 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::new();
-        m.decision("DENY", "UPGRADE_PLAN", "free", "codex");
+        m.decision("DENY", "UPGRADE_PLAN", &"free".into(), &"codex".into());
         m.rpc("Reserve", tonic::Code::Ok, Duration::from_micros(300));
         m.observe_store(true, 3, Some(2));
         let text = m.render();
