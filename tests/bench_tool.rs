@@ -12,10 +12,10 @@ use serde_json::Value;
 use support::process::{Quotad, http_get};
 use support::{ADMIN_TOKEN, TestServer};
 
-async fn bench(server: &TestServer, args: &[&str]) -> Output {
+async fn bench(addr: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quotactl"));
     cmd.arg("--addr")
-        .arg(server.url())
+        .arg(addr)
         .args(["--token", ADMIN_TOKEN, "bench", "--warmup", "0s"])
         .args(args)
         .env_remove("QUOTAD_ADMIN_TOKEN")
@@ -25,8 +25,8 @@ async fn bench(server: &TestServer, args: &[&str]) -> Output {
         .unwrap()
 }
 
-async fn bench_json(server: &TestServer, args: &[&str]) -> Value {
-    let out = bench(server, &[&["--json"][..], args].concat()).await;
+async fn bench_json(addr: &str, args: &[&str]) -> Value {
+    let out = bench(addr, &[&["--json"][..], args].concat()).await;
     assert!(
         out.status.success(),
         "{}",
@@ -83,7 +83,7 @@ const SMALL: [&str; 10] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_commit_denies_only_the_over_limit_accounts() {
     let server = TestServer::start(StoreKind::Memory).await;
-    let report = bench_json(&server, &[&SMALL[..], &["--run-id", "rc"]].concat()).await;
+    let report = bench_json(&server.url(), &[&SMALL[..], &["--run-id", "rc"]].concat()).await;
     assert_eq!(report["workload"], "reserve-commit");
     assert_eq!(n(&report["operations"]), 300);
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
@@ -127,7 +127,11 @@ async fn reserve_commit_denies_only_the_over_limit_accounts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_health_and_rls_workloads_add_up() {
     let server = TestServer::start(StoreKind::Memory).await;
-    let report = bench_json(&server, &[&SMALL[..], &["--workload", "reserve"]].concat()).await;
+    let report = bench_json(
+        &server.url(),
+        &[&SMALL[..], &["--workload", "reserve"]].concat(),
+    )
+    .await;
     assert_eq!(report["workload"], "reserve");
     assert_eq!(n(&report["operations"]), 300);
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
@@ -137,7 +141,11 @@ async fn reserve_health_and_rls_workloads_add_up() {
     assert!(denied > 0, "{report}");
     assert_eq!(n(&report["denied_by_account"]["over_limit"]), denied);
 
-    let report = bench_json(&server, &["--workload", "health", "--requests", "300"]).await;
+    let report = bench_json(
+        &server.url(),
+        &["--workload", "health", "--requests", "300"],
+    )
+    .await;
     assert_eq!(report["workload"], "health");
     assert_eq!(
         (n(&report["operations"]), n(&report["ok"])),
@@ -149,7 +157,11 @@ async fn reserve_health_and_rls_workloads_add_up() {
 
     // Envoy's rate limit calls on the default config: the over-limit accounts are stopped at the
     // edge, nobody else is, and nothing fails.
-    let report = bench_json(&server, &[&SMALL[..], &["--workload", "rls"]].concat()).await;
+    let report = bench_json(
+        &server.url(),
+        &[&SMALL[..], &["--workload", "rls"]].concat(),
+    )
+    .await;
     assert_eq!(report["workload"], "rls");
     assert_eq!(n(&report["operations"]), 300);
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
@@ -158,7 +170,11 @@ async fn reserve_health_and_rls_workloads_add_up() {
     assert!(denied > 0, "{report}");
     assert_eq!(n(&report["denied_by_account"]["over_limit"]), denied);
 
-    let text = bench(&server, &["--workload", "health", "--requests", "100"]).await;
+    let text = bench(
+        &server.url(),
+        &["--workload", "health", "--requests", "100"],
+    )
+    .await;
     assert!(text.status.success(), "{text:?}");
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(
@@ -175,7 +191,7 @@ async fn reserve_health_and_rls_workloads_add_up() {
 async fn a_fixed_rate_is_kept() {
     let server = TestServer::start(StoreKind::Memory).await;
     let report = bench_json(
-        &server,
+        &server.url(),
         &["--rate", "200", "--duration", "1s", "--accounts", "50"],
     )
     .await;
@@ -202,26 +218,11 @@ async fn health_pairs_are_two_health_checks_each() {
             .map_or(0, |n| n.parse::<u64>().unwrap())
     };
     let before = checks().await;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_quotactl"));
-    cmd.arg("--addr").arg(quotad.url()).args([
-        "--json",
-        "bench",
-        "--warmup",
-        "0s",
-        "--workload",
-        "health-pair",
-        "--requests",
-        "300",
-    ]);
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_json(
+        &quotad.url(),
+        &["--workload", "health-pair", "--requests", "300"],
+    )
+    .await;
     assert_eq!(report["workload"], "health-pair");
     assert_eq!(
         (n(&report["operations"]), n(&report["ok"])),
