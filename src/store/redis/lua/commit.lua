@@ -50,11 +50,10 @@ if delta > 0 then
   -- Recorded for GetUsage (bounded) and, atomically with the charge, in the slot's outbox.
   A.evseq = A.evseq + 1
   local since = function(k) return math.max(usage[k] - r.usage[k], 0) end
-  event = J({
-    seq = A.evseq, at = NOW, product = r.product, reservation_id = rid, price_version = price_version,
-    charged = { plan = cp, credit = cc },
-    usage = { model = usage.model, i = since('i'), c = since('c'), o = since('o'), img = since('img'), fast = usage.fast },
-  })
+  event = format('{"seq":%d,"at":%d,"product":%s,"reservation_id":%s,"price_version":%s,'
+    .. '"charged":{"plan":%d,"credit":%d},"usage":{"model":%s,"i":%d,"c":%d,"o":%d,"img":%d,"fast":%s}}',
+    A.evseq, NOW, encode(r.product), encode(rid), encode(price_version), cp, cc, encode(usage.model),
+    since('i'), since('c'), since('o'), since('img'), usage.fast and 'true' or 'false')
   if capacity > 0 then W('XADD', K_HIST, 'MAXLEN', capacity, '*', 'e', event) end
   redis.call('XADD', K_OUTBOX, '*', 'a', ID, 'e', event)
 end
@@ -64,9 +63,10 @@ r.usage.model, r.usage.fast = usage.model, usage.fast
 local receipt
 local charged, total = { plan = cp, credit = cc }, { plan = r.cp, credit = r.cc }
 if is_final then
-  receipt = J({ final = true, charged = charged, total = total })
+  receipt = format('{"final":true,"charged":{"plan":%d,"credit":%d},"total":{"plan":%d,"credit":%d}}',
+    cp, cc, r.cp, r.cc)
   W('HDEL', K_OPEN, rid)
-  close(rid, { k = 'committed', fp = fp, receipt = receipt })
+  close(rid, format('{"k":"committed","fp":%s,"receipt":%s}', encode(fp), encode(receipt)))
 else
   r.ex = NOW + r.ttl
   local hp, hc = fund(plan, r.product, r.estimate)

@@ -58,7 +58,11 @@ local function W(command, key, ...)
   return redis.call(command, key, ...)
 end
 
-local function int(x) return string.format('%d', x) end
+-- string.format and cjson.encode, set by begin(): at FUNCTION LOAD the libraries are not
+-- reachable yet.
+local format, encode
+
+local function int(x) return format('%d', x) end
 
 -- JSON output ------------------------------------------------------------------------------
 local ARRAY, RAW = {}, {}
@@ -67,7 +71,7 @@ local function raw(s) return setmetatable({ s = s }, RAW) end
 local function J(v)
   local t = type(v)
   if t == 'number' then return int(v) end
-  if t == 'string' then return cjson.encode(v) end
+  if t == 'string' then return encode(v) end
   if t == 'boolean' then return v and 'true' or 'false' end
   if v == nil then return 'null' end
   local mt = getmetatable(v)
@@ -92,8 +96,9 @@ local NUMERIC = {
 }
 local TEXT = { tu_en = '0', tu_cap = '', tu_quiet = '', tu_if = '', tu_last = '' }
 
--- The fields as the hash held them when loaded: save_account() writes back only what changed
--- (rewriting the whole record was the costliest command of a call).
+-- The fields as the hash held them when loaded (numbers converted, as in A): save_account()
+-- writes back only what changed (rewriting the whole record was the costliest command of a
+-- call), and formats only those.
 local SAVED = {}
 
 local function load_account()
@@ -102,8 +107,9 @@ local function load_account()
   A = {}
   for i = 1, #flat, 2 do
     local k, v = flat[i], flat[i + 1]
+    if NUMERIC[k] then v = tonumber(v) end
     SAVED[k] = v
-    A[k] = NUMERIC[k] and tonumber(v) or v
+    A[k] = v
   end
   for k in pairs(NUMERIC) do A[k] = A[k] or 0 end
   for k, default in pairs(TEXT) do A[k] = A[k] or default end
@@ -119,22 +125,24 @@ end
 -- A field never written reads as its default (load_account), so it is written only once it
 -- differs: most accounts never touch auto top-up, and a short hash is quicker to read.
 local function save_account()
-  local fields = {}
-  local function put(k, v, default)
+  local fields, n = {}, 0
+  local function put(k, v, default, written)
     local was = SAVED[k]
     if was == nil then was = default end
     if was ~= v then
-      fields[#fields + 1] = k
-      fields[#fields + 1] = v
+      fields[n + 1], fields[n + 2], n = k, written or v, n + 2
       SAVED[k] = v
     end
   end
   put('id', A.id)
   put('plan', A.plan)
   put('cpa', A.cpa)
-  for k in pairs(NUMERIC) do put(k, int(A[k]), '0') end
+  for k in pairs(NUMERIC) do
+    local v = A[k]
+    if v ~= (SAVED[k] or 0) then put(k, v, 0, int(v)) end
+  end
   for k, default in pairs(TEXT) do put(k, A[k], default) end
-  if #fields > 0 then redis.call('HSET', K_ACCT, unpack(fields)) end
+  if n > 0 then redis.call('HSET', K_ACCT, unpack(fields)) end
 end
 
 local function plan_of()
@@ -228,6 +236,7 @@ end
 local LOTS = nil -- lots with credits left, in consumption order
 local function load_lots()
   LOTS = {}
+  if A.granted == 0 then return end -- never granted a lot (grant_lot counts every one)
   local flat = redis.call('HGETALL', K_LOTS)
   for i = 1, #flat, 2 do LOTS[#LOTS + 1] = decode_lot(flat[i], flat[i + 1]) end
   table.sort(LOTS, before)
@@ -298,17 +307,21 @@ local function decode_res(id, s)
   }
 end
 
+-- One format call instead of a table for cjson: this runs on every Reserve and Commit.
+local RES_FORMAT = '{"product":%s,"est":"%d","ttl":"%d","hp":"%d","hc":"%d","cp":"%d","cc":"%d","ex":"%d",'
+  .. '"model":%s,"ui":"%d","uc":"%d","uo":"%d","uimg":"%d","fast":%s}'
 local function encode_res(r)
-  return cjson.encode({
-    product = r.product, est = int(r.estimate), ttl = int(r.ttl), hp = int(r.hp), hc = int(r.hc),
-    cp = int(r.cp), cc = int(r.cc), ex = int(r.ex), model = r.usage.model, ui = int(r.usage.i),
-    uc = int(r.usage.c), uo = int(r.usage.o), uimg = int(r.usage.img), fast = r.usage.fast,
-  })
+  local u = r.usage
+  return format(RES_FORMAT, encode(r.product), r.estimate, r.ttl, r.hp, r.hc, r.cp, r.cc, r.ex,
+    encode(u.model), u.i, u.c, u.o, u.img, u.fast and 'true' or 'false')
 end
 
 local OPEN = nil -- open reservations by id
 local function load_open()
   OPEN = {}
+  -- hx (finish) is 0 exactly when the account has no open hold: most calls of a busy
+  -- account find none and skip the read.
+  if A.hx == 0 then return end
   local flat = redis.call('HGETALL', K_OPEN)
   for i = 1, #flat, 2 do OPEN[flat[i]] = decode_res(flat[i], flat[i + 1]) end
 end
@@ -322,8 +335,10 @@ local function held()
   return plan, credit
 end
 
+-- record: a table, or its JSON text already made.
 local function close(id, record)
-  W('HSET', K_CLOSED, id, cjson.encode(record))
+  if type(record) ~= 'string' then record = encode(record) end
+  W('HSET', K_CLOSED, id, record)
   W('ZADD', K_CLOSEDZ, NOW, id)
 end
 
@@ -424,13 +439,16 @@ local function fund(plan, product, cost)
                 upgrade_to = deny.up, retry_at = retry, plan = A.plan, product = product }
 end
 
+-- Every answer carries the status, so it is formatted in one go rather than through J.
+local WINDOW_FORMAT = '{"name":"%s","used":%d,"held":%d,"limit":%d,"resets_at":%s}'
 local function status(plan)
   local hp = held()
-  local windows = array()
-  for i, w in ipairs(WINDOWS) do
-    windows[i] = { name = w.name, used = A[w.total] + hp, held = hp, limit = plan[w.limit], resets_at = resets_at(w) }
+  local function window(w)
+    local at = resets_at(w)
+    return format(WINDOW_FORMAT, w.name, A[w.total] + hp, hp, plan[w.limit], at and int(at) or 'null')
   end
-  return { plan = A.plan, windows = windows, balance = balance() }
+  return raw(format('{"plan":%s,"windows":[%s,%s],"balance":%d}', encode(A.plan), window(WINDOWS[1]),
+    window(WINDOWS[2]), balance()))
 end
 
 -- Auto top-up (a port of domain/top_up.rs) ---------------------------------------------------
@@ -566,6 +584,7 @@ local function begin(keys, args)
     keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8], keys[9], keys[10], keys[11], keys[12]
   K_PURCHASEIDX, K_OUTBOX = keys[13], keys[14]
   if args[1] ~= P_TEXT then P, P_TEXT = cjson.decode(args[1]), args[1] end
+  format, encode = string.format, cjson.encode
   NOW, ID = tonumber(args[2]), args[3]
   DIRTY, SAVED, A, LOTS, OPEN = {}, {}, nil, nil, nil
   WINDOWS[1].key, WINDOWS[2].key = K_W5, K_WW

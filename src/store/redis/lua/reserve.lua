@@ -35,7 +35,7 @@ if hp then
   }
   W('HSET', K_OPEN, rid, encode_res(r))
   OPEN[rid] = r
-  decision = J({ allow = { id = rid, held = { plan = hp, credit = hc }, expires_at = r.ex } })
+  decision = format('{"allow":{"id":%s,"held":{"plan":%d,"credit":%d},"expires_at":%d}}', encode(rid), hp, hc, r.ex)
 else
   decision = J({ deny = hc })
   if hc.shortfall == 'credits' and ARGV[12] == '1' then
@@ -53,7 +53,7 @@ else
     cache_until = free_at
   end
 end
-W('HSET', K_REQ, request_id, cjson.encode({ fp = fp, d = decision, e = int(cost) }))
+W('HSET', K_REQ, request_id, format('{"fp":%s,"d":%s,"e":"%d"}', encode(fp), encode(decision), cost))
 W('ZADD', K_REQZ, NOW, request_id)
 local top_up = tu_check()
 finish()
