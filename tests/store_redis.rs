@@ -9,7 +9,7 @@ store_contract_tests!(support::redis::standalone_store());
 
 use std::sync::Arc;
 
-use quotad::domain::{Policy, ReserveCommand, Timestamp, Usage};
+use quotad::domain::{CommitCommand, Policy, ReserveCommand, Timestamp, Usage};
 use quotad::store::{RedisStore, Store};
 
 fn reserve(request: &str) -> ReserveCommand {
@@ -46,4 +46,38 @@ async fn a_redis_that_lost_the_function_library_gets_it_again() {
             .unwrap()
             .contains("quotad_")
     );
+}
+
+/// The account record mirrors the ends of its window lists so that most calls never read them.
+/// Should a list vanish under that mirror (it expired early under a replica clock running
+/// ahead), the next charge starts the window again instead of failing, and the other window
+/// keeps its usage.
+#[tokio::test]
+async fn a_window_list_that_vanished_under_its_mirror_starts_again() {
+    let redis = support::redis::RedisServer::start();
+    let settings = support::redis::settings(&redis.url(), None);
+    let prefix = settings.key_prefix.clone();
+    let store = RedisStore::connect(settings, Arc::new(Policy::default()))
+        .await
+        .unwrap();
+    let now = Timestamp::from_millis(1_800_000_000_000);
+    let commit = |request: &str, cost| CommitCommand {
+        account_id: "lost".into(),
+        reservation_id: format!("rsv-{request}"),
+        usage: Usage::default(),
+        cost,
+        is_final: true,
+        price_version: "v".into(),
+    };
+    store.reserve(&reserve("r1"), now).await.unwrap();
+    store.commit(commit("r1", 300_000), now).await.unwrap();
+    let five_hours = format!("{prefix}:{{lost}}:w5");
+    assert_eq!(redis.cli(&["DEL", &five_hours]).unwrap().trim(), "1");
+
+    let later = now.plus_millis(1_000);
+    store.reserve(&reserve("r2"), later).await.unwrap();
+    let outcome = store.commit(commit("r2", 200_000), later).await.unwrap();
+    let used: Vec<_> = outcome.status.windows.iter().map(|w| w.used).collect();
+    assert_eq!(used, vec![200_000, 500_000]);
+    assert_eq!(redis.cli(&["LLEN", &five_hours]).unwrap().trim(), "1");
 }

@@ -11,7 +11,8 @@
 --                    tu_seq (purchases started), tu_month, tu_bought, tu_decl (declines in a
 --                    row), tu_quiet ('' or ms), tu_if (purchase in flight, JSON or ''), tu_last
 --                    (last attempt, JSON or ''), evseq (charges recorded, the last event's
---                    seq), hx and pi (what the hold and purchase indexes hold for it, 0: nothing);
+--                    seq), hx and pi (what the hold and purchase indexes hold for it, 0: nothing),
+--                    w5h w5b w5a wwh wwb wwa (the windows' ends, see advance());
 --                    a field is absent until it first differs from its default (0 or '')
 --   2 w5       LIST  "bucket:amount" of the 5h window, oldest first (5-minute buckets)
 --   3 ww       LIST  "bucket:amount" of the weekly window, oldest first (1-hour buckets)
@@ -47,7 +48,7 @@
 local K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_GRANTS, K_HIST, K_HOLDIDX
 local K_PURCHASEIDX, K_OUTBOX
 local P, P_TEXT -- the policy, decoded again only when its text changes
-local NOW, ID
+local NOW, NOW_TEXT, ID -- NOW_TEXT: as sent, for commands (a number would be formatted again)
 
 -- Writes to the account's keys go through W, which notes the key: finish() refreshes the
 -- lifetime of the keys this call wrote (each TTL, set when the key was last written, covers
@@ -92,7 +93,7 @@ local A = nil -- the account hash as a table, numbers converted
 local NUMERIC = {
   granted = true, spent = true, expired = true, revoked = true, debt = true, w5t = true, wwt = true,
   tu_th = true, tu_tg = true, tu_seq = true, tu_month = true, tu_bought = true, tu_decl = true,
-  evseq = true, hx = true, pi = true,
+  evseq = true, hx = true, pi = true, w5h = true, w5b = true, w5a = true, wwh = true, wwb = true, wwa = true,
 }
 local TEXT = { tu_en = '0', tu_cap = '', tu_quiet = '', tu_if = '', tu_last = '' }
 
@@ -151,8 +152,10 @@ end
 
 -- Windows -----------------------------------------------------------------------------------
 local WINDOWS = {
-  { key = K_W5, total = 'w5t', name = '5h', len = 5 * 3600000, bucket = 300000, limit = 'l5' },
-  { key = K_WW, total = 'wwt', name = 'weekly', len = 7 * 86400000, bucket = 3600000, limit = 'lw' },
+  { key = K_W5, total = 'w5t', head = 'w5h', tb = 'w5b', ta = 'w5a', name = '5h', len = 5 * 3600000,
+    bucket = 300000, limit = 'l5' },
+  { key = K_WW, total = 'wwt', head = 'wwh', tb = 'wwb', ta = 'wwa', name = 'weekly', len = 7 * 86400000,
+    bucket = 3600000, limit = 'lw' },
 }
 
 local function parse_bucket(s)
@@ -162,41 +165,63 @@ end
 
 local function leaves_at(w, b) return (b + 1) * w.bucket + w.len end
 
+-- The account record mirrors each list's ends: when its head bucket leaves (w5h, wwh) and
+-- its tail bucket and amount (w5b/w5a, wwb/wwa); -1 when the list is empty, 0 when not known
+-- (a record written before the mirror). A call then reads a list only when a bucket leaves,
+-- instead of up to three times.
+local function empty(w)
+  A[w.total], A[w.head], A[w.tb], A[w.ta] = 0, -1, -1, 0
+end
+
 local function advance(w)
+  local at = A[w.head]
+  if at == -1 or at > NOW then return end
   while true do
     local head = redis.call('LINDEX', w.key, 0)
-    if not head then
-      A[w.total] = 0 -- an expired list means all of it had left
+    if not head then return empty(w) end -- an expired list means all of it had left
+    local b, a = parse_bucket(head)
+    at = leaves_at(w, b)
+    if at > NOW then
+      A[w.head] = at
       return
     end
-    local b, a = parse_bucket(head)
-    if leaves_at(w, b) > NOW then return end
     W('LPOP', w.key)
     A[w.total] = A[w.total] - a
   end
 end
 
+local function read_tail(w)
+  if A[w.tb] ~= 0 then return end
+  local tail = redis.call('LINDEX', w.key, -1)
+  if tail then A[w.tb], A[w.ta] = parse_bucket(tail) else A[w.tb], A[w.ta] = -1, 0 end
+end
+
+-- After advance() (settle), so the head is known.
 local function add_usage(w, amount)
   if amount == 0 then return end
   local b = math.floor(NOW / w.bucket)
-  local tail = redis.call('LINDEX', w.key, -1)
-  if tail then
-    local tb, ta = parse_bucket(tail)
-    if tb >= b then
-      W('LSET', w.key, -1, int(tb) .. ':' .. int(ta + amount))
+  read_tail(w)
+  if A[w.tb] >= b then
+    -- (pcall: should the list have expired under a clock running ahead, start it again below)
+    local ok = redis.pcall('LSET', w.key, -1, int(A[w.tb]) .. ':' .. int(A[w.ta] + amount))
+    if type(ok) == 'table' and ok.ok then
+      DIRTY[w.key] = true
+      A[w.ta] = A[w.ta] + amount
       A[w.total] = A[w.total] + amount
       return
     end
+    empty(w)
   end
   W('RPUSH', w.key, int(b) .. ':' .. int(amount))
+  A[w.tb], A[w.ta] = b, amount
+  if A[w.head] == -1 then A[w.head] = leaves_at(w, b) end
   A[w.total] = A[w.total] + amount
 end
 
 local function resets_at(w)
-  local tail = redis.call('LINDEX', w.key, -1)
-  if not tail then return nil end
-  local b = parse_bucket(tail)
-  return leaves_at(w, b)
+  read_tail(w)
+  if A[w.tb] == -1 then return nil end
+  return leaves_at(w, A[w.tb])
 end
 
 -- The earliest instant >= NOW at which committed usage is at most target (nil: never).
@@ -339,7 +364,7 @@ end
 local function close(id, record)
   if type(record) ~= 'string' then record = encode(record) end
   W('HSET', K_CLOSED, id, record)
-  W('ZADD', K_CLOSEDZ, NOW, id)
+  W('ZADD', K_CLOSEDZ, NOW_TEXT, id)
 end
 
 -- Forgets what was recorded at or before the retention cutoff.
@@ -585,7 +610,7 @@ local function begin(keys, args)
   K_PURCHASEIDX, K_OUTBOX = keys[13], keys[14]
   if args[1] ~= P_TEXT then P, P_TEXT = cjson.decode(args[1]), args[1] end
   format, encode = string.format, cjson.encode
-  NOW, ID = tonumber(args[2]), args[3]
+  NOW, NOW_TEXT, ID = tonumber(args[2]), args[2], args[3]
   DIRTY, SAVED, A, LOTS, OPEN = {}, {}, nil, nil, nil
   WINDOWS[1].key, WINDOWS[2].key = K_W5, K_WW
 end

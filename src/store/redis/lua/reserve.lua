@@ -54,7 +54,7 @@ else
   end
 end
 W('HSET', K_REQ, request_id, format('{"fp":%s,"d":%s,"e":"%d"}', encode(fp), encode(decision), cost))
-W('ZADD', K_REQZ, NOW, request_id)
+W('ZADD', K_REQZ, NOW_TEXT, request_id)
 local top_up = tu_check()
 finish()
 return J({
