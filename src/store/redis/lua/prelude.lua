@@ -203,7 +203,7 @@ local function add_usage(w, amount)
   read_tail(w)
   if A[w.tb] >= b then
     -- (pcall: should the list have expired under a clock running ahead, start it again below)
-    local ok = redis.pcall('LSET', w.key, -1, int(A[w.tb]) .. ':' .. int(A[w.ta] + amount))
+    local ok = redis.pcall('LSET', w.key, -1, format('%d:%d', A[w.tb], A[w.ta] + amount))
     if type(ok) == 'table' and ok.ok then
       DIRTY[w.key] = true
       A[w.ta] = A[w.ta] + amount
@@ -212,7 +212,7 @@ local function add_usage(w, amount)
     end
     empty(w)
   end
-  W('RPUSH', w.key, int(b) .. ':' .. int(amount))
+  W('RPUSH', w.key, format('%d:%d', b, amount))
   A[w.tb], A[w.ta] = b, amount
   if A[w.head] == -1 then A[w.head] = leaves_at(w, b) end
   A[w.total] = A[w.total] + amount
@@ -465,12 +465,13 @@ local function fund(plan, product, cost)
 end
 
 -- Every answer carries the status, so it is formatted in one go rather than through J.
-local WINDOW_FORMAT = '{"name":"%s","used":%d,"held":%d,"limit":%d,"resets_at":%s}'
+local WINDOW_FORMAT = '{"name":"%s","used":%d,"held":%d,"limit":%d,"resets_at":%d}'
+local EMPTY_WINDOW_FORMAT = '{"name":"%s","used":%d,"held":%d,"limit":%d,"resets_at":null}'
 local function status(plan)
   local hp = held()
   local function window(w)
     local at = resets_at(w)
-    return format(WINDOW_FORMAT, w.name, A[w.total] + hp, hp, plan[w.limit], at and int(at) or 'null')
+    return format(at and WINDOW_FORMAT or EMPTY_WINDOW_FORMAT, w.name, A[w.total] + hp, hp, plan[w.limit], at)
   end
   return raw(format('{"plan":%s,"windows":[%s,%s],"balance":%d}', encode(A.plan), window(WINDOWS[1]),
     window(WINDOWS[2]), balance()))
