@@ -13,6 +13,10 @@ use quotad::domain::{
 };
 use quotad::store::{MemoryStore, Store};
 
+// The allocator the quotad binary uses, so that the figure is the one it would show.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Resident set size of this process, from `/proc/self/status` (Linux).
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
