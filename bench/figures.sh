@@ -10,6 +10,7 @@
 #   bench/figures.sh latency redis
 #   bench/figures.sh memory          # bytes per account, 1,000,000 accounts (cargo bench --bench memory)
 #   bench/figures.sh admission       # ns per decision beside governor and limitador (criterion)
+#   bench/figures.sh redis-cost      # Redis's own instructions per Reserve+Commit pair (callgrind)
 #
 # quotad and quotactl run as release builds on loopback; the load generator shares the machine,
 # so every figure is a ratio of runs made the same way, one after the other.
@@ -101,8 +102,48 @@ case "${1:-}" in
   admission)
     cargo bench --bench admission
     ;;
+  redis-cost)
+    # What a pair costs Redis itself, counted in instructions by callgrind: repeatable to a
+    # fraction of a per cent on a shared machine, where times vary by tens. Two runs differ only
+    # in the number of pairs, so start-up and the load generator's setup cancel out. Redis's
+    # timers are slowed and quotad's maintenance ticks spaced out, so that the count does not
+    # depend on how long valgrind takes.
+    command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 1; }
+    cargo build --release --quiet --bin quotad --bin quotactl
+    instructions() { # pairs
+      local out redis_port port
+      out="$(mktemp)"; redis_port="$(free_port)"; port="$(free_port)"
+      valgrind --tool=callgrind --callgrind-out-file="$out" redis-server --port "$redis_port" \
+        --bind 127.0.0.1 --save '' --appendonly no --hz 1 --enable-debug-command local >/dev/null 2>&1 &
+      REDIS_PID=$!
+      for _ in $(seq 150); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.2; done
+      redis-cli -p "$redis_port" debug set-active-expire 0 >/dev/null
+      QUOTAD_STORE__REDIS__SWEEP_INTERVAL_MS=60000 QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=20000 \
+      QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN=127.0.0.1:0 QUOTAD_LOG_FORMAT=pretty \
+        target/release/quotad serve --listen "127.0.0.1:$port" --store redis \
+        --redis-url "redis://127.0.0.1:$redis_port" >/dev/null 2>&1 &
+      QUOTAD_PID=$!
+      ADDR="http://127.0.0.1:$port"
+      for _ in $(seq 150); do
+        target/release/quotactl --addr "$ADDR" bench --workload health --requests 1 --json >/dev/null 2>&1 && break
+        sleep 0.2
+      done
+      QUOTAD_ADMIN_TOKEN="$token" target/release/quotactl --addr "$ADDR" --json bench \
+        --workload reserve-commit --requests "$1" --warmup 0s --accounts 1000 --concurrency 4 \
+        --connections 1 >/dev/null
+      kill "$QUOTAD_PID"; wait "$QUOTAD_PID" 2>/dev/null || true
+      redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
+      wait "$REDIS_PID" 2>/dev/null || true
+      QUOTAD_PID=""; REDIS_PID=""
+      grep -E '^(summary|totals):' "$out" | head -1 | awk '{print $2}'
+      rm -f "$out"
+    }
+    few="$(instructions 1000)"
+    many="$(instructions 3000)"
+    echo "Redis instructions per Reserve+Commit pair: $(( (many - few) / 2000 )) (runs of 1,000 and 3,000 pairs: $few and $many)"
+    ;;
   *)
-    sed -n '2,14p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac

@@ -154,11 +154,14 @@ fn main() {
 
         let decisions = (on_redis.pairs * 2) as f64;
         let delta = |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
-        let round_trips = delta("evalsha") + delta("eval");
+        // A decision is one FCALL of the function library (EVAL/EVALSHA only if something
+        // still sends scripts, which would show here).
+        let round_trips = delta("fcall") + delta("evalsha") + delta("eval");
         let inside: u64 = after.keys().map(|k| delta(k)).sum::<u64>() - round_trips;
         println!(
-            "Redis per decision (Reserve or Commit): {:.3} round trips (EVALSHA {:.3}, EVAL {:.3}); {:.1} commands run inside the script",
+            "Redis per decision (Reserve or Commit): {:.3} round trips (FCALL {:.3}, EVALSHA {:.3}, EVAL {:.3}); {:.1} commands run inside the call",
             round_trips as f64 / decisions,
+            delta("fcall") as f64 / decisions,
             delta("evalsha") as f64 / decisions,
             delta("eval") as f64 / decisions,
             inside as f64 / decisions,
