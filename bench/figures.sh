@@ -23,24 +23,29 @@ token="bench-admin-token"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-start_quotad() { # $1: memory|redis
+# $1: memory|redis. Optional: REDIS_UNDER, a command to run redis-server under, and REDIS_ARGS;
+# QUOTAD_ENV, extra NAME=VALUE settings for quotad.
+start_quotad() {
   cargo build --release --quiet --bin quotad --bin quotactl
   local port; port="$(free_port)"
   local args=(serve --listen "127.0.0.1:$port")
   if [ "$1" = redis ]; then
-    local redis_port; redis_port="$(free_port)"
-    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+    REDIS_PORT="$(free_port)"
+    # shellcheck disable=SC2086 # both are word lists
+    ${REDIS_UNDER:-} redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+      ${REDIS_ARGS:-} >/dev/null 2>&1 &
     REDIS_PID=$!
-    for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-    args+=(--store redis --redis-url "redis://127.0.0.1:$redis_port")
+    for _ in $(seq 150); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    args+=(--store redis --redis-url "redis://127.0.0.1:$REDIS_PORT")
   fi
   # Load generator and quotad share the cores: give Redis calls room before they count as failed.
-  QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=1000 \
-  QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN=127.0.0.1:0 QUOTAD_LOG_FORMAT=pretty \
+  # shellcheck disable=SC2086
+  env QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=1000 \
+    QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN=127.0.0.1:0 QUOTAD_LOG_FORMAT=pretty ${QUOTAD_ENV:-} \
     target/release/quotad "${args[@]}" >/dev/null 2>&1 &
   QUOTAD_PID=$!
   ADDR="http://127.0.0.1:$port"
-  for _ in $(seq 100); do
+  for _ in $(seq 300); do
     target/release/quotactl --addr "$ADDR" bench --workload health --requests 1 --json >/dev/null 2>&1 && return
     sleep 0.1
   done
@@ -53,10 +58,13 @@ stop() {
 }
 trap stop EXIT
 
+# A run of BENCH_SECONDS after 2 s of warm-up, or as LENGTH says (e.g. "--requests 100 --warmup 0s").
 bench() { # workload, extra args...
   local workload="$1"; shift
+  local length=(--duration "${seconds}s" --warmup 2s)
+  [ -n "${LENGTH:-}" ] && read -r -a length <<<"$LENGTH"
   QUOTAD_ADMIN_TOKEN="$token" target/release/quotactl --addr "$ADDR" --json bench \
-    --workload "$workload" --duration "${seconds}s" --warmup 2s "$@"
+    --workload "$workload" "${length[@]}" "$@"
 }
 
 field() { jq -r "$1"; }
@@ -109,31 +117,16 @@ case "${1:-}" in
     # timers are slowed and quotad's maintenance ticks spaced out, so that the count does not
     # depend on how long valgrind takes.
     command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 1; }
-    cargo build --release --quiet --bin quotad --bin quotactl
     instructions() { # pairs
-      local out redis_port port
-      out="$(mktemp)"; redis_port="$(free_port)"; port="$(free_port)"
-      valgrind --tool=callgrind --callgrind-out-file="$out" redis-server --port "$redis_port" \
-        --bind 127.0.0.1 --save '' --appendonly no --hz 1 --enable-debug-command local >/dev/null 2>&1 &
-      REDIS_PID=$!
-      for _ in $(seq 150); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.2; done
-      redis-cli -p "$redis_port" debug set-active-expire 0 >/dev/null
-      QUOTAD_STORE__REDIS__SWEEP_INTERVAL_MS=60000 QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=20000 \
-      QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN=127.0.0.1:0 QUOTAD_LOG_FORMAT=pretty \
-        target/release/quotad serve --listen "127.0.0.1:$port" --store redis \
-        --redis-url "redis://127.0.0.1:$redis_port" >/dev/null 2>&1 &
-      QUOTAD_PID=$!
-      ADDR="http://127.0.0.1:$port"
-      for _ in $(seq 150); do
-        target/release/quotactl --addr "$ADDR" bench --workload health --requests 1 --json >/dev/null 2>&1 && break
-        sleep 0.2
-      done
-      QUOTAD_ADMIN_TOKEN="$token" target/release/quotactl --addr "$ADDR" --json bench \
-        --workload reserve-commit --requests "$1" --warmup 0s --accounts 1000 --concurrency 4 \
-        --connections 1 >/dev/null
-      kill "$QUOTAD_PID"; wait "$QUOTAD_PID" 2>/dev/null || true
-      redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
-      wait "$REDIS_PID" 2>/dev/null || true
+      local out; out="$(mktemp)"
+      REDIS_UNDER="valgrind --tool=callgrind --callgrind-out-file=$out" \
+      REDIS_ARGS="--hz 1 --enable-debug-command local" \
+      QUOTAD_ENV="QUOTAD_STORE__REDIS__SWEEP_INTERVAL_MS=60000 QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=20000" \
+        start_quotad redis
+      redis-cli -p "$REDIS_PORT" debug set-active-expire 0 >/dev/null
+      LENGTH="--requests $1 --warmup 0s" \
+        bench reserve-commit --accounts 1000 --concurrency 4 --connections 1 >/dev/null
+      stop # Redis writes the counts as it exits
       QUOTAD_PID=""; REDIS_PID=""
       grep -E '^(summary|totals):' "$out" | head -1 | awk '{print $2}'
       rm -f "$out"
