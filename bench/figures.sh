@@ -127,7 +127,6 @@ case "${1:-}" in
       LENGTH="--requests $1 --warmup 0s" \
         bench reserve-commit --accounts 1000 --concurrency 4 --connections 1 >/dev/null
       stop # Redis writes the counts as it exits
-      QUOTAD_PID=""; REDIS_PID=""
       grep -E '^(summary|totals):' "$out" | head -1 | awk '{print $2}'
       rm -f "$out"
     }

@@ -61,7 +61,6 @@ for _, k in ipairs({ 'i', 'c', 'o', 'img' }) do r.usage[k] = math.max(r.usage[k]
 r.usage.model, r.usage.fast = usage.model, usage.fast
 
 local receipt
-local charged, total = { plan = cp, credit = cc }, { plan = r.cp, credit = r.cc }
 if is_final then
   receipt = format('{"final":true,"charged":{"plan":%d,"credit":%d},"total":{"plan":%d,"credit":%d}}',
     cp, cc, r.cp, r.cc)
@@ -72,8 +71,8 @@ else
   local hp, hc = fund(plan, r.product, r.estimate)
   local denial = nil
   if hp then r.hp, r.hc = hp, hc else denial = hc end
-  receipt = J({ final = false, charged = charged, total = total, held = { plan = r.hp, credit = r.hc },
-                expires_at = r.ex, denial = denial })
+  receipt = J({ final = false, charged = { plan = cp, credit = cc }, total = { plan = r.cp, credit = r.cc },
+                held = { plan = r.hp, credit = r.hc }, expires_at = r.ex, denial = denial })
   OPEN[rid] = r
   W('HSET', K_OPEN, rid, encode_res(r))
 end

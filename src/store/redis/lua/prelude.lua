@@ -127,22 +127,26 @@ end
 -- differs: most accounts never touch auto top-up, and a short hash is quicker to read.
 local function save_account()
   local fields, n = {}, 0
-  local function put(k, v, default, written)
+  local function put(k, v, default)
     local was = SAVED[k]
     if was == nil then was = default end
     if was ~= v then
-      fields[n + 1], fields[n + 2], n = k, written or v, n + 2
+      fields[n + 1], fields[n + 2], n = k, v, n + 2
       SAVED[k] = v
     end
   end
   put('id', A.id)
   put('plan', A.plan)
   put('cpa', A.cpa)
+  for k, default in pairs(TEXT) do put(k, A[k], default) end
+  -- Numbers are compared as numbers and formatted only when changed.
   for k in pairs(NUMERIC) do
     local v = A[k]
-    if v ~= (SAVED[k] or 0) then put(k, v, 0, int(v)) end
+    if v ~= (SAVED[k] or 0) then
+      fields[n + 1], fields[n + 2], n = k, int(v), n + 2
+      SAVED[k] = v
+    end
   end
-  for k, default in pairs(TEXT) do put(k, A[k], default) end
   if n > 0 then redis.call('HSET', K_ACCT, unpack(fields)) end
 end
 
@@ -467,14 +471,15 @@ end
 -- Every answer carries the status, so it is formatted in one go rather than through J.
 local WINDOW_FORMAT = '{"name":"%s","used":%d,"held":%d,"limit":%d,"resets_at":%d}'
 local EMPTY_WINDOW_FORMAT = '{"name":"%s","used":%d,"held":%d,"limit":%d,"resets_at":null}'
+local function window_json(w, plan, hp)
+  local at = resets_at(w)
+  return format(at and WINDOW_FORMAT or EMPTY_WINDOW_FORMAT, w.name, A[w.total] + hp, hp, plan[w.limit], at)
+end
+
 local function status(plan)
   local hp = held()
-  local function window(w)
-    local at = resets_at(w)
-    return format(at and WINDOW_FORMAT or EMPTY_WINDOW_FORMAT, w.name, A[w.total] + hp, hp, plan[w.limit], at)
-  end
-  return raw(format('{"plan":%s,"windows":[%s,%s],"balance":%d}', encode(A.plan), window(WINDOWS[1]),
-    window(WINDOWS[2]), balance()))
+  return raw(format('{"plan":%s,"windows":[%s,%s],"balance":%d}', encode(A.plan),
+    window_json(WINDOWS[1], plan, hp), window_json(WINDOWS[2], plan, hp), balance()))
 end
 
 -- Auto top-up (a port of domain/top_up.rs) ---------------------------------------------------
