@@ -103,7 +103,7 @@ impl Library {
         for op in Operation::ALL {
             // The body sees the call's KEYS and ARGV as parameters, as a script would.
             let begin = if matches!(op, Operation::Rls) {
-                ""
+                "init()\n"
             } else {
                 "begin(KEYS, ARGV)\n"
             };

@@ -3,7 +3,7 @@
 -- fast} with counts as decimal strings, 9 price version, 10 recent-event capacity.
 -- Returns {receipt: {final, charged, total, held?, expires_at?, denial?}, status}.
 local rid, cost, is_final, fp = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
-local u = cjson.decode(ARGV[8])
+local u = decode(ARGV[8])
 local usage = { model = u.model, i = tonumber(u.i), c = tonumber(u.c), o = tonumber(u.o), img = tonumber(u.img), fast = u.fast }
 local price_version, capacity = ARGV[9], tonumber(ARGV[10])
 
@@ -16,10 +16,10 @@ if not plan then
 end
 local r = OPEN[rid]
 if not r then
-  local closed = redis.call('HGET', K_CLOSED, rid)
+  local closed = call('HGET', K_CLOSED, rid)
   finish()
   if not closed then return err({ kind = 'reservation_not_found', id = rid }) end
-  closed = cjson.decode(closed)
+  closed = decode(closed)
   if closed.k == 'committed' then
     if is_final and closed.fp == fp then return J({ receipt = raw(closed.receipt), status = status(plan) }) end
     return err({ kind = 'already_committed', id = rid, by_commit = true })
@@ -30,15 +30,15 @@ end
 
 -- Out of the open set while the account's other state is read, as in the Rust model.
 OPEN[rid] = nil
-local delta = math.max(cost - (r.cp + r.cc), 0)
-local hold_plan = math.min(delta, r.hp)
-local hold_credit = math.min(delta - hold_plan, r.hc)
+local delta = max(cost - (r.cp + r.cc), 0)
+local hold_plan = min(delta, r.hp)
+local hold_credit = min(delta - hold_plan, r.hc)
 local beyond = delta - hold_plan - hold_credit
 r.hp, r.hc = 0, 0
 -- Beyond the hold: plan allowance first, then credits on the credits route, else plan overage.
 local beyond_plan = beyond
 if route(plan, r.product) == 'credits' then
-  beyond_plan = math.min(beyond, math.max(plan_room(plan) - hold_plan, 0))
+  beyond_plan = min(beyond, max(plan_room(plan) - hold_plan, 0))
 end
 local cp, cc = hold_plan + beyond_plan, hold_credit + beyond - beyond_plan
 add_usage(WINDOWS[1], cp)
@@ -49,15 +49,15 @@ local event = nil
 if delta > 0 then
   -- Recorded for GetUsage (bounded) and, atomically with the charge, in the slot's outbox.
   A.evseq = A.evseq + 1
-  local since = function(k) return math.max(usage[k] - r.usage[k], 0) end
+  local since = function(k) return max(usage[k] - r.usage[k], 0) end
   event = format('{"seq":%d,"at":%d,"product":%s,"reservation_id":%s,"price_version":%s,'
     .. '"charged":{"plan":%d,"credit":%d},"usage":{"model":%s,"i":%d,"c":%d,"o":%d,"img":%d,"fast":%s}}',
     A.evseq, NOW, encode(r.product), encode(rid), encode(price_version), cp, cc, encode(usage.model),
     since('i'), since('c'), since('o'), since('img'), usage.fast and 'true' or 'false')
-  if capacity > 0 then W('XADD', K_HIST, 'MAXLEN', capacity, '*', 'e', event) end
-  redis.call('XADD', K_OUTBOX, '*', 'a', ID, 'e', event)
+  if capacity > 0 then W('XADD', K_HIST, 'MAXLEN', ARGV[10], '*', 'e', event) end
+  call('XADD', K_OUTBOX, '*', 'a', ID, 'e', event)
 end
-for _, k in ipairs({ 'i', 'c', 'o', 'img' }) do r.usage[k] = math.max(r.usage[k], usage[k]) end
+for _, k in ipairs({ 'i', 'c', 'o', 'img' }) do r.usage[k] = max(r.usage[k], usage[k]) end
 r.usage.model, r.usage.fast = usage.model, usage.fast
 
 local receipt

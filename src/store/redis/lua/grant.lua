@@ -4,9 +4,9 @@
 local gid, amount, source, ex, fp = ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), ARGV[8]
 if not load_account() then return err({ kind = 'account_not_found', id = ID }) end
 settle()
-local first = redis.call('HGET', K_GRANTS, gid)
+local first = call('HGET', K_GRANTS, gid)
 if first then
-  first = cjson.decode(first)
+  first = decode(first)
   finish()
   if first.fp ~= fp then return err({ kind = 'grant_reused', id = gid }) end
   return J({ lot = raw(first.lot), balance = balance() })
@@ -22,7 +22,7 @@ end
 local lot = { id = gid, src = source, g = amount, r = amount, ga = NOW, ex = ex }
 grant_lot(lot)
 local lot_json = J({ id = gid, source = source, granted = amount, remaining = lot.r, granted_at = NOW, expires_at = ex })
-W('HSET', K_GRANTS, gid, cjson.encode({ fp = fp, lot = lot_json }))
+W('HSET', K_GRANTS, gid, encode({ fp = fp, lot = lot_json }))
 finish()
 publish_change()
 return J({ lot = raw(lot_json), balance = balance() })

@@ -50,18 +50,29 @@ local K_PURCHASEIDX, K_OUTBOX
 local P, P_TEXT -- the policy, decoded again only when its text changes
 local NOW, NOW_TEXT, ID -- NOW_TEXT: as sent, for commands (a number would be formatted again)
 
+-- The standard functions a call uses, as locals: a global is a lookup in the globals table at
+-- every use, a local is not. They are set by init() on the library's first call (at FUNCTION
+-- LOAD the libraries are not reachable yet). `globals` is defined before the names are made
+-- local, so it reads the globals.
+local function globals()
+  return redis.call, redis.pcall, string.format, string.match, cjson.encode, cjson.decode, tonumber,
+    pairs, ipairs, unpack, type, setmetatable, getmetatable, math.max, math.min, math.floor,
+    table.concat, table.sort
+end
+local call, rpcall, format, match, encode, decode, tonumber, pairs, ipairs, unpack, type, setmetatable, getmetatable
+local max, min, floor, concat, sort
+
 -- Writes to the account's keys go through W, which notes the key: finish() refreshes the
 -- lifetime of the keys this call wrote (each TTL, set when the key was last written, covers
 -- what the key holds), not of every key on every call.
 local DIRTY = {}
+-- The lifetime of a written key, as text for PEXPIRE, when it is not the account's (set by
+-- begin(): the windows keep their span, the records the retention).
+local TTL = {}
 local function W(command, key, ...)
   DIRTY[key] = true
-  return redis.call(command, key, ...)
+  return call(command, key, ...)
 end
-
--- string.format and cjson.encode, set by begin(): at FUNCTION LOAD the libraries are not
--- reachable yet.
-local format, encode
 
 local function int(x) return format('%d', x) end
 
@@ -80,11 +91,11 @@ local function J(v)
   local parts = {}
   if mt == ARRAY then
     for i = 1, #v do parts[i] = J(v[i]) end
-    return '[' .. table.concat(parts, ',') .. ']'
+    return '[' .. concat(parts, ',') .. ']'
   end
   -- Keys are the scripts' own identifiers, never user text: quoting them is enough.
   for k, x in pairs(v) do parts[#parts + 1] = '"' .. k .. '":' .. J(x) end
-  return '{' .. table.concat(parts, ',') .. '}'
+  return '{' .. concat(parts, ',') .. '}'
 end
 local function err(e) return J({ err = e }) end
 
@@ -97,57 +108,50 @@ local NUMERIC = {
 }
 local TEXT = { tu_en = '0', tu_cap = '', tu_quiet = '', tu_if = '', tu_last = '' }
 
--- The fields as the hash held them when loaded (numbers converted, as in A): save_account()
--- writes back only what changed (rewriting the whole record was the costliest command of a
--- call), and formats only those.
-local SAVED = {}
+-- A record with every field at its default (as NUMERIC and TEXT say; init() checks). Made by a
+-- constructor so that the table is sized once, not grown field by field.
+local function blank(id, plan, cpa)
+  return {
+    id = id, plan = plan, cpa = cpa, tu_en = '0', tu_cap = '', tu_quiet = '', tu_if = '', tu_last = '',
+    granted = 0, spent = 0, expired = 0, revoked = 0, debt = 0, w5t = 0, wwt = 0, tu_th = 0, tu_tg = 0,
+    tu_seq = 0, tu_month = 0, tu_bought = 0, tu_decl = 0, evseq = 0, hx = 0, pi = 0, w5h = 0, w5b = 0,
+    w5a = 0, wwh = 0, wwb = 0, wwa = 0,
+  }
+end
+
+-- The fields as the hash held them when loaded (numbers converted, as in A; absent ones at
+-- their defaults, id, plan and cpa at false): save_account() writes back only what changed
+-- (rewriting the whole record was the costliest command of a call), and formats only those.
+local SAVED = nil
 
 local function load_account()
-  local flat = redis.call('HGETALL', K_ACCT)
+  local flat = call('HGETALL', K_ACCT)
   if #flat == 0 then return false end
-  A = {}
+  A, SAVED = blank(false, false, false), blank(false, false, false)
   for i = 1, #flat, 2 do
     local k, v = flat[i], flat[i + 1]
     if NUMERIC[k] then v = tonumber(v) end
-    SAVED[k] = v
-    A[k] = v
+    SAVED[k], A[k] = v, v
   end
-  for k in pairs(NUMERIC) do A[k] = A[k] or 0 end
-  for k, default in pairs(TEXT) do A[k] = A[k] or default end
   return true
 end
 
 local function create_account(id, plan)
-  A = { id = id, plan = plan, cpa = '1' }
-  for k in pairs(NUMERIC) do A[k] = 0 end
-  for k, default in pairs(TEXT) do A[k] = default end
+  A, SAVED = blank(id, plan, '1'), blank(false, false, false)
 end
 
 -- A field never written reads as its default (load_account), so it is written only once it
--- differs: most accounts never touch auto top-up, and a short hash is quicker to read.
+-- differs: most accounts never touch auto top-up, and a short hash is quicker to read. Numbers
+-- are compared as numbers and formatted only when changed.
 local function save_account()
   local fields, n = {}, 0
-  local function put(k, v, default)
-    local was = SAVED[k]
-    if was == nil then was = default end
-    if was ~= v then
-      fields[n + 1], fields[n + 2], n = k, v, n + 2
+  for k, v in pairs(A) do
+    if SAVED[k] ~= v then
+      fields[n + 1], fields[n + 2], n = k, NUMERIC[k] and int(v) or v, n + 2
       SAVED[k] = v
     end
   end
-  put('id', A.id)
-  put('plan', A.plan)
-  put('cpa', A.cpa)
-  for k, default in pairs(TEXT) do put(k, A[k], default) end
-  -- Numbers are compared as numbers and formatted only when changed.
-  for k in pairs(NUMERIC) do
-    local v = A[k]
-    if v ~= (SAVED[k] or 0) then
-      fields[n + 1], fields[n + 2], n = k, int(v), n + 2
-      SAVED[k] = v
-    end
-  end
-  if n > 0 then redis.call('HSET', K_ACCT, unpack(fields)) end
+  if n > 0 then call('HSET', K_ACCT, unpack(fields)) end
 end
 
 local function plan_of()
@@ -163,7 +167,7 @@ local WINDOWS = {
 }
 
 local function parse_bucket(s)
-  local b, a = string.match(s, '^(-?%d+):(-?%d+)$')
+  local b, a = match(s, '^(-?%d+):(-?%d+)$')
   return tonumber(b), tonumber(a)
 end
 
@@ -181,7 +185,7 @@ local function advance(w)
   local at = A[w.head]
   if at == -1 or at > NOW then return end
   while true do
-    local head = redis.call('LINDEX', w.key, 0)
+    local head = call('LINDEX', w.key, '0')
     if not head then return empty(w) end -- an expired list means all of it had left
     local b, a = parse_bucket(head)
     at = leaves_at(w, b)
@@ -196,18 +200,18 @@ end
 
 local function read_tail(w)
   if A[w.tb] ~= 0 then return end
-  local tail = redis.call('LINDEX', w.key, -1)
+  local tail = call('LINDEX', w.key, '-1')
   if tail then A[w.tb], A[w.ta] = parse_bucket(tail) else A[w.tb], A[w.ta] = -1, 0 end
 end
 
 -- After advance() (settle), so the head is known.
 local function add_usage(w, amount)
   if amount == 0 then return end
-  local b = math.floor(NOW / w.bucket)
+  local b = floor(NOW / w.bucket)
   read_tail(w)
   if A[w.tb] >= b then
     -- (pcall: should the list have expired under a clock running ahead, start it again below)
-    local ok = redis.pcall('LSET', w.key, -1, format('%d:%d', A[w.tb], A[w.ta] + amount))
+    local ok = rpcall('LSET', w.key, '-1', format('%d:%d', A[w.tb], A[w.ta] + amount))
     if type(ok) == 'table' and ok.ok then
       DIRTY[w.key] = true
       A[w.ta] = A[w.ta] + amount
@@ -233,7 +237,7 @@ local function committed_at_most_at(w, target)
   if target < 0 then return nil end
   local remaining = A[w.total]
   if remaining <= target then return NOW end
-  for _, entry in ipairs(redis.call('LRANGE', w.key, 0, -1)) do
+  for _, entry in ipairs(call('LRANGE', w.key, '0', '-1')) do
     local b, a = parse_bucket(entry)
     remaining = remaining - a
     if remaining <= target then return leaves_at(w, b) end
@@ -243,12 +247,12 @@ end
 
 -- Credit lots -------------------------------------------------------------------------------
 local function decode_lot(id, s)
-  local l = cjson.decode(s)
+  local l = decode(s)
   return { id = id, src = l.src, g = tonumber(l.g), r = tonumber(l.r), ga = tonumber(l.ga), ex = tonumber(l.ex) }
 end
 
 local function encode_lot(l)
-  return cjson.encode({ src = l.src, g = int(l.g), r = int(l.r), ga = int(l.ga), ex = int(l.ex) })
+  return encode({ src = l.src, g = int(l.g), r = int(l.r), ga = int(l.ga), ex = int(l.ex) })
 end
 
 local function lot_rank(l) return l.src == 'promo' and 0 or 1 end
@@ -266,9 +270,9 @@ local LOTS = nil -- lots with credits left, in consumption order
 local function load_lots()
   LOTS = {}
   if A.granted == 0 then return end -- never granted a lot (grant_lot counts every one)
-  local flat = redis.call('HGETALL', K_LOTS)
+  local flat = call('HGETALL', K_LOTS)
   for i = 1, #flat, 2 do LOTS[#LOTS + 1] = decode_lot(flat[i], flat[i + 1]) end
-  table.sort(LOTS, before)
+  sort(LOTS, before)
 end
 
 local function expire_lots()
@@ -296,7 +300,7 @@ local function spend(amount)
   local kept = {}
   for _, l in ipairs(LOTS) do
     if left > 0 then
-      local take = math.min(l.r, left)
+      local take = min(l.r, left)
       l.r = l.r - take
       left = left - take
       if l.r == 0 then
@@ -314,25 +318,25 @@ end
 -- Adds a lot, paying off debt from it first; returns the amount that paid off debt.
 local function grant_lot(l)
   A.granted = A.granted + l.g
-  local pay_off = math.min(A.debt, l.r)
+  local pay_off = min(A.debt, l.r)
   A.debt = A.debt - pay_off
   l.r = l.r - pay_off
   if l.r > 0 then
     W('HSET', K_LOTS, l.id, encode_lot(l))
     LOTS[#LOTS + 1] = l
-    table.sort(LOTS, before)
+    sort(LOTS, before)
   end
   return pay_off
 end
 
 -- Reservations ------------------------------------------------------------------------------
 local function decode_res(id, s)
-  local r = cjson.decode(s)
-  local n = function(k) return tonumber(r[k]) end
+  local r = decode(s)
   return {
-    id = id, product = r.product, estimate = n('est'), ttl = n('ttl'), hp = n('hp'), hc = n('hc'),
-    cp = n('cp'), cc = n('cc'), ex = n('ex'),
-    usage = { model = r.model, i = n('ui'), c = n('uc'), o = n('uo'), img = n('uimg'), fast = r.fast },
+    id = id, product = r.product, estimate = tonumber(r.est), ttl = tonumber(r.ttl), hp = tonumber(r.hp),
+    hc = tonumber(r.hc), cp = tonumber(r.cp), cc = tonumber(r.cc), ex = tonumber(r.ex),
+    usage = { model = r.model, i = tonumber(r.ui), c = tonumber(r.uc), o = tonumber(r.uo),
+              img = tonumber(r.uimg), fast = r.fast },
   }
 end
 
@@ -351,7 +355,7 @@ local function load_open()
   -- hx (finish) is 0 exactly when the account has no open hold: most calls of a busy
   -- account find none and skip the read.
   if A.hx == 0 then return end
-  local flat = redis.call('HGETALL', K_OPEN)
+  local flat = call('HGETALL', K_OPEN)
   for i = 1, #flat, 2 do OPEN[flat[i]] = decode_res(flat[i], flat[i + 1]) end
 end
 
@@ -371,10 +375,11 @@ local function close(id, record)
   W('ZADD', K_CLOSEDZ, NOW_TEXT, id)
 end
 
--- Forgets what was recorded at or before the retention cutoff.
+-- Forgets what was recorded at or before the retention cutoff (text: a number handed to
+-- redis.call is formatted as a double, which costs more than the command).
 -- (At most 1,000 a call, so a script's work stays bounded; the rest go with the next calls.)
 local function forget(hash, zset, cutoff)
-  local old = redis.call('ZRANGEBYSCORE', zset, '-inf', cutoff, 'LIMIT', 0, 1000)
+  local old = call('ZRANGEBYSCORE', zset, '-inf', cutoff, 'LIMIT', '0', '1000')
   if #old > 0 then
     W('HDEL', hash, unpack(old))
     W('ZREM', zset, unpack(old))
@@ -391,7 +396,7 @@ local function settle()
       OPEN[id] = nil
     end
   end
-  local cutoff = NOW - P.retention_ms
+  local cutoff = int(NOW - P.retention_ms)
   forget(K_CLOSED, K_CLOSEDZ, cutoff)
   forget(K_REQ, K_REQZ, cutoff)
   load_lots()
@@ -405,7 +410,7 @@ local function plan_room(plan)
   local hp = held()
   local room = nil
   for _, w in ipairs(WINDOWS) do
-    local r = math.max(plan[w.limit] - A[w.total] - hp, 0)
+    local r = max(plan[w.limit] - A[w.total] - hp, 0)
     if room == nil or r < room then room = r end
   end
   return room
@@ -457,10 +462,10 @@ local function fund(plan, product, cost)
     local available = credits_available()
     local need = cost - room
     if available >= need then return room, need end
-    local _, retry = plan_refill(plan, cost - math.max(available, 0), held())
+    local _, retry = plan_refill(plan, cost - max(available, 0), held())
     -- After declines, buying more will not help until the payment method is fixed.
     local action = A.tu_decl > 0 and 'update_payment_method' or 'buy_credits'
-    return nil, { shortfall = 'credits', need = need, available = math.max(available, 0),
+    return nil, { shortfall = 'credits', need = need, available = max(available, 0),
                   action = action, retry_at = retry, plan = A.plan, product = product }
   end
   local weekly, retry = plan_refill(plan, cost, held())
@@ -486,12 +491,12 @@ end
 
 -- The calendar month (UTC) of an instant, as months since January of year 0.
 local function month_index(ms)
-  local z = math.floor(ms / 86400000) + 719468
-  local era = math.floor(z / 146097)
+  local z = floor(ms / 86400000) + 719468
+  local era = floor(z / 146097)
   local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
   local m = mp < 10 and mp + 3 or mp - 9
   local y = yoe + era * 400 + (m <= 2 and 1 or 0)
   return y * 12 + m - 1
@@ -499,7 +504,7 @@ end
 
 -- floor(a / b) for non-negative integers, exact (the division of doubles is corrected).
 local function idiv(a, b)
-  local q = math.floor(a / b)
+  local q = floor(a / b)
   while q * b > a do q = q - 1 end
   while (q + 1) * b <= a do q = q + 1 end
   return q
@@ -524,18 +529,18 @@ end
 
 -- The trigger (TopUp::check); returns the purchase JSON it started, or nil.
 local function tu_check()
-  if not tu_eligible() or A.tu_en ~= '1' or A.tu_if ~= '' then return nil end
+  if A.tu_en ~= '1' or A.tu_if ~= '' or not tu_eligible() then return nil end
   local available = credits_available()
   if available >= A.tu_th then return nil end
   if A.tu_quiet ~= '' and NOW < tonumber(A.tu_quiet) then return nil end
   tu_roll_month()
-  local unit = math.max(P.top_up.purchase_unit_micros, 1)
+  local unit = max(P.top_up.purchase_unit_micros, 1)
   local short = A.tu_tg - available
   local wanted = idiv(short, unit) * unit
   if wanted < short then wanted = wanted + unit end
   local allowed = wanted
   if A.tu_cap ~= '' then
-    allowed = math.min(idiv(math.max(tonumber(A.tu_cap) - A.tu_bought, 0), unit) * unit, wanted)
+    allowed = min(idiv(max(tonumber(A.tu_cap) - A.tu_bought, 0), unit) * unit, wanted)
   end
   if allowed < wanted then
     tu_attempt(allowed, 'capped', 'the monthly cap allows ' .. int(allowed) .. ' of the ' .. int(wanted)
@@ -570,43 +575,51 @@ local function finish()
   end
   if (next_expiry or 0) ~= A.hx then
     if next_expiry then
-      redis.call('ZADD', K_HOLDIDX, next_expiry, A.id)
+      call('ZADD', K_HOLDIDX, int(next_expiry), A.id)
     else
-      redis.call('ZREM', K_HOLDIDX, A.id)
+      call('ZREM', K_HOLDIDX, A.id)
     end
     A.hx = next_expiry or 0
   end
   local started = 0
-  if A.tu_if ~= '' then started = tonumber(cjson.decode(A.tu_if).started_at) end
+  if A.tu_if ~= '' then started = tonumber(decode(A.tu_if).started_at) end
   if started ~= A.pi then
     if started ~= 0 then
-      redis.call('ZADD', K_PURCHASEIDX, started, A.id)
+      call('ZADD', K_PURCHASEIDX, int(started), A.id)
     else
-      redis.call('ZREM', K_PURCHASEIDX, A.id)
+      call('ZREM', K_PURCHASEIDX, A.id)
     end
     A.pi = started
   end
   save_account()
   local keep = P.account_ttl_ms
-  for _, l in ipairs(LOTS) do keep = math.max(keep, l.ex - NOW + P.account_ttl_ms) end
-  redis.call('PEXPIRE', K_ACCT, keep)
-  for _, k in ipairs({ K_LOTS, K_GRANTS, K_HIST, K_OPEN }) do
-    if DIRTY[k] then redis.call('PEXPIRE', k, keep) end
-  end
-  for _, w in ipairs(WINDOWS) do
-    if DIRTY[w.key] then redis.call('PEXPIRE', w.key, w.len + w.bucket) end
-  end
-  for _, k in ipairs({ K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ }) do
-    if DIRTY[k] then redis.call('PEXPIRE', k, P.retention_ms) end
+  for _, l in ipairs(LOTS) do keep = max(keep, l.ex - NOW + P.account_ttl_ms) end
+  keep = int(keep)
+  call('PEXPIRE', K_ACCT, keep)
+  for k in pairs(DIRTY) do
+    local ttl = TTL[k]
+    call('PEXPIRE', k, ttl == nil and keep or ttl)
   end
 end
 
 local function publish_change()
-  redis.call('PUBLISH', P.admin_channel, A.id)
+  call('PUBLISH', P.admin_channel, A.id)
 end
 
 local function account_json()
   return { id = A.id, plan = A.plan, cpa = A.cpa == '1' }
+end
+
+-- Every function starts with this call (account functions through begin()).
+local function init()
+  if call then return end
+  call, rpcall, format, match, encode, decode, tonumber, pairs, ipairs, unpack, type, setmetatable,
+    getmetatable, max, min, floor, concat, sort = globals()
+  for _, w in ipairs(WINDOWS) do w.ttl = format('%d', w.len + w.bucket) end
+  -- blank() must hold every field with its default.
+  local b = blank(false, false, false)
+  for k in pairs(NUMERIC) do assert(b[k] == 0, k) end
+  for k, default in pairs(TEXT) do assert(b[k] == default, k) end
 end
 
 -- Every account function starts with this call.
@@ -614,9 +627,14 @@ local function begin(keys, args)
   K_ACCT, K_W5, K_WW, K_LOTS, K_OPEN, K_CLOSED, K_CLOSEDZ, K_REQ, K_REQZ, K_GRANTS, K_HIST, K_HOLDIDX =
     keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8], keys[9], keys[10], keys[11], keys[12]
   K_PURCHASEIDX, K_OUTBOX = keys[13], keys[14]
-  if args[1] ~= P_TEXT then P, P_TEXT = cjson.decode(args[1]), args[1] end
-  format, encode = string.format, cjson.encode
+  init()
+  if args[1] ~= P_TEXT then
+    P, P_TEXT = decode(args[1]), args[1]
+    P.retention_text = int(P.retention_ms)
+  end
   NOW, NOW_TEXT, ID = tonumber(args[2]), args[2], args[3]
-  DIRTY, SAVED, A, LOTS, OPEN = {}, {}, nil, nil, nil
+  DIRTY, SAVED, A, LOTS, OPEN = {}, nil, nil, nil, nil
   WINDOWS[1].key, WINDOWS[2].key = K_W5, K_WW
+  local r = P.retention_text
+  TTL = { [K_W5] = WINDOWS[1].ttl, [K_WW] = WINDOWS[2].ttl, [K_CLOSED] = r, [K_CLOSEDZ] = r, [K_REQ] = r, [K_REQZ] = r }
 end

@@ -12,8 +12,8 @@ if r then
   return J({ released = { plan = r.hp, credit = r.hc } })
 end
 finish()
-local closed = redis.call('HGET', K_CLOSED, rid)
+local closed = call('HGET', K_CLOSED, rid)
 if not closed then return err({ kind = 'reservation_not_found', id = rid }) end
-closed = cjson.decode(closed)
+closed = decode(closed)
 if closed.k == 'committed' then return err({ kind = 'already_committed', id = rid, by_commit = false }) end
 return J({ released = { plan = tonumber(closed.rp), credit = tonumber(closed.rc) } })

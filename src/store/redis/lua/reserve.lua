@@ -12,10 +12,10 @@ local ttl, rid, fp, model = tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
 
 if not load_account() then create_account(ID, hint ~= '' and hint or P.default_plan) end
 settle()
-local first = redis.call('HGET', K_REQ, request_id)
+local first = call('HGET', K_REQ, request_id)
 local plan = plan_of()
 if first then
-  first = cjson.decode(first)
+  first = decode(first)
   finish()
   if first.fp ~= fp then return err({ kind = 'request_reused', id = request_id }) end
   if not plan then return plan_missing() end

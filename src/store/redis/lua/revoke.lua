@@ -4,12 +4,12 @@
 local gid = ARGV[4]
 if not load_account() then return err({ kind = 'account_not_found', id = ID }) end
 settle()
-local record = redis.call('HGET', K_GRANTS, gid)
+local record = call('HGET', K_GRANTS, gid)
 if not record then
   finish()
   return err({ kind = 'grant_not_found', id = gid })
 end
-record = cjson.decode(record)
+record = decode(record)
 local revoked = tonumber(record.rv)
 if not revoked then
   revoked = 0
@@ -25,7 +25,7 @@ if not revoked then
   LOTS = kept
   A.revoked = A.revoked + revoked
   record.rv = int(revoked)
-  W('HSET', K_GRANTS, gid, cjson.encode(record))
+  W('HSET', K_GRANTS, gid, encode(record))
 end
 local top_up = tu_check()
 finish()

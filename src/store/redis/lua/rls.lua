@@ -11,7 +11,7 @@ local K = KEYS[1]
 local now, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 
 local function load(field)
-  local text = redis.call('HGET', K, field)
+  local text = call('HGET', K, field)
   local w = { buckets = {}, total = 0 }
   if text then
     for b, c in string.gmatch(text, '(%-?%d+):(%d+)') do
@@ -56,7 +56,7 @@ end
 
 for key, w in pairs(windows) do
   if all_fit and wanted[key].hits > 0 then
-    local bucket = math.floor(now / w.bucket)
+    local bucket = floor(now / w.bucket)
     local last = w.buckets[#w.buckets]
     if last and last[1] >= bucket then
       last[2] = last[2] + wanted[key].hits
@@ -66,14 +66,14 @@ for key, w in pairs(windows) do
     w.total = w.total + wanted[key].hits
   end
   if #w.buckets == 0 then
-    redis.call('HDEL', K, key)
+    call('HDEL', K, key)
   else
     local parts = {}
-    for i, b in ipairs(w.buckets) do parts[i] = string.format('%d:%d', b[1], b[2]) end
-    redis.call('HSET', K, key, table.concat(parts, ','))
+    for i, b in ipairs(w.buckets) do parts[i] = format('%d:%d', b[1], b[2]) end
+    call('HSET', K, key, concat(parts, ','))
   end
 end
-if redis.call('PTTL', K) < longest then redis.call('PEXPIRE', K, longest) end
+if call('PTTL', K) < longest then call('PEXPIRE', K, longest) end
 
 local out = {}
 for i, c in ipairs(checks) do
@@ -101,7 +101,7 @@ for i, c in ipairs(checks) do
     end
   end
   if not reset_in then reset_in = c.len end
-  out[i] = string.format('{"over":%d,"remaining":%d,"reset_in":%d}',
-    over and 1 or 0, math.max(c.limit - after, 0), math.max(reset_in, 0))
+  out[i] = format('{"over":%d,"remaining":%d,"reset_in":%d}',
+    over and 1 or 0, max(c.limit - after, 0), max(reset_in, 0))
 end
-return '[' .. table.concat(out, ',') .. ']'
+return '[' .. concat(out, ',') .. ']'

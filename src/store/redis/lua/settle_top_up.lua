@@ -7,7 +7,7 @@ local pid, kind, detail, lot_expiry = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7
 if not load_account() then return err({ kind = 'account_not_found', id = ID }) end
 settle()
 if A.tu_if ~= '' then
-  local p = cjson.decode(A.tu_if)
+  local p = decode(A.tu_if)
   local amount = tonumber(p.amount)
   if p.id == pid and kind == 'approved' then
     A.tu_if = ''
@@ -18,7 +18,7 @@ if A.tu_if ~= '' then
     local lot = { id = pid, src = 'auto_top_up', g = amount, r = amount, ga = NOW, ex = lot_expiry }
     grant_lot(lot)
     local lot_json = J({ id = pid, source = 'auto_top_up', granted = amount, remaining = lot.r, granted_at = NOW, expires_at = lot_expiry })
-    W('HSET', K_GRANTS, pid, cjson.encode({ fp = '0', lot = lot_json }))
+    W('HSET', K_GRANTS, pid, encode({ fp = '0', lot = lot_json }))
   elseif p.id == pid and kind == 'declined' then
     A.tu_if = ''
     A.tu_decl = A.tu_decl + 1

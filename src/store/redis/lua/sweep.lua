@@ -2,8 +2,8 @@
 -- died are returned even if the account is never used again. Safe to run from every replica
 -- at once: settling twice changes nothing more. Returns {next} (the next hold expiry, if any).
 if not load_account() then
-  redis.call('ZREM', K_HOLDIDX, ID)
-  redis.call('ZREM', K_PURCHASEIDX, ID)
+  call('ZREM', K_HOLDIDX, ID)
+  call('ZREM', K_PURCHASEIDX, ID)
   return J({ gone = true })
 end
 settle()
@@ -14,5 +14,5 @@ for _, r in pairs(OPEN) do
 end
 -- The sweeper found the account in the index: make sure it leaves it when nothing is open
 -- (an index entry the account does not remember, as after a restore, is dropped here).
-if not next_expiry then redis.call('ZREM', K_HOLDIDX, ID) end
+if not next_expiry then call('ZREM', K_HOLDIDX, ID) end
 return J({ next = next_expiry })

@@ -21,7 +21,7 @@ for i, l in ipairs(LOTS) do
 end
 local recent = array()
 if limit > 0 then
-  for i, entry in ipairs(redis.call('XREVRANGE', K_HIST, '+', '-', 'COUNT', limit)) do recent[i] = raw(entry[2][2]) end
+  for i, entry in ipairs(call('XREVRANGE', K_HIST, '+', '-', 'COUNT', limit)) do recent[i] = raw(entry[2][2]) end
 end
 local _, credit_held = held()
 return J({
