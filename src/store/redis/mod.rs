@@ -332,10 +332,9 @@ impl RedisStore {
             .arg(account_id)
             .arg(args);
         let text = self.invoke(&call).await?;
-        let reply: Reply<T> = serde_json::from_str(&text).map_err(|e| {
+        match wire::decode_reply::<T>(&text).map_err(|e| {
             StoreError::Internal(format!("cannot decode script answer ({e}): {text}"))
-        })?;
-        match reply {
+        })? {
             Reply::Done(value) => Ok(value),
             Reply::Refused { err } => Err(err
                 .into_error(&self.policy, account_id, now)

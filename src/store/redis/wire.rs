@@ -13,11 +13,25 @@ use crate::domain::{
 use crate::domain::{FIVE_HOUR, TopUpView, WEEKLY};
 
 /// A script's answer: its result, or a refusal of the rules.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum Reply<T> {
     Refused { err: Refusal },
     Done(T),
+}
+
+/// Reads a script's answer. A refusal is the scripts' `{"err": …}` and nothing else starts so,
+/// which lets a result be read straight into its type (an untagged enum would buffer every
+/// answer into an intermediate tree and read it again).
+pub fn decode_reply<T: serde::de::DeserializeOwned>(text: &str) -> serde_json::Result<Reply<T>> {
+    #[derive(Deserialize)]
+    struct Refused {
+        err: Refusal,
+    }
+    if text.starts_with(r#"{"err":"#) {
+        let Refused { err } = serde_json::from_str(text)?;
+        return Ok(Reply::Refused { err });
+    }
+    serde_json::from_str(text).map(Reply::Done)
 }
 
 /// A refusal, as a kind and the facts its words need.

@@ -49,16 +49,18 @@ local event = nil
 if delta > 0 then
   -- Recorded for GetUsage (bounded) and, atomically with the charge, in the slot's outbox.
   A.evseq = A.evseq + 1
-  local since = function(k) return max(usage[k] - r.usage[k], 0) end
+  local was = r.usage
   event = format('{"seq":%d,"at":%d,"product":%s,"reservation_id":%s,"price_version":%s,'
     .. '"charged":{"plan":%d,"credit":%d},"usage":{"model":%s,"i":%d,"c":%d,"o":%d,"img":%d,"fast":%s}}',
     A.evseq, NOW, encode(r.product), encode(rid), encode(price_version), cp, cc, encode(usage.model),
-    since('i'), since('c'), since('o'), since('img'), usage.fast and 'true' or 'false')
+    max(usage.i - was.i, 0), max(usage.c - was.c, 0), max(usage.o - was.o, 0), max(usage.img - was.img, 0),
+    usage.fast and 'true' or 'false')
   if capacity > 0 then W('XADD', K_HIST, 'MAXLEN', ARGV[10], '*', 'e', event) end
   call('XADD', K_OUTBOX, '*', 'a', ID, 'e', event)
 end
-for _, k in ipairs({ 'i', 'c', 'o', 'img' }) do r.usage[k] = max(r.usage[k], usage[k]) end
-r.usage.model, r.usage.fast = usage.model, usage.fast
+local had = r.usage
+r.usage = { model = usage.model, fast = usage.fast, i = max(had.i, usage.i), c = max(had.c, usage.c),
+            o = max(had.o, usage.o), img = max(had.img, usage.img) }
 
 local receipt
 if is_final then
@@ -78,5 +80,5 @@ else
 end
 local top_up = tu_check()
 finish()
-return J({ receipt = raw(receipt), status = status(plan), top_up = top_up and raw(top_up) or nil,
-           event = event and raw(event) or nil })
+return format('{"receipt":%s,"status":%s%s%s}', receipt, status_text(plan), member('top_up', top_up),
+  member('event', event))

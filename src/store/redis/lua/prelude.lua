@@ -130,7 +130,8 @@ local function load_account()
   A, SAVED = blank(false, false, false), blank(false, false, false)
   for i = 1, #flat, 2 do
     local k, v = flat[i], flat[i + 1]
-    if NUMERIC[k] then v = tonumber(v) end
+    -- (+ 0 rather than tonumber, which parses a string twice; these are always our digits)
+    if NUMERIC[k] then v = v + 0 end
     SAVED[k], A[k] = v, v
   end
   return true
@@ -481,10 +482,17 @@ local function window_json(w, plan, hp)
   return format(at and WINDOW_FORMAT or EMPTY_WINDOW_FORMAT, w.name, A[w.total] + hp, hp, plan[w.limit], at)
 end
 
-local function status(plan)
+local function status_text(plan)
   local hp = held()
-  return raw(format('{"plan":%s,"windows":[%s,%s],"balance":%d}', encode(A.plan),
-    window_json(WINDOWS[1], plan, hp), window_json(WINDOWS[2], plan, hp), balance()))
+  return format('{"plan":%s,"windows":[%s,%s],"balance":%d}', encode(A.plan),
+    window_json(WINDOWS[1], plan, hp), window_json(WINDOWS[2], plan, hp), balance())
+end
+local function status(plan) return raw(status_text(plan)) end
+
+-- ',"name":text' for an optional member of an answer formatted by hand ('' when absent).
+local function member(name, text)
+  if text == nil then return '' end
+  return ',"' .. name .. '":' .. text
 end
 
 -- Auto top-up (a port of domain/top_up.rs) ---------------------------------------------------

@@ -57,7 +57,5 @@ W('HSET', K_REQ, request_id, format('{"fp":%s,"d":%s,"e":"%d"}', encode(fp), enc
 W('ZADD', K_REQZ, NOW_TEXT, request_id)
 local top_up = tu_check()
 finish()
-return J({
-  decision = raw(decision), estimate = cost, status = status(plan), cache_until = cache_until,
-  top_up = top_up and raw(top_up) or nil,
-})
+return format('{"decision":%s,"estimate":%d,"status":%s%s%s}', decision, cost, status_text(plan),
+  member('cache_until', cache_until and int(cache_until)), member('top_up', top_up))
