@@ -33,6 +33,7 @@ macro_rules! store_contract_tests {
             final_commit_and_release_act_once,
             expired_holds_are_returned,
             reserve_retries_act_once,
+            idempotency_records_last_exactly_the_retention,
             grants_are_idempotent_and_spent_in_order,
             expired_lots_are_never_spent,
             upsert_changes_plan_but_keeps_usage,
@@ -489,6 +490,39 @@ pub async fn reserve_retries_act_once<S: Store>(store: S) {
         .await
         .unwrap();
     assert_eq!(again.decision, deny.decision);
+}
+
+/// A Reserve's first answer and a reservation's end are kept for the idempotency retention
+/// from when they were made, to the millisecond, and forgotten after it: the request id may then
+/// be used again, and the reservation is unknown.
+pub async fn idempotency_records_last_exactly_the_retention<S: Store>(store: S) {
+    let retention = i64::from(Policy::default().limits.idempotency_retention_seconds) * 1_000;
+    let (id, _) = allow(&store, reserve_cmd("a", "r1", "codex", 10), at(0)).await;
+    let released = store
+        .release(release_cmd("a", &id), at(MINUTE_MS))
+        .await
+        .unwrap();
+
+    let mut reused = reserve_cmd("a", "r1", "excel", 3);
+    reused.reservation_id = "rsv-a-r1-again".into();
+    let remembered = store.reserve(&reused, at(retention - 1)).await.unwrap_err();
+    assert!(matches!(rule(remembered), DomainError::AlreadyExists(_)));
+    let (again, _) = allow(&store, reused, at(retention)).await;
+    assert_eq!(
+        again, "rsv-a-r1-again",
+        "a new request once the first is forgotten"
+    );
+
+    let retry = store
+        .release(release_cmd("a", &id), at(MINUTE_MS + retention - 1))
+        .await
+        .unwrap();
+    assert_eq!(retry, released);
+    let forgotten = store
+        .release(release_cmd("a", &id), at(MINUTE_MS + retention))
+        .await
+        .unwrap_err();
+    assert!(matches!(rule(forgotten), DomainError::NotFound { .. }));
 }
 
 pub async fn grants_are_idempotent_and_spent_in_order<S: Store>(store: S) {

@@ -16,7 +16,7 @@ if not plan then
 end
 local r = OPEN[rid]
 if not r then
-  local closed = call('HGET', K_CLOSED, rid)
+  local closed = read_record(K_CLOSED, K_CLOSEDZ, rid)
   finish()
   if not closed then return err({ kind = 'reservation_not_found', id = rid }) end
   closed = decode(closed)

@@ -369,22 +369,37 @@ local function held()
   return plan, credit
 end
 
--- record: a table, or its JSON text already made.
-local function close(id, record)
-  if type(record) ~= 'string' then record = encode(record) end
-  W('HSET', K_CLOSED, id, record)
-  W('ZADD', K_CLOSEDZ, NOW_TEXT, id)
+-- Idempotency records (closed reservations, first answers to Reserves) are kept in a hash and
+-- scored by when they were made in a sorted set. The rules forget a record once it is past the
+-- retention (AccountState::settle); here a record past it is treated as forgotten when read
+-- (read_record), and deleted when the next record of its kind is written (write_record): a call that
+-- writes none reads no sorted set, and the hashes hold no more than one retention's records.
+
+-- The record of `id`, or nil if there is none within the retention.
+local function read_record(hash, zset, id)
+  local record = call('HGET', hash, id)
+  if not record then return nil end
+  local at = call('ZSCORE', zset, id)
+  if at and tonumber(at) <= NOW - P.retention_ms then return nil end
+  return record
 end
 
--- Forgets what was recorded at or before the retention cutoff (text: a number handed to
--- redis.call is formatted as a double, which costs more than the command).
--- (At most 1,000 a call, so a script's work stays bounded; the rest go with the next calls.)
-local function forget(hash, zset, cutoff)
-  local old = call('ZRANGEBYSCORE', zset, '-inf', cutoff, 'LIMIT', '0', '1000')
+-- Writes a record, first deleting those past the retention (at most 1,000 a call, so a call's
+-- work stays bounded; the rest go with the next records).
+local function write_record(hash, zset, id, text)
+  local old = call('ZRANGEBYSCORE', zset, '-inf', int(NOW - P.retention_ms), 'LIMIT', '0', '1000')
   if #old > 0 then
     W('HDEL', hash, unpack(old))
     W('ZREM', zset, unpack(old))
   end
+  W('HSET', hash, id, text)
+  W('ZADD', zset, NOW_TEXT, id)
+end
+
+-- How a reservation ended. `how`: a table, or its JSON text already made.
+local function close(id, how)
+  if type(how) ~= 'string' then how = encode(how) end
+  write_record(K_CLOSED, K_CLOSEDZ, id, how)
 end
 
 -- Applies what time has done up to NOW (see AccountState::settle).
@@ -397,9 +412,6 @@ local function settle()
       OPEN[id] = nil
     end
   end
-  local cutoff = int(NOW - P.retention_ms)
-  forget(K_CLOSED, K_CLOSEDZ, cutoff)
-  forget(K_REQ, K_REQZ, cutoff)
   load_lots()
   expire_lots()
   advance(WINDOWS[1])

@@ -12,7 +12,7 @@ if r then
   return J({ released = { plan = r.hp, credit = r.hc } })
 end
 finish()
-local closed = call('HGET', K_CLOSED, rid)
+local closed = read_record(K_CLOSED, K_CLOSEDZ, rid)
 if not closed then return err({ kind = 'reservation_not_found', id = rid }) end
 closed = decode(closed)
 if closed.k == 'committed' then return err({ kind = 'already_committed', id = rid, by_commit = false }) end

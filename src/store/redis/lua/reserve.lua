@@ -12,7 +12,7 @@ local ttl, rid, fp, model = tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
 
 if not load_account() then create_account(ID, hint ~= '' and hint or P.default_plan) end
 settle()
-local first = call('HGET', K_REQ, request_id)
+local first = read_record(K_REQ, K_REQZ, request_id)
 local plan = plan_of()
 if first then
   first = decode(first)
@@ -53,8 +53,7 @@ else
     cache_until = free_at
   end
 end
-W('HSET', K_REQ, request_id, format('{"fp":%s,"d":%s,"e":"%d"}', encode(fp), encode(decision), cost))
-W('ZADD', K_REQZ, NOW_TEXT, request_id)
+write_record(K_REQ, K_REQZ, request_id, format('{"fp":%s,"d":%s,"e":"%d"}', encode(fp), encode(decision), cost))
 local top_up = tu_check()
 finish()
 return format('{"decision":%s,"estimate":%d,"status":%s%s%s}', decision, cost, status_text(plan),
