@@ -85,6 +85,9 @@ pub struct RedisConfig {
     pub deny_cache: bool,
     /// Streams the usage export is spread over (`PREFIX:export:{0}` … `{N-1}`), 1 to 1024.
     pub export_shards: u16,
+    /// Route charges to the export through per-slot outboxes and the relay on a standalone
+    /// Redis too (always so on a Cluster): for proxies that shard a single endpoint.
+    pub export_outbox: bool,
     /// PEM file of the CA that signed Redis's certificate, when the system's roots do not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
@@ -108,6 +111,7 @@ impl Default for RedisConfig {
             usage_staleness_ms: 250,
             deny_cache: true,
             export_shards: 1,
+            export_outbox: false,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -152,6 +156,7 @@ impl RedisConfig {
                 client_cert_and_key,
             },
             export_shards: self.export_shards,
+            export_outbox: self.export_outbox,
         })
     }
 

@@ -321,17 +321,29 @@ async fn while_redis_is_down_calls_fail_fast_and_recover_within_a_second() {
     redis.kill();
 }
 
-/// Two replicas charge accounts spread over four export shards and relay at the same time:
-/// a consumer reading the streams straight from Redis (as billing would, with its own client
-/// and consumer group) finds every charge exactly once, in the documented format.
+/// Two replicas charge accounts spread over four export shards, their Commits appending to the
+/// export streams themselves: a consumer reading the streams straight from Redis (as billing
+/// would, with its own client and consumer group) finds every charge exactly once, in the
+/// documented format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_consumers_read_the_export_stream_straight_from_redis() {
+    external_consumers_find_every_charge_once(false).await;
+}
+
+/// The same through the outboxes, the two replicas relaying at the same time (as on a Cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_consumers_find_what_two_replicas_relayed_at_once() {
+    external_consumers_find_every_charge_once(true).await;
+}
+
+async fn external_consumers_find_every_charge_once(export_outbox: bool) {
     let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
     let prefix = fresh_prefix();
     let mut stores = Vec::new();
     for _ in 0..2 {
         let settings = RedisSettings {
             export_shards: 4,
+            export_outbox,
             ..replica_settings(&server.url(), &prefix)
         };
         stores.push(
@@ -354,6 +366,14 @@ async fn external_consumers_read_the_export_stream_straight_from_redis() {
             .await
             .unwrap();
     }
+    let outboxes = server
+        .cli(&["--scan", "--pattern", &format!("{prefix}:ob:*")])
+        .unwrap();
+    assert_eq!(
+        outboxes.lines().any(|k| !k.is_empty()),
+        export_outbox,
+        "outboxes: {outboxes:?}"
+    );
     // Both relay at once, each its own outboxes and (by the probe) possibly the other's.
     let (a, b) = (&stores[0], &stores[1]);
     tokio::join!(a.maintain(at(1_000)), b.maintain(at(1_000)));

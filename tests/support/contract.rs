@@ -1021,6 +1021,8 @@ fn export_read(group: &str, claim_idle_ms: i64) -> ExportRead {
 
 pub async fn every_charge_is_exported_once_per_consumer_group<S: Store>(store: S) {
     let mut expected = HashSet::new();
+    // What each charge's Commit answered, by event id: the export must say exactly the same.
+    let mut charged = std::collections::HashMap::new();
     for account in ["a", "b:with:colons"] {
         plus_account_with_credits(&store, account, 0).await;
         for i in 0..3 {
@@ -1032,7 +1034,7 @@ pub async fn every_charge_is_exported_once_per_consumer_group<S: Store>(store: S
             )
             .await;
             // Two charges: a non-final commit, then the final one adding to it.
-            store
+            let part = store
                 .commit(commit_cmd(account, &id, 2, false), now)
                 .await
                 .unwrap();
@@ -1041,6 +1043,9 @@ pub async fn every_charge_is_exported_once_per_consumer_group<S: Store>(store: S
                 .await
                 .unwrap();
             assert!(done.event.is_some(), "a charge records an event");
+            for event in [part.event, done.event.clone()].into_iter().flatten() {
+                charged.insert(event.id(account), event);
+            }
             // A retried final commit and a release of nothing are not charges.
             let retry = store
                 .commit(commit_cmd(account, &id, 5, true), now)
@@ -1064,6 +1069,9 @@ pub async fn every_charge_is_exported_once_per_consumer_group<S: Store>(store: S
     let ids: Vec<String> = billing.iter().map(|e| e.event_id()).collect();
     assert_eq!(ids.len(), 12, "one event per charge: {ids:?}");
     assert_eq!(ids.iter().cloned().collect::<HashSet<_>>(), expected);
+    for exported in &billing {
+        assert_eq!(exported.event, charged[&exported.event_id()], "as charged");
+    }
     for account in ["a", "b:with:colons"] {
         let seqs: Vec<u64> = billing
             .iter()

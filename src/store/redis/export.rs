@@ -63,7 +63,7 @@ fn unavailable(what: &str) -> impl Fn(redis::RedisError) -> StoreError + '_ {
 }
 
 impl RedisStore {
-    fn export_shard(&self, slot: u16) -> u16 {
+    pub(super) fn export_shard(&self, slot: u16) -> u16 {
         slot % self.settings.export_shards.max(1)
     }
 

@@ -75,6 +75,11 @@ pub struct RedisSettings {
     /// Streams the usage export is spread over (`PREFIX:export:{0}` …), for Clusters where
     /// one stream's node would be the bottleneck. An account's events stay in one shard.
     pub export_shards: u16,
+    /// Whether charges reach the export stream through the per-slot outboxes and the relay on
+    /// a standalone Redis too. On a Cluster they always do, since a script may only touch keys
+    /// of one slot; a standalone Redis's Commit appends to the export stream itself, in the
+    /// charge's own atomic step. For proxies that shard a "standalone" endpoint.
+    pub export_outbox: bool,
 }
 
 /// PEM bytes for TLS to Redis: a CA to trust instead of the system's roots, and a client
@@ -134,6 +139,7 @@ impl Default for RedisSettings {
             sweep_interval: Duration::from_millis(100),
             tls: RedisTls::default(),
             export_shards: 1,
+            export_outbox: false,
         }
     }
 }
@@ -180,6 +186,10 @@ pub struct RedisStore {
     policy: Arc<Policy>,
     /// The policy as the scripts read it (ARGV[1]), encoded once.
     policy_json: String,
+    /// A Commit's last argument: the export stream's length limit when the Commit appends to
+    /// the stream itself (a standalone Redis, see [`RedisSettings::export_outbox`]), empty when
+    /// it appends to its slot's outbox for the relay.
+    export_max_len: String,
     settings: RedisSettings,
     front: Arc<Front>,
     health: Health,
@@ -266,6 +276,11 @@ impl RedisStore {
         let subscriber = spawn_subscriber(&settings, front.clone());
         let store = RedisStore {
             policy_json: policy_json(&policy, &settings),
+            export_max_len: if settings.cluster_nodes.is_empty() && !settings.export_outbox {
+                policy.limits.export_max_len.to_string()
+            } else {
+                String::new()
+            },
             conn,
             library: Library::new(),
             policy,
@@ -314,6 +329,12 @@ impl RedisStore {
         self.deny_cache_hits.load(Ordering::Relaxed)
     }
 
+    /// Whether a Commit appends its event to the export stream itself (given as its last key),
+    /// rather than to its slot's outbox for the relay.
+    fn direct_export(&self) -> bool {
+        !self.export_max_len.is_empty()
+    }
+
     /// Runs one account operation and decodes its JSON answer.
     async fn run<T: DeserializeOwned>(
         &self,
@@ -322,7 +343,11 @@ impl RedisStore {
         now: Timestamp,
         args: &[&str],
     ) -> Result<T, StoreError> {
-        let keys = keys::account_keys(&self.settings.key_prefix, account_id);
+        let mut keys = keys::account_keys(&self.settings.key_prefix, account_id);
+        if matches!(op, Operation::Commit) && self.direct_export() {
+            let shard = self.export_shard(keys::account_slot(account_id));
+            keys[13] = keys::export_key(&self.settings.key_prefix, shard);
+        }
         let mut call = redis::cmd("FCALL");
         call.arg(self.library.function(op))
             .arg(keys.len())
@@ -604,12 +629,13 @@ impl Store for RedisStore {
             &usage_json(&cmd.usage),
             &cmd.price_version,
             &self.policy.limits.recent_events.to_string(),
+            &self.export_max_len,
         ];
         let reply: wire::CommitJ = self
             .run(Operation::Commit, &cmd.account_id, now, &args)
             .await?;
         self.front.changed(&cmd.account_id);
-        if reply.event.is_some() {
+        if reply.event.is_some() && !self.direct_export() {
             self.dirty.mark(keys::account_slot(&cmd.account_id));
         }
         Ok(CommitOutcome {

@@ -1,7 +1,9 @@
 -- Commit: charge a task's cumulative usage (AccountState::commit). ARGV 4 reservation id,
 -- 5 cumulative cost, 6 final (1/0), 7 commit fingerprint, 8 usage JSON {model, i, c, o, img,
--- fast} with counts as decimal strings, 9 price version, 10 recent-event capacity.
--- Returns {receipt: {final, charged, total, held?, expires_at?, denial?}, status}.
+-- fast} with counts as decimal strings, 9 price version, 10 recent-event capacity, 11 the export
+-- stream's length limit when KEYS[14] is the export stream itself ('' when it is the slot's
+-- outbox, see redis/export.rs).
+-- Returns {receipt: {final, charged, total, held?, expires_at?, denial?}, status, event?}.
 local rid, cost, is_final, fp = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
 local u = decode(ARGV[8])
 local usage = { model = u.model, i = tonumber(u.i), c = tonumber(u.c), o = tonumber(u.o), img = tonumber(u.img), fast = u.fast }
@@ -50,13 +52,25 @@ if delta > 0 then
   -- Recorded for GetUsage (bounded) and, atomically with the charge, in the slot's outbox.
   A.evseq = A.evseq + 1
   local was = r.usage
+  local i, c, o, img = max(usage.i - was.i, 0), max(usage.c - was.c, 0), max(usage.o - was.o, 0),
+    max(usage.img - was.img, 0)
+  local product, model, fast = encode(r.product), encode(usage.model), usage.fast and 'true' or 'false'
   event = format('{"seq":%d,"at":%d,"product":%s,"reservation_id":%s,"price_version":%s,'
     .. '"charged":{"plan":%d,"credit":%d},"usage":{"model":%s,"i":%d,"c":%d,"o":%d,"img":%d,"fast":%s}}',
-    A.evseq, NOW, encode(r.product), encode(rid), encode(price_version), cp, cc, encode(usage.model),
-    max(usage.i - was.i, 0), max(usage.c - was.c, 0), max(usage.o - was.o, 0), max(usage.img - was.img, 0),
-    usage.fast and 'true' or 'false')
+    A.evseq, NOW, product, encode(rid), encode(price_version), cp, cc, model, i, c, o, img, fast)
   if capacity > 0 then W('XADD', K_HIST, 'MAXLEN', ARGV[10], '*', 'e', event) end
-  call('XADD', K_OUTBOX, '*', 'a', ID, 'e', event)
+  if ARGV[11] == '' then
+    call('XADD', K_OUTBOX, '*', 'a', ID, 'e', event)
+  else
+    -- The entry as the relay would write it (wire::export_json, README "Entry format").
+    local id = ID .. ':' .. int(A.evseq)
+    call('XADD', K_OUTBOX, 'MAXLEN', '~', ARGV[11], '*', 'id', id, 'event', format(
+      '{"id":%s,"account_id":%s,"seq":%d,"at_ms":%d,"product":%s,"model":%s,"input_tokens":%d,'
+      .. '"cached_input_tokens":%d,"output_tokens":%d,"images":%d,"fast_mode":%s,"plan_micros":%d,'
+      .. '"credit_micros":%d,"reservation_id":%s,"price_version":%s}',
+      encode(id), encode(ID), A.evseq, NOW, product, model, i, c, o, img, fast, cp, cc, encode(rid),
+      encode(price_version)))
+  end
 end
 local had = r.usage
 r.usage = { model = usage.model, fast = usage.fast, i = max(had.i, usage.i), c = max(had.c, usage.c),

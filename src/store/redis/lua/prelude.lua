@@ -30,7 +30,8 @@
 --  13 purchidx ZSET  (one per slot) account id scored by when its auto top-up purchase in
 --                    flight started, so that a replica can resume one a dead replica left
 --  14 outbox   STREAM (one per slot) every charge's event (fields a: account id, e: event JSON)
---                    until the relay (redis/mod.rs) has copied it into the export stream
+--                    until the relay (redis/export.rs) has copied it into the export stream;
+--                    for a Commit on a standalone Redis, the account's export stream itself
 -- ARGV: 1 policy (JSON, see redis.rs), 2 now (ms since the epoch), 3 account id, 4.. the
 -- operation's own.
 --
