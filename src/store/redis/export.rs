@@ -1,10 +1,16 @@
-//! The usage export on Redis: a transactional outbox relayed into the export stream.
+//! The usage export on Redis: on a Cluster, a transactional outbox relayed into the export
+//! stream.
 //!
-//! A charge's script appends the event to its slot's outbox stream in the same atomic step as
-//! the charge (a script may only touch keys of one Cluster slot, and the export stream lives
-//! in another). The relay, run by every replica's maintenance tick, copies outbox entries into
-//! the export stream (`PREFIX:export:{N}`, `export_shards` of them, an account always in the
-//! same shard so its events stay in order) and then deletes them from the outbox. A lease per
+//! On a standalone Redis a Commit appends its event to the export stream itself, in the
+//! charge's atomic step, and nothing here has work but the probe for outboxes left by older
+//! versions (the relay's round trips, several per slot that had charges, had cost about a tenth
+//! of Redis's work and a fifth of quotad's per Reserve+Commit pair). On a Cluster (or with
+//! `export_outbox`) a charge's script appends the event to its slot's outbox stream in the same
+//! atomic step as the charge (a script may only touch keys of one Cluster slot, and the export
+//! stream lives in another). The relay, run by every replica's maintenance tick, copies outbox
+//! entries into the export stream (`PREFIX:export:{N}`, `export_shards` of them, an account
+//! always in the same shard so its events stay in order) and then deletes them from the
+//! outbox. A lease per
 //! outbox keeps replicas from relaying the same entries; a replica that dies between the copy
 //! and the delete leaves entries that are copied again once its lease runs out, which is why
 //! delivery is at least once and every event carries a unique id.
