@@ -10,10 +10,9 @@
 //! stream lives in another). The relay, run by every replica's maintenance tick, copies outbox
 //! entries into the export stream (`PREFIX:export:{N}`, `export_shards` of them, an account
 //! always in the same shard so its events stay in order) and then deletes them from the
-//! outbox. A lease per
-//! outbox keeps replicas from relaying the same entries; a replica that dies between the copy
-//! and the delete leaves entries that are copied again once its lease runs out, which is why
-//! delivery is at least once and every event carries a unique id.
+//! outbox. A lease per outbox keeps replicas from relaying the same entries; a replica that
+//! dies between the copy and the delete leaves entries that are copied again once its lease
+//! runs out, which is why delivery is at least once and every event carries a unique id.
 //!
 //! Consumers read the export stream with consumer groups (`XREADGROUP`, `XAUTOCLAIM`, `XACK`),
 //! directly or through quotad's `ReadUsageExport`; the entry format is in the README.
