@@ -373,8 +373,9 @@ end
 -- Idempotency records (closed reservations, first answers to Reserves) are kept in a hash and
 -- scored by when they were made in a sorted set. The rules forget a record once it is past the
 -- retention (AccountState::settle); here a record past it is treated as forgotten when read
--- (read_record), and deleted when the next record of its kind is written (write_record): a call that
--- writes none reads no sorted set, and the hashes hold no more than one retention's records.
+-- (read_record), and deleted when the next record of its kind is written (write_record): a
+-- call that writes none reads no sorted set, and a record outlives its retention only until
+-- the next write (or the key's own lifetime, the retention, runs out).
 
 -- The record of `id`, or nil if there is none within the retention.
 local function read_record(hash, zset, id)
