@@ -551,16 +551,27 @@ fn policy_json(policy: &Policy, settings: &RedisSettings) -> String {
     .to_string()
 }
 
+/// A Commit's usage as the function reads it: counts as decimal strings (Lua numbers are
+/// doubles). Written straight from a struct: a `json!` tree per Commit showed in profiles.
 fn usage_json(u: &crate::domain::Usage) -> String {
-    json!({
-        "model": &*u.model,
-        "i": u.input_tokens.to_string(),
-        "c": u.cached_input_tokens.to_string(),
-        "o": u.output_tokens.to_string(),
-        "img": u.images.to_string(),
-        "fast": u.fast_mode,
+    #[derive(serde::Serialize)]
+    struct UsageArg<'a> {
+        model: &'a str,
+        i: String,
+        c: String,
+        o: String,
+        img: String,
+        fast: bool,
+    }
+    serde_json::to_string(&UsageArg {
+        model: &u.model,
+        i: u.input_tokens.to_string(),
+        c: u.cached_input_tokens.to_string(),
+        o: u.output_tokens.to_string(),
+        img: u.images.to_string(),
+        fast: u.fast_mode,
     })
-    .to_string()
+    .expect("plain data serializes")
 }
 
 impl Store for RedisStore {
