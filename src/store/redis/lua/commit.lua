@@ -49,7 +49,7 @@ spend(cc)
 r.cp, r.cc = r.cp + cp, r.cc + cc
 local event = nil
 if delta > 0 then
-  -- Recorded for GetUsage (bounded) and, atomically with the charge, in the slot's outbox.
+  -- Recorded for GetUsage (bounded) and, atomically with the charge, for the usage export.
   A.evseq = A.evseq + 1
   local was = r.usage
   local i, c, o, img = max(usage.i - was.i, 0), max(usage.c - was.c, 0), max(usage.o - was.o, 0),

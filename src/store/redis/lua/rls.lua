@@ -1,5 +1,6 @@
 -- Envoy RLS: check and count the counted descriptors of one request as one step (a port of
--- check_and_count in src/domain/rls.rs). Not an account script: it has no prelude.
+-- check_and_count in src/domain/rls.rs). Not an account function: it starts with init(), not
+-- begin(), and uses only the prelude's standard-function locals.
 --
 -- KEYS[1]  HASH  PREFIX:rl:{DOMAIN}: counter key -> its sliding window, "bucket:count" pairs
 --                joined by ",", oldest first (the same sparse buckets as the plan windows)
@@ -73,7 +74,8 @@ for key, w in pairs(windows) do
     call('HSET', K, key, concat(parts, ','))
   end
 end
-if call('PTTL', K) < longest then call('PEXPIRE', K, longest) end
+-- (the lifetime as text: redis.call would format a number as a double, at a cost)
+if call('PTTL', K) < longest then call('PEXPIRE', K, format('%d', longest)) end
 
 local out = {}
 for i, c in ipairs(checks) do
