@@ -3,6 +3,9 @@
 //!
 //! - `quotad/rls_check`: a sliding-window check-and-count of one counter (the decision an
 //!   Envoy rate-limit call makes), through the memory store.
+//! - `quotad/rls_check_all_cores`: the same with one thread per core, each on its own keys of
+//!   the same domain; wall time per decision, so a lock the threads share shows as a time no
+//!   better than one thread's.
 //! - `quotad/reserve_release`: a plan-window Reserve (pricing done, idempotency recorded, hold
 //!   taken) and the Release of its hold: the decision a frontend asks for before each task.
 //! - `governor/check_key`: GCRA on a keyed in-memory state (no window, no record).
@@ -50,6 +53,31 @@ fn admission(c: &mut Criterion) {
                 hits: 1,
             }];
             ready(store.rls_check("bench", &check, now)).unwrap()
+        })
+    });
+
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    group.bench_function("quotad/rls_check_all_cores", |b| {
+        b.iter_custom(|iters| {
+            let per_thread = iters.div_ceil(cores as u64);
+            let start = std::time::Instant::now();
+            std::thread::scope(|scope| {
+                for core in 0..cores {
+                    let (store, keys) = (&store, &keys);
+                    scope.spawn(move || {
+                        for n in 0..per_thread as usize {
+                            let check = [CounterCheck {
+                                key: keys[(n * cores + core) % KEYS].clone(),
+                                unit: RlsUnit::Minute,
+                                limit: u64::MAX / 2,
+                                hits: 1,
+                            }];
+                            ready(store.rls_check("bench", &check, now)).unwrap();
+                        }
+                    });
+                }
+            });
+            start.elapsed()
         })
     });
 

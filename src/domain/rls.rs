@@ -13,8 +13,6 @@
 //! All counted descriptors of one request are checked together and counted only if every one
 //! of them is under its limit: a refused request consumes nothing.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 
 use super::time::{DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS, Timestamp};
@@ -240,48 +238,71 @@ pub struct CounterStatus {
     pub reset_in_ms: i64,
 }
 
-/// Checks `checks` against their windows in `windows` at `now` (made on first use) and, if all
-/// fit, counts them. Descriptors of one request that share a counter are added up. The memory
-/// store keeps `windows` per domain; the Redis script (`rls.lua`) is a port of this.
+/// Which counter each check of a request counts on: `slots[i]` indexes the distinct counters,
+/// numbered in order of first appearance, and `firsts[j]` is the first check naming counter `j`.
+/// A request has a handful of descriptors, so a scan beats a map.
+pub fn counter_slots(checks: &[CounterCheck]) -> (Vec<usize>, Vec<usize>) {
+    let mut slots = Vec::with_capacity(checks.len());
+    let mut firsts: Vec<usize> = Vec::with_capacity(checks.len());
+    for (i, check) in checks.iter().enumerate() {
+        let slot = match firsts.iter().position(|&f| checks[f].key == check.key) {
+            Some(slot) => slot,
+            None => {
+                firsts.push(i);
+                firsts.len() - 1
+            }
+        };
+        slots.push(slot);
+    }
+    (slots, firsts)
+}
+
+/// Checks `checks` at `now` and, if all fit, counts them. `windows[slots[i]]` is the counter of
+/// `checks[i]` (see [`counter_slots`]; a store makes a new one for a counter it has not seen),
+/// so descriptors of one request that share a counter are added up. The memory store keeps the
+/// counters in lock stripes; the Redis script (`rls.lua`) is a port of this.
 pub fn check_and_count(
     now: Timestamp,
     checks: &[CounterCheck],
-    windows: &mut HashMap<String, SlidingWindow>,
+    slots: &[usize],
+    windows: &mut [SlidingWindow],
 ) -> Vec<CounterStatus> {
-    let mut wanted: HashMap<&str, (u64, u64)> = HashMap::with_capacity(checks.len());
-    for check in checks {
-        let window = windows
-            .entry(check.key.clone())
-            .or_insert_with(|| SlidingWindow::new(check.unit.window()));
-        window.advance(now);
-        let counted = u64::try_from(window.committed()).unwrap_or(0);
-        wanted.entry(&check.key).or_insert((counted, 0)).1 += check.hits;
+    debug_assert_eq!(checks.len(), slots.len());
+    // Per counter: what it holds now and the hits this request asks of it.
+    let mut wanted: Vec<(u64, u64)> = windows
+        .iter_mut()
+        .map(|window| {
+            window.advance(now);
+            (u64::try_from(window.committed()).unwrap_or(0), 0)
+        })
+        .collect();
+    for (check, &slot) in checks.iter().zip(slots) {
+        wanted[slot].1 += check.hits;
     }
-    let fits = |check: &CounterCheck| {
-        let (counted, hits) = wanted[check.key.as_str()];
+    let fits = |check: &CounterCheck, slot: usize| {
+        let (counted, hits) = wanted[slot];
         counted + hits <= check.limit
     };
-    let all_fit = checks.iter().all(fits);
+    let all_fit = checks.iter().zip(slots).all(|(c, &slot)| fits(c, slot));
     if all_fit {
-        for (key, (_, hits)) in &wanted {
-            if let Some(window) = windows.get_mut(*key) {
-                window.add(now, i64::try_from(*hits).unwrap_or(i64::MAX));
-            }
+        for (window, &(_, hits)) in windows.iter_mut().zip(&wanted) {
+            window.add(now, i64::try_from(hits).unwrap_or(i64::MAX));
         }
     }
     checks
         .iter()
-        .map(|check| {
-            let (counted, hits) = wanted[check.key.as_str()];
+        .zip(slots)
+        .map(|(check, &slot)| {
+            let (counted, hits) = wanted[slot];
             let after = if all_fit { counted + hits } else { counted };
-            let over = !fits(check);
-            let window = windows.get(&check.key);
+            let over = !fits(check, slot);
+            let window = &windows[slot];
             let reset_at = if over {
                 let target = i64::try_from(check.limit).unwrap_or(i64::MAX)
                     - i64::try_from(check.hits).unwrap_or(i64::MAX);
-                window.and_then(|w| w.committed_at_most_at(now, target))
+                window.committed_at_most_at(now, target)
             } else {
-                Some(window.and_then(SlidingWindow::resets_at).unwrap_or(now))
+                Some(window.resets_at().unwrap_or(now))
             };
             let reset_in_ms = reset_at.map_or(check.unit.length_ms(), |at| {
                 at.as_millis() - now.as_millis()
@@ -351,7 +372,6 @@ mod tests {
 
     #[test]
     fn a_request_counts_only_if_every_descriptor_fits() {
-        let mut windows = HashMap::new();
         let checks = [
             CounterCheck {
                 key: "a".into(),
@@ -366,8 +386,17 @@ mod tests {
                 hits: 4,
             },
         ];
+        let (slots, firsts) = counter_slots(&checks);
+        assert_eq!(
+            (slots.as_slice(), firsts.as_slice()),
+            (&[0, 1][..], &[0, 1][..])
+        );
+        let mut windows: Vec<_> = firsts
+            .iter()
+            .map(|&f| SlidingWindow::new(checks[f].unit.window()))
+            .collect();
         let t = Timestamp::from_millis(60_000);
-        let mut check = |now| check_and_count(now, &checks, &mut windows);
+        let mut check = |now| check_and_count(now, &checks, &slots, &mut windows);
         let first = check(t);
         assert!(first.iter().all(|s| !s.over));
         assert_eq!((first[0].remaining, first[1].remaining), (6, 1));
@@ -377,5 +406,33 @@ mod tests {
         // Sliding: 4 hits leave the minute window only after a full minute (plus a bucket).
         assert!(check(t.plus_millis(59_000))[1].over);
         assert!(!check(t.plus_millis(61_000))[1].over);
+    }
+
+    #[test]
+    fn descriptors_on_one_counter_add_up() {
+        let check = |hits| CounterCheck {
+            key: "a".into(),
+            unit: RlsUnit::Second,
+            limit: 5,
+            hits,
+        };
+        let checks = [check(2), check(3)];
+        let (slots, firsts) = counter_slots(&checks);
+        assert_eq!(
+            (slots.as_slice(), firsts.as_slice()),
+            (&[0, 0][..], &[0][..])
+        );
+        let mut windows = vec![SlidingWindow::new(RlsUnit::Second.window())];
+        let t = Timestamp::from_millis(1_000);
+        let first = check_and_count(t, &checks, &slots, &mut windows);
+        assert!(first.iter().all(|s| !s.over && s.remaining == 0));
+        assert_eq!(windows[0].committed(), 5);
+        let second = check_and_count(t, &checks, &slots, &mut windows);
+        assert!(second.iter().all(|s| s.over));
+        assert_eq!(
+            windows[0].committed(),
+            5,
+            "a refused request counts nowhere"
+        );
     }
 }

@@ -5,17 +5,16 @@
 //! shards proceed in parallel. Nothing is persisted: this is the default for a single replica,
 //! for development and for tests. Shared, durable state is the Redis store's job.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use dashmap::DashMap;
 
 use super::export_log::ExportLog;
+use super::rls_counters::RlsCounters;
 use super::{ExportRead, Store, StoreError, account_not_found};
-use crate::domain::rls::{self, CounterCheck, CounterStatus};
+use crate::domain::rls::{CounterCheck, CounterStatus};
 use crate::domain::top_up::Purchase;
-use crate::domain::window::SlidingWindow;
 use crate::domain::{
     Account, AccountState, CommitCommand, CommitOutcome, ExportedEvent, GrantCommand, GrantOutcome,
     Policy, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand,
@@ -32,8 +31,8 @@ pub struct MemoryStore {
     /// Open reservations of all accounts, kept by every operation (it sees the account's count
     /// before and after, under the account's lock).
     open_holds: AtomicI64,
-    /// Envoy RLS counters, per domain: one lock per domain makes a request's check atomic.
-    rls: DashMap<String, HashMap<String, SlidingWindow>>,
+    /// Envoy RLS counters.
+    rls: RlsCounters,
     /// Accounts with an auto top-up purchase in flight, and when it started, kept like
     /// `open_holds`. The once-a-second look for stalled purchases reads this, not every
     /// account: walking millions of accounts holds each shard's lock for milliseconds, and every
@@ -64,7 +63,7 @@ impl MemoryStore {
             policy,
             accounts: DashMap::new(),
             open_holds: AtomicI64::new(0),
-            rls: DashMap::new(),
+            rls: RlsCounters::default(),
             purchases: DashMap::new(),
         }
     }
@@ -244,11 +243,7 @@ impl Store for MemoryStore {
         checks: &[CounterCheck],
         now: Timestamp,
     ) -> Result<Vec<CounterStatus>, StoreError> {
-        if let Some(mut windows) = self.rls.get_mut(domain) {
-            return Ok(rls::check_and_count(now, checks, &mut windows));
-        }
-        let mut windows = self.rls.entry(domain.to_owned()).or_default();
-        Ok(rls::check_and_count(now, checks, &mut windows))
+        Ok(self.rls.check_and_count(domain, checks, now))
     }
 
     fn maintenance_interval(&self) -> Option<std::time::Duration> {
@@ -256,13 +251,7 @@ impl Store for MemoryStore {
     }
 
     async fn maintain(&self, now: Timestamp) {
-        // Forget RLS counters whose counts have all left their windows.
-        for mut windows in self.rls.iter_mut() {
-            windows.retain(|_, window| {
-                window.advance(now);
-                window.committed() > 0
-            });
-        }
+        self.rls.prune(now);
     }
 
     fn open_holds(&self) -> Option<u64> {

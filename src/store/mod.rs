@@ -9,6 +9,7 @@
 mod export_log;
 pub mod memory;
 pub mod redis;
+mod rls_counters;
 
 use std::future::Future;
 use std::time::Duration;
