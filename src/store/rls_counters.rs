@@ -77,7 +77,11 @@ impl RlsCounters {
         // In ascending order: see the module's note.
         let mut guards: Vec<MutexGuard<'_, Stripe>> =
             order.iter().map(|&s| lock(&self.stripes[s])).collect();
-        let guard = |home: usize| order.binary_search(&home).unwrap_or_default();
+        let guard = |home: usize| {
+            order
+                .binary_search(&home)
+                .expect("every counter's stripe is among the locked ones")
+        };
 
         // Each counter leaves its map for the step (the step needs them side by side) and goes
         // back only if it still counts something.
