@@ -4,9 +4,9 @@
 #   bench/figures.sh ratios memory   # Reserve+Commit pairs/s and RLS calls/s over health checks/s
 #                                    # (and pairs of health checks: a two-call task's ceiling)
 #   bench/figures.sh ratios redis    # the same on a local redis-server
-#   bench/figures.sh latency memory  # p99 Reserve at half the saturation rate; p99.9 at saturation
-#                                    # (the Reserve of Reserve+Commit tasks), beside health checks
-#                                    # at the same calls per second
+#   bench/figures.sh latency memory  # p99 Reserve at 1/2, 1/4 and 1/8 of the saturation rate; p99.9
+#                                    # at saturation (the Reserve of Reserve+Commit tasks), beside
+#                                    # health checks at the same calls per second
 #   bench/figures.sh latency redis
 #   bench/figures.sh memory          # bytes per account, 1,000,000 accounts (cargo bench --bench memory)
 #   bench/figures.sh admission       # ns per decision beside governor and limitador (criterion)
@@ -90,19 +90,23 @@ case "${1:-}" in
     ;;
   latency)
     # Reserve latency inside Reserve+Commit tasks (the Reserve alone is timed), at saturation and
-    # at half the saturation rate (open loop: timed from each task's scheduled start).
+    # at a half, a quarter and an eighth of the saturation rate (open loop: timed from each
+    # task's scheduled start), each beside the floor: health checks at the same calls per second
+    # (a task is two calls).
     store="${2:?memory or redis}"
     start_quotad "$store"
     saturated="$(bench reserve-commit)"
     max="$(echo "$saturated" | field .ops_per_s)"
-    half="$(jq -n "$max / 2 | floor")"
-    at_half="$(bench reserve-commit --rate "$half")"
-    # The floor: health checks at the same number of calls per second (a task is two calls).
-    floor="$(bench health --rate "$((half * 2))")"
     echo "store $store, Reserve within Reserve+Commit tasks, 4 connections, 64 in flight, ${seconds} s each"
     printf 'saturation  %8.0f tasks/s  Reserve p99 %6s µs  p99.9 %6s µs\n' "$max" "$(echo "$saturated" | field .reserve_latency_us.p99)" "$(echo "$saturated" | field .reserve_latency_us.p99_9)"
-    printf 'half rate   %8s tasks/s  Reserve p99 %6s µs  p99.9 %6s µs\n' "$half" "$(echo "$at_half" | field .reserve_latency_us.p99)" "$(echo "$at_half" | field .reserve_latency_us.p99_9)"
-    printf 'floor       %8s calls/s  health  p99 %6s µs  p99.9 %6s µs\n' "$((half * 2))" "$(echo "$floor" | field .latency_us.p99)" "$(echo "$floor" | field .latency_us.p99_9)"
+    for share in 2 4 8; do
+      rate="$(jq -n "$max / $share | floor")"
+      paced="$(bench reserve-commit --rate "$rate")"
+      floor="$(bench health --rate "$((rate * 2))")"
+      printf '1/%s rate   %8s tasks/s  Reserve p99 %6s µs  p99.9 %6s µs   floor: health at %s calls/s p99 %6s µs  p99.9 %6s µs\n' \
+        "$share" "$rate" "$(echo "$paced" | field .reserve_latency_us.p99)" "$(echo "$paced" | field .reserve_latency_us.p99_9)" \
+        "$((rate * 2))" "$(echo "$floor" | field .latency_us.p99)" "$(echo "$floor" | field .latency_us.p99_9)"
+    done
     ;;
   memory)
     cargo bench --bench memory
