@@ -11,10 +11,11 @@ use crate::domain::rls::{self, CounterCheck, RlsRule, Target};
 use crate::domain::time::SECOND_MS;
 use crate::domain::top_up::{PaymentResult, Purchase, TopUpSettings};
 use crate::domain::{
-    Account, Action, Clock, CommitCommand, CommitOutcome, Decision, DomainError, ExportedEvent,
-    Funding, GrantCommand, GrantOutcome, LotSource, Micros, Policy, PriceSheet, PricingError,
-    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
-    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, Usage, UsageSnapshot,
+    Account, Action, Clock, CommitCommand, CommitOutcome, Decision, DenyReason, DomainError,
+    ExportedEvent, Funding, GrantCommand, GrantOutcome, LotSource, Micros, Policy, PriceSheet,
+    PricingError, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand,
+    RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, Usage,
+    UsageSnapshot,
 };
 use crate::metrics::Metrics;
 use crate::payment::{PaymentQueue, Settle};
@@ -28,6 +29,15 @@ fn funding_name(f: Funding) -> &'static str {
         (true, false) => "plan",
         (false, true) => "credits",
         (false, false) => "none",
+    }
+}
+
+fn reason_name(reason: DenyReason) -> &'static str {
+    match reason {
+        DenyReason::WindowExhausted => "WINDOW_EXHAUSTED",
+        DenyReason::WeeklyExhausted => "WEEKLY_EXHAUSTED",
+        DenyReason::CreditsExhausted => "CREDITS_EXHAUSTED",
+        DenyReason::CreditsNotAllowed => "CREDITS_NOT_ALLOWED",
     }
 }
 
@@ -484,15 +494,20 @@ impl<S: Store> Quota<S> {
 
     /// Counts a Reserve's decision and adds its domain fields to the call's span.
     fn observe_reserve(&self, cmd: &ReserveCommand, outcome: &ReserveOutcome) {
-        let (decision, action, funding) = match &outcome.decision {
-            Decision::Allow { held, .. } => ("ALLOW", "NONE", funding_name(*held)),
-            Decision::Deny(denial) => ("DENY", action_name(denial.action), "none"),
+        let (decision, action, reason, funding) = match &outcome.decision {
+            Decision::Allow { held, .. } => ("ALLOW", "NONE", "NONE", funding_name(*held)),
+            Decision::Deny(denial) => (
+                "DENY",
+                action_name(denial.action),
+                reason_name(denial.reason),
+                "none",
+            ),
         };
         let plan = &*outcome.status.plan;
         // The product was checked against the configured ones: one of a few names.
         let product = crate::domain::intern(&cmd.product);
         self.metrics
-            .decision(decision, action, &outcome.status.plan, &product);
+            .decision(decision, action, reason, &outcome.status.plan, &product);
         let span = tracing::Span::current();
         span.record("product", cmd.product.as_str());
         span.record("plan", plan);

@@ -1,7 +1,8 @@
 //! Operational metrics, recorded once and offered two ways: Prometheus text on the HTTP admin
 //! port (`/metrics`) and OpenTelemetry instruments exported over OTLP when telemetry is on.
 //!
-//! Labels are low-cardinality on purpose: decisions by decision, action, plan and product
+//! Labels are low-cardinality on purpose: decisions by decision, action, deny reason, plan and
+//! product
 //! (plans and products come from config), latencies by method or store operation, errors by
 //! kind. Account ids never appear in a label.
 
@@ -21,6 +22,8 @@ use prometheus_client::registry::Registry;
 struct DecisionLabels {
     decision: &'static str,
     action: &'static str,
+    /// Why a Reserve was denied (`NONE` when allowed).
+    reason: &'static str,
     /// Shared, not copied per call: plan and product names are interned.
     plan: Arc<str>,
     product: Arc<str>,
@@ -117,7 +120,7 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "decisions",
-            "Reserve decisions by decision, action, plan and product",
+            "Reserve decisions by decision, action, deny reason, plan and product",
             decisions.clone(),
         );
         let rpc_duration: HistogramFamily<MethodLabels> =
@@ -244,6 +247,7 @@ impl Metrics {
         &self,
         decision: &'static str,
         action: &'static str,
+        reason: &'static str,
         plan: &Arc<str>,
         product: &Arc<str>,
     ) {
@@ -251,6 +255,7 @@ impl Metrics {
             .get_or_create(&DecisionLabels {
                 decision,
                 action,
+                reason,
                 plan: plan.clone(),
                 product: product.clone(),
             })
@@ -260,6 +265,7 @@ impl Metrics {
             &[
                 KeyValue::new("decision", decision),
                 KeyValue::new("action", action),
+                KeyValue::new("reason", reason),
                 KeyValue::new("plan", plan.clone()),
                 KeyValue::new("product", product.clone()),
             ],
@@ -406,12 +412,18 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::new();
-        m.decision("DENY", "UPGRADE_PLAN", &"free".into(), &"codex".into());
+        m.decision(
+            "DENY",
+            "UPGRADE_PLAN",
+            "WINDOW_EXHAUSTED",
+            &"free".into(),
+            &"codex".into(),
+        );
         m.rpc("Reserve", tonic::Code::Ok, Duration::from_micros(300));
         m.observe_store(true, 3, Some(2));
         let text = m.render();
         for line in [
-            r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",plan="free",product="codex"} 1"#,
+            r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",reason="WINDOW_EXHAUSTED",plan="free",product="codex"} 1"#,
             r#"quotad_rpc_responses_total{method="Reserve",code="OK"} 1"#,
             "quotad_deny_cache_hits_total 3",
             "quotad_open_holds 2",

@@ -80,8 +80,8 @@ async fn metrics_and_probes_after_traffic() {
     let (status, text) = http_get(&quotad.http_addr, "/metrics").await;
     assert_eq!(status, 200);
     for expected in [
-        r#"quotad_decisions_total{decision="ALLOW",action="NONE",plan="free",product="codex"} 2"#,
-        r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",plan="free",product="codex"} 1"#,
+        r#"quotad_decisions_total{decision="ALLOW",action="NONE",reason="NONE",plan="free",product="codex"} 2"#,
+        r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",reason="WINDOW_EXHAUSTED",plan="free",product="codex"} 1"#,
         r#"quotad_rpc_responses_total{method="Reserve",code="OK"} 3"#,
         r#"quotad_rpc_responses_total{method="Reserve",code="INVALID_ARGUMENT"} 1"#,
         r#"quotad_rpc_duration_seconds_count{method="Commit"} 1"#,
