@@ -12,13 +12,13 @@ use crate::domain::time::SECOND_MS;
 use crate::domain::top_up::{PaymentResult, Purchase, TopUpSettings};
 use crate::domain::{
     Account, Action, Clock, CommitCommand, CommitOutcome, Decision, DenyReason, DomainError,
-    ExportedEvent, Funding, GrantCommand, GrantOutcome, LotSource, Micros, Policy, PriceSheet,
-    PricingError, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand,
-    RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, Usage,
-    UsageSnapshot,
+    ExportedEvent, Funding, GrantCommand, GrantOutcome, LotSource, Micros, Policy, PricingError,
+    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
+    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, Usage, UsageSnapshot,
 };
 use crate::metrics::Metrics;
 use crate::payment::{PaymentQueue, Settle};
+use crate::rules::{LiveRules, Rules};
 use crate::store::{ExportRead, Store, StoreError};
 use tracing::Instrument;
 
@@ -95,12 +95,13 @@ pub struct GrantRequest {
     pub expires_at: Option<Timestamp>,
 }
 
-/// The quota service: policy, prices and clock in front of a store.
+/// The quota service: rules, prices and clock in front of a store.
 #[derive(Debug)]
 pub struct Quota<S> {
     store: S,
-    policy: Arc<Policy>,
-    pricing: Arc<PriceSheet>,
+    /// Shared with the store; each call takes one snapshot when it starts (see
+    /// [`crate::rules`]).
+    rules: Arc<LiveRules>,
     clock: Arc<dyn Clock>,
     /// Auto top-up purchases that operations started, for the payment worker.
     payments: PaymentQueue,
@@ -113,16 +114,11 @@ pub struct Quota<S> {
 const RESERVE_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl<S: Store> Quota<S> {
-    pub fn new(
-        store: S,
-        policy: Arc<Policy>,
-        pricing: Arc<PriceSheet>,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
+    /// `rules` must be the ones `store` decides by.
+    pub fn new(store: S, rules: Arc<LiveRules>, clock: Arc<dyn Clock>) -> Self {
         Quota {
             store,
-            policy,
-            pricing,
+            rules,
             clock,
             payments: PaymentQueue::default(),
             reserve_wait: std::time::Duration::ZERO,
@@ -172,8 +168,9 @@ impl<S: Store> Quota<S> {
         &self.store
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The live rules, which a reload replaces.
+    pub fn rules(&self) -> &Arc<LiveRules> {
+        &self.rules
     }
 
     pub fn payments(&self) -> &PaymentQueue {
@@ -196,7 +193,7 @@ impl<S: Store> Quota<S> {
         target: Micros,
         monthly_cap: Micros,
     ) -> Result<TopUpOutcome, StoreError> {
-        self.check_account(&account_id)?;
+        check_account(&self.rules.policy(), &account_id)?;
         let settings = TopUpSettings {
             enabled,
             threshold,
@@ -231,27 +228,29 @@ impl<S: Store> Quota<S> {
     }
 
     pub async fn reserve(&self, req: ReserveRequest) -> Result<ReserveOutcome, StoreError> {
-        let limits = &self.policy.limits;
-        self.check_account(&req.account_id)?;
-        self.check_id("request_id", &req.request_id)?;
-        if self.policy.product(&req.product).is_none() {
+        let rules = self.rules.current();
+        let policy = &rules.policy;
+        let limits = &policy.limits;
+        check_account(policy, &req.account_id)?;
+        check_id(policy, "request_id", &req.request_id)?;
+        if policy.product(&req.product).is_none() {
             return Err(invalid(
                 "product",
                 format!(
                     "unknown product {:?}; allowed: {}",
                     req.product,
-                    self.policy.product_names()
+                    policy.product_names()
                 ),
             ));
         }
         let estimate = req
             .estimate
             .ok_or_else(|| invalid("estimate", "is required"))?;
-        let cost = self.price("estimate", &estimate, false)?;
+        let cost = price(&rules, "estimate", &estimate, false)?;
         let plan_hint = match req.plan_hint.as_str() {
             "" => None,
             plan => {
-                self.check_plan("plan_hint", plan)?;
+                check_plan(policy, "plan_hint", plan)?;
                 Some(req.plan_hint)
             }
         };
@@ -301,17 +300,18 @@ impl<S: Store> Quota<S> {
     }
 
     pub async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
-        self.check_account(&req.account_id)?;
-        self.check_id("reservation_id", &req.reservation_id)?;
+        let rules = self.rules.current();
+        check_account(&rules.policy, &req.account_id)?;
+        check_id(&rules.policy, "reservation_id", &req.reservation_id)?;
         let usage = req.usage.ok_or_else(|| invalid("usage", "is required"))?;
-        let cost = self.price("usage", &usage, true)?;
+        let cost = price(&rules, "usage", &usage, true)?;
         let cmd = CommitCommand {
             account_id: req.account_id,
             reservation_id: req.reservation_id,
             usage,
             cost,
             is_final: req.is_final,
-            price_version: self.pricing.version.clone(),
+            price_version: rules.pricing.version.clone(),
         };
         let account_id = cmd.account_id.clone();
         let is_final = cmd.is_final;
@@ -331,8 +331,9 @@ impl<S: Store> Quota<S> {
     }
 
     pub async fn release(&self, req: ReleaseRequest) -> Result<ReleaseOutcome, StoreError> {
-        self.check_account(&req.account_id)?;
-        self.check_id("reservation_id", &req.reservation_id)?;
+        let policy = self.rules.policy();
+        check_account(&policy, &req.account_id)?;
+        check_id(&policy, "reservation_id", &req.reservation_id)?;
         let cmd = ReleaseCommand {
             account_id: req.account_id,
             reservation_id: req.reservation_id,
@@ -349,12 +350,13 @@ impl<S: Store> Quota<S> {
         account_id: &str,
         recent_limit: u32,
     ) -> Result<UsageSnapshot, StoreError> {
-        self.check_account(account_id)?;
+        let policy = self.rules.policy();
+        check_account(&policy, account_id)?;
         let limit = match recent_limit {
             0 => DEFAULT_RECENT_LIMIT,
             n => n,
         }
-        .min(self.policy.limits.recent_events);
+        .min(policy.limits.recent_events);
         self.timed(
             "usage",
             self.store
@@ -365,8 +367,9 @@ impl<S: Store> Quota<S> {
 
     pub async fn upsert_account(&self, account: Option<Account>) -> Result<Account, StoreError> {
         let account = account.ok_or_else(|| invalid("account", "is required"))?;
-        self.check_id("account.account_id", &account.id)?;
-        self.check_plan("account.plan", &account.plan)?;
+        let policy = self.rules.policy();
+        check_id(&policy, "account.account_id", &account.id)?;
+        check_plan(&policy, "account.plan", &account.plan)?;
         self.timed(
             "upsert_account",
             self.store.upsert_account(account, self.clock.now()),
@@ -375,14 +378,15 @@ impl<S: Store> Quota<S> {
     }
 
     pub async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
-        self.check_account(account_id)?;
+        check_account(&self.rules.policy(), account_id)?;
         self.timed("account", self.store.account(account_id)).await
     }
 
     pub async fn grant(&self, req: GrantRequest) -> Result<GrantOutcome, StoreError> {
-        self.check_account(&req.account_id)?;
-        self.check_id("grant_id", &req.grant_id)?;
-        let max = self.policy.limits.max_grant_micros;
+        let policy = self.rules.policy();
+        check_account(&policy, &req.account_id)?;
+        check_id(&policy, "grant_id", &req.grant_id)?;
+        let max = policy.limits.max_grant_micros;
         if req.amount <= 0 || req.amount > max {
             return Err(invalid(
                 "amount_micros",
@@ -419,8 +423,9 @@ impl<S: Store> Quota<S> {
         account_id: String,
         grant_id: String,
     ) -> Result<RevokeOutcome, StoreError> {
-        self.check_account(&account_id)?;
-        self.check_id("grant_id", &grant_id)?;
+        let policy = self.rules.policy();
+        check_account(&policy, &account_id)?;
+        check_id(&policy, "grant_id", &grant_id)?;
         let cmd = RevokeCommand {
             account_id: account_id.clone(),
             grant_id,
@@ -442,8 +447,9 @@ impl<S: Store> Quota<S> {
         max_events: u32,
         claim_idle_ms: u32,
     ) -> Result<Vec<ExportedEvent>, StoreError> {
-        self.check_id("group", &group)?;
-        self.check_id("consumer", &consumer)?;
+        let policy = self.rules.policy();
+        check_id(&policy, "group", &group)?;
+        check_id(&policy, "consumer", &consumer)?;
         let max_events = match max_events {
             0 => DEFAULT_EXPORT_READ,
             n @ 1..=MAX_EXPORT_READ => n,
@@ -478,7 +484,7 @@ impl<S: Store> Quota<S> {
         group: &str,
         delivery_ids: &[String],
     ) -> Result<u64, StoreError> {
-        self.check_id("group", group)?;
+        check_id(&self.rules.policy(), "group", group)?;
         if delivery_ids.len() > MAX_EXPORT_READ as usize {
             return Err(invalid(
                 "delivery_ids",
@@ -515,85 +521,87 @@ impl<S: Store> Quota<S> {
         span.record("action", action);
         span.record("funding", funding);
     }
+}
 
-    /// Checks an account id and names the account (hashed) on the call's span.
-    fn check_account(&self, account_id: &str) -> Result<(), StoreError> {
-        self.check_id("account_id", account_id)?;
-        let span = tracing::Span::current();
-        if !span.is_disabled() {
-            span.record(
-                "account",
-                crate::telemetry::account_hash(account_id).as_str(),
-            );
-        }
-        Ok(())
+/// Checks an account id and names the account (hashed) on the call's span.
+fn check_account(policy: &Policy, account_id: &str) -> Result<(), StoreError> {
+    check_id(policy, "account_id", account_id)?;
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record(
+            "account",
+            crate::telemetry::account_hash(account_id).as_str(),
+        );
     }
+    Ok(())
+}
 
-    fn check_id(&self, field: &str, id: &str) -> Result<(), StoreError> {
-        let max = self.policy.limits.max_id_bytes as usize;
-        if id.is_empty() {
-            return Err(invalid(field, "must not be empty"));
-        }
-        if id.len() > max {
+fn check_id(policy: &Policy, field: &str, id: &str) -> Result<(), StoreError> {
+    let max = policy.limits.max_id_bytes as usize;
+    if id.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if id.len() > max {
+        return Err(invalid(
+            field,
+            format!("must be at most {max} bytes, got {}", id.len()),
+        ));
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(invalid(
+            field,
+            "must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_plan(policy: &Policy, field: &str, plan: &str) -> Result<(), StoreError> {
+    if policy.plan(plan).is_none() {
+        return Err(invalid(
+            field,
+            format!("unknown plan {plan:?}; allowed: {}", policy.plan_names()),
+        ));
+    }
+    Ok(())
+}
+
+/// Prices usage on `rules`' sheet after checking its bounds; an estimate must not be empty.
+fn price(
+    rules: &Rules,
+    field: &str,
+    usage: &Usage,
+    may_be_empty: bool,
+) -> Result<Micros, StoreError> {
+    let limits = &rules.policy.limits;
+    for (name, count) in [
+        ("input_tokens", usage.input_tokens),
+        ("cached_input_tokens", usage.cached_input_tokens),
+        ("output_tokens", usage.output_tokens),
+    ] {
+        if count > limits.max_tokens {
             return Err(invalid(
-                field,
-                format!("must be at most {max} bytes, got {}", id.len()),
+                format!("{field}.{name}"),
+                format!("must be at most {}, got {count}", limits.max_tokens),
             ));
         }
-        if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(invalid(
-                field,
-                "must not contain whitespace or control characters",
-            ));
-        }
-        Ok(())
     }
-
-    fn check_plan(&self, field: &str, plan: &str) -> Result<(), StoreError> {
-        if self.policy.plan(plan).is_none() {
-            return Err(invalid(
-                field,
-                format!(
-                    "unknown plan {plan:?}; allowed: {}",
-                    self.policy.plan_names()
-                ),
-            ));
-        }
-        Ok(())
+    if usage.images > limits.max_images {
+        return Err(invalid(
+            format!("{field}.images"),
+            format!(
+                "must be at most {}, got {}",
+                limits.max_images, usage.images
+            ),
+        ));
     }
-
-    /// Prices usage after checking its bounds; an estimate must not be empty.
-    fn price(&self, field: &str, usage: &Usage, may_be_empty: bool) -> Result<Micros, StoreError> {
-        let limits = &self.policy.limits;
-        for (name, count) in [
-            ("input_tokens", usage.input_tokens),
-            ("cached_input_tokens", usage.cached_input_tokens),
-            ("output_tokens", usage.output_tokens),
-        ] {
-            if count > limits.max_tokens {
-                return Err(invalid(
-                    format!("{field}.{name}"),
-                    format!("must be at most {}, got {count}", limits.max_tokens),
-                ));
-            }
-        }
-        if usage.images > limits.max_images {
-            return Err(invalid(
-                format!("{field}.images"),
-                format!(
-                    "must be at most {}, got {}",
-                    limits.max_images, usage.images
-                ),
-            ));
-        }
-        if !may_be_empty && usage.is_empty() {
-            return Err(invalid(field, "must count at least one token or image"));
-        }
-        self.pricing.price(usage).map_err(|e| match e {
-            PricingError::UnknownModel { .. } => invalid(format!("{field}.model"), e.to_string()),
-            PricingError::Overflow => invalid(field, e.to_string()),
-        })
+    if !may_be_empty && usage.is_empty() {
+        return Err(invalid(field, "must count at least one token or image"));
     }
+    rules.pricing.price(usage).map_err(|e| match e {
+        PricingError::UnknownModel { .. } => invalid(format!("{field}.model"), e.to_string()),
+        PricingError::Overflow => invalid(field, e.to_string()),
+    })
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> StoreError {
@@ -679,7 +687,7 @@ impl<S: Store> Quota<S> {
     /// counted ones together in one atomic store step, accounts against their plan windows.
     pub async fn should_rate_limit(
         &self,
-        rules: &[RlsRule],
+        rules: &Rules,
         domain: &str,
         descriptors: &[RlsDescriptor],
         hits_addend: u32,
@@ -703,7 +711,7 @@ impl<S: Store> Quota<S> {
                 ));
             }
             let hits = descriptor.hits.unwrap_or(default_hits);
-            let status = match rls::target(rules, domain, &descriptor.entries) {
+            let status = match rls::target(&rules.rls, domain, &descriptor.entries) {
                 Target::Unlimited => RlsStatus {
                     over: false,
                     limit: None,
@@ -711,7 +719,8 @@ impl<S: Store> Quota<S> {
                     reset_in_ms: 0,
                 },
                 Target::Account { rule, account_id } => {
-                    self.account_rate_limit(rule, &account_id).await?
+                    self.account_rate_limit(&rules.policy, rule, &account_id)
+                        .await?
                 }
                 Target::Counter {
                     rule,
@@ -762,10 +771,11 @@ impl<S: Store> Quota<S> {
     /// has never seen has all its room.
     async fn account_rate_limit(
         &self,
+        policy: &Policy,
         rule: &RlsRule,
         account_id: &str,
     ) -> Result<RlsStatus, StoreError> {
-        self.check_id("descriptors.entries.account_id", account_id)?;
+        check_id(policy, "descriptors.entries.account_id", account_id)?;
         let now = self.clock.now();
         let snapshot = match self
             .timed("usage", self.store.usage(account_id, 0, now))
@@ -777,8 +787,8 @@ impl<S: Store> Quota<S> {
         };
         let plan_name = snapshot
             .as_ref()
-            .map_or(self.policy.default_plan.as_str(), |s| &s.account.plan);
-        let plan = self.policy.plan(plan_name);
+            .map_or(policy.default_plan.as_str(), |s| &s.account.plan);
+        let plan = policy.plan(plan_name);
         let windows = snapshot
             .as_ref()
             .map(|s| s.status.windows.clone())

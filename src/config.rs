@@ -481,6 +481,41 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where a config comes from, so that it can be read again on reload: the file (if any) under
+/// the `QUOTAD_*` environment, then the command-line flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigSource {
+    pub file: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+/// Settings given as command-line flags, laid over everything else.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub store: Option<StoreKind>,
+    pub redis_url: Option<String>,
+}
+
+impl ConfigSource {
+    /// Reads and validates the whole config.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::load(self.file.as_deref())?;
+        let flags = &self.overrides;
+        if let Some(listen) = flags.listen {
+            config.listen = listen;
+        }
+        if let Some(kind) = flags.store {
+            config.store.kind = kind;
+        }
+        if let Some(url) = &flags.redis_url {
+            config.store.redis.url = url.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -515,6 +550,8 @@ pub struct Config {
     pub rls: RlsConfig,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace_seconds: u64,
+    /// How often the config file is read again for changed rules (0: only on SIGHUP).
+    pub reload_interval_ms: u64,
     pub log_format: LogFormat,
     /// A tracing filter, e.g. `info` or `quotad=debug,info`; `RUST_LOG` overrides it.
     pub log_level: String,
@@ -547,6 +584,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             rls: RlsConfig::default(),
             shutdown_grace_seconds: 20,
+            reload_interval_ms: 2_000,
             log_format: LogFormat::default(),
             log_level: "info".into(),
             store: StoreConfig::default(),
@@ -574,6 +612,7 @@ const ENV_KEYS: &[&str] = &[
     "telemetry",
     "rls",
     "shutdown_grace_seconds",
+    "reload_interval_ms",
     "log_format",
     "log_level",
     "store",
@@ -678,6 +717,16 @@ impl Config {
         }
     }
 
+    /// The rules this config describes, as one snapshot (what a reload swaps in).
+    pub fn rules(&self) -> crate::rules::Rules {
+        crate::rules::Rules {
+            policy: std::sync::Arc::new(self.policy()),
+            pricing: std::sync::Arc::new(self.pricing.clone()),
+            rls: self.rls.rules.clone().into(),
+            rls_headers: self.rls.rate_limit_headers,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy().validate().map_err(ConfigError::Invalid)?;
         self.pricing.validate().map_err(ConfigError::Invalid)?;
@@ -692,6 +741,12 @@ impl Config {
                     "{key} must not be empty when set"
                 )));
             }
+        }
+        if self.reload_interval_ms > 0 && !(100..=3_600_000).contains(&self.reload_interval_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "reload_interval_ms must be 0 (reload on SIGHUP only) or between 100 and 3600000, got {}",
+                self.reload_interval_ms
+            )));
         }
         self.tls.validate().map_err(ConfigError::Invalid)?;
         self.server.validate().map_err(ConfigError::Invalid)?;

@@ -7,6 +7,8 @@
 //! - [`config`]: layered configuration; [`server`]: serving until shutdown;
 //!   [`telemetry`]: logs, traces and OTLP export; [`metrics`]: Prometheus and OTLP metrics;
 //!   [`http`]: the HTTP admin port; [`tls`]: TLS with certificate reload.
+//! - [`rules`]: the rules in force, one snapshot swapped whole; [`reload`]: reading them again
+//!   on SIGHUP or when the config file changes.
 
 pub mod api;
 pub mod app;
@@ -15,6 +17,8 @@ pub mod domain;
 pub mod http;
 pub mod metrics;
 pub mod payment;
+pub mod reload;
+pub mod rules;
 pub mod server;
 pub mod store;
 pub mod telemetry;
@@ -25,9 +29,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::Quota;
-use crate::config::{Config, StoreKind};
+use crate::config::{Config, ConfigSource, StoreKind};
 use crate::domain::Clock;
 use crate::metrics::Metrics;
+use crate::rules::LiveRules;
 use crate::server::{ServeSettings, ServerError};
 
 pub use crate::server::Listeners;
@@ -47,9 +52,53 @@ pub enum RunError {
 
 /// Runs quotad as `config` says on `listeners` until `shutdown` resolves, reading time from
 /// `clock`: serves at once, connects the configured store (retrying while it is not up), and
-/// drains on shutdown (see [`server::run`]).
+/// drains on shutdown (see [`server::run`]). The rules stay as `config` gives them.
 pub async fn run(
     config: &Config,
+    listeners: Listeners,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let live = LiveRules::new(config.rules());
+    serve(
+        config,
+        live,
+        Arc::new(Metrics::new()),
+        listeners,
+        clock,
+        shutdown,
+    )
+    .await
+}
+
+/// As [`run`], with `config` read from `source`, whose rules are read again on SIGHUP and
+/// every `reload_interval_ms` when the file changed (see [`reload`]).
+pub async fn run_reloading(
+    source: ConfigSource,
+    config: &Config,
+    listeners: Listeners,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let live = LiveRules::new(config.rules());
+    let metrics = Arc::new(Metrics::new());
+    let reloader = reload::Reloader::new(source, config, live.clone(), metrics.clone());
+    let interval =
+        (config.reload_interval_ms > 0).then(|| Duration::from_millis(config.reload_interval_ms));
+    let (stop_watching, stopped) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(reload::watch(reloader, interval, async {
+        let _ = stopped.await;
+    }));
+    let served = serve(config, live, metrics, listeners, clock, shutdown).await;
+    let _ = stop_watching.send(());
+    let _ = watcher.await;
+    served
+}
+
+async fn serve(
+    config: &Config,
+    rules: Arc<LiveRules>,
+    metrics: Arc<Metrics>,
     listeners: Listeners,
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send,
@@ -59,7 +108,6 @@ pub async fn run(
     } else {
         None
     };
-    let metrics = Arc::new(Metrics::new());
     let settings = ServeSettings {
         admin_token: config.admin_token.clone(),
         quota_token: config.quota_token.clone(),
@@ -72,12 +120,9 @@ pub async fn run(
         payment_retry: config.payments.retry(),
         payment_resume_after: Duration::from_millis(config.payments.resume_after_ms),
         metrics: metrics.clone(),
-        rls_rules: config.rls.rules.clone().into(),
-        rls_headers: config.rls.rate_limit_headers,
     };
     let parts = Parts {
-        policy: Arc::new(config.policy()),
-        pricing: Arc::new(config.pricing.clone()),
+        rules,
         clock,
         reserve_wait: Duration::from_millis(config.payments.reserve_wait_ms),
         metrics,
@@ -85,7 +130,7 @@ pub async fn run(
     match config.store.kind {
         StoreKind::Memory => {
             let connect = move || {
-                let quota = parts.quota(MemoryStore::new(parts.policy.clone()));
+                let quota = parts.quota(MemoryStore::with_rules(parts.rules.clone()));
                 Box::pin(async move { Ok(quota) }) as Connecting<MemoryStore>
             };
             server::run(listeners, connect, settings, shutdown).await?;
@@ -95,7 +140,7 @@ pub async fn run(
             let connect = move || {
                 let (redis, parts) = (redis.clone(), parts.clone());
                 Box::pin(async move {
-                    let store = RedisStore::connect(redis, parts.policy.clone()).await?;
+                    let store = RedisStore::connect(redis, parts.rules.policy()).await?;
                     Ok(parts.quota(store))
                 }) as Connecting<RedisStore>
             };
@@ -108,8 +153,7 @@ pub async fn run(
 /// What every store's application is built from.
 #[derive(Clone)]
 struct Parts {
-    policy: Arc<crate::domain::Policy>,
-    pricing: Arc<crate::domain::PriceSheet>,
+    rules: Arc<LiveRules>,
     clock: Arc<dyn Clock>,
     reserve_wait: Duration,
     metrics: Arc<Metrics>,
@@ -117,14 +161,9 @@ struct Parts {
 
 impl Parts {
     fn quota<S: Store>(&self, store: S) -> Quota<S> {
-        Quota::new(
-            store,
-            self.policy.clone(),
-            self.pricing.clone(),
-            self.clock.clone(),
-        )
-        .with_reserve_wait(self.reserve_wait)
-        .with_metrics(self.metrics.clone())
+        Quota::new(store, self.rules.clone(), self.clock.clone())
+            .with_reserve_wait(self.reserve_wait)
+            .with_metrics(self.metrics.clone())
     }
 }
 

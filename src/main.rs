@@ -1,4 +1,5 @@
-//! `quotad`: config → telemetry → listeners → serve until a signal → drain → flush.
+//! `quotad`: config → telemetry → listeners → serve until a signal (reloading the rules on
+//! SIGHUP or a changed file) → drain → flush.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use quotad::Listeners;
-use quotad::config::{Config, StoreKind};
+use quotad::config::{ConfigSource, Overrides, StoreKind};
 use quotad::domain::SystemClock;
 use quotad::telemetry::Telemetry;
 
@@ -52,19 +53,15 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(&self) -> anyhow::Result<Config> {
-        let mut config = Config::load(self.config.as_deref())?;
-        if let Some(listen) = self.listen {
-            config.listen = listen;
+    fn source(self) -> ConfigSource {
+        ConfigSource {
+            file: self.config,
+            overrides: Overrides {
+                listen: self.listen,
+                store: self.store,
+                redis_url: self.redis_url,
+            },
         }
-        if let Some(kind) = self.store {
-            config.store.kind = kind;
-        }
-        if let Some(url) = &self.redis_url {
-            config.store.redis.url = url.clone();
-        }
-        config.validate()?;
-        Ok(config)
     }
 }
 
@@ -72,14 +69,15 @@ impl ConfigArgs {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Config(args) => {
-            print!("{}", args.load()?.to_toml());
+            print!("{}", args.source().load()?.to_toml());
             Ok(())
         }
-        Command::Serve(args) => serve(args.load()?).await,
+        Command::Serve(args) => serve(args.source()).await,
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(source: ConfigSource) -> anyhow::Result<()> {
+    let config = source.load()?;
     let telemetry = Telemetry::init(&config)?;
     let bind = |addr: SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(addr)
@@ -110,7 +108,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(http) = &listeners.http {
         tracing::info!("metrics and probes at http://{}", http.local_addr()?);
     }
-    let served = quotad::run(&config, listeners, Arc::new(SystemClock), shutdown_signal()).await;
+    let clock = Arc::new(SystemClock);
+    let served = quotad::run_reloading(source, &config, listeners, clock, shutdown_signal()).await;
     tracing::info!("stopped");
     telemetry.shutdown();
     Ok(served?)

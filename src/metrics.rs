@@ -97,6 +97,8 @@ pub struct Metrics {
     /// The store's own count at the last sample, to add only what is new.
     deny_cache_seen: AtomicU64,
     shed: Counter,
+    config_reloads: Family<OutcomeLabels, Counter>,
+    config_restart_pending: Gauge,
     otel: Otel,
     /// Serialises scrapes (encoding needs the registry whole).
     scrape: Mutex<()>,
@@ -203,6 +205,18 @@ impl Metrics {
             "Calls refused at once because max_concurrent_requests were in flight",
             shed.clone(),
         );
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads by outcome (applied, refused)",
+            config_reloads.clone(),
+        );
+        let config_restart_pending = Gauge::default();
+        registry.register(
+            "config_restart_pending",
+            "1 while the config file changes settings that take effect only after a restart",
+            config_restart_pending.clone(),
+        );
         let meter = opentelemetry::global::meter("quotad");
         let otel = Otel {
             decisions: meter.u64_counter("quotad.decisions").build(),
@@ -238,6 +252,8 @@ impl Metrics {
             deny_cache_hits,
             deny_cache_seen: AtomicU64::new(0),
             shed,
+            config_reloads,
+            config_restart_pending,
             otel,
             scrape: Mutex::new(()),
         }
@@ -343,6 +359,16 @@ impl Metrics {
 
     pub fn shed(&self) {
         self.shed.inc();
+    }
+
+    pub fn config_reload(&self, outcome: &'static str) {
+        self.config_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn config_restart_pending(&self, pending: bool) {
+        self.config_restart_pending.set(i64::from(pending));
     }
 
     /// Samples what the store knows of itself (called every few hundred ms).

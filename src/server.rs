@@ -85,9 +85,6 @@ pub struct ServeSettings {
     /// A purchase still in flight this long after it started is paid again (same key).
     pub payment_resume_after: Duration,
     pub metrics: Arc<Metrics>,
-    /// Envoy rate limit rules, and whether to add `RateLimit-*` headers.
-    pub rls_rules: Arc<[crate::domain::rls::RlsRule]>,
-    pub rls_headers: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -259,8 +256,6 @@ fn router<S: Store>(
         InterceptedService::new(
             envoy_rls::rate_limit_service_server::RateLimitServiceServer::new(RlsApi::new(
                 slot.clone(),
-                settings.rls_rules.clone(),
-                settings.rls_headers,
             ))
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),

@@ -3,8 +3,6 @@
 //! cannot be reached answers `UNAVAILABLE`, so Envoy's `failure_mode_deny` decides whether
 //! traffic passes meanwhile.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
 use super::envoy::config::core::v3::HeaderValue;
@@ -14,24 +12,19 @@ use super::envoy::service::ratelimit::v3::rate_limit_response::{
 };
 use super::{AppSlot, ready};
 use crate::app::{RlsDescriptor, RlsStatus};
-use crate::domain::rls::{RlsRule, RlsUnit};
+use crate::domain::rls::RlsUnit;
 use crate::store::Store;
 
+/// The rules (and whether to add `RateLimit-*` headers) come from the application's live
+/// rules, one snapshot per request, so a reload changes them without a restart.
 #[derive(Debug)]
 pub struct RlsApi<S> {
     app: AppSlot<S>,
-    rules: Arc<[RlsRule]>,
-    /// Add `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` response headers.
-    headers: bool,
 }
 
 impl<S> RlsApi<S> {
-    pub fn new(app: AppSlot<S>, rules: Arc<[RlsRule]>, headers: bool) -> Self {
-        RlsApi {
-            app,
-            rules,
-            headers,
-        }
+    pub fn new(app: AppSlot<S>) -> Self {
+        RlsApi { app }
     }
 }
 
@@ -113,14 +106,16 @@ impl<S: Store> rls::rate_limit_service_server::RateLimitService for RlsApi<S> {
                 hits: d.hits_addend,
             })
             .collect();
-        let statuses = ready(&self.app)?
-            .should_rate_limit(&self.rules, &req.domain, &descriptors, req.hits_addend)
+        let app = ready(&self.app)?;
+        let rules = app.rules().current();
+        let statuses = app
+            .should_rate_limit(&rules, &req.domain, &descriptors, req.hits_addend)
             .await?;
         let over = statuses.iter().any(|s| s.over);
         Ok(Response::new(rls::RateLimitResponse {
             overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
             statuses: statuses.iter().map(status).collect(),
-            response_headers_to_add: if self.headers {
+            response_headers_to_add: if rules.rls_headers {
                 headers(&statuses)
             } else {
                 Vec::new()

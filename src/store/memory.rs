@@ -20,10 +20,12 @@ use crate::domain::{
     Policy, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand,
     RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
+use crate::rules::LiveRules;
 
 #[derive(Debug)]
 pub struct MemoryStore {
-    policy: Arc<Policy>,
+    /// Each operation decides on the policy current when it takes the account's lock.
+    rules: Arc<LiveRules>,
     /// Boxed: the map's table then holds a pointer per slot, not a whole account, so its spare
     /// capacity costs little (it matters at millions of accounts).
     accounts: DashMap<String, Box<AccountState>>,
@@ -57,10 +59,17 @@ impl Indexed {
 }
 
 impl MemoryStore {
+    /// A store deciding by `policy`, for good.
     pub fn new(policy: Arc<Policy>) -> Self {
+        MemoryStore::with_rules(LiveRules::fixed(policy))
+    }
+
+    /// A store deciding by whatever `rules` hold when each operation runs (they may be
+    /// reloaded). The export's length is the one configured at start.
+    pub fn with_rules(rules: Arc<LiveRules>) -> Self {
         MemoryStore {
-            export: ExportLog::new(policy.limits.export_max_len as usize),
-            policy,
+            export: ExportLog::new(rules.policy().limits.export_max_len as usize),
+            rules,
             accounts: DashMap::new(),
             open_holds: AtomicI64::new(0),
             rls: RlsCounters::default(),
@@ -78,7 +87,7 @@ impl MemoryStore {
             .accounts
             .get_mut(account_id)
             .ok_or_else(|| account_not_found(account_id))?;
-        Ok(self.indexing(account_id, &mut state, op)?)
+        Ok(self.indexing(account_id, &mut state, &self.rules.policy(), op)?)
     }
 
     /// Runs `op` on an account (whose shard lock the caller holds) and brings the store's
@@ -87,10 +96,11 @@ impl MemoryStore {
         &self,
         account_id: &str,
         state: &mut AccountState,
+        policy: &Policy,
         op: impl FnOnce(&mut AccountState, &Policy) -> T,
     ) -> T {
         let before = Indexed::of(state);
-        let result = op(state, &self.policy);
+        let result = op(state, policy);
         let after = Indexed::of(state);
         if before != after {
             if before.holds != after.holds {
@@ -118,9 +128,10 @@ impl Store for MemoryStore {
         cmd: &ReserveCommand,
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
+        let policy = self.rules.policy();
         let reserve = |state: &mut AccountState, policy: &Policy| state.reserve(policy, cmd, now);
         if let Some(mut state) = self.accounts.get_mut(&cmd.account_id) {
-            return Ok(self.indexing(&cmd.account_id, &mut state, reserve)?);
+            return Ok(self.indexing(&cmd.account_id, &mut state, &policy, reserve)?);
         }
         let mut state = self
             .accounts
@@ -129,14 +140,12 @@ impl Store for MemoryStore {
                 Box::new(AccountState::new(Account {
                     id: cmd.account_id.clone(),
                     plan: crate::domain::intern(
-                        cmd.plan_hint
-                            .as_deref()
-                            .unwrap_or(&self.policy.default_plan),
+                        cmd.plan_hint.as_deref().unwrap_or(&policy.default_plan),
                     ),
                     credit_purchase_allowed: true,
                 }))
             });
-        Ok(self.indexing(&cmd.account_id, &mut state, reserve)?)
+        Ok(self.indexing(&cmd.account_id, &mut state, &policy, reserve)?)
     }
 
     async fn commit(
@@ -210,9 +219,14 @@ impl Store for MemoryStore {
             .accounts
             .entry(account.id.clone())
             .or_insert_with(|| Box::new(AccountState::new(account.clone())));
-        self.indexing(&account.id, &mut state, |state, policy| {
-            state.settle(policy, now);
-        });
+        self.indexing(
+            &account.id,
+            &mut state,
+            &self.rules.policy(),
+            |state, policy| {
+                state.settle(policy, now);
+            },
+        );
         state.update_account(account.plan, account.credit_purchase_allowed);
         Ok(state.account().clone())
     }
