@@ -11,10 +11,11 @@ use crate::domain::rls::{self, CounterCheck, RlsRule, Target};
 use crate::domain::time::SECOND_MS;
 use crate::domain::top_up::{PaymentResult, Purchase, TopUpSettings};
 use crate::domain::{
-    Account, Action, Clock, CommitCommand, CommitOutcome, Decision, DenyReason, DomainError,
-    ExportedEvent, Funding, GrantCommand, GrantOutcome, LotSource, Micros, Policy, PricingError,
-    ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
-    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, Usage, UsageSnapshot,
+    Account, Action, Clock, CommitCommand, CommitOutcome, Decision, Denial, DenyReason,
+    DomainError, ExportedEvent, Funding, GrantCommand, GrantOutcome, LotSource, Micros, Policy,
+    PricingError, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand,
+    RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, Usage,
+    UsageSnapshot,
 };
 use crate::metrics::Metrics;
 use crate::payment::{PaymentQueue, Settle};
@@ -324,6 +325,14 @@ impl<S: Store> Quota<S> {
         if is_final && outcome.event.is_some() {
             self.metrics.hold_closed("commit");
         }
+        if let Some(denial) = &outcome.shadow_denial {
+            // A partial commit that charged nothing names no product.
+            let product = outcome.event.as_ref().map_or_else(
+                || crate::domain::intern("unknown"),
+                |event| event.product.clone(),
+            );
+            self.shadow("commit", denial, &outcome.status.plan, &product);
+        }
         let span = tracing::Span::current();
         span.record("plan", &*outcome.status.plan);
         span.record("funding", funding_name(charged));
@@ -498,6 +507,22 @@ impl<S: Store> Quota<S> {
             .await
     }
 
+    /// Counts and logs a denial that shadow mode let through.
+    fn shadow(&self, op: &'static str, denial: &Denial, plan: &Arc<str>, product: &Arc<str>) {
+        let (reason, action) = (reason_name(denial.reason), action_name(denial.action));
+        self.metrics
+            .shadow_denial(op, reason, action, plan, product);
+        tracing::info!(
+            op,
+            reason,
+            action,
+            plan = &**plan,
+            product = &**product,
+            message = %denial.message,
+            "shadow mode: would have denied; allowed"
+        );
+    }
+
     /// Counts a Reserve's decision and adds its domain fields to the call's span.
     fn observe_reserve(&self, cmd: &ReserveCommand, outcome: &ReserveOutcome) {
         let (decision, action, reason, funding) = match &outcome.decision {
@@ -514,6 +539,9 @@ impl<S: Store> Quota<S> {
         let product = crate::domain::intern(&cmd.product);
         self.metrics
             .decision(decision, action, reason, &outcome.status.plan, &product);
+        if let Some(denial) = &outcome.shadow_denial {
+            self.shadow("reserve", denial, &outcome.status.plan, &product);
+        }
         let span = tracing::Span::current();
         span.record("product", cmd.product.as_str());
         span.record("plan", plan);

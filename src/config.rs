@@ -561,6 +561,9 @@ pub struct Config {
     pub plans: BTreeMap<String, Plan>,
     pub products: BTreeMap<String, Product>,
     pub limits: Limits,
+    /// Shadow mode for every plan (or per plan, `plans.NAME.shadow`): decide and record as
+    /// usual, but answer ALLOW where quotad would deny, counting and logging the denial.
+    pub shadow: bool,
     /// Auto top-up rules shared by every account.
     pub top_up: TopUpRules,
     /// Who pays for auto top-up purchases.
@@ -592,6 +595,7 @@ impl Default for Config {
             plans: policy.plans,
             products: policy.products,
             limits: policy.limits,
+            shadow: policy.shadow,
             top_up: policy.top_up,
             payments: PaymentsConfig::default(),
             pricing: PriceSheet::default(),
@@ -620,6 +624,7 @@ const ENV_KEYS: &[&str] = &[
     "plans",
     "products",
     "limits",
+    "shadow",
     "top_up",
     "payments",
     "pricing",
@@ -714,6 +719,7 @@ impl Config {
             products: self.products.clone(),
             limits: self.limits.clone(),
             top_up: self.top_up,
+            shadow: self.shadow,
         }
     }
 

@@ -30,6 +30,16 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowLabels {
+    /// Where the work was let through: `reserve`, or `commit` (the next chunk of a task).
+    op: &'static str,
+    reason: &'static str,
+    action: &'static str,
+    plan: Arc<str>,
+    product: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: &'static str,
 }
@@ -99,6 +109,7 @@ pub struct Metrics {
     shed: Counter,
     config_reloads: Family<OutcomeLabels, Counter>,
     config_restart_pending: Gauge,
+    shadow_denials: Family<ShadowLabels, Counter>,
     otel: Otel,
     /// Serialises scrapes (encoding needs the registry whole).
     scrape: Mutex<()>,
@@ -217,6 +228,12 @@ impl Metrics {
             "1 while the config file changes settings that take effect only after a restart",
             config_restart_pending.clone(),
         );
+        let shadow_denials = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "shadow_denials",
+            "Denials shadow mode answered ALLOW instead, by operation, reason, action, plan and product",
+            shadow_denials.clone(),
+        );
         let meter = opentelemetry::global::meter("quotad");
         let otel = Otel {
             decisions: meter.u64_counter("quotad.decisions").build(),
@@ -254,6 +271,7 @@ impl Metrics {
             shed,
             config_reloads,
             config_restart_pending,
+            shadow_denials,
             otel,
             scrape: Mutex::new(()),
         }
@@ -359,6 +377,26 @@ impl Metrics {
 
     pub fn shed(&self) {
         self.shed.inc();
+    }
+
+    /// A denial that shadow mode turned into an ALLOW (or a funded next chunk).
+    pub fn shadow_denial(
+        &self,
+        op: &'static str,
+        reason: &'static str,
+        action: &'static str,
+        plan: &Arc<str>,
+        product: &Arc<str>,
+    ) {
+        self.shadow_denials
+            .get_or_create(&ShadowLabels {
+                op,
+                reason,
+                action,
+                plan: plan.clone(),
+                product: product.clone(),
+            })
+            .inc();
     }
 
     pub fn config_reload(&self, outcome: &'static str) {

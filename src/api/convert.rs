@@ -8,9 +8,9 @@ use super::pb;
 use crate::app::{CommitRequest, GrantRequest, ReleaseRequest, ReserveRequest};
 use crate::domain::top_up::AttemptOutcome;
 use crate::domain::{
-    Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, DenyReason, ExportedEvent,
-    Funding, GrantOutcome, HoldView, ReleaseOutcome, ReserveOutcome, Timestamp, TopUpView, Usage,
-    UsageEvent, UsageSnapshot, WindowStatus,
+    Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, Denial, DenyReason,
+    ExportedEvent, Funding, GrantOutcome, HoldView, ReleaseOutcome, ReserveOutcome, Timestamp,
+    TopUpView, Usage, UsageEvent, UsageSnapshot, WindowStatus,
 };
 
 pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
@@ -211,8 +211,21 @@ impl From<ReserveOutcome> for pb::ReserveResponse {
                 resp.held = Some(Funding::ZERO.into());
             }
         }
+        resp.shadow_denial = o.shadow_denial.map(|d| shadow_denial(*d));
         resp
     }
+}
+
+fn shadow_denial(d: Denial) -> pb::ShadowDenial {
+    let mut shadow = pb::ShadowDenial {
+        upgrade_to: d.upgrade_to.unwrap_or_default(),
+        retry_at: d.retry_at.map(timestamp),
+        message: d.message,
+        ..Default::default()
+    };
+    shadow.set_reason(d.reason.into());
+    shadow.set_action(d.action.into());
+    shadow
 }
 
 impl From<CommitOutcome> for pb::CommitResponse {
@@ -233,6 +246,7 @@ impl From<CommitOutcome> for pb::CommitResponse {
             resp.set_action(denial.action.into());
             resp.set_reason(denial.reason.into());
         }
+        resp.shadow_denial = o.shadow_denial.map(|d| shadow_denial(*d));
         resp
     }
 }

@@ -519,11 +519,44 @@ impl AccountState {
                 status: self.status(policy)?,
                 top_up: None,
                 awaiting_top_up: false,
+                shadow_denial: None,
             });
         }
         let plan = self.plan(policy)?;
-        let decision = match self.fund(policy, plan, &cmd.product, cmd.cost, now) {
-            Ok(held) => {
+        let (held, denial) = match self.fund(policy, plan, &cmd.product, cmd.cost, now) {
+            Ok(held) => (Some(held), None),
+            Err(denial) => (None, Some(denial)),
+        };
+        // Short of credits while a purchase is on its way: the caller may wait for it and ask
+        // again, so this answer is not recorded as the request's first.
+        if let Some(denial) = &denial
+            && cmd.wait_for_top_up
+            && denial.reason == DenyReason::CreditsExhausted
+        {
+            let top_up = self.check_top_up(policy, now);
+            if self.top_up().in_flight().is_some() {
+                return Ok(ReserveOutcome {
+                    decision: Decision::Deny(Box::new(denial.clone())),
+                    estimate: cmd.cost,
+                    status: self.status(policy)?,
+                    top_up,
+                    awaiting_top_up: true,
+                    shadow_denial: None,
+                });
+            }
+        }
+        // Shadow mode lets the work go ahead, held on the plan beyond its limits: no credits
+        // are spent that the rules would not spend.
+        let (held, denial, shadow_denial) = match (held, denial) {
+            (None, Some(denial)) if policy.shadow(&self.account.plan) => (
+                Some(Funding::new(cmd.cost, 0)),
+                None,
+                Some(Box::new(denial)),
+            ),
+            (held, denial) => (held, denial, None),
+        };
+        let decision = match (held, denial) {
+            (Some(held), _) => {
                 let expires_at = now.plus_millis(cmd.ttl_ms);
                 let id: Arc<str> = cmd.reservation_id.as_str().into();
                 self.open.insert(Reservation {
@@ -545,25 +578,8 @@ impl AccountState {
                     expires_at,
                 }
             }
-            Err(denial) => Decision::Deny(Box::new(denial)),
+            (None, denial) => Decision::Deny(Box::new(denial.expect("funded or denied"))),
         };
-        // Short of credits while a purchase is on its way: the caller may wait for it and ask
-        // again, so this answer is not recorded as the request's first.
-        let short_of_credits =
-            matches!(&decision, Decision::Deny(d) if d.reason == DenyReason::CreditsExhausted);
-        if cmd.wait_for_top_up && short_of_credits {
-            let top_up = self.check_top_up(policy, now);
-            if self.top_up().in_flight().is_some() {
-                let status = self.status(policy)?;
-                return Ok(ReserveOutcome {
-                    decision,
-                    estimate: cmd.cost,
-                    status,
-                    top_up,
-                    awaiting_top_up: true,
-                });
-            }
-        }
         let record = RequestRecord {
             fingerprint,
             decision: decision.clone(),
@@ -578,6 +594,7 @@ impl AccountState {
             status: self.status(policy)?,
             top_up,
             awaiting_top_up: false,
+            shadow_denial,
         })
     }
 
@@ -620,6 +637,7 @@ impl AccountState {
                 status: self.status(policy)?,
                 top_up: None,
                 event: None,
+                shadow_denial: None,
             });
         };
 
@@ -642,6 +660,7 @@ impl AccountState {
         let event = (delta > 0).then(|| self.record_event(policy, now, &r, cmd, charge));
         r.usage = max_usage(&r.usage, &cmd.usage);
 
+        let mut shadow_denial = None;
         let receipt = if cmd.is_final {
             let closed = Closed::Committed {
                 fingerprint,
@@ -654,6 +673,11 @@ impl AccountState {
             r.expires_at = now.plus_millis(r.ttl_ms);
             let (held, denial) = match self.fund(policy, plan, &r.product, r.estimate, now) {
                 Ok(held) => (held, None),
+                // Shadow mode: the next chunk goes ahead on the plan, as a Reserve would.
+                Err(denial) if policy.shadow(&self.account.plan) => {
+                    shadow_denial = Some(Box::new(denial));
+                    (Funding::new(r.estimate, 0), None)
+                }
                 Err(denial) => (Funding::ZERO, Some(denial)),
             };
             r.held = held;
@@ -667,6 +691,7 @@ impl AccountState {
             status: self.status(policy)?,
             top_up,
             event,
+            shadow_denial,
         })
     }
 

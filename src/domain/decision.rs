@@ -267,6 +267,9 @@ pub struct ReserveOutcome {
     /// Denied for want of credits while a purchase is in flight, and not recorded (the request
     /// asked to wait for top-ups): ask again shortly.
     pub awaiting_top_up: bool,
+    /// Shadow mode: allowed only because the account's plan is in shadow mode; this is the
+    /// denial it would have had. Set on the first answer only (a retry repeats the ALLOW).
+    pub shadow_denial: Option<Box<Denial>>,
 }
 
 /// What a Commit did; kept with a finished reservation so a retry gets the same answer.
@@ -338,6 +341,9 @@ pub struct CommitOutcome {
     pub top_up: Option<Purchase>,
     /// The usage event this commit recorded (none when it charged nothing, or was a retry).
     pub event: Option<UsageEvent>,
+    /// Shadow mode: the next chunk was funded only because the plan is in shadow mode; this
+    /// is why it would not have been.
+    pub shadow_denial: Option<Box<Denial>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

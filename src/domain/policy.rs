@@ -30,6 +30,9 @@ pub struct Plan {
     /// The plan an upgrade prompt points to; none for the top plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_to: Option<String>,
+    /// Shadow mode for this plan's accounts (see [`Policy::shadow`]).
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,9 +92,20 @@ pub struct Policy {
     pub products: BTreeMap<String, Product>,
     pub limits: Limits,
     pub top_up: TopUpRules,
+    /// Shadow mode for every plan: quotad decides and records as usual, but where it would deny
+    /// (a Reserve, or the next chunk of a task) it lets the work go ahead, held and charged on
+    /// the plan's windows beyond their limits, and reports the denial it would have given. For
+    /// putting quotad in front of live traffic before enforcing.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 impl Policy {
+    /// Whether accounts on `plan` are in shadow mode.
+    pub fn shadow(&self, plan: &str) -> bool {
+        self.shadow || self.plan(plan).is_some_and(|p| p.shadow)
+    }
+
     pub fn plan(&self, name: &str) -> Option<&Plan> {
         self.plans.get(name)
     }
@@ -221,6 +235,7 @@ impl Default for Policy {
             limit_weekly_micros: week * c,
             overage,
             upgrade_to: upgrade_to.map(str::to_owned),
+            shadow: false,
         };
         Policy {
             default_plan: "free".into(),
@@ -237,6 +252,7 @@ impl Default for Policy {
             ]),
             limits: Limits::default(),
             top_up: TopUpRules::default(),
+            shadow: false,
         }
     }
 }

@@ -528,6 +528,9 @@ fn policy_json(policy: &Policy, settings: &RedisSettings) -> String {
                 "lw": plan.limit_weekly_micros,
                 "credits": plan.overage == crate::domain::Overage::Credits,
             });
+            if policy.shadow(name) {
+                p["shadow"] = json!(true);
+            }
             if let Some(to) = &plan.upgrade_to {
                 p["up"] = json!(to);
             }
@@ -592,6 +595,7 @@ impl Store for RedisStore {
                     status,
                     top_up: None,
                     awaiting_top_up: false,
+                    shadow_denial: None,
                 });
             }
         }
@@ -616,6 +620,9 @@ impl Store for RedisStore {
             status: reply.status.into(),
             top_up: reply.top_up.map(Into::into),
             awaiting_top_up: reply.awaiting,
+            shadow_denial: reply
+                .shadow
+                .map(|facts| Box::new(facts.into_denial(&self.policy))),
         };
         if let (true, Some(until)) = (self.settings.deny_cache, reply.cache_until) {
             let until = Timestamp::from_millis(until);
@@ -654,6 +661,9 @@ impl Store for RedisStore {
             status: reply.status.into(),
             top_up: reply.top_up.map(Into::into),
             event: reply.event.map(Into::into),
+            shadow_denial: reply
+                .shadow
+                .map(|facts| Box::new(facts.into_denial(&self.policy))),
         })
     }
 

@@ -150,7 +150,7 @@ pub struct FactsJ {
 }
 
 impl FactsJ {
-    fn into_denial(self, policy: &Policy) -> Denial {
+    pub fn into_denial(self, policy: &Policy) -> Denial {
         let shortfall = match self.shortfall.as_str() {
             "credits" => Shortfall::Credits {
                 need: self.need,
@@ -218,6 +218,8 @@ pub struct ReserveJ {
     /// Short of credits while a purchase is in flight, and not recorded.
     #[serde(default)]
     pub awaiting: bool,
+    /// Allowed by shadow mode: the denial it would have had.
+    pub shadow: Option<FactsJ>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +254,8 @@ pub struct CommitJ {
     pub status: StatusJ,
     pub top_up: Option<PurchaseJ>,
     pub event: Option<EventJ>,
+    /// The next chunk funded by shadow mode: the denial it would have had.
+    pub shadow: Option<FactsJ>,
 }
 
 #[derive(Debug, Deserialize)]

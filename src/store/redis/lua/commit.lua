@@ -3,7 +3,8 @@
 -- fast} with counts as decimal strings, 9 price version, 10 recent-event capacity, 11 the export
 -- stream's length limit when KEYS[14] is the export stream itself ('' when it is the slot's
 -- outbox, see redis/export.rs).
--- Returns {receipt: {final, charged, total, held?, expires_at?, denial?}, status, event?}.
+-- Returns {receipt: {final, charged, total, held?, expires_at?, denial?}, status, event?,
+-- shadow?} (shadow: the next chunk was funded by shadow mode; the deny facts it would have had).
 local rid, cost, is_final, fp = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
 local u = decode(ARGV[8])
 local usage = { model = u.model, i = tonumber(u.i), c = tonumber(u.c), o = tonumber(u.o), img = tonumber(u.img), fast = u.fast }
@@ -76,7 +77,7 @@ local had = r.usage
 r.usage = { model = usage.model, fast = usage.fast, i = max(had.i, usage.i), c = max(had.c, usage.c),
             o = max(had.o, usage.o), img = max(had.img, usage.img) }
 
-local receipt
+local receipt, shadow
 if is_final then
   receipt = format('{"final":true,"charged":{"plan":%d,"credit":%d},"total":{"plan":%d,"credit":%d}}',
     cp, cc, r.cp, r.cc)
@@ -86,7 +87,14 @@ else
   r.ex = NOW + r.ttl
   local hp, hc = fund(plan, r.product, r.estimate)
   local denial = nil
-  if hp then r.hp, r.hc = hp, hc else denial = hc end
+  if hp then
+    r.hp, r.hc = hp, hc
+  elseif plan.shadow then
+    -- Shadow mode: the next chunk goes ahead on the plan, as a Reserve would.
+    shadow, r.hp, r.hc = hc, r.estimate, 0
+  else
+    denial = hc
+  end
   receipt = J({ final = false, charged = { plan = cp, credit = cc }, total = { plan = r.cp, credit = r.cc },
                 held = { plan = r.hp, credit = r.hc }, expires_at = r.ex, denial = denial })
   OPEN[rid] = r
@@ -94,5 +102,5 @@ else
 end
 local top_up = tu_check()
 finish()
-return format('{"receipt":%s,"status":%s%s%s}', receipt, status_text(plan), member('top_up', top_up),
-  member('event', event))
+return format('{"receipt":%s,"status":%s%s%s%s}', receipt, status_text(plan), member('top_up', top_up),
+  member('event', event), member('shadow', shadow and J(shadow)))

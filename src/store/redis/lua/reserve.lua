@@ -6,7 +6,9 @@
 -- fit even if every hold were released: until then only time or an admin change can turn the
 -- answer, so a replica may repeat it from memory (the deny cache). With ARGV 12 = 1, a deny for
 -- want of credits while an auto top-up purchase is in flight is answered with awaiting = true
--- and not recorded, so that quotad may wait for the purchase and ask again.
+-- and not recorded, so that quotad may wait for the purchase and ask again. In shadow mode
+-- (plan.shadow) what would be a deny is allowed, held on the plan, and answered with the deny's
+-- facts as shadow.
 local request_id, cost, product, hint = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local ttl, rid, fp, model = tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
 
@@ -27,6 +29,19 @@ if not plan then
 end
 
 local hp, hc = fund(plan, product, cost)
+if not hp and hc.shortfall == 'credits' and ARGV[12] == '1' then
+  local top_up = tu_check()
+  if A.tu_if ~= '' then
+    finish()
+    return J({
+      decision = raw(J({ deny = hc })), estimate = cost, status = status(plan),
+      top_up = top_up and raw(top_up) or nil, awaiting = true,
+    })
+  end
+end
+-- Shadow mode: the work goes ahead, held on the plan beyond its limits.
+local shadow
+if not hp and plan.shadow then shadow, hp, hc = hc, cost, 0 end
 local decision, cache_until
 if hp then
   local r = {
@@ -38,16 +53,6 @@ if hp then
   decision = format('{"allow":{"id":%s,"held":{"plan":%d,"credit":%d},"expires_at":%d}}', encode(rid), hp, hc, r.ex)
 else
   decision = J({ deny = hc })
-  if hc.shortfall == 'credits' and ARGV[12] == '1' then
-    local top_up = tu_check()
-    if A.tu_if ~= '' then
-      finish()
-      return J({
-        decision = raw(decision), estimate = cost, status = status(plan),
-        top_up = top_up and raw(top_up) or nil, awaiting = true,
-      })
-    end
-  end
   if hc.shortfall ~= 'credits' then
     local _, free_at = plan_refill(plan, cost, 0)
     cache_until = free_at
@@ -56,5 +61,6 @@ end
 write_record(K_REQ, K_REQZ, request_id, format('{"fp":%s,"d":%s,"e":"%d"}', encode(fp), encode(decision), cost))
 local top_up = tu_check()
 finish()
-return format('{"decision":%s,"estimate":%d,"status":%s%s%s}', decision, cost, status_text(plan),
-  member('cache_until', cache_until and int(cache_until)), member('top_up', top_up))
+return format('{"decision":%s,"estimate":%d,"status":%s%s%s%s}', decision, cost, status_text(plan),
+  member('cache_until', cache_until and int(cache_until)), member('top_up', top_up),
+  member('shadow', shadow and J(shadow)))
