@@ -138,6 +138,7 @@ async fn three_replicas_ride_out_a_redis_that_stalls_now_and_then() {
                         request_id: format!("c{c}-t{t}"),
                         product: "codex".into(),
                         estimate: Some(support::usage("gpt-5.5-mini", 0, 0, 50)),
+                        plan_hint: "pro".into(),
                         ..Default::default()
                     };
                     calls.fetch_add(1, Ordering::Relaxed);
@@ -148,6 +149,10 @@ async fn three_replicas_ride_out_a_redis_that_stalls_now_and_then() {
                             continue;
                         }
                     };
+                    // A deny is an answer too (should the plan run out).
+                    if reserved.decision() != pb::Decision::Allow {
+                        continue;
+                    }
                     let commit = pb::CommitRequest {
                         account_id: "one".into(),
                         reservation_id: reserved.reservation_id,

@@ -256,11 +256,13 @@ impl RedisStore {
             |e: redis::RedisError| StoreError::Unavailable(format!("cannot connect to Redis: {e}"));
         let conn = if settings.cluster_nodes.is_empty() {
             let client = settings.tls.client(&settings.url).map_err(unavailable)?;
+            // One connection attempt per reconnection, no retry after a backoff: while Redis is
+            // down the breaker paces the attempts (one probe per cool-down), and a probe that
+            // waited out a backoff would hold its caller for nothing.
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(settings.connect_timeout))
                 .set_response_timeout(Some(backstop(&settings)))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500));
+                .set_number_of_retries(0);
             let manager = tokio::time::timeout(
                 settings.connect_timeout * 2,
                 ConnectionManager::new_with_config(client, config),
