@@ -137,7 +137,6 @@ fn main() {
         let mut config = Config::default();
         config.store.kind = StoreKind::Redis;
         config.store.redis.url = redis.url();
-        config.store.redis.command_timeout_ms = 1_000;
         // Keep the sweeper's reads out of the per-decision command counts.
         config.store.redis.sweep_interval_ms = 60_000;
         let (redis_url, stop_redis) = serve(config).await;

@@ -94,7 +94,12 @@ fn main() {
         for _ in 0..4 {
             channels.push(Channel::from_shared(url.clone()).unwrap().connect().await.unwrap());
         }
-        QuotaServiceClient::new(channels[0].clone()).reserve(reserve(u64::MAX)).await.unwrap();
+        // quotad answers UNAVAILABLE until its store has answered once.
+        let started = Instant::now();
+        while QuotaServiceClient::new(channels[0].clone()).reserve(reserve(u64::MAX)).await.is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "quotad did not start serving");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         println!("{calls} calls, {in_flight} in flight on 4 connections, command timeout {timeout} ms");
 
         // The gRPC floor on the same connections: a health check does no work at all.

@@ -73,16 +73,33 @@ pub struct RedisConfig {
     /// Prefix of every key quotad writes.
     pub key_prefix: String,
     pub connect_timeout_ms: u64,
-    /// Longest wait for one operation; past it the call fails with UNAVAILABLE.
+    /// Longest wait for one attempt at a call to Redis; past it the attempt has timed out.
     pub command_timeout_ms: u64,
+    /// Longest wait for a call in all (unset: twice `command_timeout_ms`). An attempt that
+    /// timed out is tried once more when that cannot act twice and time is left; past it the
+    /// call fails with UNAVAILABLE. Equal to `command_timeout_ms`: no retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_timeout_ms: Option<u64>,
+    /// Failed calls in a row that open the circuit breaker (1: any failed call does). A failed
+    /// connection opens it at once.
+    pub breaker_consecutive_failures: u32,
+    /// Share of failed calls, in percent, over `breaker_window_ms` that opens the breaker once
+    /// the window holds `breaker_min_calls` calls.
+    pub breaker_failure_percent: u32,
+    pub breaker_window_ms: u64,
+    pub breaker_min_calls: u32,
+    /// How long an open breaker fails calls at once before one call probes Redis.
+    pub breaker_cooldown_ms: u64,
     /// How long an idle account (no activity, no live credits) is kept.
     pub account_ttl_days: u32,
     /// How often expired holds of clients that died are swept.
     pub sweep_interval_ms: u64,
     /// GetUsage is answered from memory when this replica's copy is at most this old.
     pub usage_staleness_ms: u64,
-    /// Whether denials with no route to credits are answered from memory until they can change.
-    pub deny_cache: bool,
+    /// No longer has an effect (the deny cache is gone: it could answer a retried Reserve
+    /// other than its first answer). Accepted, with a warning, so that existing configs start.
+    #[serde(default, skip_serializing)]
+    pub deny_cache: Option<bool>,
     /// Streams the usage export is spread over (`PREFIX:export:{0}` … `{N-1}`), 1 to 1024.
     pub export_shards: u16,
     /// Route charges to the export through per-slot outboxes and the relay on a standalone
@@ -105,11 +122,17 @@ impl Default for RedisConfig {
             cluster_nodes: Vec::new(),
             key_prefix: "quotad".into(),
             connect_timeout_ms: 250,
-            command_timeout_ms: 15,
+            command_timeout_ms: 250,
+            operation_timeout_ms: None,
+            breaker_consecutive_failures: 5,
+            breaker_failure_percent: 50,
+            breaker_window_ms: 1_000,
+            breaker_min_calls: 20,
+            breaker_cooldown_ms: 100,
             account_ttl_days: 400,
             sweep_interval_ms: 100,
             usage_staleness_ms: 250,
-            deny_cache: true,
+            deny_cache: None,
             export_shards: 1,
             export_outbox: false,
             tls_ca_file: None,
@@ -120,8 +143,20 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
+    /// The longest a call waits for Redis in all, retry included.
+    pub fn operation_timeout_ms(&self) -> u64 {
+        self.operation_timeout_ms
+            .unwrap_or(self.command_timeout_ms.saturating_mul(2))
+    }
+
     /// The store's settings, with the TLS files read.
     pub fn settings(&self) -> Result<crate::store::RedisSettings, ConfigError> {
+        if self.deny_cache.is_some() {
+            tracing::warn!(
+                "store.redis.deny_cache no longer has an effect and may be removed: every Reserve \
+                 asks Redis, so that a retried Reserve gets its first answer"
+            );
+        }
         let read = |key: &str, path: &Path| {
             std::fs::read(path).map_err(|e| {
                 ConfigError::Invalid(format!(
@@ -147,9 +182,17 @@ impl RedisConfig {
             key_prefix: self.key_prefix.clone(),
             connect_timeout: std::time::Duration::from_millis(self.connect_timeout_ms),
             command_timeout: std::time::Duration::from_millis(self.command_timeout_ms),
+            operation_timeout: std::time::Duration::from_millis(self.operation_timeout_ms()),
+            breaker: crate::store::redis::BreakerPolicy {
+                consecutive_failures: self.breaker_consecutive_failures,
+                failure_percent: self.breaker_failure_percent,
+                window: std::time::Duration::from_millis(self.breaker_window_ms),
+                min_calls: self.breaker_min_calls,
+                cooldown: std::time::Duration::from_millis(self.breaker_cooldown_ms),
+                probe_timeout: std::time::Duration::from_millis(self.operation_timeout_ms()),
+            },
             account_ttl: std::time::Duration::from_secs(u64::from(self.account_ttl_days) * 86_400),
             usage_staleness: std::time::Duration::from_millis(self.usage_staleness_ms),
-            deny_cache: self.deny_cache,
             sweep_interval: std::time::Duration::from_millis(self.sweep_interval_ms),
             tls: crate::store::RedisTls {
                 ca,
@@ -190,12 +233,43 @@ impl RedisConfig {
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("command_timeout_ms", self.command_timeout_ms),
             ("sweep_interval_ms", self.sweep_interval_ms),
+            ("breaker_cooldown_ms", self.breaker_cooldown_ms),
         ] {
             if value == 0 || value > 60_000 {
                 return Err(format!(
                     "store.redis.{key} must be between 1 and 60000, got {value}"
                 ));
             }
+        }
+        if let Some(total) = self.operation_timeout_ms
+            && !(self.command_timeout_ms..=120_000).contains(&total)
+        {
+            return Err(format!(
+                "store.redis.operation_timeout_ms must be between command_timeout_ms ({}) and \
+                 120000, got {total}",
+                self.command_timeout_ms
+            ));
+        }
+        if !(1..=1_000).contains(&self.breaker_consecutive_failures) {
+            return Err(format!(
+                "store.redis.breaker_consecutive_failures must be between 1 and 1000, got {}",
+                self.breaker_consecutive_failures
+            ));
+        }
+        if !(1..=100).contains(&self.breaker_failure_percent) {
+            return Err(format!(
+                "store.redis.breaker_failure_percent must be between 1 and 100, got {}",
+                self.breaker_failure_percent
+            ));
+        }
+        if !(100..=600_000).contains(&self.breaker_window_ms) {
+            return Err(format!(
+                "store.redis.breaker_window_ms must be between 100 and 600000, got {}",
+                self.breaker_window_ms
+            ));
+        }
+        if self.breaker_min_calls == 0 {
+            return Err("store.redis.breaker_min_calls must be at least 1, got 0".into());
         }
         if self.account_ttl_days < 8 {
             return Err(format!(
@@ -204,6 +278,77 @@ impl RedisConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod redis_config_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_defaults_wait_out_a_slow_redis_and_retry_once() {
+        let settings = RedisConfig::default().settings().unwrap();
+        assert_eq!(settings.command_timeout, Duration::from_millis(250));
+        assert_eq!(settings.operation_timeout, Duration::from_millis(500));
+        assert_eq!(
+            settings.breaker,
+            crate::store::redis::BreakerPolicy {
+                probe_timeout: Duration::from_millis(500),
+                ..Default::default()
+            }
+        );
+        assert_eq!(settings, crate::store::RedisSettings::default());
+    }
+
+    #[test]
+    fn a_call_may_not_wait_less_than_one_attempt() {
+        let config = RedisConfig {
+            command_timeout_ms: 300,
+            operation_timeout_ms: Some(200),
+            ..RedisConfig::default()
+        };
+        let err = config.validate().unwrap_err();
+        assert!(err.contains("store.redis.operation_timeout_ms"), "{err}");
+        // A config from before operation_timeout_ms, with a long command timeout, still starts.
+        let config = RedisConfig {
+            command_timeout_ms: 2_000,
+            ..RedisConfig::default()
+        };
+        config.validate().unwrap();
+        assert_eq!(config.operation_timeout_ms(), 4_000);
+        for (key, config) in [
+            (
+                "breaker_failure_percent",
+                RedisConfig {
+                    breaker_failure_percent: 0,
+                    ..RedisConfig::default()
+                },
+            ),
+            (
+                "breaker_consecutive_failures",
+                RedisConfig {
+                    breaker_consecutive_failures: 0,
+                    ..RedisConfig::default()
+                },
+            ),
+        ] {
+            let err = config.validate().unwrap_err();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn deny_cache_is_still_accepted_and_no_longer_shown() {
+        let config: RedisConfig = Figment::from(Serialized::defaults(RedisConfig::default()))
+            .merge(Toml::string("deny_cache = false\n"))
+            .extract()
+            .unwrap();
+        assert_eq!(config.deny_cache, Some(false));
+        config.validate().unwrap();
+        let mut all = Config::default();
+        all.store.redis = config;
+        assert!(!all.to_toml().contains("deny_cache"));
     }
 }
 

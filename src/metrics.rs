@@ -6,7 +6,6 @@
 //! (plans and products come from config), latencies by method or store operation, errors by
 //! kind. Account ids never appear in a label.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,9 +102,6 @@ pub struct Metrics {
     credits_spent: Counter,
     credits_granted: Family<SourceLabels, Counter>,
     top_ups: Family<OutcomeLabels, Counter>,
-    deny_cache_hits: Counter,
-    /// The store's own count at the last sample, to add only what is new.
-    deny_cache_seen: AtomicU64,
     shed: Counter,
     config_reloads: Family<OutcomeLabels, Counter>,
     config_restart_pending: Gauge,
@@ -204,12 +200,6 @@ impl Metrics {
             "Auto top-up purchases settled, by outcome",
             top_ups.clone(),
         );
-        let deny_cache_hits = Counter::default();
-        registry.register(
-            "deny_cache_hits",
-            "Reserves denied from memory without a store call",
-            deny_cache_hits.clone(),
-        );
         let shed = Counter::default();
         registry.register(
             "shed",
@@ -266,8 +256,6 @@ impl Metrics {
             credits_spent,
             credits_granted,
             top_ups,
-            deny_cache_hits,
-            deny_cache_seen: AtomicU64::new(0),
             shed,
             config_reloads,
             config_restart_pending,
@@ -410,13 +398,8 @@ impl Metrics {
     }
 
     /// Samples what the store knows of itself (called every few hundred ms).
-    pub fn observe_store(&self, up: bool, deny_cache_hits: u64, open_holds: Option<u64>) {
+    pub fn observe_store(&self, up: bool, open_holds: Option<u64>) {
         self.store_up.set(i64::from(up));
-        let before = self
-            .deny_cache_seen
-            .swap(deny_cache_hits, Ordering::Relaxed);
-        self.deny_cache_hits
-            .inc_by(deny_cache_hits.saturating_sub(before));
         let open = match open_holds {
             Some(n) => n,
             None => {
@@ -484,12 +467,11 @@ mod tests {
             &"codex".into(),
         );
         m.rpc("Reserve", tonic::Code::Ok, Duration::from_micros(300));
-        m.observe_store(true, 3, Some(2));
+        m.observe_store(true, Some(2));
         let text = m.render();
         for line in [
             r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",reason="WINDOW_EXHAUSTED",plan="free",product="codex"} 1"#,
             r#"quotad_rpc_responses_total{method="Reserve",code="OK"} 1"#,
-            "quotad_deny_cache_hits_total 3",
             "quotad_open_holds 2",
             "quotad_store_up 1",
         ] {

@@ -1,22 +1,31 @@
 //! The Redis scripts are a port of the Rust rules, so they are held to them directly: seeded
-//! random sequences of operations (reserves, partial and final commits, releases, retries,
-//! grants, plan changes, clock jumps across hold expiry, lot expiry and window resets) run
-//! against the memory store and a Redis store side by side, and every answer must be equal.
+//! random sequences of operations (reserves, retried reserves and request ids reused with
+//! another request, partial and final commits, releases, grants, plan changes, clock jumps
+//! across hold expiry, lot expiry and window resets) run against the memory store and two
+//! Redis replicas side by side (each operation on either replica), and every answer must be
+//! equal.
+//!
+//! The replicas run on the default settings, memory in front included: the one answer allowed
+//! to differ is the one the README documents, a GetUsage answered from the replica's copy of
+//! the account, at most `usage_staleness_ms` old, after another replica changed the account.
+//! Such an answer must then be exactly what the rules said when the copy was read.
+//!
 //! A failure prints the seed and the step; `QUOTAD_DIFF_SEED=N` replays one seed and
 //! `QUOTAD_DIFF_SEEDS=N` runs more of them.
 
 mod support;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use quotad::domain::time::{DAY_MS, HOUR_MS, MINUTE_MS};
 use quotad::domain::top_up::{PaymentResult, TopUpSettings};
 use quotad::domain::{
     Account, CommitCommand, Decision, GrantCommand, LotSource, Policy, PriceSheet, ReleaseCommand,
-    ReserveCommand, RevokeCommand, Timestamp, Usage,
+    ReserveCommand, RevokeCommand, Timestamp, Usage, UsageSnapshot,
 };
 use quotad::domain::{SetTopUpCommand, SettleTopUpCommand};
-use quotad::store::{MemoryStore, RedisStore, Store};
+use quotad::store::{MemoryStore, RedisSettings, RedisStore, Store, StoreError};
 use support::T0;
 
 /// xorshift64*: small, seeded, good enough to pick operations.
@@ -68,22 +77,153 @@ fn usage(rng: &mut Rng, scale: u64) -> Usage {
     }
 }
 
-async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) {
+/// A replica's copy of an account for GetUsage, as the test knows it: what the rules said
+/// (every kept event) when a GetUsage of that replica last read the account.
+struct Copy {
+    taken: Timestamp,
+    snapshot: UsageSnapshot,
+    /// Whether another replica has run an operation on the account since.
+    changed_elsewhere: bool,
+}
+
+/// The Redis replicas, and what each may answer GetUsage from.
+struct Replicas {
+    stores: Vec<RedisStore>,
+    copies: HashMap<(usize, String), Copy>,
+    staleness_ms: i64,
+}
+
+/// How often the cases this test exists for came up, over all seeds.
+#[derive(Debug, Default)]
+struct Seen {
+    retried_after_allow: u64,
+    retried_after_deny: u64,
+    reused_after_allow: u64,
+    reused_after_deny: u64,
+    usage_from_a_copy: u64,
+    reads_across_an_expiry: u64,
+}
+
+impl Replicas {
+    /// Replica `x` ran an operation on `account`: any other replica's copy may now be out of
+    /// date, and `x` forgets its own when the operation went through.
+    fn ran<T>(&mut self, x: usize, account: &str, outcome: &Result<T, StoreError>) {
+        for ((y, a), copy) in &mut self.copies {
+            if a == account && *y != x {
+                copy.changed_elsewhere = true;
+            }
+        }
+        if outcome.is_ok() {
+            self.copies.remove(&(x, account.to_owned()));
+        }
+    }
+
+    /// GetUsage on replica `x`: the rules' answer now or, after another replica changed the
+    /// account, the rules' answer when `x` last read it, within the staleness bound.
+    async fn usage(
+        &mut self,
+        x: usize,
+        memory: &MemoryStore,
+        (account, limit, now): (&str, usize, Timestamp),
+        context: &str,
+        seen: &mut Seen,
+    ) -> Result<UsageSnapshot, StoreError> {
+        // Every kept event, for the copy (one read: a read settles the account at `now`).
+        let full = memory.usage(account, usize::MAX, now).await;
+        let m = full.clone().map(|mut s| {
+            s.recent.truncate(limit);
+            s
+        });
+        let r = self.stores[x].usage(account, limit, now).await;
+        if r == m {
+            if let Ok(snapshot) = full {
+                let copy = Copy {
+                    taken: now,
+                    snapshot,
+                    changed_elsewhere: false,
+                };
+                self.copies.insert((x, account.to_owned()), copy);
+            }
+            return m;
+        }
+        let copy = self
+            .copies
+            .get(&(x, account.to_owned()))
+            .filter(|c| c.changed_elsewhere)
+            .filter(|c| now.as_millis() - c.taken.as_millis() <= self.staleness_ms)
+            .map(|c| {
+                let mut s = c.snapshot.clone();
+                s.recent.truncate(limit);
+                s
+            });
+        match (copy, &r) {
+            (Some(copy), Ok(answer)) if copy == *answer => {
+                seen.usage_from_a_copy += 1;
+                m
+            }
+            _ => {
+                assert_eq!(m, r, "{context}: usage of {account} on replica {x}");
+                unreachable!()
+            }
+        }
+    }
+}
+
+async fn run(
+    seed: u64,
+    steps: usize,
+    replicas: &mut Replicas,
+    memory: &MemoryStore,
+    seen: &mut Seen,
+) {
     let sheet = PriceSheet::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let accounts = ["a", "b", "c"];
     let mut now = T0;
     let mut reservations: Vec<(String, String, Usage)> = Vec::new();
     let mut requests: Vec<ReserveCommand> = Vec::new();
+    // Whether the first answer to (account, request id) was an ALLOW, while it is kept.
+    let mut first_answers: HashMap<(String, String), (bool, Timestamp)> = HashMap::new();
+    let retention_ms = i64::from(policy().limits.idempotency_retention_seconds) * 1_000;
     let mut grants: Vec<GrantCommand> = Vec::new();
     let mut purchases: Vec<(String, String)> = Vec::new();
+    // Whose holds and lots expire when, as the answers told (no extra reads: a read settles).
+    let mut expiries: Vec<(String, i64)> = Vec::new();
     for step in 0..steps {
         let account = rng.pick(&accounts).to_string();
-        let context = format!("seed {seed}, step {step}");
+        let x = rng.below(replicas.stores.len() as u64) as usize;
+        let redis = &replicas.stores[x];
+        let context = format!("seed {seed}, step {step}, replica {x}");
         match rng.below(100) {
             0..=29 => {
-                let cmd = if !requests.is_empty() && rng.below(6) == 0 {
-                    rng.pick(&requests).clone()
+                let cmd = if !requests.is_empty() && rng.below(4) == 0 {
+                    let mut again = rng.pick(&requests).clone();
+                    let reused = rng.below(3) == 0;
+                    if reused {
+                        // The same request id with another request.
+                        match rng.below(3) {
+                            0 => {
+                                again.estimate = usage(&mut rng, 1);
+                                again.cost = sheet.price(&again.estimate).unwrap();
+                            }
+                            1 => again.product = "excel".into(),
+                            _ => again.ttl_ms += MINUTE_MS,
+                        }
+                    }
+                    let key = (again.account_id.clone(), again.request_id.clone());
+                    match first_answers.get(&key) {
+                        Some(&(allowed, at)) if now.as_millis() - at.as_millis() < retention_ms => {
+                            let count = match (allowed, reused) {
+                                (true, false) => &mut seen.retried_after_allow,
+                                (false, false) => &mut seen.retried_after_deny,
+                                (true, true) => &mut seen.reused_after_allow,
+                                (false, true) => &mut seen.reused_after_deny,
+                            };
+                            *count += 1;
+                        }
+                        _ => {}
+                    }
+                    again
                 } else {
                     let estimate = usage(&mut rng, 1);
                     ReserveCommand {
@@ -108,13 +248,28 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.reserve(&cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: reserve");
+                replicas.ran(x, &cmd.account_id, &r);
                 if let Ok(ref out) = m {
+                    let key = (cmd.account_id.clone(), cmd.request_id.clone());
+                    let kept = first_answers
+                        .get(&key)
+                        .is_some_and(|&(_, at)| now.as_millis() - at.as_millis() < retention_ms);
+                    if !out.awaiting_top_up && !kept {
+                        let allowed = matches!(out.decision, Decision::Allow { .. });
+                        first_answers.insert(key, (allowed, now));
+                    }
                     purchases.extend(
                         out.top_up
                             .iter()
                             .map(|p| (cmd.account_id.clone(), p.id.clone())),
                     );
-                    if let Decision::Allow { reservation_id, .. } = &out.decision {
+                    if let Decision::Allow {
+                        reservation_id,
+                        expires_at,
+                        ..
+                    } = &out.decision
+                    {
+                        expiries.push((cmd.account_id.clone(), expires_at.as_millis()));
                         reservations.push((
                             cmd.account_id,
                             reservation_id.to_string(),
@@ -154,14 +309,17 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.commit(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: commit");
+                replicas.ran(x, &account, &r);
                 if let Ok(out) = m {
+                    let renewed = out.receipt.expires_at.map(Timestamp::as_millis);
+                    expiries.extend(renewed.map(|t| (account.clone(), t)));
                     purchases.extend(out.top_up.map(|p| (account, p.id)));
                 }
             }
             55..=62 if !reservations.is_empty() => {
                 let (account, id, _) = rng.pick(&reservations).clone();
                 let cmd = ReleaseCommand {
-                    account_id: account,
+                    account_id: account.clone(),
                     reservation_id: id,
                 };
                 let (m, r) = (
@@ -169,6 +327,7 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.release(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: release");
+                replicas.ran(x, &account, &r);
             }
             63..=70 => {
                 let cmd = if !grants.is_empty() && rng.below(5) == 0 {
@@ -195,11 +354,16 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     }
                 };
                 grants.push(cmd.clone());
+                let granted_to = cmd.account_id.clone();
                 let (m, r) = (
                     memory.grant(cmd.clone(), now).await,
                     redis.grant(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: grant");
+                replicas.ran(x, &granted_to, &r);
+                if let Ok(out) = m {
+                    expiries.push((granted_to.clone(), out.lot.expires_at.as_millis()));
+                }
             }
             71..=72 if !grants.is_empty() => {
                 let grant = rng.pick(&grants).clone();
@@ -212,30 +376,29 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.revoke_grant(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: revoke");
+                replicas.ran(x, &grant.account_id, &r);
                 if let Ok(out) = m {
                     purchases.extend(out.top_up.map(|p| (grant.account_id.clone(), p.id)));
                 }
             }
             73..=78 => {
                 let plan: std::sync::Arc<str> = (*rng.pick(&["free", "go", "plus", "pro"])).into();
-                let account = Account {
-                    id: account,
+                let changed = Account {
+                    id: account.clone(),
                     plan,
                     credit_purchase_allowed: rng.below(4) > 0,
                 };
                 let (m, r) = (
-                    memory.upsert_account(account.clone(), now).await,
-                    redis.upsert_account(account, now).await,
+                    memory.upsert_account(changed.clone(), now).await,
+                    redis.upsert_account(changed, now).await,
                 );
                 assert_eq!(m, r, "{context}: upsert");
+                replicas.ran(x, &account, &r);
             }
             79..=88 => {
                 let limit = rng.below(7) as usize;
-                let (m, r) = (
-                    memory.usage(&account, limit, now).await,
-                    redis.usage(&account, limit, now).await,
-                );
-                assert_eq!(m, r, "{context}: usage of {account}");
+                let read = (account.as_str(), limit, now);
+                let _ = replicas.usage(x, memory, read, &context, seen).await;
             }
             89..=91 => {
                 let threshold = rng.below(20) as i64 * 1_000_000 + rng.below(1_000) as i64;
@@ -260,6 +423,7 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.set_top_up(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: set top-up");
+                replicas.ran(x, &account, &r);
                 if let Ok(out) = m {
                     purchases.extend(out.top_up.map(|p| (account.clone(), p.id)));
                 }
@@ -287,11 +451,30 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
                     redis.settle_top_up(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: settle top-up");
+                replicas.ran(x, &account, &r);
                 if let Ok(out) = m {
                     purchases.extend(out.top_up.map(|p| (account.clone(), p.id)));
                 }
             }
             _ => {
+                let next = (expiries.iter())
+                    .filter(|(_, t)| *t > now.as_millis())
+                    .min_by_key(|(_, t)| *t)
+                    .cloned();
+                if let (0..=1, Some((owner, t))) = (rng.below(6), next) {
+                    // Reads of the account whose hold or lot expires next on one replica, a
+                    // few milliseconds before and at or after the expiry.
+                    let limit = rng.below(7) as usize;
+                    let before =
+                        Timestamp::from_millis((t - 1 - rng.below(3) as i64).max(now.as_millis()));
+                    let read = (owner.as_str(), limit, before);
+                    let _ = replicas.usage(x, memory, read, &context, seen).await;
+                    now = Timestamp::from_millis(t + rng.below(3) as i64);
+                    let read = (owner.as_str(), limit, now);
+                    let _ = replicas.usage(x, memory, read, &context, seen).await;
+                    seen.reads_across_an_expiry += 1;
+                    continue;
+                }
                 let jump = match rng.below(10) {
                     0 => rng.below(3) as i64 * DAY_MS,
                     1..=3 => rng.below(6) as i64 * HOUR_MS,
@@ -301,12 +484,12 @@ async fn run(seed: u64, steps: usize, redis: &RedisStore, memory: &MemoryStore) 
             }
         }
     }
-    for account in accounts {
-        let (m, r) = (
-            memory.usage(account, 10, now).await,
-            redis.usage(account, 10, now).await,
-        );
-        assert_eq!(m, r, "seed {seed}: final usage of {account}");
+    for (x, account) in accounts.iter().enumerate() {
+        let context = format!("seed {seed}: final usage");
+        let x = x % replicas.stores.len();
+        let m = replicas
+            .usage(x, memory, (account, 10, now), &context, seen)
+            .await;
         if let Ok(s) = m {
             let t = s.totals;
             assert_eq!(
@@ -332,10 +515,40 @@ async fn redis_scripts_answer_exactly_as_the_rust_rules() {
     let only: Option<u64> = std::env::var("QUOTAD_DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok());
+    let mut seen = Seen::default();
     for seed in only.map_or(1..=seeds, |s| s..=s) {
-        let settings = support::redis::settings(&server.url(), None);
-        let redis = RedisStore::connect(settings, policy.clone()).await.unwrap();
+        // Two replicas of one deployment, on the default settings but for the key prefix.
+        let prefix = support::redis::fresh_prefix();
+        let mut stores = Vec::new();
+        for _ in 0..2 {
+            let settings = RedisSettings {
+                url: server.url(),
+                key_prefix: prefix.clone(),
+                ..RedisSettings::default()
+            };
+            stores.push(RedisStore::connect(settings, policy.clone()).await.unwrap());
+        }
+        let staleness_ms = RedisSettings::default().usage_staleness.as_millis() as i64;
+        let mut replicas = Replicas {
+            stores,
+            copies: HashMap::new(),
+            staleness_ms,
+        };
         let memory = MemoryStore::new(policy.clone());
-        run(seed, 300, &redis, &memory).await;
+        run(seed, 300, &mut replicas, &memory, &mut seen).await;
+    }
+    println!("{seen:?}");
+    if only.is_none() {
+        assert!(
+            seen.retried_after_allow > 0
+                && seen.retried_after_deny > 0
+                && seen.reused_after_allow > 0
+                && seen.reused_after_deny > 0,
+            "the seeds retried and reused request ids after ALLOW and after DENY: {seen:?}"
+        );
+        assert!(
+            seen.reads_across_an_expiry > 0 && seen.usage_from_a_copy > 0,
+            "the seeds read usage across expiries and from a replica's copy: {seen:?}"
+        );
     }
 }

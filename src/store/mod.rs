@@ -145,11 +145,6 @@ pub trait Store: Send + Sync + 'static {
         StoreHealth::Up
     }
 
-    /// Reserves this replica denied from memory without asking the store, since start.
-    fn deny_cache_hits(&self) -> u64 {
-        0
-    }
-
     /// Open reservations in the whole store, when the store can tell cheaply.
     fn open_holds(&self) -> Option<u64> {
         None

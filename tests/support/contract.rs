@@ -11,8 +11,8 @@ use quotad::domain::time::{HOUR_MS, MINUTE_MS};
 use quotad::domain::top_up::{AttemptOutcome, PaymentResult, TopUpSettings};
 use quotad::domain::{
     Account, Action, CommitCommand, Decision, DenyReason, DomainError, Funding, GrantCommand,
-    LotSource, Policy, PriceSheet, ReleaseCommand, ReserveCommand, RevokeCommand, SetTopUpCommand,
-    SettleTopUpCommand, Timestamp, Usage,
+    LotSource, Policy, PriceSheet, ReleaseCommand, ReserveCommand, ReserveOutcome, RevokeCommand,
+    SetTopUpCommand, SettleTopUpCommand, Timestamp, Usage,
 };
 use quotad::store::{ExportRead, Store, StoreError};
 
@@ -33,12 +33,14 @@ macro_rules! store_contract_tests {
             final_commit_and_release_act_once,
             expired_holds_are_returned,
             reserve_retries_act_once,
+            a_retried_reserve_gets_its_first_answer_whatever_happened_since,
             idempotency_records_last_exactly_the_retention,
             grants_are_idempotent_and_spent_in_order,
             expired_lots_are_never_spent,
             upsert_changes_plan_but_keeps_usage,
             unknown_accounts_and_reservations_are_not_found,
             usage_history_and_conservation,
+            usage_follows_time_to_the_millisecond,
             concurrent_reserves_never_overcommit,
             lifetime_grants_stay_exact,
             revoking_a_grant_takes_back_what_is_left_of_its_lot_once,
@@ -492,6 +494,110 @@ pub async fn reserve_retries_act_once<S: Store>(store: S) {
     assert_eq!(again.decision, deny.decision);
 }
 
+/// Retries `first` (command and first answer) at `now`: the same request gets its first
+/// answer back; the same request id with another estimate or another product is
+/// ALREADY_EXISTS.
+async fn assert_first_answer<S: Store>(
+    store: &S,
+    (cmd, first): &(ReserveCommand, ReserveOutcome),
+    now: Timestamp,
+    after: &str,
+) {
+    let id = &cmd.request_id;
+    let again = store
+        .reserve(cmd, now)
+        .await
+        .unwrap_or_else(|e| panic!("{after}: the retry of {id} failed: {e:?}"));
+    assert_eq!(again.decision, first.decision, "{after}: the retry of {id}");
+    assert_eq!(again.estimate, first.estimate, "{after}: the retry of {id}");
+    let larger = ReserveCommand {
+        estimate: costing(cmd.cost / CREDIT + 1).0,
+        cost: cmd.cost + CREDIT,
+        ..cmd.clone()
+    };
+    let smaller = ReserveCommand {
+        estimate: costing(cmd.cost / CREDIT - 1).0,
+        cost: cmd.cost - CREDIT,
+        ..cmd.clone()
+    };
+    let other_product = ReserveCommand {
+        product: "excel".into(),
+        ..cmd.clone()
+    };
+    for (what, reused) in [
+        ("a larger estimate", larger),
+        ("a smaller estimate", smaller),
+        ("another product", other_product),
+    ] {
+        match store.reserve(&reused, now).await {
+            Err(e) => assert!(
+                matches!(rule(e.clone()), DomainError::AlreadyExists(_)),
+                "{after}: {id} reused with {what}: {e:?}"
+            ),
+            Ok(out) => panic!(
+                "{after}: {id} reused with {what} must be ALREADY_EXISTS, got {:?}",
+                out.decision
+            ),
+        }
+    }
+}
+
+/// A Reserve retried with its request id and payload gets its first answer back whatever
+/// happened to the account since: other reserves filled the window, its hold was released,
+/// time passed (within the retention), an admin changed the plan. The same request id with
+/// another payload is ALREADY_EXISTS, after an ALLOW as after a DENY. Only the record of the
+/// first answer may answer a retry: a store that also remembered denials would deny the
+/// retried ALLOW below once the window is full.
+pub async fn a_retried_reserve_gets_its_first_answer_whatever_happened_since<S: Store>(store: S) {
+    // Free plan: 15 credits in 5 hours, no credits. 5 held, then 11 used: full until the used
+    // credits leave the window, whatever becomes of the hold.
+    let cmd = reserve_cmd("f", "allowed", "codex", 5);
+    let first = (cmd.clone(), store.reserve(&cmd, at(0)).await.unwrap());
+    allowed(&first.1.decision);
+    let (filler, _) = allow(&store, reserve_cmd("f", "filler", "codex", 10), at(0)).await;
+    store
+        .commit(commit_cmd("f", &filler, 11, true), at(0))
+        .await
+        .unwrap();
+    let cmd = reserve_cmd("f", "denied", "codex", 5);
+    let last = (cmd.clone(), store.reserve(&cmd, at(0)).await.unwrap());
+    assert!(
+        matches!(last.1.decision, Decision::Deny(_)),
+        "the window is full"
+    );
+
+    for answer in [&first, &last] {
+        assert_first_answer(&store, answer, at(1), "the window filled").await;
+    }
+    let (id, _) = allowed(&first.1.decision);
+    store
+        .release(release_cmd("f", &id), at(MINUTE_MS))
+        .await
+        .unwrap();
+    for answer in [&first, &last] {
+        assert_first_answer(&store, answer, at(MINUTE_MS), "its hold was released").await;
+    }
+    // Every hold has expired and the window has reset: "denied" would be allowed now.
+    let later = at(6 * HOUR_MS);
+    allow(&store, reserve_cmd("f", "fresh", "codex", 5), later).await;
+    for answer in [&first, &last] {
+        assert_first_answer(&store, answer, later, "the window reset").await;
+    }
+    let upgraded = Account {
+        id: "f".into(),
+        plan: "pro".into(),
+        credit_purchase_allowed: true,
+    };
+    store.upsert_account(upgraded, later).await.unwrap();
+    for answer in [&first, &last] {
+        assert_first_answer(&store, answer, later, "an admin changed the plan").await;
+    }
+    let retention = i64::from(Policy::default().limits.idempotency_retention_seconds) * 1_000;
+    for answer in [&first, &last] {
+        assert_first_answer(&store, answer, at(retention - 1), "the retention's last ms").await;
+    }
+}
+
 /// A Reserve's first answer and a reservation's end are kept for the idempotency retention
 /// from when they were made, to the millisecond, and forgotten after it: the request id may then
 /// be used again, and the reservation is unknown.
@@ -683,6 +789,47 @@ pub async fn usage_history_and_conservation<S: Store>(store: S) {
         (40 * CREDIT, 30 * CREDIT, 10 * CREDIT)
     );
     assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked);
+}
+
+/// A GetUsage reads the account as it is at its instant, to the millisecond: a hold that
+/// expires, a lot that expires and committed usage that leaves the window are gone from a read
+/// made at that instant, even right after a read made one millisecond before.
+pub async fn usage_follows_time_to_the_millisecond<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 0).await;
+    let lot = GrantCommand {
+        expires_at: Some(at(2 * MINUTE_MS)),
+        ..grant_cmd("p", "short", 7)
+    };
+    store.grant(lot, at(0)).await.unwrap();
+    spend(&store, "p", "done", 4, at(0)).await;
+    let mut cmd = reserve_cmd("p", "held", "codex", 3);
+    cmd.ttl_ms = MINUTE_MS;
+    allow(&store, cmd, at(0)).await;
+
+    let before = store.usage("p", 10, at(MINUTE_MS - 1)).await.unwrap();
+    assert_eq!(before.holds.len(), 1);
+    assert_eq!(before.status.windows[0].used, 7 * CREDIT);
+    let after = store.usage("p", 10, at(MINUTE_MS)).await.unwrap();
+    assert!(after.holds.is_empty(), "the hold expired at its instant");
+    assert_eq!(after.status.windows[0].used, 4 * CREDIT);
+
+    let before = store.usage("p", 10, at(2 * MINUTE_MS - 1)).await.unwrap();
+    assert_eq!(before.totals.balance, 7 * CREDIT);
+    let after = store.usage("p", 10, at(2 * MINUTE_MS)).await.unwrap();
+    assert!(after.lots.is_empty(), "the lot expired at its instant");
+    assert_eq!(
+        (after.totals.balance, after.totals.expired),
+        (0, 7 * CREDIT)
+    );
+
+    // T0 is on the hour: the committed usage's 5-minute bucket leaves the 5-hour window 5 hours
+    // after the bucket's end.
+    let leaves = 5 * MINUTE_MS + 5 * HOUR_MS;
+    let before = store.usage("p", 10, at(leaves - 1)).await.unwrap();
+    assert_eq!(before.status.windows[0].used, 4 * CREDIT);
+    let after = store.usage("p", 10, at(leaves)).await.unwrap();
+    assert_eq!(after.status.windows[0].used, 0, "the usage left the window");
+    assert_eq!(after.status.windows[1].used, 4 * CREDIT, "but not the week");
 }
 
 pub async fn concurrent_reserves_never_overcommit<S: Store>(store: S) {

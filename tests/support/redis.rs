@@ -255,17 +255,14 @@ pub fn fresh_prefix() -> String {
     )
 }
 
-/// Settings for a standalone server (or a cluster when `cluster` is given), with a fresh prefix.
-/// Nothing is answered from the replica's memory (no usage staleness, no deny cache): these
-/// settings are for tests of what the store itself answers; the memory in front has its own.
+/// Settings for a standalone server (or a cluster when `cluster` is given), with a fresh prefix,
+/// and the memory in front of Redis as in production (GetUsage within the staleness bound).
 pub fn settings(url: &str, cluster: Option<&RedisCluster>) -> RedisSettings {
     RedisSettings {
         url: url.to_owned(),
         cluster_nodes: cluster.map(RedisCluster::urls).unwrap_or_default(),
         key_prefix: fresh_prefix(),
         command_timeout: Duration::from_millis(2_000),
-        usage_staleness: Duration::ZERO,
-        deny_cache: false,
         // One maintenance step covers the whole slot ring.
         sweep_interval: Duration::from_secs(16),
         ..RedisSettings::default()

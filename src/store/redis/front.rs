@@ -1,6 +1,11 @@
 //! What a replica remembers of the accounts it served, in front of Redis: the last full usage
-//! snapshot (for GetUsage within the staleness bound) and denials that only time or an admin
-//! change can turn (the deny cache). Every entry is a copy; Redis stays the truth.
+//! snapshot, for GetUsage within the staleness bound. Every entry is a copy; Redis stays the
+//! truth. Nothing else is answered from memory: a Reserve's answer depends on its request's
+//! record, which any replica may have written, so every Reserve asks Redis.
+//!
+//! A copy is used only while it is at most `usage_staleness_ms` old and before the first
+//! instant at which time alone changes the account (a hold or a lot expires, usage leaves a
+//! window), so that it differs from Redis only by what other replicas did meanwhile.
 //!
 //! Invalidation: a replica forgets an account's snapshot whenever it changes that account, and
 //! forgets everything about an account when an admin change for it is announced on the admin
@@ -14,23 +19,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
-use crate::domain::{AccountStatus, Decision, Micros, ReserveOutcome, Timestamp, UsageSnapshot};
+use crate::domain::{Timestamp, UsageSnapshot};
 
-#[derive(Debug, Clone)]
-struct CachedDeny {
-    product: String,
-    /// The estimate that was denied; larger ones are denied too.
-    cost: Micros,
-    /// Until when no release of holds could turn the answer (only time or an admin change).
-    until: Timestamp,
-    decision: Decision,
-    status: AccountStatus,
+/// A snapshot, when it was read, and until when time leaves it as it is (`None`: forever).
+#[derive(Debug)]
+struct Copy {
+    taken: Timestamp,
+    until: Option<Timestamp>,
+    snapshot: UsageSnapshot,
 }
 
 #[derive(Debug, Default)]
 struct Entry {
-    snapshot: Option<(Timestamp, UsageSnapshot)>,
-    denies: Vec<CachedDeny>,
+    snapshot: Option<Copy>,
     touched: Timestamp,
 }
 
@@ -80,49 +81,8 @@ impl Front {
         self.stripe(account).fetch_add(1, Ordering::AcqRel);
     }
 
-    /// A remembered denial for an estimate of `cost` on `product`, if one still holds at `now`.
-    pub fn deny(
-        &self,
-        account: &str,
-        product: &str,
-        cost: Micros,
-        now: Timestamp,
-    ) -> Option<(Decision, AccountStatus)> {
-        let entry = self.accounts.get(account)?;
-        let hit = entry
-            .denies
-            .iter()
-            .find(|d| d.product == product && cost >= d.cost && now < d.until)?;
-        Some((hit.decision.clone(), hit.status.clone()))
-    }
-
-    /// Remembers a denial read at `read`, for (account, product), unless it raced a change.
-    pub fn remember_deny(
-        &self,
-        read: ReadVersion,
-        (account, product): (&str, &str),
-        until: Timestamp,
-        outcome: &ReserveOutcome,
-        now: Timestamp,
-    ) {
-        if self.version(account) != read {
-            return;
-        }
-        let mut entry = self.accounts.entry(account.to_owned()).or_default();
-        entry.touched = now;
-        entry
-            .denies
-            .retain(|d| d.product != product && now < d.until);
-        entry.denies.push(CachedDeny {
-            product: product.to_owned(),
-            cost: outcome.estimate,
-            until,
-            decision: outcome.decision.clone(),
-            status: outcome.status.clone(),
-        });
-    }
-
-    /// The last snapshot of `account` if it was taken at most `staleness_ms` before `now`.
+    /// The last snapshot of `account` if it was taken at most `staleness_ms` before `now` and
+    /// time has not changed the account since.
     pub fn snapshot(
         &self,
         account: &str,
@@ -130,25 +90,31 @@ impl Front {
         staleness_ms: i64,
     ) -> Option<UsageSnapshot> {
         let entry = self.accounts.get(account)?;
-        let (taken, snapshot) = entry.snapshot.as_ref()?;
-        let age = now.as_millis() - taken.as_millis();
-        (staleness_ms > 0 && (0..=staleness_ms).contains(&age)).then(|| snapshot.clone())
+        let copy = entry.snapshot.as_ref()?;
+        let age = now.as_millis() - copy.taken.as_millis();
+        let fresh = staleness_ms > 0 && (0..=staleness_ms).contains(&age);
+        (fresh && copy.until.is_none_or(|until| now < until)).then(|| copy.snapshot.clone())
     }
 
-    /// Remembers a snapshot read at `read`, unless it raced a change.
+    /// Remembers a snapshot read at `read`, taken at `now` and left as it is by time until
+    /// `until`, unless the read raced a change.
     pub fn remember_snapshot(
         &self,
         read: ReadVersion,
         account: &str,
         snapshot: &UsageSnapshot,
-        now: Timestamp,
+        (now, until): (Timestamp, Option<Timestamp>),
     ) {
         if self.version(account) != read {
             return;
         }
         let mut entry = self.accounts.entry(account.to_owned()).or_default();
         entry.touched = now;
-        entry.snapshot = Some((now, snapshot.clone()));
+        entry.snapshot = Some(Copy {
+            taken: now,
+            until,
+            snapshot: snapshot.clone(),
+        });
     }
 
     /// This replica changed the account: its snapshot is out of date.
@@ -170,11 +136,10 @@ impl Front {
         self.accounts.clear();
     }
 
-    /// Drops entries untouched since `idle_before` whose denials have all lapsed, so memory
-    /// follows the accounts in use, not every account ever seen.
-    pub fn prune(&self, now: Timestamp, idle_before: Timestamp) {
-        self.accounts
-            .retain(|_, e| e.touched >= idle_before || e.denies.iter().any(|d| now < d.until));
+    /// Drops entries untouched since `idle_before`, so memory follows the accounts in use, not
+    /// every account ever seen.
+    pub fn prune(&self, idle_before: Timestamp) {
+        self.accounts.retain(|_, e| e.touched >= idle_before);
     }
 
     pub fn len(&self) -> usize {
@@ -214,18 +179,43 @@ mod tests {
         let now = Timestamp::from_millis(1_000);
         let read = front.version("a");
         front.changed("a"); // a change lands while the read is on its way
-        front.remember_snapshot(read, "a", &snapshot(), now);
+        front.remember_snapshot(read, "a", &snapshot(), (now, None));
         assert_eq!(front.snapshot("a", now, 250), None);
         let read = front.version("a");
-        front.remember_snapshot(read, "a", &snapshot(), now);
+        front.remember_snapshot(read, "a", &snapshot(), (now, None));
         assert!(front.snapshot("a", now, 250).is_some());
         let read = front.version("a");
         front.forget_all();
-        front.remember_snapshot(read, "a", &snapshot(), now);
+        front.remember_snapshot(read, "a", &snapshot(), (now, None));
         assert_eq!(
             front.snapshot("a", now, 250),
             None,
             "a lost channel invalidates every read in flight"
+        );
+    }
+
+    #[test]
+    fn a_copy_lasts_the_staleness_bound_but_not_past_a_change_made_by_time() {
+        let front = Front::default();
+        let at = Timestamp::from_millis;
+        let read = front.version("a");
+        front.remember_snapshot(read, "a", &snapshot(), (at(1_000), None));
+        assert!(front.snapshot("a", at(1_250), 250).is_some());
+        assert_eq!(front.snapshot("a", at(1_251), 250), None, "too old");
+        assert_eq!(front.snapshot("a", at(999), 250), None, "taken later");
+        assert_eq!(
+            front.snapshot("a", at(1_000), 0),
+            None,
+            "no staleness allowed"
+        );
+        // A hold of the copy expires at 1,100.
+        let read = front.version("a");
+        front.remember_snapshot(read, "a", &snapshot(), (at(1_000), Some(at(1_100))));
+        assert!(front.snapshot("a", at(1_099), 250).is_some());
+        assert_eq!(
+            front.snapshot("a", at(1_100), 250),
+            None,
+            "the hold expired"
         );
     }
 }

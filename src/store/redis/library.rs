@@ -65,6 +65,31 @@ impl Operation {
         }
     }
 
+    /// Whether running the call twice with the same arguments acts as running it once, so that
+    /// an attempt that timed out (and may yet run in Redis) may be sent again. The retry runs
+    /// at the same `now` as the first attempt, queued behind it on the same connection, and
+    /// finds what the first did:
+    /// - Reserve: the first answer is recorded by request id; the retry replays it.
+    /// - Commit: final, recorded by reservation id and replayed; partial, the usage is
+    ///   cumulative, so the retry charges the difference to what is charged already (none),
+    ///   renews the same hold to the same expiry, and records no second usage event.
+    /// - Release, Revoke: recorded by reservation and grant id; Grant: by grant id.
+    /// - SetTopUp and Upsert set values; a purchase starts only while none is in flight (the
+    ///   one the first attempt started is), and a purchase's settlement acts only while that
+    ///   purchase is in flight (SettleTopUp).
+    /// - Account and Usage read; Sweep settles what time has done, which settling again finds
+    ///   done.
+    ///
+    /// A retry's answer tells of the state the first attempt left: a partial Commit's says
+    /// `charged` 0 (the total is right), and an answer never names a purchase the first attempt
+    /// started (the stalled-purchase sweep pays it after `payments.resume_after_ms`), as for a
+    /// client retrying a call whose answer it lost.
+    ///
+    /// RLS is not: each run counts its hits.
+    pub fn retry_safe(self) -> bool {
+        !matches!(self, Operation::Rls)
+    }
+
     fn body(self) -> &'static str {
         match self {
             Operation::Reserve => include_str!("lua/reserve.lua"),

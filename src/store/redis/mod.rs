@@ -9,7 +9,11 @@
 //!
 //! Connections are multiplexed (one pipelined connection per node, shared by every call), with
 //! short connect and response timeouts, and reconnect on their own. A call that cannot reach
-//! Redis in time fails with [`StoreError::Unavailable`]; it never hangs.
+//! Redis in time fails with [`StoreError::Unavailable`]; it never hangs. A slow Redis is not a
+//! down one: an attempt that times out is tried once more when running it twice cannot act
+//! twice (every account function; see [`Operation::retry_safe`]), within the call's own time
+//! limit, and the circuit breaker ([`health`]) opens on a failed connection or on sustained
+//! failure, not on one slow call.
 
 mod export;
 mod front;
@@ -20,7 +24,7 @@ mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -46,7 +50,8 @@ use crate::domain::{
     SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
 use front::Front;
-use health::Health;
+pub use health::BreakerPolicy;
+use health::{Failure, Health};
 use wire::Reply;
 
 /// How to reach Redis and how long to wait for it.
@@ -60,14 +65,19 @@ pub struct RedisSettings {
     /// Prefix of every key, so several deployments (or tests) can share a Redis.
     pub key_prefix: String,
     pub connect_timeout: Duration,
-    /// Longest wait for one script's answer.
+    /// Longest wait for one attempt at a call: past it the attempt has timed out.
     pub command_timeout: Duration,
+    /// Longest wait for a call in all (never less than `command_timeout`): a call whose
+    /// attempt timed out is tried once more, if that cannot act twice and time is left. Equal
+    /// to `command_timeout`: never retried.
+    pub operation_timeout: Duration,
+    /// When the circuit breaker opens, and for how long (its `probe_timeout` is overridden by
+    /// `operation_timeout`, a call's whole wait).
+    pub breaker: BreakerPolicy,
     /// How long an account with no activity and no live credits is kept.
     pub account_ttl: Duration,
     /// GetUsage is answered from this replica's memory when its copy is at most this old.
     pub usage_staleness: Duration,
-    /// Whether denials with no route to credits are answered from memory until they can change.
-    pub deny_cache: bool,
     /// How often expired holds of clients that died are swept.
     pub sweep_interval: Duration,
     /// TLS (`rediss://`) material in PEM, when the system's trust store is not the one to use.
@@ -80,6 +90,13 @@ pub struct RedisSettings {
     /// of one slot; a standalone Redis's Commit appends to the export stream itself, in the
     /// charge's own atomic step. For proxies that shard a "standalone" endpoint.
     pub export_outbox: bool,
+}
+
+impl RedisSettings {
+    /// The longest a call waits in all.
+    fn call_timeout(&self) -> Duration {
+        self.operation_timeout.max(self.command_timeout)
+    }
 }
 
 /// PEM bytes for TLS to Redis: a CA to trust instead of the system's roots, and a client
@@ -132,10 +149,11 @@ impl Default for RedisSettings {
             cluster_nodes: Vec::new(),
             key_prefix: "quotad".into(),
             connect_timeout: Duration::from_millis(250),
-            command_timeout: Duration::from_millis(15),
+            command_timeout: Duration::from_millis(250),
+            operation_timeout: Duration::from_millis(500),
+            breaker: BreakerPolicy::default(),
             account_ttl: Duration::from_millis(400 * DAY_MS as u64),
             usage_staleness: Duration::from_millis(250),
-            deny_cache: true,
             sweep_interval: Duration::from_millis(100),
             tls: RedisTls::default(),
             export_shards: 1,
@@ -193,7 +211,8 @@ pub struct RedisStore {
     settings: RedisSettings,
     front: Arc<Front>,
     health: Health,
-    deny_cache_hits: AtomicU64,
+    /// Calls whose first attempt timed out and that were tried again, since start.
+    retried: AtomicU64,
     /// Where the next maintenance tick's sweep starts.
     sweep_cursor: AtomicU16,
     /// Where the next look for stalled purchases starts.
@@ -216,9 +235,6 @@ impl Drop for RedisStore {
 /// hold indexes, probing outboxes, looking for stalled purchases), whatever their interval.
 const RING_ROUND: Duration = Duration::from_secs(16);
 
-/// How long calls fail at once after Redis could not be reached, before one tries again.
-const BREAKER_COOLDOWN: Duration = Duration::from_millis(100);
-
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
@@ -240,11 +256,13 @@ impl RedisStore {
             |e: redis::RedisError| StoreError::Unavailable(format!("cannot connect to Redis: {e}"));
         let conn = if settings.cluster_nodes.is_empty() {
             let client = settings.tls.client(&settings.url).map_err(unavailable)?;
+            // One connection attempt per reconnection, no retry after a backoff: while Redis is
+            // down the breaker paces the attempts (one probe per cool-down), and a probe that
+            // waited out a backoff would hold its caller for nothing.
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(settings.connect_timeout))
-                .set_response_timeout(Some(settings.command_timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500));
+                .set_response_timeout(Some(backstop(&settings)))
+                .set_number_of_retries(0);
             let manager = tokio::time::timeout(
                 settings.connect_timeout * 2,
                 ConnectionManager::new_with_config(client, config),
@@ -257,7 +275,7 @@ impl RedisStore {
             let mut builder =
                 redis::cluster::ClusterClient::builder(settings.cluster_nodes.clone())
                     .connection_timeout(settings.connect_timeout)
-                    .response_timeout(settings.command_timeout)
+                    .response_timeout(backstop(&settings))
                     .retries(1);
             if let Some(certs) = settings.tls.certificates() {
                 builder = builder.certs(certs);
@@ -274,6 +292,10 @@ impl RedisStore {
         };
         let front = Arc::new(Front::default());
         let subscriber = spawn_subscriber(&settings, front.clone());
+        let health = Health::new(BreakerPolicy {
+            probe_timeout: settings.call_timeout(),
+            ..settings.breaker
+        });
         let store = RedisStore {
             policy_json: policy_json(&policy, &settings),
             export_max_len: if settings.cluster_nodes.is_empty() && !settings.export_outbox {
@@ -286,8 +308,8 @@ impl RedisStore {
             policy,
             settings,
             front,
-            health: Health::new(BREAKER_COOLDOWN),
-            deny_cache_hits: AtomicU64::new(0),
+            health,
+            retried: AtomicU64::new(0),
             sweep_cursor: AtomicU16::new(start_slice()),
             purchase_cursor: AtomicU16::new(start_slice()),
             subscriber,
@@ -324,9 +346,9 @@ impl RedisStore {
         self.front.len()
     }
 
-    /// Reserves answered from the deny cache without a Redis call, since start.
-    pub fn deny_cache_hits(&self) -> u64 {
-        self.deny_cache_hits.load(Ordering::Relaxed)
+    /// Calls whose first attempt timed out and that were tried again, since start.
+    pub fn retried_calls(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
     }
 
     /// Whether a Commit appends its event to the export stream itself (given as its last key),
@@ -356,7 +378,7 @@ impl RedisStore {
             .arg(now.as_millis())
             .arg(account_id)
             .arg(args);
-        let text = self.invoke(&call).await?;
+        let text = self.invoke(&call, op).await?;
         match wire::decode_reply::<T>(&text).map_err(|e| {
             StoreError::Internal(format!("cannot decode script answer ({e}): {text}"))
         })? {
@@ -368,43 +390,90 @@ impl RedisStore {
         }
     }
 
-    /// Runs an `FCALL`: failing at once while the breaker is open, within the command timeout,
-    /// loading the library again if Redis lost it, and telling the breaker how Redis answered.
-    async fn invoke(&self, call: &Cmd) -> Result<String, StoreError> {
+    /// Runs an `FCALL` of `op`: failing at once while the breaker is open; each attempt within
+    /// the command timeout; an attempt that timed out tried once more if `op` is safe to run
+    /// twice and the call's time (the operation timeout) is not up; telling the breaker how
+    /// the call ended.
+    async fn invoke(&self, call: &Cmd, op: Operation) -> Result<String, StoreError> {
         self.health.check().map_err(|e| {
             StoreError::Unavailable(format!("Redis is unreachable ({e}); retrying shortly"))
         })?;
+        let started = Instant::now();
         let mut conn = self.conn.clone();
-        let timeout = self.settings.command_timeout;
-        let mut answer = tokio::time::timeout(timeout, call.query_async::<String>(&mut conn)).await;
+        let mut retried = false;
+        loop {
+            let left = self
+                .settings
+                .call_timeout()
+                .saturating_sub(started.elapsed());
+            let timeout = self.settings.command_timeout.min(left);
+            let (failure, error) = match self.attempt(&mut conn, call, timeout).await {
+                Ok(text) => {
+                    self.health.succeeded();
+                    return Ok(text);
+                }
+                Err(Missed::Script(error)) => {
+                    // Redis answered: a bug in a function, not a Redis outage.
+                    self.health.succeeded();
+                    return Err(StoreError::Internal(format!("function failed: {error}")));
+                }
+                Err(Missed::TimedOut) => {
+                    // The attempt may still run in Redis: only a call that acts once however
+                    // often it runs may go again, and only while calls go through at all.
+                    let time_left = started.elapsed() < self.settings.call_timeout();
+                    if op.retry_safe() && !retried && time_left && self.health.is_closed() {
+                        retried = true;
+                        self.retried.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(?timeout, "Redis did not answer in time; trying again");
+                        continue;
+                    }
+                    let tries = if retried { " (tried twice)" } else { "" };
+                    let waited = started.elapsed().as_millis();
+                    let error = format!("Redis did not answer within {waited} ms{tries}");
+                    (Failure::Call, error)
+                }
+                Err(Missed::Connection(e)) => (Failure::Connection, format!("Redis: {e}")),
+                Err(Missed::Error(e)) => (Failure::Call, format!("Redis: {e}")),
+            };
+            self.health.failed(failure, &error);
+            return Err(StoreError::Unavailable(error));
+        }
+    }
+
+    /// One attempt at a call, within `timeout`; loads the library again if Redis lost it.
+    async fn attempt(
+        &self,
+        conn: &mut Connection,
+        call: &Cmd,
+        timeout: Duration,
+    ) -> Result<String, Missed> {
+        let mut answer = tokio::time::timeout(timeout, call.query_async::<String>(conn)).await;
         if let Ok(Err(e)) = &answer
             && e.to_string().contains("Function not found")
         {
             tracing::info!("Redis lost the function library; loading it again");
-            self.load_library().await?;
-            answer = tokio::time::timeout(timeout, call.query_async::<String>(&mut conn)).await;
+            self.load_library()
+                .await
+                .map_err(|e| Missed::Error(e.to_string()))?;
+            answer = tokio::time::timeout(timeout, call.query_async::<String>(conn)).await;
         }
-        let text = match answer {
-            Ok(Ok(text)) => text,
-            // A Lua error: a bug in a function, not a Redis outage.
+        match answer {
+            Ok(Ok(text)) => Ok(text),
             Ok(Err(e))
                 if matches!(e.kind(), redis::ErrorKind::Server(_))
                     && e.to_string().contains("user_function") =>
             {
-                return Err(StoreError::Internal(format!("function failed: {e}")));
+                Err(Missed::Script(e.to_string()))
             }
-            Ok(Err(e)) => {
-                self.health.failed(&e.to_string());
-                return Err(StoreError::Unavailable(format!("Redis: {e}")));
+            Ok(Err(e)) if e.is_timeout() => Err(Missed::TimedOut),
+            // Refused, reset, closed, or no connection could be made.
+            Ok(Err(e)) if e.is_io_error() || e.is_unrecoverable_error() => {
+                Err(Missed::Connection(e.to_string()))
             }
-            Err(_) => {
-                let error = format!("Redis did not answer within {timeout:?}");
-                self.health.failed(&error);
-                return Err(StoreError::Unavailable(error));
-            }
-        };
-        self.health.succeeded();
-        Ok(text)
+            // An error answer (LOADING, BUSY, READONLY, OOM, …) or a client-side error.
+            Ok(Err(e)) => Err(Missed::Error(e.to_string())),
+            Err(_) => Err(Missed::TimedOut),
+        }
     }
 
     /// Settles every account whose earliest hold expired at or before `now`, in every slot;
@@ -516,6 +585,25 @@ impl RedisStore {
     }
 }
 
+/// How an attempt at a call got no answer.
+enum Missed {
+    /// None came within the attempt's time.
+    TimedOut,
+    /// The connection failed.
+    Connection(String),
+    /// Redis answered with an error.
+    Error(String),
+    /// A function raised a Lua error.
+    Script(String),
+}
+
+/// The connections' own response timeout: later than any of this store's own time limits (so
+/// that those decide, and tell a timeout from a failed connection), for the few commands that
+/// have none (loading the library, reading the purchase index).
+fn backstop(settings: &RedisSettings) -> Duration {
+    (settings.command_timeout * 10).max(settings.call_timeout() * 2)
+}
+
 /// The policy as the scripts read it: plan limits and routes, products' credit flags, and the
 /// retention and lifetime settings.
 fn policy_json(policy: &Policy, settings: &RedisSettings) -> String {
@@ -583,22 +671,6 @@ impl Store for RedisStore {
         cmd: &ReserveCommand,
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
-        if self.settings.deny_cache {
-            if let Some((decision, status)) =
-                self.front
-                    .deny(&cmd.account_id, &cmd.product, cmd.cost, now)
-            {
-                self.deny_cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(ReserveOutcome {
-                    decision,
-                    estimate: cmd.cost,
-                    status,
-                    top_up: None,
-                    awaiting_top_up: false,
-                    shadow_denial: None,
-                });
-            }
-        }
         let args = [
             cmd.request_id.as_str(),
             &cmd.cost.to_string(),
@@ -610,11 +682,13 @@ impl Store for RedisStore {
             &cmd.estimate.model,
             if cmd.wait_for_top_up { "1" } else { "0" },
         ];
-        let read = self.front.version(&cmd.account_id);
+        // Every Reserve asks Redis: only the record of a request's first answer may answer its
+        // retries, and records written by other replicas are only in Redis.
         let reply: wire::ReserveJ = self
             .run(Operation::Reserve, &cmd.account_id, now, &args)
             .await?;
-        let outcome = ReserveOutcome {
+        self.front.changed(&cmd.account_id);
+        Ok(ReserveOutcome {
             decision: reply.decision.into_decision(&self.policy),
             estimate: reply.estimate,
             status: reply.status.into(),
@@ -623,15 +697,7 @@ impl Store for RedisStore {
             shadow_denial: reply
                 .shadow
                 .map(|facts| Box::new(facts.into_denial(&self.policy))),
-        };
-        if let (true, Some(until)) = (self.settings.deny_cache, reply.cache_until) {
-            let until = Timestamp::from_millis(until);
-            self.front
-                .remember_deny(read, (&cmd.account_id, &cmd.product), until, &outcome, now);
-        }
-        // After remembering: this replica's own change must not make its own denial look raced.
-        self.front.changed(&cmd.account_id);
-        Ok(outcome)
+        })
     }
 
     async fn commit(
@@ -801,9 +867,10 @@ impl Store for RedisStore {
                 let reply: wire::SnapshotJ = self
                     .run(Operation::Usage, account_id, now, &[&keep])
                     .await?;
+                let until = reply.stable_until.map(Timestamp::from_millis);
                 let snapshot = reply.into_snapshot().map_err(StoreError::Internal)?;
                 self.front
-                    .remember_snapshot(read, account_id, &snapshot, now);
+                    .remember_snapshot(read, account_id, &snapshot, (now, until));
                 snapshot
             }
         };
@@ -829,15 +896,11 @@ impl Store for RedisStore {
             Ok(n) => tracing::debug!(events = n, "relayed usage events to the export stream"),
             Err(e) => tracing::debug!("export relay skipped: {e}"),
         }
-        self.front.prune(now, now.plus_millis(-MINUTE_MS));
+        self.front.prune(now.plus_millis(-MINUTE_MS));
     }
 
     fn health(&self) -> StoreHealth {
         self.health.status()
-    }
-
-    fn deny_cache_hits(&self) -> u64 {
-        RedisStore::deny_cache_hits(self)
     }
 
     async fn rls_check(
@@ -860,7 +923,7 @@ impl Store for RedisStore {
                 .arg(check.limit)
                 .arg(check.hits);
         }
-        let text = self.invoke(&call).await?;
+        let text = self.invoke(&call, Operation::Rls).await?;
         let answers: Vec<wire::RlsJ> = serde_json::from_str(&text)
             .map_err(|e| StoreError::Internal(format!("cannot decode rls answer ({e}): {text}")))?;
         Ok(answers.into_iter().map(Into::into).collect())

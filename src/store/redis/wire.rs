@@ -212,8 +212,6 @@ pub struct ReserveJ {
     pub decision: DecisionJ,
     pub estimate: i64,
     pub status: StatusJ,
-    /// On a deny that only time or an admin change can turn: until when it holds.
-    pub cache_until: Option<i64>,
     pub top_up: Option<PurchaseJ>,
     /// Short of credits while a purchase is in flight, and not recorded.
     #[serde(default)]
@@ -421,6 +419,8 @@ pub struct SnapshotJ {
     pub totals: TotalsJ,
     pub credit_held: i64,
     pub top_up: TopUpViewJ,
+    /// The first instant at which time alone changes the snapshot, if any.
+    pub stable_until: Option<i64>,
 }
 
 impl SnapshotJ {

@@ -2,13 +2,11 @@
 -- first sight. ARGV 4 request id, 5 cost, 6 product, 7 plan hint ('' = default), 8 ttl (ms),
 -- 9 reservation id, 10 request fingerprint, 11 estimate model, 12 wait for top-up (1/0).
 -- Returns {decision: {allow: {id, held, expires_at}} | {deny: facts}, estimate, status,
--- cache_until?}. cache_until, on a deny with no route to credits, is when this estimate could
--- fit even if every hold were released: until then only time or an admin change can turn the
--- answer, so a replica may repeat it from memory (the deny cache). With ARGV 12 = 1, a deny for
--- want of credits while an auto top-up purchase is in flight is answered with awaiting = true
--- and not recorded, so that quotad may wait for the purchase and ask again. In shadow mode
--- (plan.shadow) what would be a deny is allowed, held on the plan, and answered with the deny's
--- facts as shadow.
+-- shadow?}. The first answer to a request id is recorded, and a retry gets it back. With
+-- ARGV 12 = 1, a deny for want of credits while an auto top-up purchase is in flight is answered
+-- with awaiting = true and not recorded, so that quotad may wait for the purchase and ask again.
+-- In shadow mode (plan.shadow) what would be a deny is allowed, held on the plan, and answered
+-- with the deny's facts as shadow.
 local request_id, cost, product, hint = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local ttl, rid, fp, model = tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
 
@@ -42,7 +40,7 @@ end
 -- Shadow mode: the work goes ahead, held on the plan beyond its limits.
 local shadow
 if not hp and plan.shadow then shadow, hp, hc = hc, cost, 0 end
-local decision, cache_until
+local decision
 if hp then
   local r = {
     id = rid, product = product, estimate = cost, ttl = ttl, hp = hp, hc = hc, cp = 0, cc = 0, ex = NOW + ttl,
@@ -53,14 +51,9 @@ if hp then
   decision = format('{"allow":{"id":%s,"held":{"plan":%d,"credit":%d},"expires_at":%d}}', encode(rid), hp, hc, r.ex)
 else
   decision = J({ deny = hc })
-  if hc.shortfall ~= 'credits' then
-    local _, free_at = plan_refill(plan, cost, 0)
-    cache_until = free_at
-  end
 end
 write_record(K_REQ, K_REQZ, request_id, format('{"fp":%s,"d":%s,"e":"%d"}', encode(fp), encode(decision), cost))
 local top_up = tu_check()
 finish()
-return format('{"decision":%s,"estimate":%d,"status":%s%s%s%s}', decision, cost, status_text(plan),
-  member('cache_until', cache_until and int(cache_until)), member('top_up', top_up),
-  member('shadow', shadow and J(shadow)))
+return format('{"decision":%s,"estimate":%d,"status":%s%s%s}', decision, cost, status_text(plan),
+  member('top_up', top_up), member('shadow', shadow and J(shadow)))
