@@ -200,16 +200,15 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
+/// The header of `token`; an empty one (an exported but empty variable) is no token.
 fn bearer(flag: &str, token: Option<&str>) -> anyhow::Result<Bearer> {
-    let Some(token) = token else {
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
         return Ok(Bearer(None));
     };
-    if token.is_empty() {
-        bail!("{flag} is empty");
-    }
+    let printable = token.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
     match format!("Bearer {token}").parse() {
-        Ok(value) => Ok(Bearer(Some(value))),
-        Err(_) => bail!("{flag} must be printable ASCII (it goes in a header)"),
+        Ok(value) if printable => Ok(Bearer(Some(value))),
+        _ => bail!("{flag} must be printable ASCII (it goes in a header)"),
     }
 }
 
@@ -362,6 +361,24 @@ fn private_key(file: &Path) -> anyhow::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_must_fit_a_header_and_empty_is_none() {
+        assert!(bearer("--token", None).unwrap().0.is_none());
+        assert!(bearer("--token", Some("")).unwrap().0.is_none());
+        let value = bearer("--token", Some("s3cret")).unwrap().0.unwrap();
+        assert_eq!(value.to_str().unwrap(), "Bearer s3cret");
+        for bad in ["é", "a\nb", "tab\t"] {
+            let err = bearer("--quota-token", Some(bad))
+                .err()
+                .unwrap()
+                .to_string();
+            assert_eq!(
+                err,
+                "--quota-token must be printable ASCII (it goes in a header)"
+            );
+        }
+    }
 
     #[test]
     fn addresses_need_a_scheme_and_say_how() {
