@@ -3,6 +3,10 @@
 //! scrapers and probes need no gRPC client and no credentials; keep the port inside the
 //! cluster (the Helm chart's NetworkPolicy does).
 //!
+//! Every answer carries `quotad-grpc-listen` (the gRPC listen address) and `quotad-grpc-tls`
+//! (`true` or `false`), so a gRPC client pointed at this port by mistake (`quotactl` does this)
+//! can say which port to use instead.
+//!
 //! Readiness follows the serving phase only: not ready while starting (the store has not
 //! answered yet) and while draining. A store outage after start is reported in the body and
 //! in metrics but keeps the pod ready: one shared dependency must not take every pod out.
@@ -16,6 +20,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -70,11 +75,19 @@ impl Readiness {
     }
 }
 
+/// Where quotad serves gRPC, as the HTTP port tells it.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcPort {
+    pub listen: std::net::SocketAddr,
+    pub tls: bool,
+}
+
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    grpc: Option<GrpcPort>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
@@ -92,7 +105,15 @@ pub async fn serve(
         let (metrics, readiness) = (metrics.clone(), readiness.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let answer = answer(&request, &metrics, &readiness);
+                let mut answer = answer(&request, &metrics, &readiness);
+                if let Some(grpc) = grpc {
+                    let headers = answer.headers_mut();
+                    if let Ok(listen) = HeaderValue::from_str(&grpc.listen.to_string()) {
+                        headers.insert("quotad-grpc-listen", listen);
+                    }
+                    let tls = if grpc.tls { "true" } else { "false" };
+                    headers.insert("quotad-grpc-tls", HeaderValue::from_static(tls));
+                }
                 async move { Ok::<_, Infallible>(answer) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -128,11 +128,20 @@ where
 
     // The HTTP port outlives the drain, so probes see "draining" while calls finish.
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let grpc_port = listeners
+        .grpc
+        .local_addr()
+        .ok()
+        .map(|listen| crate::http::GrpcPort {
+            listen,
+            tls: settings.tls.is_some(),
+        });
     let http = listeners.http.map(|listener| {
         tokio::spawn(crate::http::serve(
             listener,
             settings.metrics.clone(),
             readiness.clone(),
+            grpc_port,
             async move {
                 let _ = http_stopped.await;
             },

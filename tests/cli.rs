@@ -1,27 +1,41 @@
 //! `quotactl` against a real quotad: human output, `--json`, denials exiting 0, bad input and
-//! missing credentials exiting 1 with a clear message.
+//! missing credentials exiting 1 with one line that says what to do; the quota token on
+//! QuotaService and Envoy RLS calls; TLS and mTLS; and the words for a wrong address (no
+//! scheme, quotad's HTTP port, the wrong scheme for the server's TLS).
 
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use quotad::config::StoreKind;
 use serde_json::Value;
+use support::process::Quotad;
 use support::{ADMIN_TOKEN, TestServer};
 
-async fn quotactl(server: &TestServer, args: &[&str], token: Option<&str>) -> Output {
+/// Runs quotactl with `args` and `env` added, and none of the caller's quotactl or quotad
+/// variables, so each test says everything it means.
+async fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_quotactl"));
-    cmd.arg("--addr")
-        .arg(server.url())
-        .args(args)
-        .env_remove("QUOTAD_ADMIN_TOKEN")
-        .env_remove("QUOTACTL_ADDR");
-    if let Some(token) = token {
-        cmd.env("QUOTAD_ADMIN_TOKEN", token);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("QUOTACTL_") || key.starts_with("QUOTAD_") {
+            cmd.env_remove(key);
+        }
     }
+    cmd.args(args).envs(env.iter().copied());
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap()
+}
+
+async fn quotactl(server: &TestServer, args: &[&str], token: Option<&str>) -> Output {
+    let url = server.url();
+    let addr = ["--addr", url.as_str()];
+    let env: Vec<(&str, &str)> = token
+        .map(|t| ("QUOTAD_ADMIN_TOKEN", t))
+        .into_iter()
+        .collect();
+    run(&[&addr[..], args].concat(), &env).await
 }
 
 fn stdout(out: &Output) -> String {
@@ -35,6 +49,37 @@ fn stdout(out: &Output) -> String {
 
 fn json(out: &Output) -> Value {
     serde_json::from_str(&stdout(out)).unwrap()
+}
+
+/// A failure's message: exit code 1, one line `error: …` on stderr, nothing on stdout, and no
+/// piece of it said twice (as "transport error: transport error" would).
+fn failure(out: &Output) -> String {
+    let err = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let mut lines = err.lines();
+    let line = lines.next().unwrap_or_default();
+    assert_eq!(lines.next(), None, "one line: {err}");
+    let message = line
+        .strip_prefix("error: ")
+        .unwrap_or_else(|| panic!("starts with `error: `: {err}"));
+    let pieces: Vec<&str> = message.split(": ").collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        assert!(
+            !pieces[i + 1..].contains(piece),
+            "{piece:?} said twice: {err}"
+        );
+    }
+    assert!(!message.contains("transport error"), "{err}");
+    message.to_owned()
+}
+
+/// `text` holds every one of `parts`.
+#[track_caller]
+fn says(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "{part:?} missing from: {text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,14 +211,23 @@ async fn bad_input_and_missing_credentials_exit_1_with_a_clear_message() {
         Some(ADMIN_TOKEN),
     )
     .await;
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("at most 6 decimal places"));
+    says(&failure(&bad), &["--credits", "at most 6 decimal places"]);
 
+    // quotad answers UNAUTHENTICATED; quotactl names where the token goes.
     let anonymous = quotactl(&server, &["account", "get", "bob"], None).await;
-    assert_eq!(anonymous.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&anonymous.stderr).contains("Unauthenticated"),
-        "{anonymous:?}"
+    assert_eq!(
+        failure(&anonymous),
+        "this is an admin call and needs quotad's admin token: pass --token TOKEN or set \
+         QUOTAD_ADMIN_TOKEN"
+    );
+    let wrong = quotactl(&server, &["account", "get", "bob"], Some("not-it")).await;
+    says(
+        &failure(&wrong),
+        &[
+            "quotad refused the admin token",
+            "--token",
+            "QUOTAD_ADMIN_TOKEN",
+        ],
     );
 
     let unknown = quotactl(
@@ -182,11 +236,25 @@ async fn bad_input_and_missing_credentials_exit_1_with_a_clear_message() {
         None,
     )
     .await;
-    assert_eq!(unknown.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&unknown.stderr);
+    let err = failure(&unknown);
     assert!(
-        err.contains("InvalidArgument") && err.contains("product: unknown product \"chess\""),
+        err.starts_with("INVALID_ARGUMENT: product: unknown product \"chess\""),
         "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quotad_without_an_admin_token_is_named_as_the_cause() {
+    let server = TestServer::start_without_admin_token(StoreKind::Memory).await;
+    let refused = quotactl(&server, &["account", "get", "bob"], Some("any")).await;
+    says(
+        &failure(&refused),
+        &[
+            "quotad has no admin token configured",
+            "admin_token",
+            "--token",
+            "QUOTAD_ADMIN_TOKEN",
+        ],
     );
 }
 
@@ -290,4 +358,392 @@ async fn history_and_export_show_every_charge() {
     assert!(again["events"].as_array().unwrap().is_empty(), "{again}");
     let refused = quotactl(&server, &["export", "read", "--group", "billing"], None).await;
     assert_eq!(refused.status.code(), Some(1));
+}
+
+/// `http://HOST:PORT` → `HOST:PORT`.
+fn authority(url: &str) -> &str {
+    url.split_once("://").unwrap().1
+}
+
+fn port(addr: &str) -> &str {
+    addr.rsplit_once(':').unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quota_token_goes_on_quota_and_rls_calls_and_wrong_addresses_say_which_to_use() {
+    let quotad = Quotad::start(
+        &[],
+        &[
+            ("QUOTAD_QUOTA_TOKEN", "quota-secret"),
+            ("QUOTAD_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+    );
+    let url = quotad.url();
+    let at = |extra: &[&'static str]| -> Vec<String> {
+        ["--addr", url.as_str()]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let go = async |args: Vec<String>, env: &[(&str, &str)]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&args, env).await
+    };
+    let token = [("QUOTAD_QUOTA_TOKEN", "quota-secret")];
+    let task = ["--product", "codex", "--output", "1000"];
+
+    // With the token (from the environment, or the flag), QuotaService calls go through.
+    let reserved = json(
+        &go(
+            at(&[&["--json", "reserve", "alice"][..], &task].concat()),
+            &token,
+        )
+        .await,
+    );
+    assert_eq!(reserved["decision"], "ALLOW", "{reserved}");
+    let id = reserved["reservation_id"].as_str().unwrap().to_owned();
+    let commit = [
+        "--addr",
+        &url,
+        "--quota-token",
+        "quota-secret",
+        "commit",
+        "alice",
+        &id,
+        "--output",
+        "1000",
+    ];
+    says(&stdout(&run(&commit, &[]).await), &["charged  1 credits"]);
+    let usage = stdout(&go(at(&["usage", "alice"]), &token).await);
+    says(&usage, &["plan     free", "alice:1"]);
+
+    // Without it, or with a wrong one, the refusal names the option and the variable.
+    let anonymous = go(at(&["usage", "alice"]), &[]).await;
+    assert_eq!(
+        failure(&anonymous),
+        "quotad requires its quota token on QuotaService calls: pass --quota-token TOKEN or set \
+         QUOTAD_QUOTA_TOKEN"
+    );
+    let wrong = go(at(&["usage", "alice"]), &[("QUOTAD_QUOTA_TOKEN", "guess")]).await;
+    says(
+        &failure(&wrong),
+        &[
+            "quotad refused the quota token",
+            "--quota-token",
+            "QUOTAD_QUOTA_TOKEN",
+        ],
+    );
+    // The admin token is a different one, on AdminService only.
+    let admin = go(at(&["account", "get", "alice"]), &token).await;
+    says(
+        &failure(&admin),
+        &["admin call", "--token", "QUOTAD_ADMIN_TOKEN"],
+    );
+    let admin = go(
+        at(&["--token", ADMIN_TOKEN, "account", "get", "alice"]),
+        &token,
+    )
+    .await;
+    says(&stdout(&admin), &["alice: plan free"]);
+
+    // Envoy RLS calls carry the quota token too, in bench as everywhere.
+    let rls = [
+        "bench",
+        "--workload",
+        "rls",
+        "--requests",
+        "50",
+        "--warmup",
+        "0s",
+        "--accounts",
+        "20",
+        "--connections",
+        "2",
+        "--concurrency",
+        "4",
+        "--json",
+    ];
+    let report = json(&go(at(&rls), &token).await);
+    assert_eq!(report["operations"], 50, "{report}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    let refused = go(at(&rls), &[]).await;
+    assert_eq!(
+        failure(&refused),
+        "quotad requires its quota token on Envoy rate limit (RLS) calls: pass --quota-token \
+         TOKEN or set QUOTAD_QUOTA_TOKEN"
+    );
+    let reserves = go(
+        at(&["bench", "--workload", "reserve", "--requests", "10"]),
+        &[],
+    )
+    .await;
+    says(&failure(&reserves), &["QuotaService", "--quota-token"]);
+
+    // Addresses without a scheme get an example with one.
+    let bare = authority(&url);
+    let no_scheme = run(&["--addr", bare, "usage", "alice"], &token).await;
+    assert_eq!(
+        failure(&no_scheme),
+        format!(
+            "--addr \"{bare}\" has no scheme: use http://{bare} (or https://{bare} when quotad \
+             serves TLS)"
+        )
+    );
+    let localhost = format!("localhost:{}", port(bare));
+    let no_scheme = run(&["--addr", &localhost, "usage", "alice"], &token).await;
+    says(
+        &failure(&no_scheme),
+        &[&format!("use http://{localhost} (or https://")],
+    );
+
+    // quotad's HTTP port names the gRPC port, whatever the scheme used.
+    let grpc_port = port(bare);
+    for scheme in ["http", "https"] {
+        let http_port = format!("{scheme}://{}", quotad.http_addr);
+        let wrong_port = run(&["--addr", &http_port, "usage", "alice"], &token).await;
+        assert_eq!(
+            failure(&wrong_port),
+            format!(
+                "{} is quotad's HTTP port (metrics and probes); the gRPC port is {grpc_port} \
+                 (quotad listens on {bare}): use --addr http://127.0.0.1:{grpc_port}",
+                quotad.http_addr
+            )
+        );
+    }
+
+    // https:// to a quotad without TLS.
+    let tls_to_plain = run(
+        &["--addr", &format!("https://{bare}"), "usage", "alice"],
+        &token,
+    )
+    .await;
+    assert_eq!(
+        failure(&tls_to_plain),
+        format!("quotad at {bare} serves plain gRPC, without TLS: use --addr http://{bare}")
+    );
+
+    // Nothing listening.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let refused = run(
+        &["--addr", &format!("http://{closed}"), "usage", "alice"],
+        &[],
+    )
+    .await;
+    says(
+        &failure(&refused),
+        &[&format!("cannot connect to {closed}: connection refused")],
+    );
+}
+
+/// A CA and the certificates it signs, as PEM files in `dir`.
+struct Pki {
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: PathBuf,
+    name: String,
+}
+
+impl Pki {
+    fn new(dir: &Path, name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), ca.pem()).unwrap();
+        Pki {
+            ca,
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    fn ca_file(&self) -> String {
+        self.dir
+            .join(format!("{}.crt", self.name))
+            .display()
+            .to_string()
+    }
+
+    /// (certificate file, key file) for `names` (DNS names or IP addresses).
+    fn issue(&self, file: &str, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (cert_file, key_file) = (
+            self.dir.join(format!("{file}.crt")),
+            self.dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (
+            cert_file.display().to_string(),
+            key_file.display().to_string(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotactl_speaks_mtls_and_says_what_a_tls_mismatch_needs() {
+    let dir = std::env::temp_dir().join(format!("quotactl-mtls-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (servers, clients, stranger) = (
+        Pki::new(&dir, "server-ca"),
+        Pki::new(&dir, "client-ca"),
+        Pki::new(&dir, "other-ca"),
+    );
+    let (server_cert, server_key) = servers.issue("quotad", &["localhost", "127.0.0.1"]);
+    let (cert, key) = clients.issue("frontend", &["frontend"]);
+    let (alien_cert, alien_key) = stranger.issue("alien", &["frontend"]);
+    let config = dir.join("quotad.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert_file = {server_cert:?}\nkey_file = {server_key:?}\n\
+             client_ca_file = {:?}\n",
+            clients.ca_file()
+        ),
+    )
+    .unwrap();
+    let quotad = Quotad::start(&["--config", config.to_str().unwrap()], &[]);
+    let bare = quotad.addr.clone();
+    let https = format!("https://{bare}");
+    let ca = servers.ca_file();
+    let trusted = ["--addr", &https, "--ca-cert", &ca];
+
+    // The CA, the client certificate and its key from the environment; the CA by flag.
+    let identity = [
+        ("QUOTACTL_CERT", cert.as_str()),
+        ("QUOTACTL_KEY", key.as_str()),
+    ];
+    let task = [
+        "reserve",
+        "erin",
+        "--product",
+        "codex",
+        "--output",
+        "1000",
+        "--json",
+    ];
+    let reserved = json(&run(&[&trusted[..], &task].concat(), &identity).await);
+    assert_eq!(reserved["decision"], "ALLOW", "{reserved}");
+    let by_flags = [
+        "--addr", &https, "--cert", &cert, "--key", &key, "usage", "erin",
+    ];
+    says(
+        &stdout(&run(&by_flags, &[("QUOTACTL_CA_CERT", ca.as_str())]).await),
+        &["plan     free", "hold "],
+    );
+    // bench connects the same way.
+    let bench = [
+        "bench",
+        "--workload",
+        "reserve-commit",
+        "--requests",
+        "30",
+        "--warmup",
+        "0s",
+        "--accounts",
+        "10",
+        "--connections",
+        "2",
+        "--concurrency",
+        "4",
+        "--json",
+    ];
+    let report = json(&run(&[&trusted[..], &bench].concat(), &identity).await);
+    assert_eq!(report["operations"], 30, "{report}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+
+    // No client certificate: quotad requires one; the same for bench.
+    let usage = ["usage", "erin"];
+    let expected = "quotad requires a client certificate (mTLS): pass --cert FILE --key FILE \
+                    (QUOTACTL_CERT, QUOTACTL_KEY), signed by the CA in quotad's \
+                    tls.client_ca_file";
+    assert_eq!(
+        failure(&run(&[&trusted[..], &usage].concat(), &[]).await),
+        expected
+    );
+    assert_eq!(
+        failure(&run(&[&trusted[..], &bench].concat(), &[]).await),
+        expected
+    );
+    // One from a CA quotad does not trust.
+    let alien = [
+        ("QUOTACTL_CERT", alien_cert.as_str()),
+        ("QUOTACTL_KEY", alien_key.as_str()),
+    ];
+    says(
+        &failure(&run(&[&trusted[..], &usage].concat(), &alien).await),
+        &[
+            "quotad refused the client certificate in --cert",
+            "tls.client_ca_file",
+        ],
+    );
+    // quotad's certificate checked against another CA.
+    let other_ca = stranger.ca_file();
+    let untrusted = run(
+        &[&["--addr", &https, "--ca-cert", &other_ca][..], &usage].concat(),
+        &identity,
+    )
+    .await;
+    assert_eq!(
+        failure(&untrusted),
+        format!(
+            "quotad's certificate is not signed by the CA in --ca-cert ({other_ca}): pass the \
+             CA that signed quotad's certificate with --ca-cert"
+        )
+    );
+
+    // http:// to a quotad that speaks TLS.
+    let plain = run(&["--addr", &format!("http://{bare}"), "usage", "erin"], &[]).await;
+    assert_eq!(
+        failure(&plain),
+        format!(
+            "quotad at {bare} speaks TLS: use --addr https://{bare} (with --ca-cert FILE when a \
+             private CA signed its certificate)"
+        )
+    );
+    // TLS options with an http:// address are a mistake, not ignored.
+    let mixed = run(
+        &[
+            "--addr",
+            &format!("http://{bare}"),
+            "--ca-cert",
+            &ca,
+            "usage",
+            "erin",
+        ],
+        &[],
+    )
+    .await;
+    says(
+        &failure(&mixed),
+        &["--ca-cert", "is for TLS", &format!("use https://{bare}")],
+    );
+    // The HTTP port of a TLS quotad points at https://.
+    let http_port = format!("http://{}", quotad.http_addr);
+    says(
+        &failure(&run(&["--addr", &http_port, "usage", "erin"], &[]).await),
+        &[&format!("use --addr https://127.0.0.1:{}", port(&bare))],
+    );
+    // Files that are not what their option needs.
+    let wrong_file = run(
+        &[&["--addr", &https, "--ca-cert", &key][..], &usage].concat(),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        failure(&wrong_file),
+        format!("--ca-cert: {key} holds no PEM certificate")
+    );
+    let half = run(&[&trusted[..], &["--cert", &cert], &usage].concat(), &[]).await;
+    says(&failure(&half), &["--cert needs --key"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

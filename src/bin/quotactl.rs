@@ -1,44 +1,47 @@
 //! `quotactl`: talk to a running quotad from a terminal or a script. Each subcommand is one RPC;
 //! output is short human-readable text by default (amounts in credits, instants in RFC 3339), or
 //! one JSON object with `--json` (amounts as integer `*_micros`, enums by their proto names).
-//! A deny is an answer, not a failure: it exits 0. A gRPC error exits 1 with `error: CODE: …`.
-//! `quotactl bench` is a load generator (see `bench.rs`).
+//! A deny is an answer, not a failure: it exits 0. Any failure prints one line, `error: …`,
+//! that says what to do where it can (see `failure.rs`), and exits 1. How quotad is reached
+//! (address, TLS, tokens) is `connect.rs`; `quotactl bench` is a load generator (`bench.rs`).
 
 #[path = "quotactl/bench.rs"]
 mod bench;
+#[path = "quotactl/connect.rs"]
+mod connect;
+#[path = "quotactl/failure.rs"]
+mod failure;
+#[path = "quotactl/probe.rs"]
+mod probe;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
+use connect::{ConnectArgs, Connection, QuotaClient};
+use failure::{Answer, Service};
 use quotad::api::pb;
-use quotad::api::pb::admin_service_client::AdminServiceClient;
-use quotad::api::pb::quota_service_client::QuotaServiceClient;
 use quotad::domain::money::{Credits, parse_credits};
 use quotad::domain::{Timestamp, time::SECOND_MS};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
-use tonic::{Request, Status};
 
 #[derive(Parser)]
-#[command(name = "quotactl", version, about = "Command-line client of quotad")]
+#[command(
+    name = "quotactl",
+    version,
+    about = "Command-line client of quotad",
+    long_about = "Command-line client of quotad: one gRPC call per subcommand, and a load \
+                  generator (bench).\n\nAmounts are in credits, exact to six decimals (1 credit \
+                  = 1,000,000 micro-credits); --json prints one JSON object with amounts as \
+                  integer *_micros. A denial is an answer and exits 0; any failure prints one \
+                  line, `error: …`, and exits 1."
+)]
 struct Cli {
-    /// quotad's gRPC address.
-    #[arg(
-        long,
-        global = true,
-        env = "QUOTACTL_ADDR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    addr: String,
-    /// Admin bearer token (AdminService calls only).
-    #[arg(
-        long,
-        global = true,
-        env = "QUOTAD_ADMIN_TOKEN",
-        hide_env_values = true
-    )]
-    token: Option<String>,
-    /// One JSON object per command, for scripts.
-    #[arg(long, global = true)]
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// One JSON object per command instead of text, for scripts.
+    ///
+    /// Amounts as integer *_micros (1 credit = 1,000,000), instants in RFC 3339, enums by their
+    /// proto names.
+    #[arg(long, global = true, help_heading = "Output (every subcommand)")]
     json: bool,
     #[command(subcommand)]
     command: Command,
@@ -46,26 +49,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// May a task start, and who pays? Holds the priced estimate.
+    /// May a task start, and who pays? Holds the priced estimate (QuotaService).
     Reserve {
+        /// Account id.
         account: String,
+        /// Product the task runs in: codex, excel, workspace_agents, or one added in quotad's
+        /// config.
         #[arg(long)]
         product: String,
         #[command(flatten)]
         usage: UsageArgs,
-        /// Plan of an account seen for the first time.
-        #[arg(long)]
+        /// Plan of an account seen for the first time (free, go, plus, pro) [default: free];
+        /// ignored for a known account.
+        #[arg(long, value_name = "PLAN")]
         plan_hint: Option<String>,
-        /// Hold lifetime in seconds (default: the server's).
-        #[arg(long)]
+        /// Hold lifetime in seconds [default: quotad's `limits.default_ttl_seconds`, 900].
+        #[arg(long, value_name = "SECONDS")]
         ttl: Option<u32>,
-        /// Idempotency key (default: a fresh one).
-        #[arg(long)]
+        /// Idempotency key: a retry with the same id gets the first answer [default: a fresh
+        /// UUID].
+        #[arg(long, value_name = "ID")]
         request_id: Option<String>,
     },
-    /// Report a task's cumulative usage; final unless --partial.
+    /// Report a task's cumulative usage; final unless --partial (QuotaService).
     Commit {
+        /// Account id.
         account: String,
+        /// Reservation id, as Reserve answered it (rsv_…).
         reservation: String,
         #[command(flatten)]
         usage: UsageArgs,
@@ -73,50 +83,64 @@ enum Command {
         #[arg(long)]
         partial: bool,
     },
-    /// Return a reservation's hold.
+    /// Return a reservation's hold (QuotaService).
     Release {
+        /// Account id.
         account: String,
+        /// Reservation id, as Reserve answered it (rsv_…).
         reservation: String,
     },
-    /// Windows, credits, holds and recent usage of an account.
+    /// Windows, credits, holds and recent usage of an account (QuotaService).
     Usage {
+        /// Account id.
         account: String,
-        /// How many recent usage events to show.
-        #[arg(long, default_value_t = 10)]
+        /// How many recent usage events to show (at most quotad's `limits.recent_events`).
+        #[arg(long, value_name = "N", default_value_t = 10)]
         recent: u32,
     },
-    /// An account's recent charges, newest first: what, when, how many tokens, who paid.
+    /// An account's recent charges, newest first: what, when, how many tokens, who paid
+    /// (QuotaService).
     History {
+        /// Account id.
         account: String,
-        /// How many events (at most the server's `limits.recent_events`).
-        #[arg(long, default_value_t = 20)]
+        /// How many events (at most quotad's `limits.recent_events`).
+        #[arg(long, value_name = "N", default_value_t = 20)]
         limit: u32,
     },
-    /// The usage export, as a consumer group reads it (admin).
+    /// The usage export, as a consumer group reads it (AdminService: needs --token).
     #[command(subcommand)]
     Export(ExportCommand),
-    /// Grant credits (admin).
+    /// Grant credits to an account (AdminService: needs --token).
     Grant {
+        /// Account id.
         account: String,
         /// Amount in credits, exact to six decimals (e.g. 25.5).
-        #[arg(long)]
+        #[arg(long, value_name = "CREDITS")]
         credits: String,
-        /// Idempotency key (default: a fresh one).
-        #[arg(long)]
+        /// Idempotency key: granting again with the same id changes nothing [default: a fresh
+        /// UUID].
+        #[arg(long, value_name = "ID")]
         grant_id: Option<String>,
-        /// purchase, promo, auto_top_up or adjustment.
+        /// Where the credits come from: purchase, promo, auto_top_up or adjustment [default:
+        /// purchase].
         #[arg(long)]
         source: Option<String>,
-        /// Expiry as YYYY-MM-DDTHH:MM:SSZ (default: 12 months).
-        #[arg(long)]
+        /// Expiry as YYYY-MM-DDTHH:MM:SSZ (UTC) [default: 12 months after the grant].
+        #[arg(long, value_name = "INSTANT")]
         expires_at: Option<String>,
     },
-    /// Auto top-up: show, set or disable (admin for set and disable).
+    /// Auto top-up: show (QuotaService), set or disable (AdminService: needs --token).
     #[command(subcommand)]
     Topup(TopupCommand),
-    /// Take back what is left of a grant's lot: a refund or chargeback (admin).
-    Revoke { account: String, grant_id: String },
-    /// Read or change an account (admin).
+    /// Take back what is left of a grant's lot: a refund or chargeback (AdminService: needs
+    /// --token).
+    Revoke {
+        /// Account id.
+        account: String,
+        /// The grant's idempotency key, as given to `grant --grant-id`.
+        grant_id: String,
+    },
+    /// Read or change an account's plan (AdminService: needs --token).
     #[command(subcommand)]
     Account(AccountCommand),
     /// Load generator: throughput, outcomes and latency percentiles of one workload.
@@ -137,6 +161,10 @@ enum Command {
     /// lasts 33,000 tasks on the free plan's 5-hour window; larger tasks make popular accounts
     /// run out during the run, which shows as denials of free accounts.
     ///
+    /// The connection options (--addr, --quota-token, --token, --ca-cert, --cert, --key) are
+    /// the same as every other subcommand's; one call is made first to check that quotad is
+    /// reachable and takes the token, so a wrong setting fails at once with the cure.
+    ///
     /// A denial is an answer (DENY, OVER_LIMIT) and counted apart from errors, which are counted
     /// by gRPC code. Latency covers the operations answered (allowed or denied), in
     /// microseconds; a denied reserve-commit operation is its Reserve alone. Output: a progress
@@ -147,11 +175,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AccountCommand {
+    /// Show an account's plan and whether it may buy credits.
     Get {
+        /// Account id.
         account: String,
     },
+    /// Create or change an account: its plan, and whether it may buy credits.
     Set {
+        /// Account id.
         account: String,
+        /// Plan: free, go, plus or pro (or one added in quotad's config).
         #[arg(long)]
         plan: String,
         /// Bar the account from buying (and spending) credits.
@@ -164,11 +197,15 @@ enum AccountCommand {
 enum ExportCommand {
     /// Events not yet delivered to GROUP (and those left unacknowledged too long).
     Read {
+        /// Consumer group (e.g. billing); created at the oldest event still kept on its first
+        /// read.
         #[arg(long)]
         group: String,
+        /// The reading member of the group.
         #[arg(long, default_value = "quotactl")]
         consumer: String,
-        #[arg(long, default_value_t = 100)]
+        /// At most this many events (1 to 1000).
+        #[arg(long, value_name = "N", default_value_t = 100)]
         max: u32,
         /// Acknowledge what was read (otherwise it is delivered again after a minute).
         #[arg(long)]
@@ -176,47 +213,62 @@ enum ExportCommand {
     },
     /// Acknowledge deliveries by their delivery ids.
     Ack {
+        /// Consumer group the events were delivered to.
         #[arg(long)]
         group: String,
-        #[arg(required = true)]
+        /// Delivery ids, as `export read` printed them.
+        #[arg(required = true, value_name = "DELIVERY_ID")]
         delivery_ids: Vec<String>,
     },
 }
 
 #[derive(Subcommand)]
 enum TopupCommand {
-    /// Settings, the last attempt and any purchase in flight.
+    /// Settings, the last attempt and any purchase in flight (QuotaService).
     Show {
+        /// Account id.
         account: String,
     },
-    /// Turn auto top-up on: below THRESHOLD credits, buy back up to TARGET.
+    /// Turn auto top-up on: below THRESHOLD credits, buy back up to TARGET (AdminService).
     Set {
+        /// Account id.
         account: String,
-        #[arg(long)]
+        /// Buy when the balance falls below this many credits (e.g. 10).
+        #[arg(long, value_name = "CREDITS")]
         threshold: String,
-        #[arg(long)]
+        /// Buy back up to this many credits; more than --threshold.
+        #[arg(long, value_name = "CREDITS")]
         target: String,
-        /// Most bought per calendar month, in credits.
-        #[arg(long)]
+        /// Most bought per calendar month (UTC), in credits [default: no cap].
+        #[arg(long, value_name = "CREDITS")]
         monthly_cap: Option<String>,
     },
+    /// Turn auto top-up off, keeping its amounts (AdminService).
     Disable {
+        /// Account id.
         account: String,
     },
 }
 
+/// A task's usage: what Reserve prices as its estimate and Commit charges.
 #[derive(Args)]
 struct UsageArgs {
+    /// Model, as in quotad's price sheet.
     #[arg(long, default_value = "gpt-5.5")]
     model: String,
-    #[arg(long, default_value_t = 0)]
+    /// Input tokens, not counting cached ones (priced at the model's input price).
+    #[arg(long, value_name = "TOKENS", default_value_t = 0)]
     input: u64,
-    #[arg(long, default_value_t = 0)]
+    /// Cached input tokens (priced at the model's cached-input price).
+    #[arg(long, value_name = "TOKENS", default_value_t = 0)]
     cached: u64,
-    #[arg(long, default_value_t = 0)]
+    /// Output tokens.
+    #[arg(long, value_name = "TOKENS", default_value_t = 0)]
     output: u64,
-    #[arg(long, default_value_t = 0)]
+    /// Images generated.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     images: u32,
+    /// Fast mode (priced at the model's fast-mode multiplier).
     #[arg(long)]
     fast: bool,
 }
@@ -234,47 +286,32 @@ impl From<UsageArgs> for pb::Usage {
     }
 }
 
-/// Adds the admin bearer token to every call of the admin client.
-#[derive(Clone)]
-struct AdminToken(Option<String>);
-
-impl tonic::service::Interceptor for AdminToken {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| Status::invalid_argument("token: not valid in a header"))?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    }
-}
-
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli).await {
-        match e.downcast_ref::<Status>() {
-            Some(status) => eprintln!("error: {:?}: {}", status.code(), status.message()),
-            None => eprintln!("error: {e:#}"),
+    let conn = match Connection::new(&cli.connect) {
+        Ok(conn) => conn,
+        Err(e) => {
+            eprintln!("error: {}", failure::plain(&e));
+            std::process::exit(1);
         }
+    };
+    if let Err(e) = run(&conn, cli.json, cli.command).await {
+        eprintln!("error: {}", failure::explain(&e, &conn).await);
         std::process::exit(1);
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Bench(args) = cli.command {
-        return bench::run(&cli.addr, cli.token.as_deref(), cli.json, *args).await;
+async fn run(conn: &Connection, json: bool, command: Command) -> anyhow::Result<()> {
+    if let Command::Bench(args) = command {
+        return bench::run(conn, json, *args).await;
     }
-    let channel = Channel::from_shared(cli.addr.clone())
-        .context("--addr must be a URL such as http://127.0.0.1:50051")?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {}", cli.addr))?;
-    let mut quota = QuotaServiceClient::new(channel.clone());
-    let mut admin = AdminServiceClient::with_interceptor(channel, AdminToken(cli.token.clone()));
-    let out = Output { json: cli.json };
-    match cli.command {
+    let channel = conn.channel().await?;
+    let mut quota = conn.quota(channel.clone());
+    let mut admin = conn.admin(channel);
+    let out = Output { json };
+    use Service::{Admin, Quota};
+    match command {
         Command::Reserve {
             account,
             product,
@@ -291,7 +328,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 plan_hint: plan_hint.unwrap_or_default(),
                 ttl_seconds: ttl.unwrap_or(0),
             };
-            out.reserve(&quota.reserve(request).await?.into_inner());
+            out.reserve(&quota.reserve(request).await.answer(Quota)?);
         }
         Command::Commit {
             account,
@@ -305,7 +342,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 usage: Some(usage.into()),
                 r#final: !partial,
             };
-            out.commit(&quota.commit(request).await?.into_inner());
+            out.commit(&quota.commit(request).await.answer(Quota)?);
         }
         Command::Release {
             account,
@@ -315,14 +352,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 account_id: account,
                 reservation_id: reservation,
             };
-            out.release(&quota.release(request).await?.into_inner());
+            out.release(&quota.release(request).await.answer(Quota)?);
         }
         Command::Usage { account, recent } => {
             let request = pb::GetUsageRequest {
                 account_id: account,
                 recent_limit: recent,
             };
-            out.usage(&quota.get_usage(request).await?.into_inner());
+            out.usage(&quota.get_usage(request).await.answer(Quota)?);
         }
         Command::History { account, limit } => {
             let request = pb::GetUsageRequest {
@@ -331,7 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             out.history(
                 &account,
-                &quota.get_usage(request).await?.into_inner().recent,
+                &quota.get_usage(request).await.answer(Quota)?.recent,
             );
         }
         Command::Export(ExportCommand::Read {
@@ -346,7 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_events: max,
                 claim_idle_ms: 0,
             };
-            let events = admin.read_usage_export(request).await?.into_inner().events;
+            let events = admin.read_usage_export(request).await.answer(Admin)?.events;
             let acknowledged = if ack && !events.is_empty() {
                 let request = pb::AckUsageExportRequest {
                     group,
@@ -355,8 +392,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(
                     admin
                         .ack_usage_export(request)
-                        .await?
-                        .into_inner()
+                        .await
+                        .answer(Admin)?
                         .acknowledged,
                 )
             } else {
@@ -374,8 +411,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let n = admin
                 .ack_usage_export(request)
-                .await?
-                .into_inner()
+                .await
+                .answer(Admin)?
                 .acknowledged;
             out.emit(
                 json!({ "acknowledged": n }),
@@ -397,7 +434,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 source: source.unwrap_or_default(),
                 expires_at: expires_at.as_deref().map(parse_instant).transpose()?,
             };
-            out.grant(&admin.grant_credits(request).await?.into_inner());
+            out.grant(&admin.grant_credits(request).await.answer(Admin)?);
         }
         Command::Topup(TopupCommand::Show { account }) => {
             out.top_up(&current_top_up(&mut quota, &account).await?);
@@ -418,7 +455,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .transpose()?
                     .unwrap_or(0),
             };
-            out.top_up(&admin.set_auto_top_up(request).await?.into_inner());
+            out.top_up(&admin.set_auto_top_up(request).await.answer(Admin)?);
         }
         Command::Topup(TopupCommand::Disable { account }) => {
             let current = current_top_up(&mut quota, &account).await?;
@@ -431,20 +468,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 target_micros: target,
                 monthly_cap_micros: current.monthly_cap_micros,
             };
-            out.top_up(&admin.set_auto_top_up(request).await?.into_inner());
+            out.top_up(&admin.set_auto_top_up(request).await.answer(Admin)?);
         }
         Command::Revoke { account, grant_id } => {
             let request = pb::RevokeGrantRequest {
                 account_id: account,
                 grant_id,
             };
-            out.revoke(&admin.revoke_grant(request).await?.into_inner());
+            out.revoke(&admin.revoke_grant(request).await.answer(Admin)?);
         }
         Command::Account(AccountCommand::Get { account }) => {
             let request = pb::GetAccountRequest {
                 account_id: account,
             };
-            out.account(&admin.get_account(request).await?.into_inner());
+            out.account(&admin.get_account(request).await.answer(Admin)?);
         }
         Command::Account(AccountCommand::Set {
             account,
@@ -459,7 +496,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let request = pb::UpsertAccountRequest {
                 account: Some(account),
             };
-            out.account(&admin.upsert_account(request).await?.into_inner());
+            out.account(&admin.upsert_account(request).await.answer(Admin)?);
         }
         Command::Bench(_) => unreachable!("run before connecting"),
     }
@@ -467,15 +504,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The account's auto top-up settings: AdminService has no getter, GetUsage carries them.
-async fn current_top_up(
-    quota: &mut QuotaServiceClient<Channel>,
-    account: &str,
-) -> anyhow::Result<pb::AutoTopUp> {
+async fn current_top_up(quota: &mut QuotaClient, account: &str) -> anyhow::Result<pb::AutoTopUp> {
     let request = pb::GetUsageRequest {
         account_id: account.to_owned(),
         recent_limit: 0,
     };
-    let usage = quota.get_usage(request).await?.into_inner();
+    let usage = quota.get_usage(request).await.answer(Service::Quota)?;
     Ok(usage.auto_top_up.unwrap_or_default())
 }
 
@@ -914,6 +948,42 @@ impl Output {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--help` is the manual: every subcommand says what it does, every argument (positional
+    /// ones and enum values included) says what it takes.
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() && cmd.get_long_about().is_none() {
+                missing.push(format!("subcommand `{path}`"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id();
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("argument `{id}` of `{path}`"));
+                }
+                for value in arg.get_possible_values() {
+                    if !value.is_hide_set() && value.get_help().is_none() {
+                        missing.push(format!(
+                            "value `{}` of `{id}` of `{path}`",
+                            value.get_name()
+                        ));
+                    }
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cli = <Cli as clap::CommandFactory>::command();
+        cli.build();
+        let mut missing = Vec::new();
+        walk(&cli, "quotactl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        // The walk sees what --help shows.
+        assert!(cli.find_subcommand("bench").is_some());
+        assert!(cli.get_arguments().any(|a| a.get_id() == "quota_token"));
+    }
 
     #[test]
     fn parses_utc_instants_exactly() {

@@ -12,8 +12,14 @@
 //! up (their Reserves are denied) and, with an admin token, plus accounts with credits whose
 //! 5-hour window is used up (they run on credits). Every other account is created by its first
 //! Reserve. Accounts are drawn with a Zipf popularity from a seeded generator.
+//!
+//! Connections are made as every other subcommand makes them (`connect.rs`: address, TLS,
+//! tokens). Before any setup, one call of the workload's service on the first connection
+//! checks that quotad is reachable and takes this client's credentials, so that a wrong
+//! setting stops the run at once with the cure rather than showing as a count of errors.
 
 use std::collections::BTreeMap;
+use std::error::Error as _;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -27,20 +33,17 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use quotad::api::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
 };
-use quotad::api::envoy::service::ratelimit::v3::{
-    RateLimitRequest, rate_limit_response, rate_limit_service_client::RateLimitServiceClient,
-};
+use quotad::api::envoy::service::ratelimit::v3::{RateLimitRequest, rate_limit_response};
 use quotad::api::pb;
-use quotad::api::pb::admin_service_client::AdminServiceClient;
-use quotad::api::pb::quota_service_client::QuotaServiceClient;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use super::AdminToken;
+use crate::connect::{AdminClient, Connection, QuotaClient, RlsClient};
+use crate::failure::{Answer, Failure, Service, status_text};
 
 /// Credits granted to each credit-funded account: enough for millions of benchmark tasks.
 const CREDIT_GRANT_MICROS: i64 = 10_000 * 1_000_000;
@@ -57,8 +60,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     concurrency: u32,
     /// Operations (Reserve+Commit pairs for reserve-commit) per second, scheduled by the clock
-    /// (open loop); latency counts from each operation's scheduled start. Default: as fast as
-    /// the server answers.
+    /// (open loop); latency counts from each operation's scheduled start [default: as fast as
+    /// the server answers].
     #[arg(long, value_name = "R", value_parser = parse_rate)]
     rate: Option<f64>,
     /// How long to measure, after the warm-up: e.g. 10s, 1.5s, 500ms [default: 10s].
@@ -90,13 +93,13 @@ pub struct BenchArgs {
     /// RUN in the account ids [default: 8 random hex digits, so that runs do not collide].
     #[arg(long, value_name = "RUN")]
     run_id: Option<String>,
-    /// Domain of the rls workload's requests.
-    #[arg(long, default_value = "quotad")]
+    /// Domain of the rls workload's requests (quotad's `rls.rules` match on it).
+    #[arg(long, value_name = "DOMAIN", default_value = "quotad")]
     rls_domain: String,
-    /// Product of each task.
+    /// Product of each task (codex, excel, workspace_agents, or one added in quotad's config).
     #[arg(long, default_value = "codex")]
     product: String,
-    /// Model of each task.
+    /// Model of each task, as in quotad's price sheet.
     #[arg(long, default_value = "gpt-5.5-mini")]
     model: String,
     /// Input tokens of each task (estimate and final usage alike).
@@ -290,7 +293,7 @@ impl Population {
 }
 
 /// gRPC codes by their number, then what the tool counts as errors that are not gRPC errors.
-const ERROR_NAMES: [&str; 18] = [
+pub(crate) const ERROR_NAMES: [&str; 18] = [
     "OK",
     "CANCELLED",
     "UNKNOWN",
@@ -420,9 +423,9 @@ struct Shared {
 }
 
 enum Clients {
-    Quota(Vec<QuotaServiceClient<Channel>>),
+    Quota(Vec<QuotaClient>),
     Health(Vec<HealthClient<Channel>>),
-    Rls(Vec<RateLimitServiceClient<Channel>>),
+    Rls(Vec<RlsClient>),
 }
 
 struct Worker {
@@ -513,7 +516,11 @@ impl Worker {
             Outcome::Error(i, status) => {
                 s.errors[i] += 1;
                 if s.first_error[i].is_none() {
-                    s.first_error[i] = Some(status.message().to_owned());
+                    s.first_error[i] = Some(if status.source().is_some() {
+                        status_text(&status)
+                    } else {
+                        status.message().to_owned()
+                    });
                 }
                 return;
             }
@@ -671,29 +678,67 @@ fn pace(permits: Arc<Semaphore>, start: Instant, rate: f64, total: u64, workers:
 }
 
 /// Connects `n` separate channels.
-async fn connect(addr: &str, n: u32) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(addr.to_owned())
-        .context("--addr must be a URL such as http://127.0.0.1:50051")?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
+async fn connect(conn: &Connection, n: u32) -> Result<Vec<Channel>, Failure> {
     let mut channels = Vec::with_capacity(n as usize);
     for _ in 0..n {
-        let channel = endpoint
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {addr}"))?;
-        channels.push(channel);
+        channels.push(conn.channel().await?);
     }
     Ok(channels)
+}
+
+/// One call of the workload's service before anything else, so that a wrong address, TLS
+/// setting or token fails the run at once with its cure, rather than as a count of errors.
+async fn preflight(
+    conn: &Connection,
+    channel: &Channel,
+    workload: Workload,
+    rls_domain: &str,
+    account: Option<&str>,
+) -> Result<(), Failure> {
+    match workload {
+        Workload::Health | Workload::HealthPair => {
+            HealthClient::new(channel.clone())
+                .check(HealthCheckRequest::default())
+                .await
+                .answer(Service::Health)?;
+        }
+        Workload::Rls => {
+            // No descriptors: refused as invalid after the token is checked, so nothing is
+            // counted against any account.
+            let request = RateLimitRequest {
+                domain: rls_domain.to_owned(),
+                descriptors: Vec::new(),
+                hits_addend: 0,
+            };
+            match conn.rls(channel.clone()).should_rate_limit(request).await {
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {}
+                answer => {
+                    answer.answer(Service::Rls)?;
+                }
+            }
+        }
+        Workload::Reserve | Workload::ReserveCommit => {
+            let request = pb::GetUsageRequest {
+                account_id: account.unwrap_or("bench").to_owned(),
+                recent_limit: 1,
+            };
+            // A new account is not found: the call got through all the same.
+            match conn.quota(channel.clone()).get_usage(request).await {
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                answer => {
+                    answer.answer(Service::Quota)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Setup of one account: free accounts get their 5-hour window used up; credit accounts become
 /// plus accounts with credits and then get their 5-hour window used up.
 async fn set_up_account(
-    quota: &mut QuotaServiceClient<Channel>,
-    admin: &mut AdminServiceClient<
-        tonic::service::interceptor::InterceptedService<Channel, AdminToken>,
-    >,
+    quota: &mut QuotaClient,
+    admin: &mut AdminClient,
     account: &str,
     kind: Kind,
     task: &pb::Usage,
@@ -707,7 +752,7 @@ async fn set_up_account(
                 credit_purchase_allowed: true,
             }),
         };
-        admin.upsert_account(request).await?;
+        admin.upsert_account(request).await.answer(Service::Admin)?;
         let request = pb::GrantCreditsRequest {
             account_id: account.to_owned(),
             grant_id: "bench-setup".into(),
@@ -715,7 +760,7 @@ async fn set_up_account(
             source: "promo".into(),
             expires_at: None,
         };
-        admin.grant_credits(request).await?;
+        admin.grant_credits(request).await.answer(Service::Admin)?;
     }
     // Learn the window's limit and the model's price from a small Reserve, then commit enough
     // usage to fill the 5-hour window: what goes past the hold is charged all the same (as
@@ -734,7 +779,7 @@ async fn set_up_account(
         plan_hint: String::new(),
         ttl_seconds: 0,
     };
-    let reserved = quota.reserve(request).await?.into_inner();
+    let reserved = quota.reserve(request).await.answer(Service::Quota)?;
     if reserved.decision() != pb::Decision::Allow {
         bail!(
             "a small Reserve for a new account was denied ({}): {}",
@@ -760,7 +805,7 @@ async fn set_up_account(
         }),
         r#final: true,
     };
-    let committed = quota.commit(request).await?.into_inner();
+    let committed = quota.commit(request).await.answer(Service::Quota)?;
     match window(&committed.windows) {
         Some((used, limit)) if used >= limit => Ok(()),
         other => bail!("the 5h window was not used up after setup: (used, limit) = {other:?}"),
@@ -769,8 +814,8 @@ async fn set_up_account(
 
 /// Sets up the over-limit and credit-funded accounts, `workers` at a time.
 async fn set_up(
+    conn: &Connection,
     channels: &[Channel],
-    token: Option<&str>,
     population: &Arc<Population>,
     task: &pb::Usage,
     product: &str,
@@ -785,9 +830,8 @@ async fn set_up(
     let mut tasks = Vec::new();
     for w in 0..workers.min(todo.len()) {
         let channel = channels[w % channels.len()].clone();
-        let mut quota = QuotaServiceClient::new(channel.clone());
-        let mut admin =
-            AdminServiceClient::with_interceptor(channel, AdminToken(token.map(str::to_owned)));
+        let mut quota = conn.quota(channel.clone());
+        let mut admin = conn.admin(channel);
         let (todo, next, population) = (todo.clone(), next.clone(), population.clone());
         let (task, product) = (task.clone(), product.to_owned());
         tasks.push(tokio::spawn(async move {
@@ -824,12 +868,7 @@ fn percentiles_json(h: &Histogram<u64>) -> Value {
     json!({ "p50": p50, "p90": p90, "p99": p99, "p99_9": p99_9, "max": max })
 }
 
-pub async fn run(
-    addr: &str,
-    token: Option<&str>,
-    json: bool,
-    args: BenchArgs,
-) -> anyhow::Result<()> {
+pub async fn run(conn: &Connection, json: bool, args: BenchArgs) -> anyhow::Result<()> {
     let workload = args.workload;
     let n = args.accounts as usize;
     let over = (n as f64 * args.over_limit_share).round() as usize;
@@ -838,15 +877,12 @@ pub async fn run(
         bail!("--over-limit-share and --credit-share add up to more than every account");
     }
     let mut notes = Vec::new();
-    if workload.uses_accounts() && credit > 0 && token.is_none() {
+    if workload.uses_accounts() && credit > 0 && !conn.has_admin_token() {
         notes.push(format!(
             "no admin token (--token or QUOTAD_ADMIN_TOKEN): the {credit} credit-funded accounts \
              were not set up and run as new free accounts"
         ));
         credit = 0;
-    }
-    for note in &notes {
-        eprintln!("note: {note}");
     }
     let run_id = match args.run_id.clone() {
         Some(id) => id,
@@ -864,7 +900,16 @@ pub async fn run(
         images: 0,
         fast_mode: false,
     };
-    let channels = connect(addr, args.connections).await?;
+    // The first connection is checked before the others are made: a server that refuses
+    // this client (a token, a client certificate) says why on the first call.
+    let first = conn.channel().await?;
+    let first_account = population.as_ref().map(|p| p.ids[0].as_str());
+    preflight(conn, &first, workload, &args.rls_domain, first_account).await?;
+    let mut channels = vec![first];
+    channels.extend(connect(conn, args.connections - 1).await?);
+    for note in &notes {
+        eprintln!("note: {note}");
+    }
     let workers = args.concurrency as usize;
     let show_progress = !json && std::io::stderr().is_terminal();
     if let Some(population) = &population
@@ -873,7 +918,7 @@ pub async fn run(
         if show_progress {
             eprintln!("setting up {over} over-limit and {credit} credit-funded accounts…");
         }
-        set_up(&channels, token, population, &usage, &args.product, workers).await?;
+        set_up(conn, &channels, population, &usage, &args.product, workers).await?;
     }
 
     let start = Instant::now();
@@ -968,20 +1013,10 @@ pub async fn run(
             Workload::Health | Workload::HealthPair => {
                 Clients::Health(channels.iter().cloned().map(HealthClient::new).collect())
             }
-            Workload::Rls => Clients::Rls(
-                channels
-                    .iter()
-                    .cloned()
-                    .map(RateLimitServiceClient::new)
-                    .collect(),
-            ),
-            Workload::Reserve | Workload::ReserveCommit => Clients::Quota(
-                channels
-                    .iter()
-                    .cloned()
-                    .map(QuotaServiceClient::new)
-                    .collect(),
-            ),
+            Workload::Rls => Clients::Rls(channels.iter().cloned().map(|c| conn.rls(c)).collect()),
+            Workload::Reserve | Workload::ReserveCommit => {
+                Clients::Quota(channels.iter().cloned().map(|c| conn.quota(c)).collect())
+            }
         };
         let worker = Worker {
             shared: shared.clone(),
