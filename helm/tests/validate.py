@@ -10,8 +10,8 @@ roll the pods), renders a frontend chart that includes the sidecar templates, an
 every file in helm/tests/bad-values is rejected with the message its first line announces
 (`# expect: ...`).
 
-Needs the packages helm-python-sdk and kubernetes-validate (tests/helm_chart.rs installs pinned
-versions into target/chart-venv). Prints a summary; exits 1 on any failure.
+Needs the packages helm-python-sdk, kubernetes-validate and promql-parser (tests/helm_chart.rs
+installs pinned versions into target/chart-venv). Prints a summary; exits 1 on any failure.
 
     python helm/tests/validate.py [--write-configs DIR] [-v]
 """
@@ -34,6 +34,7 @@ import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import kubernetes_validate.utils as kv_utils
+import promql_parser
 import yaml
 
 KUBE_VERSION = "1.30.0"
@@ -818,6 +819,25 @@ class Checks:
                     f"{rule['alert']}: {selector.group(0)} lacks namespace=\"$namespace\"",
                 )
 
+    def promql(self) -> None:
+        """Every PromQL expression of the dashboard's panels and of the alerts parses (a
+        PrometheusRule with a broken expression is refused by the operator's webhook, a panel
+        just stays empty)."""
+        exprs = [
+            (f"panel {panel.get('title')!r}", target["expr"])
+            for panel in json.loads(DASHBOARD.read_text())["panels"]
+            for target in panel.get("targets", [])
+        ]
+        exprs += [(f"alert {rule['alert']}", rule["expr"]) for _, rule in alert_rules()]
+        check(exprs, "no PromQL found")
+        for where, expr in exprs:
+            # Grafana's interval variables stand where PromQL has a duration.
+            plain = re.sub(r"\$__\w+", "5m", expr)
+            try:
+                promql_parser.parse(plain)
+            except Exception as e:
+                raise Failure(f"{where}: {e}: {expr}") from None
+
     def toml_numbers(self) -> None:
         values = {
             "config": {
@@ -1062,6 +1082,7 @@ def main() -> int:
     checks.examples()
     report.run("only settings quotad cannot reload roll the pods", checks.config_rolls)
     report.run("Grafana dashboard and PrometheusRule", checks.monitoring)
+    report.run("the dashboard's and the alerts' PromQL parses", checks.promql)
     report.run("integers stay integers in quotad.toml", checks.toml_numbers)
     report.run("bad values are rejected", checks.bad_values)
     report.run("a frontend chart includes the sidecar templates", checks.parent_chart)
