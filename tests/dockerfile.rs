@@ -12,8 +12,9 @@
 //! - the build whose binaries the image ships, and `cargo chef prepare` (whose recipe must know
 //!   every target): all of that as the real files, plus the whole `src/` tree and every file
 //!   `include_str!`/`include_bytes!` reach outside it;
-//! - `cargo chef cook`: the recipe, with the same profile, `--locked` and binaries as the build
-//!   after it (otherwise the cooked layer is compiled for nothing).
+//! - `cargo chef cook`: the recipe and nothing else from the context (or its layer is rebuilt on
+//!   every change), with the same profile, `--locked` and binaries as the build after it
+//!   (otherwise the cooked layer is compiled for nothing).
 //!
 //! The final image must ship every `[[bin]]` from the build that made it, run as the chart's
 //! numeric non-root uid, expose the chart's default ports, and run on the Debian release the
@@ -703,16 +704,12 @@ fn replay(ctx: &Context, stages: Vec<Stage>) -> Replay {
                             .skip_while(|w| w.contains('=') && !w.starts_with('-'))
                             .cloned()
                             .collect();
-                        run_command(
-                            ctx,
-                            &mut state,
-                            index,
-                            *line,
-                            &at,
-                            &cmd,
-                            &mut builds,
-                            &mut problems,
-                        );
+                        let place = Place {
+                            stage: index,
+                            line: *line,
+                            at: &at,
+                        };
+                        run_command(ctx, &mut state, &place, &cmd, &mut builds, &mut problems);
                     }
                 }
                 _ => {}
@@ -728,17 +725,22 @@ fn replay(ctx: &Context, stages: Vec<Stage>) -> Replay {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a command runs: its stage, its line, and both as words for messages.
+struct Place<'a> {
+    stage: usize,
+    line: usize,
+    at: &'a str,
+}
+
 fn run_command(
     ctx: &Context,
     state: &mut State,
-    stage: usize,
-    line: usize,
-    at: &str,
+    place: &Place,
     cmd: &[String],
     builds: &mut Vec<Build>,
     problems: &mut Vec<String>,
 ) {
+    let Place { stage, line, at } = *place;
     let Some(program) = cmd.first() else {
         return;
     };
@@ -815,6 +817,14 @@ fn run_command(
                             "{at}: `cargo chef cook` reads {}, which no complete `cargo chef \
                              prepare` made and no COPY --from brought here",
                             recipe()
+                        ));
+                    }
+                    // The point of the cooked layer: it depends on the recipe alone, so it is
+                    // reused until the dependencies change.
+                    if state.ops.iter().any(|op| matches!(op, Op::Context { .. })) {
+                        problems.push(format!(
+                            "{at}: `cargo chef cook` runs after a COPY from the build context, so \
+                             its layer is rebuilt on every source change"
                         ));
                     }
                     state.cook = Some((line, cargo_flags(&state.workdir, cmd)));
@@ -1224,6 +1234,15 @@ fn the_checker_refuses_broken_variants_of_the_dockerfile() {
             ours.clone(),
             format!("{ignore}proto\n"),
             "proto/quota/v1/quota.proto",
+        ),
+        (
+            "sources copied before the cook",
+            ours.replace(
+                "COPY --from=planner /src/recipe.json recipe.json",
+                "COPY --from=planner /src/recipe.json recipe.json\nCOPY . .",
+            ),
+            ignore.clone(),
+            "rebuilt on every source change",
         ),
         (
             "cook in debug, build in release",
