@@ -12,10 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Exact versions, checked together. `helm-python-sdk` bundles Helm's Go library;
-/// `kubernetes-validate` carries the Kubernetes OpenAPI schemas.
+/// `kubernetes-validate` carries the Kubernetes OpenAPI schemas; `promql-parser` parses the
+/// dashboard's and the alerts' PromQL.
 const PACKAGES: &[&str] = &[
     "helm-python-sdk==0.2.2",
     "kubernetes-validate==1.37.0",
+    "promql-parser==0.11.0",
     "jsonschema==4.26.0",
     "jsonschema-specifications==2025.9.1",
     "referencing==0.37.0",

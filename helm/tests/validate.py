@@ -3,13 +3,15 @@
 
 Lints the chart, renders it for both modes and for every values file in helm/quotad/examples,
 validates every manifest against the Kubernetes OpenAPI schemas (kubernetes-validate, strict, a
-fixed Kubernetes version; the ServiceMonitor against a small schema of its own), checks the
-properties the chart promises, renders a frontend chart that includes the sidecar templates,
-and checks that every file in helm/tests/bad-values is rejected with the message its first line
-announces (`# expect: ...`).
+fixed Kubernetes version; the ServiceMonitor and PrometheusRule, which are CRDs, against small
+schemas of their own), checks the properties the chart promises (among them that the Grafana
+dashboard and the alerts are the files in the chart, and that only settings quotad cannot reload
+roll the pods), renders a frontend chart that includes the sidecar templates, and checks that
+every file in helm/tests/bad-values is rejected with the message its first line announces
+(`# expect: ...`).
 
-Needs the packages helm-python-sdk and kubernetes-validate (tests/helm_chart.rs installs pinned
-versions into target/chart-venv). Prints a summary; exits 1 on any failure.
+Needs the packages helm-python-sdk, kubernetes-validate and promql-parser (tests/helm_chart.rs
+installs pinned versions into target/chart-venv). Prints a summary; exits 1 on any failure.
 
     python helm/tests/validate.py [--write-configs DIR] [-v]
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import re
 import shutil
@@ -33,6 +34,7 @@ import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import kubernetes_validate.utils as kv_utils
+import promql_parser
 import yaml
 
 KUBE_VERSION = "1.30.0"
@@ -42,7 +44,11 @@ EXAMPLES = CHART / "examples"
 BAD_VALUES = HERE / "bad-values"
 CRATE = HERE.parent.parent
 
-CONFIG_PATH = "/etc/quotad/quotad.toml"
+# The ConfigMap is mounted as a directory (no subPath), so that the kubelet updates the file.
+CONFIG_DIR = "/etc/quotad/config"
+CONFIG_PATH = f"{CONFIG_DIR}/quotad.toml"
+DASHBOARD = CHART / "dashboards" / "quotad.json"
+ALERTS = CHART / "alerts" / "quotad.rules.yaml"
 TLS_DIR = "/etc/quotad/tls"
 NONROOT_UID = 65532
 
@@ -111,6 +117,75 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
 }
 
 
+DURATION = "^([0-9]+(ms|s|m|h|d|w|y))+$"
+
+# The Prometheus Operator's PrometheusRule: the part of it this chart uses (alerting rules only).
+PROMETHEUS_RULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": DURATION},
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["alert", "expr", "for", "labels", "annotations"],
+                                    "properties": {
+                                        "alert": {
+                                            "type": "string",
+                                            "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
+                                        },
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": {"type": "string", "pattern": DURATION},
+                                        "labels": {
+                                            "type": "object",
+                                            "required": ["severity"],
+                                            "properties": {
+                                                "severity": {
+                                                    "enum": ["critical", "warning", "info"]
+                                                }
+                                            },
+                                            "additionalProperties": {"type": "string"},
+                                        },
+                                        "annotations": {
+                                            "type": "object",
+                                            "required": ["summary", "description"],
+                                            "additionalProperties": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    },
+}
+
+CRD_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROMETHEUS_RULE_SCHEMA}
+
+
 class Failure(Exception):
     """A check that did not hold."""
 
@@ -175,9 +250,9 @@ def strip(obj: dict[str, Any]) -> dict[str, Any]:
 
 def kube_validate(obj: dict[str, Any]) -> None:
     where = f"{obj.get('__file')}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-    if obj.get("kind") == "ServiceMonitor":
+    if obj.get("kind") in CRD_SCHEMAS:
         try:
-            jsonschema.Draft7Validator(SERVICE_MONITOR_SCHEMA).validate(strip(obj))
+            jsonschema.Draft7Validator(CRD_SCHEMAS[obj["kind"]]).validate(strip(obj))
         except jsonschema.ValidationError as e:
             raise Failure(f"{where}: {'.'.join(map(str, e.path))}: {e.message}") from None
         return
@@ -272,11 +347,15 @@ def secret_values(values: dict[str, Any]) -> list[str]:
 
 
 def check_release(
-    objects: list[dict[str, Any]], values: dict[str, Any], merged: dict[str, Any]
+    objects: list[dict[str, Any]],
+    values: dict[str, Any],
+    merged: dict[str, Any],
+    namespace: str = "quotad",
 ) -> None:
     """Everything a rendered release must satisfy, in either mode."""
     mode = merged["mode"]
     text, config = config_of(objects)
+    configmap = [o for o in of_kind(objects, "ConfigMap") if "quotad.toml" in o.get("data", {})][0]
 
     # quotad.toml: the chart's keys, integers written as integers, no secrets.
     ports = merged["ports"]
@@ -326,7 +405,6 @@ def check_release(
 
     # Pods.
     check_security(objects)
-    checksum = hashlib.sha256(text.encode()).hexdigest()
     deployments = of_kind(objects, "Deployment")
     quotad_pods = [(o, p) for o, p in pod_specs(objects) if quotad_container(p)]
     for owner, pod in quotad_pods:
@@ -336,13 +414,27 @@ def check_release(
         env = env_of(c)
         check(env.get("QUOTAD_CONFIG", {}).get("value") == CONFIG_PATH, f"{name}: QUOTAD_CONFIG")
         mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
-        check(CONFIG_PATH in mounts, f"{name}: quotad.toml not mounted at {CONFIG_PATH}")
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         for m in c.get("volumeMounts", []):
             check(m["name"] in volumes, f"{name}: mount {m['name']} has no volume")
+        mount = mounts.get(CONFIG_DIR, {})
+        check(
+            mount.get("readOnly") and "subPath" not in mount,
+            f"{name}: the ConfigMap must be mounted read-only as the directory {CONFIG_DIR}, not "
+            "through subPath (the kubelet never updates a subPath mount, so quotad could not "
+            "reload its config)",
+        )
+        check(
+            volumes.get(mount.get("name"), {}).get("configMap", {}).get("name")
+            == configmap["metadata"]["name"],
+            f"{name}: {CONFIG_DIR} is not the quotad.toml ConfigMap",
+        )
         annotations = pod["metadata"].get("annotations", {})
         key = "checksum/config" if mode == "standalone" else "checksum/quotad-config"
-        check(annotations.get(key) == checksum, f"{name}: {key} is not the sha256 of quotad.toml")
+        check(
+            re.fullmatch("[0-9a-f]{64}", annotations.get(key, "")),
+            f"{name}: {key} must be a sha256 (of the settings that need a restart)",
+        )
         tgps = pod["spec"].get("terminationGracePeriodSeconds", 30)
         check(
             tgps > grace, f"{name}: terminationGracePeriodSeconds {tgps} <= shutdown grace {grace}"
@@ -497,6 +589,8 @@ def check_release(
             else:
                 check(quotad in pod["spec"]["containers"], "the sidecar is a container")
 
+    check_monitoring(objects, merged, namespace)
+
     # Bundled Redis.
     sets = of_kind(objects, "StatefulSet")
     check(len(sets) == int(redis["bundled"]["enabled"]), "the bundled Redis StatefulSet")
@@ -520,6 +614,83 @@ def check_release(
         )
 
 
+def alert_rules() -> list[tuple[str, dict[str, Any]]]:
+    """(group name, rule) of every rule in alerts/quotad.rules.yaml."""
+    rules = yaml.safe_load(ALERTS.read_text())
+    return [(g["name"], r) for g in rules["groups"] for r in g["rules"]]
+
+
+def check_monitoring(objects: list[dict[str, Any]], merged: dict[str, Any], namespace: str) -> None:
+    """The Grafana dashboard ConfigMap and the PrometheusRule: there exactly when asked for, and
+    holding the chart's files."""
+    dash = merged["grafanaDashboard"]
+    key, value = dash["labelKey"], str(dash["labelValue"])
+    boards = [
+        o
+        for o in of_kind(objects, "ConfigMap")
+        if (o["metadata"].get("labels") or {}).get(key) == value
+    ]
+    want = int(dash["enabled"])
+    check(len(boards) == want, f"{len(boards)} ConfigMaps labelled {key}={value!r}, want {want}")
+    for board in boards:
+        meta = board["metadata"]
+        check(
+            set(board["data"]) == {"quotad.json"}, "the dashboard ConfigMap holds quotad.json only"
+        )
+        check(
+            json.loads(board["data"]["quotad.json"]) == json.loads(DASHBOARD.read_text()),
+            "the dashboard ConfigMap must hold dashboards/quotad.json",
+        )
+        check(len(board["data"]["quotad.json"]) < 900_000, "the dashboard must fit a ConfigMap")
+        check(
+            meta.get("namespace") == (dash["namespace"] or None),
+            f"dashboard namespace {meta.get('namespace')!r}, want {dash['namespace']!r}",
+        )
+        check(
+            (meta.get("annotations") or {}) == dash["annotations"],
+            "the dashboard ConfigMap's annotations",
+        )
+        for label in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "helm.sh/chart"):
+            check(label in meta["labels"], f"the dashboard ConfigMap lacks the label {label}")
+
+    config = merged["prometheusRule"]
+    found = of_kind(objects, "PrometheusRule")
+    want = int(config["enabled"])
+    check(len(found) == want, f"{len(found)} PrometheusRules, want {want}")
+    for rule in found:
+        labels = rule["metadata"]["labels"]
+        for k, v in config["labels"].items():
+            check(labels.get(k) == v, f"the PrometheusRule lacks the label {k}={v}")
+        check(
+            labels.get("app.kubernetes.io/instance") and labels.get("helm.sh/chart"),
+            "the PrometheusRule carries the chart's labels",
+        )
+        expected = [(g, r) for g, r in alert_rules() if r["alert"] not in config["disabled"]]
+        rendered = [(g["name"], r) for g in rule["spec"]["groups"] for r in g["rules"]]
+        check(
+            [r["alert"] for _, r in rendered] == [r["alert"] for _, r in expected],
+            f"alerts {[r['alert'] for _, r in rendered]}, want those of {ALERTS.name} less "
+            f"{config['disabled']}",
+        )
+        for (group, want_rule), (got_group, got) in zip(expected, rendered):
+            name = got["alert"]
+            check(got_group == group, f"{name}: group {got_group}, want {group}")
+            check(
+                got["expr"] == want_rule["expr"].replace("$namespace", namespace),
+                f"{name}: expr is not the file's with the release's namespace",
+            )
+            check("$namespace" not in got["expr"], f"{name}: $namespace left in expr")
+            check(got["for"] == want_rule["for"], f"{name}: for")
+            check(
+                got["labels"] == {**config["ruleLabels"], **want_rule["labels"]},
+                f"{name}: labels {got['labels']}, want the file's over ruleLabels",
+            )
+            annotations = dict(want_rule["annotations"])
+            if config["runbookBaseUrl"]:
+                annotations["runbook_url"] = f"{config['runbookBaseUrl']}#{name.lower()}"
+            check(got["annotations"] == annotations, f"{name}: annotations")
+
+
 # ---------------------------------------------------------------- checks
 
 
@@ -535,7 +706,7 @@ class Checks:
         for o in objects:
             kube_validate(o)
         self.report.manifests += len(objects)
-        check_release(objects, values, self.chart.merge_values(values))
+        check_release(objects, values, self.chart.merge_values(values), namespace="quotad")
         if self.write_configs is not None:
             text, _ = config_of(objects)
             (self.write_configs / f"{label}.toml").write_text(text)
@@ -574,20 +745,98 @@ class Checks:
         )
         self.chart.validate_schema(self.chart.values)
 
-    def checksum_rolls(self) -> None:
-        def annotation(values: dict[str, Any]) -> str:
-            objects = render(self.chart, values)
-            dep = of_kind(objects, "Deployment")[0]
-            return dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-
-        base = annotation({})
-        check(base == annotation({}), "the checksum must be stable")
-        changed = annotation({"config": {"limits": {"max_ttl_seconds": 3600}}})
-        check(changed != base, "changing config must change checksum/config")
-        check(
-            annotation({"shutdownGraceSeconds": 25}) != base,
-            "changing the grace period must roll pods",
+    def config_rolls(self) -> None:
+        """What quotad reloads from its mounted file changes the ConfigMap and leaves the pod
+        template alone; what it reads only at start changes the checksum annotation, which rolls
+        the pods. In both modes (sidecar: the frontend's pods)."""
+        modes = (
+            ("standalone", {}, "checksum/config"),
+            (
+                "sidecar",
+                {"mode": "sidecar", "sidecar": {"example": {"enabled": True}}},
+                "checksum/quotad-config",
+            ),
         )
+        for mode, mode_values, key in modes:
+
+            def rendered(values: dict[str, Any]) -> tuple[dict[str, Any], str]:
+                objects = render(self.chart, {**mode_values, **values})
+                deployments = of_kind(objects, "Deployment")
+                check(len(deployments) == 1, f"{mode}: one Deployment")
+                text, _ = config_of(objects)
+                return deployments[0]["spec"]["template"], text
+
+            base_pod, base_text = rendered({})
+            check(rendered({}) == (base_pod, base_text), f"{mode}: rendering must be stable")
+            for label, values in RELOADED:
+                pod, text = rendered(values)
+                check(text != base_text, f"{mode}: {label}: quotad.toml must change")
+                check(
+                    pod == base_pod,
+                    f"{mode}: {label} is reloaded by quotad, but the pod template changes "
+                    f"(annotations {pod['metadata'].get('annotations')} vs "
+                    f"{base_pod['metadata'].get('annotations')})",
+                )
+            for label, values in NEED_RESTART:
+                pod, _ = rendered(values)
+                check(
+                    pod["metadata"]["annotations"].get(key)
+                    != base_pod["metadata"]["annotations"].get(key),
+                    f"{mode}: {label} needs a restart, but {key} does not change",
+                )
+            pod, _ = rendered({"secrets": {"adminToken": {"value": "another-token"}}})
+            check(
+                pod["metadata"]["annotations"].get(f"{key}-secret")
+                != base_pod["metadata"]["annotations"].get(f"{key}-secret"),
+                f"{mode}: a new secret value must change {key}-secret",
+            )
+
+    def monitoring(self) -> None:
+        """The dashboard and the alerts, with every value that shapes them, in both modes."""
+        values = {
+            "grafanaDashboard": {
+                "enabled": True,
+                "labelKey": "example.com/dashboard",
+                "labelValue": "quotad",
+                "namespace": "grafana",
+                "annotations": {"grafana_folder": "Quotas"},
+            },
+            "prometheusRule": {
+                "enabled": True,
+                "labels": {"release": "kube-prometheus-stack"},
+                "ruleLabels": {"team": "billing", "severity": "never-wins"},
+                "disabled": ["QuotadShedding"],
+                "runbookBaseUrl": "https://runbooks.example.com/quotad",
+            },
+        }
+        self.release("monitoring-standalone", values)
+        self.release("monitoring-sidecar", {**values, "mode": "sidecar"})
+        # Every selector of a quotad series in the alerts is limited to the release's namespace.
+        for _, rule in alert_rules():
+            for selector in re.finditer(r"quotad_\w+(\{[^}]*\})?", rule["expr"]):
+                check(
+                    'namespace="$namespace"' in (selector.group(1) or ""),
+                    f"{rule['alert']}: {selector.group(0)} lacks namespace=\"$namespace\"",
+                )
+
+    def promql(self) -> None:
+        """Every PromQL expression of the dashboard's panels and of the alerts parses (a
+        PrometheusRule with a broken expression is refused by the operator's webhook, a panel
+        just stays empty)."""
+        exprs = [
+            (f"panel {panel.get('title')!r}", target["expr"])
+            for panel in json.loads(DASHBOARD.read_text())["panels"]
+            for target in panel.get("targets", [])
+        ]
+        exprs += [(f"alert {rule['alert']}", rule["expr"]) for _, rule in alert_rules()]
+        check(exprs, "no PromQL found")
+        for where, expr in exprs:
+            # Grafana's interval variables stand where PromQL has a duration.
+            plain = re.sub(r"\$__\w+", "5m", expr)
+            try:
+                promql_parser.parse(plain)
+            except Exception as e:
+                raise Failure(f"{where}: {e}: {expr}") from None
 
     def toml_numbers(self) -> None:
         values = {
@@ -679,7 +928,7 @@ class Checks:
         )
         annotations = pod["metadata"]["annotations"]
         check(
-            annotations["checksum/quotad-config"] == hashlib.sha256(text.encode()).hexdigest(),
+            re.fullmatch("[0-9a-f]{64}", annotations.get("checksum/quotad-config", "")),
             f"{key}: the sidecar's checksum annotation",
         )
         frontend = pod["spec"]["containers"][0]
@@ -695,6 +944,45 @@ class Checks:
                 f"example {path.name}", lambda p=path: self.release(p.stem, load_values(p))
             )
 
+
+# Settings quotad reloads from its mounted config while running: changing them must not roll pods.
+RELOADED: list[tuple[str, dict[str, Any]]] = [
+    ("a plan's limit", {"config": {"plans": {"plus": {"limit_5h_micros": 123000000}}}}),
+    (
+        "a new plan",
+        {
+            "config": {
+                "plans": {
+                    "team": {
+                        "limit_5h_micros": 500000000,
+                        "limit_weekly_micros": 2500000000,
+                        "overage": "credits",
+                    }
+                }
+            }
+        },
+    ),
+    ("a price", {"config": {"pricing": {"models": {"gpt-5.5": {"input_per_mtok_micros": 1}}}}}),
+    ("the price sheet's version", {"config": {"pricing": {"version": "2027-01-01"}}}),
+    ("default_plan", {"config": {"default_plan": "go"}}),
+    ("a product", {"config": {"products": {"excel": {"credits": False}}}}),
+    ("limits", {"config": {"limits": {"max_ttl_seconds": 3600}}}),
+    ("top_up", {"config": {"top_up": {"max_declines": 5}}}),
+    ("shadow", {"config": {"shadow": True}}),
+    ("a plan's shadow flag", {"config": {"plans": {"free": {"shadow": True}}}}),
+]
+
+# Settings quotad reads only when it starts: changing them must roll pods.
+NEED_RESTART: list[tuple[str, dict[str, Any]]] = [
+    ("the store", {"redis": {"url": "redis://redis.example:6379"}}),
+    ("store.redis tuning", {"config": {"store": {"redis": {"command_timeout_ms": 40}}}}),
+    ("server limits", {"config": {"server": {"max_concurrent_requests": 100}}}),
+    ("log_level", {"config": {"log_level": "debug"}}),
+    ("telemetry", {"config": {"telemetry": {"metrics_interval_ms": 5000}}}),
+    ("payments", {"config": {"payments": {"retry_attempts": 5}}}),
+    ("the grace period", {"shutdownGraceSeconds": 25}),
+    ("the admin listener", {"admin": {"separatePort": True}}),
+]
 
 PARENT_CHART = """\
 apiVersion: v2
@@ -792,7 +1080,9 @@ def main() -> int:
         ),
     )
     checks.examples()
-    report.run("checksum/config follows the config", checks.checksum_rolls)
+    report.run("only settings quotad cannot reload roll the pods", checks.config_rolls)
+    report.run("Grafana dashboard and PrometheusRule", checks.monitoring)
+    report.run("the dashboard's and the alerts' PromQL parses", checks.promql)
     report.run("integers stay integers in quotad.toml", checks.toml_numbers)
     report.run("bad values are rejected", checks.bad_values)
     report.run("a frontend chart includes the sidecar templates", checks.parent_chart)

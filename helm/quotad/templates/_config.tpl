@@ -52,8 +52,30 @@ whole numbers as integers.
 {{- end }}
 {{- end -}}
 
-{{/* The whole config as a dict: values.config overlaid with what the chart manages. */}}
+{{/* quotad.toml: values.config overlaid with what the chart manages. */}}
 {{- define "quotad.configToml" -}}
+{{- include "quotad.configRender" (list . false) -}}
+{{- end -}}
+
+{{/*
+What quotad reads only when it starts: quotad.toml without the settings it reloads from the
+mounted file while running (see "quotad.reloadable"). The pods' checksum annotation is the
+sha256 of this, so that a change to prices or plans reaches the running pods through the
+ConfigMap and only a change that needs a restart rolls them. A key not listed as reloadable,
+including one this chart does not know yet, counts as needing a restart.
+*/}}
+{{- define "quotad.restartConfigToml" -}}
+{{- include "quotad.configRender" (list . true) -}}
+{{- end -}}
+
+{{/* The top-level keys quotad reloads while running; rls.rules is reloaded too. */}}
+{{- define "quotad.reloadable" -}}plans products pricing default_plan limits top_up shadow{{- end -}}
+
+{{/* The config rendered as TOML: (list CONTEXT RESTART-ONLY). */}}
+{{- define "quotad.configRender" -}}
+{{- $root := index . 0 -}}
+{{- $restartOnly := index . 1 -}}
+{{- with $root -}}
 {{- $v := .Values -}}
 {{- $config := deepCopy ($v.config | default dict) -}}
 {{- $_ := set $config "listen" (printf "0.0.0.0:%d" (int $v.ports.grpc)) -}}
@@ -83,7 +105,16 @@ whole numbers as integers.
 {{- end -}}
 {{- $_ := set $config "tls" $tls -}}
 {{- end -}}
+{{- if $restartOnly -}}
+{{- range $key := splitList " " (include "quotad.reloadable" .) -}}
+{{- $_ := unset $config $key -}}
+{{- end -}}
+{{- if kindIs "map" $config.rls -}}
+{{- $_ := unset $config.rls "rules" -}}
+{{- end -}}
+{{- end -}}
 # quotad.toml, rendered by the quotad Helm chart. Secrets come from the environment, never from
 # this file.
 {{- include "quotad.toml.table" (list "" $config) }}
 {{ end -}}
+{{- end -}}

@@ -29,7 +29,7 @@ Takes (dict "ctx" CONTEXT "portPrefix" "" "native" false), CONTEXT as in "quotad
     {{- end }}
   env:
     - name: QUOTAD_CONFIG
-      value: /etc/quotad/quotad.toml
+      value: /etc/quotad/config/quotad.toml
     # The same addresses as in quotad.toml, so that the image's defaults cannot override it.
     - name: QUOTAD_LISTEN
       value: {{ printf "0.0.0.0:%d" (int $v.ports.grpc) | quote }}
@@ -125,9 +125,10 @@ Takes (dict "ctx" CONTEXT "portPrefix" "" "native" false), CONTEXT as in "quotad
   securityContext:
     {{- include "quotad.containerSecurityContext" $ctx | nindent 4 }}
   volumeMounts:
+    # The whole ConfigMap as a directory, not a subPath: the kubelet then updates the file when
+    # the ConfigMap changes, and quotad reloads what it can without a restart.
     - name: quotad-config
-      mountPath: /etc/quotad/quotad.toml
-      subPath: quotad.toml
+      mountPath: /etc/quotad/config
       readOnly: true
     {{- if $v.tls.enabled }}
     - name: quotad-tls
@@ -179,12 +180,13 @@ Takes (dict "ctx" CONTEXT "portPrefix" "" "native" false), CONTEXT as in "quotad
 {{- if $data -}}{{ toYaml $data }}{{- end -}}
 {{- end -}}
 
-{{/* Pod annotations that roll the pods when the config or the chart's Secret changes:
-(list CONTEXT "annotation-prefix"). */}}
+{{/* Pod annotations that roll the pods when a setting quotad reads only at start, or the
+chart's Secret, changes (what quotad reloads while running reaches the pods through the mounted
+ConfigMap instead): (list CONTEXT "annotation-prefix"). */}}
 {{- define "quotad.checksumAnnotations" -}}
 {{- $ctx := index . 0 -}}
 {{- $name := index . 1 -}}
-checksum/{{ $name }}: {{ include "quotad.configToml" $ctx | sha256sum }}
+checksum/{{ $name }}: {{ include "quotad.restartConfigToml" $ctx | sha256sum }}
 {{- $secret := include "quotad.secretData" $ctx }}
 {{- if $secret }}
 checksum/{{ $name }}-secret: {{ $secret | sha256sum }}

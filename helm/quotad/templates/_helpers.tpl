@@ -57,6 +57,7 @@ Use: {{- $ctx := dict -}}{{- include "quotad.resolve" (list . $ctx) -}}
 {{- define "quotad.configMapName" -}}{{ include "quotad.fullname" . | trunc 56 | trimSuffix "-" }}-config{{- end -}}
 {{- define "quotad.secretName" -}}{{ include "quotad.fullname" . | trunc 56 | trimSuffix "-" }}-secret{{- end -}}
 {{- define "quotad.redisName" -}}{{ include "quotad.fullname" . | trunc 57 | trimSuffix "-" }}-redis{{- end -}}
+{{- define "quotad.dashboardName" -}}{{ include "quotad.fullname" . | trunc 53 | trimSuffix "-" }}-dashboard{{- end -}}
 {{- define "quotad.exampleName" -}}{{ include "quotad.fullname" . | trunc 46 | trimSuffix "-" }}-example-frontend{{- end -}}
 
 {{/* Labels of every object; needs this chart's root context. */}}
