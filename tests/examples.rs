@@ -53,8 +53,8 @@ fn run_root() -> PathBuf {
     root
 }
 
-/// Copies `examples/NAME` to the run root, leaving out what is generated or installed there
-/// (`skip`), which the copy keeps from earlier runs.
+/// Copies `examples/NAME` to the run root, leaving out what is generated or installed (`skip`);
+/// what an earlier run installed at the top of the copy (`node_modules`) stays.
 fn copy_example(name: &str, skip: &[&str]) -> PathBuf {
     fn copy_dir(from: &Path, to: &Path, skip: &[&str]) {
         std::fs::create_dir_all(to).unwrap();
@@ -73,6 +73,20 @@ fn copy_example(name: &str, skip: &[&str]) -> PathBuf {
         }
     }
     let to = run_root().join("examples").join(name);
+    // What an earlier run copied goes first, so that a file removed from the example is gone.
+    if let Ok(entries) = std::fs::read_dir(&to) {
+        for entry in entries {
+            let entry = entry.unwrap();
+            if skip.iter().any(|s| entry.file_name() == *s) {
+                continue;
+            }
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::remove_dir_all(entry.path()).unwrap();
+            } else {
+                std::fs::remove_file(entry.path()).unwrap();
+            }
+        }
+    }
     copy_dir(&crate_root().join("examples").join(name), &to, skip);
     to
 }
@@ -104,7 +118,7 @@ fn once_per(stamp: &Path, wanted: &str, make: impl FnOnce()) {
 
 /// The Python example's directory, with its virtualenv's python and freshly generated stubs.
 fn python_example() -> (PathBuf, PathBuf) {
-    let dir = copy_example("python", &["gen", "__pycache__"]);
+    let dir = copy_example("python", &["gen", "__pycache__", ".venv"]);
     let venv = run_root().join("venv");
     let python = venv.join("bin").join("python");
     let requirements = std::fs::read_to_string(dir.join("requirements.txt")).unwrap();
