@@ -140,7 +140,7 @@ async fn serve(
             let connect = move || {
                 let (redis, parts) = (redis.clone(), parts.clone());
                 Box::pin(async move {
-                    let store = RedisStore::connect(redis, parts.rules.policy()).await?;
+                    let store = RedisStore::connect_with_rules(redis, parts.rules.clone()).await?;
                     Ok(parts.quota(store))
                 }) as Connecting<RedisStore>
             };

@@ -33,6 +33,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
+use arc_swap::ArcSwap;
 use library::{Library, Operation};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -49,6 +50,7 @@ use crate::domain::{
     ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
     SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
+use crate::rules::LiveRules;
 use front::Front;
 pub use health::BreakerPolicy;
 use health::{Failure, Health};
@@ -201,9 +203,12 @@ impl ConnectionLike for Connection {
 pub struct RedisStore {
     conn: Connection,
     library: Library,
-    policy: Arc<Policy>,
-    /// The policy as the scripts read it (ARGV[1]), encoded once.
-    policy_json: String,
+    /// The rules in force (a reload may replace them); each call runs on one policy.
+    rules: Arc<LiveRules>,
+    /// The current policy as the functions read it (ARGV[1]), encoded once per policy.
+    encoded: ArcSwap<EncodedPolicy>,
+    /// `limits.export_max_len` at start (a restart setting), for the export relay.
+    export_limit: u64,
     /// A Commit's last argument: the export stream's length limit when the Commit appends to
     /// the stream itself (a standalone Redis, see [`RedisSettings::export_outbox`]), empty when
     /// it appends to its slot's outbox for the relay.
@@ -249,6 +254,15 @@ impl RedisStore {
     pub async fn connect(
         settings: RedisSettings,
         policy: Arc<Policy>,
+    ) -> Result<RedisStore, StoreError> {
+        Self::connect_with_rules(settings, LiveRules::fixed(policy)).await
+    }
+
+    /// As [`connect`](Self::connect), deciding by whatever `rules` hold when each call runs
+    /// (they may be reloaded).
+    pub async fn connect_with_rules(
+        settings: RedisSettings,
+        rules: Arc<LiveRules>,
     ) -> Result<RedisStore, StoreError> {
         // rustls is built without a default crypto provider; install ring's once per process.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -296,8 +310,13 @@ impl RedisStore {
             probe_timeout: settings.call_timeout(),
             ..settings.breaker
         });
+        let policy = rules.policy();
         let store = RedisStore {
-            policy_json: policy_json(&policy, &settings),
+            encoded: ArcSwap::from_pointee(EncodedPolicy {
+                json: policy_json(&policy, &settings),
+                policy: policy.clone(),
+            }),
+            export_limit: policy.limits.export_max_len,
             export_max_len: if settings.cluster_nodes.is_empty() && !settings.export_outbox {
                 policy.limits.export_max_len.to_string()
             } else {
@@ -305,7 +324,7 @@ impl RedisStore {
             },
             conn,
             library: Library::new(),
-            policy,
+            rules,
             settings,
             front,
             health,
@@ -357,9 +376,25 @@ impl RedisStore {
         !self.export_max_len.is_empty()
     }
 
-    /// Runs one account operation and decodes its JSON answer.
+    /// The policy in force, encoded for the functions; encoded again only after a reload.
+    fn policy(&self) -> Arc<EncodedPolicy> {
+        let policy = self.rules.policy();
+        let encoded = self.encoded.load_full();
+        if Arc::ptr_eq(&encoded.policy, &policy) {
+            return encoded;
+        }
+        let fresh = Arc::new(EncodedPolicy {
+            json: policy_json(&policy, &self.settings),
+            policy,
+        });
+        self.encoded.store(fresh.clone());
+        fresh
+    }
+
+    /// Runs one account operation on `policy` and decodes its JSON answer.
     async fn run<T: DeserializeOwned>(
         &self,
+        policy: &EncodedPolicy,
         op: Operation,
         account_id: &str,
         now: Timestamp,
@@ -374,7 +409,7 @@ impl RedisStore {
         call.arg(self.library.function(op))
             .arg(keys.len())
             .arg(&keys)
-            .arg(self.policy_json.as_str())
+            .arg(policy.json.as_str())
             .arg(now.as_millis())
             .arg(account_id)
             .arg(args);
@@ -384,7 +419,7 @@ impl RedisStore {
         })? {
             Reply::Done(value) => Ok(value),
             Reply::Refused { err } => Err(err
-                .into_error(&self.policy, account_id, now)
+                .into_error(&policy.policy, account_id, now)
                 .map_err(StoreError::Internal)?
                 .into()),
         }
@@ -495,10 +530,13 @@ impl RedisStore {
 
     /// Sweeps the hold indexes of `slots`.
     async fn sweep_slots(&self, now: Timestamp, slots: Vec<u16>) -> Result<usize, StoreError> {
+        let policy = self.policy();
         let due = self.indexed_until(slots, keys::hold_index_key, now).await?;
         let mut settled = 0;
         for account_id in &due {
-            let _: serde::de::IgnoredAny = self.run(Operation::Sweep, account_id, now, &[]).await?;
+            let _: serde::de::IgnoredAny = self
+                .run(&policy, Operation::Sweep, account_id, now, &[])
+                .await?;
             settled += 1;
         }
         Ok(settled)
@@ -604,6 +642,13 @@ fn backstop(settings: &RedisSettings) -> Duration {
     (settings.command_timeout * 10).max(settings.call_timeout() * 2)
 }
 
+/// A policy and its encoding for the functions.
+#[derive(Debug)]
+struct EncodedPolicy {
+    policy: Arc<Policy>,
+    json: String,
+}
+
 /// The policy as the scripts read it: plan limits and routes, products' credit flags, and the
 /// retention and lifetime settings.
 fn policy_json(policy: &Policy, settings: &RedisSettings) -> String {
@@ -671,6 +716,7 @@ impl Store for RedisStore {
         cmd: &ReserveCommand,
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
+        let policy = self.policy();
         let args = [
             cmd.request_id.as_str(),
             &cmd.cost.to_string(),
@@ -685,18 +731,18 @@ impl Store for RedisStore {
         // Every Reserve asks Redis: only the record of a request's first answer may answer its
         // retries, and records written by other replicas are only in Redis.
         let reply: wire::ReserveJ = self
-            .run(Operation::Reserve, &cmd.account_id, now, &args)
+            .run(&policy, Operation::Reserve, &cmd.account_id, now, &args)
             .await?;
         self.front.changed(&cmd.account_id);
         Ok(ReserveOutcome {
-            decision: reply.decision.into_decision(&self.policy),
+            decision: reply.decision.into_decision(&policy.policy),
             estimate: reply.estimate,
             status: reply.status.into(),
             top_up: reply.top_up.map(Into::into),
             awaiting_top_up: reply.awaiting,
             shadow_denial: reply
                 .shadow
-                .map(|facts| Box::new(facts.into_denial(&self.policy))),
+                .map(|facts| Box::new(facts.into_denial(&policy.policy))),
         })
     }
 
@@ -705,6 +751,7 @@ impl Store for RedisStore {
         cmd: CommitCommand,
         now: Timestamp,
     ) -> Result<CommitOutcome, StoreError> {
+        let policy = self.policy();
         let args = [
             cmd.reservation_id.as_str(),
             &cmd.cost.to_string(),
@@ -712,24 +759,24 @@ impl Store for RedisStore {
             &cmd.fingerprint().to_string(),
             &usage_json(&cmd.usage),
             &cmd.price_version,
-            &self.policy.limits.recent_events.to_string(),
+            &policy.policy.limits.recent_events.to_string(),
             &self.export_max_len,
         ];
         let reply: wire::CommitJ = self
-            .run(Operation::Commit, &cmd.account_id, now, &args)
+            .run(&policy, Operation::Commit, &cmd.account_id, now, &args)
             .await?;
         self.front.changed(&cmd.account_id);
         if reply.event.is_some() && !self.direct_export() {
             self.dirty.mark(keys::account_slot(&cmd.account_id));
         }
         Ok(CommitOutcome {
-            receipt: reply.receipt.into_receipt(&self.policy),
+            receipt: reply.receipt.into_receipt(&policy.policy),
             status: reply.status.into(),
             top_up: reply.top_up.map(Into::into),
             event: reply.event.map(Into::into),
             shadow_denial: reply
                 .shadow
-                .map(|facts| Box::new(facts.into_denial(&self.policy))),
+                .map(|facts| Box::new(facts.into_denial(&policy.policy))),
         })
     }
 
@@ -738,9 +785,10 @@ impl Store for RedisStore {
         cmd: ReleaseCommand,
         now: Timestamp,
     ) -> Result<ReleaseOutcome, StoreError> {
+        let policy = self.policy();
         let args = [cmd.reservation_id.as_str()];
         let reply: wire::ReleaseJ = self
-            .run(Operation::Release, &cmd.account_id, now, &args)
+            .run(&policy, Operation::Release, &cmd.account_id, now, &args)
             .await?;
         self.front.changed(&cmd.account_id);
         Ok(ReleaseOutcome {
@@ -749,6 +797,7 @@ impl Store for RedisStore {
     }
 
     async fn grant(&self, cmd: GrantCommand, now: Timestamp) -> Result<GrantOutcome, StoreError> {
+        let policy = self.policy();
         let expires_at = cmd
             .expires_at
             .unwrap_or_else(|| now.plus_months(LOT_VALIDITY_MONTHS));
@@ -760,7 +809,7 @@ impl Store for RedisStore {
             &cmd.fingerprint().to_string(),
         ];
         let reply: wire::GrantJ = self
-            .run(Operation::Grant, &cmd.account_id, now, &args)
+            .run(&policy, Operation::Grant, &cmd.account_id, now, &args)
             .await?;
         self.front.forget(&cmd.account_id);
         Ok(GrantOutcome {
@@ -774,9 +823,10 @@ impl Store for RedisStore {
         cmd: RevokeCommand,
         now: Timestamp,
     ) -> Result<RevokeOutcome, StoreError> {
+        let policy = self.policy();
         let args = [cmd.grant_id.as_str()];
         let reply: wire::RevokeJ = self
-            .run(Operation::Revoke, &cmd.account_id, now, &args)
+            .run(&policy, Operation::Revoke, &cmd.account_id, now, &args)
             .await?;
         self.front.forget(&cmd.account_id);
         Ok(RevokeOutcome {
@@ -791,6 +841,7 @@ impl Store for RedisStore {
         cmd: SetTopUpCommand,
         now: Timestamp,
     ) -> Result<TopUpOutcome, StoreError> {
+        let policy = self.policy();
         cmd.settings.validate()?;
         let s = cmd.settings;
         let cap = s.monthly_cap.map(|c| c.to_string()).unwrap_or_default();
@@ -801,7 +852,7 @@ impl Store for RedisStore {
             &cap,
         ];
         let reply: wire::TopUpJ = self
-            .run(Operation::SetTopUp, &cmd.account_id, now, &args)
+            .run(&policy, Operation::SetTopUp, &cmd.account_id, now, &args)
             .await?;
         self.front.forget(&cmd.account_id);
         Ok(reply.into())
@@ -812,6 +863,7 @@ impl Store for RedisStore {
         cmd: SettleTopUpCommand,
         now: Timestamp,
     ) -> Result<TopUpOutcome, StoreError> {
+        let policy = self.policy();
         let (kind, detail) = match &cmd.result {
             PaymentResult::Approved { payment_id } => ("approved", payment_id.as_str()),
             PaymentResult::Declined { error } => ("declined", error.as_str()),
@@ -820,7 +872,7 @@ impl Store for RedisStore {
         let expiry = now.plus_months(LOT_VALIDITY_MONTHS).as_millis().to_string();
         let args = [cmd.purchase_id.as_str(), kind, detail, &expiry];
         let reply: wire::TopUpJ = self
-            .run(Operation::SettleTopUp, &cmd.account_id, now, &args)
+            .run(&policy, Operation::SettleTopUp, &cmd.account_id, now, &args)
             .await?;
         self.front.forget(&cmd.account_id);
         Ok(reply.into())
@@ -831,21 +883,30 @@ impl Store for RedisStore {
         account: Account,
         now: Timestamp,
     ) -> Result<Account, StoreError> {
+        let policy = self.policy();
         let allowed = if account.credit_purchase_allowed {
             "1"
         } else {
             "0"
         };
         let args = [&*account.plan, allowed];
-        let reply: wire::AccountReply =
-            self.run(Operation::Upsert, &account.id, now, &args).await?;
+        let reply: wire::AccountReply = self
+            .run(&policy, Operation::Upsert, &account.id, now, &args)
+            .await?;
         self.front.forget(&account.id);
         Ok(reply.account.into())
     }
 
     async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
+        let policy = self.policy();
         let reply: wire::AccountReply = self
-            .run(Operation::Account, account_id, Timestamp::default(), &[])
+            .run(
+                &policy,
+                Operation::Account,
+                account_id,
+                Timestamp::default(),
+                &[],
+            )
             .await?;
         Ok(reply.account.into())
     }
@@ -856,16 +917,17 @@ impl Store for RedisStore {
         recent_limit: usize,
         now: Timestamp,
     ) -> Result<UsageSnapshot, StoreError> {
+        let policy = self.policy();
         let staleness =
             i64::try_from(self.settings.usage_staleness.as_millis()).unwrap_or(i64::MAX);
         let mut snapshot = match self.front.snapshot(account_id, now, staleness) {
             Some(snapshot) => snapshot,
             None => {
                 // Fetch every kept event once, so that any recent_limit can be answered from the copy.
-                let keep = self.policy.limits.recent_events.to_string();
+                let keep = policy.policy.limits.recent_events.to_string();
                 let read = self.front.version(account_id);
                 let reply: wire::SnapshotJ = self
-                    .run(Operation::Usage, account_id, now, &[&keep])
+                    .run(&policy, Operation::Usage, account_id, now, &[&keep])
                     .await?;
                 let until = reply.stable_until.map(Timestamp::from_millis);
                 let snapshot = reply.into_snapshot().map_err(StoreError::Internal)?;
