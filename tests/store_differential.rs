@@ -48,9 +48,13 @@ impl Rng {
     }
 }
 
-/// A policy with small limits, so that sequences cross every boundary often.
+/// A policy with small limits, so that sequences cross every boundary often; `go` (an upgrade
+/// plan) and `pro` (a credits plan) in shadow mode, so that its answers are compared too.
 fn policy() -> Policy {
     let mut p = Policy::default();
+    for name in ["go", "pro"] {
+        p.plans.get_mut(name).unwrap().shadow = true;
+    }
     for (name, h5, week) in [
         ("free", 8, 20),
         ("go", 12, 30),
@@ -102,6 +106,9 @@ struct Seen {
     reused_after_deny: u64,
     usage_from_a_copy: u64,
     reads_across_an_expiry: u64,
+    /// Reserves and next chunks let through by shadow mode.
+    shadow_reserves: u64,
+    shadow_chunks: u64,
 }
 
 impl Replicas {
@@ -250,6 +257,7 @@ async fn run(
                 assert_eq!(m, r, "{context}: reserve");
                 replicas.ran(x, &cmd.account_id, &r);
                 if let Ok(ref out) = m {
+                    seen.shadow_reserves += u64::from(out.shadow_denial.is_some());
                     let key = (cmd.account_id.clone(), cmd.request_id.clone());
                     let kept = first_answers
                         .get(&key)
@@ -311,6 +319,7 @@ async fn run(
                 assert_eq!(m, r, "{context}: commit");
                 replicas.ran(x, &account, &r);
                 if let Ok(out) = m {
+                    seen.shadow_chunks += u64::from(out.shadow_denial.is_some());
                     let renewed = out.receipt.expires_at.map(Timestamp::as_millis);
                     expiries.extend(renewed.map(|t| (account.clone(), t)));
                     purchases.extend(out.top_up.map(|p| (account, p.id)));
@@ -549,6 +558,10 @@ async fn redis_scripts_answer_exactly_as_the_rust_rules() {
         assert!(
             seen.reads_across_an_expiry > 0 && seen.usage_from_a_copy > 0,
             "the seeds read usage across expiries and from a replica's copy: {seen:?}"
+        );
+        assert!(
+            seen.shadow_reserves > 0 && seen.shadow_chunks > 0,
+            "shadow mode let Reserves and next chunks through: {seen:?}"
         );
     }
 }

@@ -1194,6 +1194,90 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Shadow mode answers every Reserve ALLOW; one it lets through holds the estimate on
+        /// the plan and no credits, and reports why the rules would have denied it; a task's
+        /// next chunk is always funded. Credits stay conserved.
+        #[test]
+        fn shadow_mode_lets_work_through_without_spending_credits(ops in prop::collection::vec(op(), 1..120)) {
+            let mut policy = tight_policy();
+            policy.shadow = true;
+            let products = ["codex", "excel", "workspace_agents"];
+            let mut s = AccountState::new(Account { id: "a".into(), plan: "plus".into(), credit_purchase_allowed: true });
+            let mut now = Timestamp::from_millis(T0);
+            let mut reservations: Vec<String> = Vec::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Reserve { product, credits, ttl_min } => {
+                        let cmd = ReserveCommand {
+                            account_id: "a".into(),
+                            request_id: format!("q{i}"),
+                            product: products[product].into(),
+                            estimate: usage(credits),
+                            cost: credits * C,
+                            plan_hint: None,
+                            ttl_ms: ttl_min * MINUTE_MS,
+                            reservation_id: format!("r{i}"),
+                            wait_for_top_up: false,
+                        };
+                        s.settle(&policy, now);
+                        let available = s.credits_available();
+                        let outcome = s.reserve(&policy, &cmd, now).unwrap();
+                        let Decision::Allow { reservation_id, held, .. } = outcome.decision else {
+                            return Err(TestCaseError::fail(format!("denied in shadow mode: {outcome:?}")));
+                        };
+                        if let Some(denial) = &outcome.shadow_denial {
+                            prop_assert_eq!(held, Funding::new(credits * C, 0));
+                            prop_assert!(!denial.message.is_empty());
+                            prop_assert_eq!(s.credits_available(), available, "no credits held");
+                        }
+                        reservations.push(reservation_id.to_string());
+                    }
+                    Op::Commit { pick, credits, is_final } if !reservations.is_empty() => {
+                        let id = reservations[pick % reservations.len()].clone();
+                        let cmd = CommitCommand {
+                            account_id: "a".into(),
+                            reservation_id: id,
+                            usage: usage(credits),
+                            cost: credits * C,
+                            is_final,
+                            price_version: "v".into(),
+                        };
+                        if let Ok(outcome) = s.commit(&policy, &cmd, now) {
+                            prop_assert_eq!(outcome.receipt.may_continue, !is_final);
+                            if outcome.shadow_denial.is_some() {
+                                prop_assert_eq!(outcome.receipt.held.credit, 0);
+                            }
+                        }
+                    }
+                    Op::Release { pick } if !reservations.is_empty() => {
+                        let id = reservations[pick % reservations.len()].clone();
+                        let _ = s.release(&policy, &ReleaseCommand { account_id: "a".into(), reservation_id: id }, now);
+                    }
+                    Op::Grant { credits, days } => {
+                        let cmd = GrantCommand {
+                            account_id: "a".into(),
+                            grant_id: format!("g{i}"),
+                            amount: credits * C,
+                            source: LotSource::Purchase,
+                            expires_at: Some(now.plus_millis(days * DAY_MS)),
+                        };
+                        s.grant(&policy, &cmd, now).unwrap();
+                    }
+                    Op::Advance { minutes } => now = now.plus_millis(minutes * MINUTE_MS),
+                    Op::SetPlan { plus, allowed } => {
+                        s.update_account(if plus { "plus" } else { "free" }.into(), allowed);
+                    }
+                    _ => {}
+                }
+                let t = s.ledger.totals();
+                prop_assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked, "conservation");
+            }
+        }
+    }
+
     #[test]
     fn a_deny_points_at_the_window_that_binds() {
         let policy = Policy::default();
