@@ -137,8 +137,10 @@ async fn an_over_limit_account_is_allowed_and_told_what_it_would_have_been(store
 }
 
 async fn a_credits_plan_in_shadow_spends_no_credits_it_has_not_got(store: StoreKind) {
-    let mut config = Config::default();
-    config.shadow = true;
+    let config = Config {
+        shadow: true,
+        ..Config::default()
+    };
     let server = TestServer::start_with(config, store).await;
     let mut q = server.quota().await;
     let mut admin = server.admin().await;
