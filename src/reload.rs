@@ -34,10 +34,6 @@ const RELOADABLE: [&str; 8] = [
     "shadow",
 ];
 
-/// Keys under the reloadable ones that still need a restart: the export's length sizes a
-/// structure made at start.
-const RESTART_ONLY: [&str; 1] = ["limits.export_max_len"];
-
 /// What one look at the config found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reloaded {
@@ -253,9 +249,6 @@ fn settings(config: &Config) -> Value {
 fn reloadable(path: &str) -> bool {
     let top = path.split(['.', '[']).next().unwrap_or(path);
     RELOADABLE.contains(&top)
-        && !RESTART_ONLY
-            .iter()
-            .any(|key| path == *key || path.starts_with(&format!("{key}.")))
 }
 
 /// The dotted paths of the settings that differ between `old` and `new`: leaves and whole
@@ -379,16 +372,12 @@ mod tests {
         let file = File::new("listen = \"127.0.0.1:7000\"\n");
         let (mut reloader, live) = reloader(&file);
         let before = live.current();
-        file.write("listen = \"127.0.0.1:7001\"\n[store]\nkind = \"redis\"\n[limits]\nexport_max_len = 5\n");
+        file.write("listen = \"127.0.0.1:7001\"\n[store]\nkind = \"redis\"\n");
         let outcome = reloader.check();
         assert_eq!(
             outcome,
             Reloaded::NothingToApply {
-                restart: vec![
-                    "limits.export_max_len".into(),
-                    "listen".into(),
-                    "store.kind".into()
-                ],
+                restart: vec!["listen".into(), "store.kind".into()],
             }
         );
         assert!(Arc::ptr_eq(&before, &live.current()), "nothing swapped");
@@ -462,7 +451,7 @@ mod tests {
         );
         assert!(reloadable("plans.team"));
         assert!(reloadable("rls.rules"));
-        assert!(!reloadable("limits.export_max_len"));
+        assert!(reloadable("limits.export_max_len"));
         assert!(!reloadable("store.redis.url"));
         assert!(!reloadable("plansx"));
     }

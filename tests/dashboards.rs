@@ -4,8 +4,9 @@
 //!
 //! A real quotad process on a real Redis, paying auto top-ups through a real HTTP billing
 //! service, is driven through allowed and denied Reserves, Commits, Releases, a credit grant, an
-//! approved top-up (after one failed payment attempt) and a declined one, then through a Redis
-//! outage; its `/metrics` is then scraped. Every selector in every PromQL expression (panel
+//! approved top-up (after one failed payment attempt) and a declined one, a Reserve that shadow
+//! mode lets through, a config reload refused, then through a Redis outage; its `/metrics` is
+//! then scraped. Every selector in every PromQL expression (panel
 //! targets, template variable queries, alert expressions) must match at least one scraped sample:
 //! the exact series name (a histogram is read through `_bucket`, `_sum` or `_count`, a counter
 //! through `_total`), with its `=` and `!=` matchers. Matchers on Grafana variables or the
@@ -573,9 +574,16 @@ async fn every_series_the_dashboard_and_alerts_read_is_exported() {
         ("QUOTAD_PAYMENTS__HTTP_URL".into(), billing_url),
         ("QUOTAD_PAYMENTS__RETRY_FIRST_DELAY_MS".into(), "10".into()),
     ];
+    // A config file with the go plan in shadow mode (for the shadow-denial series); it is
+    // broken later on to see a reload refused.
+    let dir = std::env::temp_dir().join(format!("quotad-dashboards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("quotad.toml");
+    std::fs::write(&file, "[plans.go]\nshadow = true\n").unwrap();
+    let config_arg = file.to_str().unwrap().to_owned();
     let quotad = tokio::task::spawn_blocking(move || {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Quotad::start(&[], &env)
+        Quotad::start(&["--config", &config_arg], &env)
     })
     .await
     .unwrap();
@@ -613,6 +621,27 @@ async fn every_series_the_dashboard_and_alerts_read_is_exported() {
         .unwrap()
         .into_inner();
     assert_eq!(denied.decision(), pb::Decision::Deny, "{denied:?}");
+    // Shadow mode lets an over-limit go account through.
+    let shadowed = q
+        .reserve(pb::ReserveRequest {
+            plan_hint: "go".into(),
+            ..reserve("g", "s1", 10_000)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(shadowed.shadow_denial.is_some(), "{shadowed:?}");
+    // A config change that does not validate: refused, and counted.
+    std::fs::write(&file, "default_plan = \"nope\"\n").unwrap();
+    quotad.signal("HUP");
+    let http = quotad.http_addr.clone();
+    wait_for("a refused reload in the metrics", async || {
+        http_get(&http, "/metrics")
+            .await
+            .1
+            .contains(r#"quotad_config_reloads_total{outcome="refused"}"#)
+    })
+    .await;
     // An answer that is not OK.
     let unknown = pb::ReleaseRequest {
         account_id: "a".into(),
@@ -674,7 +703,6 @@ async fn every_series_the_dashboard_and_alerts_read_is_exported() {
     })
     .await
     .unwrap();
-    let http = quotad.http_addr.clone();
     let mut text = String::new();
     wait_for("the outage in the metrics", async || {
         let _ = q.reserve(reserve("a", "r4", 1)).await;
@@ -710,4 +738,5 @@ async fn every_series_the_dashboard_and_alerts_read_is_exported() {
         );
     }
     assert!(billing.seen().len() >= 3, "{:?}", billing.seen());
+    let _ = std::fs::remove_dir_all(&dir);
 }

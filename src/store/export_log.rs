@@ -15,7 +15,6 @@ use crate::domain::{ExportedEvent, Timestamp, UsageEvent};
 
 #[derive(Debug)]
 pub struct ExportLog {
-    max_len: usize,
     state: Mutex<LogState>,
 }
 
@@ -35,19 +34,26 @@ struct Group {
     pending: BTreeMap<u64, Timestamp>,
 }
 
+impl Default for ExportLog {
+    fn default() -> Self {
+        ExportLog::new()
+    }
+}
+
 impl ExportLog {
-    /// A log keeping the newest `max_len` events.
-    pub fn new(max_len: usize) -> ExportLog {
+    pub fn new() -> ExportLog {
         ExportLog {
-            max_len: max_len.max(1),
             state: Mutex::new(LogState::default()),
         }
     }
 
-    pub fn append(&self, account_id: &str, event: UsageEvent) {
+    /// Appends an event, keeping the newest `max_len` (the limit in force, which a reload may
+    /// change).
+    pub fn append(&self, account_id: &str, event: UsageEvent, max_len: u64) {
+        let max_len = usize::try_from(max_len.max(1)).unwrap_or(usize::MAX);
         let mut state = self.lock();
         state.entries.push_back((account_id.to_owned(), event));
-        while state.entries.len() > self.max_len {
+        while state.entries.len() > max_len {
             state.entries.pop_front();
             state.first += 1;
         }
@@ -147,10 +153,10 @@ mod tests {
 
     #[test]
     fn groups_read_independently_and_redeliver_what_stays_unacknowledged() {
-        let log = ExportLog::new(10);
+        let log = ExportLog::new();
         let t = |ms| Timestamp::from_millis(ms);
         for seq in 1..=3 {
-            log.append("a", event(seq));
+            log.append("a", event(seq), 10);
         }
         let first = log.read(&read("billing", 2, 1_000), t(0));
         assert_eq!(seqs(&first), [1, 2]);
@@ -169,9 +175,9 @@ mod tests {
 
     #[test]
     fn trimming_keeps_the_newest_events() {
-        let log = ExportLog::new(2);
+        let log = ExportLog::new();
         for seq in 1..=5 {
-            log.append("a", event(seq));
+            log.append("a", event(seq), 2);
         }
         let got = log.read(&read("g", 10, 0), Timestamp::from_millis(0));
         assert_eq!(seqs(&got), [4, 5]);

@@ -65,10 +65,10 @@ impl MemoryStore {
     }
 
     /// A store deciding by whatever `rules` hold when each operation runs (they may be
-    /// reloaded). The export's length is the one configured at start.
+    /// reloaded).
     pub fn with_rules(rules: Arc<LiveRules>) -> Self {
         MemoryStore {
-            export: ExportLog::new(rules.policy().limits.export_max_len as usize),
+            export: ExportLog::new(),
             rules,
             accounts: DashMap::new(),
             open_holds: AtomicI64::new(0),
@@ -157,7 +157,8 @@ impl Store for MemoryStore {
             let outcome = state.commit(policy, &cmd, now)?;
             // Under the account's lock, so the export holds the account's events in order.
             if let Some(event) = &outcome.event {
-                self.export.append(&cmd.account_id, event.clone());
+                let max_len = policy.limits.export_max_len;
+                self.export.append(&cmd.account_id, event.clone(), max_len);
             }
             Ok(outcome)
         })

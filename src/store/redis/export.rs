@@ -147,7 +147,7 @@ impl RedisStore {
     /// per outbox at a time, until they are empty or each has had RELAY_BATCHES batches.
     async fn move_outboxes(&self, mut active: Vec<u16>) -> Result<usize, StoreError> {
         let prefix = &self.settings.key_prefix;
-        let max_len = self.export_limit;
+        let max_len = self.rules.policy().limits.export_max_len;
         let mut moved = 0;
         for _ in 0..RELAY_BATCHES {
             if active.is_empty() {

@@ -207,12 +207,10 @@ pub struct RedisStore {
     rules: Arc<LiveRules>,
     /// The current policy as the functions read it (ARGV[1]), encoded once per policy.
     encoded: ArcSwap<EncodedPolicy>,
-    /// `limits.export_max_len` at start (a restart setting), for the export relay.
-    export_limit: u64,
-    /// A Commit's last argument: the export stream's length limit when the Commit appends to
-    /// the stream itself (a standalone Redis, see [`RedisSettings::export_outbox`]), empty when
-    /// it appends to its slot's outbox for the relay.
-    export_max_len: String,
+    /// Whether a Commit appends its event to the export stream itself (a standalone Redis, see
+    /// [`RedisSettings::export_outbox`]; its last argument is then the stream's length limit),
+    /// rather than to its slot's outbox for the relay (its last argument empty).
+    direct_export: bool,
     settings: RedisSettings,
     front: Arc<Front>,
     health: Health,
@@ -316,12 +314,7 @@ impl RedisStore {
                 json: policy_json(&policy, &settings),
                 policy: policy.clone(),
             }),
-            export_limit: policy.limits.export_max_len,
-            export_max_len: if settings.cluster_nodes.is_empty() && !settings.export_outbox {
-                policy.limits.export_max_len.to_string()
-            } else {
-                String::new()
-            },
+            direct_export: settings.cluster_nodes.is_empty() && !settings.export_outbox,
             conn,
             library: Library::new(),
             rules,
@@ -373,7 +366,7 @@ impl RedisStore {
     /// Whether a Commit appends its event to the export stream itself (given as its last key),
     /// rather than to its slot's outbox for the relay.
     fn direct_export(&self) -> bool {
-        !self.export_max_len.is_empty()
+        self.direct_export
     }
 
     /// The policy in force, encoded for the functions; encoded again only after a reload.
@@ -760,7 +753,11 @@ impl Store for RedisStore {
             &usage_json(&cmd.usage),
             &cmd.price_version,
             &policy.policy.limits.recent_events.to_string(),
-            &self.export_max_len,
+            &if self.direct_export {
+                policy.policy.limits.export_max_len.to_string()
+            } else {
+                String::new()
+            },
         ];
         let reply: wire::CommitJ = self
             .run(&policy, Operation::Commit, &cmd.account_id, now, &args)
