@@ -667,6 +667,14 @@ impl<S: Store> Settle for Quota<S> {
         {
             Ok(settled) => {
                 self.metrics.top_up(outcome);
+                // An approved payment became a lot: granted credits, like an admin grant's.
+                if let Some(attempt) = &settled.view.last_attempt
+                    && attempt.outcome == crate::domain::top_up::AttemptOutcome::Succeeded
+                    && outcome == "succeeded"
+                {
+                    self.metrics
+                        .credits_granted(LotSource::AutoTopUp.as_str(), attempt.amount);
+                }
                 settled.top_up
             }
             Err(e) => {

@@ -6,6 +6,7 @@
 //! (plans and products come from config), latencies by method or store operation, errors by
 //! kind. Account ids never appear in a label.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,6 +107,9 @@ pub struct Metrics {
     config_reloads: Family<OutcomeLabels, Counter>,
     config_restart_pending: Gauge,
     shadow_denials: Family<ShadowLabels, Counter>,
+    store_retries: Counter,
+    /// The store's own count of retried calls at the last sample, to add only what is new.
+    store_retries_seen: AtomicU64,
     otel: Otel,
     /// Serialises scrapes (encoding needs the registry whole).
     scrape: Mutex<()>,
@@ -224,6 +228,12 @@ impl Metrics {
             "Denials shadow mode answered ALLOW instead, by operation, reason, action, plan and product",
             shadow_denials.clone(),
         );
+        let store_retries = Counter::default();
+        registry.register(
+            "store_retries",
+            "Store calls whose first attempt timed out and that were tried again (once, where that cannot act twice)",
+            store_retries.clone(),
+        );
         let meter = opentelemetry::global::meter("quotad");
         let otel = Otel {
             decisions: meter.u64_counter("quotad.decisions").build(),
@@ -260,6 +270,8 @@ impl Metrics {
             config_reloads,
             config_restart_pending,
             shadow_denials,
+            store_retries,
+            store_retries_seen: AtomicU64::new(0),
             otel,
             scrape: Mutex::new(()),
         }
@@ -398,8 +410,12 @@ impl Metrics {
     }
 
     /// Samples what the store knows of itself (called every few hundred ms).
-    pub fn observe_store(&self, up: bool, open_holds: Option<u64>) {
+    /// Samples what the store knows of itself; `retried` is its count since start of calls
+    /// whose first attempt timed out and that were tried again.
+    pub fn observe_store(&self, up: bool, open_holds: Option<u64>, retried: u64) {
         self.store_up.set(i64::from(up));
+        let before = self.store_retries_seen.swap(retried, Ordering::Relaxed);
+        self.store_retries.inc_by(retried.saturating_sub(before));
         let open = match open_holds {
             Some(n) => n,
             None => {
@@ -467,13 +483,14 @@ mod tests {
             &"codex".into(),
         );
         m.rpc("Reserve", tonic::Code::Ok, Duration::from_micros(300));
-        m.observe_store(true, Some(2));
+        m.observe_store(true, Some(2), 3);
         let text = m.render();
         for line in [
             r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",reason="WINDOW_EXHAUSTED",plan="free",product="codex"} 1"#,
             r#"quotad_rpc_responses_total{method="Reserve",code="OK"} 1"#,
             "quotad_open_holds 2",
             "quotad_store_up 1",
+            "quotad_store_retries_total 3",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

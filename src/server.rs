@@ -348,8 +348,11 @@ async fn start<S, C>(
                     StoreHealth::Up => (ServingStatus::Serving, None),
                     StoreHealth::Down { error } => (ServingStatus::NotServing, Some(error)),
                 };
-                app.metrics()
-                    .observe_store(error.is_none(), store.open_holds());
+                app.metrics().observe_store(
+                    error.is_none(),
+                    store.open_holds(),
+                    store.retried_calls(),
+                );
                 readiness.set_store_error(error);
                 health.set_service_status(STORE_HEALTH_NAME, status).await;
             }

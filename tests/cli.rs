@@ -747,3 +747,39 @@ async fn quotactl_speaks_mtls_and_says_what_a_tls_mismatch_needs() {
     says(&failure(&half), &["--cert needs --key"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_shows_what_the_answer_would_have_been() {
+    let config = quotad::config::Config {
+        shadow: true,
+        ..quotad::config::Config::default()
+    };
+    let server = TestServer::start_with(config, StoreKind::Memory).await;
+    let over = [
+        "reserve",
+        "sam",
+        "--product",
+        "codex",
+        "--output",
+        "100000",
+        "--request-id",
+        "s1",
+    ];
+    let text = stdout(&quotactl(&server, &over, None).await);
+    says(
+        &text,
+        &[
+            "ALLOW",
+            "shadow   would have been DENY: WINDOW_EXHAUSTED UPGRADE_PLAN",
+            "Upgrade to go",
+        ],
+    );
+    let value = json(&quotactl(&server, &[&["--json"], &over[..]].concat(), None).await);
+    assert_eq!(value["decision"], "ALLOW");
+    assert_eq!(
+        value["shadow_denial"],
+        Value::Null,
+        "a retry repeats the ALLOW alone"
+    );
+    server.stop().await;
+}

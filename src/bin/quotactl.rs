@@ -572,6 +572,17 @@ fn instant(t: &Option<prost_types::Timestamp>) -> Option<String> {
     })
 }
 
+/// A shadow denial as JSON (`null` when the answer was the rules' own).
+fn shadow_json(shadow: &Option<pb::ShadowDenial>) -> Value {
+    match shadow {
+        None => Value::Null,
+        Some(d) => json!({
+            "reason": d.reason().as_str_name(), "action": d.action().as_str_name(),
+            "upgrade_to": d.upgrade_to, "retry_at": instant(&d.retry_at), "message": d.message,
+        }),
+    }
+}
+
 fn funding_json(f: &Option<pb::Funding>) -> Value {
     let f = f.unwrap_or_default();
     json!({ "plan_micros": f.plan_micros, "credit_micros": f.credit_micros })
@@ -686,6 +697,20 @@ impl Output {
         }
     }
 
+    /// What shadow mode let through: the denial the rules would have given.
+    fn shadow_text(lines: &mut Vec<String>, shadow: &Option<pb::ShadowDenial>) {
+        if let Some(d) = shadow {
+            lines.push(format!(
+                "shadow   would have been DENY: {} {}",
+                d.reason().as_str_name(),
+                d.action().as_str_name()
+            ));
+            if !d.message.is_empty() {
+                lines.push(format!("         {}", d.message));
+            }
+        }
+    }
+
     fn reserve(&self, r: &pb::ReserveResponse) {
         let value = json!({
             "decision": r.decision().as_str_name(), "reservation_id": r.reservation_id,
@@ -693,6 +718,7 @@ impl Output {
             "expires_at": instant(&r.expires_at), "reason": r.reason().as_str_name(),
             "action": r.action().as_str_name(), "upgrade_to": r.upgrade_to, "retry_at": instant(&r.retry_at),
             "message": r.message, "windows": windows_json(&r.windows), "credit_balance_micros": r.credit_balance_micros,
+            "shadow_denial": shadow_json(&r.shadow_denial),
         });
         let mut lines = vec![format!(
             "{}  (estimate {} credits)",
@@ -706,6 +732,7 @@ impl Output {
                 "expires  {}",
                 instant(&r.expires_at).unwrap_or_default()
             ));
+            Self::shadow_text(&mut lines, &r.shadow_denial);
         } else {
             let (reason, action) = (r.reason().as_str_name(), r.action().as_str_name());
             Self::denial_text(
@@ -727,6 +754,7 @@ impl Output {
             "held": funding_json(&c.held), "may_continue": c.may_continue, "expires_at": instant(&c.expires_at),
             "action": c.action().as_str_name(), "reason": c.reason().as_str_name(), "message": c.message,
             "windows": windows_json(&c.windows), "credit_balance_micros": c.credit_balance_micros,
+            "shadow_denial": shadow_json(&c.shadow_denial),
         });
         let mut lines = vec![
             format!("charged  {}", funding_text(&c.charged)),
@@ -742,6 +770,7 @@ impl Output {
         if !c.may_continue && c.action() != pb::Action::Unspecified {
             lines.push(format!("action   {}", c.action().as_str_name()));
         }
+        Self::shadow_text(&mut lines, &c.shadow_denial);
         if !c.message.is_empty() {
             lines.push(c.message.clone());
         }

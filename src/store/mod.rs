@@ -145,6 +145,11 @@ pub trait Store: Send + Sync + 'static {
         StoreHealth::Up
     }
 
+    /// Calls whose first attempt timed out and that were tried again, since start.
+    fn retried_calls(&self) -> u64 {
+        0
+    }
+
     /// Open reservations in the whole store, when the store can tell cheaply.
     fn open_holds(&self) -> Option<u64> {
         None

@@ -958,6 +958,10 @@ impl Store for RedisStore {
         self.front.prune(now.plus_millis(-MINUTE_MS));
     }
 
+    fn retried_calls(&self) -> u64 {
+        RedisStore::retried_calls(self)
+    }
+
     fn health(&self) -> StoreHealth {
         self.health.status()
     }
