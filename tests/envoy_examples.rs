@@ -365,36 +365,10 @@ fn run(command: &mut Command) -> Output {
 fn check_python() -> PathBuf {
     let requirements = crate_root().join("examples/envoy/requirements.txt");
     let wanted = std::fs::read_to_string(&requirements).unwrap();
-    let venv = crate_root().join("target/examples-run/envoy-venv");
-    let python = venv.join("bin/python");
-    let stamp = venv.join("quotad-requirements.txt");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        return python;
-    }
-    let _ = std::fs::remove_file(&stamp);
-    for command in [
-        Command::new("python3").arg("-m").arg("venv").arg(&venv),
-        Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["--no-input", "-r"])
-            .arg(&requirements),
-    ] {
-        let out = run(command);
-        assert!(
-            out.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    std::fs::write(&stamp, wanted).unwrap();
-    python
+    support::python::venv(
+        &crate_root().join("target/examples-run/envoy-venv"),
+        &wanted,
+    )
 }
 
 #[test]

@@ -119,24 +119,8 @@ fn once_per(stamp: &Path, wanted: &str, make: impl FnOnce()) {
 /// The Python example's directory, with its virtualenv's python and freshly generated stubs.
 fn python_example() -> (PathBuf, PathBuf) {
     let dir = copy_example("python", &["gen", "__pycache__", ".venv"]);
-    let venv = run_root().join("venv");
-    let python = venv.join("bin").join("python");
     let requirements = std::fs::read_to_string(dir.join("requirements.txt")).unwrap();
-    once_per(&venv.join("quotad-requirements.txt"), &requirements, || {
-        if !python.exists() {
-            run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
-        }
-        run(Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["--no-input", "-r", "requirements.txt"])
-            .current_dir(&dir));
-    });
+    let python = support::python::venv(&run_root().join("venv"), &requirements);
     // The command examples/README.md gives.
     let _ = std::fs::remove_dir_all(dir.join("gen"));
     std::fs::create_dir(dir.join("gen")).unwrap();

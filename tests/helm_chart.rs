@@ -8,8 +8,10 @@
 //! pinned packages below (the Helm library comes inside `helm-python-sdk`, so no `helm` binary is
 //! needed); later runs reuse it and need no network.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 /// Exact versions, checked together. `helm-python-sdk` bundles Helm's Go library;
 /// `kubernetes-validate` carries the Kubernetes OpenAPI schemas; `promql-parser` parses the
@@ -33,46 +35,10 @@ fn crate_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn run(command: &mut Command) -> Output {
-    let shown = format!("{command:?}");
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    if !output.status.success() {
-        panic!(
-            "{shown} failed ({}):\n{}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    output
-}
-
 /// The virtualenv's python, with the pinned packages installed.
 fn venv_python() -> PathBuf {
     let venv = crate_root().join("target").join("chart-venv");
-    let python = venv.join("bin").join("python");
-    let stamp = venv.join("quotad-packages.txt");
-    let wanted = PACKAGES.join("\n") + "\n";
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        return python;
-    }
-    if !python.exists() {
-        run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
-    }
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-input",
-        ])
-        .args(PACKAGES));
-    std::fs::write(&stamp, wanted).expect("write the package stamp");
-    python
+    support::python::venv(&venv, &(PACKAGES.join("\n") + "\n"))
 }
 
 #[test]

@@ -5,6 +5,7 @@
 pub mod billing;
 pub mod contract;
 pub mod process;
+pub mod python;
 pub mod redis;
 
 use std::net::SocketAddr;

@@ -1,0 +1,48 @@
+//! Python virtualenvs for the checks and examples written in Python, made under `target/` once
+//! per set of requirements: a stamp in the virtualenv holds what was installed, so later runs
+//! start at once and need no network.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The python of a virtualenv at `venv` with `requirements` (the text of a requirements file)
+/// installed; made or brought up to date when the requirements changed.
+pub fn venv(venv: &Path, requirements: &str) -> PathBuf {
+    let python = venv.join("bin").join("python");
+    let stamp = venv.join("quotad-requirements.txt");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(requirements) {
+        return python;
+    }
+    let _ = std::fs::remove_file(&stamp);
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(venv));
+    }
+    let wanted = venv.join("requirements.txt");
+    std::fs::write(&wanted, requirements).expect("write the requirements");
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(["--no-input", "-r"])
+        .arg(&wanted));
+    std::fs::write(&stamp, requirements).expect("write the requirements stamp");
+    python
+}
+
+fn run(command: &mut Command) {
+    let shown = format!("{command:?}");
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    assert!(
+        output.status.success(),
+        "{shown} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
