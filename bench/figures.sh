@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The figures of README "Speed", each from one command, measured on this machine in one run:
+# The figures of bench/README.md, each from one command, measured on this machine in one run:
 #
 #   bench/figures.sh ratios memory   # Reserve+Commit pairs/s and RLS calls/s over health checks/s
 #                                    # (and pairs of health checks: a two-call task's ceiling)
