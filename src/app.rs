@@ -226,12 +226,8 @@ impl<S: Store> Quota<S> {
         monthly_cap: Micros,
     ) -> Result<TopUpOutcome, QuotaError> {
         check_account(&self.rules.policy(), &account_id)?;
-        let settings = TopUpSettings {
-            enabled,
-            threshold,
-            target,
-            monthly_cap: (monthly_cap != 0).then_some(monthly_cap),
-        };
+        let monthly_cap = (monthly_cap != 0).then_some(monthly_cap);
+        let settings = TopUpSettings::new(enabled, threshold, target, monthly_cap)?;
         let cmd = SetTopUpCommand {
             account_id: account_id.clone(),
             settings,

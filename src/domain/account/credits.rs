@@ -164,9 +164,8 @@ impl AccountState {
         cmd: &SetTopUpCommand,
         now: Timestamp,
     ) -> Result<TopUpOutcome, DomainError> {
-        cmd.settings.validate()?;
         self.settle(policy, now);
-        if cmd.settings.enabled && !self.top_up_eligible(policy) {
+        if cmd.settings.enabled() && !self.top_up_eligible(policy) {
             return Err(DomainError::top_up_not_allowed(
                 &self.account.id,
                 &self.account.plan,
@@ -179,7 +178,7 @@ impl AccountState {
             &self.account.id,
             policy.top_up,
             now,
-        )?;
+        );
         Ok(TopUpOutcome {
             view: self.top_up_view(),
             top_up,

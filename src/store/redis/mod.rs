@@ -839,13 +839,12 @@ impl Store for RedisStore {
         now: Timestamp,
     ) -> Result<TopUpOutcome, StoreError> {
         let policy = self.policy();
-        cmd.settings.validate()?;
         let s = cmd.settings;
-        let cap = s.monthly_cap.map(|c| c.to_string()).unwrap_or_default();
+        let cap = s.monthly_cap().map(|c| c.to_string()).unwrap_or_default();
         let args = [
-            if s.enabled { "1" } else { "0" },
-            &s.threshold.to_string(),
-            &s.target.to_string(),
+            if s.enabled() { "1" } else { "0" },
+            &s.threshold().to_string(),
+            &s.target().to_string(),
             &cap,
         ];
         let reply: wire::TopUpJ = self
