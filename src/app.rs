@@ -871,9 +871,7 @@ impl<S: Store> Quota<S> {
             }
         };
         let credits_available = snapshot.as_ref().is_some_and(|s| {
-            plan.is_some_and(|p| p.overage == crate::domain::Overage::Credits)
-                && s.account.credit_purchase_allowed
-                && s.totals.balance - s.credit_held > 0
+            policy.may_buy_credits(&s.account) && s.totals.balance - s.credit_held > 0
         });
         Ok(RlsStatus {
             over: room <= 0 && !credits_available,

@@ -11,12 +11,18 @@ use crate::domain::decision::{
 use crate::domain::error::DomainError;
 use crate::domain::ledger::{CreditLot, LotSource};
 use crate::domain::money::Micros;
-use crate::domain::policy::{Overage, Policy};
+use crate::domain::policy::Policy;
 use crate::domain::time::Timestamp;
 use crate::domain::top_up::{Purchase, TopUp};
 
 /// Credit lots last this many months unless a grant says otherwise.
 pub const LOT_VALIDITY_MONTHS: u32 = 12;
+
+/// When a lot granted at `now` expires, unless its grant says otherwise. Every store dates its
+/// lots by this, auto top-up lots always.
+pub fn default_lot_expiry(now: Timestamp) -> Timestamp {
+    now.plus_months(LOT_VALIDITY_MONTHS)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct GrantRecord {
@@ -61,9 +67,7 @@ impl AccountState {
         {
             return Err(DomainError::lifetime_grants_too_large());
         }
-        let expires_at = cmd
-            .expires_at
-            .unwrap_or_else(|| now.plus_months(LOT_VALIDITY_MONTHS));
+        let expires_at = cmd.expires_at.unwrap_or_else(|| default_lot_expiry(now));
         if expires_at <= now {
             return Err(DomainError::expiry_not_in_future(now, expires_at));
         }
@@ -75,23 +79,30 @@ impl AccountState {
             granted_at: now,
             expires_at,
         };
+        let lot = self.add_lot(fingerprint, lot);
+        Ok(GrantOutcome {
+            lot,
+            credit_balance: self.ledger.balance(),
+        })
+    }
+
+    /// Adds a lot to the ledger and keeps it by id, for retries of its grant and for revoking
+    /// it. What the lot pays off of a debt is not left in it; returns the lot as kept.
+    fn add_lot(&mut self, fingerprint: u64, lot: CreditLot) -> CreditLot {
         let paid_off = self.ledger.grant(lot.clone());
         let lot = CreditLot {
-            remaining: cmd.amount - paid_off,
+            remaining: lot.granted - paid_off,
             ..lot
         };
         self.grants.get_or_insert_with(Box::default).insert(
-            cmd.grant_id.clone(),
+            lot.id.clone(),
             GrantRecord {
                 fingerprint,
                 lot: lot.clone(),
                 revoked: None,
             },
         );
-        Ok(GrantOutcome {
-            lot,
-            credit_balance: self.ledger.balance(),
-        })
+        lot
     }
 
     /// Takes back what is left of a grant's lot (a refund or a chargeback); acts once per grant.
@@ -123,13 +134,9 @@ impl AccountState {
         })
     }
 
-    /// Whether this account may have credits bought for it: a plan on the credits route and
-    /// credit purchase allowed.
+    /// Whether this account may have credits bought for it.
     fn top_up_eligible(&self, policy: &Policy) -> bool {
-        self.account.credit_purchase_allowed
-            && policy
-                .plan(&self.account.plan)
-                .is_some_and(|p| p.overage == Overage::Credits)
+        policy.may_buy_credits(&self.account)
     }
 
     /// The auto top-up trigger, run at the end of every change.
@@ -202,26 +209,15 @@ impl AccountState {
             now,
         ) {
             let lot = CreditLot {
-                id: paid.id.clone(),
+                id: paid.id,
                 source: LotSource::AutoTopUp,
                 granted: paid.amount,
                 remaining: paid.amount,
                 granted_at: now,
-                expires_at: now.plus_months(LOT_VALIDITY_MONTHS),
+                expires_at: default_lot_expiry(now),
             };
-            let paid_off = self.ledger.grant(lot.clone());
-            let lot = CreditLot {
-                remaining: paid.amount - paid_off,
-                ..lot
-            };
-            self.grants.get_or_insert_with(Box::default).insert(
-                paid.id,
-                GrantRecord {
-                    fingerprint: 0,
-                    lot,
-                    revoked: None,
-                },
-            );
+            // No request to compare retries with: a purchase settles once.
+            self.add_lot(0, lot);
         }
         let top_up = self.check_top_up(policy, now);
         Ok(TopUpOutcome {

@@ -40,7 +40,7 @@ use credits::GrantRecord;
 use holds::{Closed, OpenHolds, Retained};
 use reserve::RequestRecord;
 
-pub use credits::LOT_VALIDITY_MONTHS;
+pub use credits::{LOT_VALIDITY_MONTHS, default_lot_expiry};
 pub use holds::Reservation;
 
 /// The largest amount any account total may reach: every integer up to 2^53 − 1 is exact in an
