@@ -10,12 +10,12 @@
 //! ([`settle`](AccountState::settle)) and how it is read ([`status`](AccountState::status),
 //! [`snapshot`](AccountState::snapshot)). The operations live beside it, one idea a file:
 //!
-//! - [`reserve`]: the two-phase reservation (Reserve, Commit, Release) and the usage history
+//! - `reserve`: the two-phase reservation (Reserve, Commit, Release) and the usage history
 //!   commits leave;
-//! - [`credits`]: credit lots (grant, revoke) and auto top-up (settings, trigger, settlement);
-//! - [`funding`]: how a cost is paid for (plan allowance first, then credits where the route
+//! - `credits`: credit lots (grant, revoke) and auto top-up (settings, trigger, settlement);
+//! - `funding`: how a cost is paid for (plan allowance first, then credits where the route
 //!   allows) and when the plan can next pay, for denials;
-//! - [`holds`]: the records of open and finished reservations and how they are kept small.
+//! - `holds`: the records of open and finished reservations and how they are kept small.
 
 mod credits;
 mod funding;
