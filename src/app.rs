@@ -4,6 +4,9 @@
 //! It knows nothing about gRPC: the API edge turns protobuf messages into the request types
 //! below, and this layer turns them into the domain's commands. Everything a caller can get
 //! wrong is caught here, before the store is touched, so bad input changes nothing.
+//!
+//! Its errors are [`QuotaError`]s: a refusal (bad input, or a rule saying no) is told apart
+//! from a store that is unavailable or failing, whichever layer found it.
 
 use std::sync::Arc;
 
@@ -48,6 +51,33 @@ fn action_name(action: Action) -> &'static str {
         Action::BuyCredits => "BUY_CREDITS",
         Action::WaitForReset => "WAIT_FOR_RESET",
         Action::UpdatePaymentMethod => "UPDATE_PAYMENT_METHOD",
+    }
+}
+
+/// Why a call to [`Quota`] has no answer. A deny is not here: it is a normal decision.
+/// `api::status` turns each into one gRPC status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaError {
+    /// The request was refused and nothing changed: by a check of its fields before any store
+    /// was asked (`InvalidArgument` naming the field), or by the rules (not found, already
+    /// used, not possible now).
+    #[error(transparent)]
+    Refused(#[from] DomainError),
+    /// The store could not be reached in time; the call may be retried.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
+    /// The store answered something it should never answer (a bug, or a version mismatch).
+    #[error("store error: {0}")]
+    StoreFailed(String),
+}
+
+impl From<StoreError> for QuotaError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Rule(rule) => QuotaError::Refused(rule),
+            StoreError::Unavailable(reason) => QuotaError::StoreUnavailable(reason),
+            StoreError::Internal(reason) => QuotaError::StoreFailed(reason),
+        }
     }
 }
 
@@ -137,12 +167,13 @@ impl<S: Store> Quota<S> {
         &self.metrics
     }
 
-    /// One store operation, in a child span of the call's, timed and counted.
+    /// One store operation, in a child span of the call's, timed and counted; the one place a
+    /// store's error becomes the application's.
     async fn timed<T>(
         &self,
         op: &'static str,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
+    ) -> Result<T, QuotaError> {
         let started = std::time::Instant::now();
         let span = if crate::telemetry::exporting_traces() {
             tracing::info_span!("store", op, otel.kind = "client")
@@ -156,7 +187,7 @@ impl<S: Store> Quota<S> {
             Ok(_) | Err(StoreError::Rule(_)) => None,
         };
         self.metrics.store_call(op, started.elapsed(), error);
-        result
+        result.map_err(QuotaError::from)
     }
 
     /// Lets a Reserve short of credits wait up to `wait` for an auto top-up purchase in flight.
@@ -193,14 +224,10 @@ impl<S: Store> Quota<S> {
         threshold: Micros,
         target: Micros,
         monthly_cap: Micros,
-    ) -> Result<TopUpOutcome, StoreError> {
+    ) -> Result<TopUpOutcome, QuotaError> {
         check_account(&self.rules.policy(), &account_id)?;
-        let settings = TopUpSettings {
-            enabled,
-            threshold,
-            target,
-            monthly_cap: (monthly_cap != 0).then_some(monthly_cap),
-        };
+        let monthly_cap = (monthly_cap != 0).then_some(monthly_cap);
+        let settings = TopUpSettings::new(enabled, threshold, target, monthly_cap)?;
         let cmd = SetTopUpCommand {
             account_id: account_id.clone(),
             settings,
@@ -228,7 +255,7 @@ impl<S: Store> Quota<S> {
         }
     }
 
-    pub async fn reserve(&self, req: ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+    pub async fn reserve(&self, req: ReserveRequest) -> Result<ReserveOutcome, QuotaError> {
         let rules = self.rules.current();
         let policy = &rules.policy;
         let limits = &policy.limits;
@@ -300,7 +327,7 @@ impl<S: Store> Quota<S> {
         }
     }
 
-    pub async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, StoreError> {
+    pub async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, QuotaError> {
         let rules = self.rules.current();
         check_account(&rules.policy, &req.account_id)?;
         check_id(&rules.policy, "reservation_id", &req.reservation_id)?;
@@ -339,7 +366,7 @@ impl<S: Store> Quota<S> {
         Ok(outcome)
     }
 
-    pub async fn release(&self, req: ReleaseRequest) -> Result<ReleaseOutcome, StoreError> {
+    pub async fn release(&self, req: ReleaseRequest) -> Result<ReleaseOutcome, QuotaError> {
         let policy = self.rules.policy();
         check_account(&policy, &req.account_id)?;
         check_id(&policy, "reservation_id", &req.reservation_id)?;
@@ -358,7 +385,7 @@ impl<S: Store> Quota<S> {
         &self,
         account_id: &str,
         recent_limit: u32,
-    ) -> Result<UsageSnapshot, StoreError> {
+    ) -> Result<UsageSnapshot, QuotaError> {
         let policy = self.rules.policy();
         check_account(&policy, account_id)?;
         let limit = match recent_limit {
@@ -374,7 +401,7 @@ impl<S: Store> Quota<S> {
         .await
     }
 
-    pub async fn upsert_account(&self, account: Option<Account>) -> Result<Account, StoreError> {
+    pub async fn upsert_account(&self, account: Option<Account>) -> Result<Account, QuotaError> {
         let account = account.ok_or_else(|| invalid("account", "is required"))?;
         let policy = self.rules.policy();
         check_id(&policy, "account.account_id", &account.id)?;
@@ -386,12 +413,12 @@ impl<S: Store> Quota<S> {
         .await
     }
 
-    pub async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
+    pub async fn account(&self, account_id: &str) -> Result<Account, QuotaError> {
         check_account(&self.rules.policy(), account_id)?;
         self.timed("account", self.store.account(account_id)).await
     }
 
-    pub async fn grant(&self, req: GrantRequest) -> Result<GrantOutcome, StoreError> {
+    pub async fn grant(&self, req: GrantRequest) -> Result<GrantOutcome, QuotaError> {
         let policy = self.rules.policy();
         check_account(&policy, &req.account_id)?;
         check_id(&policy, "grant_id", &req.grant_id)?;
@@ -431,7 +458,7 @@ impl<S: Store> Quota<S> {
         &self,
         account_id: String,
         grant_id: String,
-    ) -> Result<RevokeOutcome, StoreError> {
+    ) -> Result<RevokeOutcome, QuotaError> {
         let policy = self.rules.policy();
         check_account(&policy, &account_id)?;
         check_id(&policy, "grant_id", &grant_id)?;
@@ -455,7 +482,7 @@ impl<S: Store> Quota<S> {
         consumer: String,
         max_events: u32,
         claim_idle_ms: u32,
-    ) -> Result<Vec<ExportedEvent>, StoreError> {
+    ) -> Result<Vec<ExportedEvent>, QuotaError> {
         let policy = self.rules.policy();
         check_id(&policy, "group", &group)?;
         check_id(&policy, "consumer", &consumer)?;
@@ -492,7 +519,7 @@ impl<S: Store> Quota<S> {
         &self,
         group: &str,
         delivery_ids: &[String],
-    ) -> Result<u64, StoreError> {
+    ) -> Result<u64, QuotaError> {
         check_id(&self.rules.policy(), "group", group)?;
         if delivery_ids.len() > MAX_EXPORT_READ as usize {
             return Err(invalid(
@@ -552,7 +579,7 @@ impl<S: Store> Quota<S> {
 }
 
 /// Checks an account id and names the account (hashed) on the call's span.
-fn check_account(policy: &Policy, account_id: &str) -> Result<(), StoreError> {
+fn check_account(policy: &Policy, account_id: &str) -> Result<(), QuotaError> {
     check_id(policy, "account_id", account_id)?;
     let span = tracing::Span::current();
     if !span.is_disabled() {
@@ -564,7 +591,7 @@ fn check_account(policy: &Policy, account_id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn check_id(policy: &Policy, field: &str, id: &str) -> Result<(), StoreError> {
+fn check_id(policy: &Policy, field: &str, id: &str) -> Result<(), QuotaError> {
     let max = policy.limits.max_id_bytes as usize;
     if id.is_empty() {
         return Err(invalid(field, "must not be empty"));
@@ -584,7 +611,7 @@ fn check_id(policy: &Policy, field: &str, id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn check_plan(policy: &Policy, field: &str, plan: &str) -> Result<(), StoreError> {
+fn check_plan(policy: &Policy, field: &str, plan: &str) -> Result<(), QuotaError> {
     if policy.plan(plan).is_none() {
         return Err(invalid(
             field,
@@ -600,7 +627,7 @@ fn price(
     field: &str,
     usage: &Usage,
     may_be_empty: bool,
-) -> Result<Micros, StoreError> {
+) -> Result<Micros, QuotaError> {
     let limits = &rules.policy.limits;
     for (name, count) in [
         ("input_tokens", usage.input_tokens),
@@ -632,8 +659,8 @@ fn price(
     })
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> StoreError {
-    StoreError::Rule(DomainError::invalid(field, reason))
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> QuotaError {
+    QuotaError::Refused(DomainError::invalid(field, reason))
 }
 
 /// A fresh opaque id such as `rsv_5f0c…`: 128 random bits, so replicas never collide.
@@ -727,7 +754,7 @@ impl<S: Store> Quota<S> {
         domain: &str,
         descriptors: &[RlsDescriptor],
         hits_addend: u32,
-    ) -> Result<Vec<RlsStatus>, StoreError> {
+    ) -> Result<Vec<RlsStatus>, QuotaError> {
         if domain.is_empty() {
             return Err(invalid("domain", "must not be empty"));
         }
@@ -810,7 +837,7 @@ impl<S: Store> Quota<S> {
         policy: &Policy,
         rule: &RlsRule,
         account_id: &str,
-    ) -> Result<RlsStatus, StoreError> {
+    ) -> Result<RlsStatus, QuotaError> {
         check_id(policy, "descriptors.entries.account_id", account_id)?;
         let now = self.clock.now();
         let snapshot = match self
@@ -818,7 +845,7 @@ impl<S: Store> Quota<S> {
             .await
         {
             Ok(snapshot) => Some(snapshot),
-            Err(StoreError::Rule(e)) if e.is_account_not_found() => None,
+            Err(QuotaError::Refused(e)) if e.is_account_not_found() => None,
             Err(e) => return Err(e),
         };
         let plan_name = snapshot
@@ -844,9 +871,7 @@ impl<S: Store> Quota<S> {
             }
         };
         let credits_available = snapshot.as_ref().is_some_and(|s| {
-            plan.is_some_and(|p| p.overage == crate::domain::Overage::Credits)
-                && s.account.credit_purchase_allowed
-                && s.totals.balance - s.credit_held > 0
+            policy.may_buy_credits(&s.account) && s.totals.balance - s.credit_held > 0
         });
         Ok(RlsStatus {
             over: room <= 0 && !credits_available,

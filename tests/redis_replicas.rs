@@ -494,12 +494,7 @@ async fn every_account_key_carries_a_lifetime() {
         .set_top_up(
             SetTopUpCommand {
                 account_id: "ttl".into(),
-                settings: TopUpSettings {
-                    enabled: true,
-                    threshold: 10 * CREDIT,
-                    target: 20 * CREDIT,
-                    monthly_cap: None,
-                },
+                settings: TopUpSettings::new(true, 10 * CREDIT, 20 * CREDIT, None).unwrap(),
             },
             at(4 * MINUTE_MS),
         )

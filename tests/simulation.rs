@@ -253,12 +253,13 @@ async fn simulate<S: Store>(store: &S, seed: u64, steps: usize) {
                 started = out.top_up;
             }
             71..=74 => {
-                let settings = TopUpSettings {
-                    enabled: rng.below(4) > 0,
-                    threshold: (rng.below(15) as i64) * CREDIT,
-                    target: (16 + rng.below(30) as i64) * CREDIT,
-                    monthly_cap: Some(CAP),
-                };
+                let settings = TopUpSettings::new(
+                    rng.below(4) > 0,
+                    (rng.below(15) as i64) * CREDIT,
+                    (16 + rng.below(30) as i64) * CREDIT,
+                    Some(CAP),
+                )
+                .unwrap();
                 let out = store
                     .set_top_up(
                         SetTopUpCommand {

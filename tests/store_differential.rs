@@ -416,12 +416,14 @@ async fn run(
                 } else {
                     threshold + (1 + rng.below(50) as i64) * 1_000_000
                 };
-                let settings = TopUpSettings {
-                    enabled: rng.below(3) > 0,
-                    threshold,
-                    target,
-                    monthly_cap: (rng.below(3) == 0)
-                        .then(|| (10 + rng.below(70) as i64) * 1_000_000),
+                let enabled = rng.below(3) > 0;
+                let monthly_cap =
+                    (rng.below(3) == 0).then(|| (10 + rng.below(70) as i64) * 1_000_000);
+                // A target not above the threshold never reaches a store: making the settings
+                // refuses it.
+                let Ok(settings) = TopUpSettings::new(enabled, threshold, target, monthly_cap)
+                else {
+                    continue;
                 };
                 let cmd = SetTopUpCommand {
                     account_id: account.clone(),

@@ -322,10 +322,10 @@ impl From<TopUpView> for pb::AutoTopUp {
     fn from(v: TopUpView) -> pb::AutoTopUp {
         let s = v.settings;
         pb::AutoTopUp {
-            enabled: s.enabled,
-            threshold_micros: s.threshold,
-            target_micros: s.target,
-            monthly_cap_micros: s.monthly_cap.unwrap_or(0),
+            enabled: s.enabled(),
+            threshold_micros: s.threshold(),
+            target_micros: s.target(),
+            monthly_cap_micros: s.monthly_cap().unwrap_or(0),
             last_attempt: v.last_attempt.map(|a| {
                 let outcome = match a.outcome {
                     AttemptOutcome::Pending => pb::TopUpOutcome::Pending,

@@ -3,15 +3,15 @@
 
 use tonic::Status;
 
+use crate::app::QuotaError;
 use crate::domain::DomainError;
-use crate::store::StoreError;
 
-impl From<StoreError> for Status {
-    fn from(err: StoreError) -> Status {
+impl From<QuotaError> for Status {
+    fn from(err: QuotaError) -> Status {
         match err {
-            StoreError::Rule(rule) => rule.into(),
-            StoreError::Unavailable(_) => Status::unavailable(err.to_string()),
-            StoreError::Internal(_) => Status::internal(err.to_string()),
+            QuotaError::Refused(rule) => rule.into(),
+            QuotaError::StoreUnavailable(_) => Status::unavailable(err.to_string()),
+            QuotaError::StoreFailed(_) => Status::internal(err.to_string()),
         }
     }
 }

@@ -367,7 +367,8 @@ pub struct RevokeOutcome {
     pub top_up: Option<Purchase>,
 }
 
-/// SetAutoTopUp, after validation of its shape.
+/// SetAutoTopUp; its settings' shape was checked when they were made
+/// ([`TopUpSettings::new`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetTopUpCommand {
     pub account_id: String,
@@ -383,12 +384,24 @@ pub struct SettleTopUpCommand {
 }
 
 /// An account's auto top-up, as GetUsage and SetAutoTopUp show it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopUpView {
     pub settings: TopUpSettings,
     pub last_attempt: Option<TopUpAttempt>,
     pub consecutive_declines: u32,
     pub in_flight: Option<Purchase>,
+}
+
+impl Default for TopUpView {
+    /// An account that never configured auto top-up.
+    fn default() -> Self {
+        TopUpView {
+            settings: TopUpSettings::UNSET,
+            last_attempt: None,
+            consecutive_declines: 0,
+            in_flight: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

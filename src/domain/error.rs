@@ -1,6 +1,7 @@
 //! Why the domain refuses a request. Each variant maps to one gRPC status code at the API edge
 //! (see `api::status`); a deny is not an error but a normal [`Decision`](super::Decision).
 
+use super::account::MAX_EXACT_MICROS;
 use super::time::Timestamp;
 
 /// An error of the quota rules, with a message a caller can act on.
@@ -109,7 +110,9 @@ impl DomainError {
     pub fn lifetime_grants_too_large() -> Self {
         DomainError::invalid(
             "amount_micros",
-            "the account's credits granted in all would exceed 9007199254740991 micro-credits",
+            format!(
+                "the account's credits granted in all would exceed {MAX_EXACT_MICROS} micro-credits"
+            ),
         )
     }
 

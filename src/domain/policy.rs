@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::decision::Account;
 use super::money::{MICROS_PER_CREDIT, Micros};
 use super::top_up::TopUpRules;
 
@@ -108,6 +109,15 @@ impl Policy {
 
     pub fn plan(&self, name: &str) -> Option<&Plan> {
         self.plans.get(name)
+    }
+
+    /// Whether credits may be bought for `account`: its plan goes on to credits past its
+    /// allowance, and credit purchase is not barred for it.
+    pub fn may_buy_credits(&self, account: &Account) -> bool {
+        account.credit_purchase_allowed
+            && self
+                .plan(&account.plan)
+                .is_some_and(|p| p.overage == Overage::Credits)
     }
 
     pub fn product(&self, name: &str) -> Option<&Product> {

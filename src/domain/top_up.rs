@@ -24,43 +24,94 @@ use super::error::DomainError;
 use super::money::Micros;
 use super::time::{HOUR_MS, Timestamp};
 
-/// What the account asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What the account asked for. Made by [`TopUpSettings::new`], which checks the request's
+/// shape, so the rules and every store can rely on it (a target above a threshold that is not
+/// negative, a cap that is not negative) and none checks it again; the one exception is
+/// [`TopUpSettings::UNSET`], off with nothing set, which an account has until it first
+/// configures auto top-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TopUpSettings {
-    pub enabled: bool,
+    enabled: bool,
     /// Buy when available credits fall below this.
-    pub threshold: Micros,
+    threshold: Micros,
     /// Buy back up to this.
-    pub target: Micros,
+    target: Micros,
     /// Most bought in one calendar month (UTC); `None`: no cap.
-    pub monthly_cap: Option<Micros>,
+    monthly_cap: Option<Micros>,
 }
 
 impl TopUpSettings {
-    /// Checks the settings' shape; the error names the field.
-    pub fn validate(&self) -> Result<(), DomainError> {
-        if self.threshold < 0 {
+    /// An account that never configured auto top-up: off, nothing set.
+    pub const UNSET: TopUpSettings = TopUpSettings {
+        enabled: false,
+        threshold: 0,
+        target: 0,
+        monthly_cap: None,
+    };
+
+    /// Settings as a SetAutoTopUp asks for them, checked; the error names the request field.
+    pub fn new(
+        enabled: bool,
+        threshold: Micros,
+        target: Micros,
+        monthly_cap: Option<Micros>,
+    ) -> Result<Self, DomainError> {
+        if threshold < 0 {
             return Err(DomainError::invalid(
                 "threshold_micros",
                 "must not be negative",
             ));
         }
-        if self.target <= self.threshold {
+        if target <= threshold {
             return Err(DomainError::invalid(
                 "target_micros",
-                format!(
-                    "must exceed threshold_micros ({}), got {}",
-                    self.threshold, self.target
-                ),
+                format!("must exceed threshold_micros ({threshold}), got {target}"),
             ));
         }
-        if self.monthly_cap.is_some_and(|cap| cap < 0) {
+        if monthly_cap.is_some_and(|cap| cap < 0) {
             return Err(DomainError::invalid(
                 "monthly_cap_micros",
                 "must not be negative (0 means no cap)",
             ));
         }
-        Ok(())
+        Ok(TopUpSettings {
+            enabled,
+            threshold,
+            target,
+            monthly_cap,
+        })
+    }
+
+    /// Settings as a store kept them: checked by [`TopUpSettings::new`] when they were set, or
+    /// [`TopUpSettings::UNSET`].
+    pub(crate) fn stored(
+        enabled: bool,
+        threshold: Micros,
+        target: Micros,
+        monthly_cap: Option<Micros>,
+    ) -> Self {
+        TopUpSettings {
+            enabled,
+            threshold,
+            target,
+            monthly_cap,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn threshold(&self) -> Micros {
+        self.threshold
+    }
+
+    pub fn target(&self) -> Micros {
+        self.target
+    }
+
+    pub fn monthly_cap(&self) -> Option<Micros> {
+        self.monthly_cap
     }
 }
 
@@ -129,7 +180,7 @@ pub enum PaymentResult {
 }
 
 /// One account's auto top-up: settings, the purchase in flight, and what happened last.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopUp {
     settings: TopUpSettings,
     in_flight: Option<Purchase>,
@@ -142,6 +193,22 @@ pub struct TopUp {
     bought: Micros,
     /// Purchases started so far; numbers the next one's id.
     started: u64,
+}
+
+impl Default for TopUp {
+    /// Never configured.
+    fn default() -> Self {
+        TopUp {
+            settings: TopUpSettings::UNSET,
+            in_flight: None,
+            last_attempt: None,
+            consecutive_declines: 0,
+            quiet_until: None,
+            month: 0,
+            bought: 0,
+            started: 0,
+        }
+    }
 }
 
 impl TopUp {
@@ -161,8 +228,8 @@ impl TopUp {
         self.consecutive_declines
     }
 
-    /// Changes the settings (after checking them), then starts a purchase if turning auto
-    /// top-up on, or raising the threshold, found the account below it.
+    /// Changes the settings, then starts a purchase if turning auto top-up on, or raising the
+    /// threshold, found the account below it.
     pub fn configure(
         &mut self,
         settings: TopUpSettings,
@@ -170,28 +237,7 @@ impl TopUp {
         account_id: &str,
         rules: TopUpRules,
         now: Timestamp,
-    ) -> Result<Option<Purchase>, DomainError> {
-        if settings.threshold < 0 {
-            return Err(DomainError::invalid(
-                "threshold_micros",
-                "must not be negative",
-            ));
-        }
-        if settings.target <= settings.threshold {
-            return Err(DomainError::invalid(
-                "target_micros",
-                format!(
-                    "must exceed threshold_micros ({}), got {}",
-                    settings.threshold, settings.target
-                ),
-            ));
-        }
-        if settings.monthly_cap.is_some_and(|cap| cap < 0) {
-            return Err(DomainError::invalid(
-                "monthly_cap_micros",
-                "must not be negative (0 means no cap)",
-            ));
-        }
+    ) -> Option<Purchase> {
         let before = self.settings;
         self.settings = settings;
         if settings.enabled && !before.enabled {
@@ -200,11 +246,11 @@ impl TopUp {
             self.quiet_until = None;
         }
         let armed = settings.enabled && (!before.enabled || settings.threshold > before.threshold);
-        Ok(if armed {
+        if armed {
             self.check(available, account_id, rules, now)
         } else {
             None
-        })
+        }
     }
 
     /// The trigger: starts a purchase when available credits are below the threshold and
@@ -345,12 +391,7 @@ mod tests {
     const T0: Timestamp = Timestamp::from_millis(1_795_557_600_000);
 
     fn settings(threshold: i64, target: i64, cap: Option<i64>) -> TopUpSettings {
-        TopUpSettings {
-            enabled: true,
-            threshold: threshold * C,
-            target: target * C,
-            monthly_cap: cap.map(|c| c * C),
-        }
+        TopUpSettings::new(true, threshold * C, target * C, cap.map(|c| c * C)).unwrap()
     }
 
     fn rules() -> TopUpRules {
@@ -362,14 +403,12 @@ mod tests {
         let mut t = TopUp::default();
         let p = t
             .configure(settings(10, 50, None), 4 * C, "a", rules(), T0)
-            .unwrap()
             .expect("a purchase");
         assert_eq!((p.id.as_str(), p.amount), ("topup:a:1", 46 * C));
         assert_eq!(t.last_attempt().unwrap().outcome, AttemptOutcome::Pending);
         // Saving the same settings again, or crossing again while it is in flight, buys nothing.
         assert_eq!(
-            t.configure(settings(10, 50, None), 4 * C, "a", rules(), T0)
-                .unwrap(),
+            t.configure(settings(10, 50, None), 4 * C, "a", rules(), T0),
             None
         );
         assert_eq!(t.check(C, "a", rules(), T0), None);
@@ -393,8 +432,7 @@ mod tests {
     fn turning_it_on_above_the_threshold_waits_for_the_crossing() {
         let mut t = TopUp::default();
         assert_eq!(
-            t.configure(settings(10, 50, None), 10 * C, "a", rules(), T0)
-                .unwrap(),
+            t.configure(settings(10, 50, None), 10 * C, "a", rules(), T0),
             None
         );
         assert_eq!(
@@ -409,11 +447,9 @@ mod tests {
     #[test]
     fn raising_the_threshold_above_the_balance_buys() {
         let mut t = TopUp::default();
-        t.configure(settings(10, 50, None), 20 * C, "a", rules(), T0)
-            .unwrap();
+        t.configure(settings(10, 50, None), 20 * C, "a", rules(), T0);
         assert!(
             t.configure(settings(30, 50, None), 20 * C, "a", rules(), T0)
-                .unwrap()
                 .is_some()
         );
     }
@@ -423,7 +459,6 @@ mod tests {
         let mut t = TopUp::default();
         let p = t
             .configure(settings(10, 50, Some(30)), 0, "a", rules(), T0)
-            .unwrap()
             .unwrap();
         assert_eq!(p.amount, 30 * C);
         assert_eq!(t.last_attempt().unwrap().outcome, AttemptOutcome::Capped);
@@ -456,10 +491,9 @@ mod tests {
             error: "card declined".into(),
         };
         for n in 1..=3 {
-            let p = t.check(0, "a", rules(), now).or_else(|| {
-                t.configure(settings(10, 50, None), 0, "a", rules(), now)
-                    .unwrap()
-            });
+            let p = t
+                .check(0, "a", rules(), now)
+                .or_else(|| t.configure(settings(10, 50, None), 0, "a", rules(), now));
             let p = p.expect("a purchase");
             assert_eq!(
                 t.settle(&p.id, &declined, rules(), now),
@@ -490,7 +524,6 @@ mod tests {
         let mut t = TopUp::default();
         let p = t
             .configure(settings(10, 50, None), 0, "a", rules(), T0)
-            .unwrap()
             .unwrap();
         let failed = PaymentResult::Failed {
             error: "timeout".into(),
@@ -507,15 +540,16 @@ mod tests {
 
     #[test]
     fn bad_settings_name_the_field() {
-        let mut t = TopUp::default();
-        let err = t
-            .configure(settings(50, 50, None), 0, "a", rules(), T0)
-            .unwrap_err();
-        assert!(
-            err.to_string().starts_with("target_micros: must exceed"),
-            "{err}"
-        );
-        assert_eq!(t, TopUp::default(), "nothing changed");
+        for (threshold, target, cap, field) in [
+            (50, 50, None, "target_micros: must exceed"),
+            (-1, 50, None, "threshold_micros: must not be negative"),
+            (10, 50, Some(-1), "monthly_cap_micros: must not be negative"),
+        ] {
+            let err = TopUpSettings::new(true, threshold * C, target * C, cap.map(|c| c * C))
+                .unwrap_err();
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
+        assert!(TopUpSettings::new(false, 0, 1, Some(0)).is_ok());
     }
 
     proptest! {
@@ -530,7 +564,7 @@ mod tests {
             let mut t = TopUp::default();
             let mut now = T0;
             let mut bought_by_month = std::collections::HashMap::<i64, i64>::new();
-            t.configure(settings(20, 60, cap), 100 * C, "a", rules(), now).unwrap();
+            t.configure(settings(20, 60, cap), 100 * C, "a", rules(), now);
             for (available, answer, days) in steps {
                 now = now.plus_millis(days * 24 * HOUR_MS);
                 let available = available * C;

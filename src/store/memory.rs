@@ -195,7 +195,6 @@ impl Store for MemoryStore {
         cmd: SetTopUpCommand,
         now: Timestamp,
     ) -> Result<TopUpOutcome, StoreError> {
-        cmd.settings.validate()?;
         self.with_account(&cmd.account_id, |state, policy| {
             state.set_top_up(policy, &cmd, now)
         })

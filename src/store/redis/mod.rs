@@ -41,7 +41,7 @@ use serde_json::json;
 pub use keys::{hold_index_key, slot};
 
 use super::{ExportRead, Store, StoreError, StoreHealth};
-use crate::domain::account::LOT_VALIDITY_MONTHS;
+use crate::domain::account::default_lot_expiry;
 use crate::domain::rls::{CounterCheck, CounterStatus};
 use crate::domain::time::{DAY_MS, MINUTE_MS};
 use crate::domain::top_up::{PaymentResult, Purchase};
@@ -795,9 +795,7 @@ impl Store for RedisStore {
 
     async fn grant(&self, cmd: GrantCommand, now: Timestamp) -> Result<GrantOutcome, StoreError> {
         let policy = self.policy();
-        let expires_at = cmd
-            .expires_at
-            .unwrap_or_else(|| now.plus_months(LOT_VALIDITY_MONTHS));
+        let expires_at = cmd.expires_at.unwrap_or_else(|| default_lot_expiry(now));
         let args = [
             cmd.grant_id.as_str(),
             &cmd.amount.to_string(),
@@ -839,13 +837,12 @@ impl Store for RedisStore {
         now: Timestamp,
     ) -> Result<TopUpOutcome, StoreError> {
         let policy = self.policy();
-        cmd.settings.validate()?;
         let s = cmd.settings;
-        let cap = s.monthly_cap.map(|c| c.to_string()).unwrap_or_default();
+        let cap = s.monthly_cap().map(|c| c.to_string()).unwrap_or_default();
         let args = [
-            if s.enabled { "1" } else { "0" },
-            &s.threshold.to_string(),
-            &s.target.to_string(),
+            if s.enabled() { "1" } else { "0" },
+            &s.threshold().to_string(),
+            &s.target().to_string(),
             &cap,
         ];
         let reply: wire::TopUpJ = self
@@ -866,7 +863,7 @@ impl Store for RedisStore {
             PaymentResult::Declined { error } => ("declined", error.as_str()),
             PaymentResult::Failed { error } => ("failed", error.as_str()),
         };
-        let expiry = now.plus_months(LOT_VALIDITY_MONTHS).as_millis().to_string();
+        let expiry = default_lot_expiry(now).as_millis().to_string();
         let args = [cmd.purchase_id.as_str(), kind, detail, &expiry];
         let reply: wire::TopUpJ = self
             .run(&policy, Operation::SettleTopUp, &cmd.account_id, now, &args)

@@ -501,12 +501,7 @@ pub struct TopUpViewJ {
 impl From<TopUpViewJ> for TopUpView {
     fn from(v: TopUpViewJ) -> TopUpView {
         TopUpView {
-            settings: TopUpSettings {
-                enabled: v.enabled,
-                threshold: v.threshold,
-                target: v.target,
-                monthly_cap: v.cap,
-            },
+            settings: TopUpSettings::stored(v.enabled, v.threshold, v.target, v.cap),
             last_attempt: v.last.map(Into::into),
             consecutive_declines: v.declines,
             in_flight: v.in_flight.map(Into::into),

@@ -2,7 +2,7 @@
 -- followed by one function per operation, each running begin() and then its body; it is loaded
 -- once with FUNCTION LOAD and called with FCALL. Redis runs a function atomically, so an
 -- operation on an account is one step and one round trip. This is a port of the rules in
--- src/domain/account.rs; the store contract suite runs the same tests against both.
+-- src/domain/account/; the store contract suite runs the same tests against both.
 --
 -- KEYS (all hash-tagged by the account id, so they live in one Cluster slot):
 --   1 acct     HASH  id, plan, cpa (credit purchase allowed 0/1), granted, spent, expired,

@@ -1,6 +1,7 @@
 -- SetAutoTopUp (AccountState::set_top_up): change the settings, and buy at once when turning it
--- on (or raising the threshold) finds the account below the threshold. quotad has checked the
--- settings' shape. ARGV 4 enabled (1/0), 5 threshold, 6 target, 7 monthly cap ('' = none).
+-- on (or raising the threshold) finds the account below the threshold. The settings' shape was
+-- checked when quotad made them (TopUpSettings::new), so it is not checked again here.
+-- ARGV 4 enabled (1/0), 5 threshold, 6 target, 7 monthly cap ('' = none).
 -- Returns {view, top_up?, balance}; top_up is a purchase to pay.
 if not load_account() then return err({ kind = 'account_not_found', id = ID }) end
 settle()

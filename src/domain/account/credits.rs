@@ -1,0 +1,229 @@
+//! Credits an account is given: lots granted (and revoked) by an admin, and lots bought by auto
+//! top-up. This file owns the account's side of auto top-up: who may have credits bought for
+//! them, when the trigger runs (at the end of every change), and what a settled purchase
+//! becomes; the purchase rules themselves are [`crate::domain::top_up`]'s.
+
+use super::{AccountState, MAX_EXACT_MICROS};
+use crate::domain::decision::{
+    GrantCommand, GrantOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand, SettleTopUpCommand,
+    TopUpOutcome, TopUpView,
+};
+use crate::domain::error::DomainError;
+use crate::domain::ledger::{CreditLot, LotSource};
+use crate::domain::money::Micros;
+use crate::domain::policy::Policy;
+use crate::domain::time::Timestamp;
+use crate::domain::top_up::{Purchase, TopUp};
+
+/// Credit lots last this many months unless a grant says otherwise.
+pub const LOT_VALIDITY_MONTHS: u32 = 12;
+
+/// When a lot granted at `now` expires, unless its grant says otherwise. Every store dates its
+/// lots by this, auto top-up lots always.
+pub fn default_lot_expiry(now: Timestamp) -> Timestamp {
+    now.plus_months(LOT_VALIDITY_MONTHS)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct GrantRecord {
+    fingerprint: u64,
+    lot: CreditLot,
+    /// What a revocation took back, once revoked.
+    revoked: Option<Micros>,
+}
+
+/// The auto top-up state of an account that never configured it.
+static NO_TOP_UP: std::sync::LazyLock<TopUp> = std::sync::LazyLock::new(TopUp::default);
+
+impl AccountState {
+    /// Credits not already spoken for by open holds.
+    pub(super) fn credits_available(&self) -> Micros {
+        self.ledger.balance() - self.held().credit
+    }
+
+    pub fn grant(
+        &mut self,
+        policy: &Policy,
+        cmd: &GrantCommand,
+        now: Timestamp,
+    ) -> Result<GrantOutcome, DomainError> {
+        self.settle(policy, now);
+        let fingerprint = cmd.fingerprint();
+        if let Some(first) = self.grants.as_ref().and_then(|g| g.get(&cmd.grant_id)) {
+            if first.fingerprint != fingerprint {
+                return Err(DomainError::grant_reused(&cmd.grant_id));
+            }
+            return Ok(GrantOutcome {
+                lot: first.lot.clone(),
+                credit_balance: self.ledger.balance(),
+            });
+        }
+        if self
+            .ledger
+            .totals()
+            .granted
+            .checked_add(cmd.amount)
+            .is_none_or(|total| total > MAX_EXACT_MICROS)
+        {
+            return Err(DomainError::lifetime_grants_too_large());
+        }
+        let expires_at = cmd.expires_at.unwrap_or_else(|| default_lot_expiry(now));
+        if expires_at <= now {
+            return Err(DomainError::expiry_not_in_future(now, expires_at));
+        }
+        let lot = CreditLot {
+            id: cmd.grant_id.clone(),
+            source: cmd.source,
+            granted: cmd.amount,
+            remaining: cmd.amount,
+            granted_at: now,
+            expires_at,
+        };
+        let lot = self.add_lot(fingerprint, lot);
+        Ok(GrantOutcome {
+            lot,
+            credit_balance: self.ledger.balance(),
+        })
+    }
+
+    /// Adds a lot to the ledger and keeps it by id, for retries of its grant and for revoking
+    /// it. What the lot pays off of a debt is not left in it; returns the lot as kept.
+    fn add_lot(&mut self, fingerprint: u64, lot: CreditLot) -> CreditLot {
+        let paid_off = self.ledger.grant(lot.clone());
+        let lot = CreditLot {
+            remaining: lot.granted - paid_off,
+            ..lot
+        };
+        self.grants.get_or_insert_with(Box::default).insert(
+            lot.id.clone(),
+            GrantRecord {
+                fingerprint,
+                lot: lot.clone(),
+                revoked: None,
+            },
+        );
+        lot
+    }
+
+    /// Takes back what is left of a grant's lot (a refund or a chargeback); acts once per grant.
+    pub fn revoke(
+        &mut self,
+        policy: &Policy,
+        cmd: &RevokeCommand,
+        now: Timestamp,
+    ) -> Result<RevokeOutcome, DomainError> {
+        self.settle(policy, now);
+        let record = self
+            .grants
+            .as_mut()
+            .and_then(|g| g.get_mut(&cmd.grant_id))
+            .ok_or_else(|| DomainError::grant_not_found(&cmd.grant_id))?;
+        let revoked = match record.revoked {
+            Some(revoked) => revoked,
+            None => {
+                let revoked = self.ledger.revoke(&cmd.grant_id);
+                record.revoked = Some(revoked);
+                revoked
+            }
+        };
+        let top_up = self.check_top_up(policy, now);
+        Ok(RevokeOutcome {
+            revoked,
+            credit_balance: self.ledger.balance(),
+            top_up,
+        })
+    }
+
+    /// Whether this account may have credits bought for it.
+    fn top_up_eligible(&self, policy: &Policy) -> bool {
+        policy.may_buy_credits(&self.account)
+    }
+
+    /// The auto top-up trigger, run at the end of every change.
+    pub(super) fn check_top_up(&mut self, policy: &Policy, now: Timestamp) -> Option<Purchase> {
+        if !self.top_up_eligible(policy) {
+            return None;
+        }
+        let available = self.credits_available();
+        // Never configured: nothing to check.
+        self.top_up
+            .as_deref_mut()?
+            .check(available, &self.account.id, policy.top_up, now)
+    }
+
+    pub(super) fn top_up(&self) -> &TopUp {
+        self.top_up.as_deref().unwrap_or(&NO_TOP_UP)
+    }
+
+    pub(super) fn top_up_view(&self) -> TopUpView {
+        TopUpView {
+            settings: self.top_up().settings(),
+            last_attempt: self.top_up().last_attempt().cloned(),
+            consecutive_declines: self.top_up().consecutive_declines(),
+            in_flight: self.top_up().in_flight().cloned(),
+        }
+    }
+
+    /// SetAutoTopUp: free/go accounts and accounts barred from buying credits may only turn it off.
+    pub fn set_top_up(
+        &mut self,
+        policy: &Policy,
+        cmd: &SetTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpOutcome, DomainError> {
+        self.settle(policy, now);
+        if cmd.settings.enabled() && !self.top_up_eligible(policy) {
+            return Err(DomainError::top_up_not_allowed(
+                &self.account.id,
+                &self.account.plan,
+            ));
+        }
+        let available = self.credits_available();
+        let top_up = self.top_up.get_or_insert_with(Box::default).configure(
+            cmd.settings,
+            available,
+            &self.account.id,
+            policy.top_up,
+            now,
+        );
+        Ok(TopUpOutcome {
+            view: self.top_up_view(),
+            top_up,
+            credit_balance: self.ledger.balance(),
+        })
+    }
+
+    /// Settles an auto top-up purchase with the payment's result: an approved one becomes a lot
+    /// (source `auto_top_up`, id the purchase id, valid 12 months); a duplicate changes nothing.
+    pub fn settle_top_up(
+        &mut self,
+        policy: &Policy,
+        cmd: &SettleTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpOutcome, DomainError> {
+        self.settle(policy, now);
+        if let Some(paid) = self.top_up.get_or_insert_with(Box::default).settle(
+            &cmd.purchase_id,
+            &cmd.result,
+            policy.top_up,
+            now,
+        ) {
+            let lot = CreditLot {
+                id: paid.id,
+                source: LotSource::AutoTopUp,
+                granted: paid.amount,
+                remaining: paid.amount,
+                granted_at: now,
+                expires_at: default_lot_expiry(now),
+            };
+            // No request to compare retries with: a purchase settles once.
+            self.add_lot(0, lot);
+        }
+        let top_up = self.check_top_up(policy, now);
+        Ok(TopUpOutcome {
+            view: self.top_up_view(),
+            top_up,
+            credit_balance: self.ledger.balance(),
+        })
+    }
+}

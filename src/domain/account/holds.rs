@@ -1,0 +1,217 @@
+//! The records of an account's reservations: the open ones (holds still counting against the
+//! plan and credits) and the finished ones (kept only to answer retries).
+//!
+//! Open reservations are kept apart from finished ones, so the work of an operation grows with
+//! the tasks in flight, not with the day's history; finished ones are forgotten after the
+//! idempotency retention. Both are sized for millions of mostly idle accounts: nothing is
+//! allocated until an account has something to keep, and an index by id is built only once an
+//! account keeps many records.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::push_compact;
+use crate::domain::money::{Funding, Micros};
+use crate::domain::pricing::Usage;
+use crate::domain::time::Timestamp;
+
+/// A task's open hold on the plan and on credits, and what it has been charged so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Shared with the first answer, the closed record and the usage events that name it: a
+    /// finished task keeps one copy of its id, not three.
+    pub(super) id: Arc<str>,
+    pub(super) product: String,
+    /// Price of the estimate: what each (re-)hold asks for.
+    pub(super) estimate: Micros,
+    pub(super) ttl_ms: i64,
+    pub(super) held: Funding,
+    pub(super) charged: Funding,
+    /// Highest cumulative usage committed so far, to record what each commit added.
+    pub(super) usage: Usage,
+    pub(super) expires_at: Timestamp,
+}
+
+/// How a reservation ended; kept to answer retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Closed {
+    /// Only a final commit closes a reservation, so its receipt is always
+    /// [`CommitReceipt::finished`](crate::domain::decision::CommitReceipt::finished): the two
+    /// amounts are all there is to keep.
+    Committed {
+        fingerprint: u64,
+        charged: Funding,
+        charged_total: Funding,
+    },
+    Released {
+        released: Funding,
+    },
+    Expired {
+        released: Funding,
+        at: Timestamp,
+    },
+}
+
+/// Records kept for a while, forgotten in the order they were made. An id recorded again
+/// (a request id reused after its first answer was forgotten) lives on from its new time.
+///
+/// Most accounts keep a handful of records, so they are a queue searched from the newest, sized
+/// exactly (a hash map would cost a few hundred bytes per account even for one record); an
+/// index by id is built once an account keeps many.
+#[derive(Debug, Clone)]
+pub(super) struct Retained<T> {
+    /// (when recorded, id, record), oldest first; an id recorded again appears again, and
+    /// the newer entry is the one that counts.
+    entries: VecDeque<(Timestamp, Arc<str>, T)>,
+    /// Sequence number of `entries[0]`.
+    first: u64,
+    /// id -> sequence number of its newest entry, once there are more than [`INDEX_FROM`].
+    /// Boxed on purpose: 8 bytes in every account instead of a map's 48, for an index that
+    /// few accounts ever build.
+    #[allow(clippy::box_collection)]
+    index: Option<Box<HashMap<Arc<str>, u64>>>,
+}
+
+/// Records an account keeps before they are indexed by id.
+const INDEX_FROM: usize = 16;
+
+impl<T> Default for Retained<T> {
+    fn default() -> Self {
+        Retained {
+            entries: VecDeque::new(),
+            first: 0,
+            index: None,
+        }
+    }
+}
+
+impl<T: PartialEq> PartialEq for Retained<T> {
+    /// The same records in the same order; how they are indexed does not matter.
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl<T: Eq> Eq for Retained<T> {}
+
+impl<T> Retained<T> {
+    pub(super) fn get(&self, id: &str) -> Option<&T> {
+        match &self.index {
+            Some(index) => {
+                let seq = *index.get(id)?;
+                let position = usize::try_from(seq - self.first).ok()?;
+                self.entries.get(position).map(|(_, _, record)| record)
+            }
+            None => self
+                .entries
+                .iter()
+                .rev()
+                .find(|(_, entry, _)| &**entry == id)
+                .map(|(_, _, record)| record),
+        }
+    }
+
+    pub(super) fn insert(&mut self, now: Timestamp, id: Arc<str>, record: T) {
+        let seq = self.first + self.entries.len() as u64;
+        if let Some(index) = &mut self.index {
+            index.insert(id.clone(), seq);
+        }
+        push_compact(&mut self.entries, (now, id, record));
+        if self.index.is_none() && self.entries.len() > INDEX_FROM {
+            let mut index = HashMap::with_capacity(self.entries.len());
+            for (offset, (_, id, _)) in self.entries.iter().enumerate() {
+                index.insert(id.clone(), self.first + offset as u64);
+            }
+            self.index = Some(Box::new(index));
+        }
+    }
+
+    /// Forgets records made at or before `cutoff`.
+    pub(super) fn forget_until(&mut self, cutoff: Timestamp) {
+        while self.entries.front().is_some_and(|(at, _, _)| *at <= cutoff) {
+            if let Some((_, id, _)) = self.entries.pop_front()
+                && let Some(index) = &mut self.index
+                && index.get(&id) == Some(&self.first)
+            {
+                index.remove(&id);
+            }
+            self.first += 1;
+        }
+        if self.entries.is_empty() {
+            // Give the memory back: most accounts are idle most of the time.
+            *self = Retained {
+                first: self.first,
+                ..Retained::default()
+            };
+        }
+    }
+}
+
+/// Open reservations by id (the key shares the reservation's id). Made on the first hold and
+/// dropped with the last: most accounts have nothing open most of the time, and an empty map
+/// would still cost 48 bytes in each of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[allow(clippy::box_collection)]
+pub(super) struct OpenHolds(Option<Box<HashMap<Arc<str>, Reservation>>>);
+
+impl OpenHolds {
+    pub(super) fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Reservation> {
+        self.0.iter().flat_map(|m| m.values())
+    }
+
+    #[cfg(test)]
+    pub(super) fn get(&self, id: &str) -> Option<&Reservation> {
+        self.0.as_ref()?.get(id)
+    }
+
+    pub(super) fn insert(&mut self, r: Reservation) {
+        self.0.get_or_insert_default().insert(r.id.clone(), r);
+    }
+
+    pub(super) fn remove(&mut self, id: &str) -> Option<Reservation> {
+        let map = self.0.as_mut()?;
+        let r = map.remove(id);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_found_forgotten_in_order_and_indexed_when_many() {
+        let t = Timestamp::from_millis;
+        for n in [3_i64, 40] {
+            let mut r: Retained<i64> = Retained::default();
+            for i in 0..n {
+                r.insert(t(i), format!("id{i}").into(), i);
+            }
+            // Recorded again later: the newer record counts.
+            r.insert(t(n), "id0".into(), 100);
+            assert_eq!(r.index.is_some(), n > INDEX_FROM as i64);
+            assert_eq!(r.get("id0"), Some(&100));
+            assert_eq!(r.get(&format!("id{}", n - 1)), Some(&(n - 1)));
+            assert_eq!(r.get("nope"), None);
+            r.forget_until(t(1));
+            assert_eq!(r.get("id1"), None);
+            assert_eq!(r.get("id0"), Some(&100), "its newer record stays");
+            assert_eq!(r.get("id2"), Some(&2));
+            r.forget_until(t(n));
+            assert_eq!(r.get("id0"), None);
+            assert!(
+                r.entries.is_empty() && r.entries.capacity() == 0,
+                "memory given back"
+            );
+            r.insert(t(n + 1), "again".into(), 7);
+            assert_eq!(r.get("again"), Some(&7));
+        }
+    }
+}

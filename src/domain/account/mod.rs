@@ -1,0 +1,358 @@
+//! The whole quota state of one account and the rules that change it.
+//!
+//! Every operation is a method on [`AccountState`] that takes the configured [`Policy`] and
+//! "now", first [`settles`](AccountState::settle) what time has done (expired holds are
+//! returned, expired lots move to `expired`, old usage leaves the windows), then decides and
+//! applies. A store keeps one `AccountState` per account and runs each method as one atomic
+//! step, which is all the concurrency control the rules need: accounts never share state.
+//!
+//! This file owns the state itself: its fields, how it is made, what time does to it
+//! ([`settle`](AccountState::settle)) and how it is read ([`status`](AccountState::status),
+//! [`snapshot`](AccountState::snapshot)). The operations live beside it, one idea a file:
+//!
+//! - `reserve`: the two-phase reservation (Reserve, Commit, Release) and the usage history
+//!   commits leave;
+//! - `credits`: credit lots (grant, revoke) and auto top-up (settings, trigger, settlement);
+//! - `funding`: how a cost is paid for (plan allowance first, then credits where the route
+//!   allows) and when the plan can next pay, for denials;
+//! - `holds`: the records of open and finished reservations and how they are kept small.
+
+mod credits;
+mod funding;
+mod holds;
+mod reserve;
+#[cfg(test)]
+mod testing;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::decision::{Account, AccountStatus, HoldView, UsageEvent, UsageSnapshot, WindowStatus};
+use super::error::DomainError;
+use super::ledger::Ledger;
+use super::money::{Funding, Micros};
+use super::policy::{Plan, Policy};
+use super::time::{SECOND_MS, Timestamp};
+use super::top_up::{Purchase, TopUp};
+use super::window::{FIVE_HOUR, SlidingWindow, WEEKLY};
+
+use credits::GrantRecord;
+use holds::{Closed, OpenHolds, Retained};
+use reserve::RequestRecord;
+
+pub use credits::{LOT_VALIDITY_MONTHS, default_lot_expiry};
+pub use holds::Reservation;
+
+/// The largest amount any account total may reach: every integer up to 2^53 − 1 is exact in an
+/// IEEE double, which is what the Redis store's Lua scripts compute with.
+pub const MAX_EXACT_MICROS: Micros = (1 << 53) - 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountState {
+    account: Account,
+    five_hour: SlidingWindow,
+    weekly: SlidingWindow,
+    ledger: Ledger,
+    open: OpenHolds,
+    closed: Retained<Closed>,
+    requests: Retained<RequestRecord>,
+    /// Boxed and made on the first grant: most accounts never get one.
+    #[allow(clippy::box_collection)]
+    grants: Option<Box<HashMap<String, GrantRecord>>>,
+    /// Newest last.
+    recent: VecDeque<UsageEvent>,
+    /// Charges recorded so far (the last event's `seq`).
+    events: u64,
+    /// None until auto top-up is first configured (most accounts never do).
+    top_up: Option<Box<TopUp>>,
+}
+
+/// Pushes onto a queue that grows by half its length at a time (from one), not by doubling
+/// from four: per-account queues are short and there are millions of them.
+fn push_compact<T>(queue: &mut VecDeque<T>, item: T) {
+    if queue.len() == queue.capacity() {
+        queue.reserve_exact((queue.len() / 2).max(1));
+    }
+    queue.push_back(item);
+}
+
+impl AccountState {
+    pub fn new(account: Account) -> Self {
+        AccountState {
+            account,
+            five_hour: SlidingWindow::new(&FIVE_HOUR),
+            weekly: SlidingWindow::new(&WEEKLY),
+            ledger: Ledger::default(),
+            open: OpenHolds::default(),
+            closed: Retained::default(),
+            requests: Retained::default(),
+            grants: None,
+            recent: VecDeque::new(),
+            events: 0,
+            top_up: None,
+        }
+    }
+
+    pub fn account(&self) -> &Account {
+        &self.account
+    }
+
+    /// Open reservations.
+    pub fn open_holds(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Changes plan and credit eligibility; windows, holds and credits stay.
+    pub fn update_account(&mut self, plan: Arc<str>, credit_purchase_allowed: bool) {
+        self.account.plan = plan;
+        self.account.credit_purchase_allowed = credit_purchase_allowed;
+    }
+
+    /// Applies what time has done up to `now`: returns expired holds, expires lots, lets old
+    /// usage leave the windows and forgets idempotency records past their retention.
+    pub fn settle(&mut self, policy: &Policy, now: Timestamp) {
+        let expired: Vec<Arc<str>> = self
+            .open
+            .values()
+            .filter(|r| r.expires_at <= now)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in expired {
+            if let Some(r) = self.open.remove(&id) {
+                self.closed.insert(
+                    now,
+                    id,
+                    Closed::Expired {
+                        released: r.held,
+                        at: r.expires_at,
+                    },
+                );
+            }
+        }
+        let retention = i64::from(policy.limits.idempotency_retention_seconds) * SECOND_MS;
+        let cutoff = now.plus_millis(-retention);
+        self.closed.forget_until(cutoff);
+        self.requests.forget_until(cutoff);
+        self.ledger.expire(now);
+        self.five_hour.advance(now);
+        self.weekly.advance(now);
+    }
+
+    /// The auto top-up purchase in flight, if any.
+    pub fn top_up_in_flight(&self) -> Option<&Purchase> {
+        self.top_up().in_flight()
+    }
+
+    fn plan<'p>(&self, policy: &'p Policy) -> Result<&'p Plan, DomainError> {
+        policy.plan(&self.account.plan).ok_or_else(|| {
+            DomainError::plan_not_configured(
+                &self.account.id,
+                &self.account.plan,
+                &policy.plan_names(),
+            )
+        })
+    }
+
+    fn held(&self) -> Funding {
+        self.open
+            .values()
+            .fold(Funding::ZERO, |sum, r| sum.plus(r.held))
+    }
+
+    fn windows(&self, plan: &Plan) -> [(&SlidingWindow, Micros); 2] {
+        [
+            (&self.five_hour, plan.limit_5h_micros),
+            (&self.weekly, plan.limit_weekly_micros),
+        ]
+    }
+
+    pub fn status(&self, policy: &Policy) -> Result<AccountStatus, DomainError> {
+        let plan = self.plan(policy)?;
+        let held = self.held().plan;
+        let windows = self
+            .windows(plan)
+            .iter()
+            .map(|(w, limit)| WindowStatus {
+                name: w.spec().name,
+                used: w.committed() + held,
+                held,
+                limit: *limit,
+                resets_at: w.resets_at(),
+            })
+            .collect();
+        Ok(AccountStatus {
+            plan: self.account.plan.clone(),
+            windows,
+            credit_balance: self.ledger.balance(),
+        })
+    }
+
+    pub fn snapshot(
+        &self,
+        policy: &Policy,
+        recent_limit: usize,
+    ) -> Result<UsageSnapshot, DomainError> {
+        let mut holds: Vec<HoldView> = self
+            .open
+            .values()
+            .map(|r| HoldView {
+                reservation_id: r.id.to_string(),
+                product: r.product.clone(),
+                held: r.held,
+                charged: r.charged,
+                expires_at: r.expires_at,
+            })
+            .collect();
+        holds.sort_by(|a, b| {
+            (a.expires_at, &a.reservation_id).cmp(&(b.expires_at, &b.reservation_id))
+        });
+        Ok(UsageSnapshot {
+            account: self.account.clone(),
+            status: self.status(policy)?,
+            lots: self.ledger.lots().to_vec(),
+            recent: self
+                .recent
+                .iter()
+                .rev()
+                .take(recent_limit)
+                .cloned()
+                .collect(),
+            totals: self.ledger.totals(),
+            credit_held: self.held().credit,
+            holds,
+            top_up: self.top_up_view(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::domain::decision::{
+        CommitCommand, Decision, GrantCommand, ReleaseCommand, ReserveCommand, RevokeCommand,
+    };
+    use crate::domain::ledger::LotSource;
+    use crate::domain::money::MICROS_PER_CREDIT as C;
+    use crate::domain::time::{DAY_MS, MINUTE_MS};
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Observed {
+        used: [Micros; 2],
+        limit: [Micros; 2],
+        available: Micros,
+        debt: Micros,
+    }
+
+    fn observe(s: &AccountState, policy: &Policy) -> Observed {
+        let status = s.status(policy).unwrap();
+        let balance = s.ledger.balance();
+        Observed {
+            used: [status.windows[0].used, status.windows[1].used],
+            limit: [status.windows[0].limit, status.windows[1].limit],
+            available: s.credits_available(),
+            debt: (-balance).max(0),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Credits are conserved; nothing but a commit spends beyond the credits there are; a
+        /// Reserve never takes a window over its limit or credits below zero; a Commit takes a
+        /// window over its limit by at most the usage beyond its hold.
+        #[test]
+        fn random_operations_keep_the_invariants(ops in prop::collection::vec(op(), 1..120)) {
+            let policy = tight_policy();
+            let products = ["codex", "excel", "workspace_agents"];
+            let mut s = AccountState::new(Account { id: "a".into(), plan: "plus".into(), credit_purchase_allowed: true });
+            let mut now = Timestamp::from_millis(T0);
+            let mut reservations: Vec<String> = Vec::new();
+            let mut grants: Vec<String> = Vec::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                s.settle(&policy, now);
+                let before = observe(&s, &policy);
+                let mut beyond_hold = 0;
+                match op {
+                    Op::Reserve { product, credits, ttl_min } => {
+                        let cmd = ReserveCommand {
+                            account_id: "a".into(),
+                            request_id: format!("q{i}"),
+                            product: products[product].into(),
+                            estimate: usage(credits),
+                            cost: credits * C,
+                            plan_hint: None,
+                            ttl_ms: ttl_min * MINUTE_MS,
+                            reservation_id: format!("r{i}"),
+                            wait_for_top_up: false,
+                        };
+                        if let Decision::Allow { reservation_id, .. } = s.reserve(&policy, &cmd, now).unwrap().decision {
+                            reservations.push(reservation_id.to_string());
+                        }
+                    }
+                    Op::Commit { pick, credits, is_final } if !reservations.is_empty() => {
+                        let id = reservations[pick % reservations.len()].clone();
+                        if let Some(r) = s.open.get(&id) {
+                            beyond_hold = (credits * C - r.charged.total() - r.held.total()).max(0);
+                        }
+                        let cmd = CommitCommand {
+                            account_id: "a".into(),
+                            reservation_id: id,
+                            usage: usage(credits),
+                            cost: credits * C,
+                            is_final,
+                            price_version: "v".into(),
+                        };
+                        let _ = s.commit(&policy, &cmd, now);
+                    }
+                    Op::Release { pick } if !reservations.is_empty() => {
+                        let id = reservations[pick % reservations.len()].clone();
+                        let _ = s.release(&policy, &ReleaseCommand { account_id: "a".into(), reservation_id: id }, now);
+                    }
+                    Op::Grant { credits, days } => {
+                        let cmd = GrantCommand {
+                            account_id: "a".into(),
+                            grant_id: format!("g{i}"),
+                            amount: credits * C,
+                            source: if i % 3 == 0 { LotSource::Promo } else { LotSource::Purchase },
+                            expires_at: Some(now.plus_millis(days * DAY_MS)),
+                        };
+                        s.grant(&policy, &cmd, now).unwrap();
+                        grants.push(cmd.grant_id);
+                    }
+                    Op::Advance { minutes } => now = now.plus_millis(minutes * MINUTE_MS),
+                    Op::SetPlan { plus, allowed } => {
+                        s.update_account(if plus { "plus" } else { "free" }.into(), allowed);
+                    }
+                    Op::Revoke { pick } if !grants.is_empty() => {
+                        let grant_id = grants[pick % grants.len()].clone();
+                        s.revoke(&policy, &RevokeCommand { account_id: "a".into(), grant_id }, now).unwrap();
+                    }
+                    _ => {}
+                }
+                let is_commit = matches!(op, Op::Commit { .. });
+                let is_reserve = matches!(op, Op::Reserve { .. });
+                let plan_changed = matches!(op, Op::SetPlan { .. });
+                s.settle(&policy, now);
+                let after = observe(&s, &policy);
+
+                let t = s.ledger.totals();
+                prop_assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked, "conservation");
+                if !is_commit {
+                    prop_assert!(after.debt <= before.debt, "only a commit may spend credits that are not there");
+                }
+                if is_reserve {
+                    prop_assert!(after.available >= before.available.min(0), "a hold never overdraws credits");
+                }
+                if !plan_changed {
+                    for w in 0..2 {
+                        let allowed_used = before.used[w].max(after.limit[w]) + if is_commit { beyond_hold } else { 0 };
+                        prop_assert!(after.used[w] <= allowed_used,
+                            "window {w}: {} > {allowed_used} after {op:?}", after.used[w]);
+                    }
+                }
+            }
+        }
+    }
+}
