@@ -18,13 +18,14 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use quotad::api::pb;
 use quotad::api::pb::quota_service_client::QuotaServiceClient;
 use support::BearerToken;
+use support::python::run;
 use support::process::Quotad;
 use support::redis::RedisServer;
 use tonic::service::interceptor::InterceptedService;
@@ -89,21 +90,6 @@ fn copy_example(name: &str, skip: &[&str]) -> PathBuf {
     }
     copy_dir(&crate_root().join("examples").join(name), &to, skip);
     to
-}
-
-fn run(command: &mut Command) -> Output {
-    let shown = format!("{command:?}");
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    assert!(
-        output.status.success(),
-        "{shown} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 /// Runs `make` unless `stamp` already holds `wanted` (what it was made from last time).

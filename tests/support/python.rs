@@ -1,6 +1,6 @@
 //! Python virtualenvs for the checks and examples written in Python, made under `target/` once
 //! per set of requirements: a stamp in the virtualenv holds what was installed, so later runs
-//! start at once and need no network.
+//! start at once and need no network; and running their commands, failing loudly.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,7 +33,8 @@ pub fn venv(venv: &Path, requirements: &str) -> PathBuf {
     python
 }
 
-fn run(command: &mut Command) {
+/// Runs `command` to its end and fails the test, with what it printed, unless it succeeded.
+pub fn run(command: &mut Command) -> std::process::Output {
     let shown = format!("{command:?}");
     let output = command
         .output()
@@ -45,4 +46,5 @@ fn run(command: &mut Command) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    output
 }

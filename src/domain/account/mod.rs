@@ -229,12 +229,10 @@ impl AccountState {
 mod tests {
     use super::testing::*;
     use super::*;
-    use crate::domain::decision::{
-        CommitCommand, Decision, GrantCommand, ReleaseCommand, ReserveCommand, RevokeCommand,
-    };
+    use crate::domain::decision::{Decision, ReleaseCommand, RevokeCommand};
     use crate::domain::ledger::LotSource;
     use crate::domain::money::MICROS_PER_CREDIT as C;
-    use crate::domain::time::{DAY_MS, MINUTE_MS};
+    use crate::domain::time::MINUTE_MS;
     use proptest::prelude::*;
 
     #[derive(Debug, Clone, Copy, PartialEq)]
@@ -265,7 +263,6 @@ mod tests {
         #[test]
         fn random_operations_keep_the_invariants(ops in prop::collection::vec(op(), 1..120)) {
             let policy = tight_policy();
-            let products = ["codex", "excel", "workspace_agents"];
             let mut s = AccountState::new(Account { id: "a".into(), plan: "plus".into(), credit_purchase_allowed: true });
             let mut now = Timestamp::from_millis(T0);
             let mut reservations: Vec<String> = Vec::new();
@@ -276,17 +273,7 @@ mod tests {
                 let mut beyond_hold = 0;
                 match op {
                     Op::Reserve { product, credits, ttl_min } => {
-                        let cmd = ReserveCommand {
-                            account_id: "a".into(),
-                            request_id: format!("q{i}"),
-                            product: products[product].into(),
-                            estimate: usage(credits),
-                            cost: credits * C,
-                            plan_hint: None,
-                            ttl_ms: ttl_min * MINUTE_MS,
-                            reservation_id: format!("r{i}"),
-                            wait_for_top_up: false,
-                        };
+                        let cmd = reserve_cmd(i, product, credits, ttl_min);
                         if let Decision::Allow { reservation_id, .. } = s.reserve(&policy, &cmd, now).unwrap().decision {
                             reservations.push(reservation_id.to_string());
                         }
@@ -296,14 +283,7 @@ mod tests {
                         if let Some(r) = s.open.get(&id) {
                             beyond_hold = (credits * C - r.charged.total() - r.held.total()).max(0);
                         }
-                        let cmd = CommitCommand {
-                            account_id: "a".into(),
-                            reservation_id: id,
-                            usage: usage(credits),
-                            cost: credits * C,
-                            is_final,
-                            price_version: "v".into(),
-                        };
+                        let cmd = commit_cmd(id, credits, is_final);
                         let _ = s.commit(&policy, &cmd, now);
                     }
                     Op::Release { pick } if !reservations.is_empty() => {
@@ -311,13 +291,7 @@ mod tests {
                         let _ = s.release(&policy, &ReleaseCommand { account_id: "a".into(), reservation_id: id }, now);
                     }
                     Op::Grant { credits, days } => {
-                        let cmd = GrantCommand {
-                            account_id: "a".into(),
-                            grant_id: format!("g{i}"),
-                            amount: credits * C,
-                            source: if i % 3 == 0 { LotSource::Promo } else { LotSource::Purchase },
-                            expires_at: Some(now.plus_millis(days * DAY_MS)),
-                        };
+                        let cmd = grant_cmd(i, credits, days, if i % 3 == 0 { LotSource::Promo } else { LotSource::Purchase }, now);
                         s.grant(&policy, &cmd, now).unwrap();
                         grants.push(cmd.grant_id);
                     }

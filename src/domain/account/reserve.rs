@@ -300,10 +300,10 @@ fn max_usage(a: &Usage, b: &Usage) -> Usage {
 mod tests {
     use super::super::testing::*;
     use super::*;
-    use crate::domain::decision::{Account, GrantCommand};
+    use crate::domain::decision::Account;
     use crate::domain::ledger::LotSource;
     use crate::domain::money::MICROS_PER_CREDIT as C;
-    use crate::domain::time::{DAY_MS, MINUTE_MS};
+    use crate::domain::time::MINUTE_MS;
     use proptest::prelude::*;
 
     proptest! {
@@ -316,24 +316,13 @@ mod tests {
         fn shadow_mode_lets_work_through_without_spending_credits(ops in prop::collection::vec(op(), 1..120)) {
             let mut policy = tight_policy();
             policy.shadow = true;
-            let products = ["codex", "excel", "workspace_agents"];
             let mut s = AccountState::new(Account { id: "a".into(), plan: "plus".into(), credit_purchase_allowed: true });
             let mut now = Timestamp::from_millis(T0);
             let mut reservations: Vec<String> = Vec::new();
             for (i, op) in ops.into_iter().enumerate() {
                 match op {
                     Op::Reserve { product, credits, ttl_min } => {
-                        let cmd = ReserveCommand {
-                            account_id: "a".into(),
-                            request_id: format!("q{i}"),
-                            product: products[product].into(),
-                            estimate: usage(credits),
-                            cost: credits * C,
-                            plan_hint: None,
-                            ttl_ms: ttl_min * MINUTE_MS,
-                            reservation_id: format!("r{i}"),
-                            wait_for_top_up: false,
-                        };
+                        let cmd = reserve_cmd(i, product, credits, ttl_min);
                         s.settle(&policy, now);
                         let available = s.credits_available();
                         let outcome = s.reserve(&policy, &cmd, now).unwrap();
@@ -349,14 +338,7 @@ mod tests {
                     }
                     Op::Commit { pick, credits, is_final } if !reservations.is_empty() => {
                         let id = reservations[pick % reservations.len()].clone();
-                        let cmd = CommitCommand {
-                            account_id: "a".into(),
-                            reservation_id: id,
-                            usage: usage(credits),
-                            cost: credits * C,
-                            is_final,
-                            price_version: "v".into(),
-                        };
+                        let cmd = commit_cmd(id, credits, is_final);
                         if let Ok(outcome) = s.commit(&policy, &cmd, now) {
                             prop_assert_eq!(outcome.receipt.may_continue, !is_final);
                             if outcome.shadow_denial.is_some() {
@@ -369,13 +351,7 @@ mod tests {
                         let _ = s.release(&policy, &ReleaseCommand { account_id: "a".into(), reservation_id: id }, now);
                     }
                     Op::Grant { credits, days } => {
-                        let cmd = GrantCommand {
-                            account_id: "a".into(),
-                            grant_id: format!("g{i}"),
-                            amount: credits * C,
-                            source: LotSource::Purchase,
-                            expires_at: Some(now.plus_millis(days * DAY_MS)),
-                        };
+                        let cmd = grant_cmd(i, credits, days, LotSource::Purchase, now);
                         s.grant(&policy, &cmd, now).unwrap();
                     }
                     Op::Advance { minutes } => now = now.plus_millis(minutes * MINUTE_MS),

@@ -1,9 +1,11 @@
 //! What the account tests share: a policy with small limits, usage priced in whole credits, and
-//! random operations for the property tests.
+//! random operations (and their commands) for the property tests.
 
 use crate::domain::money::MICROS_PER_CREDIT as C;
 use crate::domain::policy::Policy;
 use crate::domain::pricing::Usage;
+use crate::domain::time::{DAY_MS, MINUTE_MS};
+use crate::domain::{CommitCommand, GrantCommand, LotSource, ReserveCommand, Timestamp};
 use proptest::prelude::*;
 
 pub(super) const T0: i64 = 1_795_557_600_000;
@@ -69,4 +71,50 @@ pub(super) fn op() -> impl Strategy<Value = Op> {
         1 => (any::<bool>(), any::<bool>()).prop_map(|(plus, allowed)| Op::SetPlan { plus, allowed }),
         1 => any::<usize>().prop_map(|pick| Op::Revoke { pick }),
     ]
+}
+
+const PRODUCTS: [&str; 3] = ["codex", "excel", "workspace_agents"];
+
+/// The Reserve of operation `i` for account "a".
+pub(super) fn reserve_cmd(i: usize, product: usize, credits: i64, ttl_min: i64) -> ReserveCommand {
+    ReserveCommand {
+        account_id: "a".into(),
+        request_id: format!("q{i}"),
+        product: PRODUCTS[product].into(),
+        estimate: usage(credits),
+        cost: credits * C,
+        plan_hint: None,
+        ttl_ms: ttl_min * MINUTE_MS,
+        reservation_id: format!("r{i}"),
+        wait_for_top_up: false,
+    }
+}
+
+/// A Commit of `credits` of cumulative usage to reservation `id` of account "a".
+pub(super) fn commit_cmd(id: String, credits: i64, is_final: bool) -> CommitCommand {
+    CommitCommand {
+        account_id: "a".into(),
+        reservation_id: id,
+        usage: usage(credits),
+        cost: credits * C,
+        is_final,
+        price_version: "v".into(),
+    }
+}
+
+/// The grant of operation `i` to account "a", valid `days` from `now`.
+pub(super) fn grant_cmd(
+    i: usize,
+    credits: i64,
+    days: i64,
+    source: LotSource,
+    now: Timestamp,
+) -> GrantCommand {
+    GrantCommand {
+        account_id: "a".into(),
+        grant_id: format!("g{i}"),
+        amount: credits * C,
+        source,
+        expires_at: Some(now.plus_millis(days * DAY_MS)),
+    }
 }
