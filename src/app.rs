@@ -255,8 +255,9 @@ impl<S: Store> Quota<S> {
         }
     }
 
-    pub async fn reserve(&self, req: ReserveRequest) -> Result<ReserveOutcome, QuotaError> {
-        let rules = self.rules.current();
+    /// A Reserve checked, priced and made a command, on one snapshot of the rules.
+    fn reserve_command(&self, req: ReserveRequest) -> Result<ReserveCommand, QuotaError> {
+        let rules = self.rules.snapshot();
         let policy = &rules.policy;
         let limits = &policy.limits;
         check_account(policy, &req.account_id)?;
@@ -295,7 +296,7 @@ impl<S: Store> Quota<S> {
             }
             ttl => ttl,
         };
-        let cmd = ReserveCommand {
+        Ok(ReserveCommand {
             account_id: req.account_id,
             request_id: req.request_id,
             product: req.product,
@@ -305,8 +306,11 @@ impl<S: Store> Quota<S> {
             ttl_ms: i64::from(ttl_seconds) * SECOND_MS,
             reservation_id: new_id("rsv"),
             wait_for_top_up: !self.reserve_wait.is_zero(),
-        };
-        let mut cmd = cmd;
+        })
+    }
+
+    pub async fn reserve(&self, req: ReserveRequest) -> Result<ReserveOutcome, QuotaError> {
+        let mut cmd = self.reserve_command(req)?;
         let deadline = std::time::Instant::now() + self.reserve_wait;
         loop {
             let outcome = self
@@ -327,20 +331,26 @@ impl<S: Store> Quota<S> {
         }
     }
 
-    pub async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, QuotaError> {
-        let rules = self.rules.current();
+    /// A Commit checked, priced and made a command, on one snapshot of the rules (its price
+    /// version names the sheet that priced it).
+    fn commit_command(&self, req: CommitRequest) -> Result<CommitCommand, QuotaError> {
+        let rules = self.rules.snapshot();
         check_account(&rules.policy, &req.account_id)?;
         check_id(&rules.policy, "reservation_id", &req.reservation_id)?;
         let usage = req.usage.ok_or_else(|| invalid("usage", "is required"))?;
         let cost = price(&rules, "usage", &usage, true)?;
-        let cmd = CommitCommand {
+        Ok(CommitCommand {
             account_id: req.account_id,
             reservation_id: req.reservation_id,
             usage,
             cost,
             is_final: req.is_final,
             price_version: rules.pricing.version.clone(),
-        };
+        })
+    }
+
+    pub async fn commit(&self, req: CommitRequest) -> Result<CommitOutcome, QuotaError> {
+        let cmd = self.commit_command(req)?;
         let account_id = cmd.account_id.clone();
         let is_final = cmd.is_final;
         let outcome = self
@@ -367,9 +377,11 @@ impl<S: Store> Quota<S> {
     }
 
     pub async fn release(&self, req: ReleaseRequest) -> Result<ReleaseOutcome, QuotaError> {
-        let policy = self.rules.policy();
-        check_account(&policy, &req.account_id)?;
-        check_id(&policy, "reservation_id", &req.reservation_id)?;
+        {
+            let rules = self.rules.snapshot();
+            check_account(&rules.policy, &req.account_id)?;
+            check_id(&rules.policy, "reservation_id", &req.reservation_id)?;
+        }
         let cmd = ReleaseCommand {
             account_id: req.account_id,
             reservation_id: req.reservation_id,
@@ -386,13 +398,15 @@ impl<S: Store> Quota<S> {
         account_id: &str,
         recent_limit: u32,
     ) -> Result<UsageSnapshot, QuotaError> {
-        let policy = self.rules.policy();
-        check_account(&policy, account_id)?;
-        let limit = match recent_limit {
-            0 => DEFAULT_RECENT_LIMIT,
-            n => n,
-        }
-        .min(policy.limits.recent_events);
+        let limit = {
+            let rules = self.rules.snapshot();
+            check_account(&rules.policy, account_id)?;
+            match recent_limit {
+                0 => DEFAULT_RECENT_LIMIT,
+                n => n,
+            }
+            .min(rules.policy.limits.recent_events)
+        };
         self.timed(
             "usage",
             self.store

@@ -87,7 +87,7 @@ impl MemoryStore {
             .accounts
             .get_mut(account_id)
             .ok_or_else(|| account_not_found(account_id))?;
-        Ok(self.indexing(account_id, &mut state, &self.rules.policy(), op)?)
+        Ok(self.indexing(account_id, &mut state, &self.rules.snapshot().policy, op)?)
     }
 
     /// Runs `op` on an account (whose shard lock the caller holds) and brings the store's
@@ -128,10 +128,11 @@ impl Store for MemoryStore {
         cmd: &ReserveCommand,
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
-        let policy = self.rules.policy();
+        let rules = self.rules.snapshot();
+        let policy = &rules.policy;
         let reserve = |state: &mut AccountState, policy: &Policy| state.reserve(policy, cmd, now);
         if let Some(mut state) = self.accounts.get_mut(&cmd.account_id) {
-            return Ok(self.indexing(&cmd.account_id, &mut state, &policy, reserve)?);
+            return Ok(self.indexing(&cmd.account_id, &mut state, policy, reserve)?);
         }
         let mut state = self
             .accounts
@@ -145,7 +146,7 @@ impl Store for MemoryStore {
                     credit_purchase_allowed: true,
                 }))
             });
-        Ok(self.indexing(&cmd.account_id, &mut state, &policy, reserve)?)
+        Ok(self.indexing(&cmd.account_id, &mut state, policy, reserve)?)
     }
 
     async fn commit(
@@ -222,7 +223,7 @@ impl Store for MemoryStore {
         self.indexing(
             &account.id,
             &mut state,
-            &self.rules.policy(),
+            &self.rules.snapshot().policy,
             |state, policy| {
                 state.settle(policy, now);
             },

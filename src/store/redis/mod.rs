@@ -371,14 +371,14 @@ impl RedisStore {
 
     /// The policy in force, encoded for the functions; encoded again only after a reload.
     fn policy(&self) -> Arc<EncodedPolicy> {
-        let policy = self.rules.policy();
-        let encoded = self.encoded.load_full();
-        if Arc::ptr_eq(&encoded.policy, &policy) {
-            return encoded;
+        let rules = self.rules.snapshot();
+        let encoded = self.encoded.load();
+        if Arc::ptr_eq(&encoded.policy, &rules.policy) {
+            return arc_swap::Guard::into_inner(encoded);
         }
         let fresh = Arc::new(EncodedPolicy {
-            json: policy_json(&policy, &self.settings),
-            policy,
+            json: policy_json(&rules.policy, &self.settings),
+            policy: rules.policy.clone(),
         });
         self.encoded.store(fresh.clone());
         fresh
