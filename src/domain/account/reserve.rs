@@ -55,13 +55,10 @@ impl AccountState {
             });
         }
         let plan = self.plan(policy)?;
-        let (held, denial) = match self.fund(policy, plan, &cmd.product, cmd.cost, now) {
-            Ok(held) => (Some(held), None),
-            Err(denial) => (None, Some(denial)),
-        };
+        let funded = self.fund(policy, plan, &cmd.product, cmd.cost, now);
         // Short of credits while a purchase is on its way: the caller may wait for it and ask
         // again, so this answer is not recorded as the request's first.
-        if let Some(denial) = &denial
+        if let Err(denial) = &funded
             && cmd.wait_for_top_up
             && denial.reason == DenyReason::CreditsExhausted
         {
@@ -79,16 +76,14 @@ impl AccountState {
         }
         // Shadow mode lets the work go ahead, held on the plan beyond its limits: no credits
         // are spent that the rules would not spend.
-        let (held, denial, shadow_denial) = match (held, denial) {
-            (None, Some(denial)) if policy.shadow(&self.account.plan) => (
-                Some(Funding::new(cmd.cost, 0)),
-                None,
-                Some(Box::new(denial)),
-            ),
-            (held, denial) => (held, denial, None),
+        let (funded, shadow_denial) = match funded {
+            Err(denial) if policy.shadow(&self.account.plan) => {
+                (Ok(Funding::new(cmd.cost, 0)), Some(Box::new(denial)))
+            }
+            funded => (funded, None),
         };
-        let decision = match (held, denial) {
-            (Some(held), _) => {
+        let decision = match funded {
+            Ok(held) => {
                 let expires_at = now.plus_millis(cmd.ttl_ms);
                 let id: Arc<str> = cmd.reservation_id.as_str().into();
                 self.open.insert(Reservation {
@@ -110,7 +105,7 @@ impl AccountState {
                     expires_at,
                 }
             }
-            (None, denial) => Decision::Deny(Box::new(denial.expect("funded or denied"))),
+            Err(denial) => Decision::Deny(Box::new(denial)),
         };
         let record = RequestRecord {
             fingerprint,
