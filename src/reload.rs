@@ -23,7 +23,8 @@ use crate::metrics::Metrics;
 use crate::rules::LiveRules;
 
 /// Top-level config keys whose changes take effect on reload; everything else needs a restart.
-const RELOADABLE: [&str; 8] = [
+/// The Helm chart keeps the same list (its pods roll only for the others).
+pub const RELOADABLE: [&str; 8] = [
     "default_plan",
     "plans",
     "products",

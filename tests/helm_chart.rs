@@ -89,3 +89,19 @@ fn helm_chart_lints_renders_and_validates() {
         );
     }
 }
+
+/// The chart rolls its pods for every config change but those quotad reloads: its list of
+/// reloaded keys (`quotad.reloadable` in `_config.tpl`) is quotad's own.
+#[test]
+fn the_chart_reloads_what_quotad_reloads() {
+    let template = std::fs::read_to_string(crate_root().join("helm/quotad/templates/_config.tpl"))
+        .expect("read _config.tpl");
+    let define = r#"{{- define "quotad.reloadable" -}}"#;
+    let start = template.find(define).expect("quotad.reloadable is defined") + define.len();
+    let end = start + template[start..].find("{{").expect("its end");
+    let mut chart: Vec<&str> = template[start..end].split_whitespace().collect();
+    let mut quotad = quotad::reload::RELOADABLE.to_vec();
+    chart.sort_unstable();
+    quotad.sort_unstable();
+    assert_eq!(chart, quotad);
+}

@@ -68,8 +68,9 @@ including one this chart does not know yet, counts as needing a restart.
 {{- include "quotad.configRender" (list . true) -}}
 {{- end -}}
 
-{{/* The top-level keys quotad reloads while running; rls.rules is reloaded too. */}}
-{{- define "quotad.reloadable" -}}plans products pricing default_plan limits top_up shadow{{- end -}}
+{{/* The top-level keys quotad reloads while running (quotad's reload::RELOADABLE; a test holds
+the two equal). */}}
+{{- define "quotad.reloadable" -}}default_plan plans products limits top_up pricing rls shadow{{- end -}}
 
 {{/* The config rendered as TOML: (list CONTEXT RESTART-ONLY). */}}
 {{- define "quotad.configRender" -}}
@@ -108,9 +109,6 @@ including one this chart does not know yet, counts as needing a restart.
 {{- if $restartOnly -}}
 {{- range $key := splitList " " (include "quotad.reloadable" .) -}}
 {{- $_ := unset $config $key -}}
-{{- end -}}
-{{- if kindIs "map" $config.rls -}}
-{{- $_ := unset $config.rls "rules" -}}
 {{- end -}}
 {{- end -}}
 # quotad.toml, rendered by the quotad Helm chart. Secrets come from the environment, never from
