@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use quotad::api::pb::{self, Decision};
 use support::process::{Quotad, http_get};
 use support::redis::RedisServer;
-use support::{ADMIN_TOKEN, CREDIT, QuotaClient, costing};
+use support::{ADMIN_TOKEN, CREDIT, QuotaClient, costing, reserve_request};
 
 /// The config before and after: the free plan's 5-hour limit, and gpt-5.5-mini's output price
 /// (credits per million tokens; the test's usage is 5,000 output tokens per credit at 200).
@@ -38,16 +38,6 @@ fn write(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-fn reserve_req(account: &str, request: &str, credits: u64) -> pb::ReserveRequest {
-    pb::ReserveRequest {
-        account_id: account.into(),
-        request_id: request.into(),
-        product: "codex".into(),
-        estimate: Some(costing(credits)),
-        ..Default::default()
-    }
-}
-
 /// Until `done` holds of a fresh Reserve's answer (at most 10 s): the reload is seen.
 async fn until_reserve(
     q: &mut QuotaClient,
@@ -57,7 +47,7 @@ async fn until_reserve(
     let started = Instant::now();
     for i in 0.. {
         let r = q
-            .reserve(reserve_req(account, &format!("probe-{i}"), 1))
+            .reserve(reserve_request(account, &format!("probe-{i}"), "codex", 1))
             .await
             .unwrap()
             .into_inner();
@@ -98,7 +88,12 @@ fn load(url: String, stop: Arc<AtomicBool>, calls: Arc<AtomicU64>, errors: Arc<A
                 let account = format!("load-{worker}-{}", i % 4);
                 calls.fetch_add(1, Ordering::Relaxed);
                 let r = match q
-                    .reserve(reserve_req(&account, &format!("w{worker}-{i}"), 2))
+                    .reserve(reserve_request(
+                        &account,
+                        &format!("w{worker}-{i}"),
+                        "codex",
+                        2,
+                    ))
                     .await
                 {
                     Ok(r) => r.into_inner(),
@@ -183,7 +178,7 @@ async fn reload_under_load(dir: PathBuf, store_args: Vec<String>) {
     let after = until_reserve(&mut q, "probe-v2", |r| r.estimate_micros == 2 * CREDIT).await;
     assert_eq!(after.windows[0].limit_micros, 400 * CREDIT, "the new limit");
     let r = q
-        .reserve(reserve_req("after", "a1", 3))
+        .reserve(reserve_request("after", "a1", "codex", 3))
         .await
         .unwrap()
         .into_inner();

@@ -9,22 +9,12 @@ mod support;
 use quotad::api::pb::{self, Action, Decision, DenyReason};
 use quotad::config::{Config, StoreKind};
 use support::process::{Quotad, http_get};
-use support::{ADMIN_TOKEN, CREDIT, QuotaClient, TestServer, costing};
+use support::{ADMIN_TOKEN, CREDIT, QuotaClient, TestServer, costing, reserve_request};
 
 support::on_every_store!(
     an_over_limit_account_is_allowed_and_told_what_it_would_have_been,
     a_credits_plan_in_shadow_spends_no_credits_it_has_not_got,
 );
-
-fn reserve_req(account: &str, request: &str, product: &str, credits: u64) -> pb::ReserveRequest {
-    pb::ReserveRequest {
-        account_id: account.into(),
-        request_id: request.into(),
-        product: product.into(),
-        estimate: Some(costing(credits)),
-        ..Default::default()
-    }
-}
 
 async fn reserve(q: &mut QuotaClient, req: pb::ReserveRequest) -> pb::ReserveResponse {
     q.reserve(req).await.unwrap().into_inner()
@@ -59,13 +49,13 @@ async fn an_over_limit_account_is_allowed_and_told_what_it_would_have_been(store
     let mut q = server.quota().await;
 
     // Within the free plan's 15 credits: an ordinary ALLOW.
-    let first = reserve(&mut q, reserve_req("ann", "r1", "codex", 10)).await;
+    let first = reserve(&mut q, reserve_request("ann", "r1", "codex", 10)).await;
     assert_eq!(first.decision(), Decision::Allow);
     assert_eq!(first.shadow_denial, None);
     commit(&mut q, "ann", &first.reservation_id, 10, true).await;
 
     // 10 more would be denied with the upgrade prompt; shadow mode lets it through.
-    let second = reserve(&mut q, reserve_req("ann", "r2", "codex", 10)).await;
+    let second = reserve(&mut q, reserve_request("ann", "r2", "codex", 10)).await;
     assert_eq!(second.decision(), Decision::Allow, "{second:?}");
     assert_eq!(
         second.held,
@@ -89,7 +79,7 @@ async fn an_over_limit_account_is_allowed_and_told_what_it_would_have_been(store
     );
 
     // A retry gets its first answer (the same reservation), without counting the denial again.
-    let retried = reserve(&mut q, reserve_req("ann", "r2", "codex", 10)).await;
+    let retried = reserve(&mut q, reserve_request("ann", "r2", "codex", 10)).await;
     assert_eq!(retried.reservation_id, second.reservation_id);
     assert_eq!(retried.shadow_denial, None);
 
@@ -128,7 +118,7 @@ async fn an_over_limit_account_is_allowed_and_told_what_it_would_have_been(store
     // A plan not in shadow mode still denies.
     let hint = pb::ReserveRequest {
         plan_hint: "go".into(),
-        ..reserve_req("gus", "g1", "codex", 60)
+        ..reserve_request("gus", "g1", "codex", 60)
     };
     let denied = reserve(&mut q, hint).await;
     assert_eq!(denied.decision(), Decision::Deny);
@@ -164,7 +154,7 @@ async fn a_credits_plan_in_shadow_spends_no_credits_it_has_not_got(store: StoreK
         .await
         .unwrap();
     // 150 plan credits + 5 credits pay for 155; 160 would be CREDITS_EXHAUSTED.
-    let r = reserve(&mut q, reserve_req("pat", "p1", "codex", 160)).await;
+    let r = reserve(&mut q, reserve_request("pat", "p1", "codex", 160)).await;
     assert_eq!(r.decision(), Decision::Allow);
     assert_eq!(
         r.shadow_denial.as_ref().map(pb::ShadowDenial::action),
@@ -205,7 +195,7 @@ async fn a_shadow_denial_is_counted_and_logged() {
     let mut q = pb::quota_service_client::QuotaServiceClient::connect(quotad.url())
         .await
         .unwrap();
-    let over = reserve(&mut q, reserve_req("zoe", "z1", "excel", 20)).await;
+    let over = reserve(&mut q, reserve_request("zoe", "z1", "excel", 20)).await;
     assert_eq!(over.decision(), Decision::Allow);
     let (status, metrics) = http_get(&quotad.http_addr, "/metrics").await;
     assert_eq!(status, 200);

@@ -213,6 +213,22 @@ pub fn costing(credits: u64) -> pb::Usage {
     usage("gpt-5.5-mini", 0, 0, credits * 5_000)
 }
 
+/// A Reserve of a task costing exactly `credits` credits.
+pub fn reserve_request(
+    account: &str,
+    request: &str,
+    product: &str,
+    credits: u64,
+) -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        account_id: account.into(),
+        request_id: request.into(),
+        product: product.into(),
+        estimate: Some(costing(credits)),
+        ..Default::default()
+    }
+}
+
 /// GetUsage until `done` holds (for what runs in the background, such as payments), for at most
 /// 10 s.
 pub async fn usage_until(
