@@ -713,6 +713,16 @@ async fn every_series_the_dashboard_and_alerts_read_is_exported() {
     .await;
 
     let scraped = samples(&text);
+    // The approved top-up's 40 credits count as granted, beside the admin's 5 promo credits.
+    for granted in [
+        r#"quotad_credits_granted_micros_total{source="auto_top_up"} 40000000"#,
+        r#"quotad_credits_granted_micros_total{source="promo"} 5000000"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == granted),
+            "{granted} missing:\n{text}"
+        );
+    }
     let dashboard: Value = serde_json::from_str(&read(DASHBOARD)).expect("dashboard JSON");
     let mut exprs = dashboard_expressions(&dashboard);
     exprs.extend(alert_expressions());
