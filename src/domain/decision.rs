@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Deserializer, Serialize};
+
 use super::fingerprint::Fingerprint;
 use super::ledger::{CreditLot, LedgerTotals, LotSource};
 use super::money::{Credits, Funding, Micros};
@@ -93,15 +95,16 @@ impl GrantCommand {
 }
 
 /// An account as the back office sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     pub id: String,
     /// Interned (see [`intern`]): a plan is one of a few configured names.
+    #[serde(deserialize_with = "interned")]
     pub plan: Arc<str>,
     pub credit_purchase_allowed: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DenyReason {
     WindowExhausted,
     WeeklyExhausted,
@@ -110,7 +113,7 @@ pub enum DenyReason {
 }
 
 /// What the frontend should offer the user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Action {
     UpgradePlan,
     BuyCredits,
@@ -119,7 +122,7 @@ pub enum Action {
 }
 
 /// Why work may not go on, and what to do about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Denial {
     pub reason: DenyReason,
     pub action: Action,
@@ -224,7 +227,7 @@ impl Denial {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Decision {
     Allow {
         /// Shared with the account's records of the reservation.
@@ -420,12 +423,13 @@ pub struct GrantOutcome {
 }
 
 /// One charge, as recorded in an account's recent history and in the usage export.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageEvent {
     /// The account's charges are numbered from 1, in the order they were made.
     pub seq: u64,
     pub at: Timestamp,
     /// Interned (see [`intern`]): every account's history names the same few products.
+    #[serde(deserialize_with = "interned")]
     pub product: Arc<str>,
     /// Usage added by this charge (the difference between cumulative commits).
     pub usage: Usage,
@@ -433,6 +437,7 @@ pub struct UsageEvent {
     /// Shared with the account's records of the reservation.
     pub reservation_id: Arc<str>,
     /// Interned, like `product`.
+    #[serde(deserialize_with = "interned")]
     pub price_version: Arc<str>,
 }
 
@@ -448,6 +453,23 @@ pub fn intern(text: &str) -> Arc<str> {
     let shared: Arc<str> = Arc::from(text);
     TABLE.insert(shared.clone());
     shared
+}
+
+/// Deserializes a string field that is [`intern`]ed in memory, so that reading back a million
+/// stored accounts keeps one copy of each plan, product, model and price version, as making them
+/// did. A borrowed string is interned without an intermediate allocation.
+pub(crate) fn interned<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+    struct Interned;
+    impl serde::de::Visitor<'_> for Interned {
+        type Value = Arc<str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Arc<str>, E> {
+            Ok(intern(text))
+        }
+    }
+    d.deserialize_str(Interned)
 }
 
 impl UsageEvent {

@@ -15,11 +15,13 @@ use std::cmp::Ordering;
 use std::fmt;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
+
 use super::money::Micros;
 use super::time::Timestamp;
 
 /// Where a lot's credits came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LotSource {
     Purchase,
     Promo,
@@ -67,7 +69,7 @@ impl FromStr for LotSource {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditLot {
     pub id: String,
     pub source: LotSource,
@@ -87,7 +89,7 @@ impl CreditLot {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ledger {
     /// Lots with credits left, in consumption order.
     lots: Vec<CreditLot>,

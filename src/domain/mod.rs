@@ -19,6 +19,9 @@ pub mod top_up;
 pub mod window;
 
 pub use account::AccountState;
+pub use account::persisted::{
+    DecodeError, FORMAT_VERSION, decode_account, decode_event, encode_account, encode_event,
+};
 pub use decision::*;
 pub use error::DomainError;
 pub use ledger::{CreditLot, LedgerTotals, LotSource};

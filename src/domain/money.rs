@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// An amount of credits in micro-credits. Signed because a balance may go below zero by a
 /// documented commit overage; amounts in requests are validated to be positive.
 pub type Micros = i64;
@@ -11,7 +13,7 @@ pub type Micros = i64;
 pub const MICROS_PER_CREDIT: Micros = 1_000_000;
 
 /// Who pays for a piece of work: the plan's included allowance, prepaid credits, or both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
 pub struct Funding {
     pub plan: Micros,
     pub credit: Micros,

@@ -21,9 +21,10 @@ use serde::{Deserialize, Serialize};
 use super::money::Micros;
 
 /// Token and image counts of a task (an estimate before it runs, actual usage after).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
 pub struct Usage {
     /// Shared, not copied, between a task's records; interned once recorded in a usage event.
+    #[serde(deserialize_with = "super::decision::interned")]
     pub model: Arc<str>,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,

@@ -20,6 +20,8 @@
 //!   A payment that could not be completed (timeout, server error) stays in flight, to be retried
 //!   with the same key; only the provider's answer settles it.
 
+use serde::{Deserialize, Serialize};
+
 use super::error::DomainError;
 use super::money::Micros;
 use super::time::{HOUR_MS, Timestamp};
@@ -29,7 +31,7 @@ use super::time::{HOUR_MS, Timestamp};
 /// negative, a cap that is not negative) and none checks it again; the one exception is
 /// [`TopUpSettings::UNSET`], off with nothing set, which an account has until it first
 /// configures auto top-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopUpSettings {
     enabled: bool,
     /// Buy when available credits fall below this.
@@ -116,7 +118,7 @@ impl TopUpSettings {
 }
 
 /// Rules common to every account (from configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopUpRules {
     /// Purchases are whole multiples of this.
@@ -137,7 +139,7 @@ impl Default for TopUpRules {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AttemptOutcome {
     Pending,
     Succeeded,
@@ -147,7 +149,7 @@ pub enum AttemptOutcome {
 }
 
 /// The last thing that happened to a purchase, as GetUsage reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopUpAttempt {
     pub at: Timestamp,
     pub amount: Micros,
@@ -157,7 +159,7 @@ pub struct TopUpAttempt {
 }
 
 /// A purchase to pay: its id is the payment's idempotency key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Purchase {
     pub id: String,
     pub amount: Micros,
@@ -180,7 +182,7 @@ pub enum PaymentResult {
 }
 
 /// One account's auto top-up: settings, the purchase in flight, and what happened last.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopUp {
     settings: TopUpSettings,
     in_flight: Option<Purchase>,

@@ -12,6 +12,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 use super::money::Micros;
 use super::time::{DAY_MS, HOUR_MS, MINUTE_MS, Timestamp};
 
@@ -35,13 +37,28 @@ pub const WEEKLY: WindowSpec = WindowSpec {
 };
 
 /// Committed usage of one window.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlidingWindow {
     /// A reference, not a copy: there are two windows per account, millions of accounts.
+    /// Stored by name, and read back as the same static spec.
+    #[serde(serialize_with = "spec_name", deserialize_with = "spec_named")]
     spec: &'static WindowSpec,
     /// (bucket index, amount), bucket index ascending.
     buckets: VecDeque<(i64, Micros)>,
     total: Micros,
+}
+
+fn spec_name<S: Serializer>(spec: &&'static WindowSpec, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(spec.name)
+}
+
+/// The account windows by name; a stored window of any other shape is refused.
+fn spec_named<'de, D: Deserializer<'de>>(d: D) -> Result<&'static WindowSpec, D::Error> {
+    let name = String::deserialize(d)?;
+    [&FIVE_HOUR, &WEEKLY]
+        .into_iter()
+        .find(|spec| spec.name == name)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown window {name:?}")))
 }
 
 impl SlidingWindow {

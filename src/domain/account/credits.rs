@@ -3,6 +3,10 @@
 //! them, when the trigger runs (at the end of every change), and what a settled purchase
 //! becomes; the purchase rules themselves are [`crate::domain::top_up`]'s.
 
+use std::collections::HashMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 use super::{AccountState, MAX_EXACT_MICROS};
 use crate::domain::decision::{
     GrantCommand, GrantOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand, SettleTopUpCommand,
@@ -24,12 +28,43 @@ pub fn default_lot_expiry(now: Timestamp) -> Timestamp {
     now.plus_months(LOT_VALIDITY_MONTHS)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct GrantRecord {
     fingerprint: u64,
     lot: CreditLot,
     /// What a revocation took back, once revoked.
     revoked: Option<Micros>,
+}
+
+/// An account's grants, by grant id (the id of the lot each made).
+#[allow(clippy::box_collection)]
+pub(super) type Grants = Option<Box<HashMap<String, GrantRecord>>>;
+
+/// Stores the grants as their records ordered by id (a map's order changes from run to run,
+/// and the same state must encode to the same bytes); each is keyed by its lot's id again.
+pub(super) mod grants_by_id {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(grants: &Grants, s: S) -> Result<S::Ok, S::Error> {
+        let mut records: Vec<&GrantRecord> = grants.iter().flat_map(|g| g.values()).collect();
+        records.sort_unstable_by(|a, b| a.lot.id.cmp(&b.lot.id));
+        s.collect_seq(records)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Grants, D::Error> {
+        let records = Vec::<GrantRecord>::deserialize(d)?;
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let mut grants = HashMap::with_capacity(records.len());
+        for record in records {
+            let id = record.lot.id.clone();
+            if grants.insert(id, record).is_some() {
+                return Err(serde::de::Error::custom("a grant id appears twice"));
+            }
+        }
+        Ok(Some(Box::new(grants)))
+    }
 }
 
 /// The auto top-up state of an account that never configured it.

@@ -10,13 +10,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use serde::de::Error as _;
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 use super::push_compact;
 use crate::domain::money::{Funding, Micros};
 use crate::domain::pricing::Usage;
 use crate::domain::time::Timestamp;
 
 /// A task's open hold on the plan and on credits, and what it has been charged so far.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
     /// Shared with the first answer, the closed record and the usage events that name it: a
     /// finished task keeps one copy of its id, not three.
@@ -33,7 +37,7 @@ pub struct Reservation {
 }
 
 /// How a reservation ended; kept to answer retries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) enum Closed {
     /// Only a final commit closes a reservation, so its receipt is always
     /// [`CommitReceipt::finished`](crate::domain::decision::CommitReceipt::finished): the two
@@ -93,6 +97,45 @@ impl<T: PartialEq> PartialEq for Retained<T> {
 }
 
 impl<T: Eq> Eq for Retained<T> {}
+
+/// Stored as the records and the sequence number of the first; the index is rebuilt on reading.
+impl<T: Serialize> Serialize for Retained<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut form = s.serialize_struct("Retained", 2)?;
+        form.serialize_field("first", &self.first)?;
+        form.serialize_field("entries", &self.entries)?;
+        form.end()
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Retained<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename = "Retained")]
+        struct Form<T> {
+            first: u64,
+            entries: VecDeque<(Timestamp, Arc<str>, T)>,
+        }
+        let Form { first, entries } = Form::deserialize(d)?;
+        // Records are numbered from zero, one at a time: no account makes 2^63 of them, and
+        // numbers near the top would overflow on the next insert.
+        if first > i64::MAX as u64 {
+            return Err(D::Error::custom(format!(
+                "record number {first} is out of range"
+            )));
+        }
+        let mut retained = Retained {
+            entries: VecDeque::with_capacity(entries.len()),
+            first,
+            index: None,
+        };
+        // Inserted again in order, so the index (if they are many) is built as it was made.
+        for (at, id, record) in entries {
+            retained.insert(at, id, record);
+        }
+        Ok(retained)
+    }
+}
 
 impl<T> Retained<T> {
     pub(super) fn get(&self, id: &str) -> Option<&T> {
@@ -154,6 +197,32 @@ impl<T> Retained<T> {
 #[allow(clippy::box_collection)]
 pub(super) struct OpenHolds(Option<Box<HashMap<Arc<str>, Reservation>>>);
 
+/// Stored as the reservations ordered by id: a map's order changes from run to run, and the
+/// same state must encode to the same bytes.
+impl Serialize for OpenHolds {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut open: Vec<&Reservation> = self.values().collect();
+        open.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        s.collect_seq(open)
+    }
+}
+
+impl<'de> Deserialize<'de> for OpenHolds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut holds = OpenHolds::default();
+        for r in Vec::<Reservation>::deserialize(d)? {
+            if holds.get(&r.id).is_some() {
+                return Err(D::Error::custom(format!(
+                    "reservation {:?} is open twice",
+                    r.id
+                )));
+            }
+            holds.insert(r);
+        }
+        Ok(holds)
+    }
+}
+
 impl OpenHolds {
     pub(super) fn len(&self) -> usize {
         self.0.as_ref().map_or(0, |m| m.len())
@@ -163,7 +232,6 @@ impl OpenHolds {
         self.0.iter().flat_map(|m| m.values())
     }
 
-    #[cfg(test)]
     pub(super) fn get(&self, id: &str) -> Option<&Reservation> {
         self.0.as_ref()?.get(id)
     }

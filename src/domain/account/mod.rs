@@ -20,12 +20,15 @@
 mod credits;
 mod funding;
 mod holds;
+pub mod persisted;
 mod reserve;
 #[cfg(test)]
 mod testing;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use super::decision::{Account, AccountStatus, HoldView, UsageEvent, UsageSnapshot, WindowStatus};
 use super::error::DomainError;
@@ -36,7 +39,7 @@ use super::time::{SECOND_MS, Timestamp};
 use super::top_up::{Purchase, TopUp};
 use super::window::{FIVE_HOUR, SlidingWindow, WEEKLY};
 
-use credits::GrantRecord;
+use credits::Grants;
 use holds::{Closed, OpenHolds, Retained};
 use reserve::RequestRecord;
 
@@ -47,7 +50,8 @@ pub use holds::Reservation;
 /// IEEE double, which is what the Redis store's Lua scripts compute with.
 pub const MAX_EXACT_MICROS: Micros = (1 << 53) - 1;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serializable for the durable store (see [`persisted`]), all but the recent history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountState {
     account: Account,
     five_hour: SlidingWindow,
@@ -57,9 +61,11 @@ pub struct AccountState {
     closed: Retained<Closed>,
     requests: Retained<RequestRecord>,
     /// Boxed and made on the first grant: most accounts never get one.
-    #[allow(clippy::box_collection)]
-    grants: Option<Box<HashMap<String, GrantRecord>>>,
-    /// Newest last.
+    #[serde(with = "credits::grants_by_id")]
+    grants: Grants,
+    /// Newest last. Not persisted: a durable store keeps the history apart, and takes it from
+    /// here with [`take_recent`](Self::take_recent).
+    #[serde(skip)]
     recent: VecDeque<UsageEvent>,
     /// Charges recorded so far (the last event's `seq`).
     events: u64,
@@ -97,6 +103,12 @@ impl AccountState {
         &self.account
     }
 
+    /// Takes the recent history out, oldest first, leaving it empty (a durable store keeps the
+    /// history in its own table).
+    pub fn take_recent(&mut self) -> Vec<UsageEvent> {
+        std::mem::take(&mut self.recent).into()
+    }
+
     /// Open reservations.
     pub fn open_holds(&self) -> usize {
         self.open.len()
@@ -111,13 +123,16 @@ impl AccountState {
     /// Applies what time has done up to `now`: returns expired holds, expires lots, lets old
     /// usage leave the windows and forgets idempotency records past their retention.
     pub fn settle(&mut self, policy: &Policy, now: Timestamp) {
-        let expired: Vec<Arc<str>> = self
+        let mut expired: Vec<(Timestamp, Arc<str>)> = self
             .open
             .values()
             .filter(|r| r.expires_at <= now)
-            .map(|r| r.id.clone())
+            .map(|r| (r.expires_at, r.id.clone()))
             .collect();
-        for id in expired {
+        // In the order they expired, not the map's (which differs from run to run): the same
+        // operations make the same state, down to its persisted bytes.
+        expired.sort_unstable();
+        for (_, id) in expired {
             if let Some(r) = self.open.remove(&id) {
                 self.closed.insert(
                     now,

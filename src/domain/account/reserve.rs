@@ -10,6 +10,8 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::funding::Route;
 use super::holds::{Closed, Reservation};
 use super::{AccountState, push_compact};
@@ -24,7 +26,7 @@ use crate::domain::pricing::Usage;
 use crate::domain::time::Timestamp;
 
 /// The first answer to a Reserve, kept for retries with the same request id.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct RequestRecord {
     fingerprint: u64,
     decision: Decision,
