@@ -58,7 +58,78 @@ pub enum StoreKind {
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    /// Where the memory store keeps what it decides (an embedded database, created if
+    /// missing); unset, nothing survives a restart. One quotad process per data dir. Also
+    /// `--data-dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    pub embedded: EmbeddedConfig,
     pub redis: RedisConfig,
+}
+
+/// `[store.embedded]`: how the memory store writes to its data dir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Decisions queued and not yet on disk past which calls get UNAVAILABLE (before deciding
+    /// anything): the bound on memory when the disk cannot keep up.
+    pub max_unflushed: usize,
+    /// Longest a call waits for its batch to reach the disk before UNAVAILABLE (the decision
+    /// stands; a retry with the same request id gets its answer).
+    pub write_timeout_ms: u64,
+    /// An account unused this long leaves memory once its changes are on disk, and is read
+    /// back on its next use.
+    pub evict_idle_seconds: u64,
+    /// The embedded database's block cache, in MiB.
+    pub cache_mb: u64,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        let defaults = crate::store::DataDirSettings::new("");
+        EmbeddedConfig {
+            max_unflushed: defaults.max_unflushed,
+            write_timeout_ms: defaults.write_timeout.as_millis() as u64,
+            evict_idle_seconds: defaults.evict_idle.as_secs(),
+            cache_mb: defaults.cache_bytes >> 20,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The data dir and how to write it, if one is set.
+    pub fn data_dir(&self) -> Option<crate::store::DataDirSettings> {
+        let path = self.data_dir.as_ref()?;
+        let embedded = &self.embedded;
+        Some(crate::store::DataDirSettings {
+            path: path.clone(),
+            max_unflushed: embedded.max_unflushed,
+            write_timeout: std::time::Duration::from_millis(embedded.write_timeout_ms),
+            evict_idle: std::time::Duration::from_secs(embedded.evict_idle_seconds),
+            cache_bytes: embedded.cache_mb << 20,
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let embedded = &self.embedded;
+        for (key, value) in [
+            ("max_unflushed", embedded.max_unflushed as u64),
+            ("write_timeout_ms", embedded.write_timeout_ms),
+            ("evict_idle_seconds", embedded.evict_idle_seconds),
+            ("cache_mb", embedded.cache_mb),
+        ] {
+            if value == 0 {
+                return Err(format!("store.embedded.{key} must be greater than 0"));
+            }
+        }
+        if self.data_dir.is_some() && self.kind == StoreKind::Redis {
+            return Err(
+                "store.data_dir is for the memory store; with store.kind = \"redis\" Redis keeps the state: unset one of them"
+                    .into(),
+            );
+        }
+        self.redis.validate()
+    }
 }
 
 /// `[store.redis]`: how to reach Redis and how long to wait for it.
@@ -640,6 +711,7 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub store: Option<StoreKind>,
     pub redis_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
 }
 
 impl ConfigSource {
@@ -655,6 +727,9 @@ impl ConfigSource {
         }
         if let Some(url) = &flags.redis_url {
             config.store.redis.url = url.clone();
+        }
+        if let Some(dir) = &flags.data_dir {
+            config.store.data_dir = Some(dir.clone());
         }
         config.validate()?;
         Ok(config)
@@ -881,7 +956,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy().validate().map_err(ConfigError::Invalid)?;
         self.pricing.validate().map_err(ConfigError::Invalid)?;
-        self.store.redis.validate().map_err(ConfigError::Invalid)?;
+        self.store.validate().map_err(ConfigError::Invalid)?;
         self.payments.provider()?;
         for (key, token) in [
             ("admin_token", &self.admin_token),

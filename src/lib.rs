@@ -45,6 +45,8 @@ pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
+    DataDir(#[from] crate::store::DataDirError),
+    #[error(transparent)]
     Server(#[from] ServerError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -129,9 +131,31 @@ async fn serve(
     };
     match config.store.kind {
         StoreKind::Memory => {
+            let store = match config.store.data_dir() {
+                Some(data_dir) => {
+                    let store = MemoryStore::open(parts.rules.clone(), &data_dir)?;
+                    tracing::info!(
+                        data_dir = %data_dir.path.display(),
+                        "memory store backed by its data dir: what is acknowledged survives a restart"
+                    );
+                    store
+                }
+                None => {
+                    tracing::warn!(
+                        "memory store without a data dir: nothing survives a restart \
+                         (set store.data_dir or --data-dir to keep balances, grants and windows)"
+                    );
+                    MemoryStore::with_rules(parts.rules.clone())
+                }
+            };
+            // Opened once, before serving: a data dir that cannot be used stops quotad.
+            let store = std::sync::Mutex::new(Some(store));
             let connect = move || {
-                let quota = parts.quota(MemoryStore::with_rules(parts.rules.clone()));
-                Box::pin(async move { Ok(quota) }) as Connecting<MemoryStore>
+                let store = store.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let quota = store.map(|store| parts.quota(store)).ok_or_else(|| {
+                    StoreError::Internal("the memory store was already handed out".into())
+                });
+                Box::pin(async move { quota }) as Connecting<MemoryStore>
             };
             server::run(listeners, connect, settings, shutdown).await?;
         }

@@ -50,6 +50,10 @@ struct ConfigArgs {
     /// Redis URL for `--store redis` (redis://, or rediss:// for TLS).
     #[arg(long)]
     redis_url: Option<String>,
+    /// Keep what the memory store decides in this directory (an embedded database), so that
+    /// it survives a restart; one quotad process per directory.
+    #[arg(long, env = "QUOTAD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 impl ConfigArgs {
@@ -60,6 +64,7 @@ impl ConfigArgs {
                 listen: self.listen,
                 store: self.store,
                 redis_url: self.redis_url,
+                data_dir: self.data_dir,
             },
         }
     }

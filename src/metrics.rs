@@ -108,6 +108,12 @@ pub struct Metrics {
     config_restart_pending: Gauge,
     shadow_denials: Family<ShadowLabels, Counter>,
     store_retries: Counter,
+    resident_accounts: Gauge,
+    data_dir_bytes: Gauge,
+    data_dir_batches: Counter,
+    data_dir_changes: Counter,
+    /// The store's cumulative (batches, changes) when last sampled.
+    data_dir_seen: std::sync::Mutex<(u64, u64)>,
     /// The store's own count of retried calls at the last sample, to add only what is new.
     store_retries_seen: AtomicU64,
     otel: Otel,
@@ -234,6 +240,30 @@ impl Metrics {
             "Store calls whose first attempt timed out and that were tried again (once, where that cannot act twice)",
             store_retries.clone(),
         );
+        let resident_accounts = Gauge::default();
+        registry.register(
+            "resident_accounts",
+            "Accounts in memory (with a data dir, idle ones leave memory and are read back on use)",
+            resident_accounts.clone(),
+        );
+        let data_dir_bytes = Gauge::default();
+        registry.register(
+            "data_dir_bytes",
+            "Bytes the embedded store's data dir takes on disk",
+            data_dir_bytes.clone(),
+        );
+        let data_dir_batches = Counter::default();
+        registry.register(
+            "data_dir_batches",
+            "Group commits written to the data dir (one synced write each)",
+            data_dir_batches.clone(),
+        );
+        let data_dir_changes = Counter::default();
+        registry.register(
+            "data_dir_changes",
+            "Decisions written to the data dir; over data_dir_batches, the mean batch size",
+            data_dir_changes.clone(),
+        );
         let meter = opentelemetry::global::meter("quotad");
         let otel = Otel {
             decisions: meter.u64_counter("quotad.decisions").build(),
@@ -272,6 +302,11 @@ impl Metrics {
             shadow_denials,
             store_retries,
             store_retries_seen: AtomicU64::new(0),
+            resident_accounts,
+            data_dir_bytes,
+            data_dir_batches,
+            data_dir_changes,
+            data_dir_seen: std::sync::Mutex::new((0, 0)),
             otel,
             scrape: Mutex::new(()),
         }
@@ -431,6 +466,20 @@ impl Metrics {
             }
         };
         self.open_holds.set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// Samples the embedded store's data dir.
+    pub fn observe_data_dir(&self, stats: &crate::store::DataDirStats) {
+        self.resident_accounts
+            .set(i64::try_from(stats.resident_accounts).unwrap_or(i64::MAX));
+        self.data_dir_bytes
+            .set(i64::try_from(stats.bytes).unwrap_or(i64::MAX));
+        let mut seen = self.data_dir_seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.data_dir_batches
+            .inc_by(stats.batches.saturating_sub(seen.0));
+        self.data_dir_changes
+            .inc_by(stats.changes.saturating_sub(seen.1));
+        *seen = (stats.batches.max(seen.0), stats.changes.max(seen.1));
     }
 
     /// The Prometheus text exposition of every metric.

@@ -353,6 +353,9 @@ async fn start<S, C>(
                     store.open_holds(),
                     store.retried_calls(),
                 );
+                if let Some(stats) = store.data_dir_stats() {
+                    app.metrics().observe_data_dir(&stats);
+                }
                 readiness.set_store_error(error);
                 health.set_service_status(STORE_HEALTH_NAME, status).await;
             }

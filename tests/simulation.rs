@@ -416,6 +416,17 @@ async fn credits_match_the_reference_on_the_memory_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_match_the_reference_on_the_memory_store_with_a_data_dir() {
+    for seed in seeds(30) {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = quotad::rules::LiveRules::fixed(Arc::new(policy()));
+        let settings = quotad::store::DataDirSettings::new(dir.path());
+        let store = MemoryStore::open(rules, &settings).unwrap();
+        simulate(&store, seed, 250).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credits_match_the_reference_on_redis() {
     let server = tokio::task::spawn_blocking(support::redis::shared_server)
         .await

@@ -25,7 +25,8 @@ use quotad::domain::{
     ReserveCommand, RevokeCommand, Timestamp, Usage, UsageSnapshot,
 };
 use quotad::domain::{SetTopUpCommand, SettleTopUpCommand};
-use quotad::store::{MemoryStore, RedisSettings, RedisStore, Store, StoreError};
+use quotad::rules::LiveRules;
+use quotad::store::{DataDirSettings, MemoryStore, RedisSettings, RedisStore, Store, StoreError};
 use support::T0;
 
 /// xorshift64*: small, seeded, good enough to pick operations.
@@ -91,11 +92,17 @@ struct Copy {
 }
 
 /// The Redis replicas, and what each may answer GetUsage from.
-struct Replicas {
-    stores: Vec<RedisStore>,
+struct Replicas<S> {
+    stores: Vec<S>,
     copies: HashMap<(usize, String), Copy>,
     staleness_ms: i64,
+    /// Runs before each step with a random number below 100: may restart the stores (the
+    /// embedded store reopens its data dir) or let time do its upkeep (idle accounts leave
+    /// memory), which must change no answer.
+    between: Option<Between<S>>,
 }
+
+type Between<S> = Box<dyn FnMut(&mut Vec<S>, u64)>;
 
 /// How often the cases this test exists for came up, over all seeds.
 #[derive(Debug, Default)]
@@ -111,7 +118,7 @@ struct Seen {
     shadow_chunks: u64,
 }
 
-impl Replicas {
+impl<S: Store> Replicas<S> {
     /// Replica `x` ran an operation on `account`: any other replica's copy may now be out of
     /// date, and `x` forgets its own when the operation went through.
     fn ran<T>(&mut self, x: usize, account: &str, outcome: &Result<T, StoreError>) {
@@ -176,10 +183,10 @@ impl Replicas {
     }
 }
 
-async fn run(
+async fn run<S: Store>(
     seed: u64,
     steps: usize,
-    replicas: &mut Replicas,
+    replicas: &mut Replicas<S>,
     memory: &MemoryStore,
     seen: &mut Seen,
 ) {
@@ -198,6 +205,12 @@ async fn run(
     let mut expiries: Vec<(String, i64)> = Vec::new();
     for step in 0..steps {
         let account = rng.pick(&accounts).to_string();
+        if let Some(between) = &mut replicas.between {
+            between(&mut replicas.stores, rng.below(100));
+            for store in &replicas.stores {
+                store.maintain(now).await;
+            }
+        }
         let x = rng.below(replicas.stores.len() as u64) as usize;
         let redis = &replicas.stores[x];
         let context = format!("seed {seed}, step {step}, replica {x}");
@@ -544,6 +557,7 @@ async fn redis_scripts_answer_exactly_as_the_rust_rules() {
             stores,
             copies: HashMap::new(),
             staleness_ms,
+            between: None,
         };
         let memory = MemoryStore::new(policy.clone());
         run(seed, 300, &mut replicas, &memory, &mut seen).await;
@@ -564,6 +578,58 @@ async fn redis_scripts_answer_exactly_as_the_rust_rules() {
         assert!(
             seen.shadow_reserves > 0 && seen.shadow_chunks > 0,
             "shadow mode let Reserves and next chunks through: {seen:?}"
+        );
+    }
+}
+
+/// The embedded store with a data dir decides exactly as the memory store alone: the same
+/// sequences, while the store is restarted from its data dir now and then (every answer after a
+/// restart comes from what was written) and idle accounts leave memory and are read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_data_dir_answers_exactly_as_memory_alone() {
+    let policy = Arc::new(policy());
+    let seeds: u64 = std::env::var("QUOTAD_DIFF_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let only: Option<u64> = std::env::var("QUOTAD_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let mut seen = Seen::default();
+    let restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for seed in only.map_or(1..=seeds, |s| s..=s) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = DataDirSettings::new(dir.path());
+        // Short, so that the clock's jumps send accounts out of memory often.
+        settings.evict_idle = std::time::Duration::from_secs(20 * 60);
+        let rules = LiveRules::fixed(policy.clone());
+        let open = {
+            let (rules, settings) = (rules.clone(), settings.clone());
+            move || MemoryStore::open(rules.clone(), &settings).unwrap()
+        };
+        let restarted = restarts.clone();
+        let mut replicas = Replicas {
+            stores: vec![open()],
+            copies: HashMap::new(),
+            staleness_ms: 0,
+            between: Some(Box::new(move |stores: &mut Vec<MemoryStore>, dice| {
+                if dice < 3 {
+                    // The old process lets go of the data dir before the new one opens it.
+                    stores.clear();
+                    stores.push(open());
+                    restarted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })),
+        };
+        let memory = MemoryStore::new(policy.clone());
+        run(seed, 300, &mut replicas, &memory, &mut seen).await;
+    }
+    println!("{seen:?}");
+    if only.is_none() {
+        assert!(restarts.load(std::sync::atomic::Ordering::Relaxed) > 100);
+        assert!(
+            seen.retried_after_allow > 0 && seen.reads_across_an_expiry > 0,
+            "the seeds retried request ids and read across expiries: {seen:?}"
         );
     }
 }

@@ -1,34 +1,81 @@
-//! The embedded store: every account's [`AccountState`] in a sharded concurrent map.
+//! The embedded store: decisions on in-memory account state, one account's [`AccountState`] in
+//! a sharded concurrent map, optionally backed by a data dir that makes them durable.
 //!
 //! An operation holds the write lock of the account's shard while the domain method runs (a few
 //! microseconds, no I/O, no await), which makes it atomic for that account; accounts in other
-//! shards proceed in parallel. Nothing is persisted: this is the default for a single replica,
-//! for development and for tests. Shared, durable state is the Redis store's job.
+//! shards proceed in parallel.
+//!
+//! With a data dir ([`MemoryStore::open`]) the store is the engine the issue calls "decide,
+//! batch, commit, answer": still under the lock, the account's new persisted form and the
+//! charges it made are queued for [`GroupCommit`]; the lock is released, and the call is
+//! answered once the batch holding its change is on disk. Accounts are loaded on first use and
+//! leave memory when idle (once their last change is on disk), so start-up does not grow with
+//! the number of accounts and memory holds only what decisions need; usage history and the
+//! export live in the data dir. Any call that reads an account waits for the account's last
+//! queued change to be durable, so nothing not yet on disk is ever shown.
+//!
+//! Without one everything lives in this process and nothing survives a restart: for trials and
+//! tests. The Envoy RLS counters are in memory either way (they count seconds to minutes).
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use dashmap::mapref::one::RefMut;
 
+use super::data_dir::{Change, DataDir, DataDirError, PurchaseIndex};
 use super::export_log::ExportLog;
+use super::group_commit::GroupCommit;
 use super::rls_counters::RlsCounters;
-use super::{ExportRead, Store, StoreError, account_not_found};
+use super::{DataDirStats, ExportRead, Store, StoreError, StoreHealth, account_not_found};
 use crate::domain::rls::{CounterCheck, CounterStatus};
+use crate::domain::time::SECOND_MS;
 use crate::domain::top_up::Purchase;
 use crate::domain::{
-    Account, AccountState, CommitCommand, CommitOutcome, ExportedEvent, GrantCommand, GrantOutcome,
-    Policy, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand,
-    RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
+    Account, AccountState, CommitCommand, CommitOutcome, DomainError, ExportedEvent, GrantCommand,
+    GrantOutcome, Policy, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome,
+    RevokeCommand, RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome,
+    UsageSnapshot,
 };
 use crate::rules::LiveRules;
+
+/// Where and how a memory store keeps its data dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataDirSettings {
+    pub path: PathBuf,
+    /// Changes queued and not yet on disk past which calls are refused with UNAVAILABLE.
+    pub max_unflushed: usize,
+    /// Longest wait for a call's batch to reach the disk.
+    pub write_timeout: Duration,
+    /// An account unused for this long leaves memory (it is reloaded on its next use).
+    pub evict_idle: Duration,
+    /// The database's block cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+impl DataDirSettings {
+    pub fn new(path: impl Into<PathBuf>) -> DataDirSettings {
+        DataDirSettings {
+            path: path.into(),
+            max_unflushed: 20_000,
+            write_timeout: Duration::from_millis(2_000),
+            evict_idle: Duration::from_secs(600),
+            cache_bytes: 64 << 20,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct MemoryStore {
     /// Each operation decides on the policy current when it takes the account's lock.
     rules: Arc<LiveRules>,
-    /// Boxed: the map's table then holds a pointer per slot, not a whole account, so its spare
-    /// capacity costs little (it matters at millions of accounts).
-    accounts: DashMap<String, Box<AccountState>>,
+    accounts: DashMap<String, Resident>,
+    /// The data dir behind memory, if any.
+    durable: Option<Durable>,
+    /// The export, when there is no data dir.
     export: ExportLog,
     /// Open reservations of all accounts, kept by every operation (it sees the account's count
     /// before and after, under the account's lock).
@@ -40,6 +87,38 @@ pub struct MemoryStore {
     /// account: walking millions of accounts holds each shard's lock for milliseconds, and every
     /// decision on that shard would wait behind it.
     purchases: DashMap<String, Timestamp>,
+}
+
+#[derive(Debug)]
+struct Durable {
+    commits: GroupCommit,
+    evict_idle_ms: i64,
+    /// Bumped before each eviction pass: a load that read the data dir while one ran reads
+    /// again, so it never brings back a state older than one a decision has since written.
+    evictions: AtomicU64,
+    /// When the last eviction pass ran (milliseconds).
+    last_eviction: AtomicI64,
+}
+
+/// An account in memory.
+#[derive(Debug)]
+struct Resident {
+    /// Boxed: the map's table then holds a pointer per slot, not a whole account, so its spare
+    /// capacity costs little (it matters at millions of accounts).
+    state: Box<AccountState>,
+    /// The number of its last change queued for the data dir (0: none).
+    last_change: u64,
+    last_used: Timestamp,
+}
+
+impl Resident {
+    fn new(state: AccountState, now: Timestamp) -> Resident {
+        Resident {
+            state: Box::new(state),
+            last_change: 0,
+            last_used: now,
+        }
+    }
 }
 
 /// What the store keeps indexed about an account, read before and after each operation.
@@ -58,67 +137,207 @@ impl Indexed {
     }
 }
 
+/// Whether an operation changes the account (and so is written to the data dir) or only reads
+/// it (written only if time changed what the store indexes, such as a hold expiring).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Writes,
+    Reads,
+}
+
+/// The account to run an operation on, and what to do when it does not exist yet.
+enum Missing<'a> {
+    NotFound,
+    Create(&'a (dyn Fn() -> Account + Sync)),
+}
+
 impl MemoryStore {
-    /// A store deciding by `policy`, for good.
+    /// A store deciding by `policy`, for good, in memory only.
     pub fn new(policy: Arc<Policy>) -> Self {
         MemoryStore::with_rules(LiveRules::fixed(policy))
     }
 
     /// A store deciding by whatever `rules` hold when each operation runs (they may be
-    /// reloaded).
+    /// reloaded), in memory only: nothing survives a restart.
     pub fn with_rules(rules: Arc<LiveRules>) -> Self {
         MemoryStore {
             export: ExportLog::new(),
             rules,
             accounts: DashMap::new(),
+            durable: None,
             open_holds: AtomicI64::new(0),
             rls: RlsCounters::default(),
             purchases: DashMap::new(),
         }
     }
 
-    /// Runs `op` on an existing account under its shard lock.
-    fn with_account<T>(
-        &self,
-        account_id: &str,
-        op: impl FnOnce(&mut AccountState, &Policy) -> Result<T, crate::domain::DomainError>,
-    ) -> Result<T, StoreError> {
-        let mut state = self
-            .accounts
-            .get_mut(account_id)
-            .ok_or_else(|| account_not_found(account_id))?;
-        Ok(self.indexing(account_id, &mut state, &self.rules.snapshot().policy, op)?)
+    /// A store whose decisions are made durable in the data dir `settings` names (created if
+    /// missing), continuing from what it holds.
+    pub fn open(rules: Arc<LiveRules>, settings: &DataDirSettings) -> Result<Self, DataDirError> {
+        let data = Arc::new(DataDir::open(&settings.path, settings.cache_bytes)?);
+        let open_err = |e: StoreError| DataDirError::Open {
+            path: settings.path.clone(),
+            reason: e.to_string(),
+        };
+        let counters = data.counters().map_err(open_err)?;
+        let purchases = data.purchases().map_err(open_err)?;
+        let commits = GroupCommit::start(data, settings.max_unflushed, settings.write_timeout)
+            .map_err(open_err)?;
+        let store = MemoryStore::with_rules(rules);
+        store
+            .open_holds
+            .store(counters.open_holds, Ordering::Relaxed);
+        for (account_id, started) in purchases {
+            store.purchases.insert(account_id, started);
+        }
+        Ok(MemoryStore {
+            durable: Some(Durable {
+                commits,
+                evict_idle_ms: i64::try_from(settings.evict_idle.as_millis()).unwrap_or(i64::MAX),
+                evictions: AtomicU64::new(0),
+                last_eviction: AtomicI64::new(i64::MIN),
+            }),
+            ..store
+        })
     }
 
-    /// Runs `op` on an account (whose shard lock the caller holds) and brings the store's
-    /// indexes up to date with what it changed.
-    fn indexing<T>(
+    /// Accounts in memory now.
+    pub fn resident_accounts(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// The account in memory, loaded from the data dir if it is there, or made by `missing`.
+    fn resident(
         &self,
         account_id: &str,
-        state: &mut AccountState,
-        policy: &Policy,
-        op: impl FnOnce(&mut AccountState, &Policy) -> T,
-    ) -> T {
-        let before = Indexed::of(state);
-        let result = op(state, policy);
-        let after = Indexed::of(state);
-        if before != after {
-            if before.holds != after.holds {
-                self.open_holds
-                    .fetch_add(after.holds as i64 - before.holds as i64, Ordering::Relaxed);
+        missing: Missing<'_>,
+        now: Timestamp,
+    ) -> Result<RefMut<'_, String, Resident>, StoreError> {
+        loop {
+            if let Some(mut resident) = self.accounts.get_mut(account_id) {
+                resident.last_used = now;
+                return Ok(resident);
             }
-            if before.purchase_started != after.purchase_started {
-                match after.purchase_started {
-                    Some(started) => {
-                        self.purchases.insert(account_id.to_owned(), started);
-                    }
-                    None => {
-                        self.purchases.remove(account_id);
+            let (generation, stored) = match &self.durable {
+                Some(durable) => {
+                    let generation = durable.evictions.load(Ordering::Acquire);
+                    (generation, durable.commits.data().load_account(account_id)?)
+                }
+                None => (0, None),
+            };
+            let state = match (stored, &missing) {
+                (Some(state), _) => state,
+                (None, Missing::Create(make)) => AccountState::new(make()),
+                (None, Missing::NotFound) => return Err(account_not_found(account_id)),
+            };
+            match self.accounts.entry(account_id.to_owned()) {
+                Entry::Occupied(entry) => {
+                    let mut resident = entry.into_ref();
+                    resident.last_used = now;
+                    return Ok(resident);
+                }
+                Entry::Vacant(entry) => {
+                    let raced = self
+                        .durable
+                        .as_ref()
+                        .is_some_and(|d| d.evictions.load(Ordering::Acquire) != generation);
+                    if !raced {
+                        return Ok(entry.insert(Resident::new(state, now)));
                     }
                 }
             }
         }
+    }
+
+    /// Runs `op` on an account whose shard lock the caller holds, brings the store's indexes up
+    /// to date with what it changed and, with a data dir, queues the change.
+    fn apply<T>(
+        &self,
+        account_id: &str,
+        resident: &mut Resident,
+        policy: &Policy,
+        effect: Effect,
+        op: impl FnOnce(&mut AccountState, &Policy) -> T,
+    ) -> T {
+        let before = Indexed::of(&resident.state);
+        let result = op(&mut resident.state, policy);
+        let after = Indexed::of(&resident.state);
+        let holds_delta = after.holds as i64 - before.holds as i64;
+        let purchase = if before.purchase_started == after.purchase_started {
+            PurchaseIndex::Unchanged
+        } else {
+            match after.purchase_started {
+                Some(started) => {
+                    self.purchases.insert(account_id.to_owned(), started);
+                    PurchaseIndex::Started(started)
+                }
+                None => {
+                    self.purchases.remove(account_id);
+                    PurchaseIndex::Ended
+                }
+            }
+        };
+        if holds_delta != 0 {
+            self.open_holds.fetch_add(holds_delta, Ordering::Relaxed);
+        }
+        if let Some(durable) = &self.durable {
+            let events = resident.state.take_recent();
+            if effect == Effect::Writes || before != after || !events.is_empty() {
+                let mut change = Change::new(account_id, &resident.state);
+                change.events = events;
+                change.recent_keep = policy.limits.recent_events;
+                change.export_keep = policy.limits.export_max_len;
+                change.holds_delta = holds_delta;
+                change.purchase = purchase;
+                resident.last_change = durable.commits.submit(change);
+            }
+        }
         result
+    }
+
+    /// Runs `op` on an account as one atomic step and answers once what it changed is durable.
+    async fn run<T>(
+        &self,
+        account_id: &str,
+        missing: Missing<'_>,
+        effect: Effect,
+        now: Timestamp,
+        op: impl FnOnce(&mut AccountState, &Policy) -> Result<T, DomainError>,
+    ) -> Result<T, StoreError> {
+        if let Some(durable) = &self.durable {
+            durable.commits.admit()?;
+        }
+        let (result, change) = {
+            let rules = self.rules.snapshot();
+            let mut resident = self.resident(account_id, missing, now)?;
+            let result = self.apply(account_id, &mut resident, &rules.policy, effect, op);
+            (result, resident.last_change)
+        };
+        if let Some(durable) = &self.durable {
+            durable.commits.durable(change).await?;
+        }
+        Ok(result?)
+    }
+
+    /// Leaves out of memory the accounts idle since `now − evict_idle` whose changes are all
+    /// on disk. Runs at most once per quarter of `evict_idle` (a pass visits every account).
+    fn evict_idle(&self, now: Timestamp) {
+        let Some(durable) = &self.durable else {
+            return;
+        };
+        let last = durable.last_eviction.load(Ordering::Relaxed);
+        if now.as_millis().saturating_sub(last) < (durable.evict_idle_ms / 4).max(SECOND_MS) {
+            return;
+        }
+        durable
+            .last_eviction
+            .store(now.as_millis(), Ordering::Relaxed);
+        let on_disk = durable.commits.durable_number();
+        let idle_since = now.plus_millis(-durable.evict_idle_ms);
+        durable.evictions.fetch_add(1, Ordering::AcqRel);
+        self.accounts.retain(|_, resident| {
+            resident.last_used > idle_since || resident.last_change > on_disk
+        });
     }
 }
 
@@ -128,25 +347,23 @@ impl Store for MemoryStore {
         cmd: &ReserveCommand,
         now: Timestamp,
     ) -> Result<ReserveOutcome, StoreError> {
-        let rules = self.rules.snapshot();
-        let policy = &rules.policy;
-        let reserve = |state: &mut AccountState, policy: &Policy| state.reserve(policy, cmd, now);
-        if let Some(mut state) = self.accounts.get_mut(&cmd.account_id) {
-            return Ok(self.indexing(&cmd.account_id, &mut state, policy, reserve)?);
-        }
-        let mut state = self
-            .accounts
-            .entry(cmd.account_id.clone())
-            .or_insert_with(|| {
-                Box::new(AccountState::new(Account {
-                    id: cmd.account_id.clone(),
-                    plan: crate::domain::intern(
-                        cmd.plan_hint.as_deref().unwrap_or(&policy.default_plan),
-                    ),
-                    credit_purchase_allowed: true,
-                }))
-            });
-        Ok(self.indexing(&cmd.account_id, &mut state, policy, reserve)?)
+        let new_account = || Account {
+            id: cmd.account_id.clone(),
+            plan: crate::domain::intern(
+                cmd.plan_hint
+                    .as_deref()
+                    .unwrap_or(&self.rules.snapshot().policy.default_plan),
+            ),
+            credit_purchase_allowed: true,
+        };
+        self.run(
+            &cmd.account_id,
+            Missing::Create(&new_account),
+            Effect::Writes,
+            now,
+            |state, policy| state.reserve(policy, cmd, now),
+        )
+        .await
     }
 
     async fn commit(
@@ -154,15 +371,24 @@ impl Store for MemoryStore {
         cmd: CommitCommand,
         now: Timestamp,
     ) -> Result<CommitOutcome, StoreError> {
-        self.with_account(&cmd.account_id, |state, policy| {
-            let outcome = state.commit(policy, &cmd, now)?;
-            // Under the account's lock, so the export holds the account's events in order.
-            if let Some(event) = &outcome.event {
-                let max_len = policy.limits.export_max_len;
-                self.export.append(&cmd.account_id, event.clone(), max_len);
-            }
-            Ok(outcome)
-        })
+        let durable = self.durable.is_some();
+        self.run(
+            &cmd.account_id,
+            Missing::NotFound,
+            Effect::Writes,
+            now,
+            |state, policy| {
+                let outcome = state.commit(policy, &cmd, now)?;
+                // Under the account's lock, so the export holds the account's events in order.
+                // With a data dir, the event goes out with the account's change instead.
+                if let (Some(event), false) = (&outcome.event, durable) {
+                    let max_len = policy.limits.export_max_len;
+                    self.export.append(&cmd.account_id, event.clone(), max_len);
+                }
+                Ok(outcome)
+            },
+        )
+        .await
     }
 
     async fn release(
@@ -170,15 +396,25 @@ impl Store for MemoryStore {
         cmd: ReleaseCommand,
         now: Timestamp,
     ) -> Result<ReleaseOutcome, StoreError> {
-        self.with_account(&cmd.account_id, |state, policy| {
-            state.release(policy, &cmd, now)
-        })
+        self.run(
+            &cmd.account_id,
+            Missing::NotFound,
+            Effect::Writes,
+            now,
+            |state, policy| state.release(policy, &cmd, now),
+        )
+        .await
     }
 
     async fn grant(&self, cmd: GrantCommand, now: Timestamp) -> Result<GrantOutcome, StoreError> {
-        self.with_account(&cmd.account_id, |state, policy| {
-            state.grant(policy, &cmd, now)
-        })
+        self.run(
+            &cmd.account_id,
+            Missing::NotFound,
+            Effect::Writes,
+            now,
+            |state, policy| state.grant(policy, &cmd, now),
+        )
+        .await
     }
 
     async fn revoke_grant(
@@ -186,9 +422,14 @@ impl Store for MemoryStore {
         cmd: RevokeCommand,
         now: Timestamp,
     ) -> Result<RevokeOutcome, StoreError> {
-        self.with_account(&cmd.account_id, |state, policy| {
-            state.revoke(policy, &cmd, now)
-        })
+        self.run(
+            &cmd.account_id,
+            Missing::NotFound,
+            Effect::Writes,
+            now,
+            |state, policy| state.revoke(policy, &cmd, now),
+        )
+        .await
     }
 
     async fn set_top_up(
@@ -196,9 +437,14 @@ impl Store for MemoryStore {
         cmd: SetTopUpCommand,
         now: Timestamp,
     ) -> Result<TopUpOutcome, StoreError> {
-        self.with_account(&cmd.account_id, |state, policy| {
-            state.set_top_up(policy, &cmd, now)
-        })
+        self.run(
+            &cmd.account_id,
+            Missing::NotFound,
+            Effect::Writes,
+            now,
+            |state, policy| state.set_top_up(policy, &cmd, now),
+        )
+        .await
     }
 
     async fn settle_top_up(
@@ -206,9 +452,14 @@ impl Store for MemoryStore {
         cmd: SettleTopUpCommand,
         now: Timestamp,
     ) -> Result<TopUpOutcome, StoreError> {
-        self.with_account(&cmd.account_id, |state, policy| {
-            state.settle_top_up(policy, &cmd, now)
-        })
+        self.run(
+            &cmd.account_id,
+            Missing::NotFound,
+            Effect::Writes,
+            now,
+            |state, policy| state.settle_top_up(policy, &cmd, now),
+        )
+        .await
     }
 
     async fn upsert_account(
@@ -216,28 +467,35 @@ impl Store for MemoryStore {
         account: Account,
         now: Timestamp,
     ) -> Result<Account, StoreError> {
-        let mut state = self
-            .accounts
-            .entry(account.id.clone())
-            .or_insert_with(|| Box::new(AccountState::new(account.clone())));
-        self.indexing(
+        let new_account = || account.clone();
+        self.run(
             &account.id,
-            &mut state,
-            &self.rules.snapshot().policy,
+            Missing::Create(&new_account),
+            Effect::Writes,
+            now,
             |state, policy| {
                 state.settle(policy, now);
+                state.update_account(account.plan.clone(), account.credit_purchase_allowed);
+                Ok(state.account().clone())
             },
-        );
-        state.update_account(account.plan, account.credit_purchase_allowed);
-        Ok(state.account().clone())
+        )
+        .await
     }
 
     async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
-        let state = self
-            .accounts
-            .get(account_id)
-            .ok_or_else(|| account_not_found(account_id))?;
-        Ok(state.account().clone())
+        let (account, change) = {
+            let resident = match self.accounts.get(account_id) {
+                Some(resident) => resident,
+                None => self
+                    .resident(account_id, Missing::NotFound, Timestamp::from_millis(0))?
+                    .downgrade(),
+            };
+            (resident.state.account().clone(), resident.last_change)
+        };
+        if let Some(durable) = &self.durable {
+            durable.commits.durable(change).await?;
+        }
+        Ok(account)
     }
 
     async fn usage(
@@ -246,10 +504,26 @@ impl Store for MemoryStore {
         recent_limit: usize,
         now: Timestamp,
     ) -> Result<UsageSnapshot, StoreError> {
-        self.with_account(account_id, |state, policy| {
-            state.settle(policy, now);
-            state.snapshot(policy, recent_limit)
-        })
+        let (mut snapshot, keep) = self
+            .run(
+                account_id,
+                Missing::NotFound,
+                Effect::Reads,
+                now,
+                |state, policy| {
+                    state.settle(policy, now);
+                    let snapshot = state.snapshot(policy, recent_limit)?;
+                    Ok((snapshot, policy.limits.recent_events as usize))
+                },
+            )
+            .await?;
+        if let Some(durable) = &self.durable {
+            snapshot.recent = durable
+                .commits
+                .data()
+                .history(account_id, recent_limit.min(keep))?;
+        }
+        Ok(snapshot)
     }
 
     async fn rls_check(
@@ -261,12 +535,33 @@ impl Store for MemoryStore {
         Ok(self.rls.check_and_count(domain, checks, now))
     }
 
-    fn maintenance_interval(&self) -> Option<std::time::Duration> {
-        Some(std::time::Duration::from_secs(1))
+    fn maintenance_interval(&self) -> Option<Duration> {
+        Some(Duration::from_secs(1))
     }
 
     async fn maintain(&self, now: Timestamp) {
         self.rls.prune(now);
+        self.evict_idle(now);
+    }
+
+    fn health(&self) -> StoreHealth {
+        match self.durable.as_ref().and_then(|d| d.commits.failure()) {
+            Some(reason) => StoreHealth::Down {
+                error: reason.to_owned(),
+            },
+            None => StoreHealth::Up,
+        }
+    }
+
+    fn data_dir_stats(&self) -> Option<DataDirStats> {
+        let commits = &self.durable.as_ref()?.commits;
+        let (batches, changes) = commits.written();
+        Some(DataDirStats {
+            resident_accounts: self.accounts.len() as u64,
+            bytes: commits.data().disk_space(),
+            batches: batches as u64,
+            changes: changes as u64,
+        })
     }
 
     fn open_holds(&self) -> Option<u64> {
@@ -278,11 +573,17 @@ impl Store for MemoryStore {
         read: ExportRead,
         now: Timestamp,
     ) -> Result<Vec<ExportedEvent>, StoreError> {
-        Ok(self.export.read(&read, now))
+        match &self.durable {
+            Some(durable) => durable.commits.data().export_read(&read, now),
+            None => Ok(self.export.read(&read, now)),
+        }
     }
 
     async fn export_ack(&self, group: &str, delivery_ids: &[String]) -> Result<u64, StoreError> {
-        Ok(self.export.ack(group, delivery_ids))
+        match &self.durable {
+            Some(durable) => durable.commits.data().export_ack(group, delivery_ids),
+            None => Ok(self.export.ack(group, delivery_ids)),
+        }
     }
 
     async fn stalled_purchases(
@@ -297,12 +598,139 @@ impl Store for MemoryStore {
             .collect();
         // The index is read first and each account after, never both locks at once (an
         // operation holds the account's lock while it updates the index).
-        Ok(stalled
-            .into_iter()
-            .filter_map(|account_id| {
-                let purchase = self.accounts.get(&account_id)?.top_up_in_flight()?.clone();
-                (purchase.started_at <= started_before).then_some((account_id, purchase))
-            })
-            .collect())
+        let mut found = Vec::new();
+        for account_id in stalled {
+            let purchase = {
+                let resident = match self.accounts.get(&account_id) {
+                    Some(resident) => resident,
+                    None => match self.resident(&account_id, Missing::NotFound, started_before) {
+                        Ok(resident) => resident.downgrade(),
+                        Err(_) => continue,
+                    },
+                };
+                resident.state.top_up_in_flight().cloned()
+            };
+            if let Some(purchase) = purchase.filter(|p| p.started_at <= started_before) {
+                found.push((account_id, purchase));
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::time::MINUTE_MS;
+    use crate::domain::{Decision, PriceSheet, Usage};
+
+    const T0: Timestamp = Timestamp::from_millis(1_795_557_600_000);
+
+    fn reserve(account: &str, request: &str) -> ReserveCommand {
+        let estimate = Usage {
+            model: "gpt-5.5-mini".into(),
+            output_tokens: 5_000,
+            ..Usage::default()
+        };
+        ReserveCommand {
+            account_id: account.into(),
+            request_id: request.into(),
+            product: "codex".into(),
+            cost: PriceSheet::default().price(&estimate).unwrap(),
+            estimate,
+            plan_hint: Some("plus".into()),
+            ttl_ms: 15 * MINUTE_MS,
+            reservation_id: format!("rsv-{request}"),
+            wait_for_top_up: false,
+        }
+    }
+
+    fn commit(reserved: &ReserveCommand) -> CommitCommand {
+        CommitCommand {
+            account_id: reserved.account_id.clone(),
+            reservation_id: reserved.reservation_id.clone(),
+            usage: reserved.estimate.clone(),
+            cost: reserved.cost,
+            is_final: true,
+            price_version: PriceSheet::default().version,
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> MemoryStore {
+        let mut settings = DataDirSettings::new(dir);
+        settings.evict_idle = Duration::from_secs(60);
+        MemoryStore::open(LiveRules::fixed(Arc::new(Policy::default())), &settings).unwrap()
+    }
+
+    #[tokio::test]
+    async fn idle_accounts_leave_memory_and_come_back_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for (i, account) in ["a", "b"].into_iter().enumerate() {
+            let cmd = reserve(account, &format!("q{i}"));
+            let out = store.reserve(&cmd, T0).await.unwrap();
+            assert!(matches!(out.decision, Decision::Allow { .. }));
+            store.commit(commit(&cmd), T0).await.unwrap();
+        }
+        let before = store.usage("a", 10, T0).await.unwrap();
+        assert_eq!(before.recent.len(), 1, "history is read from the data dir");
+
+        // "b" stays in use; "a" is idle past a minute.
+        store.maintain(T0.plus_millis(61_000)).await;
+        store
+            .reserve(&reserve("b", "q9"), T0.plus_millis(61_000))
+            .await
+            .unwrap();
+        store.maintain(T0.plus_millis(120_000)).await;
+        assert_eq!(store.resident_accounts(), 1, "only the busy account stays");
+        let after = store.usage("a", 10, T0).await.unwrap();
+        assert_eq!(after, before);
+        assert_eq!(store.resident_accounts(), 2, "read back on use");
+    }
+
+    #[tokio::test]
+    async fn a_reopened_data_dir_keeps_what_was_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = reserve("a", "q1");
+        let (first, before) = {
+            let store = open(dir.path());
+            let first = store.reserve(&cmd, T0).await.unwrap();
+            (first, store.usage("a", 10, T0).await.unwrap())
+        };
+        let store = open(dir.path());
+        assert_eq!(store.usage("a", 10, T0).await.unwrap(), before);
+        assert_eq!(store.open_holds(), Some(1));
+        // The retry is answered from the record the data dir kept, not decided again.
+        assert_eq!(store.reserve(&cmd, T0).await.unwrap(), first);
+        store.commit(commit(&cmd), T0).await.unwrap();
+        assert_eq!(store.open_holds(), Some(0));
+    }
+
+    #[test]
+    fn a_data_dir_in_use_or_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let rules = LiveRules::fixed(Arc::new(Policy::default()));
+        let second = MemoryStore::open(rules.clone(), &DataDirSettings::new(dir.path()));
+        assert!(
+            matches!(second, Err(DataDirError::Locked { .. })),
+            "{second:?}"
+        );
+        drop(store);
+
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        meta.insert("format", 99u16.to_le_bytes()).unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+        drop((meta, db));
+        let err = MemoryStore::open(rules, &DataDirSettings::new(dir.path())).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("format 99")
+                && message.contains(&format!("format {}", crate::domain::FORMAT_VERSION)),
+            "{message}"
+        );
     }
 }

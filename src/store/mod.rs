@@ -6,7 +6,9 @@
 //!
 //! Every store must pass the same contract suite (`tests/support/contract.rs`).
 
+mod data_dir;
 mod export_log;
+mod group_commit;
 pub mod memory;
 pub mod redis;
 mod rls_counters;
@@ -22,7 +24,8 @@ use crate::domain::{
     SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
 };
 
-pub use memory::MemoryStore;
+pub use data_dir::DataDirError;
+pub use memory::{DataDirSettings, MemoryStore};
 pub use redis::{RedisSettings, RedisStore, RedisTls};
 
 /// Whether the backing store answers, as this replica last saw it.
@@ -43,6 +46,16 @@ pub enum StoreError {
     /// The store answered something it should never answer (a bug, or a version mismatch).
     #[error("store error: {0}")]
     Internal(String),
+}
+
+/// The embedded store's data dir, as sampled for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataDirStats {
+    pub resident_accounts: u64,
+    pub bytes: u64,
+    /// Group commits written since start, and the decisions they held.
+    pub batches: u64,
+    pub changes: u64,
 }
 
 /// A consumer group's read of the usage export.
@@ -148,6 +161,11 @@ pub trait Store: Send + Sync + 'static {
     /// Calls whose first attempt timed out and that were tried again, since start.
     fn retried_calls(&self) -> u64 {
         0
+    }
+
+    /// What the embedded store's data dir has done, if the store has one.
+    fn data_dir_stats(&self) -> Option<DataDirStats> {
+        None
     }
 
     /// Open reservations in the whole store, when the store can tell cheaply.

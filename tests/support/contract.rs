@@ -20,9 +20,17 @@ use super::{CREDIT, T0};
 
 /// Expands to one `#[tokio::test]` per contract rule, each on a fresh store from `$make`
 /// (an expression evaluating to a future of a store).
+/// `store_contract_tests!(in_data_dir MAKE)`: `MAKE` is a function of a fresh temporary
+/// directory (a `PathBuf`), removed after the test.
 macro_rules! store_contract_tests {
+    (in_data_dir $make:expr) => {
+        store_contract_tests!(@list [dir] $make);
+    };
     ($make:expr) => {
-        store_contract_tests!(@tests $make;
+        store_contract_tests!(@list [] $make);
+    };
+    (@list [$($dir:ident)?] $make:expr) => {
+        store_contract_tests!(@tests [$($dir)?] $make;
             first_reserve_creates_the_account,
             reserve_holds_plan_allowance,
             free_plan_over_limit_is_denied_with_upgrade,
@@ -51,12 +59,23 @@ macro_rules! store_contract_tests {
             rls_counts_a_request_only_if_every_descriptor_fits_and_slides,
         );
     };
-    (@tests $make:expr; $($name:ident),* $(,)?) => {
+    (@tests [] $make:expr; $($name:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let store = $make.await;
                 support::contract::$name(store).await;
+            }
+        )*
+    };
+    (@tests [dir] $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = ($make)(dir.path().to_path_buf()).await;
+                support::contract::$name(store).await;
+                drop(dir);
             }
         )*
     };

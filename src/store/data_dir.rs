@@ -1,0 +1,476 @@
+//! The embedded durable backing store: one fjall database in `store.data_dir` that keeps what
+//! the memory store decides, so that an acknowledged charge, grant, hold or top-up survives a
+//! crash and a restart.
+//!
+//! Why fjall: it is an LSM tree whose writes are appended to a checksummed journal, so a batch
+//! of many accounts' changes costs one sequential append and one `fdatasync`, which is what
+//! group commit needs (a B-tree such as redb rewrites a page per account touched). Recovery
+//! replays the journal, not the data, so start-up does not grow with the number of accounts;
+//! a torn last batch (a crash in the middle of a write) fails its checksum and is dropped whole,
+//! as fjall documents (`RecoveryMode::TolerateCorruptTail`), and a batch that was synced is
+//! never torn. The database holds a lock file, which keeps a second process off the directory.
+//!
+//! Layout (keyspaces):
+//! - `accounts`: account id → the account's persisted form (`domain::encode_account`);
+//! - `history`: account id, `0xFF`, charge number (big endian) → the charge; the newest
+//!   `recent_events` of each account are kept (UTF-8 never contains `0xFF`, so one account's
+//!   prefix never matches another's keys);
+//! - `export`: offset (big endian) → account id and charge, the newest `export_max_len` kept;
+//! - `export_groups`: group → its next offset and its pending deliveries;
+//! - `purchases`: account id → when its auto top-up purchase in flight started;
+//! - `meta`: the format version and the counters the store reports without a scan.
+//!
+//! Only [`super::group_commit`] writes accounts, history and the export (one batch, one sync,
+//! per group); export reads and acknowledgements write group state directly.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::{ExportRead, StoreError};
+use crate::domain::{
+    AccountState, ExportedEvent, FORMAT_VERSION, Timestamp, UsageEvent, decode_account,
+    decode_event, encode_account, encode_event,
+};
+
+/// Why a data dir could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error(
+        "data dir {path} is in use by another quotad process (one data dir, one writer); \
+         stop the other process or give this one its own data dir"
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "data dir {path} was written in persisted format {found}, and this quotad reads format \
+         {supported} only; run the quotad version that wrote it, or start with an empty data dir"
+    )]
+    Version {
+        path: PathBuf,
+        found: u16,
+        supported: u16,
+    },
+    #[error("data dir {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+}
+
+/// One decision's changes to an account, to be made durable by one group commit.
+#[derive(Debug)]
+pub struct Change {
+    pub account_id: String,
+    /// The account's whole persisted form after the decision.
+    pub state: Vec<u8>,
+    /// Charges the decision made, oldest first.
+    pub events: Vec<UsageEvent>,
+    /// How many of the account's charges its history keeps, and how many events the export
+    /// keeps (the limits in force when the decision was made).
+    pub recent_keep: u32,
+    pub export_keep: u64,
+    /// The change in the store's count of open reservations.
+    pub holds_delta: i64,
+    pub purchase: PurchaseIndex,
+}
+
+/// What a decision did to the index of purchases in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurchaseIndex {
+    Unchanged,
+    Started(Timestamp),
+    Ended,
+}
+
+impl Change {
+    pub fn new(account_id: &str, state: &AccountState) -> Change {
+        Change {
+            account_id: account_id.to_owned(),
+            state: encode_account(state),
+            events: Vec::new(),
+            recent_keep: 0,
+            export_keep: 0,
+            holds_delta: 0,
+            purchase: PurchaseIndex::Unchanged,
+        }
+    }
+}
+
+/// Counters kept in `meta`, carried by the writer from batch to batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    pub open_holds: i64,
+    /// The next export offset.
+    pub export_next: u64,
+}
+
+pub struct DataDir {
+    path: PathBuf,
+    db: Database,
+    accounts: Keyspace,
+    history: Keyspace,
+    export: Keyspace,
+    groups: Keyspace,
+    purchases: Keyspace,
+    meta: Keyspace,
+    /// Export reads and acknowledgements change group state: one at a time.
+    export_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for DataDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataDir").field("path", &self.path).finish()
+    }
+}
+
+const FORMAT_KEY: &[u8] = b"format";
+const OPEN_HOLDS_KEY: &[u8] = b"open_holds";
+const EXPORT_NEXT_KEY: &[u8] = b"export_next";
+const HISTORY_SEPARATOR: u8 = 0xFF;
+
+fn history_key(account_id: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(account_id.len() + 9);
+    key.extend_from_slice(account_id.as_bytes());
+    key.push(HISTORY_SEPARATOR);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn failed(what: &str, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("data dir: {what}: {err}"))
+}
+
+fn corrupt(what: &str, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("data dir holds a corrupt {what}: {err}"))
+}
+
+fn read_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+impl DataDir {
+    /// Opens (or creates) the database in `path`, recovering what the journal holds. `cache`
+    /// is the block cache's size in bytes.
+    pub fn open(path: &Path, cache: u64) -> Result<DataDir, DataDirError> {
+        let path_buf = path.to_path_buf();
+        let open_err = |reason: String| DataDirError::Open {
+            path: path_buf.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(path).map_err(|e| open_err(format!("cannot create it: {e}")))?;
+        let db = Database::builder(path)
+            .cache_size(cache)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => DataDirError::Locked {
+                    path: path_buf.clone(),
+                },
+                other => open_err(other.to_string()),
+            })?;
+        let keyspace = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| open_err(format!("keyspace {name}: {e}")))
+        };
+        let dir = DataDir {
+            accounts: keyspace("accounts")?,
+            history: keyspace("history")?,
+            export: keyspace("export")?,
+            groups: keyspace("export_groups")?,
+            purchases: keyspace("purchases")?,
+            meta: keyspace("meta")?,
+            db,
+            path: path_buf.clone(),
+            export_lock: Mutex::new(()),
+        };
+        match dir
+            .meta
+            .get(FORMAT_KEY)
+            .map_err(|e| open_err(e.to_string()))?
+        {
+            Some(found) => {
+                let found = <[u8; 2]>::try_from(&*found)
+                    .map(u16::from_le_bytes)
+                    .map_err(|_| open_err("its format version is unreadable".into()))?;
+                if found != FORMAT_VERSION {
+                    return Err(DataDirError::Version {
+                        path: path_buf,
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+            None => {
+                let empty = dir
+                    .accounts
+                    .is_empty()
+                    .map_err(|e| open_err(e.to_string()))?;
+                if !empty {
+                    return Err(open_err(
+                        "it holds accounts but no format version; it was not written by quotad"
+                            .into(),
+                    ));
+                }
+                let mut batch = dir.db.batch().durability(Some(PersistMode::SyncAll));
+                batch.insert(&dir.meta, FORMAT_KEY, FORMAT_VERSION.to_le_bytes().to_vec());
+                batch.commit().map_err(|e| open_err(e.to_string()))?;
+            }
+        }
+        Ok(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes the database takes on disk.
+    pub fn disk_space(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+
+    /// The counters as the last batch left them.
+    pub fn counters(&self) -> Result<Counters, StoreError> {
+        let get = |key: &[u8]| -> Result<u64, StoreError> {
+            match self.meta.get(key).map_err(|e| failed("reading meta", e))? {
+                None => Ok(0),
+                Some(bytes) => read_u64(&bytes).ok_or_else(|| corrupt("counter", "not 8 bytes")),
+            }
+        };
+        Ok(Counters {
+            open_holds: get(OPEN_HOLDS_KEY)? as i64,
+            export_next: get(EXPORT_NEXT_KEY)?,
+        })
+    }
+
+    /// The account as last written, if it was ever written.
+    pub fn load_account(&self, account_id: &str) -> Result<Option<AccountState>, StoreError> {
+        let Some(bytes) = self
+            .accounts
+            .get(account_id)
+            .map_err(|e| failed("reading an account", e))?
+        else {
+            return Ok(None);
+        };
+        let state = decode_account(&bytes).map_err(|e| corrupt("account", e))?;
+        if state.account().id != account_id {
+            return Err(corrupt(
+                "account",
+                format!("key {account_id:?} holds account {:?}", state.account().id),
+            ));
+        }
+        Ok(Some(state))
+    }
+
+    /// The newest `limit` charges of an account, newest first.
+    pub fn history(&self, account_id: &str, limit: usize) -> Result<Vec<UsageEvent>, StoreError> {
+        let mut prefix = account_id.as_bytes().to_vec();
+        prefix.push(HISTORY_SEPARATOR);
+        let mut events = Vec::new();
+        for entry in self.history.prefix(&prefix).rev().take(limit) {
+            let (_, value) = entry
+                .into_inner()
+                .map_err(|e| failed("reading history", e))?;
+            let (_, event) = decode_event(&value).map_err(|e| corrupt("usage event", e))?;
+            events.push(event);
+        }
+        Ok(events)
+    }
+
+    /// Accounts with a purchase in flight and when each started.
+    pub fn purchases(&self) -> Result<Vec<(String, Timestamp)>, StoreError> {
+        let mut found = Vec::new();
+        for entry in self.purchases.iter() {
+            let (key, value) = entry
+                .into_inner()
+                .map_err(|e| failed("reading purchases", e))?;
+            let id = String::from_utf8(key.to_vec()).map_err(|e| corrupt("purchase key", e))?;
+            let started = read_u64(&value).ok_or_else(|| corrupt("purchase", "not 8 bytes"))?;
+            found.push((id, Timestamp::from_millis(started as i64)));
+        }
+        Ok(found)
+    }
+
+    /// Writes a group of changes as one atomic batch, synced to disk before it returns.
+    pub fn write(&self, changes: &[Change], counters: &mut Counters) -> Result<(), fjall::Error> {
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        for change in changes {
+            batch.insert(&self.accounts, change.account_id.as_str(), &*change.state);
+            for event in &change.events {
+                batch.insert(
+                    &self.history,
+                    history_key(&change.account_id, event.seq),
+                    encode_event(&change.account_id, event),
+                );
+                let keep = u64::from(change.recent_keep);
+                if event.seq > keep {
+                    batch.remove(
+                        &self.history,
+                        history_key(&change.account_id, event.seq - keep),
+                    );
+                }
+                let offset = counters.export_next;
+                counters.export_next += 1;
+                batch.insert(
+                    &self.export,
+                    offset.to_be_bytes().to_vec(),
+                    encode_event(&change.account_id, event),
+                );
+                if offset >= change.export_keep.max(1) {
+                    let trimmed = offset - change.export_keep.max(1);
+                    batch.remove(&self.export, trimmed.to_be_bytes().to_vec());
+                }
+            }
+            counters.open_holds += change.holds_delta;
+            match change.purchase {
+                PurchaseIndex::Unchanged => {}
+                PurchaseIndex::Started(at) => batch.insert(
+                    &self.purchases,
+                    change.account_id.as_str(),
+                    (at.as_millis() as u64).to_be_bytes().to_vec(),
+                ),
+                PurchaseIndex::Ended => batch.remove(&self.purchases, change.account_id.as_str()),
+            }
+        }
+        batch.insert(
+            &self.meta,
+            OPEN_HOLDS_KEY,
+            (counters.open_holds as u64).to_be_bytes().to_vec(),
+        );
+        batch.insert(
+            &self.meta,
+            EXPORT_NEXT_KEY,
+            counters.export_next.to_be_bytes().to_vec(),
+        );
+        batch.commit()
+    }
+
+    /// A consumer group's read of the export, with the semantics of the memory store's
+    /// (`export_log`): a group starts at the oldest retained event; what it was given stays
+    /// pending until acknowledged and is delivered again once idle past `claim_idle_ms`.
+    pub fn export_read(
+        &self,
+        read: &ExportRead,
+        now: Timestamp,
+    ) -> Result<Vec<ExportedEvent>, StoreError> {
+        let _one_at_a_time = self.export_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let first = match self.export.first_key_value() {
+            Some(entry) => {
+                let key = entry.key().map_err(|e| failed("reading the export", e))?;
+                read_u64(&key).ok_or_else(|| corrupt("export key", "not 8 bytes"))?
+            }
+            None => self.counters()?.export_next,
+        };
+        let end = self.counters()?.export_next;
+        let mut group = self.group(&read.group)?.unwrap_or(GroupState {
+            next: first,
+            pending: BTreeMap::new(),
+        });
+        group.pending.retain(|&offset, _| offset >= first);
+        group.next = group.next.max(first);
+        let stale_before = now.plus_millis(-read.claim_idle_ms);
+        let mut offsets: Vec<u64> = group
+            .pending
+            .iter()
+            .filter(|&(_, &delivered)| delivered <= stale_before.as_millis())
+            .map(|(&offset, _)| offset)
+            .take(read.max_events)
+            .collect();
+        while offsets.len() < read.max_events && group.next < end {
+            offsets.push(group.next);
+            group.next += 1;
+        }
+        let mut events = Vec::with_capacity(offsets.len());
+        for offset in offsets {
+            let Some(value) = self
+                .export
+                .get(offset.to_be_bytes())
+                .map_err(|e| failed("reading the export", e))?
+            else {
+                // Trimmed since (or never written, past a crash): nothing to deliver.
+                group.pending.remove(&offset);
+                continue;
+            };
+            let (account_id, event) = decode_event(&value).map_err(|e| corrupt("export", e))?;
+            group.pending.insert(offset, now.as_millis());
+            events.push(ExportedEvent {
+                delivery_id: offset.to_string(),
+                account_id,
+                event,
+            });
+        }
+        self.put_group(&read.group, &group)?;
+        Ok(events)
+    }
+
+    /// Acknowledges deliveries; returns how many were pending. Unknown ids count for nothing.
+    pub fn export_ack(&self, group_name: &str, delivery_ids: &[String]) -> Result<u64, StoreError> {
+        let _one_at_a_time = self.export_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut group) = self.group(group_name)? else {
+            return Ok(0);
+        };
+        let acked = delivery_ids
+            .iter()
+            .filter_map(|id| id.parse::<u64>().ok())
+            .filter(|offset| group.pending.remove(offset).is_some())
+            .count() as u64;
+        if acked > 0 {
+            self.put_group(group_name, &group)?;
+        }
+        Ok(acked)
+    }
+
+    fn group(&self, name: &str) -> Result<Option<GroupState>, StoreError> {
+        match self
+            .groups
+            .get(name)
+            .map_err(|e| failed("reading an export group", e))?
+        {
+            None => Ok(None),
+            Some(bytes) => GroupState::decode(&bytes)
+                .map(Some)
+                .ok_or_else(|| corrupt("export group", "bad length")),
+        }
+    }
+
+    fn put_group(&self, name: &str, group: &GroupState) -> Result<(), StoreError> {
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+        batch.insert(&self.groups, name, group.encode());
+        batch
+            .commit()
+            .map_err(|e| failed("writing an export group", e))
+    }
+}
+
+/// A consumer group: the next offset never delivered, and what was delivered (offset → when,
+/// in milliseconds) and not yet acknowledged.
+struct GroupState {
+    next: u64,
+    pending: BTreeMap<u64, i64>,
+}
+
+impl GroupState {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + 16 * self.pending.len());
+        out.extend_from_slice(&self.next.to_be_bytes());
+        for (offset, at) in &self.pending {
+            out.extend_from_slice(&offset.to_be_bytes());
+            out.extend_from_slice(&at.to_be_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<GroupState> {
+        let (next, mut rest) = bytes.split_at_checked(8)?;
+        if rest.len() % 16 != 0 {
+            return None;
+        }
+        let mut pending = BTreeMap::new();
+        while let Some((entry, tail)) = rest.split_at_checked(16) {
+            let (offset, at) = entry.split_at(8);
+            pending.insert(read_u64(offset)?, read_u64(at)? as i64);
+            rest = tail;
+        }
+        Some(GroupState {
+            next: read_u64(next)?,
+            pending,
+        })
+    }
+}
