@@ -1,16 +1,20 @@
 //! Protobuf ⇄ domain conversions at the edge. Incoming messages become application requests
-//! (`From`, or `TryFrom` where a value can be malformed, such as a timestamp); outcomes become
+//! (`From`, or `TryFrom` where a value can be malformed, such as a timestamp, and a function
+//! where the conversion needs the rules or checks what only the edge can); outcomes become
 //! response messages. No rule lives here.
+//!
+//! Every request's way in is also tested with arbitrary input (the `fuzz` tests).
 
 use tonic::Status;
 
 use super::pb;
 use crate::app::{CommitRequest, GrantRequest, ReleaseRequest, ReserveRequest};
+use crate::domain::account::MAX_EXACT_MICROS;
 use crate::domain::top_up::AttemptOutcome;
 use crate::domain::{
     Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, Denial, DenyReason,
-    ExportedEvent, Funding, GrantOutcome, HoldView, ReleaseOutcome, ReserveOutcome, Timestamp,
-    TopUpView, Usage, UsageEvent, UsageSnapshot, WindowStatus,
+    DomainError, ExportedEvent, Funding, GrantOutcome, HoldView, Policy, ReleaseOutcome,
+    ReserveOutcome, Timestamp, TopUpView, Usage, UsageEvent, UsageSnapshot, WindowStatus,
 };
 
 pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
@@ -21,6 +25,12 @@ pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     }
 }
 
+/// The range of `google.protobuf.Timestamp`, in seconds: 0001-01-01T00:00:00Z to
+/// 9999-12-31T23:59:59Z. An instant outside it is not a valid Timestamp, and echoing one back
+/// (a lot's `expires_at` in every GetUsage) would break clients that check, as Go's `AsTime`,
+/// Java's `Timestamps` and Python's `ToDatetime` do.
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
 /// A protobuf timestamp as a domain instant (sub-millisecond precision is truncated).
 pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<Timestamp, Status> {
     if !(0..1_000_000_000).contains(&t.nanos) {
@@ -29,13 +39,15 @@ pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<Timesta
             t.nanos
         )));
     }
-    t.seconds
-        .checked_mul(1_000)
-        .and_then(|ms| ms.checked_add(i64::from(t.nanos / 1_000_000)))
-        .map(Timestamp::from_millis)
-        .ok_or_else(|| {
-            Status::invalid_argument(format!("{field}: seconds out of range, got {}", t.seconds))
-        })
+    if !TIMESTAMP_SECONDS.contains(&t.seconds) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, got {} seconds",
+            t.seconds
+        )));
+    }
+    Ok(Timestamp::from_millis(
+        t.seconds * 1_000 + i64::from(t.nanos / 1_000_000),
+    ))
 }
 
 impl From<pb::Usage> for Usage {
@@ -115,14 +127,40 @@ impl TryFrom<pb::GrantCreditsRequest> for GrantRequest {
     }
 }
 
-impl From<pb::Account> for Account {
-    fn from(a: pb::Account) -> Account {
-        Account {
-            id: a.account_id,
-            plan: crate::domain::intern(&a.plan),
-            credit_purchase_allowed: a.credit_purchase_allowed,
+/// An account as UpsertAccount asks for it. Its plan is interned (one copy for the life of the
+/// process) only when it is a configured plan: any other is refused, and interning whatever a
+/// caller sends would grow the table with every refused call.
+pub fn account(a: pb::Account, policy: &Policy) -> Account {
+    let plan = match policy.plan(&a.plan) {
+        Some(_) => crate::domain::intern(&a.plan),
+        None => a.plan.into(),
+    };
+    Account {
+        id: a.account_id,
+        plan,
+        credit_purchase_allowed: a.credit_purchase_allowed,
+    }
+}
+
+/// Checks what only the edge can: the amounts of a SetAutoTopUp are at most
+/// [`MAX_EXACT_MICROS`], like every amount an account holds. A larger target would start a
+/// purchase that no grant could make (and, near `i64::MAX`, overflow working out its amount);
+/// the application checks the rest (not negative, a target above the threshold).
+pub fn check_top_up(r: &pb::SetAutoTopUpRequest) -> Result<(), Status> {
+    for (field, micros) in [
+        ("threshold_micros", r.threshold_micros),
+        ("target_micros", r.target_micros),
+        ("monthly_cap_micros", r.monthly_cap_micros),
+    ] {
+        if micros > MAX_EXACT_MICROS {
+            return Err(DomainError::invalid(
+                field,
+                format!("must be at most {MAX_EXACT_MICROS}, got {micros}"),
+            )
+            .into());
         }
     }
+    Ok(())
 }
 
 impl From<Account> for pb::Account {
@@ -383,8 +421,83 @@ impl From<UsageSnapshot> for pb::GetUsageResponse {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    #[test]
+    fn timestamps_outside_years_1_to_9999_are_refused() {
+        let at =
+            |seconds| from_timestamp("expires_at", &prost_types::Timestamp { seconds, nanos: 0 });
+        assert!(at(253_402_300_799).is_ok());
+        assert!(at(-62_135_596_800).is_ok());
+        for seconds in [253_402_300_800, -62_135_596_801, i64::MAX / 1_000, i64::MIN] {
+            let err = at(seconds).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with("expires_at: "), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn only_configured_plans_are_interned() {
+        let policy = Policy::default();
+        let asked = |plan: &str| pb::Account {
+            account_id: "a".into(),
+            plan: plan.into(),
+            credit_purchase_allowed: true,
+        };
+        let configured = account(asked("plus"), &policy);
+        assert!(Arc::ptr_eq(
+            &configured.plan,
+            &crate::domain::intern("plus")
+        ));
+        // The intern table would hold a second reference.
+        let unknown = account(asked("not-a-plan-c0ffee"), &policy);
+        assert_eq!(Arc::strong_count(&unknown.plan), 1);
+    }
+
+    #[test]
+    fn top_up_amounts_past_max_exact_micros_are_refused() {
+        let ok = pb::SetAutoTopUpRequest {
+            threshold_micros: MAX_EXACT_MICROS,
+            target_micros: MAX_EXACT_MICROS,
+            monthly_cap_micros: MAX_EXACT_MICROS,
+            ..Default::default()
+        };
+        check_top_up(&ok).unwrap();
+        let past = MAX_EXACT_MICROS + 1;
+        for (field, r) in [
+            (
+                "threshold_micros",
+                pb::SetAutoTopUpRequest {
+                    threshold_micros: past,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "target_micros",
+                pb::SetAutoTopUpRequest {
+                    target_micros: past,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "monthly_cap_micros",
+                pb::SetAutoTopUpRequest {
+                    monthly_cap_micros: past,
+                    ..ok.clone()
+                },
+            ),
+        ] {
+            let err = check_top_up(&r).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with(&format!("{field}: ")), "{err:?}");
+        }
+    }
 
     #[test]
     fn timestamps_round_trip_at_millisecond_precision() {

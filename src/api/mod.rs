@@ -148,10 +148,13 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::UpsertAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
-        let account = request.into_inner().account.map(Into::into);
-        Ok(Response::new(
-            self.app()?.upsert_account(account).await?.into(),
-        ))
+        let app = self.app()?;
+        let policy = app.rules().policy();
+        let account = request
+            .into_inner()
+            .account
+            .map(|a| convert::account(a, &policy));
+        Ok(Response::new(app.upsert_account(account).await?.into()))
     }
 
     async fn get_account(
@@ -194,8 +197,9 @@ impl<S: Store> AdminService for AdminApi<S> {
         request: Request<pb::SetAutoTopUpRequest>,
     ) -> Result<Response<pb::AutoTopUp>, Status> {
         let r = request.into_inner();
-        let outcome = self
-            .app()?
+        let app = self.app()?;
+        convert::check_top_up(&r)?;
+        let outcome = app
             .set_top_up(
                 r.account_id,
                 r.enabled,

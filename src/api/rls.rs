@@ -40,6 +40,12 @@ fn unit(unit: RlsUnit) -> Unit {
     }
 }
 
+/// More hits than any limit holds (a rule's limit is a `u32`): a descriptor asking for more is
+/// over whatever it is counted against, and is answered the same with its hits capped here. The
+/// cap keeps the sum of a request's hits far from overflowing, and within what the Redis store's
+/// scripts compute exactly.
+const MAX_HITS: u64 = u32::MAX as u64 + 1;
+
 fn saturating_u32(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -103,7 +109,7 @@ impl<S: Store> rls::rate_limit_service_server::RateLimitService for RlsApi<S> {
             .into_iter()
             .map(|d| RlsDescriptor {
                 entries: d.entries.into_iter().map(|e| (e.key, e.value)).collect(),
-                hits: d.hits_addend,
+                hits: d.hits_addend.map(|hits| hits.min(MAX_HITS)),
             })
             .collect();
         let app = ready(&self.app)?;
