@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Checks of the quotad Helm chart, offline.
 
-Lints the chart, renders it for both modes and for every values file in helm/quotad/examples,
+Lints the chart, renders it for both modes (and standalone for the embedded store with and
+without its data volume, and for Redis) and for every values file in helm/quotad/examples,
 validates every manifest against the Kubernetes OpenAPI schemas (kubernetes-validate, strict, a
 fixed Kubernetes version; the ServiceMonitor and PrometheusRule, which are CRDs, against small
 schemas of their own), checks the properties the chart promises (among them that the Grafana
@@ -50,6 +51,8 @@ CONFIG_PATH = f"{CONFIG_DIR}/quotad.toml"
 DASHBOARD = CHART / "dashboards" / "quotad.json"
 ALERTS = CHART / "alerts" / "quotad.rules.yaml"
 TLS_DIR = "/etc/quotad/tls"
+# The embedded store's volume: the StatefulSet's claim template, or the existing claim's volume.
+DATA_VOLUME = "quotad-data"
 NONROOT_UID = 65532
 
 # kubernetes-validate reads its (large) schema files again for every object; read each once.
@@ -278,6 +281,29 @@ def pod_specs(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], d
             yield o, o["spec"]["template"]
 
 
+def component(objects: list[dict[str, Any]], kind: str, name: str) -> list[dict[str, Any]]:
+    """Objects of a kind labelled app.kubernetes.io/component=name (the quotad server: "server",
+    the bundled Redis: "redis")."""
+    return [
+        o
+        for o in of_kind(objects, kind)
+        if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == name
+    ]
+
+
+def server_workloads(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The standalone quotad server: a Deployment, or a StatefulSet with a data dir."""
+    return component(objects, "Deployment", "server") + component(objects, "StatefulSet", "server")
+
+
+def is_persistent(merged: dict[str, Any]) -> bool:
+    """Whether the chart should keep the embedded store on a volume: standalone mode, no Redis,
+    persistence.enabled."""
+    redis = merged["redis"]
+    on_redis = bool(redis["url"] or redis["clusterNodes"] or redis["bundled"]["enabled"])
+    return merged["mode"] == "standalone" and not on_redis and merged["persistence"]["enabled"]
+
+
 def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
     spec = pod["spec"]
     return list(spec.get("initContainers", [])) + list(spec.get("containers", []))
@@ -346,6 +372,99 @@ def secret_values(values: dict[str, Any]) -> list[str]:
     return [str(r["value"]) for r in refs if isinstance(r, dict) and r.get("value")]
 
 
+def check_data_volume(
+    objects: list[dict[str, Any]],
+    workload: dict[str, Any],
+    merged: dict[str, Any],
+    persistent: bool,
+) -> None:
+    """The embedded store's data dir. With persistence: a StatefulSet of one replica that rolls by
+    stopping the old pod first, mounting a claim (its own volumeClaimTemplate, or
+    persistence.existingClaim) writable by uid 65532 at persistence.mountPath, which quotad.toml
+    names as store.data_dir, behind a headless governing Service. Without: no claim at all, and
+    on the embedded store a Deployment that never runs two pods side by side."""
+    p = merged["persistence"]
+    spec = workload["spec"]
+    name = f"{workload['kind']}/{workload['metadata']['name']}"
+    pod = spec["template"]
+    c = quotad_container(pod)
+    assert c is not None
+    mounts = [m for m in c.get("volumeMounts", []) if m["name"] == DATA_VOLUME]
+    templates = spec.get("volumeClaimTemplates", [])
+    claim_volumes = [v for v in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in v]
+    if not persistent:
+        check(
+            not mounts and not templates and not claim_volumes,
+            f"{name}: a data volume without persistence",
+        )
+        _, config = config_of(objects)
+        if config["store"]["kind"] == "memory":
+            strategy = spec.get("strategy", {}).get("type")
+            check(strategy == "Recreate", f"{name}: strategy {strategy}, want Recreate")
+        return
+    check(
+        spec.get("replicas") == merged["replicas"] <= 1,
+        f"{name}: replicas {spec.get('replicas')}, want at most 1 (a single writer)",
+    )
+    check(
+        spec.get("podManagementPolicy", "OrderedReady") == "OrderedReady"
+        and spec.get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate",
+        f"{name}: an OrderedReady RollingUpdate (the old pod stops before the new one starts)",
+    )
+    check(len(mounts) == 1, f"{name}: {len(mounts)} mounts of {DATA_VOLUME}, want 1")
+    mount = mounts[0]
+    check(
+        mount["mountPath"] == p["mountPath"],
+        f"{name}: {DATA_VOLUME} mounted at {mount['mountPath']}, want {p['mountPath']}",
+    )
+    check(
+        not mount.get("readOnly") and "subPath" not in mount,
+        f"{name}: {DATA_VOLUME} must be mounted writable, whole",
+    )
+    _, config = config_of(objects)
+    check(
+        config["store"].get("data_dir") == mount["mountPath"],
+        f"store.data_dir {config['store'].get('data_dir')!r} is not where the volume is mounted",
+    )
+    fs_group = pod["spec"].get("securityContext", {}).get("fsGroup")
+    check(
+        fs_group == (c.get("securityContext") or {}).get("runAsGroup") == NONROOT_UID,
+        f"{name}: fsGroup {fs_group}: the volume must be writable by quotad's group",
+    )
+    if p["existingClaim"]:
+        check(not templates, f"{name}: volumeClaimTemplates beside persistence.existingClaim")
+        volume = [v for v in claim_volumes if v["name"] == DATA_VOLUME]
+        check(
+            volume and volume[0]["persistentVolumeClaim"]["claimName"] == p["existingClaim"],
+            f"{name}: {DATA_VOLUME} is not the claim {p['existingClaim']}",
+        )
+    else:
+        check(not claim_volumes, f"{name}: a claim volume beside volumeClaimTemplates")
+        names = [t["metadata"]["name"] for t in templates]
+        check(names == [DATA_VOLUME], f"{name}: volumeClaimTemplates {names}, want {DATA_VOLUME}")
+        claim = templates[0]["spec"]
+        check(claim["accessModes"] == p["accessModes"], f"{name}: accessModes")
+        storage = claim["resources"]["requests"]["storage"]
+        check(storage == p["size"], f"{name}: claim size {storage}, want {p['size']}")
+        want_class = {"": None, "-": ""}.get(p["storageClass"], p["storageClass"])
+        check(
+            claim.get("storageClassName") == want_class,
+            f"{name}: storageClassName {claim.get('storageClassName')!r}, want {want_class!r}",
+        )
+    governing = [
+        s for s in of_kind(objects, "Service") if s["metadata"]["name"] == spec["serviceName"]
+    ]
+    check(
+        governing and governing[0]["spec"].get("clusterIP") == "None",
+        f"{name}: serviceName {spec['serviceName']} must be a headless Service of the chart",
+    )
+    labels = pod["metadata"]["labels"]
+    check(
+        all(labels.get(k) == v for k, v in governing[0]["spec"]["selector"].items()),
+        f"{name}: the headless Service selects no quotad pod",
+    )
+
+
 def check_release(
     objects: list[dict[str, Any]],
     values: dict[str, Any],
@@ -387,6 +506,15 @@ def check_release(
         else:
             url = store.get("redis", {}).get("url", "")
             check(re.match(r"^rediss?://[^@]+$", url), f"store.redis.url {url!r}")
+    persistent = is_persistent(merged)
+    mount_path = merged["persistence"]["mountPath"]
+    if persistent:
+        check(
+            store.get("data_dir") == mount_path,
+            f"store.data_dir {store.get('data_dir')!r}, want persistence.mountPath {mount_path!r}",
+        )
+    else:
+        check("data_dir" not in store, f"store.data_dir {store.get('data_dir')!r} without a volume")
     tls = merged["tls"]
     if tls["enabled"]:
         want = {"cert_file": f"{TLS_DIR}/tls.crt", "key_file": f"{TLS_DIR}/tls.key"}
@@ -406,6 +534,7 @@ def check_release(
     # Pods.
     check_security(objects)
     deployments = of_kind(objects, "Deployment")
+    servers = server_workloads(objects)
     quotad_pods = [(o, p) for o, p in pod_specs(objects) if quotad_container(p)]
     for owner, pod in quotad_pods:
         name = f"{owner['kind']}/{owner['metadata']['name']}"
@@ -415,8 +544,12 @@ def check_release(
         check(env.get("QUOTAD_CONFIG", {}).get("value") == CONFIG_PATH, f"{name}: QUOTAD_CONFIG")
         mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        claims = {t["metadata"]["name"]: t for t in owner["spec"].get("volumeClaimTemplates", [])}
         for m in c.get("volumeMounts", []):
-            check(m["name"] in volumes, f"{name}: mount {m['name']} has no volume")
+            check(
+                m["name"] in volumes or m["name"] in claims,
+                f"{name}: mount {m['name']} has no volume",
+            )
         mount = mounts.get(CONFIG_DIR, {})
         check(
             mount.get("readOnly") and "subPath" not in mount,
@@ -489,9 +622,15 @@ def check_release(
             )
 
     if mode == "standalone":
-        check(len(deployments) == 1, f"{len(deployments)} Deployments, want 1")
-        check(len(quotad_pods) == 1, "the Deployment must run quotad")
-        dep = deployments[0]
+        check(len(servers) == 1, f"{len(servers)} quotad Deployments and StatefulSets, want 1")
+        check(len(quotad_pods) == 1, "the server must run quotad")
+        dep = servers[0]
+        workload = "StatefulSet" if persistent else "Deployment"
+        check(
+            dep["kind"] == workload,
+            f"quotad runs as a {dep['kind']}, want a {workload} (persistent: {persistent})",
+        )
+        check_data_volume(objects, dep, merged, persistent)
         services = [s for s in of_kind(objects, "Service") if s["spec"].get("clusterIP") != "None"]
         check(len(services) == 1, f"{len(services)} Services, want 1")
         service_ports = {p["name"]: p["port"] for p in services[0]["spec"]["ports"]}
@@ -514,11 +653,17 @@ def check_release(
             check(metric["resource"]["name"] == "cpu", "HPA must scale on CPU")
         else:
             check(not hpas and dep["spec"]["replicas"] == merged["replicas"], "replicas")
-        check(
-            bool(of_kind(objects, "PodDisruptionBudget"))
-            == merged["podDisruptionBudget"]["enabled"],
-            "PodDisruptionBudget",
-        )
+        pdbs = of_kind(objects, "PodDisruptionBudget")
+        check(bool(pdbs) == merged["podDisruptionBudget"]["enabled"], "PodDisruptionBudget")
+        for pdb in pdbs:
+            # One replica on the embedded store: a pod that is not ready must stay evictable, or
+            # it holds its node's drain for good.
+            policy = pdb["spec"].get("unhealthyPodEvictionPolicy")
+            want_policy = "AlwaysAllow" if want_kind == "memory" else None
+            check(
+                policy == want_policy,
+                f"PDB unhealthyPodEvictionPolicy {policy}, want {want_policy}",
+            )
         monitors = of_kind(objects, "ServiceMonitor")
         check(len(monitors) == int(merged["serviceMonitor"]["enabled"]), "ServiceMonitor")
         for m in monitors:
@@ -550,6 +695,14 @@ def check_release(
     else:
         # Sidecar mode: no quotad Deployment; only the example frontend, when asked for.
         example = merged["sidecar"]["example"]["enabled"]
+        check(not servers, "a quotad Deployment or StatefulSet in sidecar mode")
+        for _, pod in quotad_pods:
+            c = quotad_container(pod)
+            assert c is not None
+            check(
+                all(m["name"] != DATA_VOLUME for m in c.get("volumeMounts", [])),
+                "the sidecar mounts a data volume (its pod is the frontend's)",
+            )
         check(
             not of_kind(objects, "Service") or redis["bundled"]["enabled"],
             "a quotad Service in sidecar mode",
@@ -592,7 +745,12 @@ def check_release(
     check_monitoring(objects, merged, namespace)
 
     # Bundled Redis.
-    sets = of_kind(objects, "StatefulSet")
+    sets = component(objects, "StatefulSet", "redis")
+    check(
+        len(of_kind(objects, "StatefulSet"))
+        == len(sets) + len(component(objects, "StatefulSet", "server")),
+        "a StatefulSet that is neither quotad's nor the bundled Redis",
+    )
     check(len(sets) == int(redis["bundled"]["enabled"]), "the bundled Redis StatefulSet")
     for sts in sets:
         c = sts["spec"]["template"]["spec"]["containers"][0]
@@ -700,7 +858,9 @@ class Checks:
         self.chart = helm.Chart.load(CHART)
         self.write_configs = write_configs
 
-    def release(self, label: str, values: dict[str, Any], name: str = "quotad") -> None:
+    def release(
+        self, label: str, values: dict[str, Any], name: str = "quotad"
+    ) -> list[dict[str, Any]]:
         objects = render(self.chart, values, name=name)
         self.report.renders += 1
         for o in objects:
@@ -710,6 +870,7 @@ class Checks:
         if self.write_configs is not None:
             text, _ = config_of(objects)
             (self.write_configs / f"{label}.toml").write_text(text)
+        return objects
 
     def lint(self) -> None:
         for values in [None] + [load_values(p) for p in sorted(EXAMPLES.glob("*.yaml"))]:
@@ -761,10 +922,10 @@ class Checks:
 
             def rendered(values: dict[str, Any]) -> tuple[dict[str, Any], str]:
                 objects = render(self.chart, {**mode_values, **values})
-                deployments = of_kind(objects, "Deployment")
-                check(len(deployments) == 1, f"{mode}: one Deployment")
+                pods = [pod for _, pod in pod_specs(objects) if quotad_container(pod)]
+                check(len(pods) == 1, f"{mode}: one workload runs quotad")
                 text, _ = config_of(objects)
-                return deployments[0]["spec"]["template"], text
+                return pods[0], text
 
             base_pod, base_text = rendered({})
             check(rendered({}) == (base_pod, base_text), f"{mode}: rendering must be stable")
@@ -790,6 +951,110 @@ class Checks:
                 != base_pod["metadata"]["annotations"].get(f"{key}-secret"),
                 f"{mode}: a new secret value must change {key}-secret",
             )
+
+    def notes(self, values: dict[str, Any]) -> str:
+        files = self.chart.render(values, name="quotad", namespace="quotad", is_install=True)
+        found = [text for path, text in files.items() if path.endswith("NOTES.txt")]
+        check(len(found) == 1, "NOTES.txt")
+        return found[0]
+
+    def persistence(self) -> None:
+        """The embedded store's data dir: on a claim by default (a StatefulSet), gone with
+        persistence off (the old Deployment), untouched on Redis; NOTES.txt says what a restart
+        keeps. check_release and check_data_volume check each release in detail."""
+
+        def server(objects: list[dict[str, Any]]) -> dict[str, Any]:
+            found = server_workloads(objects)
+            check(len(found) == 1, f"{len(found)} quotad workloads, want 1")
+            return found[0]
+
+        # Embedded, the defaults: a StatefulSet whose claim is mounted where quotad.toml puts
+        # the data dir.
+        objects = render(self.chart, {})
+        sts = server(objects)
+        check(sts["kind"] == "StatefulSet", f"embedded store, defaults: a {sts['kind']}")
+        c = quotad_container(sts["spec"]["template"])
+        assert c is not None
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        _, config = config_of(objects)
+        check(
+            config["store"] == {"kind": "memory", "data_dir": "/var/lib/quotad"}
+            and mounts.get(DATA_VOLUME) == "/var/lib/quotad",
+            f"embedded store, defaults: store {config['store']}, mounts {mounts}",
+        )
+        notes = self.notes({})
+        check(
+            "Everything" in notes
+            and "/var/lib/quotad" in notes
+            and "quotad-data-quotad-0" in notes,
+            f"NOTES.txt must say that the embedded store's data survives, and where:\n{notes}",
+        )
+
+        # The volume's shape, another mount path, a pre-bound volume, an existing claim.
+        custom = {
+            "persistence": {
+                "size": "5Gi",
+                "storageClass": "fast-ssd",
+                "accessModes": ["ReadWriteOncePod"],
+                "mountPath": "/data/quotad",
+            }
+        }
+        objects = self.release("embedded-custom-volume", custom)
+        _, config = config_of(objects)
+        check(config["store"].get("data_dir") == "/data/quotad", "data_dir follows mountPath")
+        self.release("embedded-prebound-volume", {"persistence": {"storageClass": "-"}})
+        claim = {"persistence": {"existingClaim": "quotad-balances"}}
+        objects = self.release("embedded-existing-claim", claim)
+        check(
+            "volumeClaimTemplates" not in server(objects)["spec"],
+            "existingClaim: no claim template",
+        )
+        check("quotad-balances" in self.notes(claim), "NOTES.txt names the existing claim")
+        # A new data dir is a restart: the pod template changes (checksum and mount alike).
+        base = server(render(self.chart, {}))["spec"]["template"]["metadata"]["annotations"]
+        moved = server(render(self.chart, custom))["spec"]["template"]["metadata"]["annotations"]
+        check(base["checksum/config"] != moved["checksum/config"], "a new data dir rolls the pod")
+
+        # Persistence off: the Deployment as before, no claim, and NOTES.txt warns.
+        off = {"persistence": {"enabled": False}}
+        objects = self.release("embedded-no-persistence", off)
+        dep = server(objects)
+        check(dep["kind"] == "Deployment", f"persistence off: a {dep['kind']}")
+        check(
+            not of_kind(objects, "StatefulSet") and not of_kind(objects, "PersistentVolumeClaim"),
+            "persistence off: no StatefulSet, no claim",
+        )
+        notes = self.notes(off)
+        check(
+            "WARNING: nothing" in notes and "restarts" in notes,
+            f"NOTES.txt must warn that nothing survives a restart:\n{notes}",
+        )
+
+        # Redis: the Deployment, whatever persistence says.
+        for label, redis in (
+            ("redis-url", {"url": "redis://redis.example:6379"}),
+            ("redis-bundled", {"bundled": {"enabled": True}}),
+        ):
+            on = self.release(f"{label}-persistence-ignored", {"redis": redis, "replicas": 2})
+            without = render(self.chart, {"redis": redis, "replicas": 2, **off})
+            check(server(on)["kind"] == "Deployment", f"{label}: a Deployment")
+            check(
+                [strip(o) for o in on] == [strip(o) for o in without],
+                f"{label}: persistence must not change what the chart renders on Redis",
+            )
+            check(
+                all(
+                    o["spec"].get("volumeClaimTemplates") is None
+                    for o in component(on, "StatefulSet", "server")
+                ),
+                f"{label}: no quotad claim",
+            )
+            notes = self.notes({"redis": redis})
+            check("state in Redis" in notes, f"NOTES.txt, Redis: {notes}")
+
+        # Sidecar mode: the frontend owns the pod, so no data dir, and NOTES.txt warns.
+        notes = self.notes({"mode": "sidecar"})
+        check("WARNING: nothing" in notes, f"NOTES.txt, sidecar on the embedded store: {notes}")
 
     def monitoring(self) -> None:
         """The dashboard and the alerts, with every value that shapes them, in both modes."""
@@ -1080,6 +1345,7 @@ def main() -> int:
         ),
     )
     checks.examples()
+    report.run("the embedded store's data dir and what a restart keeps", checks.persistence)
     report.run("only settings quotad cannot reload roll the pods", checks.config_rolls)
     report.run("Grafana dashboard and PrometheusRule", checks.monitoring)
     report.run("the dashboard's and the alerts' PromQL parses", checks.promql)

@@ -1,6 +1,6 @@
 {{/*
 quotad.toml, rendered from .Values.config plus what the chart decides (listeners, log format,
-store, TLS files).
+store and its data dir, TLS files).
 
 Helm's own toToml is not used: Helm reads every number in a values file as a float, and toToml
 writes 500000000 as 5e+08, which quotad (integer fields) rejects. "quotad.toml.table" writes
@@ -97,6 +97,10 @@ the two equal). */}}
 {{- $_ := set $redis "url" (include "quotad.redisUrl" .) -}}
 {{- end -}}
 {{- $_ := set $store "redis" $redis -}}
+{{- end -}}
+{{- if include "quotad.persistent" . -}}
+{{- /* The embedded store writes every acknowledged change here and reloads it at start. */ -}}
+{{- $_ := set $store "data_dir" $v.persistence.mountPath -}}
 {{- end -}}
 {{- $_ := set $config "store" $store -}}
 {{- if $v.tls.enabled -}}

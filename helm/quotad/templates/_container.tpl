@@ -1,6 +1,8 @@
 {{/*
-The quotad container, shared by the standalone Deployment and the sidecar templates.
-Takes (dict "ctx" CONTEXT "portPrefix" "" "native" false), CONTEXT as in "quotad.resolve".
+The quotad container, shared by the standalone Deployment or StatefulSet and the sidecar
+templates. Takes (dict "ctx" CONTEXT "portPrefix" "" "native" false "persistent" false), CONTEXT
+as in "quotad.resolve"; persistent mounts the volume quotad-data at persistence.mountPath (the
+embedded store's data dir, which only the StatefulSet has).
 */}}
 {{- define "quotad.container" -}}
 {{- $ctx := .ctx -}}
@@ -137,6 +139,11 @@ Takes (dict "ctx" CONTEXT "portPrefix" "" "native" false), CONTEXT as in "quotad
     {{- end }}
     - name: quotad-tmp
       mountPath: /tmp
+    {{- if .persistent }}
+    # store.data_dir: writable although the root filesystem is read-only.
+    - name: quotad-data
+      mountPath: {{ $v.persistence.mountPath }}
+    {{- end }}
     {{- with $v.extraVolumeMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -207,7 +214,7 @@ initContainers when sidecar.native is true). Call with the parent chart's root c
 {{- $ctx := dict -}}
 {{- include "quotad.resolve" (list . $ctx) -}}
 {{- include "quotad.checks" $ctx -}}
-{{- include "quotad.container" (dict "ctx" $ctx "portPrefix" "quotad-" "native" $ctx.Values.sidecar.native) }}
+{{- include "quotad.container" (dict "ctx" $ctx "portPrefix" "quotad-" "native" $ctx.Values.sidecar.native "persistent" false) }}
 {{- end -}}
 
 {{/* quotad.sidecarVolumes: the volumes the sidecar mounts, as items of the pod's volumes list. */}}

@@ -59,6 +59,7 @@ Use: {{- $ctx := dict -}}{{- include "quotad.resolve" (list . $ctx) -}}
 {{- define "quotad.redisName" -}}{{ include "quotad.fullname" . | trunc 57 | trimSuffix "-" }}-redis{{- end -}}
 {{- define "quotad.dashboardName" -}}{{ include "quotad.fullname" . | trunc 53 | trimSuffix "-" }}-dashboard{{- end -}}
 {{- define "quotad.exampleName" -}}{{ include "quotad.fullname" . | trunc 46 | trimSuffix "-" }}-example-frontend{{- end -}}
+{{- define "quotad.headlessName" -}}{{ include "quotad.fullname" . | trunc 54 | trimSuffix "-" }}-headless{{- end -}}
 
 {{/* Labels of every object; needs this chart's root context. */}}
 {{- define "quotad.labels" -}}
@@ -141,6 +142,15 @@ seccompProfile:
 {{- if or $external $r.bundled.enabled -}}redis{{- else -}}memory{{- end -}}
 {{- end -}}
 
+{{/*
+"true" when quotad keeps the embedded store on a volume (store.data_dir): standalone mode, no
+Redis, persistence.enabled. Empty otherwise: on Redis the state lives in Redis, and in sidecar
+mode the pod (and so any volume) belongs to the frontend's chart.
+*/}}
+{{- define "quotad.persistent" -}}
+{{- if and (eq .Values.mode "standalone") (eq (include "quotad.storeKind" .) "memory") .Values.persistence.enabled -}}true{{- end -}}
+{{- end -}}
+
 {{/* The Redis URL quotad uses (the bundled one when enabled). */}}
 {{- define "quotad.redisUrl" -}}
 {{- if .Values.redis.bundled.enabled -}}
@@ -169,11 +179,26 @@ gets the scheme's usual port (443 for https, 80 for http) or DEFAULT.
 {{- define "quotad.checks" -}}
 {{- $kind := include "quotad.storeKind" . -}}
 {{- if and (eq .Values.mode "standalone") (eq $kind "memory") -}}
+{{- /* The embedded store has a single writer: one quotad process owns the state, and with a
+data dir the database's lock file refuses a second process. A second replica would either
+keep a state of its own (no data dir) or fail to start (same volume). */ -}}
 {{- if .Values.autoscaling.enabled -}}
-{{- fail "quotad: autoscaling needs Redis: the memory store lives in one process, so it runs a single replica. Set redis.url or redis.bundled.enabled, or turn autoscaling off" -}}
+{{- fail "quotad: autoscaling needs Redis: without it quotad keeps its state in the embedded store, which has a single writer (one process owns it and its data dir), so it runs one replica. Set redis.url or redis.bundled.enabled, or turn autoscaling off" -}}
 {{- end -}}
 {{- if gt (int .Values.replicas) 1 -}}
-{{- fail (printf "quotad: replicas is %d, but the memory store lives in one process and runs a single replica. Set redis.url or redis.bundled.enabled, or replicas: 1" (int .Values.replicas)) -}}
+{{- fail (printf "quotad: replicas is %d, but the embedded store has a single writer (one quotad process owns it and its data dir), so it runs one replica. Set redis.url or redis.bundled.enabled for more, or replicas: 1" (int .Values.replicas)) -}}
+{{- end -}}
+{{- $pdb := .Values.podDisruptionBudget -}}
+{{- $min := toString $pdb.minAvailable -}}
+{{- $none := ternary (regexMatch "^0+%?$" (toString $pdb.maxUnavailable)) (not (regexMatch "^0+%?$" $min)) (eq $min "") -}}
+{{- if and $pdb.enabled $none -}}
+{{- fail "quotad: the podDisruptionBudget allows no disruption of the embedded store's single replica, so it would block every node drain for good. Keep maxUnavailable: 1 with minAvailable \"\", or set podDisruptionBudget.enabled: false" -}}
+{{- end -}}
+{{- end -}}
+{{- if include "quotad.persistent" . -}}
+{{- $path := .Values.persistence.mountPath -}}
+{{- if or (eq $path "/") (eq $path "/tmp") (hasPrefix "/tmp/" $path) (eq $path "/etc/quotad") (hasPrefix "/etc/quotad/" $path) -}}
+{{- fail (printf "quotad: persistence.mountPath %q would cover or share a directory the chart mounts itself (/tmp, /etc/quotad/config, /etc/quotad/tls): use a directory of its own, such as /var/lib/quotad" $path) -}}
 {{- end -}}
 {{- end -}}
 {{- if and .Values.sidecar.example.enabled (ne .Values.mode "sidecar") -}}
