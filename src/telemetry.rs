@@ -61,8 +61,11 @@ impl Telemetry {
     /// Installs the global subscriber, propagator and meter provider; call once, early, inside
     /// the Tokio runtime.
     pub fn init(config: &Config) -> Result<Telemetry, TelemetryError> {
-        let filter =
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+        // The embedded database logs its housekeeping (flushes, compactions) at info: only its
+        // warnings and errors belong in quotad's log unless RUST_LOG asks for more.
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new(format!("{},fjall=warn,lsm_tree=warn", config.log_level))
+        });
         let json = match config.log_format {
             LogFormat::Json => true,
             LogFormat::Pretty => false,
