@@ -46,6 +46,9 @@ struct Shared {
     /// Changes queued or being written.
     unflushed: AtomicUsize,
     max_unflushed: usize,
+    /// Held by the writer while it writes a batch (tests hold it to stand for a disk that
+    /// stops answering).
+    writing: Mutex<()>,
     /// Batches written and changes in them, since start.
     batches: AtomicUsize,
     changes: AtomicUsize,
@@ -75,6 +78,7 @@ impl GroupCommit {
             failed: OnceLock::new(),
             unflushed: AtomicUsize::new(0),
             max_unflushed: max_unflushed.max(1),
+            writing: Mutex::new(()),
             batches: AtomicUsize::new(0),
             changes: AtomicUsize::new(0),
         });
@@ -171,6 +175,19 @@ impl GroupCommit {
     }
 }
 
+#[cfg(test)]
+impl GroupCommit {
+    /// Keeps the writer from writing while the guard lives: a disk that stopped answering.
+    pub(super) fn stall(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.shared.writing.lock().unwrap()
+    }
+
+    /// Changes queued or being written.
+    pub(super) fn unflushed(&self) -> usize {
+        self.shared.unflushed.load(Ordering::Relaxed)
+    }
+}
+
 impl Drop for GroupCommit {
     /// Writes what is queued and stops the writer.
     fn drop(&mut self) {
@@ -202,6 +219,7 @@ impl Shared {
                 (std::mem::take(&mut queue.changes), queue.last)
             };
             let count = changes.len();
+            let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
             if self.failed.get().is_none() {
                 let before = counters;
                 if let Err(err) = self.data.write(&changes, &mut counters) {

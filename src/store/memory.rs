@@ -706,6 +706,63 @@ mod tests {
         assert_eq!(store.open_holds(), Some(0));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_disk_that_cannot_keep_up_gets_unavailable_never_an_unbounded_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = DataDirSettings::new(dir.path());
+        settings.max_unflushed = 3;
+        settings.write_timeout = Duration::from_millis(300);
+        let store = Arc::new(
+            MemoryStore::open(LiveRules::fixed(Arc::new(Policy::default())), &settings).unwrap(),
+        );
+        let commits = &store.durable.as_ref().unwrap().commits;
+        let stalled = commits.stall();
+        // The writer takes the first change and stalls on it; two more queue behind it.
+        let waiting: Vec<_> = (0..3)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(
+                    async move { store.reserve(&reserve("a", &format!("q{i}")), T0).await },
+                )
+            })
+            .collect();
+        while commits.unflushed() < 3 {
+            tokio::task::yield_now().await;
+        }
+        // Full: refused at once, before deciding anything.
+        let started = std::time::Instant::now();
+        let refused = store.reserve(&reserve("a", "q9"), T0).await.unwrap_err();
+        assert!(
+            matches!(refused, StoreError::Unavailable(ref m) if m.contains("behind")),
+            "{refused:?}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(100));
+        // The queued ones wait no longer than the write timeout.
+        for call in waiting {
+            let err = call.await.unwrap().unwrap_err();
+            assert!(
+                matches!(err, StoreError::Unavailable(ref m) if m.contains("did not confirm")),
+                "{err:?}"
+            );
+        }
+        drop(stalled);
+        while commits.unflushed() > 0 {
+            tokio::task::yield_now().await;
+        }
+        // Their decisions stand and are written; a retry gets each one's first answer, and the
+        // refused call, never decided, is decided now.
+        for i in 0..3 {
+            let out = store
+                .reserve(&reserve("a", &format!("q{i}")), T0)
+                .await
+                .unwrap();
+            assert!(matches!(out.decision, Decision::Allow { .. }));
+        }
+        assert_eq!(store.open_holds(), Some(3));
+        store.reserve(&reserve("a", "q9"), T0).await.unwrap();
+        assert_eq!(store.open_holds(), Some(4));
+    }
+
     #[test]
     fn a_data_dir_in_use_or_of_another_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
