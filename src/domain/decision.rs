@@ -473,6 +473,14 @@ pub(crate) fn interned<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::E
 }
 
 impl UsageEvent {
+    /// What recording a charge keeps true: numbered from 1, for an amount in range.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.seq == 0 || self.seq > i64::MAX as u64 {
+            return Err(format!("event number {} is out of range", self.seq));
+        }
+        self.charged.check("charged")
+    }
+
     /// The event's unique id, `ACCOUNT:SEQ`, by which export consumers deduplicate. The
     /// sequence number has no `:`, so the id is unique even when account ids contain one.
     pub fn id(&self, account_id: &str) -> String {

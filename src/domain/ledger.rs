@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::money::Micros;
+use super::money::{Micros, check_amount};
 use super::time::Timestamp;
 
 /// Where a lot's credits came from.
@@ -80,6 +80,28 @@ pub struct CreditLot {
 }
 
 impl CreditLot {
+    /// What granting keeps true of a lot: it holds no more than was granted, and it expires
+    /// after it was granted. A lot in the ledger also has credits left (`in_ledger`); a grant's
+    /// record of it may not (its lot may have gone to pay off debt).
+    pub(crate) fn check(&self, in_ledger: bool) -> Result<(), String> {
+        let id = &self.id;
+        check_amount(&format!("lot {id:?}: granted"), self.granted)?;
+        check_amount(&format!("lot {id:?}: remaining"), self.remaining)?;
+        if self.remaining > self.granted {
+            return Err(format!(
+                "lot {id:?}: {} remaining of {} granted",
+                self.remaining, self.granted
+            ));
+        }
+        if in_ledger && self.remaining == 0 {
+            return Err(format!("lot {id:?} is empty"));
+        }
+        if self.expires_at <= self.granted_at {
+            return Err(format!("lot {id:?} expires before it was granted"));
+        }
+        Ok(())
+    }
+
     fn consumption_order(&self, other: &Self) -> Ordering {
         self.expires_at
             .cmp(&other.expires_at)
@@ -130,6 +152,48 @@ impl Ledger {
             revoked: self.revoked,
             balance: self.balance(),
         }
+    }
+
+    /// What the ledger keeps true: sound lots in consumption order, debt only once the lots are
+    /// spent, and the conservation of credits, `granted = balance + spent + expired + revoked`.
+    /// Sums are formed wide, so a forged ledger is refused rather than overflowing.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        for lot in &self.lots {
+            lot.check(true)?;
+        }
+        if let Some(pair) = self
+            .lots
+            .windows(2)
+            .find(|w| w[0].consumption_order(&w[1]) == Ordering::Greater)
+        {
+            return Err(format!(
+                "lot {:?} comes before {:?} but is spent after it",
+                pair[0].id, pair[1].id
+            ));
+        }
+        for (what, amount) in [
+            ("debt", self.debt),
+            ("granted", self.granted),
+            ("spent", self.spent),
+            ("expired", self.expired),
+            ("revoked", self.revoked),
+        ] {
+            check_amount(what, amount)?;
+        }
+        if self.debt > 0 && !self.lots.is_empty() {
+            return Err("in debt while lots have credits left".into());
+        }
+        let remaining: i128 = self.lots.iter().map(|l| i128::from(l.remaining)).sum();
+        let balance = remaining - i128::from(self.debt);
+        let accounted =
+            balance + i128::from(self.spent) + i128::from(self.expired) + i128::from(self.revoked);
+        if accounted != i128::from(self.granted) {
+            return Err(format!(
+                "credits not conserved: granted {} but balance {balance} + spent {} + expired {} + revoked {} = {accounted}",
+                self.granted, self.spent, self.expired, self.revoked
+            ));
+        }
+        Ok(())
     }
 
     /// Removes what is left of lot `id` (a refund or chargeback of its grant); returns how much.

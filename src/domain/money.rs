@@ -38,6 +38,25 @@ impl Funding {
     }
 }
 
+/// Checks an amount read back from storage: never negative, never past
+/// [`MAX_EXACT_MICROS`](crate::domain::account::MAX_EXACT_MICROS), so that the sums the rules form
+/// stay exact (and far from overflow).
+pub(crate) fn check_amount(what: &str, amount: Micros) -> Result<(), String> {
+    let max = crate::domain::account::MAX_EXACT_MICROS;
+    if !(0..=max).contains(&amount) {
+        return Err(format!("{what} is {amount}, outside 0..={max}"));
+    }
+    Ok(())
+}
+
+impl Funding {
+    /// [`check_amount`] for both parts.
+    pub(crate) fn check(self, what: &str) -> Result<(), String> {
+        check_amount(&format!("{what} (plan)"), self.plan)?;
+        check_amount(&format!("{what} (credit)"), self.credit)
+    }
+}
+
 /// Displays micros as a decimal credit amount without rounding: `16000000` → `16`,
 /// `1500` → `0.0015`, `-2500000` → `-2.5`.
 pub struct Credits(pub Micros);

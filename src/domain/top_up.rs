@@ -23,7 +23,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::DomainError;
-use super::money::Micros;
+use super::money::{Micros, check_amount};
 use super::time::{HOUR_MS, Timestamp};
 
 /// What the account asked for. Made by [`TopUpSettings::new`], which checks the request's
@@ -368,6 +368,34 @@ impl TopUp {
                 None
             }
         }
+    }
+
+    /// What the rules keep true, read back from storage: settings of the shape
+    /// [`TopUpSettings::new`] allows (or never set), purchases for something, and counters that
+    /// can still count.
+    /// (Not [`check`](Self::check), the trigger.)
+    pub(crate) fn check_state(&self) -> Result<(), String> {
+        let s = self.settings;
+        if s != TopUpSettings::UNSET
+            && let Err(e) = TopUpSettings::new(s.enabled, s.threshold, s.target, s.monthly_cap)
+        {
+            return Err(format!("settings: {e}"));
+        }
+        if let Some(p) = &self.in_flight {
+            check_amount("the purchase in flight", p.amount)?;
+            if p.amount == 0 || p.id.is_empty() {
+                return Err("the purchase in flight buys nothing".into());
+            }
+        }
+        if let Some(a) = &self.last_attempt {
+            check_amount("the last attempt", a.amount)?;
+        }
+        check_amount("bought this month", self.bought)?;
+        // Both are counted up by one: a value at the top of its range cannot have been reached.
+        if self.consecutive_declines == u32::MAX || self.started > i64::MAX as u64 {
+            return Err("a purchase counter is out of range".into());
+        }
+        Ok(())
     }
 
     /// Whether denials for lack of credits should ask for a new payment method.

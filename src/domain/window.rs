@@ -12,9 +12,9 @@
 
 use std::collections::VecDeque;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use super::money::Micros;
+use super::money::{Micros, check_amount};
 use super::time::{DAY_MS, HOUR_MS, MINUTE_MS, Timestamp};
 
 /// The shape of a window: its name in the API, its length and its bucket size.
@@ -36,32 +36,79 @@ pub const WEEKLY: WindowSpec = WindowSpec {
     bucket_ms: HOUR_MS,
 };
 
-/// Committed usage of one window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Committed usage of one window. Serialized without its spec: whoever stores a window knows
+/// which one it is, and reads it back with [`SlidingWindow::deserialize_as`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlidingWindow {
     /// A reference, not a copy: there are two windows per account, millions of accounts.
-    /// Stored by name, and read back as the same static spec.
-    #[serde(serialize_with = "spec_name", deserialize_with = "spec_named")]
+    #[serde(skip)]
     spec: &'static WindowSpec,
     /// (bucket index, amount), bucket index ascending.
     buckets: VecDeque<(i64, Micros)>,
     total: Micros,
 }
 
-fn spec_name<S: Serializer>(spec: &&'static WindowSpec, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(spec.name)
-}
-
-/// The account windows by name; a stored window of any other shape is refused.
-fn spec_named<'de, D: Deserializer<'de>>(d: D) -> Result<&'static WindowSpec, D::Error> {
-    let name = String::deserialize(d)?;
-    [&FIVE_HOUR, &WEEKLY]
-        .into_iter()
-        .find(|spec| spec.name == name)
-        .ok_or_else(|| serde::de::Error::custom(format!("unknown window {name:?}")))
-}
-
 impl SlidingWindow {
+    /// Reads back a window serialized as `spec`'s; check it before use (`check`).
+    pub fn deserialize_as<'de, D: Deserializer<'de>>(
+        spec: &'static WindowSpec,
+        d: D,
+    ) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename = "SlidingWindow")]
+        struct Stored {
+            buckets: VecDeque<(i64, Micros)>,
+            total: Micros,
+        }
+        let Stored { buckets, total } = Stored::deserialize(d)?;
+        Ok(SlidingWindow {
+            spec,
+            buckets,
+            total,
+        })
+    }
+
+    /// What [`add`](Self::add) and [`advance`](Self::advance) keep true, and what the instants
+    /// they compute need: buckets in ascending order, never more than a window's worth, each
+    /// with usage, summing to the total, at instants that can be computed.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let spec = self.spec;
+        let most = spec.length_ms / spec.bucket_ms + 1;
+        if self.buckets.len() as i64 > most {
+            return Err(format!(
+                "{} buckets, a window holds at most {most}",
+                self.buckets.len()
+            ));
+        }
+        let mut sum: Micros = 0;
+        let mut previous: Option<i64> = None;
+        for &(bucket, amount) in &self.buckets {
+            if previous.is_some_and(|p| p >= bucket) {
+                return Err(format!("bucket {bucket} is out of order"));
+            }
+            previous = Some(bucket);
+            bucket
+                .checked_add(1)
+                .and_then(|b| b.checked_mul(spec.bucket_ms))
+                .and_then(|ms| ms.checked_add(spec.length_ms))
+                .ok_or_else(|| format!("bucket {bucket} is out of range"))?;
+            if amount == 0 {
+                return Err(format!("bucket {bucket} is empty"));
+            }
+            check_amount("a bucket", amount)?;
+            // Cannot overflow: at most a few hundred amounts of at most 2^53 each.
+            sum += amount;
+        }
+        check_amount("the total", self.total)?;
+        if sum != self.total {
+            return Err(format!(
+                "the buckets sum to {sum}, the total says {}",
+                self.total
+            ));
+        }
+        Ok(())
+    }
+
     pub fn new(spec: &'static WindowSpec) -> Self {
         Self {
             spec,

@@ -14,7 +14,7 @@ use crate::domain::decision::{
 };
 use crate::domain::error::DomainError;
 use crate::domain::ledger::{CreditLot, LotSource};
-use crate::domain::money::Micros;
+use crate::domain::money::{Micros, check_amount};
 use crate::domain::policy::Policy;
 use crate::domain::time::Timestamp;
 use crate::domain::top_up::{Purchase, TopUp};
@@ -34,6 +34,22 @@ pub(super) struct GrantRecord {
     lot: CreditLot,
     /// What a revocation took back, once revoked.
     revoked: Option<Micros>,
+}
+
+impl GrantRecord {
+    fn check(&self) -> Result<(), String> {
+        self.lot.check(false)?;
+        if let Some(revoked) = self.revoked {
+            check_amount("revoked", revoked)?;
+            if revoked > self.lot.granted {
+                return Err(format!(
+                    "revoked {revoked} of a grant of {}",
+                    self.lot.granted
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// An account's grants, by grant id (the id of the lot each made).
@@ -71,6 +87,54 @@ pub(super) mod grants_by_id {
 static NO_TOP_UP: std::sync::LazyLock<TopUp> = std::sync::LazyLock::new(TopUp::default);
 
 impl AccountState {
+    /// Every grant record sound and agreeing with the ledger: the grants granted and revoked no
+    /// more than the ledger counts, and each lot in the ledger is what its grant made, less what
+    /// was spent from it since.
+    ///
+    /// (A lot id may appear twice, in a corner: an admin grant whose id is that of a later auto
+    /// top-up purchase, `topup:ACCOUNT:N`, which replaces its record. Such lots are checked as
+    /// lots only.)
+    pub(super) fn check_grants(&self) -> Result<(), String> {
+        let grants = self.grants.as_deref();
+        let (mut granted, mut revoked) = (0i128, 0i128);
+        for (id, record) in grants.into_iter().flatten() {
+            record.check().map_err(|e| format!("grant {id:?}: {e}"))?;
+            if *id != record.lot.id {
+                return Err(format!("grant {id:?} made lot {:?}", record.lot.id));
+            }
+            granted += i128::from(record.lot.granted);
+            revoked += i128::from(record.revoked.unwrap_or(0));
+        }
+        let totals = self.ledger.totals();
+        if granted > i128::from(totals.granted) || revoked > i128::from(totals.revoked) {
+            return Err(format!(
+                "grants add up to {granted} granted and {revoked} revoked, the ledger to {} and {}",
+                totals.granted, totals.revoked
+            ));
+        }
+        let lots = self.ledger.lots();
+        for lot in lots {
+            let Some(record) = grants.and_then(|g| g.get(&lot.id)) else {
+                return Err(format!("lot {:?} has no grant", lot.id));
+            };
+            if lots.iter().filter(|l| l.id == lot.id).count() > 1 {
+                continue;
+            }
+            let made = &record.lot;
+            let same = lot.source == made.source
+                && lot.granted == made.granted
+                && lot.granted_at == made.granted_at
+                && lot.expires_at == made.expires_at;
+            if !same || lot.remaining > made.remaining || record.revoked.is_some() {
+                return Err(format!(
+                    "lot {:?} is not what its grant made (or was revoked)",
+                    lot.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Credits not already spoken for by open holds.
     pub(super) fn credits_available(&self) -> Micros {
         self.ledger.balance() - self.held().credit

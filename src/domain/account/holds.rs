@@ -15,7 +15,7 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::push_compact;
-use crate::domain::money::{Funding, Micros};
+use crate::domain::money::{Funding, Micros, check_amount};
 use crate::domain::pricing::Usage;
 use crate::domain::time::Timestamp;
 
@@ -34,6 +34,51 @@ pub struct Reservation {
     /// Highest cumulative usage committed so far, to record what each commit added.
     pub(super) usage: Usage,
     pub(super) expires_at: Timestamp,
+}
+
+impl Reservation {
+    /// What reserving and committing keep true: amounts in range, and a hold of either nothing
+    /// or the estimate (split between plan and credits).
+    pub(super) fn check(&self) -> Result<(), String> {
+        let id = &self.id;
+        let at = |what: &str| format!("reservation {id:?}: {what}");
+        check_amount(&at("estimate"), self.estimate)?;
+        self.held.check(&at("held"))?;
+        self.charged.check(&at("charged"))?;
+        if self.held.total() > self.estimate {
+            return Err(format!(
+                "reservation {id:?} holds {} for an estimate of {}",
+                self.held.total(),
+                self.estimate
+            ));
+        }
+        if self.ttl_ms < 0 {
+            return Err(at("negative lifetime"));
+        }
+        Ok(())
+    }
+}
+
+impl Closed {
+    pub(super) fn check(&self) -> Result<(), String> {
+        match *self {
+            Closed::Committed {
+                charged,
+                charged_total,
+                ..
+            } => {
+                charged.check("charged")?;
+                charged_total.check("charged in all")?;
+                if charged.plan > charged_total.plan || charged.credit > charged_total.credit {
+                    return Err("the last commit charged more than the whole task".into());
+                }
+                Ok(())
+            }
+            Closed::Released { released } | Closed::Expired { released, .. } => {
+                released.check("released")
+            }
+        }
+    }
 }
 
 /// How a reservation ended; kept to answer retries.
@@ -117,21 +162,13 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Retained<T> {
             entries: VecDeque<(Timestamp, Arc<str>, T)>,
         }
         let Form { first, entries } = Form::deserialize(d)?;
-        // Records are numbered from zero, one at a time: no account makes 2^63 of them, and
-        // numbers near the top would overflow on the next insert.
-        if first > i64::MAX as u64 {
-            return Err(D::Error::custom(format!(
-                "record number {first} is out of range"
-            )));
-        }
         let mut retained = Retained {
-            entries: VecDeque::with_capacity(entries.len()),
+            entries,
             first,
             index: None,
         };
-        // Inserted again in order, so the index (if they are many) is built as it was made.
-        for (at, id, record) in entries {
-            retained.insert(at, id, record);
+        if retained.entries.len() > INDEX_FROM {
+            retained.index = Some(Box::new(retained.build_index()));
         }
         Ok(retained)
     }
@@ -161,12 +198,39 @@ impl<T> Retained<T> {
         }
         push_compact(&mut self.entries, (now, id, record));
         if self.index.is_none() && self.entries.len() > INDEX_FROM {
-            let mut index = HashMap::with_capacity(self.entries.len());
-            for (offset, (_, id, _)) in self.entries.iter().enumerate() {
-                index.insert(id.clone(), self.first + offset as u64);
-            }
-            self.index = Some(Box::new(index));
+            self.index = Some(Box::new(self.build_index()));
         }
+    }
+
+    /// Each id's newest entry. Wrapping: a forged first number is refused by
+    /// [`check`](Self::check), after it was read.
+    fn build_index(&self) -> HashMap<Arc<str>, u64> {
+        let mut index = HashMap::with_capacity(self.entries.len());
+        for (offset, (_, id, _)) in self.entries.iter().enumerate() {
+            index.insert(id.clone(), self.first.wrapping_add(offset as u64));
+        }
+        index
+    }
+
+    /// The records, oldest first.
+    pub(super) fn records(&self) -> impl Iterator<Item = (&Arc<str>, &T)> {
+        self.entries.iter().map(|(_, id, record)| (id, record))
+    }
+
+    pub(super) fn records_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.entries.iter_mut().map(|(_, _, record)| record)
+    }
+
+    /// Checks each record with `check`, and that the numbering can go on: records are numbered
+    /// one at a time from zero, and no account makes 2^63 of them.
+    pub(super) fn check(&self, check: impl Fn(&T) -> Result<(), String>) -> Result<(), String> {
+        if self.first > i64::MAX as u64 {
+            return Err(format!("record number {} is out of range", self.first));
+        }
+        for (_, id, record) in &self.entries {
+            check(record).map_err(|e| format!("{id:?}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Forgets records made at or before `cutoff`.
@@ -234,6 +298,21 @@ impl OpenHolds {
 
     pub(super) fn get(&self, id: &str) -> Option<&Reservation> {
         self.0.as_ref()?.get(id)
+    }
+
+    /// Every reservation sound, and what they hold together in range (the rules add it up).
+    pub(super) fn check(&self) -> Result<(), String> {
+        let mut held = (0i128, 0i128);
+        for r in self.values() {
+            r.check()?;
+            held.0 += i128::from(r.held.plan);
+            held.1 += i128::from(r.held.credit);
+        }
+        let max = i128::from(super::MAX_EXACT_MICROS);
+        if held.0 > max || held.1 > max {
+            return Err(format!("open reservations hold {held:?} in all"));
+        }
+        Ok(())
     }
 
     pub(super) fn insert(&mut self, r: Reservation) {

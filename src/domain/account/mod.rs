@@ -37,7 +37,7 @@ use super::money::{Funding, Micros};
 use super::policy::{Plan, Policy};
 use super::time::{SECOND_MS, Timestamp};
 use super::top_up::{Purchase, TopUp};
-use super::window::{FIVE_HOUR, SlidingWindow, WEEKLY};
+use super::window::{FIVE_HOUR, SlidingWindow, WEEKLY, WindowSpec};
 
 use credits::Grants;
 use holds::{Closed, OpenHolds, Retained};
@@ -54,7 +54,9 @@ pub const MAX_EXACT_MICROS: Micros = (1 << 53) - 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountState {
     account: Account,
+    #[serde(deserialize_with = "five_hour_window")]
     five_hour: SlidingWindow,
+    #[serde(deserialize_with = "weekly_window")]
     weekly: SlidingWindow,
     ledger: Ledger,
     open: OpenHolds,
@@ -71,6 +73,14 @@ pub struct AccountState {
     events: u64,
     /// None until auto top-up is first configured (most accounts never do).
     top_up: Option<Box<TopUp>>,
+}
+
+fn five_hour_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SlidingWindow, D::Error> {
+    SlidingWindow::deserialize_as(&FIVE_HOUR, d)
+}
+
+fn weekly_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SlidingWindow, D::Error> {
+    SlidingWindow::deserialize_as(&WEEKLY, d)
 }
 
 /// Pushes onto a queue that grows by half its length at a time (from one), not by doubling
@@ -107,6 +117,47 @@ impl AccountState {
     /// history in its own table).
     pub fn take_recent(&mut self) -> Vec<UsageEvent> {
         std::mem::take(&mut self.recent).into()
+    }
+
+    /// Whether this state is one the rules could have made, as far as its parts can tell:
+    /// every amount in range, credits conserved, windows and records consistent, counters that
+    /// can still count. For states read back from storage; the error says what is wrong where.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.account.id.is_empty() {
+            return Err("the account has no id".into());
+        }
+        let windows: [(&SlidingWindow, &WindowSpec); 2] =
+            [(&self.five_hour, &FIVE_HOUR), (&self.weekly, &WEEKLY)];
+        for (window, spec) in windows {
+            if window.spec() != *spec {
+                return Err(format!("the {} window has another shape", spec.name));
+            }
+            window
+                .check()
+                .map_err(|e| format!("{} window: {e}", spec.name))?;
+        }
+        self.ledger.check().map_err(|e| format!("ledger: {e}"))?;
+        self.check_grants()?;
+        self.open.check()?;
+        self.closed
+            .check(Closed::check)
+            .map_err(|e| format!("closed reservation {e}"))?;
+        self.requests
+            .check(RequestRecord::check)
+            .map_err(|e| format!("request {e}"))?;
+        // Counted up by one per charge.
+        if self.events > i64::MAX as u64 {
+            return Err(format!("event number {} is out of range", self.events));
+        }
+        for event in &self.recent {
+            event.check()?;
+        }
+        if let Some(top_up) = &self.top_up {
+            top_up
+                .check_state()
+                .map_err(|e| format!("auto top-up: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Open reservations.
@@ -328,6 +379,8 @@ mod tests {
 
                 let t = s.ledger.totals();
                 prop_assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked, "conservation");
+                // What a state read back from storage is checked for holds of every state made.
+                prop_assert_eq!(s.check(), Ok(()));
                 if !is_commit {
                     prop_assert!(after.debt <= before.debt, "only a commit may spend credits that are not there");
                 }

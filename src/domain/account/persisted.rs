@@ -15,12 +15,17 @@
 //! Decoding is a trust boundary: whatever the bytes, it gives a value or a [`DecodeError`],
 //! never a panic and never an allocation a forged length asks for (postcard's lengths are
 //! bounded by the bytes actually there). A payload that parses still has to be a state the
-//! rules could have made, so a corrupt or hand-edited value is refused rather than served
-//! with a wrong balance.
+//! rules could have made (`AccountState::check`: credits conserved, amounts in range, windows
+//! and records consistent), so a corrupt value, or one a buggy writer made, is refused rather
+//! than served with a wrong balance. Neither guard stops someone who rewrites a value
+//! consistently on purpose: the data directory is as trusted as the binary.
 //!
 //! An account's recent usage history is not part of its persisted form: the store keeps
 //! history in its own table (events encoded with [`encode_event`]), taking it from the state
 //! with [`AccountState::take_recent`].
+
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use super::AccountState;
 use crate::domain::decision::UsageEvent;
@@ -64,7 +69,9 @@ pub fn encode_account(state: &AccountState) -> Vec<u8> {
 
 pub fn decode_account(bytes: &[u8]) -> Result<AccountState, DecodeError> {
     let payload = open(bytes, ACCOUNT_MAGIC, "account")?;
-    let state: AccountState = parse(payload)?;
+    let mut state: AccountState = parse(payload)?;
+    state.check().map_err(DecodeError::Invalid)?;
+    state.share_reservation_ids();
     Ok(state)
 }
 
@@ -77,7 +84,27 @@ pub fn encode_event(account_id: &str, event: &UsageEvent) -> Vec<u8> {
 pub fn decode_event(bytes: &[u8]) -> Result<(String, UsageEvent), DecodeError> {
     let payload = open(bytes, EVENT_MAGIC, "usage event")?;
     let (account_id, event): (String, UsageEvent) = parse(payload)?;
+    if account_id.is_empty() {
+        return Err(DecodeError::Invalid("the event names no account".into()));
+    }
+    event.check().map_err(DecodeError::Invalid)?;
     Ok((account_id, event))
+}
+
+impl AccountState {
+    /// Gives each reservation's records one copy of its id again, as they had when made (an
+    /// answer kept for retries names the reservation it made): read back, each has its own.
+    fn share_reservation_ids(&mut self) {
+        let ids: HashSet<Arc<str>> = (self.open.values().map(|r| r.id.clone()))
+            .chain(self.closed.records().map(|(id, _)| id.clone()))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        for record in self.requests.records_mut() {
+            record.share_id(&ids);
+        }
+    }
 }
 
 fn seal(magic: [u8; 2], value: &impl serde::Serialize) -> Vec<u8> {
@@ -139,6 +166,7 @@ fn parse<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, DecodeEr
 
 #[cfg(test)]
 mod tests {
+    use super::super::MAX_EXACT_MICROS;
     use super::super::testing::*;
     use super::*;
     use crate::domain::decision::{
@@ -150,6 +178,9 @@ mod tests {
     use crate::domain::time::{MINUTE_MS, Timestamp};
     use crate::domain::top_up::{PaymentResult, TopUpSettings};
     use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    use serde_json::{Value, json};
 
     /// Plays `ops` on account "a" from `now`, numbering their ids from `first` (auto top-up on
     /// from the start when `top_up`, each purchase answered approved, declined or failed in
@@ -285,6 +316,7 @@ mod tests {
         ) {
             let policy = tight_policy();
             let (mut s, now) = made_by(&ops, top_up);
+            prop_assert_eq!(s.check(), Ok(()));
             let bytes = encode_account(&s);
             let mut back = decode_account(&bytes).unwrap();
             prop_assert!(back.recent.is_empty());
@@ -334,5 +366,382 @@ mod tests {
         assert!(std::sync::Arc::ptr_eq(&a.account.plan, &b.account.plan));
         let model = |s: &AccountState| s.open.values().next().unwrap().usage.model.clone();
         assert!(std::sync::Arc::ptr_eq(&model(&a), &model(&b)));
+    }
+
+    /// Realistic states (and their events) from fixed pseudo-random operation sequences.
+    fn samples() -> Vec<AccountState> {
+        let mut runner = TestRunner::deterministic();
+        let ops = prop::collection::vec(op(), 60..120);
+        (0..6)
+            .map(|n| made_by(&ops.new_tree(&mut runner).unwrap().current(), n % 2 == 0).0)
+            .collect()
+    }
+
+    /// A header and a good checksum around any payload, as if a store had written it.
+    fn sealed(magic: [u8; 2], version: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = magic.to_vec();
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// The state as JSON, changed by `tamper`, read back through serde (no checks) and encoded
+    /// with a good checksum, then decoded.
+    fn tampered(
+        s: &AccountState,
+        tamper: impl FnOnce(&mut Value),
+    ) -> Result<AccountState, DecodeError> {
+        let mut value = serde_json::to_value(s).unwrap();
+        tamper(&mut value);
+        let forged: AccountState = serde_json::from_value(value).unwrap();
+        decode_account(&encode_account(&forged))
+    }
+
+    fn refused(result: Result<AccountState, DecodeError>, says: &str) {
+        match result {
+            Err(DecodeError::Invalid(why)) => assert!(why.contains(says), "{why}"),
+            other => panic!("expected Invalid({says}…), got {other:?}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_are_refused(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+            prop_assert!(decode_account(&bytes).is_err());
+            prop_assert!(decode_event(&bytes).is_err());
+        }
+
+        /// Past a good header, whatever the payload: a clean refusal (or, by a fluke, a state
+        /// that passes every check), never a panic.
+        #[test]
+        fn arbitrary_payloads_never_panic(payload in prop::collection::vec(any::<u8>(), 0..400)) {
+            for result in [
+                decode_account(&sealed(ACCOUNT_MAGIC, FORMAT_VERSION, &payload)).map(|_| ()),
+                decode_event(&sealed(EVENT_MAGIC, FORMAT_VERSION, &payload)).map(|_| ()),
+            ] {
+                prop_assert!(matches!(result, Ok(()) | Err(DecodeError::Malformed(_) | DecodeError::Invalid(_))));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1_500, ..ProptestConfig::default() })]
+
+        /// Real payloads with a few bytes changed and the checksum made good again (what a bug
+        /// in a writer could store): read back as a state that passes every check, or refused.
+        #[test]
+        fn edited_payloads_are_checked_not_trusted(
+            pick in any::<prop::sample::Index>(),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            thread_local!(static SAMPLES: Vec<Vec<u8>> = samples().iter().map(encode_account).collect());
+            let mut payload = SAMPLES.with(|s| s[pick.index(s.len())][HEADER_LEN..].to_vec());
+            for (at, byte) in edits {
+                let at = at.index(payload.len());
+                payload[at] = byte;
+            }
+            if let Ok(state) = decode_account(&sealed(ACCOUNT_MAGIC, FORMAT_VERSION, &payload)) {
+                prop_assert_eq!(state.check(), Ok(()));
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_refused() {
+        let mut events = Vec::new();
+        for mut s in samples() {
+            let bytes = encode_account(&s);
+            for len in 0..bytes.len() {
+                assert!(decode_account(&bytes[..len]).is_err(), "cut at {len}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(matches!(
+                decode_account(&longer),
+                Err(DecodeError::Checksum { .. })
+            ));
+            for bit in 0..bytes.len() * 8 {
+                let mut flipped = bytes.clone();
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                let err = decode_account(&flipped).unwrap_err();
+                let expected = match bit / 8 {
+                    0..2 => matches!(err, DecodeError::WrongKind { .. }),
+                    2..4 => matches!(err, DecodeError::Version { .. }),
+                    _ => matches!(err, DecodeError::Checksum { .. }),
+                };
+                assert!(expected, "bit {bit}: {err}");
+            }
+            events.extend(s.take_recent());
+        }
+        assert!(!events.is_empty());
+        for event in events.iter().step_by(7) {
+            let bytes = encode_event("acct", event);
+            for len in 0..bytes.len() {
+                assert!(decode_event(&bytes[..len]).is_err(), "cut at {len}");
+            }
+            for bit in 0..bytes.len() * 8 {
+                let mut flipped = bytes.clone();
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                assert!(decode_event(&flipped).is_err(), "bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_account_is_not_an_event_nor_the_reverse() {
+        let (mut s, _) = made_by(
+            &[
+                Op::Reserve {
+                    product: 0,
+                    credits: 2,
+                    ttl_min: 9,
+                },
+                Op::Commit {
+                    pick: 0,
+                    credits: 1,
+                    is_final: true,
+                },
+            ],
+            false,
+        );
+        let account = encode_account(&s);
+        let event = encode_event("a", &s.take_recent()[0]);
+        assert!(
+            matches!(decode_event(&account), Err(DecodeError::WrongKind { expected: "usage event", found }) if found == *b"QA")
+        );
+        assert!(matches!(
+            decode_account(&event),
+            Err(DecodeError::WrongKind {
+                expected: "account",
+                ..
+            })
+        ));
+        assert_eq!(
+            decode_account(b"QA\x01"),
+            Err(DecodeError::TooShort {
+                expected: "account",
+                len: 3
+            })
+        );
+    }
+
+    #[test]
+    fn another_format_version_is_named_with_this_one() {
+        let s = &samples()[0];
+        for version in [0, 2, u16::MAX] {
+            let mut bytes = encode_account(s);
+            bytes[2..4].copy_from_slice(&version.to_le_bytes());
+            let err = decode_account(&bytes).unwrap_err();
+            assert_eq!(
+                err,
+                DecodeError::Version {
+                    found: version,
+                    supported: FORMAT_VERSION
+                }
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("reads persisted format {FORMAT_VERSION}"))
+                    && message.contains(&format!("written by format {version}")),
+                "{message}"
+            );
+        }
+        let event = sealed(EVENT_MAGIC, 9, b"");
+        assert!(matches!(
+            decode_event(&event),
+            Err(DecodeError::Version {
+                found: 9,
+                supported: 1
+            })
+        ));
+    }
+
+    #[test]
+    fn a_forged_length_allocates_nothing() {
+        // An account id claiming 2^32 − 1 bytes, then a sequence claiming 2^63: refused for want
+        // of the bytes, before anything that size is made.
+        let mut payload = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
+        payload.extend_from_slice(b"abc");
+        assert!(matches!(
+            decode_account(&sealed(ACCOUNT_MAGIC, 1, &payload)),
+            Err(DecodeError::Malformed(_))
+        ));
+        let (s, _) = made_by(&[], false);
+        let good = encode_account(&s);
+        let mut payload = good[HEADER_LEN..good.len() - 3].to_vec();
+        payload.extend_from_slice(&[0xff; 9]);
+        payload.push(0x7f);
+        assert!(decode_account(&sealed(ACCOUNT_MAGIC, 1, &payload)).is_err());
+    }
+
+    /// The checksum is not the only guard: a payload with a good checksum whose balance, lots,
+    /// windows or holds were changed is refused by the invariant checks.
+    #[test]
+    fn a_good_checksum_does_not_make_a_state_valid() {
+        let s = samples()
+            .into_iter()
+            .find(|s| {
+                !s.ledger.lots().is_empty()
+                    && s.five_hour.committed() > 0
+                    && s.open.len() > 0
+                    && s.requests.records().count() > 0
+            })
+            .expect("a sample with lots, usage and open holds");
+        // Untouched, it reads back.
+        let mut expected = s.clone();
+        expected.take_recent();
+        assert_eq!(tampered(&s, |_| {}), Ok(expected));
+
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/ledger/granted").unwrap() =
+                    json!(v["ledger"]["granted"].as_i64().unwrap() + 1)
+            }),
+            "not conserved",
+        );
+        // More left in a lot than it was granted.
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/ledger/lots/0/remaining").unwrap() =
+                    json!(v["ledger"]["lots"][0]["remaining"].as_i64().unwrap() + 1)
+            }),
+            "remaining of",
+        );
+        // ... even with the totals adjusted to match: the lot is not what its grant made.
+        refused(
+            tampered(&s, |v| {
+                let add = 50 * C;
+                for path in [
+                    "/ledger/lots/0/remaining",
+                    "/ledger/lots/0/granted",
+                    "/ledger/granted",
+                ] {
+                    let at = v.pointer_mut(path).unwrap();
+                    *at = json!(at.as_i64().unwrap() + add);
+                }
+            }),
+            "not what its grant made",
+        );
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/ledger/lots/0/remaining").unwrap() = json!(-1)
+            }),
+            "outside",
+        );
+        refused(
+            tampered(&s, |v| *v.pointer_mut("/ledger/debt").unwrap() = json!(1)),
+            "in debt while lots",
+        );
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/ledger/spent").unwrap() = json!(MAX_EXACT_MICROS + 1)
+            }),
+            "outside",
+        );
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/five_hour/total").unwrap() =
+                    json!(v["five_hour"]["total"].as_i64().unwrap() + 1)
+            }),
+            "buckets sum",
+        );
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/five_hour/buckets/0/0").unwrap() = json!(i64::MAX)
+            }),
+            "out of range",
+        );
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/weekly/buckets").unwrap() =
+                    json!((0..200).map(|b| [b, 1]).collect::<Vec<_>>())
+            }),
+            "buckets, a window holds at most",
+        );
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/open/0/held/credit").unwrap() = json!(-5)
+            }),
+            "outside",
+        );
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/open/0/held/plan").unwrap() = json!(MAX_EXACT_MICROS)
+            }),
+            "for an estimate of",
+        );
+        refused(
+            tampered(&s, |v| {
+                *v.pointer_mut("/requests/first").unwrap() = json!(u64::MAX)
+            }),
+            "out of range",
+        );
+        refused(
+            tampered(&s, |v| *v.pointer_mut("/events").unwrap() = json!(u64::MAX)),
+            "out of range",
+        );
+        refused(
+            tampered(&s, |v| *v.pointer_mut("/account/id").unwrap() = json!("")),
+            "no id",
+        );
+    }
+
+    #[test]
+    fn forged_events_are_refused() {
+        let (mut s, _) = made_by(
+            &[
+                Op::Reserve {
+                    product: 0,
+                    credits: 2,
+                    ttl_min: 9,
+                },
+                Op::Commit {
+                    pick: 0,
+                    credits: 1,
+                    is_final: true,
+                },
+            ],
+            false,
+        );
+        let event = s.take_recent().remove(0);
+        let forge = |tamper: &dyn Fn(&mut Value)| {
+            let mut value = serde_json::to_value(&event).unwrap();
+            tamper(&mut value);
+            encode_event("a", &serde_json::from_value(value).unwrap())
+        };
+        assert!(matches!(
+            decode_event(&forge(&|v| v["seq"] = json!(0))),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode_event(&forge(&|v| v["charged"]["credit"] = json!(-1))),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode_event(&encode_event("", &event)),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_reservation_id_is_shared_again_by_the_request_that_made_it() {
+        let (s, _) = made_by(
+            &[Op::Reserve {
+                product: 0,
+                credits: 2,
+                ttl_min: 30,
+            }],
+            false,
+        );
+        let back = decode_account(&encode_account(&s)).unwrap();
+        let open = back.open.values().next().unwrap().id.clone();
+        assert_eq!(
+            Arc::strong_count(&open),
+            4,
+            "the map's key, the reservation, the request that made it, and this clone"
+        );
     }
 }

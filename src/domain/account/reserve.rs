@@ -8,6 +8,7 @@
 //! under its id (see [`super::holds`]). A commit that charges something is numbered and kept in
 //! the account's bounded recent history.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,7 @@ use crate::domain::decision::{
     ReleaseOutcome, ReserveCommand, ReserveOutcome, UsageEvent,
 };
 use crate::domain::error::DomainError;
-use crate::domain::money::{Funding, Micros};
+use crate::domain::money::{Funding, Micros, check_amount};
 use crate::domain::policy::Policy;
 use crate::domain::pricing::Usage;
 use crate::domain::time::Timestamp;
@@ -31,6 +32,34 @@ pub(super) struct RequestRecord {
     fingerprint: u64,
     decision: Decision,
     estimate: Micros,
+}
+
+impl RequestRecord {
+    /// An allowed request held its estimate, no more.
+    pub(super) fn check(&self) -> Result<(), String> {
+        check_amount("estimate", self.estimate)?;
+        if let Decision::Allow { held, .. } = self.decision {
+            held.check("held")?;
+            if held.total() > self.estimate {
+                return Err(format!(
+                    "held {} for an estimate of {}",
+                    held.total(),
+                    self.estimate
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes an allowed request name its reservation with the copy of the id in `ids`, as the
+    /// request that made it did: read back from storage, each has its own.
+    pub(super) fn share_id(&mut self, ids: &HashSet<Arc<str>>) {
+        if let Decision::Allow { reservation_id, .. } = &mut self.decision
+            && let Some(shared) = ids.get(&**reservation_id)
+        {
+            *reservation_id = shared.clone();
+        }
+    }
 }
 
 impl AccountState {
@@ -359,6 +388,8 @@ mod tests {
                 }
                 let t = s.ledger.totals();
                 prop_assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked, "conservation");
+                // Windows past their limits are still states a store may read back.
+                prop_assert_eq!(s.check(), Ok(()));
             }
         }
     }
