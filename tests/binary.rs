@@ -45,6 +45,8 @@ async fn serves_on_the_logged_address_and_exits_0_on_sigterm() {
         printed.contains("shutting down") && printed.contains("stopped"),
         "{printed}"
     );
+    // The default keeps nothing, and says so.
+    assert!(printed.contains("nothing survives a restart"), "{printed}");
 }
 
 #[test]

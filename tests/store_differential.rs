@@ -526,21 +526,26 @@ async fn run<S: Store>(
     let _: Timestamp = now;
 }
 
+/// `QUOTAD_DIFF_SEED` alone (`only`), or the first `QUOTAD_DIFF_SEEDS` (default 40).
+fn seeds(only: Option<u64>) -> std::ops::RangeInclusive<u64> {
+    let count: u64 = std::env::var("QUOTAD_DIFF_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    only.map_or(1..=count, |s| s..=s)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_scripts_answer_exactly_as_the_rust_rules() {
     let server = tokio::task::spawn_blocking(support::redis::shared_server)
         .await
         .unwrap();
     let policy = Arc::new(policy());
-    let seeds: u64 = std::env::var("QUOTAD_DIFF_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
     let only: Option<u64> = std::env::var("QUOTAD_DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok());
     let mut seen = Seen::default();
-    for seed in only.map_or(1..=seeds, |s| s..=s) {
+    for seed in seeds(only) {
         // Two replicas of one deployment, on the default settings but for the key prefix.
         let prefix = support::redis::fresh_prefix();
         let mut stores = Vec::new();
@@ -588,16 +593,12 @@ async fn redis_scripts_answer_exactly_as_the_rust_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_data_dir_answers_exactly_as_memory_alone() {
     let policy = Arc::new(policy());
-    let seeds: u64 = std::env::var("QUOTAD_DIFF_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
     let only: Option<u64> = std::env::var("QUOTAD_DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok());
     let mut seen = Seen::default();
     let restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    for seed in only.map_or(1..=seeds, |s| s..=s) {
+    for seed in seeds(only) {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = DataDirSettings::new(dir.path());
         // Short, so that the clock's jumps send accounts out of memory often.

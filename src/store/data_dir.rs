@@ -23,12 +23,12 @@
 //! Only [`super::group_commit`] writes accounts, history and the export (one batch, one sync,
 //! per group); export reads and acknowledgements write group state directly.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
+use super::export_log::Group;
 use super::{ExportRead, StoreError};
 use crate::domain::{
     AccountState, ExportedEvent, FORMAT_VERSION, Timestamp, UsageEvent, decode_account,
@@ -359,26 +359,11 @@ impl DataDir {
             None => self.counters()?.export_next,
         };
         let end = self.counters()?.export_next;
-        let mut group = self.group(&read.group)?.unwrap_or(GroupState {
-            next: first,
-            pending: BTreeMap::new(),
-        });
-        group.pending.retain(|&offset, _| offset >= first);
-        group.next = group.next.max(first);
-        let stale_before = now.plus_millis(-read.claim_idle_ms);
-        let mut offsets: Vec<u64> = group
-            .pending
-            .iter()
-            .filter(|&(_, &delivered)| delivered <= stale_before.as_millis())
-            .map(|(&offset, _)| offset)
-            .take(read.max_events)
-            .collect();
-        while offsets.len() < read.max_events && group.next < end {
-            offsets.push(group.next);
-            group.next += 1;
-        }
-        let mut events = Vec::with_capacity(offsets.len());
-        for offset in offsets {
+        let mut group = self
+            .group(&read.group)?
+            .unwrap_or_else(|| Group::starting_at(first));
+        let mut events = Vec::new();
+        for offset in group.deliver(first, end, read, now) {
             let Some(value) = self
                 .export
                 .get(offset.to_be_bytes())
@@ -389,7 +374,6 @@ impl DataDir {
                 continue;
             };
             let (account_id, event) = decode_event(&value).map_err(|e| corrupt("export", e))?;
-            group.pending.insert(offset, now.as_millis());
             events.push(ExportedEvent {
                 delivery_id: offset.to_string(),
                 account_id,
@@ -406,71 +390,58 @@ impl DataDir {
         let Some(mut group) = self.group(group_name)? else {
             return Ok(0);
         };
-        let acked = delivery_ids
-            .iter()
-            .filter_map(|id| id.parse::<u64>().ok())
-            .filter(|offset| group.pending.remove(offset).is_some())
-            .count() as u64;
+        let acked = group.ack(delivery_ids);
         if acked > 0 {
             self.put_group(group_name, &group)?;
         }
         Ok(acked)
     }
 
-    fn group(&self, name: &str) -> Result<Option<GroupState>, StoreError> {
+    fn group(&self, name: &str) -> Result<Option<Group>, StoreError> {
         match self
             .groups
             .get(name)
             .map_err(|e| failed("reading an export group", e))?
         {
             None => Ok(None),
-            Some(bytes) => GroupState::decode(&bytes)
+            Some(bytes) => decode_group(&bytes)
                 .map(Some)
                 .ok_or_else(|| corrupt("export group", "bad length")),
         }
     }
 
-    fn put_group(&self, name: &str, group: &GroupState) -> Result<(), StoreError> {
+    fn put_group(&self, name: &str, group: &Group) -> Result<(), StoreError> {
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
-        batch.insert(&self.groups, name, group.encode());
+        batch.insert(&self.groups, name, encode_group(group));
         batch
             .commit()
             .map_err(|e| failed("writing an export group", e))
     }
 }
 
-/// A consumer group: the next offset never delivered, and what was delivered (offset → when,
-/// in milliseconds) and not yet acknowledged.
-struct GroupState {
-    next: u64,
-    pending: BTreeMap<u64, i64>,
+/// A consumer group on disk: its next offset, then each pending delivery's offset and when it
+/// was delivered (milliseconds), all big endian.
+fn encode_group(group: &Group) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 16 * group.pending.len());
+    out.extend_from_slice(&group.next.to_be_bytes());
+    for (offset, at) in &group.pending {
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&at.as_millis().to_be_bytes());
+    }
+    out
 }
 
-impl GroupState {
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + 16 * self.pending.len());
-        out.extend_from_slice(&self.next.to_be_bytes());
-        for (offset, at) in &self.pending {
-            out.extend_from_slice(&offset.to_be_bytes());
-            out.extend_from_slice(&at.to_be_bytes());
-        }
-        out
+fn decode_group(bytes: &[u8]) -> Option<Group> {
+    let (next, mut rest) = bytes.split_at_checked(8)?;
+    if rest.len() % 16 != 0 {
+        return None;
     }
-
-    fn decode(bytes: &[u8]) -> Option<GroupState> {
-        let (next, mut rest) = bytes.split_at_checked(8)?;
-        if rest.len() % 16 != 0 {
-            return None;
-        }
-        let mut pending = BTreeMap::new();
-        while let Some((entry, tail)) = rest.split_at_checked(16) {
-            let (offset, at) = entry.split_at(8);
-            pending.insert(read_u64(offset)?, read_u64(at)? as i64);
-            rest = tail;
-        }
-        Some(GroupState {
-            next: read_u64(next)?,
-            pending,
-        })
+    let mut group = Group::starting_at(read_u64(next)?);
+    while let Some((entry, tail)) = rest.split_at_checked(16) {
+        let (offset, at) = entry.split_at(8);
+        let at = Timestamp::from_millis(read_u64(at)? as i64);
+        group.pending.insert(read_u64(offset)?, at);
+        rest = tail;
     }
+    Some(group)
 }

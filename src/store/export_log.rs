@@ -26,12 +26,63 @@ struct LogState {
     groups: HashMap<String, Group>,
 }
 
-#[derive(Debug)]
-struct Group {
+/// A consumer group's place in a log: shared with the data dir's export, which keeps the same
+/// state on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Group {
     /// The next offset never delivered to this group.
-    next: u64,
+    pub(super) next: u64,
     /// Delivered, not yet acknowledged: offset -> when last delivered.
-    pending: BTreeMap<u64, Timestamp>,
+    pub(super) pending: BTreeMap<u64, Timestamp>,
+}
+
+impl Group {
+    /// A new group starts at the oldest retained event.
+    pub(super) fn starting_at(first: u64) -> Group {
+        Group {
+            next: first,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// The offsets to deliver now, of a log holding `first..end`: unacknowledged ones idle past
+    /// `claim_idle_ms` first, then new ones; each is marked delivered at `now`.
+    pub(super) fn deliver(
+        &mut self,
+        first: u64,
+        end: u64,
+        read: &ExportRead,
+        now: Timestamp,
+    ) -> Vec<u64> {
+        // Trimmed events can no longer be delivered: like a stream, forget them.
+        self.pending.retain(|&offset, _| offset >= first);
+        self.next = self.next.max(first);
+        let stale_before = now.plus_millis(-read.claim_idle_ms);
+        let mut offsets: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|&(_, &delivered)| delivered <= stale_before)
+            .map(|(&offset, _)| offset)
+            .take(read.max_events)
+            .collect();
+        while offsets.len() < read.max_events && self.next < end {
+            offsets.push(self.next);
+            self.next += 1;
+        }
+        for &offset in &offsets {
+            self.pending.insert(offset, now);
+        }
+        offsets
+    }
+
+    /// Acknowledges deliveries; returns how many were pending. Unknown ids count for nothing.
+    pub(super) fn ack(&mut self, delivery_ids: &[String]) -> u64 {
+        delivery_ids
+            .iter()
+            .filter_map(|id| id.parse::<u64>().ok())
+            .filter(|offset| self.pending.remove(offset).is_some())
+            .count() as u64
+    }
 }
 
 impl Default for ExportLog {
@@ -67,31 +118,14 @@ impl ExportLog {
             groups,
         } = &mut *state;
         let first = *first;
-        let group = groups.entry(read.group.clone()).or_insert_with(|| Group {
-            next: first,
-            pending: BTreeMap::new(),
-        });
-        // Trimmed events can no longer be delivered: like a stream, forget them.
-        group.pending.retain(|&offset, _| offset >= first);
-        group.next = group.next.max(first);
-
-        let stale_before = now.plus_millis(-read.claim_idle_ms);
-        let mut offsets: Vec<u64> = group
-            .pending
-            .iter()
-            .filter(|&(_, &delivered)| delivered <= stale_before)
-            .map(|(&offset, _)| offset)
-            .take(read.max_events)
-            .collect();
+        let group = groups
+            .entry(read.group.clone())
+            .or_insert_with(|| Group::starting_at(first));
         let end = first + entries.len() as u64;
-        while offsets.len() < read.max_events && group.next < end {
-            offsets.push(group.next);
-            group.next += 1;
-        }
-        offsets
+        group
+            .deliver(first, end, read, now)
             .into_iter()
             .map(|offset| {
-                group.pending.insert(offset, now);
                 let (account_id, event) = &entries[(offset - first) as usize];
                 ExportedEvent {
                     delivery_id: offset.to_string(),
@@ -105,14 +139,10 @@ impl ExportLog {
     /// Acknowledges deliveries; returns how many were pending. Unknown ids count for nothing.
     pub fn ack(&self, group: &str, delivery_ids: &[String]) -> u64 {
         let mut state = self.lock();
-        let Some(group) = state.groups.get_mut(group) else {
-            return 0;
-        };
-        delivery_ids
-            .iter()
-            .filter_map(|id| id.parse::<u64>().ok())
-            .filter(|offset| group.pending.remove(offset).is_some())
-            .count() as u64
+        state
+            .groups
+            .get_mut(group)
+            .map_or(0, |group| group.ack(delivery_ids))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {

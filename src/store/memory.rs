@@ -706,6 +706,8 @@ mod tests {
         assert_eq!(store.open_holds(), Some(0));
     }
 
+    // The guard stalls the writer thread, not a task: holding it across awaits is the point.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_disk_that_cannot_keep_up_gets_unavailable_never_an_unbounded_wait() {
         let dir = tempfile::tempdir().unwrap();
