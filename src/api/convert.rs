@@ -9,12 +9,11 @@ use tonic::Status;
 
 use super::pb;
 use crate::app::{CommitRequest, GrantRequest, ReleaseRequest, ReserveRequest};
-use crate::domain::account::MAX_EXACT_MICROS;
 use crate::domain::top_up::AttemptOutcome;
 use crate::domain::{
     Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, Denial, DenyReason,
-    DomainError, ExportedEvent, Funding, GrantOutcome, HoldView, Policy, ReleaseOutcome,
-    ReserveOutcome, Timestamp, TopUpView, Usage, UsageEvent, UsageSnapshot, WindowStatus,
+    ExportedEvent, Funding, GrantOutcome, HoldView, Policy, ReleaseOutcome, ReserveOutcome,
+    Timestamp, TopUpView, Usage, UsageEvent, UsageSnapshot, WindowStatus,
 };
 
 pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
@@ -140,27 +139,6 @@ pub fn account(a: pb::Account, policy: &Policy) -> Account {
         plan,
         credit_purchase_allowed: a.credit_purchase_allowed,
     }
-}
-
-/// Checks what only the edge can: the amounts of a SetAutoTopUp are at most
-/// [`MAX_EXACT_MICROS`], like every amount an account holds. A larger target would start a
-/// purchase that no grant could make (and, near `i64::MAX`, overflow working out its amount);
-/// the application checks the rest (not negative, a target above the threshold).
-pub fn check_top_up(r: &pb::SetAutoTopUpRequest) -> Result<(), Status> {
-    for (field, micros) in [
-        ("threshold_micros", r.threshold_micros),
-        ("target_micros", r.target_micros),
-        ("monthly_cap_micros", r.monthly_cap_micros),
-    ] {
-        if micros > MAX_EXACT_MICROS {
-            return Err(DomainError::invalid(
-                field,
-                format!("must be at most {MAX_EXACT_MICROS}, got {micros}"),
-            )
-            .into());
-        }
-    }
-    Ok(())
 }
 
 impl From<Account> for pb::Account {
@@ -458,45 +436,6 @@ mod tests {
         // The intern table would hold a second reference.
         let unknown = account(asked("not-a-plan-c0ffee"), &policy);
         assert_eq!(Arc::strong_count(&unknown.plan), 1);
-    }
-
-    #[test]
-    fn top_up_amounts_past_max_exact_micros_are_refused() {
-        let ok = pb::SetAutoTopUpRequest {
-            threshold_micros: MAX_EXACT_MICROS,
-            target_micros: MAX_EXACT_MICROS,
-            monthly_cap_micros: MAX_EXACT_MICROS,
-            ..Default::default()
-        };
-        check_top_up(&ok).unwrap();
-        let past = MAX_EXACT_MICROS + 1;
-        for (field, r) in [
-            (
-                "threshold_micros",
-                pb::SetAutoTopUpRequest {
-                    threshold_micros: past,
-                    ..ok.clone()
-                },
-            ),
-            (
-                "target_micros",
-                pb::SetAutoTopUpRequest {
-                    target_micros: past,
-                    ..ok.clone()
-                },
-            ),
-            (
-                "monthly_cap_micros",
-                pb::SetAutoTopUpRequest {
-                    monthly_cap_micros: past,
-                    ..ok.clone()
-                },
-            ),
-        ] {
-            let err = check_top_up(&r).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::InvalidArgument);
-            assert!(err.message().starts_with(&format!("{field}: ")), "{err:?}");
-        }
     }
 
     #[test]

@@ -198,7 +198,6 @@ impl<S: Store> AdminService for AdminApi<S> {
     ) -> Result<Response<pb::AutoTopUp>, Status> {
         let r = request.into_inner();
         let app = self.app()?;
-        convert::check_top_up(&r)?;
         let outcome = app
             .set_top_up(
                 r.account_id,

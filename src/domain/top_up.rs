@@ -22,6 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::account::MAX_EXACT_MICROS;
 use super::error::DomainError;
 use super::money::{Micros, check_amount};
 use super::time::{HOUR_MS, Timestamp};
@@ -58,6 +59,20 @@ impl TopUpSettings {
         target: Micros,
         monthly_cap: Option<Micros>,
     ) -> Result<Self, DomainError> {
+        // Every amount an account holds stays exact; a larger target would start a purchase no
+        // grant could make (and, near `i64::MAX`, overflow working out its amount).
+        for (field, micros) in [
+            ("threshold_micros", threshold),
+            ("target_micros", target),
+            ("monthly_cap_micros", monthly_cap.unwrap_or(0)),
+        ] {
+            if micros > MAX_EXACT_MICROS {
+                return Err(DomainError::invalid(
+                    field,
+                    format!("must be at most {MAX_EXACT_MICROS}, got {micros}"),
+                ));
+            }
+        }
         if threshold < 0 {
             return Err(DomainError::invalid(
                 "threshold_micros",
@@ -580,6 +595,16 @@ mod tests {
             assert!(err.to_string().starts_with(field), "{err}");
         }
         assert!(TopUpSettings::new(false, 0, 1, Some(0)).is_ok());
+        let max = MAX_EXACT_MICROS;
+        assert!(TopUpSettings::new(true, max - 1, max, Some(max)).is_ok());
+        for (threshold, target, cap, field) in [
+            (max + 1, max + 2, None, "threshold_micros: must be at most"),
+            (0, max + 1, None, "target_micros: must be at most"),
+            (0, 1, Some(max + 1), "monthly_cap_micros: must be at most"),
+        ] {
+            let err = TopUpSettings::new(true, threshold, target, cap).unwrap_err();
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
     }
 
     proptest! {

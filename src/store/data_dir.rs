@@ -18,11 +18,20 @@
 //! - `export`: offset (big endian) → account id and charge, the newest `export_max_len` kept;
 //! - `export_groups`: group → its next offset and its pending deliveries;
 //! - `purchases`: account id → when its auto top-up purchase in flight started;
-//! - `meta`: the format version and the counters the store reports without a scan.
+//! - `meta`: the format version, the counters the store reports without a scan, and the number
+//!   of batches written.
+//!
+//! Beside the database, `quotad.mark` holds the number of the last batch fjall confirmed as
+//! synced, rewritten in place after every batch (no sync of its own: it only has to outlive
+//! the process, and after a power loss it can only be behind). fjall drops everything after a
+//! damaged journal entry as if it were a torn tail, even when the damage is in the middle of
+//! the journal and the batches after it were synced and acknowledged. Comparing the batch count
+//! fjall recovered with the mark turns that silent loss into a refusal to start.
 //!
 //! Only [`super::group_commit`] writes accounts, history and the export (one batch, one sync,
 //! per group); export reads and acknowledgements write group state directly.
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -51,6 +60,17 @@ pub enum DataDirError {
         path: PathBuf,
         found: u16,
         supported: u16,
+    },
+    #[error(
+        "data dir {path} recovered {recovered} batches, but quotad had written {written}: its \
+         journal was damaged before its end and the database dropped acknowledged writes while \
+         recovering; restore the data dir from a backup, or remove {mark} to accept the loss"
+    )]
+    Lost {
+        path: PathBuf,
+        mark: PathBuf,
+        recovered: u64,
+        written: u64,
     },
     #[error("data dir {path}: {reason}")]
     Open { path: PathBuf, reason: String },
@@ -101,6 +121,8 @@ pub struct Counters {
     pub open_holds: i64,
     /// The next export offset.
     pub export_next: u64,
+    /// Batches written since the data dir was created.
+    pub batches: u64,
 }
 
 pub struct DataDir {
@@ -112,6 +134,8 @@ pub struct DataDir {
     groups: Keyspace,
     purchases: Keyspace,
     meta: Keyspace,
+    /// `quotad.mark`: the number of the last batch written.
+    mark: std::fs::File,
     /// Export reads and acknowledgements change group state: one at a time.
     export_lock: Mutex<()>,
 }
@@ -125,6 +149,10 @@ impl std::fmt::Debug for DataDir {
 const FORMAT_KEY: &[u8] = b"format";
 const OPEN_HOLDS_KEY: &[u8] = b"open_holds";
 const EXPORT_NEXT_KEY: &[u8] = b"export_next";
+const BATCHES_KEY: &[u8] = b"batches";
+const MARK_FILE: &str = "quotad.mark";
+/// Mixed into the mark's check word, so that a zeroed or foreign file does not read as a mark.
+const MARK_CHECK: u64 = 0x7175_6f74_6164_6d6b;
 const HISTORY_SEPARATOR: u8 = 0xFF;
 
 fn history_key(account_id: &str, seq: u64) -> Vec<u8> {
@@ -145,6 +173,25 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> StoreError {
 
 fn read_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// The mark's bytes: the batch number and a check word.
+fn encode_mark(batches: u64) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    bytes[..8].copy_from_slice(&batches.to_le_bytes());
+    bytes[8..].copy_from_slice(&(batches ^ MARK_CHECK).to_le_bytes());
+    bytes
+}
+
+/// An empty file (created, never written) is no mark; anything else must check out.
+fn decode_mark(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() {
+        return Some(0);
+    }
+    let bytes: &[u8; 16] = bytes.try_into().ok()?;
+    let batches = u64::from_le_bytes(bytes[..8].try_into().ok()?);
+    let check = u64::from_le_bytes(bytes[8..].try_into().ok()?);
+    (check == batches ^ MARK_CHECK).then_some(batches)
 }
 
 impl DataDir {
@@ -170,7 +217,16 @@ impl DataDir {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(|e| open_err(format!("keyspace {name}: {e}")))
         };
+        let mark_path = path.join(MARK_FILE);
+        let mark = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&mark_path)
+            .map_err(|e| open_err(format!("cannot open {}: {e}", mark_path.display())))?;
         let dir = DataDir {
+            mark,
             accounts: keyspace("accounts")?,
             history: keyspace("history")?,
             export: keyspace("export")?,
@@ -214,6 +270,24 @@ impl DataDir {
                 batch.commit().map_err(|e| open_err(e.to_string()))?;
             }
         }
+        let written = std::fs::read(&mark_path)
+            .ok()
+            .and_then(|bytes| decode_mark(&bytes))
+            .ok_or_else(|| {
+                open_err(format!(
+                    "{} is unreadable; remove it to start without the check it makes",
+                    mark_path.display()
+                ))
+            })?;
+        let recovered = dir.counters().map_err(|e| open_err(e.to_string()))?.batches;
+        if recovered < written {
+            return Err(DataDirError::Lost {
+                path: path_buf,
+                mark: mark_path,
+                recovered,
+                written,
+            });
+        }
         Ok(dir)
     }
 
@@ -237,6 +311,7 @@ impl DataDir {
         Ok(Counters {
             open_holds: get(OPEN_HOLDS_KEY)? as i64,
             export_next: get(EXPORT_NEXT_KEY)?,
+            batches: get(BATCHES_KEY)?,
         })
     }
 
@@ -288,7 +363,8 @@ impl DataDir {
         Ok(found)
     }
 
-    /// Writes a group of changes as one atomic batch, synced to disk before it returns.
+    /// Writes a group of changes as one atomic batch, synced to disk before it returns, then
+    /// moves the mark to it.
     pub fn write(&self, changes: &[Change], counters: &mut Counters) -> Result<(), fjall::Error> {
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
         for change in changes {
@@ -339,7 +415,16 @@ impl DataDir {
             EXPORT_NEXT_KEY,
             counters.export_next.to_be_bytes().to_vec(),
         );
-        batch.commit()
+        counters.batches += 1;
+        batch.insert(
+            &self.meta,
+            BATCHES_KEY,
+            counters.batches.to_be_bytes().to_vec(),
+        );
+        batch.commit()?;
+        self.mark
+            .write_all_at(&encode_mark(counters.batches), 0)
+            .map_err(fjall::Error::Io)
     }
 
     /// A consumer group's read of the export, with the semantics of the memory store's
@@ -444,4 +529,57 @@ fn decode_group(bytes: &[u8]) -> Option<Group> {
         rest = tail;
     }
     Some(group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_reads_back_and_a_foreign_one_does_not() {
+        for n in [0, 1, 42, u64::MAX] {
+            assert_eq!(decode_mark(&encode_mark(n)), Some(n));
+        }
+        assert_eq!(decode_mark(&[]), Some(0));
+        assert_eq!(decode_mark(&[0; 16]), None);
+        assert_eq!(decode_mark(&encode_mark(7)[..15]), None);
+    }
+
+    #[test]
+    fn a_mark_ahead_of_what_was_recovered_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(dir.path(), 1 << 20).unwrap();
+        let mut counters = data.counters().unwrap();
+        data.write(&[], &mut counters).unwrap();
+        data.write(&[], &mut counters).unwrap();
+        assert_eq!(data.counters().unwrap().batches, 2);
+        drop(data);
+        // The journal kept both batches: the start goes ahead.
+        drop(DataDir::open(dir.path(), 1 << 20).unwrap());
+
+        // As if a damaged journal had lost the last batch.
+        let mark = dir.path().join(MARK_FILE);
+        std::fs::write(&mark, encode_mark(3)).unwrap();
+        let err = DataDir::open(dir.path(), 1 << 20).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataDirError::Lost {
+                    recovered: 2,
+                    written: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("quotad.mark"), "{err}");
+
+        std::fs::write(&mark, b"not a mark").unwrap();
+        let err = DataDir::open(dir.path(), 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("unreadable"), "{err}");
+
+        std::fs::remove_file(&mark).unwrap();
+        let data = DataDir::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(data.counters().unwrap().batches, 2);
+    }
 }
