@@ -146,6 +146,12 @@ impl std::fmt::Debug for DataDir {
     }
 }
 
+/// Journals fjall keeps before it flushes memtables to make room: what a start replays, so
+/// it bounds start-up time and the disk the journal takes (fjall's default is 512 MiB).
+const JOURNAL_BYTES: u64 = 128 << 20;
+/// Each keyspace's memtable: six of them at fjall's default of 64 MiB would be most of
+/// quotad's memory, for writes that are already durable in the journal.
+const MEMTABLE_BYTES: u64 = 8 << 20;
 const FORMAT_KEY: &[u8] = b"format";
 const OPEN_HOLDS_KEY: &[u8] = b"open_holds";
 const EXPORT_NEXT_KEY: &[u8] = b"export_next";
@@ -206,6 +212,7 @@ impl DataDir {
         std::fs::create_dir_all(path).map_err(|e| open_err(format!("cannot create it: {e}")))?;
         let db = Database::builder(path)
             .cache_size(cache)
+            .max_journaling_size(JOURNAL_BYTES)
             .open()
             .map_err(|e| match e {
                 fjall::Error::Locked => DataDirError::Locked {
@@ -214,8 +221,10 @@ impl DataDir {
                 other => open_err(other.to_string()),
             })?;
         let keyspace = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(|e| open_err(format!("keyspace {name}: {e}")))
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+            .map_err(|e| open_err(format!("keyspace {name}: {e}")))
         };
         let mark_path = path.join(MARK_FILE);
         let mark = std::fs::OpenOptions::new()
