@@ -4,11 +4,22 @@
 #   bench/figures.sh ratios memory   # Reserve+Commit pairs/s and RLS calls/s over health checks/s
 #                                    # (and pairs of health checks: a two-call task's ceiling)
 #   bench/figures.sh ratios redis    # the same on a local redis-server
+#   bench/figures.sh ratios embedded # the same on the memory store with a data dir
+#   bench/figures.sh data-dir        # Reserve+Commit pairs with a data dir over pairs without one
+#                                    # (each beside its server's health-check pairs)
 #   bench/figures.sh latency memory  # p99 Reserve at 1/2, 1/4 and 1/8 of the saturation rate; p99.9
 #                                    # at saturation (the Reserve of Reserve+Commit tasks), beside
 #                                    # health checks at the same calls per second
 #   bench/figures.sh latency redis
+#   bench/figures.sh latency embedded
 #   bench/figures.sh memory          # bytes per account, 1,000,000 accounts (cargo bench --bench memory)
+#   bench/figures.sh week [DIR]      # 1,000,000 accounts, 20 tasks each over a simulated week, on a
+#                                    # data dir (kept at DIR if given): RSS, data dir size, reopening
+#                                    # (cargo bench --bench data_dir)
+#   bench/figures.sh startup DIR     # quotad's start on that data dir: until health answers, and the
+#                                    # first read of an account on disk
+#   bench/figures.sh soak            # 10 minutes at a steady rate with a data dir and short idle
+#                                    # eviction: RSS every 10 s and its slope after the first 2 minutes
 #   bench/figures.sh admission       # ns per decision beside governor and limitador (criterion)
 #   bench/figures.sh redis-cost      # Redis's own instructions per Reserve+Commit pair (callgrind)
 #
@@ -23,7 +34,8 @@ token="bench-admin-token"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# $1: memory|redis. Optional: REDIS_UNDER, a command to run redis-server under, and REDIS_ARGS;
+# $1: memory|redis|embedded (the memory store with a data dir: DATA_DIR, or a new temporary
+# one). Optional: REDIS_UNDER, a command to run redis-server under, and REDIS_ARGS;
 # QUOTAD_ENV, extra NAME=VALUE settings for quotad.
 start_quotad() {
   cargo build --release --quiet --bin quotad --bin quotactl
@@ -38,13 +50,17 @@ start_quotad() {
     for _ in $(seq 150); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
     args+=(--store redis --redis-url "redis://127.0.0.1:$REDIS_PORT")
   fi
+  if [ "$1" = embedded ]; then
+    if [ -z "${DATA_DIR:-}" ]; then TEMP_DIR="$(mktemp -d)"; DATA_DIR="$TEMP_DIR/data"; fi
+    args+=(--data-dir "$DATA_DIR")
+  fi
   # shellcheck disable=SC2086
   env QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN=127.0.0.1:0 QUOTAD_LOG_FORMAT=pretty ${QUOTAD_ENV:-} \
     target/release/quotad "${args[@]}" >/dev/null 2>&1 &
   QUOTAD_PID=$!
   ADDR="http://127.0.0.1:$port"
   for _ in $(seq 300); do
-    target/release/quotactl --addr "$ADDR" bench --workload health --requests 1 --json >/dev/null 2>&1 && return
+    target/release/quotactl --addr "$ADDR" bench --workload health --requests 1 --warmup 0s --json >/dev/null 2>&1 && return
     sleep 0.1
   done
   echo "quotad did not start" >&2; exit 1
@@ -53,6 +69,8 @@ start_quotad() {
 stop() {
   [ -n "${QUOTAD_PID:-}" ] && kill "$QUOTAD_PID" 2>/dev/null && wait "$QUOTAD_PID" 2>/dev/null || true
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null || true
+  if [ -n "${TEMP_DIR:-}" ]; then rm -rf "$TEMP_DIR"; DATA_DIR=""; TEMP_DIR=""; fi
+  QUOTAD_PID=""; REDIS_PID=""
 }
 trap stop EXIT
 
@@ -69,7 +87,7 @@ field() { jq -r "$1"; }
 
 case "${1:-}" in
   ratios)
-    store="${2:?memory or redis}"
+    store="${2:?memory, redis or embedded}"
     start_quotad "$store"
     health="$(bench health)"
     # The ceiling of a two-call task: two health checks, made the way a pair makes its calls.
@@ -91,7 +109,7 @@ case "${1:-}" in
     # at a half, a quarter and an eighth of the saturation rate (open loop: timed from each
     # task's scheduled start), each beside the floor: health checks at the same calls per second
     # (a task is two calls).
-    store="${2:?memory or redis}"
+    store="${2:?memory, redis or embedded}"
     start_quotad "$store"
     saturated="$(bench reserve-commit)"
     max="$(echo "$saturated" | field .ops_per_s)"
@@ -105,6 +123,68 @@ case "${1:-}" in
         "$share" "$rate" "$(echo "$paced" | field .reserve_latency_us.p99)" "$(echo "$paced" | field .reserve_latency_us.p99_9)" \
         "$((rate * 2))" "$(echo "$floor" | field .latency_us.p99)" "$(echo "$floor" | field .latency_us.p99_9)"
     done
+    ;;
+  data-dir)
+    # The memory store without and with a data dir, one after the other; each server's pairs
+    # beside its own health-check pairs, so that a slower stretch of the machine shows.
+    echo "Reserve+Commit pairs, 4 connections, 64 in flight, ${seconds} s each"
+    declare -A pairs
+    for store in memory embedded; do
+      start_quotad "$store"
+      floor="$(bench health-pair | field .ops_per_s)"
+      run="$(bench reserve-commit)"
+      pairs[$store]="$(echo "$run" | field .ops_per_s)"
+      printf '%-9s pairs %8.0f /s  p99 %6s µs   health-check pairs %8.0f /s   pairs / health-check pairs %.2f\n' \
+        "$store" "${pairs[$store]}" "$(echo "$run" | field .latency_us.p99)" "$floor" "$(jq -n "${pairs[$store]} / $floor")"
+      stop
+    done
+    printf 'pairs with a data dir / pairs without: %.2f (goal: at least 0.8)\n' "$(jq -n "${pairs[embedded]} / ${pairs[memory]}")"
+    ;;
+  week)
+    if [ -n "${2:-}" ]; then export BENCH_DATA_DIR="$2"; fi
+    cargo bench --bench data_dir
+    ;;
+  startup)
+    DATA_DIR="${2:?the data dir of a week run: bench/figures.sh week DIR}"
+    [ -d "$DATA_DIR" ] || { echo "no data dir at $DATA_DIR" >&2; exit 1; }
+    cargo build --release --quiet --bin quotad --bin quotactl
+    begin="$(date +%s%N)"
+    start_quotad embedded
+    up="$(date +%s%N)"
+    target/release/quotactl --addr "$ADDR" usage acct-00000042 >/dev/null
+    read_done="$(date +%s%N)"
+    echo "data dir of $(du -sh "$DATA_DIR" | cut -f1): health answered after $(( (up - begin) / 1000000 )) ms (polled every 100 ms);" \
+      "the first read of an account on disk then took $(( (read_done - up) / 1000000 )) ms (one quotactl call)"
+    ;;
+  soak)
+    # A steady rate well under saturation over many accounts, idle accounts leaving memory after
+    # SOAK_EVICT seconds: after that, memory holds the active accounts and fjall's bounded
+    # buffers, so RSS should stop growing while the data dir keeps the history.
+    minutes="${SOAK_MINUTES:-10}"
+    rate="${SOAK_RATE:-2000}"
+    evict="${SOAK_EVICT:-30}"
+    QUOTAD_ENV="QUOTAD_STORE__EMBEDDED__EVICT_IDLE_SECONDS=$evict" start_quotad embedded
+    echo "data dir, $rate pairs/s over 1,000,000 accounts (uniform) for $minutes min, idle accounts evicted after $evict s"
+    samples="$(mktemp)"
+    bench reserve-commit --rate "$rate" --accounts 1000000 --zipf 0 --duration "$((minutes * 60))s" --warmup 0s \
+      --credit-share 0 --over-limit-share 0 >"$samples.run" &
+    load=$!
+    start="$(date +%s)"
+    while kill -0 "$load" 2>/dev/null; do
+      t=$(( $(date +%s) - start ))
+      rss="$(awk '/VmRSS/ {print $2}' "/proc/$QUOTAD_PID/status")"
+      echo "$t $rss" >>"$samples"
+      printf 't %4s s  RSS %6.1f MiB  data dir %s\n' "$t" "$(jq -n "$rss / 1024")" "$(du -sh "$DATA_DIR" | cut -f1)"
+      sleep 10
+    done
+    wait "$load"
+    echo "pairs/s: $(field .ops_per_s <"$samples.run"), p99 $(field .latency_us.p99 <"$samples.run") µs"
+    # Least-squares slope of RSS over time, from the third minute on.
+    awk '$1 >= 120 { n++; sx += $1; sy += $2; sxx += $1*$1; sxy += $1*$2 }
+      END { if (n < 2) { print "too few samples"; exit }
+            slope = (n*sxy - sx*sy) / (n*sxx - sx*sx);
+            printf "RSS slope after 2 min: %.3f MiB per minute over %d samples\n", slope * 60 / 1024, n }' "$samples"
+    rm -f "$samples" "$samples.run"
     ;;
   memory)
     cargo bench --bench memory
@@ -137,7 +217,7 @@ case "${1:-}" in
     echo "Redis instructions per Reserve+Commit pair: $(( (many - few) / 2000 )) (runs of 1,000 and 3,000 pairs: $few and $many)"
     ;;
   *)
-    sed -n '2,15p' "$0"
+    sed -n '2,28p' "$0"
     exit 2
     ;;
 esac

@@ -1267,8 +1267,8 @@ fn writes_of(bytes: &[u8], batches: &[JournalBatch], account: &str) -> Vec<(usiz
 ///
 /// The torn batch here is real: the batch that created `torn-a`, renumbered after the last
 /// one, written where the next batch would go. Cut anywhere, it is dropped and everything
-/// acknowledged is there, unchanged; written whole, it is replayed and `torn-a` is back to how it was created, which shows that the cuts
-/// alone made the difference.
+/// acknowledged is there, unchanged; written whole, it is replayed and `torn-a`'s core is back
+/// to how it was created, which shows that the cuts alone made the difference.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_last_write_is_dropped_on_recovery() {
     let dir = tempfile::tempdir().unwrap();
@@ -1335,7 +1335,9 @@ async fn a_torn_last_write_is_dropped_on_recovery() {
 
     // The whole batch is an old one: replayed, it sets the batch count back to when torn-a was
     // created, below the mark, and quotad takes that for lost batches. Accepting it (removing
-    // the mark) shows the replay.
+    // the mark) shows the replay: torn-a's core is back to how it was created, keeping none of
+    // the records written after it, and the account is refused as corrupt rather than served
+    // from that old core.
     let journal = journals(dir.path()).pop().unwrap();
     write_next(&journal, &batch);
     let refused = run_to_exit(dir.path(), &env, Duration::from_secs(10))
@@ -1348,10 +1350,18 @@ async fn a_torn_last_write_is_dropped_on_recovery() {
     std::fs::remove_file(dir.path().join("quotad.mark")).unwrap();
     let quotad = start(dir.path(), &env).await;
     let mut quota = QuotaServiceClient::connect(quotad.url()).await.unwrap();
-    let replayed = usage_of(&mut quota, "torn-a").await;
+    let replayed = quota
+        .get_usage(pb::GetUsageRequest {
+            account_id: "torn-a".into(),
+            recent_limit: 1,
+        })
+        .await
+        .expect_err("the whole batch is replayed");
     assert!(
-        replayed.credit_balance_micros == 0 && replayed.lots.is_empty(),
-        "the whole batch is replayed: {replayed:?}"
+        replayed.code() == tonic::Code::Internal
+            && replayed.message().contains("corrupt account \"torn-a\"")
+            && replayed.message().contains("records"),
+        "{replayed:?}"
     );
 }
 

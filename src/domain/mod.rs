@@ -20,7 +20,8 @@ pub mod window;
 
 pub use account::AccountState;
 pub use account::persisted::{
-    DecodeError, FORMAT_VERSION, decode_account, decode_event, encode_account, encode_event,
+    AccountWrite, DecodeError, FORMAT_VERSION, RecordKind, RecordValue, decode_account,
+    decode_event, encode_account, encode_account_changes, encode_event,
 };
 pub use decision::*;
 pub use error::DomainError;

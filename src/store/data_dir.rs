@@ -11,7 +11,9 @@
 //! never torn. The database holds a lock file, which keeps a second process off the directory.
 //!
 //! Layout (keyspaces):
-//! - `accounts`: account id → the account's persisted form (`domain::encode_account`);
+//! - `accounts`: account id → the core of the account's persisted form (`domain::persisted`);
+//! - `records`: account id, `0xFF`, record kind, record number (big endian) → a record the
+//!   account keeps for retries; written once when made, deleted when forgotten;
 //! - `history`: account id, `0xFF`, charge number (big endian) → the charge; the newest
 //!   `recent_events` of each account are kept (UTF-8 never contains `0xFF`, so one account's
 //!   prefix never matches another's keys);
@@ -40,8 +42,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use super::export_log::Group;
 use super::{ExportRead, StoreError};
 use crate::domain::{
-    AccountState, ExportedEvent, FORMAT_VERSION, Timestamp, UsageEvent, decode_account,
-    decode_event, encode_account, encode_event,
+    AccountState, AccountWrite, ExportedEvent, FORMAT_VERSION, RecordKind, Timestamp, UsageEvent,
+    decode_account, decode_event, encode_account_changes, encode_event,
 };
 
 /// Why a data dir could not be opened.
@@ -80,8 +82,9 @@ pub enum DataDirError {
 #[derive(Debug)]
 pub struct Change {
     pub account_id: String,
-    /// The account's whole persisted form after the decision.
-    pub state: Vec<u8>,
+    /// The account's core after the decision, and its records made and forgotten since the
+    /// last change.
+    pub state: AccountWrite,
     /// Charges the decision made, oldest first.
     pub events: Vec<UsageEvent>,
     /// How many of the account's charges its history keeps, and how many events the export
@@ -102,10 +105,11 @@ pub enum PurchaseIndex {
 }
 
 impl Change {
-    pub fn new(account_id: &str, state: &AccountState) -> Change {
+    /// What the account changed since its last change was taken (it then counts as written).
+    pub fn new(account_id: &str, state: &mut AccountState) -> Change {
         Change {
             account_id: account_id.to_owned(),
-            state: encode_account(state),
+            state: encode_account_changes(state),
             events: Vec::new(),
             recent_keep: 0,
             export_keep: 0,
@@ -129,6 +133,7 @@ pub struct DataDir {
     path: PathBuf,
     db: Database,
     accounts: Keyspace,
+    records: Keyspace,
     history: Keyspace,
     export: Keyspace,
     groups: Keyspace,
@@ -165,6 +170,15 @@ fn history_key(account_id: &str, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(account_id.len() + 9);
     key.extend_from_slice(account_id.as_bytes());
     key.push(HISTORY_SEPARATOR);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn record_key(account_id: &str, kind: RecordKind, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(account_id.len() + 10);
+    key.extend_from_slice(account_id.as_bytes());
+    key.push(HISTORY_SEPARATOR);
+    key.push(kind.tag());
     key.extend_from_slice(&seq.to_be_bytes());
     key
 }
@@ -237,6 +251,7 @@ impl DataDir {
         let dir = DataDir {
             mark,
             accounts: keyspace("accounts")?,
+            records: keyspace("records")?,
             history: keyspace("history")?,
             export: keyspace("export")?,
             groups: keyspace("export_groups")?,
@@ -326,18 +341,26 @@ impl DataDir {
 
     /// The account as last written, if it was ever written.
     pub fn load_account(&self, account_id: &str) -> Result<Option<AccountState>, StoreError> {
-        let Some(bytes) = self
+        let Some(core) = self
             .accounts
             .get(account_id)
             .map_err(|e| failed("reading an account", e))?
         else {
             return Ok(None);
         };
-        let state = decode_account(&bytes).map_err(|e| corrupt("account", e))?;
+        let mut prefix = account_id.as_bytes().to_vec();
+        prefix.push(HISTORY_SEPARATOR);
+        let records = (self.records.prefix(&prefix))
+            .map(|entry| entry.value())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| failed("reading an account's records", e))?;
+        let what = format!("account {account_id:?}");
+        let state =
+            decode_account(&core, records.iter().map(|r| &r[..])).map_err(|e| corrupt(&what, e))?;
         if state.account().id != account_id {
             return Err(corrupt(
-                "account",
-                format!("key {account_id:?} holds account {:?}", state.account().id),
+                &what,
+                format!("its key holds account {:?}", state.account().id),
             ));
         }
         Ok(Some(state))
@@ -377,7 +400,20 @@ impl DataDir {
     pub fn write(&self, changes: &[Change], counters: &mut Counters) -> Result<(), fjall::Error> {
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
         for change in changes {
-            batch.insert(&self.accounts, change.account_id.as_str(), &*change.state);
+            let id = change.account_id.as_str();
+            batch.insert(&self.accounts, id, &*change.state.core);
+            for (kind, numbers) in &change.state.forgotten {
+                for seq in numbers.clone() {
+                    batch.remove(&self.records, record_key(id, *kind, seq));
+                }
+            }
+            for record in &change.state.added {
+                batch.insert(
+                    &self.records,
+                    record_key(id, record.kind, record.seq),
+                    &*record.bytes,
+                );
+            }
             for event in &change.events {
                 batch.insert(
                     &self.history,

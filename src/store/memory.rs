@@ -283,7 +283,7 @@ impl MemoryStore {
         if let Some(durable) = &self.durable {
             let events = resident.state.take_recent();
             if effect == Effect::Writes || before != after || !events.is_empty() {
-                let mut change = Change::new(account_id, &resident.state);
+                let mut change = Change::new(account_id, &mut resident.state);
                 change.events = events;
                 change.recent_keep = policy.limits.recent_events;
                 change.export_keep = policy.limits.export_max_len;

@@ -119,6 +119,10 @@ pub(super) struct Retained<T> {
     /// few accounts ever build.
     #[allow(clippy::box_collection)]
     index: Option<Box<HashMap<Arc<str>, u64>>>,
+    /// The numbers of the records a durable store holds (first, end): what was written when
+    /// the store last took the changes ([`super::persisted`]). Not part of the state:
+    /// equality and serde ignore it.
+    synced: (u64, u64),
 }
 
 /// Records an account keeps before they are indexed by id.
@@ -130,6 +134,7 @@ impl<T> Default for Retained<T> {
             entries: VecDeque::new(),
             first: 0,
             index: None,
+            synced: (0, 0),
         }
     }
 }
@@ -162,19 +167,62 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Retained<T> {
             entries: VecDeque<(Timestamp, Arc<str>, T)>,
         }
         let Form { first, entries } = Form::deserialize(d)?;
-        let mut retained = Retained {
-            entries,
-            first,
-            index: None,
-        };
-        if retained.entries.len() > INDEX_FROM {
-            retained.index = Some(Box::new(retained.build_index()));
-        }
-        Ok(retained)
+        Ok(Retained::from_parts(first, entries))
     }
 }
 
 impl<T> Retained<T> {
+    /// Records numbered from `first`, as a store read them back: all of them held there.
+    pub(super) fn from_parts(first: u64, entries: VecDeque<(Timestamp, Arc<str>, T)>) -> Self {
+        let end = first.wrapping_add(entries.len() as u64);
+        let mut retained = Retained {
+            entries,
+            first,
+            index: None,
+            synced: (first, end),
+        };
+        if retained.entries.len() > INDEX_FROM {
+            retained.index = Some(Box::new(retained.build_index()));
+        }
+        retained
+    }
+
+    /// The numbers of the records kept: first, and one past the last.
+    pub(super) fn span(&self) -> (u64, u64) {
+        (
+            self.first,
+            self.first.wrapping_add(self.entries.len() as u64),
+        )
+    }
+
+    /// What changed since [`mark_synced`](Self::mark_synced): the numbers forgotten that a
+    /// store holds, and the records it does not hold yet (numbered).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn unsynced(
+        &self,
+    ) -> (
+        std::ops::Range<u64>,
+        impl Iterator<Item = (u64, &(Timestamp, Arc<str>, T))>,
+    ) {
+        let (held_first, held_end) = self.synced;
+        let forgotten = held_first..self.first.min(held_end).max(held_first);
+        let skip = held_end.saturating_sub(self.first) as usize;
+        let first = self.first;
+        let added = (self.entries.iter().enumerate().skip(skip))
+            .map(move |(offset, entry)| (first.wrapping_add(offset as u64), entry));
+        (forgotten, added)
+    }
+
+    /// Notes that a store holds none of these records, so the next changes are all of them.
+    pub(super) fn mark_unsynced(&mut self) {
+        self.synced = (self.first, self.first);
+    }
+
+    /// Notes that a store now holds exactly these records.
+    pub(super) fn mark_synced(&mut self) {
+        self.synced = self.span();
+    }
+
     pub(super) fn get(&self, id: &str) -> Option<&T> {
         match &self.index {
             Some(index) => {
@@ -248,6 +296,7 @@ impl<T> Retained<T> {
             // Give the memory back: most accounts are idle most of the time.
             *self = Retained {
                 first: self.first,
+                synced: self.synced,
                 ..Retained::default()
             };
         }

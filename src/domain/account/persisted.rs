@@ -1,10 +1,18 @@
-//! The persisted form of an account and of a usage event: the bytes a durable store writes as
-//! one value, and reads back.
+//! The persisted form of an account and of a usage event: the bytes a durable store writes,
+//! and reads back.
 //!
-//! Every record is an 8-byte header, then a `postcard` payload of the domain types' serde form:
+//! An account is persisted as several values: its core (windows, ledger, open holds, grants,
+//! auto top-up, and the numbers of the records it keeps) and one value per record kept for
+//! retries (a closed reservation, a request's first answer). Records are written once, when
+//! made, and deleted when forgotten, so a decision writes the core and what it added: a busy
+//! account keeps a day of records for retries, and rewriting them all on every decision would
+//! make each write grow with the account's traffic. [`encode_account_changes`] gives what
+//! changed since the last write; [`decode_account`] reads the core and its records back.
+//!
+//! Every value is an 8-byte header, then a `postcard` payload of the domain types' serde form:
 //!
 //! ```text
-//! magic (2 bytes: "QA" account, "QE" event) | format version (u16 LE) | CRC-32 of payload (u32 LE) | payload
+//! magic (2 bytes: "QA" account core, "QR" record, "QE" event) | format version (u16 LE) | CRC-32 of payload (u32 LE) | payload
 //! ```
 //!
 //! The magic says what a value is, so an event read where an account is expected is refused,
@@ -16,25 +24,37 @@
 //! never a panic and never an allocation a forged length asks for (postcard's lengths are
 //! bounded by the bytes actually there). A payload that parses still has to be a state the
 //! rules could have made (`AccountState::check`: credits conserved, amounts in range, windows
-//! and records consistent), so a corrupt value, or one a buggy writer made, is refused rather
-//! than served with a wrong balance. Neither guard stops someone who rewrites a value
-//! consistently on purpose: the data directory is as trusted as the binary.
+//! and records consistent, every record the core counts present once), so a corrupt value, or
+//! one a buggy writer made, is refused rather than served with a wrong balance. Neither guard
+//! stops someone who rewrites a value consistently on purpose: the data directory is as
+//! trusted as the binary.
 //!
 //! An account's recent usage history is not part of its persisted form: the store keeps
 //! history in its own table (events encoded with [`encode_event`]), taking it from the state
 //! with [`AccountState::take_recent`].
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
 
-use super::AccountState;
-use crate::domain::decision::UsageEvent;
+use serde::{Deserialize, Serialize};
 
-/// The persisted format this quotad writes and reads. Any change to the payload of either
-/// record (a field added, removed, reordered or retyped in a persisted type) needs a new version.
-pub const FORMAT_VERSION: u16 = 1;
+use super::credits::{Grants, grants_by_id};
+use super::holds::{Closed, OpenHolds, Retained};
+use super::reserve::RequestRecord;
+use super::{AccountState, five_hour_window, weekly_window};
+use crate::domain::decision::{Account, UsageEvent};
+use crate::domain::ledger::Ledger;
+use crate::domain::time::Timestamp;
+use crate::domain::top_up::TopUp;
+use crate::domain::window::SlidingWindow;
+
+/// The persisted format this quotad writes and reads. Any change to the payload of any value
+/// (a field added, removed, reordered or retyped in a persisted type) needs a new version.
+pub const FORMAT_VERSION: u16 = 2;
 
 const ACCOUNT_MAGIC: [u8; 2] = *b"QA";
+const RECORD_MAGIC: [u8; 2] = *b"QR";
 const EVENT_MAGIC: [u8; 2] = *b"QE";
 const HEADER_LEN: usize = 8;
 
@@ -63,16 +83,217 @@ pub enum DecodeError {
     Invalid(String),
 }
 
-pub fn encode_account(state: &AccountState) -> Vec<u8> {
-    seal(ACCOUNT_MAGIC, state)
+/// The two kinds of record an account keeps for retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RecordKind {
+    /// How a reservation ended.
+    Closed,
+    /// A Reserve's first answer.
+    Request,
 }
 
-pub fn decode_account(bytes: &[u8]) -> Result<AccountState, DecodeError> {
-    let payload = open(bytes, ACCOUNT_MAGIC, "account")?;
-    let mut state: AccountState = parse(payload)?;
+impl RecordKind {
+    /// A byte for a store's keys: records of one kind sort together, by number.
+    pub fn tag(self) -> u8 {
+        match self {
+            RecordKind::Closed => 0,
+            RecordKind::Request => 1,
+        }
+    }
+}
+
+/// One record as a store keeps it: its kind and number (together, its key within the account)
+/// and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordValue {
+    pub kind: RecordKind,
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// What a store writes for an account: the core, records to add, and the numbers of records
+/// to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountWrite {
+    pub core: Vec<u8>,
+    pub added: Vec<RecordValue>,
+    pub forgotten: Vec<(RecordKind, Range<u64>)>,
+}
+
+/// The core as written: the account's state but its records, of which it keeps the numbers.
+#[derive(Serialize)]
+struct CoreRef<'a> {
+    account: &'a Account,
+    five_hour: &'a SlidingWindow,
+    weekly: &'a SlidingWindow,
+    ledger: &'a Ledger,
+    open: &'a OpenHolds,
+    closed: (u64, u64),
+    requests: (u64, u64),
+    #[serde(serialize_with = "grants_ref")]
+    grants: &'a Grants,
+    events: u64,
+    top_up: &'a Option<Box<TopUp>>,
+}
+
+fn grants_ref<S: serde::Serializer>(grants: &&Grants, s: S) -> Result<S::Ok, S::Error> {
+    grants_by_id::serialize(grants, s)
+}
+
+/// The core as read back.
+#[derive(Deserialize)]
+#[serde(rename = "CoreRef")]
+struct Core {
+    account: Account,
+    #[serde(deserialize_with = "five_hour_window")]
+    five_hour: SlidingWindow,
+    #[serde(deserialize_with = "weekly_window")]
+    weekly: SlidingWindow,
+    ledger: Ledger,
+    open: OpenHolds,
+    closed: (u64, u64),
+    requests: (u64, u64),
+    #[serde(with = "grants_by_id")]
+    grants: Grants,
+    events: u64,
+    top_up: Option<Box<TopUp>>,
+}
+
+/// A record as written, and as read back.
+#[derive(Serialize)]
+enum RecordRef<'a> {
+    Closed(u64, Timestamp, &'a Arc<str>, &'a Closed),
+    Request(u64, Timestamp, &'a Arc<str>, &'a RequestRecord),
+}
+
+#[derive(Deserialize)]
+#[serde(rename = "RecordRef")]
+enum Record {
+    Closed(u64, Timestamp, Arc<str>, Closed),
+    Request(u64, Timestamp, Arc<str>, RequestRecord),
+}
+
+/// The whole persisted form of an account: its core and every record it keeps.
+pub fn encode_account(state: &AccountState) -> AccountWrite {
+    let mut whole = state.clone();
+    whole.closed.mark_unsynced();
+    whole.requests.mark_unsynced();
+    encode_account_changes(&mut whole)
+}
+
+/// What changed since the account was last written, read back or made: its core, the records
+/// made since, and those forgotten since. The state then counts itself written.
+pub fn encode_account_changes(state: &mut AccountState) -> AccountWrite {
+    let core = seal(
+        ACCOUNT_MAGIC,
+        &CoreRef {
+            account: &state.account,
+            five_hour: &state.five_hour,
+            weekly: &state.weekly,
+            ledger: &state.ledger,
+            open: &state.open,
+            closed: state.closed.span(),
+            requests: state.requests.span(),
+            grants: &state.grants,
+            events: state.events,
+            top_up: &state.top_up,
+        },
+    );
+    let mut write = AccountWrite {
+        core,
+        added: Vec::new(),
+        forgotten: Vec::new(),
+    };
+    let (forgotten, added) = state.closed.unsynced();
+    if !forgotten.is_empty() {
+        write.forgotten.push((RecordKind::Closed, forgotten));
+    }
+    for (seq, (at, id, record)) in added {
+        write.added.push(RecordValue {
+            kind: RecordKind::Closed,
+            seq,
+            bytes: seal(RECORD_MAGIC, &RecordRef::Closed(seq, *at, id, record)),
+        });
+    }
+    let (forgotten, added) = state.requests.unsynced();
+    if !forgotten.is_empty() {
+        write.forgotten.push((RecordKind::Request, forgotten));
+    }
+    for (seq, (at, id, record)) in added {
+        write.added.push(RecordValue {
+            kind: RecordKind::Request,
+            seq,
+            bytes: seal(RECORD_MAGIC, &RecordRef::Request(seq, *at, id, record)),
+        });
+    }
+    state.closed.mark_synced();
+    state.requests.mark_synced();
+    write
+}
+
+/// An account from its core and its records (in any order).
+pub fn decode_account<'a>(
+    core: &[u8],
+    records: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<AccountState, DecodeError> {
+    let payload = open(core, ACCOUNT_MAGIC, "account")?;
+    let core: Core = parse(payload)?;
+    let mut closed = Vec::new();
+    let mut requests = Vec::new();
+    for bytes in records {
+        match parse(open(bytes, RECORD_MAGIC, "account record")?)? {
+            Record::Closed(seq, at, id, record) => closed.push((seq, (at, id, record))),
+            Record::Request(seq, at, id, record) => requests.push((seq, (at, id, record))),
+        }
+    }
+    let mut state = AccountState {
+        account: core.account,
+        five_hour: core.five_hour,
+        weekly: core.weekly,
+        ledger: core.ledger,
+        open: core.open,
+        closed: retained("closed reservation", core.closed, closed)?,
+        requests: retained("request", core.requests, requests)?,
+        grants: core.grants,
+        recent: VecDeque::new(),
+        events: core.events,
+        top_up: core.top_up,
+    };
     state.check().map_err(DecodeError::Invalid)?;
     state.share_reservation_ids();
     Ok(state)
+}
+
+/// The records the core counts, `first..end`, each present once.
+fn retained<T>(
+    what: &str,
+    (first, end): (u64, u64),
+    mut found: Vec<(u64, (Timestamp, Arc<str>, T))>,
+) -> Result<Retained<T>, DecodeError> {
+    found.sort_unstable_by_key(|(seq, _)| *seq);
+    let expected = end.checked_sub(first).ok_or_else(|| {
+        DecodeError::Invalid(format!(
+            "{what} record numbers {first}..{end} are out of range"
+        ))
+    })?;
+    let numbered = found
+        .iter()
+        .enumerate()
+        .all(|(offset, (seq, _))| first.checked_add(offset as u64) == Some(*seq));
+    if found.len() as u64 != expected || !numbered {
+        return Err(DecodeError::Invalid(format!(
+            "the account keeps {what} records {first}..{end}, but {} were found{}",
+            found.len(),
+            match (found.first(), found.last()) {
+                (Some((a, _)), Some((b, _))) => format!(", numbered {a} to {b}"),
+                _ => String::new(),
+            }
+        )));
+    }
+    Ok(Retained::from_parts(
+        first,
+        found.into_iter().map(|(_, entry)| entry).collect(),
+    ))
 }
 
 /// A usage event of account `account_id`, as history and the export store it.
@@ -317,13 +538,13 @@ mod tests {
             let policy = tight_policy();
             let (mut s, now) = made_by(&ops, top_up);
             prop_assert_eq!(s.check(), Ok(()));
-            let bytes = encode_account(&s);
-            let mut back = decode_account(&bytes).unwrap();
+            let written = encode_account(&s);
+            let mut back = read(&written).unwrap();
             prop_assert!(back.recent.is_empty());
             let recent = s.take_recent();
             prop_assert!(recent.windows(2).all(|w| w[0].seq < w[1].seq), "oldest first");
             prop_assert_eq!(&back, &s);
-            prop_assert_eq!(encode_account(&back), bytes);
+            prop_assert_eq!(encode_account(&back), written);
 
             play(&mut s, &policy, &more, 1_000, false, now);
             play(&mut back, &policy, &more, 1_000, false, now);
@@ -361,11 +582,16 @@ mod tests {
             ],
             false,
         );
-        let a = decode_account(&encode_account(&s)).unwrap();
-        let b = decode_account(&encode_account(&s)).unwrap();
+        let a = read(&encode_account(&s)).unwrap();
+        let b = read(&encode_account(&s)).unwrap();
         assert!(std::sync::Arc::ptr_eq(&a.account.plan, &b.account.plan));
         let model = |s: &AccountState| s.open.values().next().unwrap().usage.model.clone();
         assert!(std::sync::Arc::ptr_eq(&model(&a), &model(&b)));
+    }
+
+    /// An account read back from all it wrote.
+    fn read(written: &AccountWrite) -> Result<AccountState, DecodeError> {
+        decode_account(&written.core, written.added.iter().map(|r| &r.bytes[..]))
     }
 
     /// Realistic states (and their events) from fixed pseudo-random operation sequences.
@@ -395,7 +621,7 @@ mod tests {
         let mut value = serde_json::to_value(s).unwrap();
         tamper(&mut value);
         let forged: AccountState = serde_json::from_value(value).unwrap();
-        decode_account(&encode_account(&forged))
+        read(&encode_account(&forged))
     }
 
     fn refused(result: Result<AccountState, DecodeError>, says: &str) {
@@ -410,7 +636,9 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_are_refused(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
-            prop_assert!(decode_account(&bytes).is_err());
+            prop_assert!(decode_account(&bytes, []).is_err());
+            let fresh = encode_account(&fresh()).core;
+            prop_assert!(decode_account(&fresh, [&bytes[..]]).is_err());
             prop_assert!(decode_event(&bytes).is_err());
         }
 
@@ -418,8 +646,11 @@ mod tests {
         /// that passes every check), never a panic.
         #[test]
         fn arbitrary_payloads_never_panic(payload in prop::collection::vec(any::<u8>(), 0..400)) {
+            let fresh = encode_account(&fresh()).core;
+            let record = sealed(RECORD_MAGIC, FORMAT_VERSION, &payload);
             for result in [
-                decode_account(&sealed(ACCOUNT_MAGIC, FORMAT_VERSION, &payload)).map(|_| ()),
+                decode_account(&sealed(ACCOUNT_MAGIC, FORMAT_VERSION, &payload), []).map(|_| ()),
+                decode_account(&fresh, [&record[..]]).map(|_| ()),
                 decode_event(&sealed(EVENT_MAGIC, FORMAT_VERSION, &payload)).map(|_| ()),
             ] {
                 prop_assert!(matches!(result, Ok(()) | Err(DecodeError::Malformed(_) | DecodeError::Invalid(_))));
@@ -430,20 +661,29 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 1_500, ..ProptestConfig::default() })]
 
-        /// Real payloads with a few bytes changed and the checksum made good again (what a bug
-        /// in a writer could store): read back as a state that passes every check, or refused.
+        /// Real payloads (an account's core or one of its records) with a few bytes changed
+        /// and the checksum made good again (what a bug in a writer could store): read back as
+        /// a state that passes every check, or refused.
         #[test]
         fn edited_payloads_are_checked_not_trusted(
             pick in any::<prop::sample::Index>(),
+            part in any::<prop::sample::Index>(),
             edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
         ) {
-            thread_local!(static SAMPLES: Vec<Vec<u8>> = samples().iter().map(encode_account).collect());
-            let mut payload = SAMPLES.with(|s| s[pick.index(s.len())][HEADER_LEN..].to_vec());
+            thread_local!(static SAMPLES: Vec<AccountWrite> = samples().iter().map(encode_account).collect());
+            let mut written = SAMPLES.with(|s| s[pick.index(s.len())].clone());
+            let part = part.index(written.added.len() + 1);
+            let (bytes, magic) = match part.checked_sub(1) {
+                None => (&mut written.core, ACCOUNT_MAGIC),
+                Some(record) => (&mut written.added[record].bytes, RECORD_MAGIC),
+            };
+            let mut payload = bytes[HEADER_LEN..].to_vec();
             for (at, byte) in edits {
                 let at = at.index(payload.len());
                 payload[at] = byte;
             }
-            if let Ok(state) = decode_account(&sealed(ACCOUNT_MAGIC, FORMAT_VERSION, &payload)) {
+            *bytes = sealed(magic, FORMAT_VERSION, &payload);
+            if let Ok(state) = read(&written) {
                 prop_assert_eq!(state.check(), Ok(()));
             }
         }
@@ -453,26 +693,39 @@ mod tests {
     fn every_truncation_and_bit_flip_is_refused() {
         let mut events = Vec::new();
         for mut s in samples() {
-            let bytes = encode_account(&s);
-            for len in 0..bytes.len() {
-                assert!(decode_account(&bytes[..len]).is_err(), "cut at {len}");
-            }
-            let mut longer = bytes.clone();
-            longer.push(0);
-            assert!(matches!(
-                decode_account(&longer),
-                Err(DecodeError::Checksum { .. })
-            ));
-            for bit in 0..bytes.len() * 8 {
-                let mut flipped = bytes.clone();
-                flipped[bit / 8] ^= 1 << (bit % 8);
-                let err = decode_account(&flipped).unwrap_err();
-                let expected = match bit / 8 {
-                    0..2 => matches!(err, DecodeError::WrongKind { .. }),
-                    2..4 => matches!(err, DecodeError::Version { .. }),
-                    _ => matches!(err, DecodeError::Checksum { .. }),
+            let written = encode_account(&s);
+            assert!(!written.added.is_empty());
+            // The core, then the first record, each damaged with the rest intact.
+            for part in 0..2 {
+                let with = |bytes: &[u8]| {
+                    let mut damaged = written.clone();
+                    match part {
+                        0 => damaged.core = bytes.to_vec(),
+                        _ => damaged.added[0].bytes = bytes.to_vec(),
+                    }
+                    read(&damaged)
                 };
-                assert!(expected, "bit {bit}: {err}");
+                let bytes = match part {
+                    0 => &written.core,
+                    _ => &written.added[0].bytes,
+                };
+                for len in 0..bytes.len() {
+                    assert!(with(&bytes[..len]).is_err(), "cut at {len}");
+                }
+                let mut longer = bytes.clone();
+                longer.push(0);
+                assert!(matches!(with(&longer), Err(DecodeError::Checksum { .. })));
+                for bit in 0..bytes.len() * 8 {
+                    let mut flipped = bytes.clone();
+                    flipped[bit / 8] ^= 1 << (bit % 8);
+                    let err = with(&flipped).unwrap_err();
+                    let expected = match bit / 8 {
+                        0..2 => matches!(err, DecodeError::WrongKind { .. }),
+                        2..4 => matches!(err, DecodeError::Version { .. }),
+                        _ => matches!(err, DecodeError::Checksum { .. }),
+                    };
+                    assert!(expected, "part {part}, bit {bit}: {err}");
+                }
             }
             events.extend(s.take_recent());
         }
@@ -507,20 +760,36 @@ mod tests {
             ],
             false,
         );
-        let account = encode_account(&s);
+        let written = encode_account(&s);
+        let account = written.core.clone();
         let event = encode_event("a", &s.take_recent()[0]);
         assert!(
             matches!(decode_event(&account), Err(DecodeError::WrongKind { expected: "usage event", found }) if found == *b"QA")
         );
         assert!(matches!(
-            decode_account(&event),
+            decode_account(&event, []),
             Err(DecodeError::WrongKind {
                 expected: "account",
                 ..
             })
         ));
+        // A record where the core belongs, and the reverse.
+        assert!(matches!(
+            decode_account(&written.added[0].bytes, []),
+            Err(DecodeError::WrongKind {
+                expected: "account",
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode_account(&account, [&account[..]]),
+            Err(DecodeError::WrongKind {
+                expected: "account record",
+                ..
+            })
+        ));
         assert_eq!(
-            decode_account(b"QA\x01"),
+            decode_account(b"QA\x01", []),
             Err(DecodeError::TooShort {
                 expected: "account",
                 len: 3
@@ -531,10 +800,10 @@ mod tests {
     #[test]
     fn another_format_version_is_named_with_this_one() {
         let s = &samples()[0];
-        for version in [0, 2, u16::MAX] {
-            let mut bytes = encode_account(s);
+        for version in [0, FORMAT_VERSION - 1, FORMAT_VERSION + 1, u16::MAX] {
+            let mut bytes = encode_account(s).core;
             bytes[2..4].copy_from_slice(&version.to_le_bytes());
-            let err = decode_account(&bytes).unwrap_err();
+            let err = decode_account(&bytes, []).unwrap_err();
             assert_eq!(
                 err,
                 DecodeError::Version {
@@ -554,7 +823,7 @@ mod tests {
             decode_event(&event),
             Err(DecodeError::Version {
                 found: 9,
-                supported: 1
+                supported: FORMAT_VERSION
             })
         ));
     }
@@ -566,15 +835,15 @@ mod tests {
         let mut payload = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
         payload.extend_from_slice(b"abc");
         assert!(matches!(
-            decode_account(&sealed(ACCOUNT_MAGIC, 1, &payload)),
+            decode_account(&sealed(ACCOUNT_MAGIC, FORMAT_VERSION, &payload), []),
             Err(DecodeError::Malformed(_))
         ));
         let (s, _) = made_by(&[], false);
-        let good = encode_account(&s);
+        let good = encode_account(&s).core;
         let mut payload = good[HEADER_LEN..good.len() - 3].to_vec();
         payload.extend_from_slice(&[0xff; 9]);
         payload.push(0x7f);
-        assert!(decode_account(&sealed(ACCOUNT_MAGIC, 1, &payload)).is_err());
+        assert!(decode_account(&sealed(ACCOUNT_MAGIC, FORMAT_VERSION, &payload), []).is_err());
     }
 
     /// The checksum is not the only guard: a payload with a good checksum whose balance, lots,
@@ -736,12 +1005,70 @@ mod tests {
             }],
             false,
         );
-        let back = decode_account(&encode_account(&s)).unwrap();
+        let back = read(&encode_account(&s)).unwrap();
         let open = back.open.values().next().unwrap().id.clone();
         assert_eq!(
             Arc::strong_count(&open),
             4,
             "the map's key, the reservation, the request that made it, and this clone"
         );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 150, ..ProptestConfig::default() })]
+
+        /// A store that applies each decision's changes (core replaced, records added and
+        /// deleted) holds what the whole form would write, and reads back the same state.
+        #[test]
+        fn changes_add_up_to_the_whole(
+            chunks in prop::collection::vec(prop::collection::vec(op(), 1..30), 1..10),
+            top_up in any::<bool>(),
+        ) {
+            let policy = tight_policy();
+            let mut s = fresh();
+            let mut now = Timestamp::from_millis(T0);
+            let mut core = Vec::new();
+            let mut records = std::collections::BTreeMap::new();
+            for (n, ops) in chunks.iter().enumerate() {
+                now = play(&mut s, &policy, ops, n * 100, top_up && n == 0, now);
+                let changes = encode_account_changes(&mut s);
+                core = changes.core;
+                for (kind, numbers) in changes.forgotten {
+                    for seq in numbers {
+                        records.remove(&(kind, seq));
+                    }
+                }
+                for record in changes.added {
+                    prop_assert!(records.insert((record.kind, record.seq), record.bytes).is_none());
+                }
+            }
+            let whole = encode_account(&s);
+            prop_assert_eq!(&core, &whole.core);
+            let held: Vec<_> = records.iter().map(|(&(kind, seq), bytes)| (kind, seq, bytes.clone())).collect();
+            let expected: Vec<_> = whole.added.iter().map(|r| (r.kind, r.seq, r.bytes.clone())).collect();
+            prop_assert_eq!(held, expected);
+            let back = decode_account(&core, records.values().map(|b| &b[..])).unwrap();
+            s.take_recent();
+            prop_assert_eq!(back, s);
+        }
+    }
+
+    #[test]
+    fn a_missing_or_repeated_record_is_refused() {
+        let s = samples()
+            .into_iter()
+            .find(|s| s.requests.records().count() > 1)
+            .expect("a sample with requests");
+        let written = encode_account(&s);
+        let mut missing = written.clone();
+        missing.added.remove(1);
+        refused(read(&missing), "records");
+        let mut repeated = written.clone();
+        repeated.added.push(written.added[0].clone());
+        refused(read(&repeated), "records");
+        // In any order, all of them read back.
+        let mut shuffled = written.clone();
+        shuffled.added.reverse();
+        assert!(read(&shuffled).is_ok());
     }
 }
