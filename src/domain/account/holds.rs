@@ -101,6 +101,9 @@ pub(super) enum Closed {
     },
 }
 
+/// A record kept for a while: when it was made, its id, and the record.
+pub(super) type Entry<T> = (Timestamp, Arc<str>, T);
+
 /// Records kept for a while, forgotten in the order they were made. An id recorded again
 /// (a request id reused after its first answer was forgotten) lives on from its new time.
 ///
@@ -173,7 +176,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Retained<T> {
 
 impl<T> Retained<T> {
     /// Records numbered from `first`, as a store read them back: all of them held there.
-    pub(super) fn from_parts(first: u64, entries: VecDeque<(Timestamp, Arc<str>, T)>) -> Self {
+    pub(super) fn from_parts(first: u64, entries: VecDeque<Entry<T>>) -> Self {
         let end = first.wrapping_add(entries.len() as u64);
         let mut retained = Retained {
             entries,
@@ -197,13 +200,9 @@ impl<T> Retained<T> {
 
     /// What changed since [`mark_synced`](Self::mark_synced): the numbers forgotten that a
     /// store holds, and the records it does not hold yet (numbered).
-    #[allow(clippy::type_complexity)]
     pub(super) fn unsynced(
         &self,
-    ) -> (
-        std::ops::Range<u64>,
-        impl Iterator<Item = (u64, &(Timestamp, Arc<str>, T))>,
-    ) {
+    ) -> (std::ops::Range<u64>, impl Iterator<Item = (u64, &Entry<T>)>) {
         let (held_first, held_end) = self.synced;
         let forgotten = held_first..self.first.min(held_end).max(held_first);
         let skip = held_end.saturating_sub(self.first) as usize;

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::credits::{Grants, grants_by_id};
-use super::holds::{Closed, OpenHolds, Retained};
+use super::holds::{Closed, Entry, OpenHolds, Retained};
 use super::reserve::RequestRecord;
 use super::{AccountState, five_hour_window, weekly_window};
 use crate::domain::decision::{Account, UsageEvent};
@@ -268,7 +268,7 @@ pub fn decode_account<'a>(
 fn retained<T>(
     what: &str,
     (first, end): (u64, u64),
-    mut found: Vec<(u64, (Timestamp, Arc<str>, T))>,
+    mut found: Vec<(u64, Entry<T>)>,
 ) -> Result<Retained<T>, DecodeError> {
     found.sort_unstable_by_key(|(seq, _)| *seq);
     let expected = end.checked_sub(first).ok_or_else(|| {
