@@ -8,7 +8,8 @@
 //! one change and nothing waits; under load a batch holds whatever arrived during the last
 //! sync. Changes are numbered as they are queued (under the queue's lock, so in queue order);
 //! the writer publishes the number of the last change made durable, and a caller waits for its
-//! own number.
+//! own number. Each waiter is woken once, when its number is on disk: a batch wakes the
+//! calls it holds, not every call waiting.
 //!
 //! What is queued and not yet durable is bounded (`max_unflushed`): past it a call is refused
 //! with UNAVAILABLE *before* it decides anything, and a caller waits at most `write_timeout`
@@ -17,12 +18,12 @@
 //! told apart): every later call is UNAVAILABLE until quotad is restarted and recovers from the
 //! data dir, and health reports the store down so that Kubernetes restarts the pod.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use super::StoreError;
 use super::data_dir::{Change, Counters, DataDir};
@@ -39,8 +40,11 @@ struct Shared {
     data: Arc<DataDir>,
     queue: Mutex<Queue>,
     wake: Condvar,
-    /// The number of the last change on disk.
-    durable: watch::Sender<u64>,
+    /// The number of the last change on disk; written under `waiters`' lock.
+    durable: AtomicU64,
+    /// Calls waiting for their change, by its number: woken (sent to, or dropped on a
+    /// failure) by the writer once it is on disk.
+    waiters: Mutex<Vec<(u64, oneshot::Sender<()>)>>,
     /// Set once, by the first failed write.
     failed: OnceLock<String>,
     /// Changes queued or being written.
@@ -74,7 +78,8 @@ impl GroupCommit {
             data,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
-            durable: watch::Sender::new(0),
+            durable: AtomicU64::new(0),
+            waiters: Mutex::new(Vec::new()),
             failed: OnceLock::new(),
             unflushed: AtomicUsize::new(0),
             max_unflushed: max_unflushed.max(1),
@@ -130,24 +135,30 @@ impl GroupCommit {
 
     /// The number of the last change on disk.
     pub fn durable_number(&self) -> u64 {
-        *self.shared.durable.borrow()
+        self.shared.durable.load(Ordering::Acquire)
     }
 
     /// Waits until change `number` (and so every change queued before it) is on disk.
     pub async fn durable(&self, number: u64) -> Result<(), StoreError> {
-        if *self.shared.durable.borrow() >= number {
+        let shared = &self.shared;
+        if shared.durable.load(Ordering::Acquire) >= number {
             return Ok(());
         }
-        let mut durable = self.shared.durable.subscribe();
-        let shared = &self.shared;
-        let waited = tokio::time::timeout(
-            self.write_timeout,
-            durable.wait_for(|&last| last >= number || shared.failed.get().is_some()),
-        )
-        .await;
-        match waited {
-            Ok(Ok(last)) if *last >= number => Ok(()),
-            Ok(_) => Err(StoreError::Unavailable(
+        let (wake, woken) = oneshot::channel();
+        {
+            let mut waiters = shared.lock_waiters();
+            // Checked again under the lock the writer publishes under, so that a batch that
+            // landed since is not waited for.
+            if shared.durable.load(Ordering::Acquire) >= number {
+                return Ok(());
+            }
+            if shared.failed.get().is_none() {
+                waiters.push((number, wake));
+            }
+        }
+        match tokio::time::timeout(self.write_timeout, woken).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(StoreError::Unavailable(
                 shared
                     .failed
                     .get()
@@ -206,6 +217,24 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, Vec<(u64, oneshot::Sender<()>)>> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes changes up to `last` durable, and wakes the calls that waited for them.
+    fn publish(&self, last: u64) {
+        let ready: Vec<oneshot::Sender<()>> = {
+            let mut waiters = self.lock_waiters();
+            self.durable.store(last, Ordering::Release);
+            (waiters.extract_if(.., |(number, _)| *number <= last))
+                .map(|(_, wake)| wake)
+                .collect()
+        };
+        for wake in ready {
+            let _ = wake.send(());
+        }
+    }
+
     fn write_loop(&self, mut counters: Counters) {
         loop {
             let (changes, last) = {
@@ -233,13 +262,13 @@ impl Shared {
                 } else {
                     self.batches.fetch_add(1, Ordering::Relaxed);
                     self.changes.fetch_add(count, Ordering::Relaxed);
-                    self.durable.send_replace(last);
+                    self.publish(last);
                 }
             }
             self.unflushed.fetch_sub(count, Ordering::Relaxed);
             if self.failed.get().is_some() {
-                // Wakes the waiters, who then see the failure.
-                self.durable.send_modify(|_| {});
+                // Dropped, the waiters' channels tell them to look at the failure.
+                drop(std::mem::take(&mut *self.lock_waiters()));
             }
         }
     }
