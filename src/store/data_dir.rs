@@ -33,6 +33,7 @@
 //! Only [`super::group_commit`] writes accounts, history and the export (one batch, one sync,
 //! per group); export reads and acknowledgements write group state directly.
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -399,9 +400,17 @@ impl DataDir {
     /// moves the mark to it.
     pub fn write(&self, changes: &[Change], counters: &mut Counters) -> Result<(), fjall::Error> {
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
-        for change in changes {
+        // An account several calls changed in one batch has only its last core written: the
+        // batch lands whole or not at all, so the earlier ones could never be read.
+        let mut last_core: HashMap<&str, usize> = HashMap::with_capacity(changes.len());
+        for (at, change) in changes.iter().enumerate() {
+            last_core.insert(change.account_id.as_str(), at);
+        }
+        for (at, change) in changes.iter().enumerate() {
             let id = change.account_id.as_str();
-            batch.insert(&self.accounts, id, &*change.state.core);
+            if last_core.get(id) == Some(&at) {
+                batch.insert(&self.accounts, id, &*change.state.core);
+            }
             for (kind, numbers) in &change.state.forgotten {
                 for seq in numbers.clone() {
                     batch.remove(&self.records, record_key(id, *kind, seq));

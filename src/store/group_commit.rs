@@ -223,14 +223,16 @@ impl Shared {
 
     /// Makes changes up to `last` durable, and wakes the calls that waited for them.
     fn publish(&self, last: u64) {
-        let ready: Vec<oneshot::Sender<()>> = {
+        let ready = {
             let mut waiters = self.lock_waiters();
             self.durable.store(last, Ordering::Release);
-            (waiters.extract_if(.., |(number, _)| *number <= last))
-                .map(|(_, wake)| wake)
-                .collect()
+            let (ready, waiting) = std::mem::take(&mut *waiters)
+                .into_iter()
+                .partition::<Vec<_>, _>(|(number, _)| *number <= last);
+            *waiters = waiting;
+            ready
         };
-        for wake in ready {
+        for (_, wake) in ready {
             let _ = wake.send(());
         }
     }
