@@ -17,7 +17,11 @@ use quotad::domain::{
     CommitCommand, Decision, Policy, PriceSheet, ReserveCommand, Timestamp, Usage,
 };
 use quotad::rules::LiveRules;
+
+use common::{env_or, rss_bytes};
 use quotad::store::{DataDirSettings, MemoryStore, Store};
+
+mod common;
 
 // The allocator the quotad binary uses, so that the figure is the one it would show.
 #[global_allocator]
@@ -25,22 +29,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Tasks started together: what a busy quotad has in flight, so group commit batches them.
 const IN_FLIGHT: u64 = 512;
-
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn du(path: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {

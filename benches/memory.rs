@@ -13,19 +13,13 @@ use quotad::domain::{
 };
 use quotad::store::{MemoryStore, Store};
 
+use common::rss_bytes;
+
+mod common;
+
 // The allocator the quotad binary uses, so that the figure is the one it would show.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Resident set size of this process, from `/proc/self/status` (Linux).
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
 
 fn main() {
     let accounts: u64 = std::env::var("BENCH_ACCOUNTS")

@@ -1,5 +1,5 @@
 //! What the benchmarks share: a throwaway `redis-server`, quotad served in-process on a free
-//! port, and settings read from the environment.
+//! port, settings read from the environment, and the process's RSS.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -10,6 +10,16 @@ use std::time::Duration;
 
 use quotad::config::Config;
 use quotad::domain::SystemClock;
+
+/// Resident set size of this process, from `/proc/self/status` (Linux).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
 
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
