@@ -120,6 +120,30 @@ pub struct AccountWrite {
     pub forgotten: Vec<(RecordKind, Range<u64>)>,
 }
 
+impl AccountWrite {
+    /// Adds what `records` changed since a store last took them (each added record made into
+    /// a value by `value`), and counts them taken.
+    fn take<T>(
+        &mut self,
+        kind: RecordKind,
+        records: &mut Retained<T>,
+        value: impl Fn(u64, &Entry<T>) -> Vec<u8>,
+    ) {
+        let (forgotten, added) = records.unsynced();
+        if !forgotten.is_empty() {
+            self.forgotten.push((kind, forgotten));
+        }
+        for (seq, entry) in added {
+            self.added.push(RecordValue {
+                kind,
+                seq,
+                bytes: value(seq, entry),
+            });
+        }
+        records.mark_synced();
+    }
+}
+
 /// The core as written: the account's state but its records, of which it keeps the numbers.
 #[derive(Serialize)]
 struct CoreRef<'a> {
@@ -204,30 +228,16 @@ pub fn encode_account_changes(state: &mut AccountState) -> AccountWrite {
         added: Vec::new(),
         forgotten: Vec::new(),
     };
-    let (forgotten, added) = state.closed.unsynced();
-    if !forgotten.is_empty() {
-        write.forgotten.push((RecordKind::Closed, forgotten));
-    }
-    for (seq, (at, id, record)) in added {
-        write.added.push(RecordValue {
-            kind: RecordKind::Closed,
-            seq,
-            bytes: seal(RECORD_MAGIC, &RecordRef::Closed(seq, *at, id, record)),
-        });
-    }
-    let (forgotten, added) = state.requests.unsynced();
-    if !forgotten.is_empty() {
-        write.forgotten.push((RecordKind::Request, forgotten));
-    }
-    for (seq, (at, id, record)) in added {
-        write.added.push(RecordValue {
-            kind: RecordKind::Request,
-            seq,
-            bytes: seal(RECORD_MAGIC, &RecordRef::Request(seq, *at, id, record)),
-        });
-    }
-    state.closed.mark_synced();
-    state.requests.mark_synced();
+    write.take(
+        RecordKind::Closed,
+        &mut state.closed,
+        |seq, (at, id, record)| seal(RECORD_MAGIC, &RecordRef::Closed(seq, *at, id, record)),
+    );
+    write.take(
+        RecordKind::Request,
+        &mut state.requests,
+        |seq, (at, id, record)| seal(RECORD_MAGIC, &RecordRef::Request(seq, *at, id, record)),
+    );
     write
 }
 
