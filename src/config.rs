@@ -82,6 +82,9 @@ pub struct EmbeddedConfig {
     pub evict_idle_seconds: u64,
     /// The embedded database's block cache, in MiB.
     pub cache_mb: u64,
+    /// Each commit log segment, in MiB. The log holds about three of them on disk, and a start
+    /// replays at most about two.
+    pub log_segment_mb: u64,
 }
 
 impl Default for EmbeddedConfig {
@@ -92,6 +95,7 @@ impl Default for EmbeddedConfig {
             write_timeout_ms: defaults.write_timeout.as_millis() as u64,
             evict_idle_seconds: defaults.evict_idle.as_secs(),
             cache_mb: defaults.cache_bytes >> 20,
+            log_segment_mb: defaults.log_segment_bytes >> 20,
         }
     }
 }
@@ -107,6 +111,7 @@ impl StoreConfig {
             write_timeout: std::time::Duration::from_millis(embedded.write_timeout_ms),
             evict_idle: std::time::Duration::from_secs(embedded.evict_idle_seconds),
             cache_bytes: embedded.cache_mb << 20,
+            log_segment_bytes: embedded.log_segment_mb << 20,
         })
     }
 
@@ -117,6 +122,7 @@ impl StoreConfig {
             ("write_timeout_ms", embedded.write_timeout_ms),
             ("evict_idle_seconds", embedded.evict_idle_seconds),
             ("cache_mb", embedded.cache_mb),
+            ("log_segment_mb", embedded.log_segment_mb),
         ] {
             if value == 0 {
                 return Err(format!("store.embedded.{key} must be greater than 0"));

@@ -23,28 +23,30 @@
 //! - `meta`: the format version, the counters the store reports without a scan, and the number
 //!   of batches written.
 //!
-//! Beside the database, `quotad.mark` holds the number of the last batch fjall confirmed as
-//! synced, rewritten in place after every batch (no sync of its own: it only has to outlive
-//! the process, and after a power loss it can only be behind). fjall drops everything after a
-//! damaged journal entry as if it were a torn tail, even when the damage is in the middle of
-//! the journal and the batches after it were synced and acknowledged. Comparing the batch count
-//! fjall recovered with the mark turns that silent loss into a refusal to start.
+//! Beside the database, `commit-log/` holds the [commit log](super::commit_log): a batch is
+//! durable once it is there, and is applied to the database afterwards without a sync of its
+//! own. The database is synced at checkpoints, after which the log's older segments are
+//! removed; every batch the database holds carries its number (meta key `batches`), so a start
+//! replays exactly the batches of the log past that number. The log starts at the batch after
+//! the last checkpoint; a database that recovered less than that (its journal damaged before
+//! its end: fjall drops everything after a damaged entry as if it were a torn tail) has lost
+//! acknowledged batches, and the start is refused rather than continue without them.
 //!
 //! Only [`super::group_commit`] writes accounts, history and the export (one batch, one sync,
 //! per group); export reads and acknowledgements write group state directly.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
+use super::commit_log::{self, CommitLog, LogError};
 use super::export_log::Group;
 use super::{ExportRead, StoreError};
 use crate::domain::{
-    AccountState, AccountWrite, ExportedEvent, FORMAT_VERSION, RecordKind, Timestamp, UsageEvent,
-    decode_account, decode_event, encode_account_changes, encode_event,
+    AccountState, AccountWrite, ExportedEvent, FORMAT_VERSION, RecordKind, RecordValue, Timestamp,
+    UsageEvent, decode_account, decode_event, encode_account_changes, encode_event,
 };
 
 /// Why a data dir could not be opened.
@@ -65,22 +67,30 @@ pub enum DataDirError {
         supported: u16,
     },
     #[error(
-        "data dir {path} recovered {recovered} batches, but quotad had written {written}: its \
-         journal was damaged before its end and the database dropped acknowledged writes while \
-         recovering; restore the data dir from a backup, or remove {mark} to accept the loss"
+        "data dir {path}: its database recovered {recovered} batches, but its commit log starts \
+         at batch {first}: the batches between were acknowledged and are lost (the database's \
+         journal was damaged); restore the data dir from a backup"
     )]
     Lost {
         path: PathBuf,
-        mark: PathBuf,
         recovered: u64,
-        written: u64,
+        first: u64,
     },
+    #[error("data dir {path}: {source}; restore the data dir from a backup")]
+    Log { path: PathBuf, source: LogError },
     #[error("data dir {path}: {reason}")]
     Open { path: PathBuf, reason: String },
 }
 
+/// Why the commit log could not be replayed.
+enum Recovery {
+    Lost { recovered: u64, first: u64 },
+    Log(LogError),
+    Store(StoreError),
+}
+
 /// One decision's changes to an account, to be made durable by one group commit.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     pub account_id: String,
     /// The account's core after the decision, and its records made and forgotten since the
@@ -120,6 +130,164 @@ impl Change {
     }
 }
 
+/// A batch's changes as the commit log holds them (integers little endian; strings and byte
+/// strings as a u32 length and the bytes): the change count, then each change's account id,
+/// core, added records (kind tag, number, bytes), forgotten record ranges (kind tag, start,
+/// end), usage events (each as `encode_event` makes it), history and export limits, holds
+/// delta, and purchase index (0 unchanged, 1 started at a u64 of milliseconds, 2 ended).
+pub fn encode_changes(changes: &[Change]) -> Vec<u8> {
+    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    let mut out = Vec::with_capacity(changes.len() * 512);
+    out.extend_from_slice(&(changes.len() as u32).to_le_bytes());
+    for change in changes {
+        bytes(&mut out, change.account_id.as_bytes());
+        bytes(&mut out, &change.state.core);
+        out.extend_from_slice(&(change.state.added.len() as u32).to_le_bytes());
+        for record in &change.state.added {
+            out.push(record.kind.tag());
+            out.extend_from_slice(&record.seq.to_le_bytes());
+            bytes(&mut out, &record.bytes);
+        }
+        out.extend_from_slice(&(change.state.forgotten.len() as u32).to_le_bytes());
+        for (kind, numbers) in &change.state.forgotten {
+            out.push(kind.tag());
+            out.extend_from_slice(&numbers.start.to_le_bytes());
+            out.extend_from_slice(&numbers.end.to_le_bytes());
+        }
+        out.extend_from_slice(&(change.events.len() as u32).to_le_bytes());
+        for event in &change.events {
+            bytes(&mut out, &encode_event(&change.account_id, event));
+        }
+        out.extend_from_slice(&change.recent_keep.to_le_bytes());
+        out.extend_from_slice(&change.export_keep.to_le_bytes());
+        out.extend_from_slice(&change.holds_delta.to_le_bytes());
+        match change.purchase {
+            PurchaseIndex::Unchanged => out.push(0),
+            PurchaseIndex::Started(at) => {
+                out.push(1);
+                out.extend_from_slice(&(at.as_millis() as u64).to_le_bytes());
+            }
+            PurchaseIndex::Ended => out.push(2),
+        }
+    }
+    out
+}
+
+/// Reads what [`encode_changes`] wrote; anything else is an error saying where it went wrong.
+pub fn decode_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
+    let mut r = Reader(bytes);
+    let count = r.count("changes", 8)?;
+    let mut changes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let account_id = std::str::from_utf8(r.bytes("an account id")?)
+            .map_err(|_| "an account id is not UTF-8".to_owned())?
+            .to_owned();
+        let core = r.bytes("an account core")?.to_vec();
+        let mut added = Vec::with_capacity(r.count("records", 13)?);
+        for _ in 0..added.capacity() {
+            let kind = r.kind()?;
+            let seq = r.u64("a record number")?;
+            let bytes = r.bytes("a record")?.to_vec();
+            added.push(RecordValue { kind, seq, bytes });
+        }
+        let mut forgotten = Vec::with_capacity(r.count("forgotten ranges", 17)?);
+        for _ in 0..forgotten.capacity() {
+            let kind = r.kind()?;
+            let start = r.u64("a range")?;
+            let end = r.u64("a range")?;
+            forgotten.push((kind, start..end));
+        }
+        let mut events = Vec::with_capacity(r.count("events", 4)?);
+        for _ in 0..events.capacity() {
+            let (owner, event) =
+                decode_event(r.bytes("an event")?).map_err(|e| format!("an event: {e}"))?;
+            if owner != account_id {
+                return Err(format!("an event of {account_id:?} names {owner:?}"));
+            }
+            events.push(event);
+        }
+        let recent_keep = r.u32("the history limit")?;
+        let export_keep = r.u64("the export limit")?;
+        let holds_delta = r.u64("the holds delta")? as i64;
+        let purchase = match r.u8("the purchase index")? {
+            0 => PurchaseIndex::Unchanged,
+            1 => PurchaseIndex::Started(Timestamp::from_millis(r.u64("a purchase")? as i64)),
+            2 => PurchaseIndex::Ended,
+            other => return Err(format!("unknown purchase index change {other}")),
+        };
+        changes.push(Change {
+            account_id,
+            state: AccountWrite {
+                core,
+                added,
+                forgotten,
+            },
+            events,
+            recent_keep,
+            export_keep,
+            holds_delta,
+            purchase,
+        });
+    }
+    if !r.0.is_empty() {
+        return Err(format!("{} bytes follow its last change", r.0.len()));
+    }
+    Ok(changes)
+}
+
+/// Reads a commit log payload front to back.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+        let (head, tail) = self
+            .0
+            .split_at_checked(n)
+            .ok_or_else(|| format!("it ends inside {what}"))?;
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], String> {
+        Ok(self.take(N, what)?.try_into().expect("N bytes"))
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, String> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn bytes(&mut self, what: &str) -> Result<&'a [u8], String> {
+        let len = self.u32(what)? as usize;
+        self.take(len, what)
+    }
+
+    /// A count of items each at least `least` bytes long: one past what is left is corrupt
+    /// (and must not size an allocation).
+    fn count(&mut self, what: &str, least: usize) -> Result<usize, String> {
+        let n = self.u32(what)? as usize;
+        if n.saturating_mul(least) > self.0.len() {
+            return Err(format!("its count of {what} ({n}) is more than it holds"));
+        }
+        Ok(n)
+    }
+
+    fn kind(&mut self) -> Result<RecordKind, String> {
+        let tag = self.u8("a record kind")?;
+        RecordKind::from_tag(tag).ok_or_else(|| format!("unknown record kind {tag}"))
+    }
+}
+
 /// Counters kept in `meta`, carried by the writer from batch to batch.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counters {
@@ -140,8 +308,6 @@ pub struct DataDir {
     groups: Keyspace,
     purchases: Keyspace,
     meta: Keyspace,
-    /// `quotad.mark`: the number of the last batch written.
-    mark: std::fs::File,
     /// Export reads and acknowledgements change group state: one at a time.
     export_lock: Mutex<()>,
 }
@@ -164,9 +330,7 @@ const FORMAT_KEY: &[u8] = b"format";
 const OPEN_HOLDS_KEY: &[u8] = b"open_holds";
 const EXPORT_NEXT_KEY: &[u8] = b"export_next";
 const BATCHES_KEY: &[u8] = b"batches";
-const MARK_FILE: &str = "quotad.mark";
-/// Mixed into the mark's check word, so that a zeroed or foreign file does not read as a mark.
-const MARK_CHECK: u64 = 0x7175_6f74_6164_6d6b;
+const LOG_DIR: &str = "commit-log";
 const HISTORY_SEPARATOR: u8 = 0xFF;
 
 fn history_key(account_id: &str, seq: u64) -> Vec<u8> {
@@ -198,29 +362,15 @@ fn read_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// The mark's bytes: the batch number and a check word.
-fn encode_mark(batches: u64) -> [u8; 16] {
-    let mut bytes = [0; 16];
-    bytes[..8].copy_from_slice(&batches.to_le_bytes());
-    bytes[8..].copy_from_slice(&(batches ^ MARK_CHECK).to_le_bytes());
-    bytes
-}
-
-/// An empty file (created, never written) is no mark; anything else must check out.
-fn decode_mark(bytes: &[u8]) -> Option<u64> {
-    if bytes.is_empty() {
-        return Some(0);
-    }
-    let bytes: &[u8; 16] = bytes.try_into().ok()?;
-    let batches = u64::from_le_bytes(bytes[..8].try_into().ok()?);
-    let check = u64::from_le_bytes(bytes[8..].try_into().ok()?);
-    (check == batches ^ MARK_CHECK).then_some(batches)
-}
-
 impl DataDir {
-    /// Opens (or creates) the database in `path`, recovering what the journal holds. `cache`
-    /// is the block cache's size in bytes.
-    pub fn open(path: &Path, cache: u64) -> Result<DataDir, DataDirError> {
+    /// Opens (or creates) the data dir in `path`: the database, brought up to date with what
+    /// the commit log holds past it, and a new log for the batches to come, in segments of
+    /// `segment_bytes`. `cache` is the block cache's size in bytes.
+    pub fn open(
+        path: &Path,
+        cache: u64,
+        segment_bytes: u64,
+    ) -> Result<(DataDir, CommitLog), DataDirError> {
         let path_buf = path.to_path_buf();
         let open_err = |reason: String| DataDirError::Open {
             path: path_buf.clone(),
@@ -243,16 +393,7 @@ impl DataDir {
             })
             .map_err(|e| open_err(format!("keyspace {name}: {e}")))
         };
-        let mark_path = path.join(MARK_FILE);
-        let mark = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&mark_path)
-            .map_err(|e| open_err(format!("cannot open {}: {e}", mark_path.display())))?;
         let dir = DataDir {
-            mark,
             accounts: keyspace("accounts")?,
             records: keyspace("records")?,
             history: keyspace("history")?,
@@ -297,25 +438,70 @@ impl DataDir {
                 batch.commit().map_err(|e| open_err(e.to_string()))?;
             }
         }
-        let written = std::fs::read(&mark_path)
-            .ok()
-            .and_then(|bytes| decode_mark(&bytes))
-            .ok_or_else(|| {
-                open_err(format!(
-                    "{} is unreadable; remove it to start without the check it makes",
-                    mark_path.display()
-                ))
-            })?;
-        let recovered = dir.counters().map_err(|e| open_err(e.to_string()))?.batches;
-        if recovered < written {
-            return Err(DataDirError::Lost {
-                path: path_buf,
-                mark: mark_path,
+        let log = dir.recover().map_err(|e| match e {
+            Recovery::Lost { recovered, first } => DataDirError::Lost {
+                path: path_buf.clone(),
                 recovered,
-                written,
+                first,
+            },
+            Recovery::Log(source) => DataDirError::Log {
+                path: path_buf.clone(),
+                source,
+            },
+            Recovery::Store(e) => open_err(e.to_string()),
+        })?;
+        let log = CommitLog::start(&path.join(LOG_DIR), segment_bytes, log + 1).map_err(
+            |source| DataDirError::Log {
+                path: path_buf.clone(),
+                source,
+            },
+        )?;
+        Ok((dir, log))
+    }
+
+    /// Replays into the database the batches of the commit log it does not hold, and syncs
+    /// it; returns the number of the last batch.
+    fn recover(&self) -> Result<u64, Recovery> {
+        let recovered = commit_log::recover(&self.path.join(LOG_DIR)).map_err(Recovery::Log)?;
+        let mut counters = self.counters().map_err(Recovery::Store)?;
+        let held = counters.batches;
+        if let Some(first) = recovered.first
+            && first > held + 1
+        {
+            return Err(Recovery::Lost {
+                recovered: held,
+                first,
             });
         }
-        Ok(dir)
+        let mut replayed = false;
+        for (batch, payload) in recovered.batches {
+            if batch <= counters.batches {
+                continue;
+            }
+            let changes = decode_changes(&payload).map_err(|e| {
+                Recovery::Store(corrupt(&format!("commit log batch {batch}"), e))
+            })?;
+            self.write(&changes, &mut counters, batch)
+                .map_err(|e| Recovery::Store(failed("replaying the commit log", e)))?;
+            replayed = true;
+        }
+        if replayed {
+            tracing::info!(
+                path = %self.path.display(),
+                from = held + 1,
+                to = counters.batches,
+                "replayed the commit log into the database"
+            );
+        }
+        self.checkpoint()
+            .map_err(|e| Recovery::Store(failed("syncing the database", e)))?;
+        Ok(counters.batches)
+    }
+
+    /// Makes everything written to the database so far durable in it (the commit log may then
+    /// drop it).
+    pub fn checkpoint(&self) -> Result<(), fjall::Error> {
+        self.db.persist(PersistMode::SyncAll)
     }
 
     pub fn path(&self) -> &Path {
@@ -398,10 +584,15 @@ impl DataDir {
         Ok(found)
     }
 
-    /// Writes a group of changes as one atomic batch, synced to disk before it returns, then
-    /// moves the mark to it.
-    pub fn write(&self, changes: &[Change], counters: &mut Counters) -> Result<(), fjall::Error> {
-        let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
+    /// Writes the changes of the commit log's batches up to `last_batch` as one atomic batch
+    /// of the database, handed to the OS but not synced: the commit log made them durable.
+    pub fn write(
+        &self,
+        changes: &[Change],
+        counters: &mut Counters,
+        last_batch: u64,
+    ) -> Result<(), fjall::Error> {
+        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
         // An account several calls changed in one batch has only its last core written: the
         // batch lands whole or not at all, so the earlier ones could never be read.
         let mut last_core: HashMap<&str, usize> = HashMap::with_capacity(changes.len());
@@ -471,16 +662,13 @@ impl DataDir {
             EXPORT_NEXT_KEY,
             counters.export_next.to_be_bytes().to_vec(),
         );
-        counters.batches += 1;
+        counters.batches = last_batch;
         batch.insert(
             &self.meta,
             BATCHES_KEY,
             counters.batches.to_be_bytes().to_vec(),
         );
-        batch.commit()?;
-        self.mark
-            .write_all_at(&encode_mark(counters.batches), 0)
-            .map_err(fjall::Error::Io)
+        batch.commit()
     }
 
     /// A consumer group's read of the export, with the semantics of the memory store's
@@ -591,51 +779,4 @@ fn decode_group(bytes: &[u8]) -> Option<Group> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_mark_reads_back_and_a_foreign_one_does_not() {
-        for n in [0, 1, 42, u64::MAX] {
-            assert_eq!(decode_mark(&encode_mark(n)), Some(n));
-        }
-        assert_eq!(decode_mark(&[]), Some(0));
-        assert_eq!(decode_mark(&[0; 16]), None);
-        assert_eq!(decode_mark(&encode_mark(7)[..15]), None);
-    }
-
-    #[test]
-    fn a_mark_ahead_of_what_was_recovered_refuses_the_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = DataDir::open(dir.path(), 1 << 20).unwrap();
-        let mut counters = data.counters().unwrap();
-        data.write(&[], &mut counters).unwrap();
-        data.write(&[], &mut counters).unwrap();
-        assert_eq!(data.counters().unwrap().batches, 2);
-        drop(data);
-        // The journal kept both batches: the start goes ahead.
-        drop(DataDir::open(dir.path(), 1 << 20).unwrap());
-
-        // As if a damaged journal had lost the last batch.
-        let mark = dir.path().join(MARK_FILE);
-        std::fs::write(&mark, encode_mark(3)).unwrap();
-        let err = DataDir::open(dir.path(), 1 << 20).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DataDirError::Lost {
-                    recovered: 2,
-                    written: 3,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("quotad.mark"), "{err}");
-
-        std::fs::write(&mark, b"not a mark").unwrap();
-        let err = DataDir::open(dir.path(), 1 << 20).unwrap_err().to_string();
-        assert!(err.contains("unreadable"), "{err}");
-
-        std::fs::remove_file(&mark).unwrap();
-        let data = DataDir::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(data.counters().unwrap().batches, 2);
-    }
 }

@@ -1,7 +1,11 @@
 //! Group commit: decisions are made in memory, and what they changed is written to the data
-//! dir by one writer thread, many decisions to a batch, one sync per batch. A call is answered
-//! only once the batch holding its change is on disk, so an acknowledged decision survives a
-//! crash.
+//! dir by one writer thread, many decisions to a batch, one durable write of the commit log
+//! per batch. A call is answered only once the batch holding its change is on disk, so an
+//! acknowledged decision survives a crash. A second thread, the applier, then brings the
+//! database up to date with the batches the log holds (several at a time when it falls
+//! behind, without a sync), checkpoints it from time to time so that the log can drop what it
+//! no longer needs, and keeps a spare log segment ready. Reads of the database (history, the
+//! export) first wait for the applier to reach what was acknowledged.
 //!
 //! Batching adapts to load with no timer: the writer takes everything queued, writes it, and
 //! while that write is syncing the next calls queue up for the next batch. When idle a batch is
@@ -11,7 +15,7 @@
 //! own number. Each waiter is woken once, when its number is on disk: a batch wakes the
 //! calls it holds, not every call waiting.
 //!
-//! What is queued and not yet durable is bounded (`max_unflushed`): past it a call is refused
+//! What is queued and not yet applied is bounded (`max_unflushed`): past it a call is refused
 //! with UNAVAILABLE *before* it decides anything, and a caller waits at most `write_timeout`
 //! for its batch. A failed write is fatal to the engine, as an `fsync` failure is to a
 //! database (the kernel may have dropped the dirty pages, so memory and disk can no longer be
@@ -23,15 +27,20 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use super::StoreError;
-use super::data_dir::{Change, Counters, DataDir};
+use super::commit_log::{self, CommitLog};
+use super::data_dir::{Change, Counters, DataDir, encode_changes};
+
+/// Segments the log may hold before the applier checkpoints the database: the log's size on
+/// disk, and what a start may replay, is about this many segments.
+const CHECKPOINT_SEGMENTS: usize = 2;
 
 #[derive(Debug)]
 pub struct GroupCommit {
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     write_timeout: Duration,
 }
 
@@ -47,7 +56,17 @@ struct Shared {
     waiters: Mutex<Vec<(u64, oneshot::Sender<()>)>>,
     /// Set once, by the first failed write.
     failed: OnceLock<String>,
-    /// Changes queued or being written.
+    /// Batches on disk in the log, waiting for the applier.
+    to_apply: Mutex<Applying>,
+    apply_wake: Condvar,
+    /// The number of the last change applied to the database, and a wake-up for readers
+    /// waiting for it.
+    applied: AtomicU64,
+    applied_notify: Notify,
+    /// The number of the last batch the database holds durably (after a checkpoint): the log
+    /// drops the segments before it.
+    checkpointed: AtomicU64,
+    /// Changes queued, being written, or waiting for the applier.
     unflushed: AtomicUsize,
     max_unflushed: usize,
     /// Held by the writer while it writes a batch (tests hold it to stand for a disk that
@@ -59,6 +78,14 @@ struct Shared {
 }
 
 #[derive(Debug, Default)]
+struct Applying {
+    /// Each batch's number, the number of its last change, and its changes.
+    batches: Vec<(u64, u64, Vec<Change>)>,
+    checkpoint: bool,
+    closing: bool,
+}
+
+#[derive(Debug, Default)]
 struct Queue {
     /// The number of the last change queued.
     last: u64,
@@ -67,13 +94,24 @@ struct Queue {
 }
 
 impl GroupCommit {
-    /// Starts the writer thread for `data`, continuing from the counters it holds.
+    /// Starts the writer thread, appending to `log`, and the applier, bringing `data` up to
+    /// date from the counters it holds.
     pub fn start(
         data: Arc<DataDir>,
+        log: CommitLog,
         max_unflushed: usize,
         write_timeout: Duration,
     ) -> Result<GroupCommit, StoreError> {
         let counters = data.counters()?;
+        let log_dir = log.dir().to_path_buf();
+        let segment_bytes = log.segment_bytes();
+        tracing::info!(
+            path = %log_dir.display(),
+            segment_bytes,
+            direct_io = log.direct(),
+            next_batch = log.next_batch(),
+            "commit log ready"
+        );
         let shared = Arc::new(Shared {
             data,
             queue: Mutex::new(Queue::default()),
@@ -81,22 +119,34 @@ impl GroupCommit {
             durable: AtomicU64::new(0),
             waiters: Mutex::new(Vec::new()),
             failed: OnceLock::new(),
+            to_apply: Mutex::new(Applying::default()),
+            apply_wake: Condvar::new(),
+            applied: AtomicU64::new(0),
+            applied_notify: Notify::new(),
+            checkpointed: AtomicU64::new(counters.batches),
             unflushed: AtomicUsize::new(0),
             max_unflushed: max_unflushed.max(1),
             writing: Mutex::new(()),
             batches: AtomicUsize::new(0),
             changes: AtomicUsize::new(0),
         });
-        let writer = std::thread::Builder::new()
-            .name("quotad-group-commit".into())
-            .spawn({
-                let shared = shared.clone();
-                move || shared.write_loop(counters)
-            })
-            .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
+        let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(run)
+                .map_err(|e| StoreError::Internal(format!("cannot start thread {name}: {e}")))
+        };
+        let writer = spawn("quotad-group-commit", {
+            let shared = shared.clone();
+            Box::new(move || shared.write_loop(log))
+        })?;
+        let applier = spawn("quotad-applier", {
+            let shared = shared.clone();
+            Box::new(move || shared.apply_loop(counters, &log_dir, segment_bytes))
+        })?;
         Ok(GroupCommit {
             shared,
-            writer: Mutex::new(Some(writer)),
+            threads: Mutex::new(vec![writer, applier]),
             write_timeout,
         })
     }
@@ -172,6 +222,35 @@ impl GroupCommit {
         }
     }
 
+    /// The number of the last change applied to the database.
+    pub fn applied_number(&self) -> u64 {
+        self.shared.applied.load(Ordering::Acquire)
+    }
+
+    /// Waits until the database holds change `number` (and every change before it): a read
+    /// of the database then sees everything acknowledged up to it.
+    pub async fn applied(&self, number: u64) -> Result<(), StoreError> {
+        let shared = &self.shared;
+        let deadline = tokio::time::Instant::now() + self.write_timeout;
+        loop {
+            let notified = shared.applied_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if shared.applied.load(Ordering::Acquire) >= number {
+                return Ok(());
+            }
+            if let Some(reason) = shared.failed.get() {
+                return Err(StoreError::Unavailable(reason.clone()));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(StoreError::Unavailable(format!(
+                    "the data dir did not apply the write within {} ms",
+                    self.write_timeout.as_millis()
+                )));
+            }
+        }
+    }
+
     /// Why the writer stopped, if it failed.
     pub fn failure(&self) -> Option<&str> {
         self.shared.failed.get().map(String::as_str)
@@ -200,13 +279,13 @@ impl GroupCommit {
 }
 
 impl Drop for GroupCommit {
-    /// Writes what is queued and stops the writer.
+    /// Writes and applies what is queued, checkpoints the database, and stops both threads.
     fn drop(&mut self) {
         self.shared.lock_queue().closing = true;
         self.shared.wake.notify_one();
-        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(writer) = writer {
-            let _ = writer.join();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
         }
     }
 }
@@ -237,7 +316,24 @@ impl Shared {
         }
     }
 
-    fn write_loop(&self, mut counters: Counters) {
+    fn lock_applying(&self) -> std::sync::MutexGuard<'_, Applying> {
+        self.to_apply.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, what: &str, err: impl std::fmt::Display) {
+        let reason = format!(
+            "{what} failed ({err}); quotad stopped deciding, and a restart recovers what was \
+             acknowledged"
+        );
+        tracing::error!(path = %self.data.path().display(), "{reason}");
+        let _ = self.failed.set(reason);
+        // Dropped, the waiters' channels tell them to look at the failure.
+        drop(std::mem::take(&mut *self.lock_waiters()));
+        self.applied_notify.notify_waiters();
+    }
+
+    fn write_loop(&self, mut log: CommitLog) {
+        let mut checkpointed = self.checkpointed.load(Ordering::Acquire);
         loop {
             let (changes, last) = {
                 let mut queue = self.lock_queue();
@@ -245,32 +341,94 @@ impl Shared {
                     queue = self.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
                 }
                 if queue.changes.is_empty() {
-                    return;
+                    break;
                 }
                 (std::mem::take(&mut queue.changes), queue.last)
             };
             let count = changes.len();
             let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-            if self.failed.get().is_none() {
+            if self.failed.get().is_some() {
+                self.unflushed.fetch_sub(count, Ordering::Relaxed);
+                continue;
+            }
+            let now_checkpointed = self.checkpointed.load(Ordering::Acquire);
+            if now_checkpointed != checkpointed {
+                checkpointed = now_checkpointed;
+                if let Err(err) = log.checkpointed(checkpointed) {
+                    self.fail("dropping checkpointed commit log segments", err);
+                }
+            }
+            let batch = log.next_batch();
+            if let Err(err) = log.append(batch, &encode_changes(&changes)) {
+                self.fail("writing to the commit log", err);
+                self.unflushed.fetch_sub(count, Ordering::Relaxed);
+                continue;
+            }
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            self.changes.fetch_add(count, Ordering::Relaxed);
+            self.publish(last);
+            let mut applying = self.lock_applying();
+            applying.batches.push((batch, last, changes));
+            if log.segments() > CHECKPOINT_SEGMENTS {
+                applying.checkpoint = true;
+            }
+            drop(applying);
+            self.apply_wake.notify_one();
+        }
+        self.lock_applying().closing = true;
+        self.apply_wake.notify_one();
+    }
+
+    fn apply_loop(&self, mut counters: Counters, log_dir: &std::path::Path, segment_bytes: u64) {
+        loop {
+            let (batches, checkpoint, closing) = {
+                let mut applying = self.lock_applying();
+                while applying.batches.is_empty() && !applying.checkpoint && !applying.closing {
+                    applying = self
+                        .apply_wake
+                        .wait(applying)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                let checkpoint = std::mem::take(&mut applying.checkpoint);
+                (
+                    std::mem::take(&mut applying.batches),
+                    checkpoint,
+                    applying.closing,
+                )
+            };
+            let count: usize = batches.iter().map(|(_, _, changes)| changes.len()).sum();
+            if let Some(&(last_batch, last_change, _)) = batches.last()
+                && self.failed.get().is_none()
+            {
+                let changes: Vec<Change> = batches
+                    .into_iter()
+                    .flat_map(|(_, _, changes)| changes)
+                    .collect();
                 let before = counters;
-                if let Err(err) = self.data.write(&changes, &mut counters) {
-                    counters = before;
-                    let reason = format!(
-                        "writing to the data dir failed ({err}); quotad stopped deciding, and \
-                         a restart recovers what was acknowledged"
-                    );
-                    tracing::error!(path = %self.data.path().display(), "{reason}");
-                    let _ = self.failed.set(reason);
-                } else {
-                    self.batches.fetch_add(1, Ordering::Relaxed);
-                    self.changes.fetch_add(count, Ordering::Relaxed);
-                    self.publish(last);
+                match self.data.write(&changes, &mut counters, last_batch) {
+                    Ok(()) => {
+                        self.applied.store(last_change, Ordering::Release);
+                        self.applied_notify.notify_waiters();
+                    }
+                    Err(err) => {
+                        counters = before;
+                        self.fail("applying the commit log to the database", err);
+                    }
                 }
             }
             self.unflushed.fetch_sub(count, Ordering::Relaxed);
-            if self.failed.get().is_some() {
-                // Dropped, the waiters' channels tell them to look at the failure.
-                drop(std::mem::take(&mut *self.lock_waiters()));
+            if (checkpoint || closing) && self.failed.get().is_none() {
+                match self.data.checkpoint() {
+                    Ok(()) => self.checkpointed.store(counters.batches, Ordering::Release),
+                    Err(err) => self.fail("checkpointing the database", err),
+                }
+                if !closing && let Err(err) = commit_log::make_spare(log_dir, segment_bytes) {
+                    // The writer makes one itself when it needs it.
+                    tracing::warn!(error = %err, "could not ready a spare commit log segment");
+                }
+            }
+            if closing && self.lock_applying().batches.is_empty() {
+                return;
             }
         }
     }

@@ -54,6 +54,8 @@ pub struct DataDirSettings {
     pub evict_idle: Duration,
     /// The database's block cache, in bytes.
     pub cache_bytes: u64,
+    /// The size of each commit log segment.
+    pub log_segment_bytes: u64,
 }
 
 impl DataDirSettings {
@@ -64,6 +66,7 @@ impl DataDirSettings {
             write_timeout: Duration::from_millis(2_000),
             evict_idle: Duration::from_secs(600),
             cache_bytes: 64 << 20,
+            log_segment_bytes: 64 << 20,
         }
     }
 }
@@ -174,14 +177,19 @@ impl MemoryStore {
     /// A store whose decisions are made durable in the data dir `settings` names (created if
     /// missing), continuing from what it holds.
     pub fn open(rules: Arc<LiveRules>, settings: &DataDirSettings) -> Result<Self, DataDirError> {
-        let data = Arc::new(DataDir::open(&settings.path, settings.cache_bytes)?);
+        let (data, log) = DataDir::open(
+            &settings.path,
+            settings.cache_bytes,
+            settings.log_segment_bytes,
+        )?;
+        let data = Arc::new(data);
         let open_err = |e: StoreError| DataDirError::Open {
             path: settings.path.clone(),
             reason: e.to_string(),
         };
         let counters = data.counters().map_err(open_err)?;
         let purchases = data.purchases().map_err(open_err)?;
-        let commits = GroupCommit::start(data, settings.max_unflushed, settings.write_timeout)
+        let commits = GroupCommit::start(data, log, settings.max_unflushed, settings.write_timeout)
             .map_err(open_err)?;
         let store = MemoryStore::with_rules(rules);
         store
@@ -320,7 +328,7 @@ impl MemoryStore {
     }
 
     /// Leaves out of memory the accounts idle since `now − evict_idle` whose changes are all
-    /// on disk. Runs at most once per quarter of `evict_idle` (a pass visits every account).
+    /// in the database. Runs at most once per quarter of `evict_idle` (a pass visits every account).
     fn evict_idle(&self, now: Timestamp) {
         let Some(durable) = &self.durable else {
             return;
@@ -332,7 +340,7 @@ impl MemoryStore {
         durable
             .last_eviction
             .store(now.as_millis(), Ordering::Relaxed);
-        let on_disk = durable.commits.durable_number();
+        let on_disk = durable.commits.applied_number();
         let idle_since = now.plus_millis(-durable.evict_idle_ms);
         durable.evictions.fetch_add(1, Ordering::AcqRel);
         self.accounts.retain(|_, resident| {
@@ -518,10 +526,9 @@ impl Store for MemoryStore {
             )
             .await?;
         if let Some(durable) = &self.durable {
-            snapshot.recent = durable
-                .commits
-                .data()
-                .history(account_id, recent_limit.min(keep))?;
+            let commits = &durable.commits;
+            commits.applied(commits.durable_number()).await?;
+            snapshot.recent = commits.data().history(account_id, recent_limit.min(keep))?;
         }
         Ok(snapshot)
     }
@@ -574,14 +581,22 @@ impl Store for MemoryStore {
         now: Timestamp,
     ) -> Result<Vec<ExportedEvent>, StoreError> {
         match &self.durable {
-            Some(durable) => durable.commits.data().export_read(&read, now),
+            Some(durable) => {
+                let commits = &durable.commits;
+                commits.applied(commits.durable_number()).await?;
+                commits.data().export_read(&read, now)
+            }
             None => Ok(self.export.read(&read, now)),
         }
     }
 
     async fn export_ack(&self, group: &str, delivery_ids: &[String]) -> Result<u64, StoreError> {
         match &self.durable {
-            Some(durable) => durable.commits.data().export_ack(group, delivery_ids),
+            Some(durable) => {
+                let commits = &durable.commits;
+                commits.applied(commits.durable_number()).await?;
+                commits.data().export_ack(group, delivery_ids)
+            }
             None => Ok(self.export.ack(group, delivery_ids)),
         }
     }

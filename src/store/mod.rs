@@ -6,6 +6,7 @@
 //!
 //! Every store must pass the same contract suite (`tests/support/contract.rs`).
 
+mod commit_log;
 mod data_dir;
 mod export_log;
 mod group_commit;

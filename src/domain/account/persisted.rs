@@ -51,7 +51,7 @@ use crate::domain::window::SlidingWindow;
 
 /// The persisted format this quotad writes and reads. Any change to the payload of any value
 /// (a field added, removed, reordered or retyped in a persisted type) needs a new version.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 
 const ACCOUNT_MAGIC: [u8; 2] = *b"QA";
 const RECORD_MAGIC: [u8; 2] = *b"QR";
@@ -98,6 +98,15 @@ impl RecordKind {
         match self {
             RecordKind::Closed => 0,
             RecordKind::Request => 1,
+        }
+    }
+
+    /// The kind a [`tag`](Self::tag) names.
+    pub fn from_tag(tag: u8) -> Option<RecordKind> {
+        match tag {
+            0 => Some(RecordKind::Closed),
+            1 => Some(RecordKind::Request),
+            _ => None,
         }
     }
 }
