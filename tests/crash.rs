@@ -6,12 +6,13 @@
 //!   restarted, checked, loaded again and killed again, several times. Every answer a client got
 //!   is kept; a call cut off by the kill may or may not have happened, so the checks accept both,
 //!   and sending it again must then give one answer that later retries repeat.
-//! - A torn write at the tail of the journal (a batch the kill interrupted, so never
+//! - A torn write at the tail of the commit log (a batch the kill interrupted, so never
 //!   acknowledged) is dropped when the data dir is recovered, and nothing acknowledged is lost;
-//!   damage before the tail, or in an account's stored value, is an error that says what is
-//!   wrong, never a wrong balance. Damage to an entry's header before the tail, which fjall
-//!   takes for a torn tail and cuts off, is caught by the batch mark beside the database: quotad
-//!   refuses to start and says what was lost.
+//!   a batch the log holds whole but the database had not yet applied is replayed. Damage
+//!   before the log's tail, in the database's journal, or in an account's stored value, is an
+//!   error that says what is wrong, never a wrong balance. Damage to a journal entry's header,
+//!   which fjall takes for a torn tail and cuts off, is repaired from the commit log while the
+//!   log still holds those batches, and refused (naming what was lost) once it does not.
 //! - One data dir, one process: a second quotad on it refuses to start.
 //!
 //! The load's choices come from a seed printed at the start (`QUOTAD_CRASH_SEED=N` reuses it);
@@ -1091,7 +1092,6 @@ fn journals(dir: &Path) -> Vec<PathBuf> {
 struct JournalBatch {
     /// Where it is in the file.
     range: Range<usize>,
-    seqno: u64,
     items: Vec<JournalItem>,
 }
 
@@ -1124,7 +1124,6 @@ fn parse_journal(bytes: &[u8]) -> Vec<JournalBatch> {
         let start = at;
         assert_eq!(bytes[at], 1, "a batch starts at {at}");
         let count = int(at + 1..at + 5);
-        let seqno = int(at + 5..at + 13);
         at += 13;
         let mut items = Vec::new();
         for _ in 0..count {
@@ -1151,7 +1150,6 @@ fn parse_journal(bytes: &[u8]) -> Vec<JournalBatch> {
         at += 13;
         batches.push(JournalBatch {
             range: start..at,
-            seqno,
             items,
         });
     }
@@ -1160,26 +1158,6 @@ fn parse_journal(bytes: &[u8]) -> Vec<JournalBatch> {
         "only preallocated space after the last batch (at {at})"
     );
     batches
-}
-
-/// Where the last batch of a journal file ends.
-fn written_end(path: &Path) -> usize {
-    let bytes = std::fs::read(path).unwrap();
-    parse_journal(&bytes).last().map_or(0, |b| b.range.end)
-}
-
-/// Writes `bytes` right after the last batch of a journal file, as its next write would.
-fn write_next(path: &Path, bytes: &[u8]) {
-    use std::io::{Seek, SeekFrom, Write};
-    let end = written_end(path);
-    let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    file.seek(SeekFrom::Start(end as u64)).unwrap();
-    file.write_all(bytes).unwrap();
-    file.sync_all().unwrap();
-}
-
-fn file_len(path: &Path) -> usize {
-    std::fs::metadata(path).unwrap().len() as usize
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1253,121 +1231,174 @@ fn writes_of(bytes: &[u8], batches: &[JournalBatch], account: &str) -> Vec<(usiz
     found
 }
 
-/// A torn write is what a crash in the middle of writing a batch leaves: a prefix of the batch.
-/// fjall 3.1.13 recovers the journal in `RecoveryMode::TolerateCorruptTail` (its only mode,
-/// `src/journal/error.rs`: "The last batch in the journal may be corrupt on crash, and will be
-/// discarded without error"). Its reader (`src/journal/reader.rs`) stops at an entry it cannot
-/// read whole (end of file, an unknown tag, a bad trailer) and truncates the file to the last
-/// entry it could; its batch reader (`src/journal/batch_reader.rs`) then drops a batch that has
-/// no End entry ("missing terminator, but last batch, so probably incomplete, discarding to
-/// keep atomicity") and truncates the file to the end of the last whole batch. A whole batch
-/// whose checksum does not match is an error instead (`JournalRecovery(ChecksumMismatch)`), as
-/// are too few or too many items (`InsufficientLength`, `TooManyItems`): that is damage, not a
-/// torn write.
+// ---------------------------------------------------------------------------------------------
+// The commit log on disk (format: `src/store/commit_log.rs`).
+
+const BLOCK: usize = 4096;
+
+/// The commit log's segments, oldest first (named by their first batch, zero-padded).
+fn log_segments(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir.join("commit-log"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| {
+            let name = path.file_name().unwrap().to_str().unwrap();
+            name.ends_with(".qlog") && name != "spare.qlog"
+        })
+        .collect();
+    found.sort();
+    assert!(
+        !found.is_empty(),
+        "no commit log segment in {}",
+        dir.display()
+    );
+    found
+}
+
+/// The frames of a segment: where each is (block-aligned, padded) and its batch number.
+fn log_frames(bytes: &[u8]) -> Vec<(Range<usize>, u64)> {
+    let mut frames = Vec::new();
+    let mut at = BLOCK;
+    while bytes.get(at..at + 4) == Some(b"QLBF") {
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        let batch = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
+        let end = at + (20 + len).div_ceil(BLOCK) * BLOCK;
+        frames.push((at..end, batch));
+        at = end;
+    }
+    frames
+}
+
+/// Copies a directory tree (a data dir, to try several damages on the same one).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The batch number a journal batch records in `meta` (key `batches`, big endian), if any.
+fn batch_number(bytes: &[u8], batch: &JournalBatch) -> Option<u64> {
+    batch
+        .items
+        .iter()
+        .rev()
+        .find(|item| item.key == b"batches" && !item.compressed)
+        .map(|item| u64::from_be_bytes(bytes[item.value.clone()].try_into().unwrap()))
+}
+
+/// Takes out of the database's journal every batch that applied commit log batch `from` or a
+/// later one, as if the applier had not reached them when quotad was killed (zeros, as after
+/// the last batch of a preallocated journal file).
+fn unapply_from(dir: &Path, from: u64) {
+    for journal in journals(dir) {
+        let mut bytes = std::fs::read(&journal).unwrap();
+        let batches = parse_journal(&bytes);
+        if let Some(cut) = batches
+            .iter()
+            .find(|b| batch_number(&bytes, b).is_some_and(|n| n >= from))
+        {
+            let start = cut.range.start;
+            bytes[start..].fill(0);
+            std::fs::write(&journal, &bytes).unwrap();
+        }
+    }
+}
+
+/// A torn write is what a crash in the middle of writing a batch leaves. The commit log writes
+/// each batch as one frame, block-aligned, into a segment of zeros, and only once every frame
+/// before it is durable; its header carries the payload's length and a CRC-32 of it
+/// (`src/store/commit_log.rs`). So a torn batch can only be the last frame, and any cut of it
+/// (a part of its header, a part of its payload, a block of it never reaching the disk) fails
+/// its check: recovery ends the log there, and that batch, never acknowledged, is dropped.
 ///
-/// The torn batch here is real: the batch that created `torn-a`, renumbered after the last
-/// one, written where the next batch would go. Cut anywhere, it is dropped and everything
-/// acknowledged is there, unchanged; written whole, it is replayed and `torn-a`'s core is back
-/// to how it was created, which shows that the cuts alone made the difference.
+/// The torn frame here is real: the log's last batch (a grant), taken out of the database's
+/// journal too, as when the kill came before the applier reached it. Cut anywhere, it is
+/// dropped and everything acknowledged before it is there, unchanged; written whole, it is
+/// replayed from the log and the grant is back, which shows that the cuts alone made the
+/// difference.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_last_write_is_dropped_on_recovery() {
     let dir = tempfile::tempdir().unwrap();
+    let pristine = dir.path().join("pristine");
     let env = env_of(&[]);
-    let quotad = start(dir.path(), &env).await;
+    let quotad = start(&pristine, &env).await;
     small_load(&quotad.url()).await;
     let acknowledged = snapshots(&quotad.url()).await;
+    let mut admin = support::admin_client(&quotad.url()).await;
+    let grant = pb::GrantCreditsRequest {
+        account_id: "torn-a".into(),
+        grant_id: "late".into(),
+        amount_micros: 7 * CREDIT,
+        ..Default::default()
+    };
+    answer(admin.grant_credits(grant).await, "grant");
+    let granted = snapshots(&quotad.url()).await;
+    assert_ne!(granted, acknowledged);
     kill(quotad).await;
 
-    let mut max_seqno = 0;
-    let mut creation = None;
-    for path in journals(dir.path()) {
-        let bytes = std::fs::read(&path).unwrap();
-        let batches = parse_journal(&bytes);
-        max_seqno = batches
-            .iter()
-            .map(|b| b.seqno)
-            .max()
-            .unwrap_or(0)
-            .max(max_seqno);
-        if creation.is_none()
-            && let Some((b, _)) = writes_of(&bytes, &batches, "torn-a").first()
-        {
-            creation = Some(bytes[batches[*b].range.clone()].to_vec());
-        }
-    }
-    let mut batch = creation.expect("the batch that created torn-a");
-    batch[5..13].copy_from_slice(&(max_seqno + 1).to_le_bytes());
-    let parsed = parse_journal(&batch);
-    let first_item_end = parsed[0].items[0].value.end;
-    let whole = batch.len();
-    let mut garbage = batch[..13].to_vec();
-    garbage.extend_from_slice(&[0xA5; 40]);
+    let segment = log_segments(&pristine).pop().unwrap();
+    let bytes = std::fs::read(&segment).unwrap();
+    let (last, number) = log_frames(&bytes).pop().expect("the grant's frame");
+    let frame = bytes[last.clone()].to_vec();
+    let payload_len = u32::from_le_bytes(frame[4..8].try_into().unwrap()) as usize;
+    let mut flipped = frame.clone();
+    flipped[20 + payload_len / 2] ^= 0x04;
+    let mut garbage = frame[..20].to_vec();
+    garbage.extend(std::iter::repeat_n(0xA5, payload_len));
     let torn: Vec<(&str, Vec<u8>)> = vec![
-        ("only its Start entry", batch[..13].to_vec()),
-        ("cut in its first item's header", batch[..20].to_vec()),
-        (
-            "cut in its first item's value",
-            batch[..first_item_end - 3].to_vec(),
-        ),
-        ("cut after its first item", batch[..first_item_end].to_vec()),
-        ("every item, no End entry", batch[..whole - 13].to_vec()),
-        ("End entry without its trailer", batch[..whole - 4].to_vec()),
-        ("all but the last byte", batch[..whole - 1].to_vec()),
-        ("its Start entry, then garbage", garbage),
+        ("a part of its header", frame[..9].to_vec()),
+        ("its header alone", frame[..20].to_vec()),
+        ("cut in its payload", frame[..20 + payload_len / 2].to_vec()),
+        // (Zeros at the end of a frame are written as the spare's zeros: a cut must miss a
+        // byte that is not zero.)
+        ("cut before its last byte that is not zero", {
+            let last = frame[..20 + payload_len]
+                .iter()
+                .rposition(|&b| b != 0)
+                .unwrap();
+            frame[..last].to_vec()
+        }),
+        ("its header, then garbage", garbage),
+        ("a bit of its payload changed", flipped),
     ];
+    let run = dir.path().join("run");
     for (what, tail) in torn {
-        let journal = journals(dir.path()).pop().unwrap();
-        let intact = written_end(&journal);
-        write_next(&journal, &tail);
-        let quotad = start(dir.path(), &env).await;
+        let _ = std::fs::remove_dir_all(&run);
+        copy_dir(&pristine, &run);
+        unapply_from(&run, number);
+        let segment = log_segments(&run).pop().unwrap();
+        let mut damaged = bytes.clone();
+        damaged[last.clone()].fill(0);
+        damaged[last.start..last.start + tail.len()].copy_from_slice(&tail);
+        std::fs::write(&segment, &damaged).unwrap();
+        let quotad = start(&run, &env).await;
         assert_eq!(
             snapshots(&quotad.url()).await,
             acknowledged,
             "a torn batch ({what}) changed what was acknowledged"
         );
-        assert_eq!(
-            file_len(&journal),
-            intact,
-            "the torn batch ({what}) is cut off the journal"
-        );
         kill(quotad).await;
     }
 
-    // The whole batch is an old one: replayed, it sets the batch count back to when torn-a was
-    // created, below the mark, and quotad takes that for lost batches. Accepting it (removing
-    // the mark) shows the replay: torn-a's core is back to how it was created, keeping none of
-    // the records written after it, and the account is refused as corrupt rather than served
-    // from that old core.
-    let journal = journals(dir.path()).pop().unwrap();
-    write_next(&journal, &batch);
-    let refused = run_to_exit(dir.path(), &env, Duration::from_secs(10))
-        .await
-        .expect("quotad refuses a batch count that went back");
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("dropped acknowledged writes"),
-        "{refused:?}"
-    );
-    std::fs::remove_file(dir.path().join("quotad.mark")).unwrap();
-    let quotad = start(dir.path(), &env).await;
-    let mut quota = QuotaServiceClient::connect(quotad.url()).await.unwrap();
-    let replayed = quota
-        .get_usage(pb::GetUsageRequest {
-            account_id: "torn-a".into(),
-            recent_limit: 1,
-        })
-        .await
-        .expect_err("the whole batch is replayed");
-    assert!(
-        replayed.code() == tonic::Code::Internal
-            && replayed.message().contains("corrupt account \"torn-a\"")
-            && replayed.message().contains("records"),
-        "{replayed:?}"
-    );
+    // Whole, the same frame is replayed: the database did not have the grant, the log did.
+    let _ = std::fs::remove_dir_all(&run);
+    copy_dir(&pristine, &run);
+    unapply_from(&run, number);
+    let quotad = start(&run, &env).await;
+    assert_eq!(snapshots(&quotad.url()).await, granted);
 }
 
 /// Damage that is not a torn tail: a flipped bit in a batch before the last fails that
 /// batch's checksum, and fjall refuses to recover (quotad exits, naming the data dir and the
-/// error) instead of starting without it; the refusal changes nothing on disk. An account's
+/// error) instead of starting without it; in the commit log, a frame that fails its check with
+/// whole frames after it is refused the same way. Neither refusal changes anything on disk. An account's
 /// stored value damaged past fjall's checks (written through fjall itself here) fails the
 /// persisted form's own checksum: every call on that account fails with INTERNAL and says the
 /// stored account is corrupt (a Reserve does not start the account afresh), and the other
@@ -1403,6 +1434,31 @@ async fn damage_before_the_tail_is_an_error_not_a_wrong_balance() {
     );
     assert_eq!(std::fs::read(&journal).unwrap(), damaged, "nothing cut off");
     std::fs::write(&journal, &intact).unwrap();
+
+    // The same in the commit log: a bit flipped in a frame with whole frames after it.
+    let segment = log_segments(dir.path()).pop().unwrap();
+    let log_intact = std::fs::read(&segment).unwrap();
+    let frames = log_frames(&log_intact);
+    assert!(frames.len() > 4, "{} frames", frames.len());
+    let (frame, number) = frames[frames.len() / 2].clone();
+    let mut damaged = log_intact.clone();
+    damaged[frame.start + 24] ^= 0x10;
+    std::fs::write(&segment, &damaged).unwrap();
+    let refused = run_to_exit(dir.path(), &env, Duration::from_secs(20))
+        .await
+        .expect("quotad refuses to start");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(dir.path().to_str().unwrap())
+            && stderr.contains(&format!(
+                "damaged before its end: batch {number} is unreadable"
+            )),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&segment).unwrap(), damaged, "nothing cut off");
+    std::fs::write(&segment, &log_intact).unwrap();
+
     let quotad = start(dir.path(), &env).await;
     assert_eq!(snapshots(&quotad.url()).await, acknowledged);
     kill(quotad).await;
@@ -1474,51 +1530,67 @@ async fn a_second_quotad_on_the_same_data_dir_refuses_to_start() {
     );
 }
 
-/// A damaged entry header before the tail (here the tag byte of a batch's Start entry, in the
-/// middle of the journal) is damage, not a torn write: what follows it are whole batches,
-/// acknowledged. quotad refuses to start and names the data dir and what was lost, and keeps
-/// refusing until an operator decides.
+/// A damaged entry header before the tail of the database's journal (here the tag byte of a
+/// batch's Start entry) is damage, not a torn write: what follows it are whole batches,
+/// acknowledged. fjall 3.1.13's journal reader (`src/journal/reader.rs`) takes any entry it
+/// cannot decode for the end of the journal and truncates the file there, wherever it is, and
+/// the batch reader then accepts what came before; by the time quotad can look, the batches
+/// after the damage are gone from the database.
 ///
-/// fjall 3.1.13's journal reader (`src/journal/reader.rs`) takes any entry it cannot decode for
-/// the end of the journal and truncates the file there, wherever it is, and the batch reader
-/// then accepts what came before; by the time quotad can look, the batches after the damage are
-/// gone from the disk. What quotad adds is the mark beside the database (`quotad.mark`, the
-/// number of the last batch written): the data dir recovered fewer batches than that, so quotad
-/// refuses instead of serving the balances as they were before the damaged batch. The remedy
-/// the message gives is a backup, or removing the mark to accept the loss.
+/// Each of them carries its commit log batch number, and the commit log holds every batch
+/// since the last checkpoint: while it still holds the lost ones, the start replays them and
+/// nothing acknowledged is missing. A start checkpoints the database and begins a new log, so
+/// the same damage after it is a loss the log cannot repair: quotad refuses to start, names the
+/// data dir and what was lost, and keeps refusing until an operator restores a backup or
+/// removes the log to accept the loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damage_to_an_entry_header_before_the_tail_is_not_taken_for_a_torn_write() {
     let dir = tempfile::tempdir().unwrap();
     let env = env_of(&[]);
+    let damage_a_middle_batch = || {
+        let journal = journals(dir.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&journal).unwrap();
+        let batches = parse_journal(&bytes);
+        assert!(batches.len() > 4, "{} batches", batches.len());
+        let start = batches[batches.len() / 2].range.start;
+        bytes[start] = 0x07;
+        std::fs::write(&journal, &bytes).unwrap();
+    };
     let quotad = start(dir.path(), &env).await;
     small_load(&quotad.url()).await;
+    let acknowledged = snapshots(&quotad.url()).await;
     kill(quotad).await;
 
-    let journal = journals(dir.path()).pop().unwrap();
-    let intact = std::fs::read(&journal).unwrap();
-    let batches = parse_journal(&intact);
-    let damaged_batch = &batches[batches.len() / 2];
-    let mut damaged = intact.clone();
-    damaged[damaged_batch.range.start] = 0x07;
-    std::fs::write(&journal, &damaged).unwrap();
+    damage_a_middle_batch();
+    let quotad = start(dir.path(), &env).await;
+    assert_eq!(
+        snapshots(&quotad.url()).await,
+        acknowledged,
+        "the commit log gives back what the damaged journal dropped"
+    );
+    kill(quotad).await;
+
+    damage_a_middle_batch();
     for attempt in ["first", "second"] {
         let refused = run_to_exit(dir.path(), &env, Duration::from_secs(10))
             .await
             .unwrap_or_else(|| {
-                panic!("quotad started ({attempt} start) on a journal damaged before its tail")
+                panic!(
+                    "quotad started ({attempt} start) on a journal that lost acknowledged batches"
+                )
             });
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(!refused.status.success(), "{stderr}");
         assert!(
             stderr.contains(&format!("data dir {}", dir.path().display()))
-                && stderr.contains("dropped acknowledged writes")
-                && stderr.contains("quotad.mark"),
+                && stderr.contains("acknowledged and are lost")
+                && stderr.contains("commit-log"),
             "the {attempt} start names the data dir, the loss and the way out: {stderr}"
         );
     }
 
-    // An operator who accepts the loss removes the mark: quotad starts on what is left.
-    std::fs::remove_file(dir.path().join("quotad.mark")).unwrap();
+    // An operator who accepts the loss removes the log: quotad starts on what is left.
+    std::fs::remove_dir_all(dir.path().join("commit-log")).unwrap();
     let quotad = start(dir.path(), &env).await;
     kill(quotad).await;
 }

@@ -69,10 +69,12 @@ pub enum DataDirError {
     #[error(
         "data dir {path}: its database recovered {recovered} batches, but its commit log starts \
          at batch {first}: the batches between were acknowledged and are lost (the database's \
-         journal was damaged); restore the data dir from a backup"
+         journal was damaged); restore the data dir from a backup, or remove {log} to accept \
+         the loss and start from what the database holds"
     )]
     Lost {
         path: PathBuf,
+        log: PathBuf,
         recovered: u64,
         first: u64,
     },
@@ -441,6 +443,7 @@ impl DataDir {
         let log = dir.recover().map_err(|e| match e {
             Recovery::Lost { recovered, first } => DataDirError::Lost {
                 path: path_buf.clone(),
+                log: path.join(LOG_DIR),
                 recovered,
                 first,
             },
@@ -450,12 +453,13 @@ impl DataDir {
             },
             Recovery::Store(e) => open_err(e.to_string()),
         })?;
-        let log = CommitLog::start(&path.join(LOG_DIR), segment_bytes, log + 1).map_err(
-            |source| DataDirError::Log {
-                path: path_buf.clone(),
-                source,
-            },
-        )?;
+        let log =
+            CommitLog::start(&path.join(LOG_DIR), segment_bytes, log + 1).map_err(|source| {
+                DataDirError::Log {
+                    path: path_buf.clone(),
+                    source,
+                }
+            })?;
         Ok((dir, log))
     }
 
@@ -478,9 +482,8 @@ impl DataDir {
             if batch <= counters.batches {
                 continue;
             }
-            let changes = decode_changes(&payload).map_err(|e| {
-                Recovery::Store(corrupt(&format!("commit log batch {batch}"), e))
-            })?;
+            let changes = decode_changes(&payload)
+                .map_err(|e| Recovery::Store(corrupt(&format!("commit log batch {batch}"), e)))?;
             self.write(&changes, &mut counters, batch)
                 .map_err(|e| Recovery::Store(failed("replaying the commit log", e)))?;
             replayed = true;
@@ -777,6 +780,144 @@ fn decode_group(bytes: &[u8]) -> Option<Group> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::Arc;
 
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::domain::{Account, Funding, Usage};
+
+    fn change(id: &str, n: u64) -> Change {
+        let mut state = AccountState::new(Account {
+            id: id.into(),
+            plan: crate::domain::intern("plus"),
+            credit_purchase_allowed: true,
+        });
+        let mut change = Change::new(id, &mut state);
+        change.state.added.push(RecordValue {
+            kind: RecordKind::Request,
+            seq: n,
+            bytes: vec![7; n as usize % 50],
+        });
+        change.state.forgotten.push((RecordKind::Closed, 1..n + 1));
+        change.events.push(UsageEvent {
+            seq: n + 1,
+            at: Timestamp::from_millis(1_700_000_000_000 + n as i64),
+            product: crate::domain::intern("codex"),
+            usage: Usage {
+                model: Arc::from("gpt-5.5-mini"),
+                input_tokens: n,
+                cached_input_tokens: 0,
+                output_tokens: 3,
+                images: 0,
+                fast_mode: n % 2 == 0,
+            },
+            charged: Funding::new(n as i64, 1),
+            reservation_id: Arc::from(format!("r{n}")),
+            price_version: crate::domain::intern("v1"),
+        });
+        change.recent_keep = 100;
+        change.export_keep = 1_000_000;
+        change.holds_delta = -(n as i64 % 3);
+        change.purchase = match n % 3 {
+            0 => PurchaseIndex::Unchanged,
+            1 => PurchaseIndex::Started(Timestamp::from_millis(n as i64 * 1000)),
+            _ => PurchaseIndex::Ended,
+        };
+        change
+    }
+
+    #[test]
+    fn a_batch_of_changes_reads_back_as_it_was_written() {
+        let changes: Vec<Change> = (0..7).map(|n| change(&format!("acct-{n}"), n)).collect();
+        assert_eq!(decode_changes(&encode_changes(&changes)).unwrap(), changes);
+        assert_eq!(decode_changes(&encode_changes(&[])).unwrap(), vec![]);
+    }
+
+    const SEGMENT: u64 = 64 << 10;
+
+    /// A change whose account reads back (no made-up records).
+    fn loadable(id: &str, n: u64) -> Change {
+        let mut change = change(id, n);
+        change.state.added.clear();
+        change.state.forgotten.clear();
+        change
+    }
+
+    #[test]
+    fn a_start_replays_what_the_log_holds_past_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (data, mut log) = DataDir::open(dir.path(), 1 << 20, SEGMENT).unwrap();
+            let mut counters = data.counters().unwrap();
+            // Batch 1 reaches the database; batch 2 only the log, as when a crash comes
+            // between the two.
+            let first = vec![loadable("a", 1)];
+            log.append(1, &encode_changes(&first)).unwrap();
+            data.write(&first, &mut counters, 1).unwrap();
+            log.append(2, &encode_changes(&[loadable("b", 2), loadable("a", 3)]))
+                .unwrap();
+        }
+        let (data, log) = DataDir::open(dir.path(), 1 << 20, SEGMENT).unwrap();
+        assert_eq!(log.next_batch(), 3);
+        let counters = data.counters().unwrap();
+        assert_eq!((counters.batches, counters.export_next), (2, 3));
+        assert_eq!(counters.open_holds, -3);
+        assert!(data.load_account("b").unwrap().is_some());
+        let history = data.history("a", 10).unwrap();
+        assert_eq!(
+            history.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![4, 2]
+        );
+        assert_eq!(
+            data.purchases().unwrap().len(),
+            1,
+            "a started, b ended, a unchanged"
+        );
+    }
+
+    #[test]
+    fn a_database_behind_the_start_of_the_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(DataDir::open(dir.path(), 1 << 20, SEGMENT).unwrap());
+        // As if the database had lost batches 1 to 9, which a checkpoint had let the log drop.
+        drop(CommitLog::start(&dir.path().join(LOG_DIR), SEGMENT, 10).unwrap());
+        let err = DataDir::open(dir.path(), 1 << 20, SEGMENT).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataDirError::Lost {
+                    recovered: 0,
+                    first: 10,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("backup"), "{err}");
+    }
+
+    proptest! {
+        // The payload is checked by its frame's CRC before it is decoded, but the decoder
+        // still never panics or allocates by a corrupt count.
+        #[test]
+        fn a_corrupt_payload_is_an_error_never_a_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let _ = decode_changes(&bytes);
+        }
+
+        #[test]
+        fn a_damaged_payload_is_an_error_or_a_batch_never_a_panic(
+            at in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = encode_changes(&[change("a", 4), change("b", 5)]);
+            let i = at.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            let _ = decode_changes(&bytes);
+            let _ = decode_changes(&bytes[..cut.index(bytes.len())]);
+        }
+    }
 }

@@ -380,6 +380,10 @@ impl Shared {
     }
 
     fn apply_loop(&self, mut counters: Counters, log_dir: &std::path::Path, segment_bytes: u64) {
+        // The first segment was made at start; the next is readied here, off the writer's path.
+        if let Err(err) = commit_log::make_spare(log_dir, segment_bytes) {
+            tracing::warn!(error = %err, "could not ready a spare commit log segment");
+        }
         loop {
             let (batches, checkpoint, closing) = {
                 let mut applying = self.lock_applying();
