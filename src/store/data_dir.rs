@@ -324,9 +324,10 @@ impl std::fmt::Debug for DataDir {
 /// it bounds start-up time and the disk the journal takes (fjall's default is 512 MiB).
 const JOURNAL_BYTES: u64 = 128 << 20;
 /// Each keyspace's memtable. fjall's default of 64 MiB in each of seven keyspaces would be
-/// most of quotad's memory, for writes that are already durable in the journal; much smaller
-/// ones flush so often that the flushes show in the tail latency of the syncs (8 MiB: p99 of
-/// a Reserve at 4,000 tasks/s three times that of 32 MiB, on a 2-core VM).
+/// most of quotad's memory, for writes that are already durable in the commit log. Much
+/// smaller ones flush and compact more often; while the database was synced on the answer's
+/// path, 8 MiB tripled the p99 of a Reserve at 4,000 tasks/s (2-core VM). Off that path,
+/// 4 and 32 MiB did not differ beyond the noise of that machine.
 const MEMTABLE_BYTES: u64 = 32 << 20;
 const FORMAT_KEY: &[u8] = b"format";
 const OPEN_HOLDS_KEY: &[u8] = b"open_holds";
