@@ -389,6 +389,12 @@ impl Shared {
             let mut applying = self.lock_applying();
             applying.batches.push((batch, last, changes));
             let mut wake = std::mem::take(&mut applying.applier_idle);
+            // Half the bound waiting: apply now rather than refuse calls for a pause.
+            if self.unflushed.load(Ordering::Relaxed) * 2 >= self.max_unflushed && !applying.urgent
+            {
+                applying.urgent = true;
+                wake = true;
+            }
             if log.segments() > CHECKPOINT_SEGMENTS && !applying.checkpoint {
                 applying.checkpoint = true;
                 wake = true;

@@ -50,7 +50,9 @@ use crate::domain::top_up::TopUp;
 use crate::domain::window::SlidingWindow;
 
 /// The persisted format this quotad writes and reads. Any change to the payload of any value
-/// (a field added, removed, reordered or retyped in a persisted type) needs a new version.
+/// (a field added, removed, reordered or retyped in a persisted type), or to what a data dir
+/// must hold to be whole, needs a new version. 2: records apart from the core; 3: the commit
+/// log, which a quotad of version 2 would not replay.
 pub const FORMAT_VERSION: u16 = 3;
 
 const ACCOUNT_MAGIC: [u8; 2] = *b"QA";
