@@ -611,16 +611,20 @@ async fn check_account(
     }
     let usage = usage_of(&mut quota, &account).await;
     // Settings sent concurrently may land in either order: any of those sent since the last
-    // check may be the one in force, or the one found then if none of them was answered.
-    let mut candidates: Vec<(i64, i64)> =
-        history.top_ups.iter().map(TopUpSetting::settings).collect();
+    // check may be the one in force, or, if none of them was answered, the one found then
+    // (`None`: auto top-up was off, as it is until an account first sets it).
+    let mut candidates: Vec<Option<(i64, i64)>> =
+        history.top_ups.iter().map(|t| Some(t.settings())).collect();
     if history.top_ups.iter().all(|t| t.answer.is_none()) {
-        candidates.extend(history.top_up_found);
+        candidates.push(history.top_up_found);
     }
-    if !candidates.is_empty() {
+    if !history.top_ups.is_empty() {
         let shown = usage.auto_top_up.clone().unwrap_or_default();
+        let in_force = shown
+            .enabled
+            .then_some((shown.threshold_micros, shown.target_micros));
         assert!(
-            shown.enabled && candidates.contains(&(shown.threshold_micros, shown.target_micros)),
+            candidates.contains(&in_force),
             "{account}: auto top-up as acknowledged: {shown:?}, {candidates:?}"
         );
     }
