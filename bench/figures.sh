@@ -18,8 +18,9 @@
 #                                    # (cargo bench --bench data_dir)
 #   bench/figures.sh startup DIR     # quotad's start on that data dir: until health answers, and the
 #                                    # first read of an account on disk
-#   bench/figures.sh soak            # 10 minutes at a steady rate with a data dir and short idle
-#                                    # eviction: RSS every 10 s, its slope after 2 minutes and over the second half
+#   bench/figures.sh soak            # 10 minutes at a steady rate with a data dir, short idle
+#                                    # eviction and short retention: RSS every 10 s, its slope
+#                                    # after 2 minutes and over the second half
 #   bench/figures.sh admission       # ns per decision beside governor and limitador (criterion)
 #   bench/figures.sh redis-cost      # Redis's own instructions per Reserve+Commit pair (callgrind)
 #
@@ -157,17 +158,26 @@ case "${1:-}" in
       "the first read of an account on disk then took $(( (read_done - up) / 1000000 )) ms (one quotactl call)"
     ;;
   soak)
-    # A steady rate well under saturation over many accounts, idle accounts leaving memory after
-    # SOAK_EVICT seconds: after that, memory holds the active accounts and fjall's bounded
-    # buffers, so RSS should stop growing while the data dir keeps the history.
+    # A steady rate well under saturation, idle accounts leaving memory after SOAK_EVICT seconds
+    # and short retention, so that what is kept reaches its steady state within minutes: first
+    # answers and closed reservations kept SOAK_RETENTION seconds (holds live at most that
+    # long), SOAK_RECENT charges of history per account, the export's default 100,000 charges.
+    # After that, memory holds the active accounts and fjall's bounded buffers, and the data on
+    # disk stops growing, so RSS should stop growing too.
     minutes="${SOAK_MINUTES:-10}"
     rate="${SOAK_RATE:-2000}"
     evict="${SOAK_EVICT:-30}"
-    QUOTAD_ENV="QUOTAD_STORE__EMBEDDED__EVICT_IDLE_SECONDS=$evict" start_quotad embedded
-    echo "data dir, $rate pairs/s over 1,000,000 accounts (uniform) for $minutes min, idle accounts evicted after $evict s"
+    accounts="${SOAK_ACCOUNTS:-100000}"
+    retention="${SOAK_RETENTION:-120}"
+    recent="${SOAK_RECENT:-5}"
+    QUOTAD_ENV="QUOTAD_STORE__EMBEDDED__EVICT_IDLE_SECONDS=$evict QUOTAD_LIMITS__DEFAULT_TTL_SECONDS=60
+      QUOTAD_LIMITS__MAX_TTL_SECONDS=$retention QUOTAD_LIMITS__IDEMPOTENCY_RETENTION_SECONDS=$retention
+      QUOTAD_LIMITS__RECENT_EVENTS=$recent" start_quotad embedded
+    echo "data dir, $rate pairs/s over $accounts accounts (uniform) for $minutes min, idle accounts" \
+      "evicted after $evict s, answers kept $retention s, $recent charges of history per account"
     samples="$(mktemp)"
     LENGTH="--duration $((minutes * 60))s --warmup 0s" \
-      bench reserve-commit --rate "$rate" --accounts 1000000 --zipf 0 --credit-share 0 \
+      bench reserve-commit --rate "$rate" --accounts "$accounts" --zipf 0 --credit-share 0 \
       --over-limit-share 0 >"$samples.run" &
     load=$!
     start="$(date +%s)"

@@ -33,10 +33,6 @@ use super::StoreError;
 use super::commit_log::{self, CommitLog};
 use super::data_dir::{Change, Counters, DataDir, encode_changes};
 
-/// Segments the log may hold before the applier checkpoints the database: the log's size on
-/// disk, and what a start may replay, is about this many segments.
-const CHECKPOINT_SEGMENTS: usize = 2;
-
 /// How long the applier lets batches gather before it applies them, unless a reader waits
 /// for them: fewer and larger database writes, in which an account changed by several
 /// decisions is written once.
@@ -378,6 +374,7 @@ impl Shared {
                 }
             }
             let batch = log.next_batch();
+            let segments = log.segments();
             if let Err(err) = log.append(batch, &encode_changes(&changes)) {
                 self.fail("writing to the commit log", err);
                 self.unflushed.fetch_sub(count, Ordering::Relaxed);
@@ -395,7 +392,10 @@ impl Shared {
                 applying.urgent = true;
                 wake = true;
             }
-            if log.segments() > CHECKPOINT_SEGMENTS && !applying.checkpoint {
+            // A new segment: the applier checkpoints, so that the segments before it can go
+            // (the log holds about two segments, and a start replays at most that), and makes
+            // the next spare.
+            if log.segments() > segments {
                 applying.checkpoint = true;
                 wake = true;
             }
@@ -472,10 +472,15 @@ impl Shared {
                     Ok(()) => self.checkpointed.store(counters.batches, Ordering::Release),
                     Err(err) => self.fail("checkpointing the database", err),
                 }
-                if !closing && let Err(err) = commit_log::make_spare(log_dir, segment_bytes) {
-                    // The writer makes one itself when it needs it.
-                    tracing::warn!(error = %err, "could not ready a spare commit log segment");
-                }
+            }
+            // Made here, off the writer's path: making it there would hold every call for the
+            // time it takes to write a segment.
+            if checkpoint
+                && !closing
+                && let Err(err) = commit_log::make_spare(log_dir, segment_bytes)
+            {
+                // The writer makes one itself when it needs it.
+                tracing::warn!(error = %err, "could not ready a spare commit log segment");
             }
             if closing && self.lock_applying().batches.is_empty() {
                 return;
