@@ -35,6 +35,8 @@ const LOG_VERSION: u16 = 1;
 const FRAME_HEADER: usize = 20;
 const SEGMENT_SUFFIX: &str = ".qlog";
 const SPARE: &str = "spare.qlog";
+/// How much of a spare segment is written and synced at a time.
+const SPARE_CHUNK: usize = 256 << 10;
 
 /// Why the log could not be read back or written.
 #[derive(Debug, thiserror::Error)]
@@ -364,11 +366,14 @@ pub fn make_spare(dir: &Path, segment_bytes: u64) -> Result<(), LogError> {
     let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let temp = dir.join(format!("spare-{}-{made}.tmp", std::process::id()));
     let mut file = File::create(&temp).map_err(io_err(&temp))?;
-    let zeros = vec![0u8; 1 << 20];
+    // Written and synced a little at a time: one large flush would hold the disk, and so the
+    // log's writes and every call waiting on them, for as long as it takes (tens of ms).
+    let zeros = vec![0u8; SPARE_CHUNK];
     let mut left = segment_bytes;
     while left > 0 {
         let n = left.min(zeros.len() as u64) as usize;
         file.write_all(&zeros[..n]).map_err(io_err(&temp))?;
+        file.sync_data().map_err(io_err(&temp))?;
         left -= n as u64;
     }
     file.sync_all().map_err(io_err(&temp))?;

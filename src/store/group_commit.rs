@@ -3,8 +3,9 @@
 //! per batch. A call is answered only once the batch holding its change is on disk, so an
 //! acknowledged decision survives a crash. A second thread, the applier, then brings the
 //! database up to date with the batches the log holds (several at a time when it falls
-//! behind, without a sync), checkpoints it from time to time so that the log can drop what it
-//! no longer needs, and keeps a spare log segment ready. Reads of the database (history, the
+//! behind, without a sync), and checkpoints it (at every new log segment and every 250 ms) so
+//! that the log can drop what it no longer needs. A third thread keeps a spare log segment
+//! ready, so that a new segment costs the writer a rename, not a segment of zeros. Reads of the database (history, the
 //! export) first wait for the applier to reach what was acknowledged.
 //!
 //! Batching adapts to load with no timer: the writer takes everything queued, writes it, and
@@ -32,6 +33,10 @@ use tokio::sync::{Notify, oneshot};
 use super::StoreError;
 use super::commit_log::{self, CommitLog};
 use super::data_dir::{Change, Counters, DataDir, encode_changes};
+
+/// How often the applier syncs the database at most (a checkpoint), beside the checkpoint at
+/// each new log segment.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How long the applier lets batches gather before it applies them, unless a reader waits
 /// for them: fewer and larger database writes, in which an account changed by several
@@ -76,6 +81,15 @@ struct Shared {
     /// Batches written and changes in them, since start.
     batches: AtomicUsize,
     changes: AtomicUsize,
+    /// Asks the spare thread for the log's next segment (`wanted`), or to stop (`closing`).
+    spare: Mutex<SpareRequest>,
+    spare_wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SpareRequest {
+    wanted: bool,
+    closing: bool,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +151,12 @@ impl GroupCommit {
             writing: Mutex::new(()),
             batches: AtomicUsize::new(0),
             changes: AtomicUsize::new(0),
+            // The first segment was made at start; the next is readied at once.
+            spare: Mutex::new(SpareRequest {
+                wanted: true,
+                closing: false,
+            }),
+            spare_wake: Condvar::new(),
         });
         let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -150,11 +170,15 @@ impl GroupCommit {
         })?;
         let applier = spawn("quotad-applier", {
             let shared = shared.clone();
-            Box::new(move || shared.apply_loop(counters, &log_dir, segment_bytes))
+            Box::new(move || shared.apply_loop(counters))
+        })?;
+        let spares = spawn("quotad-log-spares", {
+            let shared = shared.clone();
+            Box::new(move || shared.spare_loop(&log_dir, segment_bytes))
         })?;
         Ok(GroupCommit {
             shared,
-            threads: Mutex::new(vec![writer, applier]),
+            threads: Mutex::new(vec![writer, applier, spares]),
             write_timeout,
         })
     }
@@ -292,18 +316,52 @@ impl GroupCommit {
 }
 
 impl Drop for GroupCommit {
-    /// Writes and applies what is queued, checkpoints the database, and stops both threads.
+    /// Writes and applies what is queued, checkpoints the database, and stops its threads.
     fn drop(&mut self) {
         self.shared.lock_queue().closing = true;
         self.shared.wake.notify_one();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        for thread in threads {
+        for (n, thread) in threads.into_iter().enumerate() {
+            if n == 2 {
+                // The writer and the applier have stopped: no segment is wanted any more.
+                self.shared.lock_spare().closing = true;
+                self.shared.spare_wake.notify_one();
+            }
             let _ = thread.join();
         }
     }
 }
 
 impl Shared {
+    fn lock_spare(&self) -> std::sync::MutexGuard<'_, SpareRequest> {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the log's next segment whenever the applier asks. A thread of its own, because
+    /// writing a segment of zeros takes a while (it is written in synced chunks, so as not to
+    /// hold the disk): on the writer it would hold every call, on the applier every read.
+    fn spare_loop(&self, log_dir: &std::path::Path, segment_bytes: u64) {
+        loop {
+            {
+                let mut spare = self.lock_spare();
+                while !spare.wanted && !spare.closing {
+                    spare = self
+                        .spare_wake
+                        .wait(spare)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                if spare.closing {
+                    return;
+                }
+                spare.wanted = false;
+            }
+            if let Err(err) = commit_log::make_spare(log_dir, segment_bytes) {
+                // The writer makes one itself when it needs it.
+                tracing::warn!(error = %err, "could not ready a spare commit log segment");
+            }
+        }
+    }
+
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         // Pushes and swaps only: a panicking holder leaves the queue consistent.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
@@ -408,11 +466,8 @@ impl Shared {
         self.apply_wake.notify_one();
     }
 
-    fn apply_loop(&self, mut counters: Counters, log_dir: &std::path::Path, segment_bytes: u64) {
-        // The first segment was made at start; the next is readied here, off the writer's path.
-        if let Err(err) = commit_log::make_spare(log_dir, segment_bytes) {
-            tracing::warn!(error = %err, "could not ready a spare commit log segment");
-        }
+    fn apply_loop(&self, mut counters: Counters) {
+        let mut last_checkpoint = std::time::Instant::now();
         loop {
             let (batches, checkpoint, closing) = {
                 let mut applying = self.lock_applying();
@@ -467,20 +522,21 @@ impl Shared {
                 }
             }
             self.unflushed.fetch_sub(count, Ordering::Relaxed);
-            if (checkpoint || closing) && self.failed.get().is_none() {
+            // Also every CHECKPOINT_EVERY: each sync then has little to write, where one sync per
+            // segment would flush seconds of database writes at once and hold the disk (and the
+            // log's writes behind it) for as long.
+            let due = count > 0 && last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+            if (checkpoint || closing || due) && self.failed.get().is_none() {
+                last_checkpoint = std::time::Instant::now();
                 match self.data.checkpoint() {
                     Ok(()) => self.checkpointed.store(counters.batches, Ordering::Release),
                     Err(err) => self.fail("checkpointing the database", err),
                 }
             }
-            // Made here, off the writer's path: making it there would hold every call for the
-            // time it takes to write a segment.
-            if checkpoint
-                && !closing
-                && let Err(err) = commit_log::make_spare(log_dir, segment_bytes)
-            {
-                // The writer makes one itself when it needs it.
-                tracing::warn!(error = %err, "could not ready a spare commit log segment");
+            if checkpoint && !closing {
+                // The log started a segment, so it has used its spare.
+                self.lock_spare().wanted = true;
+                self.spare_wake.notify_one();
             }
             if closing && self.lock_applying().batches.is_empty() {
                 return;
