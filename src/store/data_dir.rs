@@ -35,7 +35,9 @@
 //! Only [`super::group_commit`] writes accounts, history and the export (one batch, one sync,
 //! per group); export reads and acknowledgements write group state directly.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -365,6 +367,87 @@ fn read_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
+/// The tables a write touches beside the accounts'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Table {
+    Records,
+    History,
+    Export,
+    Purchases,
+}
+
+/// What a key ends up as after a run of changes.
+#[derive(Debug)]
+struct Slot<'a> {
+    /// The value to write, or `None` for a removal.
+    value: Option<Cow<'a, [u8]>>,
+    /// Made within these changes: the database does not hold it yet, so dropping it again
+    /// needs no removal.
+    made_here: bool,
+}
+
+/// The net effect of a run of changes on the database, by key (sorted, so that the
+/// memtables take them in order).
+#[derive(Debug, Default)]
+struct NetWrite<'a> {
+    cores: BTreeMap<&'a str, &'a [u8]>,
+    keys: BTreeMap<(Table, Vec<u8>), Slot<'a>>,
+}
+
+impl<'a> NetWrite<'a> {
+    fn core(&mut self, account_id: &'a str, core: &'a [u8]) {
+        self.cores.insert(account_id, core);
+    }
+
+    /// A key written once, when made.
+    fn add(&mut self, table: Table, key: Vec<u8>, value: Cow<'a, [u8]>) {
+        self.keys.insert(
+            (table, key),
+            Slot {
+                value: Some(value),
+                made_here: true,
+            },
+        );
+    }
+
+    /// The end of a key written once: nothing at all if it was made within these changes.
+    fn remove(&mut self, table: Table, key: Vec<u8>) {
+        match self.keys.entry((table, key)) {
+            Entry::Occupied(slot) if slot.get().made_here => {
+                slot.remove();
+            }
+            Entry::Occupied(mut slot) => slot.get_mut().value = None,
+            Entry::Vacant(slot) => {
+                slot.insert(Slot {
+                    value: None,
+                    made_here: false,
+                });
+            }
+        }
+    }
+
+    /// A key that may be written many times: the last write wins.
+    fn put(&mut self, table: Table, key: Vec<u8>, value: Cow<'a, [u8]>) {
+        self.keys.insert(
+            (table, key),
+            Slot {
+                value: Some(value),
+                made_here: false,
+            },
+        );
+    }
+
+    fn put_removal(&mut self, table: Table, key: Vec<u8>) {
+        self.keys.insert(
+            (table, key),
+            Slot {
+                value: None,
+                made_here: false,
+            },
+        );
+    }
+}
+
 impl DataDir {
     /// Opens (or creates) the data dir in `path`: the database, brought up to date with what
     /// the commit log holds past it, and a new log for the batches to come, in segments of
@@ -590,70 +673,83 @@ impl DataDir {
 
     /// Writes the changes of the commit log's batches up to `last_batch` as one atomic batch
     /// of the database, handed to the OS but not synced: the commit log made them durable.
+    ///
+    /// Only the net effect is written, since the batch lands whole or not at all: an account
+    /// several decisions changed has its last core written, and a record, a charge of history
+    /// or an export event both made and dropped within these changes is not written at all
+    /// (each of those keys is written once, when made, so the database cannot hold it yet).
+    /// Under load the applier hands over many batches at once, and a busy account's
+    /// decisions then cost one write.
     pub fn write(
         &self,
         changes: &[Change],
         counters: &mut Counters,
         last_batch: u64,
     ) -> Result<(), fjall::Error> {
-        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
-        // An account several calls changed in one batch has only its last core written: the
-        // batch lands whole or not at all, so the earlier ones could never be read.
-        let mut last_core: HashMap<&str, usize> = HashMap::with_capacity(changes.len());
-        for (at, change) in changes.iter().enumerate() {
-            last_core.insert(change.account_id.as_str(), at);
-        }
-        for (at, change) in changes.iter().enumerate() {
+        let mut net = NetWrite::default();
+        for change in changes {
             let id = change.account_id.as_str();
-            if last_core.get(id) == Some(&at) {
-                batch.insert(&self.accounts, id, &*change.state.core);
-            }
+            net.core(id, &change.state.core);
             for (kind, numbers) in &change.state.forgotten {
                 for seq in numbers.clone() {
-                    batch.remove(&self.records, record_key(id, *kind, seq));
+                    net.remove(Table::Records, record_key(id, *kind, seq));
                 }
             }
             for record in &change.state.added {
-                batch.insert(
-                    &self.records,
+                net.add(
+                    Table::Records,
                     record_key(id, record.kind, record.seq),
-                    &*record.bytes,
+                    Cow::Borrowed(&record.bytes),
                 );
             }
             for event in &change.events {
-                batch.insert(
-                    &self.history,
-                    history_key(&change.account_id, event.seq),
-                    encode_event(&change.account_id, event),
-                );
+                let encoded = encode_event(id, event);
                 let keep = u64::from(change.recent_keep);
+                net.add(
+                    Table::History,
+                    history_key(id, event.seq),
+                    Cow::Owned(encoded.clone()),
+                );
                 if event.seq > keep {
-                    batch.remove(
-                        &self.history,
-                        history_key(&change.account_id, event.seq - keep),
-                    );
+                    net.remove(Table::History, history_key(id, event.seq - keep));
                 }
                 let offset = counters.export_next;
                 counters.export_next += 1;
-                batch.insert(
-                    &self.export,
+                net.add(
+                    Table::Export,
                     offset.to_be_bytes().to_vec(),
-                    encode_event(&change.account_id, event),
+                    Cow::Owned(encoded),
                 );
-                if offset >= change.export_keep.max(1) {
-                    let trimmed = offset - change.export_keep.max(1);
-                    batch.remove(&self.export, trimmed.to_be_bytes().to_vec());
+                let keep = change.export_keep.max(1);
+                if offset >= keep {
+                    net.remove(Table::Export, (offset - keep).to_be_bytes().to_vec());
                 }
             }
             counters.open_holds += change.holds_delta;
             match change.purchase {
                 PurchaseIndex::Unchanged => {}
-                PurchaseIndex::Started(at) => batch.insert(
-                    &self.purchases,
-                    change.account_id.as_str(),
-                    (at.as_millis() as u64).to_be_bytes().to_vec(),
+                PurchaseIndex::Started(at) => net.put(
+                    Table::Purchases,
+                    id.as_bytes().to_vec(),
+                    Cow::Owned((at.as_millis() as u64).to_be_bytes().to_vec()),
                 ),
-                PurchaseIndex::Ended => batch.remove(&self.purchases, change.account_id.as_str()),
+                PurchaseIndex::Ended => net.put_removal(Table::Purchases, id.as_bytes().to_vec()),
+            }
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
+        for (id, core) in net.cores {
+            batch.insert(&self.accounts, id, core);
+        }
+        for ((table, key), slot) in net.keys {
+            let keyspace = match table {
+                Table::Records => &self.records,
+                Table::History => &self.history,
+                Table::Export => &self.export,
+                Table::Purchases => &self.purchases,
+            };
+            match slot.value {
+                Some(value) => batch.insert(keyspace, key, &*value),
+                None => batch.remove(keyspace, key),
             }
         }
         batch.insert(
@@ -843,6 +939,66 @@ mod tests {
         change.state.added.clear();
         change.state.forgotten.clear();
         change
+    }
+
+    /// A change of `id` with charges numbered `seqs`, records `added` made and `dropped`
+    /// forgotten, history and export each keeping two.
+    fn charges(
+        id: &str,
+        seqs: std::ops::Range<u64>,
+        added: &[u64],
+        dropped: std::ops::Range<u64>,
+    ) -> Change {
+        let mut change = loadable(id, 1);
+        let event = change.events.pop().unwrap();
+        change.events = seqs
+            .map(|seq| UsageEvent {
+                seq,
+                ..event.clone()
+            })
+            .collect();
+        change.state.added = (added.iter())
+            .map(|&seq| RecordValue {
+                kind: RecordKind::Closed,
+                seq,
+                bytes: vec![1],
+            })
+            .collect();
+        change.state.forgotten = vec![(RecordKind::Closed, dropped)];
+        change.recent_keep = 2;
+        change.export_keep = 2;
+        change
+    }
+
+    #[test]
+    fn a_write_leaves_out_what_its_own_changes_made_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _log) = DataDir::open(dir.path(), 1 << 20, SEGMENT).unwrap();
+        let mut counters = data.counters().unwrap();
+        let count = |keyspace: &Keyspace| keyspace.iter().count();
+        let records = |data: &DataDir| -> Vec<u64> {
+            (data.records.iter())
+                .map(|e| read_u64(&e.key().unwrap()[6..]).unwrap())
+                .collect()
+        };
+        data.write(&[charges("acct", 1..3, &[1, 2], 0..0)], &mut counters, 1)
+            .unwrap();
+        assert_eq!(records(&data), [1, 2]);
+        // Record 1 made earlier, 3 and 4 made here: all dropped; 5 kept. Charges 3 to 6
+        // push 1 to 4 out of a history of two, and export offsets 0 to 3 out of the export.
+        let changes = [
+            charges("acct", 3..5, &[3, 4], 1..2),
+            charges("acct", 5..7, &[5], 3..5),
+        ];
+        data.write(&changes, &mut counters, 2).unwrap();
+        assert_eq!(records(&data), [2, 5]);
+        let seqs: Vec<u64> = (data.history("acct", 10).unwrap())
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [6, 5]);
+        assert_eq!(count(&data.export), 2);
+        assert_eq!(counters.export_next, 6);
     }
 
     #[test]

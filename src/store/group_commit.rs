@@ -1,27 +1,28 @@
-//! Group commit: decisions are made in memory, and what they changed is written to the data
-//! dir by one writer thread, many decisions to a batch, one durable write of the commit log
-//! per batch. A call is answered only once the batch holding its change is on disk, so an
+//! Group commit: decisions are made in memory, and what they changed is written to the data dir
+//! by one writer thread, many decisions to a batch, one durable write of the commit log per
+//! batch. A call is answered only once the batch holding its change is on disk, so an
 //! acknowledged decision survives a crash. A second thread, the applier, then brings the
-//! database up to date with the batches the log holds (several at a time when it falls
-//! behind, without a sync), and checkpoints it (at every new log segment and every 250 ms) so
-//! that the log can drop what it no longer needs. A third thread keeps a spare log segment
-//! ready, so that a new segment costs the writer a rename, not a segment of zeros. Reads of the database (history, the
-//! export) first wait for the applier to reach what was acknowledged.
+//! database up to date with the batches the log holds (several at a time when it falls behind,
+//! without a sync), and checkpoints it (at every new log segment and every 250 ms) so that the
+//! log can drop what it no longer needs. A third thread keeps a spare log segment ready, so
+//! that a new segment costs the writer a rename, not a segment of zeros. Reads of the database
+//! (history, the export) first wait for the applier to reach what was acknowledged.
 //!
-//! Batching adapts to load with no timer: the writer takes everything queued, writes it, and
-//! while that write is syncing the next calls queue up for the next batch. When idle a batch is
-//! one change and nothing waits; under load a batch holds whatever arrived during the last
-//! sync. Changes are numbered as they are queued (under the queue's lock, so in queue order);
-//! the writer publishes the number of the last change made durable, and a caller waits for its
-//! own number. Each waiter is woken once, when its number is on disk: a batch wakes the
-//! calls it holds, not every call waiting.
+//! Batching adapts to load: the writer takes everything queued, writes it, and while that write
+//! is syncing the next calls queue up for the next batch. When idle a batch is one change and
+//! nothing waits; under load a batch holds whatever arrived during the last sync, and once
+//! batches hold several changes the writer also lets the next one gather for half a
+//! millisecond, so that calls arriving together do not each wake it. Changes are numbered as
+//! they are queued (under the queue's lock, so in queue order); the writer publishes the number
+//! of the last change made durable, and a caller waits for its own number. Each waiter is woken
+//! once, when its number is on disk: a batch wakes the calls it holds, not every call waiting.
 //!
 //! What is queued and not yet applied is bounded (`max_unflushed`): past it a call is refused
 //! with UNAVAILABLE *before* it decides anything, and a caller waits at most `write_timeout`
-//! for its batch. A failed write is fatal to the engine, as an `fsync` failure is to a
-//! database (the kernel may have dropped the dirty pages, so memory and disk can no longer be
-//! told apart): every later call is UNAVAILABLE until quotad is restarted and recovers from the
-//! data dir, and health reports the store down so that Kubernetes restarts the pod.
+//! for its batch. A failed write is fatal to the engine, as an `fsync` failure is to a database
+//! (the kernel may have dropped the dirty pages, so memory and disk can no longer be told
+//! apart): every later call is UNAVAILABLE until quotad is restarted and recovers from the data
+//! dir, and health reports the store down so that Kubernetes restarts the pod.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -38,10 +39,21 @@ use super::data_dir::{Change, Counters, DataDir, encode_changes};
 /// each new log segment.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// How long the writer lets a batch gather when the last one held several changes (calls
+/// are arriving together): the calls of that time then share one write and one wake-up of
+/// the writer, where each would otherwise wake it (as PostgreSQL's `commit_delay` does when
+/// `commit_siblings` transactions are open). Never when a call arrives alone. Measured on a
+/// 2-core VM at saturation: with it, a Reserve+Commit pair cost the writer and the runtime 10
+/// µs of CPU less, and pairs with a data dir rose from 0.58–0.63 to 0.64–0.66 of pairs
+/// without one; 2 ms was worse again.
+const GATHER: Duration = Duration::from_micros(500);
+
 /// How long the applier lets batches gather before it applies them, unless a reader waits
-/// for them: fewer and larger database writes, in which an account changed by several
-/// decisions is written once.
-const APPLY_PAUSE: Duration = Duration::from_millis(5);
+/// for them or half the unflushed bound does: fewer and larger database writes, in which an
+/// account changed by several decisions is written once, and a record or charge both made
+/// and dropped is not written at all. Measured on a 2-core VM at saturation: 5 ms cost the
+/// applier 22 µs of CPU per Reserve+Commit pair, 100 ms 13 µs.
+const APPLY_PAUSE: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub struct GroupCommit {
@@ -405,8 +417,13 @@ impl Shared {
 
     fn write_loop(&self, mut log: CommitLog) {
         let mut checkpointed = self.checkpointed.load(Ordering::Acquire);
+        // Whether the last batch held several changes: then calls are arriving together.
+        let mut gather = false;
         loop {
             let (changes, last) = {
+                if gather {
+                    std::thread::sleep(GATHER);
+                }
                 let mut queue = self.lock_queue();
                 while queue.changes.is_empty() && !queue.closing {
                     queue.writer_waiting = true;
@@ -419,6 +436,7 @@ impl Shared {
                 (std::mem::take(&mut queue.changes), queue.last)
             };
             let count = changes.len();
+            gather = count >= 2;
             let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
             if self.failed.get().is_some() {
                 self.unflushed.fetch_sub(count, Ordering::Relaxed);
