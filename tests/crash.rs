@@ -1196,6 +1196,13 @@ async fn small_load(url: &str) {
                 };
                 answer(quota.commit(commit).await, "commit");
             }
+            // A read waits for the database to hold what was acknowledged, so the applier
+            // writes at once: the journal gets a batch per task for the damage tests to aim at.
+            let usage = pb::GetUsageRequest {
+                account_id: account.to_string(),
+                recent_limit: 1,
+            };
+            answer(quota.get_usage(usage).await, "usage");
         }
     }
 }
