@@ -43,9 +43,9 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// are arriving together): the calls of that time then share one write and one wake-up of
 /// the writer, where each would otherwise wake it (as PostgreSQL's `commit_delay` does when
 /// `commit_siblings` transactions are open). Never when a call arrives alone. Measured on a
-/// 2-core VM at saturation: with it, a Reserve+Commit pair cost the writer and the runtime 10
-/// µs of CPU less, and pairs with a data dir rose from 0.58–0.63 to 0.64–0.66 of pairs
-/// without one; 2 ms was worse again.
+/// 2-core VM at saturation: with it, the writer's CPU per Reserve+Commit pair went from 13 to
+/// 7.5 µs, and pairs with a data dir from 0.58–0.63 to 0.62–0.66 of pairs without one (near
+/// that VM's noise); 2 ms was worse.
 const GATHER: Duration = Duration::from_micros(500);
 
 /// How long the applier lets batches gather before it applies them, unless a reader waits
