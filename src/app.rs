@@ -677,7 +677,9 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> QuotaError {
     QuotaError::Refused(DomainError::invalid(field, reason))
 }
 
-/// A fresh opaque id such as `rsv_5f0c…`: 128 random bits, so replicas never collide.
+/// A fresh opaque id such as `rsv_5f0c…`: 122 random bits, so replicas never collide, from
+/// uuid's `fast-rng` (a thread-local CSPRNG seeded from the OS), not a `getrandom` system call
+/// per id on the Reserve path.
 fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
