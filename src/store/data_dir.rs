@@ -41,7 +41,7 @@ use std::collections::btree_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, JournalRecoveryError, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::commit_log::{self, CommitLog, LogError};
 use super::export_log::Group;
@@ -355,6 +355,24 @@ fn record_key(account_id: &str, kind: RecordKind, seq: u64) -> Vec<u8> {
     key
 }
 
+/// fjall's error for an operator: its `Display` is its `Debug` form, which names a variant but
+/// not what to do. The variant's name stays in the text, for a search.
+fn describe(err: &fjall::Error) -> String {
+    match err {
+        fjall::Error::JournalRecovery(JournalRecoveryError::ChecksumMismatch) => {
+            "a batch in its database journal fails its checksum (ChecksumMismatch) with whole \
+             batches after it: that is damage, not a torn last write, and those batches were \
+             acknowledged. Restore the data dir from a backup"
+                .into()
+        }
+        fjall::Error::JournalRecovery(kind) => format!(
+            "its database journal is damaged ({kind:?}). Restore the data dir from a backup"
+        ),
+        fjall::Error::Io(io) => format!("I/O error: {io}"),
+        other => format!("{other:?}"),
+    }
+}
+
 fn failed(what: &str, err: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(format!("data dir: {what}: {err}"))
 }
@@ -471,7 +489,7 @@ impl DataDir {
                 fjall::Error::Locked => DataDirError::Locked {
                     path: path_buf.clone(),
                 },
-                other => open_err(other.to_string()),
+                other => open_err(describe(&other)),
             })?;
         let keyspace = |name: &str| {
             db.keyspace(name, || {
@@ -922,6 +940,19 @@ mod tests {
             _ => PurchaseIndex::Ended,
         };
         change
+    }
+
+    #[test]
+    fn a_damaged_journal_is_told_as_damage_with_what_to_do() {
+        let damaged = describe(&fjall::Error::JournalRecovery(
+            JournalRecoveryError::ChecksumMismatch,
+        ));
+        assert!(
+            damaged.contains("ChecksumMismatch") && damaged.contains("backup"),
+            "{damaged}"
+        );
+        let io = describe(&fjall::Error::Io(std::io::Error::other("disk on fire")));
+        assert_eq!(io, "I/O error: disk on fire");
     }
 
     #[test]
