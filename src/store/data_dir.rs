@@ -3,8 +3,9 @@
 //! crash and a restart.
 //!
 //! Why fjall: it is an LSM tree whose writes are appended to a checksummed journal, so a batch
-//! of many accounts' changes costs one sequential append and one `fdatasync`, which is what
-//! group commit needs (a B-tree such as redb rewrites a page per account touched). Recovery
+//! of many accounts' changes costs one sequential append (synced at checkpoints; the commit
+//! log makes each batch durable first), where a B-tree such as redb rewrites a page per
+//! account touched. Recovery
 //! replays the journal, not the data, so start-up does not grow with the number of accounts;
 //! a torn last batch (a crash in the middle of a write) fails its checksum and is dropped whole,
 //! as fjall documents (`RecoveryMode::TolerateCorruptTail`), and a batch that was synced is
@@ -32,8 +33,9 @@
 //! its end: fjall drops everything after a damaged entry as if it were a torn tail) has lost
 //! acknowledged batches, and the start is refused rather than continue without them.
 //!
-//! Only [`super::group_commit`] writes accounts, history and the export (one batch, one sync,
-//! per group); export reads and acknowledgements write group state directly.
+//! Only [`super::group_commit`]'s applier writes accounts, history and the export (one
+//! database batch for the net effect of the log batches it holds); export reads and
+//! acknowledgements write group state directly.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -413,8 +415,59 @@ struct NetWrite<'a> {
 }
 
 impl<'a> NetWrite<'a> {
-    fn core(&mut self, account_id: &'a str, core: &'a [u8]) {
-        self.cores.insert(account_id, core);
+    /// The net effect of `changes`, numbering their charges in the export from `counters`.
+    fn of(changes: &'a [Change], counters: &mut Counters) -> NetWrite<'a> {
+        let mut net = NetWrite::default();
+        for change in changes {
+            let id = change.account_id.as_str();
+            net.cores.insert(id, &change.state.core);
+            for (kind, numbers) in &change.state.forgotten {
+                for seq in numbers.clone() {
+                    net.remove(Table::Records, record_key(id, *kind, seq));
+                }
+            }
+            for record in &change.state.added {
+                net.add(
+                    Table::Records,
+                    record_key(id, record.kind, record.seq),
+                    Cow::Borrowed(&record.bytes),
+                );
+            }
+            for event in &change.events {
+                let encoded = encode_event(id, event);
+                let keep = u64::from(change.recent_keep);
+                net.add(
+                    Table::History,
+                    history_key(id, event.seq),
+                    Cow::Owned(encoded.clone()),
+                );
+                if event.seq > keep {
+                    net.remove(Table::History, history_key(id, event.seq - keep));
+                }
+                let offset = counters.export_next;
+                counters.export_next += 1;
+                net.add(
+                    Table::Export,
+                    offset.to_be_bytes().to_vec(),
+                    Cow::Owned(encoded),
+                );
+                let keep = change.export_keep.max(1);
+                if offset >= keep {
+                    net.remove(Table::Export, (offset - keep).to_be_bytes().to_vec());
+                }
+            }
+            counters.open_holds += change.holds_delta;
+            match change.purchase {
+                PurchaseIndex::Unchanged => {}
+                PurchaseIndex::Started(at) => net.put(
+                    Table::Purchases,
+                    id.as_bytes().to_vec(),
+                    Some(Cow::Owned((at.as_millis() as u64).to_be_bytes().to_vec())),
+                ),
+                PurchaseIndex::Ended => net.put(Table::Purchases, id.as_bytes().to_vec(), None),
+            }
+        }
+        net
     }
 
     /// A key written once, when made.
@@ -444,22 +497,12 @@ impl<'a> NetWrite<'a> {
         }
     }
 
-    /// A key that may be written many times: the last write wins.
-    fn put(&mut self, table: Table, key: Vec<u8>, value: Cow<'a, [u8]>) {
+    /// A key that may be written many times (`None`: removed): the last write wins.
+    fn put(&mut self, table: Table, key: Vec<u8>, value: Option<Cow<'a, [u8]>>) {
         self.keys.insert(
             (table, key),
             Slot {
-                value: Some(value),
-                made_here: false,
-            },
-        );
-    }
-
-    fn put_removal(&mut self, table: Table, key: Vec<u8>) {
-        self.keys.insert(
-            (table, key),
-            Slot {
-                value: None,
+                value,
                 made_here: false,
             },
         );
@@ -704,56 +747,7 @@ impl DataDir {
         counters: &mut Counters,
         last_batch: u64,
     ) -> Result<(), fjall::Error> {
-        let mut net = NetWrite::default();
-        for change in changes {
-            let id = change.account_id.as_str();
-            net.core(id, &change.state.core);
-            for (kind, numbers) in &change.state.forgotten {
-                for seq in numbers.clone() {
-                    net.remove(Table::Records, record_key(id, *kind, seq));
-                }
-            }
-            for record in &change.state.added {
-                net.add(
-                    Table::Records,
-                    record_key(id, record.kind, record.seq),
-                    Cow::Borrowed(&record.bytes),
-                );
-            }
-            for event in &change.events {
-                let encoded = encode_event(id, event);
-                let keep = u64::from(change.recent_keep);
-                net.add(
-                    Table::History,
-                    history_key(id, event.seq),
-                    Cow::Owned(encoded.clone()),
-                );
-                if event.seq > keep {
-                    net.remove(Table::History, history_key(id, event.seq - keep));
-                }
-                let offset = counters.export_next;
-                counters.export_next += 1;
-                net.add(
-                    Table::Export,
-                    offset.to_be_bytes().to_vec(),
-                    Cow::Owned(encoded),
-                );
-                let keep = change.export_keep.max(1);
-                if offset >= keep {
-                    net.remove(Table::Export, (offset - keep).to_be_bytes().to_vec());
-                }
-            }
-            counters.open_holds += change.holds_delta;
-            match change.purchase {
-                PurchaseIndex::Unchanged => {}
-                PurchaseIndex::Started(at) => net.put(
-                    Table::Purchases,
-                    id.as_bytes().to_vec(),
-                    Cow::Owned((at.as_millis() as u64).to_be_bytes().to_vec()),
-                ),
-                PurchaseIndex::Ended => net.put_removal(Table::Purchases, id.as_bytes().to_vec()),
-            }
-        }
+        let net = NetWrite::of(changes, counters);
         let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
         for (id, core) in net.cores {
             batch.insert(&self.accounts, id, core);
@@ -1021,6 +1015,35 @@ mod tests {
             charges("acct", 3..5, &[3, 4], 1..2),
             charges("acct", 5..7, &[5], 3..5),
         ];
+        // What the write holds: each key made and dropped within it is absent, not written and
+        // removed; a key the database holds is removed (`false`); the rest are written.
+        let net = NetWrite::of(&changes, &mut counters.clone());
+        let keys: Vec<(Table, u64, bool)> = (net.keys.iter())
+            .filter(|((table, _), _)| *table != Table::Purchases)
+            .map(|((table, key), slot)| {
+                let number = read_u64(&key[key.len() - 8..]).unwrap();
+                (*table, number, slot.value.is_some())
+            })
+            .collect();
+        use Table::{Export, History, Records};
+        assert_eq!(
+            keys,
+            [
+                (Records, 1, false),
+                (Records, 5, true),
+                (History, 1, false),
+                (History, 2, false),
+                (History, 5, true),
+                (History, 6, true),
+                (Export, 0, false),
+                (Export, 1, false),
+                (Export, 4, true),
+                (Export, 5, true),
+            ]
+        );
+        assert_eq!(net.cores.len(), 1);
+        let purchase = &net.keys[&(Table::Purchases, b"acct".to_vec())];
+        assert!(purchase.value.is_some() && !purchase.made_here);
         data.write(&changes, &mut counters, 2).unwrap();
         assert_eq!(records(&data), [2, 5]);
         let seqs: Vec<u64> = (data.history("acct", 10).unwrap())

@@ -44,8 +44,7 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// the writer, where each would otherwise wake it (as PostgreSQL's `commit_delay` does when
 /// `commit_siblings` transactions are open). Never when a call arrives alone. Measured on a
 /// 2-core VM at saturation: with it, the writer's CPU per Reserve+Commit pair went from 13 to
-/// 7.5 µs, and pairs with a data dir from 0.58–0.63 to 0.62–0.66 of pairs without one (near
-/// that VM's noise); 2 ms was worse.
+/// 7.5 µs (the change in pairs per second was within that VM's noise); 2 ms cost pairs.
 const GATHER: Duration = Duration::from_micros(500);
 
 /// How long the applier lets batches gather before it applies them, unless a reader waits
@@ -350,14 +349,18 @@ impl Drop for GroupCommit {
     fn drop(&mut self) {
         self.shared.lock_queue().closing = true;
         self.shared.wake.notify_one();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        for (n, thread) in threads.into_iter().enumerate() {
-            if n == 2 {
-                // The writer and the applier have stopped: no segment is wanted any more.
-                self.shared.lock_spare().closing = true;
-                self.shared.spare_wake.notify_one();
-            }
+        let mut threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        // Started writer, applier, spares: the spares stop once the other two have, as no
+        // segment is wanted any more.
+        let spares = threads.pop();
+        for thread in threads {
             let _ = thread.join();
+        }
+        self.shared.lock_spare().closing = true;
+        self.shared.spare_wake.notify_one();
+        if let Some(spares) = spares {
+            let _ = spares.join();
         }
     }
 }
