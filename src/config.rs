@@ -115,6 +115,18 @@ impl StoreConfig {
         })
     }
 
+    /// How the owned mode writes to Redis.
+    pub fn owned(&self) -> crate::store::OwnedSettings {
+        let embedded = &self.embedded;
+        crate::store::OwnedSettings {
+            partitions: self.redis.partitions,
+            lease: std::time::Duration::from_millis(self.redis.lease_ms),
+            max_unflushed: embedded.max_unflushed,
+            write_timeout: std::time::Duration::from_millis(embedded.write_timeout_ms),
+            evict_idle: std::time::Duration::from_secs(embedded.evict_idle_seconds),
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         let embedded = &self.embedded;
         for (key, value) in [
@@ -190,6 +202,28 @@ pub struct RedisConfig {
     pub tls_cert_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// How decisions are made on Redis: `scripts` (each call one function run inside Redis)
+    /// or `owned` (the replica owning the account's partition decides in memory and writes
+    /// what changed to Redis in batches before answering; one replica per key prefix for now).
+    /// `[store.embedded]`'s `max_unflushed`, `write_timeout_ms` and `evict_idle_seconds` bound
+    /// the owned mode's writes as they bound the data dir's.
+    pub mode: RedisMode,
+    /// Owned mode: the partitions accounts fall into, the unit of ownership (1 to 1024).
+    pub partitions: u16,
+    /// Owned mode: how long a partition's lease lasts unless renewed (renewed every third of
+    /// it); a replica that stopped is replaced after at most this long.
+    pub lease_ms: u64,
+}
+
+/// How decisions are made on Redis (`store.redis.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// Each call is one Lua function run inside Redis.
+    #[default]
+    Scripts,
+    /// Decided in memory on the partition's owner; Redis is the fenced backing store.
+    Owned,
 }
 
 impl Default for RedisConfig {
@@ -215,6 +249,9 @@ impl Default for RedisConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            mode: RedisMode::Scripts,
+            partitions: crate::store::OwnedSettings::default().partitions,
+            lease_ms: crate::store::OwnedSettings::default().lease.as_millis() as u64,
         }
     }
 }
@@ -281,6 +318,18 @@ impl RedisConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if !(1..=1024).contains(&self.partitions) {
+            return Err(format!(
+                "store.redis.partitions must be between 1 and 1024, got {}",
+                self.partitions
+            ));
+        }
+        if !(100..=600_000).contains(&self.lease_ms) {
+            return Err(format!(
+                "store.redis.lease_ms must be between 100 and 600000, got {}",
+                self.lease_ms
+            ));
+        }
         let urls = if self.cluster_nodes.is_empty() {
             std::slice::from_ref(&self.url)
         } else {

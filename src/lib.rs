@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::Quota;
-use crate::config::{Config, ConfigSource, StoreKind};
+use crate::config::{Config, ConfigSource, RedisMode, StoreKind};
 use crate::domain::Clock;
 use crate::metrics::Metrics;
 use crate::rules::LiveRules;
@@ -148,16 +148,14 @@ async fn serve(
                     MemoryStore::with_rules(parts.rules.clone())
                 }
             };
-            // Opened once, before serving: a data dir that cannot be used stops quotad.
-            let store = std::sync::Mutex::new(Some(store));
-            let connect = move || {
-                let store = store.lock().unwrap_or_else(|e| e.into_inner()).take();
-                let quota = store.map(|store| parts.quota(store)).ok_or_else(|| {
-                    StoreError::Internal("the memory store was already handed out".into())
-                });
-                Box::pin(async move { quota }) as Connecting<MemoryStore>
-            };
-            server::run(listeners, connect, settings, shutdown).await?;
+            serve_memory(store, parts, listeners, settings, shutdown).await?;
+        }
+        StoreKind::Redis if config.store.redis.mode == RedisMode::Owned => {
+            let redis = config.store.redis.settings()?;
+            let store =
+                MemoryStore::open_on_redis(parts.rules.clone(), &redis, &config.store.owned())
+                    .await?;
+            serve_memory(store, parts, listeners, settings, shutdown).await?;
         }
         StoreKind::Redis => {
             let redis = config.store.redis.settings()?;
@@ -171,6 +169,27 @@ async fn serve(
             server::run(listeners, connect, settings, shutdown).await?;
         }
     }
+    Ok(())
+}
+
+/// Serves a memory store opened before serving (once: a data dir or Redis partitions that
+/// cannot be used stop quotad).
+async fn serve_memory(
+    store: MemoryStore,
+    parts: Parts,
+    listeners: Listeners,
+    settings: ServeSettings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let store = std::sync::Mutex::new(Some(store));
+    let connect = move || {
+        let store = store.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let quota = store
+            .map(|store| parts.quota(store))
+            .ok_or_else(|| StoreError::Internal("the memory store was already handed out".into()));
+        Box::pin(async move { quota }) as Connecting<MemoryStore>
+    };
+    server::run(listeners, connect, settings, shutdown).await?;
     Ok(())
 }
 

@@ -26,9 +26,12 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one::RefMut;
 
+use super::backing::Backing;
 use super::data_dir::{Change, DataDir, DataDirError, PurchaseIndex};
 use super::export_log::ExportLog;
 use super::group_commit::GroupCommit;
+use super::redis::RedisSettings;
+use super::redis::owned::{OwnedRedis, OwnedSettings};
 use super::rls_counters::RlsCounters;
 use super::{DataDirStats, ExportRead, Store, StoreError, StoreHealth, account_not_found};
 use crate::domain::rls::{CounterCheck, CounterStatus};
@@ -94,7 +97,7 @@ pub struct MemoryStore {
 
 #[derive(Debug)]
 struct Durable {
-    commits: GroupCommit,
+    backing: Backing,
     evict_idle_ms: i64,
     /// Bumped before each eviction pass: a load that read the data dir while one ran reads
     /// again, so it never brings back a state older than one a decision has since written.
@@ -198,15 +201,35 @@ impl MemoryStore {
         for (account_id, started) in purchases {
             store.purchases.insert(account_id, started);
         }
-        Ok(MemoryStore {
+        Ok(store.backed_by(Backing::DataDir(commits), settings.evict_idle))
+    }
+
+    /// A store whose decisions are made durable in Redis, owning every partition of its key
+    /// prefix ([`OwnedRedis`]), continuing from what Redis holds.
+    pub async fn open_on_redis(
+        rules: Arc<LiveRules>,
+        redis: &RedisSettings,
+        owned: &OwnedSettings,
+    ) -> Result<Self, StoreError> {
+        let (backing, purchases, holds) = OwnedRedis::open(redis, owned).await?;
+        let store = MemoryStore::with_rules(rules);
+        store.open_holds.store(holds, Ordering::Relaxed);
+        for (account_id, started) in purchases {
+            store.purchases.insert(account_id, started);
+        }
+        Ok(store.backed_by(Backing::Redis(backing), owned.evict_idle))
+    }
+
+    fn backed_by(self, backing: Backing, evict_idle: Duration) -> Self {
+        MemoryStore {
             durable: Some(Durable {
-                commits,
-                evict_idle_ms: i64::try_from(settings.evict_idle.as_millis()).unwrap_or(i64::MAX),
+                backing,
+                evict_idle_ms: i64::try_from(evict_idle.as_millis()).unwrap_or(i64::MAX),
                 evictions: AtomicU64::new(0),
                 last_eviction: AtomicI64::new(i64::MIN),
             }),
-            ..store
-        })
+            ..self
+        }
     }
 
     /// Accounts in memory now.
@@ -215,7 +238,7 @@ impl MemoryStore {
     }
 
     /// The account in memory, loaded from the data dir if it is there, or made by `missing`.
-    fn resident(
+    async fn resident(
         &self,
         account_id: &str,
         missing: Missing<'_>,
@@ -229,7 +252,7 @@ impl MemoryStore {
             let (generation, stored) = match &self.durable {
                 Some(durable) => {
                     let generation = durable.evictions.load(Ordering::Acquire);
-                    (generation, durable.commits.data().load_account(account_id)?)
+                    (generation, durable.backing.load_account(account_id).await?)
                 }
                 None => (0, None),
             };
@@ -297,7 +320,7 @@ impl MemoryStore {
                 change.export_keep = policy.limits.export_max_len;
                 change.holds_delta = holds_delta;
                 change.purchase = purchase;
-                resident.last_change = durable.commits.submit(change);
+                resident.last_change = durable.backing.submit(change);
             }
         }
         result
@@ -313,16 +336,16 @@ impl MemoryStore {
         op: impl FnOnce(&mut AccountState, &Policy) -> Result<T, DomainError>,
     ) -> Result<T, StoreError> {
         if let Some(durable) = &self.durable {
-            durable.commits.admit()?;
+            durable.backing.admit()?;
         }
         let (result, change) = {
             let rules = self.rules.snapshot();
-            let mut resident = self.resident(account_id, missing, now)?;
+            let mut resident = self.resident(account_id, missing, now).await?;
             let result = self.apply(account_id, &mut resident, &rules.policy, effect, op);
             (result, resident.last_change)
         };
         if let Some(durable) = &self.durable {
-            durable.commits.durable(change).await?;
+            durable.backing.durable(change).await?;
         }
         Ok(result?)
     }
@@ -340,7 +363,7 @@ impl MemoryStore {
         durable
             .last_eviction
             .store(now.as_millis(), Ordering::Relaxed);
-        let on_disk = durable.commits.applied_number();
+        let on_disk = durable.backing.readable_number();
         let idle_since = now.plus_millis(-durable.evict_idle_ms);
         durable.evictions.fetch_add(1, Ordering::AcqRel);
         self.accounts.retain(|_, resident| {
@@ -495,13 +518,14 @@ impl Store for MemoryStore {
             let resident = match self.accounts.get(account_id) {
                 Some(resident) => resident,
                 None => self
-                    .resident(account_id, Missing::NotFound, Timestamp::from_millis(0))?
+                    .resident(account_id, Missing::NotFound, Timestamp::from_millis(0))
+                    .await?
                     .downgrade(),
             };
             (resident.state.account().clone(), resident.last_change)
         };
         if let Some(durable) = &self.durable {
-            durable.commits.durable(change).await?;
+            durable.backing.durable(change).await?;
         }
         Ok(account)
     }
@@ -526,9 +550,9 @@ impl Store for MemoryStore {
             )
             .await?;
         if let Some(durable) = &self.durable {
-            let commits = &durable.commits;
-            commits.applied(commits.durable_number()).await?;
-            snapshot.recent = commits.data().history(account_id, recent_limit.min(keep))?;
+            snapshot.recent = (durable.backing)
+                .history(account_id, recent_limit.min(keep))
+                .await?;
         }
         Ok(snapshot)
     }
@@ -552,7 +576,7 @@ impl Store for MemoryStore {
     }
 
     fn health(&self) -> StoreHealth {
-        match self.durable.as_ref().and_then(|d| d.commits.failure()) {
+        match self.durable.as_ref().and_then(|d| d.backing.failure()) {
             Some(reason) => StoreHealth::Down {
                 error: reason.to_owned(),
             },
@@ -561,11 +585,11 @@ impl Store for MemoryStore {
     }
 
     fn data_dir_stats(&self) -> Option<DataDirStats> {
-        let commits = &self.durable.as_ref()?.commits;
-        let (batches, changes) = commits.written();
+        let backing = &self.durable.as_ref()?.backing;
+        let (batches, changes) = backing.written();
         Some(DataDirStats {
             resident_accounts: self.accounts.len() as u64,
-            bytes: commits.data().disk_space(),
+            bytes: backing.disk_space()?,
             batches: batches as u64,
             changes: changes as u64,
         })
@@ -581,22 +605,14 @@ impl Store for MemoryStore {
         now: Timestamp,
     ) -> Result<Vec<ExportedEvent>, StoreError> {
         match &self.durable {
-            Some(durable) => {
-                let commits = &durable.commits;
-                commits.applied(commits.durable_number()).await?;
-                commits.data().export_read(&read, now)
-            }
+            Some(durable) => durable.backing.export_read(&read, now).await,
             None => Ok(self.export.read(&read, now)),
         }
     }
 
     async fn export_ack(&self, group: &str, delivery_ids: &[String]) -> Result<u64, StoreError> {
         match &self.durable {
-            Some(durable) => {
-                let commits = &durable.commits;
-                commits.applied(commits.durable_number()).await?;
-                commits.data().export_ack(group, delivery_ids)
-            }
+            Some(durable) => durable.backing.export_ack(group, delivery_ids).await,
             None => Ok(self.export.ack(group, delivery_ids)),
         }
     }
@@ -618,7 +634,10 @@ impl Store for MemoryStore {
             let purchase = {
                 let resident = match self.accounts.get(&account_id) {
                     Some(resident) => resident,
-                    None => match self.resident(&account_id, Missing::NotFound, started_before) {
+                    None => match self
+                        .resident(&account_id, Missing::NotFound, started_before)
+                        .await
+                    {
                         Ok(resident) => resident.downgrade(),
                         Err(_) => continue,
                     },
@@ -732,7 +751,9 @@ mod tests {
         let store = Arc::new(
             MemoryStore::open(LiveRules::fixed(Arc::new(Policy::default())), &settings).unwrap(),
         );
-        let commits = &store.durable.as_ref().unwrap().commits;
+        let Backing::DataDir(commits) = &store.durable.as_ref().unwrap().backing else {
+            unreachable!("a data dir store");
+        };
         let stalled = commits.stall();
         // The writer takes the first change and stalls on it; two more queue behind it.
         let waiting: Vec<_> = (0..3)

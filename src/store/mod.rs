@@ -6,6 +6,7 @@
 //!
 //! Every store must pass the same contract suite (`tests/support/contract.rs`).
 
+mod backing;
 mod commit_log;
 mod data_dir;
 mod export_log;
@@ -27,6 +28,7 @@ use crate::domain::{
 
 pub use data_dir::DataDirError;
 pub use memory::{DataDirSettings, MemoryStore};
+pub use redis::owned::OwnedSettings;
 pub use redis::{RedisSettings, RedisStore, RedisTls};
 
 /// Whether the backing store answers, as this replica last saw it.

@@ -282,3 +282,26 @@ pub async fn cluster_store() -> RedisStore {
         .await
         .expect("connects to the cluster")
 }
+
+/// The memory store's engine backed by Redis in owned mode (every partition owned by this
+/// store), at its default settings, on the shared standalone server.
+pub async fn owned_store() -> quotad::store::MemoryStore {
+    let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
+    owned_store_with(settings(&server.url(), None), Default::default()).await
+}
+
+/// The same on the shared 3-master cluster.
+pub async fn owned_cluster_store() -> quotad::store::MemoryStore {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    owned_store_with(settings("", Some(cluster)), Default::default()).await
+}
+
+pub async fn owned_store_with(
+    redis: RedisSettings,
+    owned: quotad::store::OwnedSettings,
+) -> quotad::store::MemoryStore {
+    let rules = quotad::rules::LiveRules::fixed(Arc::new(Policy::default()));
+    quotad::store::MemoryStore::open_on_redis(rules, &redis, &owned)
+        .await
+        .expect("owns every partition")
+}

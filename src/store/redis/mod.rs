@@ -20,6 +20,7 @@ mod front;
 mod health;
 mod keys;
 mod library;
+pub mod owned;
 mod wire;
 
 use std::sync::Arc;
@@ -167,7 +168,7 @@ impl Default for RedisSettings {
 /// One multiplexed connection to a standalone Redis, or a cluster connection that routes each
 /// command to the node owning its slot.
 #[derive(Clone)]
-enum Connection {
+pub(super) enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -262,46 +263,7 @@ impl RedisStore {
         settings: RedisSettings,
         rules: Arc<LiveRules>,
     ) -> Result<RedisStore, StoreError> {
-        // rustls is built without a default crypto provider; install ring's once per process.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let unavailable =
-            |e: redis::RedisError| StoreError::Unavailable(format!("cannot connect to Redis: {e}"));
-        let conn = if settings.cluster_nodes.is_empty() {
-            let client = settings.tls.client(&settings.url).map_err(unavailable)?;
-            // One connection attempt per reconnection, no retry after a backoff: while Redis is
-            // down the breaker paces the attempts (one probe per cool-down), and a probe that
-            // waited out a backoff would hold its caller for nothing.
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(settings.connect_timeout))
-                .set_response_timeout(Some(backstop(&settings)))
-                .set_number_of_retries(0);
-            let manager = tokio::time::timeout(
-                settings.connect_timeout * 2,
-                ConnectionManager::new_with_config(client, config),
-            )
-            .await
-            .map_err(|_| StoreError::Unavailable("cannot connect to Redis: timed out".into()))?
-            .map_err(unavailable)?;
-            Connection::Single(manager)
-        } else {
-            let mut builder =
-                redis::cluster::ClusterClient::builder(settings.cluster_nodes.clone())
-                    .connection_timeout(settings.connect_timeout)
-                    .response_timeout(backstop(&settings))
-                    .retries(1);
-            if let Some(certs) = settings.tls.certificates() {
-                builder = builder.certs(certs);
-            }
-            let client = builder.build().map_err(unavailable)?;
-            let conn =
-                tokio::time::timeout(settings.connect_timeout * 4, client.get_async_connection())
-                    .await
-                    .map_err(|_| {
-                        StoreError::Unavailable("cannot connect to Redis Cluster: timed out".into())
-                    })?
-                    .map_err(unavailable)?;
-            Connection::Cluster(conn)
-        };
+        let conn = connect(&settings).await?;
         let front = Arc::new(Front::default());
         let subscriber = spawn_subscriber(&settings, front.clone());
         let health = Health::new(BreakerPolicy {
@@ -631,6 +593,51 @@ enum Missed {
 /// The connections' own response timeout: later than any of this store's own time limits (so
 /// that those decide, and tell a timeout from a failed connection), for the few commands that
 /// have none (loading the library, reading the purchase index).
+/// One multiplexed connection to the Redis `settings` name (standalone or Cluster), failing if
+/// it cannot be reached within the connect timeout.
+pub(super) async fn connect(settings: &RedisSettings) -> Result<Connection, StoreError> {
+    // rustls is built without a default crypto provider; install ring's once per process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let unavailable =
+        |e: redis::RedisError| StoreError::Unavailable(format!("cannot connect to Redis: {e}"));
+    let conn = if settings.cluster_nodes.is_empty() {
+        let client = settings.tls.client(&settings.url).map_err(unavailable)?;
+        // One connection attempt per reconnection, no retry after a backoff: while Redis is
+        // down the breaker paces the attempts (one probe per cool-down), and a probe that
+        // waited out a backoff would hold its caller for nothing.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(backstop(settings)))
+            .set_number_of_retries(0);
+        let manager = tokio::time::timeout(
+            settings.connect_timeout * 2,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable("cannot connect to Redis: timed out".into()))?
+        .map_err(unavailable)?;
+        Connection::Single(manager)
+    } else {
+        let mut builder = redis::cluster::ClusterClient::builder(settings.cluster_nodes.clone())
+            .connection_timeout(settings.connect_timeout)
+            .response_timeout(backstop(settings))
+            .retries(1);
+        if let Some(certs) = settings.tls.certificates() {
+            builder = builder.certs(certs);
+        }
+        let client = builder.build().map_err(unavailable)?;
+        let conn =
+            tokio::time::timeout(settings.connect_timeout * 4, client.get_async_connection())
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable("cannot connect to Redis Cluster: timed out".into())
+                })?
+                .map_err(unavailable)?;
+        Connection::Cluster(conn)
+    };
+    Ok(conn)
+}
+
 fn backstop(settings: &RedisSettings) -> Duration {
     (settings.command_timeout * 10).max(settings.call_timeout() * 2)
 }

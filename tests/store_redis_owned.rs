@@ -1,0 +1,234 @@
+//! The store contract, run unchanged against the engine that decides in memory and writes to
+//! Redis (`store.redis.mode = "owned"`), at its default settings, on a real standalone
+//! `redis-server` and on a real 3-master Cluster; and what ownership adds: fencing, a restart
+//! that continues from Redis, a second replica kept off the partitions, a lease that lapses.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quotad::domain::{
+    Account, CommitCommand, Decision, GrantCommand, LotSource, Policy, PriceSheet, ReserveCommand,
+    Timestamp, Usage,
+};
+use quotad::rules::LiveRules;
+use quotad::store::{MemoryStore, OwnedSettings, Store, StoreError, StoreHealth};
+use support::contract::store_contract_tests;
+use support::redis::{RedisServer, owned_store_with, settings};
+
+store_contract_tests!(support::redis::owned_store());
+
+mod cluster {
+    use super::support;
+    use support::contract::store_contract_tests;
+
+    store_contract_tests!(support::redis::owned_cluster_store());
+}
+
+const CREDIT: i64 = 1_000_000;
+const NOW: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+
+fn reserve(account: &str, request: &str) -> ReserveCommand {
+    ReserveCommand {
+        account_id: account.into(),
+        request_id: request.into(),
+        product: "codex".into(),
+        estimate: Usage::default(),
+        cost: CREDIT,
+        plan_hint: Some("plus".into()),
+        ttl_ms: 60_000,
+        reservation_id: format!("rsv-{request}"),
+        wait_for_top_up: false,
+    }
+}
+
+fn commit(account: &str, reservation: &str, credits: i64) -> CommitCommand {
+    CommitCommand {
+        account_id: account.into(),
+        reservation_id: reservation.into(),
+        usage: Usage {
+            model: "gpt-5.5-mini".into(),
+            output_tokens: credits as u64 * 5_000,
+            ..Usage::default()
+        },
+        cost: credits * CREDIT,
+        is_final: true,
+        price_version: PriceSheet::default().version,
+    }
+}
+
+fn short_lease() -> OwnedSettings {
+    OwnedSettings {
+        lease: Duration::from_millis(600),
+        ..OwnedSettings::default()
+    }
+}
+
+async fn grant(store: &MemoryStore, account: &str, credits: i64) {
+    store
+        .upsert_account(
+            Account {
+                id: account.into(),
+                plan: "plus".into(),
+                credit_purchase_allowed: true,
+            },
+            NOW,
+        )
+        .await
+        .unwrap();
+    store
+        .grant(
+            GrantCommand {
+                account_id: account.into(),
+                grant_id: format!("g-{account}"),
+                amount: credits * CREDIT,
+                source: LotSource::Purchase,
+                expires_at: None,
+            },
+            NOW,
+        )
+        .await
+        .unwrap();
+}
+
+/// A store dropped gives its leases up, and the next one on the same prefix takes them at
+/// once and continues from what Redis holds: balances, charges, history and the export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_continues_from_redis() {
+    let redis = RedisServer::start();
+    let redis_settings = settings(&redis.url(), None);
+    let first = owned_store_with(redis_settings.clone(), short_lease()).await;
+    grant(&first, "acct", 10).await;
+    let allowed = first.reserve(&reserve("acct", "r1"), NOW).await.unwrap();
+    let Decision::Allow { reservation_id, .. } = &allowed.decision else {
+        panic!("denied: {allowed:?}");
+    };
+    let reservation = reservation_id.to_string();
+    first
+        .commit(commit("acct", &reservation, 3), NOW)
+        .await
+        .unwrap();
+    let before = first.usage("acct", 10, NOW).await.unwrap();
+    drop(first);
+
+    let started = std::time::Instant::now();
+    let second = owned_store_with(redis_settings, short_lease()).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the leases were given up, not waited out"
+    );
+    let after = second.usage("acct", 10, NOW).await.unwrap();
+    assert_eq!(after.lots, before.lots);
+    assert_eq!(after.totals, before.totals);
+    assert_eq!(after.recent, before.recent);
+    assert_eq!(after.recent.len(), 1);
+    // The retried Reserve gets its first answer; the retried Commit acts once.
+    let again = second.reserve(&reserve("acct", "r1"), NOW).await.unwrap();
+    assert_eq!(again.decision, allowed.decision);
+    let retried = second
+        .commit(commit("acct", &reservation, 3), NOW)
+        .await
+        .unwrap();
+    assert_eq!(retried.event, None, "a retried commit charges nothing");
+    let events = second
+        .export_read(
+            quotad::store::ExportRead {
+                group: "billing".into(),
+                consumer: "c".into(),
+                max_events: 100,
+                claim_idle_ms: 60_000,
+            },
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1, "one event per charge");
+}
+
+/// Another replica's acquisition raises the partition's epoch: this replica's next write
+/// there is refused by Redis, the call is UNAVAILABLE, health says why, and nothing it
+/// decided after the takeover is in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_under_an_old_epoch_is_refused() {
+    let redis = RedisServer::start();
+    let redis_settings = settings(&redis.url(), None);
+    let prefix = redis_settings.key_prefix.clone();
+    let store = owned_store_with(redis_settings, OwnedSettings::default()).await;
+    grant(&store, "acct", 10).await;
+    let partition = quotad::store::redis::owned::partition_of("acct", 64);
+    let core_key = format!("{prefix}:{{o{partition}}}:a:acct");
+    let core_before = redis.cli(&["STRLEN", &core_key]).unwrap();
+    redis
+        .cli(&["INCR", &format!("{prefix}:{{o{partition}}}:epoch")])
+        .unwrap();
+
+    let refused = store.reserve(&reserve("acct", "r1"), NOW).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("another replica")),
+        "{refused:?}"
+    );
+    assert!(matches!(store.health(), StoreHealth::Down { .. }));
+    let later = store.reserve(&reserve("acct", "r2"), NOW).await;
+    assert!(
+        matches!(later, Err(StoreError::Unavailable(_))),
+        "{later:?}"
+    );
+    assert_eq!(redis.cli(&["STRLEN", &core_key]).unwrap(), core_before);
+}
+
+/// While one replica holds the partitions another waits for their leases, then gives up
+/// saying who holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_is_kept_off_the_partitions() {
+    let redis = RedisServer::start();
+    let redis_settings = settings(&redis.url(), None);
+    let owner = owned_store_with(redis_settings.clone(), short_lease()).await;
+    let rules = LiveRules::fixed(Arc::new(Policy::default()));
+    let second = MemoryStore::open_on_redis(rules, &redis_settings, &short_lease()).await;
+    let Err(StoreError::Unavailable(why)) = second else {
+        panic!("a second owner started");
+    };
+    assert!(why.contains("is owned by replica"), "{why}");
+    // The owner renewed its leases all along.
+    owner.reserve(&reserve("acct", "r1"), NOW).await.unwrap();
+}
+
+/// An owner that cannot renew its leases stops deciding before they could run out, and says
+/// so at once rather than after a write timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_cannot_renew_stops_deciding() {
+    let mut redis = RedisServer::start();
+    let store = owned_store_with(settings(&redis.url(), None), short_lease()).await;
+    store.reserve(&reserve("acct", "r1"), NOW).await.unwrap();
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let started = std::time::Instant::now();
+    let refused = store.reserve(&reserve("acct", "r2"), NOW).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("renew")),
+        "{refused:?}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(100));
+}
+
+/// Redis written in another persisted format is refused at start, with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_persisted_format_is_refused() {
+    let redis = support::redis::shared_server();
+    let redis_settings = settings(&redis.url(), None);
+    redis
+        .cli(&[
+            "SET",
+            &format!("{}:owned-format", redis_settings.key_prefix),
+            "99",
+        ])
+        .unwrap();
+    let rules = LiveRules::fixed(Arc::new(Policy::default()));
+    let refused =
+        MemoryStore::open_on_redis(rules, &redis_settings, &OwnedSettings::default()).await;
+    let Err(StoreError::Internal(why)) = refused else {
+        panic!("started on format 99");
+    };
+    assert!(why.contains("format 99"), "{why}");
+}
