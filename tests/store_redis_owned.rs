@@ -160,7 +160,12 @@ async fn a_write_under_an_old_epoch_is_refused() {
     let core_key = format!("{prefix}:{{o{partition}}}:a:acct");
     let core_before = redis.cli(&["STRLEN", &core_key]).unwrap();
     redis
-        .cli(&["INCR", &format!("{prefix}:{{o{partition}}}:epoch")])
+        .cli(&[
+            "HINCRBY",
+            &format!("{prefix}:{{o{partition}}}:fence"),
+            "epoch",
+            "1",
+        ])
         .unwrap();
 
     let refused = store.reserve(&reserve("acct", "r1"), NOW).await;

@@ -6,7 +6,7 @@
 //! Accounts fall into `partitions` by the CRC16 of their id. All keys of a partition share one
 //! hash tag (`PREFIX:{oN}:…`), so one script call writes a partition's part of a batch
 //! atomically, on a Cluster too. Each partition has an owner holding a lease (`…:lease`, with
-//! a time to live) under an epoch (`…:epoch`, incremented by every acquisition and never
+//! a time to live) under an epoch (`…:fence`, incremented by every acquisition and never
 //! reset). Every write carries the epoch it was decided under and is refused (`FENCED`) once
 //! another replica has taken the partition: a paused owner that wakes up cannot overwrite its
 //! successor. The owner counts its lease from the instant *before* it sent the acquisition or
@@ -14,7 +14,7 @@
 //! own clock's drift and a slow answer never let two owners decide at once.
 //!
 //! A batch is written as one script call per partition it touches (in parallel), each numbered
-//! in the partition (`…:seq`), so a call retried after a timeout that had in fact landed is not
+//! in the partition (kept in `…:fence`), so a call retried after a timeout that had in fact landed is not
 //! applied twice. Batches are written in order: the next is taken once every partition of the
 //! one before has landed. While Redis cannot be reached, the batch is retried, calls wait at most
 //! `write_timeout` and get UNAVAILABLE, and once `max_unflushed` changes wait no new decision is
@@ -29,7 +29,8 @@
 //! - `x`: the partition's part of the usage export, a stream read with consumer groups;
 //! - `pur`: accounts with an auto top-up purchase in flight and when it started; `meta`: the
 //!   partition's count of open holds;
-//! - `lease`, `epoch`, `seq`: ownership and fencing.
+//! - `lease` (owner and epoch, with a time to live) and `fence` (the epoch, never reset, and
+//!   the last batch number landed under it): ownership and fencing.
 //!
 //! `PREFIX:owned-format` holds the persisted format's version; a quotad reading another refuses
 //! to start.
@@ -38,7 +39,7 @@
 //! the leases and gives up with a clear error. Spreading partitions over replicas, and
 //! forwarding calls to their owner, come next.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -56,47 +57,62 @@ use crate::domain::{
 use crate::store::data_dir::{Change, PurchaseIndex};
 use crate::store::{ExportRead, StoreError};
 
-/// The fenced batch write. KEYS[1..3]: the partition's epoch, batch number and lease; the rest
-/// are named by the writes, by index. ARGV[1]: the epoch the batch was decided under; ARGV[2]:
-/// its number in the partition; then the writes, each an op, a key index and its arguments.
+/// The fenced batch write, for one or more partitions (all in one call on a standalone Redis;
+/// one partition a call on a Cluster, where a script's keys share a slot). ARGV[1]: how many
+/// partitions; then each partition's section: the key index of its fence (a hash of the epoch
+/// and the last batch number landed), the epoch the batch was decided under, its number in the
+/// partition, how many arguments its writes take, and the writes, each an op, a key index and its arguments. Every fence is
+/// checked before anything is written, so a fenced call writes nothing; a partition whose batch
+/// number has already landed (a retry) is skipped.
 const WRITE: &str = r#"
-local epoch = redis.call('GET', KEYS[1])
-if epoch ~= ARGV[1] then
-  return redis.error_reply('FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. ARGV[1])
+local sections, at = {}, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local s = {fence = KEYS[tonumber(ARGV[at])], number = ARGV[at + 2], first = at + 4}
+  s.last = at + 3 + tonumber(ARGV[at + 3])
+  local fence = redis.call('HMGET', s.fence, 'epoch', 'seq')
+  if fence[1] ~= ARGV[at + 1] then
+    return redis.error_reply('FENCED partition epoch is ' .. tostring(fence[1]) .. ', not ' .. ARGV[at + 1])
+  end
+  s.landed = tonumber(fence[2] or '0') >= tonumber(s.number)
+  sections[#sections + 1] = s
+  at = s.last + 1
 end
-local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
-if seq >= tonumber(ARGV[2]) then return 0 end
-local i = 3
-while i <= #ARGV do
-  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
-  if op == 'S' then redis.call('SET', key, ARGV[i + 2]); i = i + 3
-  elseif op == 'D' then redis.call('DEL', key); i = i + 2
-  elseif op == 'H' then redis.call('HSET', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
-  elseif op == 'h' then redis.call('HDEL', key, ARGV[i + 2]); i = i + 3
-  elseif op == 'L' then
-    redis.call('RPUSH', key, ARGV[i + 2])
-    redis.call('LTRIM', key, -tonumber(ARGV[i + 3]), -1)
-    i = i + 4
-  elseif op == 'X' then
-    redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 3], '*', 'e', ARGV[i + 2]); i = i + 4
-  elseif op == 'C' then redis.call('HINCRBY', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
-  else return redis.error_reply('unknown write ' .. op) end
+for _, s in ipairs(sections) do
+  if not s.landed then
+    local i = s.first
+    while i <= s.last do
+      local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
+      if op == 'S' then redis.call('SET', key, ARGV[i + 2]); i = i + 3
+      elseif op == 'H' then redis.call('HSET', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
+      elseif op == 'h' then redis.call('HDEL', key, ARGV[i + 2]); i = i + 3
+      elseif op == 'L' then
+        local keep = tonumber(ARGV[i + 3])
+        if redis.call('RPUSH', key, ARGV[i + 2]) > keep then
+          redis.call('LTRIM', key, -keep, -1)
+        end
+        i = i + 4
+      elseif op == 'X' then
+        redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 3], '*', 'e', ARGV[i + 2]); i = i + 4
+      elseif op == 'C' then redis.call('HINCRBY', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
+      else return redis.error_reply('unknown write ' .. op) end
+    end
+    redis.call('HSET', s.fence, 'seq', s.number)
+  end
 end
-redis.call('SET', KEYS[2], ARGV[2])
 return 1
 "#;
 
-/// Takes a partition's lease if nobody else holds it. KEYS: lease, epoch, batch number.
-/// ARGV: owner, lease in ms. Answers `{1, epoch}` or `{0, holder, ms left}`.
+/// Takes a partition's lease if nobody else holds it, under the next epoch. KEYS: lease,
+/// fence. ARGV: owner, lease in ms. Answers `{1, epoch}` or `{0, holder, ms left}`.
 const ACQUIRE: &str = r#"
 local holder = redis.call('HGET', KEYS[1], 'owner')
 if holder and holder ~= ARGV[1] then
   return {0, holder, redis.call('PTTL', KEYS[1])}
 end
-local epoch = redis.call('INCR', KEYS[2])
+local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+redis.call('HSET', KEYS[2], 'seq', 0)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', epoch)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[3], 0)
 return {1, epoch}
 "#;
 
@@ -236,8 +252,7 @@ impl OwnedRedis {
             loop {
                 let reply: Vec<redis::Value> = Script::new(ACQUIRE)
                     .key(format!("{tag}:lease"))
-                    .key(format!("{tag}:epoch"))
-                    .key(format!("{tag}:seq"))
+                    .key(format!("{tag}:fence"))
                     .arg(&owner)
                     .arg(lease_ms)
                     .invoke_async(&mut conn)
@@ -394,7 +409,7 @@ impl OwnedRedis {
 
     /// The account as last written, if it was ever written.
     pub async fn load_account(&self, account_id: &str) -> Result<Option<AccountState>, StoreError> {
-        let keys = AccountKeys::new(&self.shared, account_id);
+        let keys = self.shared.account_keys(account_id);
         let mut conn = self.shared.conn.clone();
         let (core, records): (Vec<u8>, Vec<Vec<u8>>) = Script::new(LOAD)
             .key(&keys.core)
@@ -426,7 +441,7 @@ impl OwnedRedis {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let keys = AccountKeys::new(&self.shared, account_id);
+        let keys = self.shared.account_keys(account_id);
         let mut conn = self.shared.conn.clone();
         let values: Vec<Vec<u8>> = redis::cmd("LRANGE")
             .arg(&keys.history)
@@ -619,6 +634,11 @@ impl Drop for OwnedRedis {
 }
 
 impl Shared {
+    fn account_keys(&self, account_id: &str) -> AccountKeys {
+        let partition = partition_of(account_id, self.epochs.len() as u16);
+        AccountKeys::new(&tag(&self.prefix, partition), account_id)
+    }
+
     fn fail(&self, reason: String) {
         if self.failed.set(reason.clone()).is_ok() {
             tracing::error!(
@@ -630,9 +650,11 @@ impl Shared {
         self.durable.send_modify(|_| {});
     }
 
-    /// Takes everything queued, writes it (one script call per partition, in parallel, each
-    /// retried until it lands or is fenced), publishes it durable, and goes on.
+    /// Takes everything queued, writes it (one script call on a standalone Redis, one per
+    /// partition in parallel on a Cluster, each retried until it lands or is fenced),
+    /// publishes it durable, and goes on.
     async fn write_loop(self: Arc<Self>) {
+        let cluster = !self.settings.cluster_nodes.is_empty();
         loop {
             let (changes, last) = loop {
                 let notified = self.wake.notified();
@@ -645,39 +667,46 @@ impl Shared {
                 notified.await;
             };
             let count = changes.len();
-            let writes = self.partition_writes(&changes);
+            let mut calls: Vec<WriteCall> = Vec::new();
+            for (partition, ops) in self.partition_ops(&changes) {
+                if cluster || calls.is_empty() {
+                    calls.push(WriteCall::default());
+                }
+                let seq = self.seqs[usize::from(partition)].fetch_add(1, Ordering::Relaxed) + 1;
+                let epoch = self.epochs[usize::from(partition)];
+                let call = calls.last_mut().expect("a call");
+                call.section(&tag(&self.prefix, partition), epoch, seq, &ops);
+            }
             drop(changes);
-            let mut pending: Vec<(u16, u64, Arc<PartitionWrite>)> = writes
-                .into_iter()
-                .map(|(partition, write)| {
-                    let seq = self.seqs[usize::from(partition)].fetch_add(1, Ordering::Relaxed) + 1;
-                    (partition, seq, Arc::new(write))
-                })
-                .collect();
+            let mut pending: Vec<Arc<WriteCall>> = calls.into_iter().map(Arc::new).collect();
             let mut backoff = Duration::from_millis(20);
             while !pending.is_empty() && self.failed.get().is_none() {
-                let mut calls = JoinSet::new();
-                for (partition, seq, write) in pending.drain(..) {
-                    let shared = self.clone();
-                    calls.spawn(async move {
-                        let result = shared.write_partition(partition, seq, &write).await;
-                        (partition, seq, write, result)
-                    });
-                }
-                while let Some(done) = calls.join_next().await {
-                    let Ok((partition, seq, write, result)) = done else {
-                        continue;
-                    };
+                let results = if pending.len() == 1 {
+                    let call = pending.pop().expect("one call");
+                    let result = self.invoke(&call).await;
+                    vec![(call, result)]
+                } else {
+                    let mut running = JoinSet::new();
+                    for call in pending.drain(..) {
+                        let shared = self.clone();
+                        running.spawn(async move {
+                            let result = shared.invoke(&call).await;
+                            (call, result)
+                        });
+                    }
+                    running.join_all().await
+                };
+                for (call, result) in results {
                     match result {
                         Ok(()) => {}
                         Err(e) if e.code() == Some("FENCED") => self.fail(format!(
-                            "partition {partition} was taken by another replica ({}); this \
-                             replica stopped deciding",
+                            "a partition was taken by another replica ({}); this replica \
+                             stopped deciding",
                             e.detail().unwrap_or_default()
                         )),
                         Err(e) => {
-                            tracing::warn!(partition, error = %e, "writing a batch to Redis; retrying");
-                            pending.push((partition, seq, write));
+                            tracing::warn!(error = %e, "writing a batch to Redis; retrying");
+                            pending.push(call);
                         }
                     }
                 }
@@ -696,23 +725,13 @@ impl Shared {
         }
     }
 
-    async fn write_partition(
-        &self,
-        partition: u16,
-        seq: u64,
-        write: &PartitionWrite,
-    ) -> redis::RedisResult<()> {
-        let tag = tag(&self.prefix, partition);
+    async fn invoke(&self, call: &WriteCall) -> redis::RedisResult<()> {
         let mut invocation = self.write_script.prepare_invoke();
-        invocation
-            .key(format!("{tag}:epoch"))
-            .key(format!("{tag}:seq"))
-            .key(format!("{tag}:lease"));
-        for key in &write.keys {
+        for key in &call.keys {
             invocation.key(key);
         }
-        invocation.arg(self.epochs[usize::from(partition)]).arg(seq);
-        for arg in &write.args {
+        invocation.arg(call.sections);
+        for arg in &call.args {
             invocation.arg(&arg[..]);
         }
         let mut conn = self.conn.clone();
@@ -721,66 +740,75 @@ impl Shared {
     }
 
     /// The writes of a run of changes, by partition.
-    fn partition_writes(&self, changes: &[Change]) -> HashMap<u16, PartitionWrite> {
+    fn partition_ops(&self, changes: &[Change]) -> BTreeMap<u16, Vec<Op>> {
         let partitions = self.epochs.len() as u16;
         // An account changed several times in the batch has its last core written.
         let mut last_core: HashMap<&str, usize> = HashMap::new();
         for (i, change) in changes.iter().enumerate() {
             last_core.insert(&change.account_id, i);
         }
-        let mut writes: HashMap<u16, PartitionWrite> = HashMap::new();
+        let mut ops: BTreeMap<u16, Vec<Op>> = BTreeMap::new();
+        let mut holds: BTreeMap<u16, i64> = BTreeMap::new();
         for (i, change) in changes.iter().enumerate() {
             let id = change.account_id.as_str();
             let partition = partition_of(id, partitions);
-            let write = writes.entry(partition).or_default();
-            let keys = AccountKeys::new(self, id);
+            let tag = tag(&self.prefix, partition);
+            let ops = ops.entry(partition).or_default();
+            let keys = AccountKeys::new(&tag, id);
+            let mut op = |code: &'static [u8], key: &str, args: Vec<Vec<u8>>| {
+                ops.push(Op {
+                    code,
+                    key: key.to_owned(),
+                    args,
+                })
+            };
             if last_core[id] == i {
-                let k = write.key(&keys.core);
-                write.op(b"S", k, &[&change.state.core]);
+                op(b"S", &keys.core, vec![change.state.core.clone()]);
             }
             for (kind, numbers) in &change.state.forgotten {
-                let k = write.key(&keys.records);
                 for seq in numbers.clone() {
-                    write.op(b"h", k, &[&record_field(kind.tag(), seq)]);
+                    op(b"h", &keys.records, vec![record_field(kind.tag(), seq)]);
                 }
             }
             for record in &change.state.added {
-                let k = write.key(&keys.records);
                 let field = record_field(record.kind.tag(), record.seq);
-                write.op(b"H", k, &[&field, &record.bytes]);
+                op(b"H", &keys.records, vec![field, record.bytes.clone()]);
             }
             for event in &change.events {
                 let encoded = encode_event(id, event);
-                let keep = change.recent_keep.max(1).to_string();
-                let k = write.key(&keys.history);
-                write.op(b"L", k, &[&encoded, keep.as_bytes()]);
-                let keep = change.export_keep.max(1).to_string();
-                let k = write.key(&stream_key(&self.prefix, partition));
-                write.op(b"X", k, &[&encoded, keep.as_bytes()]);
+                let keep = change.recent_keep.max(1).to_string().into_bytes();
+                op(b"L", &keys.history, vec![encoded.clone(), keep]);
+                let keep = change.export_keep.max(1).to_string().into_bytes();
+                op(b"X", &format!("{tag}:x"), vec![encoded, keep]);
             }
-            if change.holds_delta != 0 {
-                let k = write.key(&format!("{}:meta", tag(&self.prefix, partition)));
-                write.op(
-                    b"C",
-                    k,
-                    &[b"holds", change.holds_delta.to_string().as_bytes()],
-                );
-            }
-            let purchases = format!("{}:pur", tag(&self.prefix, partition));
             match change.purchase {
                 PurchaseIndex::Unchanged => {}
                 PurchaseIndex::Started(at) => {
-                    let k = write.key(&purchases);
-                    let at = at.as_millis().to_string();
-                    write.op(b"H", k, &[id.as_bytes(), at.as_bytes()]);
+                    let at = at.as_millis().to_string().into_bytes();
+                    op(
+                        b"H",
+                        &format!("{tag}:pur"),
+                        vec![id.as_bytes().to_vec(), at],
+                    );
                 }
                 PurchaseIndex::Ended => {
-                    let k = write.key(&purchases);
-                    write.op(b"h", k, &[id.as_bytes()]);
+                    op(b"h", &format!("{tag}:pur"), vec![id.as_bytes().to_vec()]);
                 }
             }
+            *holds.entry(partition).or_default() += change.holds_delta;
         }
-        writes
+        for (partition, delta) in holds {
+            if delta != 0 {
+                let key = format!("{}:meta", tag(&self.prefix, partition));
+                let args = vec![b"holds".to_vec(), delta.to_string().into_bytes()];
+                (ops.entry(partition).or_default()).push(Op {
+                    code: b"C",
+                    key,
+                    args,
+                });
+            }
+        }
+        ops
     }
 
     /// Renews every lease a third of a lease apart; the safe end moves only when all were
@@ -836,30 +864,51 @@ impl Shared {
     }
 }
 
-/// One partition's part of a batch: the keys it names and the writes' arguments.
-#[derive(Default)]
-struct PartitionWrite {
-    keys: Vec<String>,
-    index: HashMap<String, usize>,
+/// One write of a batch to a partition's key.
+struct Op {
+    code: &'static [u8],
+    key: String,
     args: Vec<Vec<u8>>,
 }
 
-impl PartitionWrite {
-    /// The index of `key` among the script's KEYS (the first three are the partition's own).
+/// One script call of a batch: the sections of the partitions it writes, the keys they name
+/// (each once) and the arguments.
+#[derive(Default)]
+struct WriteCall {
+    keys: Vec<String>,
+    index: HashMap<String, usize>,
+    sections: usize,
+    args: Vec<Vec<u8>>,
+}
+
+impl WriteCall {
+    /// The index of `key` among the script's KEYS (from 1, as Lua counts).
     fn key(&mut self, key: &str) -> usize {
         if let Some(&i) = self.index.get(key) {
             return i;
         }
         self.keys.push(key.to_owned());
-        let i = self.keys.len() + 3;
+        let i = self.keys.len();
         self.index.insert(key.to_owned(), i);
         i
     }
 
-    fn op(&mut self, op: &[u8], key: usize, args: &[&[u8]]) {
-        self.args.push(op.to_vec());
-        self.args.push(key.to_string().into_bytes());
-        self.args.extend(args.iter().map(|a| a.to_vec()));
+    /// Adds a partition's section: its fence, its batch number and its writes.
+    fn section(&mut self, tag: &str, epoch: u64, seq: u64, ops: &[Op]) {
+        let fence = self.key(&format!("{tag}:fence"));
+        self.sections += 1;
+        self.args.push(fence.to_string().into_bytes());
+        self.args.push(epoch.to_string().into_bytes());
+        self.args.push(seq.to_string().into_bytes());
+        let count = self.args.len();
+        self.args.push(Vec::new());
+        for op in ops {
+            let key = self.key(&op.key);
+            self.args.push(op.code.to_vec());
+            self.args.push(key.to_string().into_bytes());
+            self.args.extend(op.args.iter().cloned());
+        }
+        self.args[count] = (self.args.len() - count - 1).to_string().into_bytes();
     }
 }
 
@@ -870,9 +919,7 @@ struct AccountKeys {
 }
 
 impl AccountKeys {
-    fn new(shared: &Shared, account_id: &str) -> AccountKeys {
-        let partition = partition_of(account_id, shared.epochs.len() as u16);
-        let tag = tag(&shared.prefix, partition);
+    fn new(tag: &str, account_id: &str) -> AccountKeys {
         AccountKeys {
             core: format!("{tag}:a:{account_id}"),
             records: format!("{tag}:r:{account_id}"),
@@ -994,13 +1041,39 @@ mod tests {
     }
 
     #[test]
-    fn a_partition_write_names_each_key_once_after_the_partitions_own() {
-        let mut write = PartitionWrite::default();
-        assert_eq!(write.key("a"), 4);
-        assert_eq!(write.key("b"), 5);
-        assert_eq!(write.key("a"), 4);
-        write.op(b"S", 4, &[b"core"]);
-        assert_eq!(write.keys, ["a", "b"]);
-        assert_eq!(write.args, [b"S".to_vec(), b"4".to_vec(), b"core".to_vec()]);
+    fn a_call_names_each_key_once_and_counts_each_sections_arguments() {
+        let op = |code: &'static [u8], key: &str, arg: &[u8]| Op {
+            code,
+            key: key.into(),
+            args: vec![arg.to_vec()],
+        };
+        let mut call = WriteCall::default();
+        call.section(
+            "p:{o1}",
+            7,
+            3,
+            &[
+                op(b"S", "p:{o1}:a:x", b"core"),
+                op(b"S", "p:{o1}:a:x", b"again"),
+            ],
+        );
+        call.section("p:{o2}", 9, 1, &[op(b"h", "p:{o2}:r:y", b"f")]);
+        assert_eq!(call.sections, 2);
+        assert_eq!(
+            call.keys,
+            ["p:{o1}:fence", "p:{o1}:a:x", "p:{o2}:fence", "p:{o2}:r:y"]
+        );
+        let args: Vec<String> = call
+            .args
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "1", "7", "3", "6", "S", "2", "core", "S", "2", "again", "3", "9", "1", "3", "h",
+                "4", "f"
+            ]
+        );
     }
 }
