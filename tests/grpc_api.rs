@@ -5,7 +5,6 @@
 mod support;
 
 use quotad::api::pb::{self, Action, Decision, DenyReason};
-use quotad::config::StoreKind;
 use support::{ADMIN_TOKEN, AdminClient, CREDIT, QuotaClient, TestServer, costing, usage};
 use tonic::Code;
 
@@ -134,7 +133,7 @@ fn seconds(t: &Option<prost_types::Timestamp>) -> i64 {
     t.as_ref().expect("timestamp set").seconds
 }
 
-async fn free_user_over_the_5h_window_gets_the_upgrade_prompt(store: StoreKind) {
+async fn free_user_over_the_5h_window_gets_the_upgrade_prompt(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let mut q = server.quota().await;
     let t0 = server.now_secs();
@@ -176,7 +175,7 @@ async fn free_user_over_the_5h_window_gets_the_upgrade_prompt(store: StoreKind) 
     );
 }
 
-async fn go_user_is_prompted_to_plus_and_the_weekly_limit_binds_too(store: StoreKind) {
+async fn go_user_is_prompted_to_plus_and_the_weekly_limit_binds_too(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let mut q = server.quota().await;
     let mut first = reserve_req("go-user", "t0", "codex", costing(50));
@@ -202,7 +201,7 @@ async fn go_user_is_prompted_to_plus_and_the_weekly_limit_binds_too(store: Store
     assert!(r.message.contains("this week"), "{}", r.message);
 }
 
-async fn plus_user_runs_on_credits_across_the_boundary(store: StoreKind) {
+async fn plus_user_runs_on_credits_across_the_boundary(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "plus-user", "plus", true).await;
@@ -243,7 +242,7 @@ async fn plus_user_runs_on_credits_across_the_boundary(store: StoreKind) {
     assert_eq!(u.recent[0].charged, funding(10, 15));
 }
 
-async fn workspace_agents_wait_for_reset_instead_of_credits(store: StoreKind) {
+async fn workspace_agents_wait_for_reset_instead_of_credits(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "team", "plus", true).await;
@@ -267,7 +266,7 @@ async fn workspace_agents_wait_for_reset_instead_of_credits(store: StoreKind) {
     );
 }
 
-async fn accounts_barred_from_credits_get_upgrade_or_wait(store: StoreKind) {
+async fn accounts_barred_from_credits_get_upgrade_or_wait(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "plus-barred", "plus", false).await;
@@ -288,7 +287,7 @@ async fn accounts_barred_from_credits_get_upgrade_or_wait(store: StoreKind) {
     assert!(r.message.contains("cannot buy credits"), "{}", r.message);
 }
 
-async fn a_long_task_continues_on_credits_mid_task(store: StoreKind) {
+async fn a_long_task_continues_on_credits_mid_task(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "agent", "plus", true).await;
@@ -326,7 +325,7 @@ async fn a_long_task_continues_on_credits_mid_task(store: StoreKind) {
     assert_eq!(c.credit_balance_micros, 8 * CREDIT);
 }
 
-async fn expired_holds_return_without_any_call(store: StoreKind) {
+async fn expired_holds_return_without_any_call(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let mut q = server.quota().await;
     let mut req = reserve_req("u", "t1", "codex", costing(10));
@@ -363,7 +362,7 @@ async fn expired_holds_return_without_any_call(store: StoreKind) {
     assert_eq!(seconds(&r.expires_at), server.now_secs() + 15 * MINUTE);
 }
 
-async fn retries_act_once_and_conflicting_reuse_is_already_exists(store: StoreKind) {
+async fn retries_act_once_and_conflicting_reuse_is_already_exists(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     let first = reserve(&mut q, "u", "same", "codex", 5).await;
@@ -440,7 +439,7 @@ async fn retries_act_once_and_conflicting_reuse_is_already_exists(store: StoreKi
     );
 }
 
-async fn lots_are_spent_earliest_expiry_first_and_never_after_expiry(store: StoreKind) {
+async fn lots_are_spent_earliest_expiry_first_and_never_after_expiry(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "p", "plus", true).await;
@@ -499,7 +498,9 @@ async fn lots_are_spent_earliest_expiry_first_and_never_after_expiry(store: Stor
     );
 }
 
-async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing(store: StoreKind) {
+async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing(
+    store: support::TestStore,
+) {
     let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "p", "plus", true).await;
@@ -699,7 +700,7 @@ fn grant_req(account: &str) -> pb::GrantCreditsRequest {
     }
 }
 
-async fn admin_calls_need_the_bearer_token(store: StoreKind) {
+async fn admin_calls_need_the_bearer_token(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let get = || pb::GetAccountRequest {
         account_id: "x".into(),
@@ -726,7 +727,7 @@ async fn admin_calls_need_the_bearer_token(store: StoreKind) {
     assert_eq!(usage_of(&mut q, "x").await.plan, "pro");
 }
 
-async fn health_and_reflection_are_served(store: StoreKind) {
+async fn health_and_reflection_are_served(store: support::TestStore) {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_reflection::pb::{v1, v1alpha};
@@ -785,7 +786,7 @@ async fn health_and_reflection_are_served(store: StoreKind) {
     );
 }
 
-async fn without_a_configured_token_admin_is_disabled(store: StoreKind) {
+async fn without_a_configured_token_admin_is_disabled(store: support::TestStore) {
     let server = TestServer::start_without_admin_token(store).await;
     let mut a = server.admin_with_token(Some("anything")).await;
     let err = a
@@ -802,7 +803,7 @@ async fn without_a_configured_token_admin_is_disabled(store: StoreKind) {
     );
 }
 
-async fn a_revoked_grant_takes_back_what_is_left_of_its_lot(store: StoreKind) {
+async fn a_revoked_grant_takes_back_what_is_left_of_its_lot(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "p", "plus", true).await;
@@ -858,7 +859,7 @@ fn set_top_up(account: &str, threshold: i64, target: i64) -> pb::SetAutoTopUpReq
     }
 }
 
-async fn auto_top_up_below_the_threshold_buys_at_once_in_the_background(store: StoreKind) {
+async fn auto_top_up_below_the_threshold_buys_at_once_in_the_background(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let (mut q, mut a) = (server.quota().await, server.admin().await);
     set_account(&mut a, "p", "plus", true).await;
@@ -920,7 +921,7 @@ async fn auto_top_up_below_the_threshold_buys_at_once_in_the_background(store: S
     );
 }
 
-async fn declined_top_ups_ask_for_a_new_payment_method(store: StoreKind) {
+async fn declined_top_ups_ask_for_a_new_payment_method(store: support::TestStore) {
     let mut config = quotad::config::Config::default();
     config.payments.simulated_decline = true;
     let server = TestServer::start_with(config, store).await;

@@ -13,7 +13,7 @@ use quotad::api::envoy::service::ratelimit::v3::rate_limit_response::{Code, Desc
 use quotad::api::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use quotad::api::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use quotad::api::pb;
-use quotad::config::{Config, StoreKind};
+use quotad::config::Config;
 use quotad::domain::rls::{EntryMatch, RlsRule, RlsUnit};
 use support::redis::RedisServer;
 use support::{TestServer, costing};
@@ -91,7 +91,9 @@ fn code(s: &DescriptorStatus) -> Code {
     Code::try_from(s.code).unwrap()
 }
 
-async fn several_descriptors_are_checked_together_with_hits_at_both_levels(store: StoreKind) {
+async fn several_descriptors_are_checked_together_with_hits_at_both_levels(
+    store: support::TestStore,
+) {
     let server = TestServer::start_with(edge_config(), store).await;
     let mut c = client(&server).await;
     let request = || {
@@ -161,7 +163,7 @@ async fn several_descriptors_are_checked_together_with_hits_at_both_levels(store
     assert_eq!(other_ip.statuses[0].limit_remaining, 9);
 }
 
-async fn a_minute_limit_slides_over_any_60_seconds(store: StoreKind) {
+async fn a_minute_limit_slides_over_any_60_seconds(store: support::TestStore) {
     let server = TestServer::start_with(edge_config(), store).await;
     let mut c = client(&server).await;
     let login = || vec![descriptor(&[("path", "/login")], None)];
@@ -195,7 +197,7 @@ async fn a_minute_limit_slides_over_any_60_seconds(store: StoreKind) {
     );
 }
 
-async fn the_default_config_stops_an_exhausted_account_at_the_edge(store: StoreKind) {
+async fn the_default_config_stops_an_exhausted_account_at_the_edge(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let mut c = client(&server).await;
     let account = |id: &str| vec![descriptor(&[("account_id", id)], None)];
@@ -240,7 +242,7 @@ async fn the_default_config_stops_an_exhausted_account_at_the_edge(store: StoreK
     assert_eq!(elsewhere.overall_code, Code::Ok as i32);
 }
 
-async fn bad_requests_are_invalid_argument(store: StoreKind) {
+async fn bad_requests_are_invalid_argument(store: support::TestStore) {
     let server = TestServer::start(store).await;
     let mut c = client(&server).await;
     for (request, message) in [

@@ -7,7 +7,7 @@
 mod support;
 
 use quotad::api::pb::{self, Action, Decision, DenyReason};
-use quotad::config::{Config, StoreKind};
+use quotad::config::Config;
 use support::process::{Quotad, http_get};
 use support::{ADMIN_TOKEN, CREDIT, QuotaClient, TestServer, costing, reserve_request};
 
@@ -44,7 +44,9 @@ fn free_in_shadow() -> Config {
     config
 }
 
-async fn an_over_limit_account_is_allowed_and_told_what_it_would_have_been(store: StoreKind) {
+async fn an_over_limit_account_is_allowed_and_told_what_it_would_have_been(
+    store: support::TestStore,
+) {
     let server = TestServer::start_with(free_in_shadow(), store).await;
     let mut q = server.quota().await;
 
@@ -126,7 +128,7 @@ async fn an_over_limit_account_is_allowed_and_told_what_it_would_have_been(store
     server.stop().await;
 }
 
-async fn a_credits_plan_in_shadow_spends_no_credits_it_has_not_got(store: StoreKind) {
+async fn a_credits_plan_in_shadow_spends_no_credits_it_has_not_got(store: support::TestStore) {
     let config = Config {
         shadow: true,
         ..Config::default()

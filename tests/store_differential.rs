@@ -26,7 +26,9 @@ use quotad::domain::{
 };
 use quotad::domain::{SetTopUpCommand, SettleTopUpCommand};
 use quotad::rules::LiveRules;
-use quotad::store::{DataDirSettings, MemoryStore, RedisSettings, RedisStore, Store, StoreError};
+use quotad::store::{
+    DataDirSettings, MemoryStore, OwnedSettings, RedisSettings, RedisStore, Store, StoreError,
+};
 use support::T0;
 
 /// xorshift64*: small, seeded, good enough to pick operations.
@@ -616,6 +618,66 @@ async fn the_embedded_data_dir_answers_exactly_as_memory_alone() {
             between: Some(Box::new(move |stores: &mut Vec<MemoryStore>, dice| {
                 if dice < 3 {
                     // The old process lets go of the data dir before the new one opens it.
+                    stores.clear();
+                    stores.push(open());
+                    restarted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })),
+        };
+        let memory = MemoryStore::new(policy.clone());
+        run(seed, 300, &mut replicas, &memory, &mut seen).await;
+    }
+    println!("{seen:?}");
+    if only.is_none() {
+        assert!(restarts.load(std::sync::atomic::Ordering::Relaxed) > 100);
+        assert!(
+            seen.retried_after_allow > 0 && seen.reads_across_an_expiry > 0,
+            "the seeds retried request ids and read across expiries: {seen:?}"
+        );
+    }
+}
+
+/// The engine backed by Redis in owned mode decides exactly as the memory store alone: the
+/// same sequences, while the owner is restarted now and then (it gives its leases up, the next
+/// one takes them and every answer after that comes from what Redis holds) and idle accounts
+/// leave memory and are read back from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_owned_answers_exactly_as_memory_alone() {
+    let server = tokio::task::spawn_blocking(support::redis::shared_server)
+        .await
+        .unwrap();
+    let policy = Arc::new(policy());
+    let only: Option<u64> = std::env::var("QUOTAD_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let mut seen = Seen::default();
+    let restarts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for seed in seeds(only) {
+        let redis = support::redis::settings(&server.url(), None);
+        let owned = OwnedSettings {
+            // Short, so that the clock's jumps send accounts out of memory often.
+            evict_idle: std::time::Duration::from_secs(20 * 60),
+            ..OwnedSettings::default()
+        };
+        let rules = LiveRules::fixed(policy.clone());
+        let open = move || {
+            let (rules, redis, owned) = (rules.clone(), redis.clone(), owned.clone());
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async move {
+                    MemoryStore::open_on_redis(rules, &redis, &owned)
+                        .await
+                        .unwrap()
+                })
+            })
+        };
+        let restarted = restarts.clone();
+        let mut replicas = Replicas {
+            stores: vec![open()],
+            copies: HashMap::new(),
+            staleness_ms: 0,
+            between: Some(Box::new(move |stores: &mut Vec<MemoryStore>, dice| {
+                if dice < 3 {
+                    // The old owner gives its leases up before the new one takes them.
                     stores.clear();
                     stores.push(open());
                     restarted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

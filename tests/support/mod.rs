@@ -62,17 +62,36 @@ pub struct TestServer {
     task: Option<JoinHandle<()>>,
 }
 
+/// What a test server keeps its state in: the memory store, or Redis (the shared test server,
+/// a key prefix of its own) with each call a function inside Redis or decided in memory by the
+/// owner of every partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestStore {
+    Memory,
+    Redis,
+    RedisOwned,
+}
+
+impl From<StoreKind> for TestStore {
+    fn from(kind: StoreKind) -> TestStore {
+        match kind {
+            StoreKind::Memory => TestStore::Memory,
+            StoreKind::Redis => TestStore::Redis,
+        }
+    }
+}
+
 impl TestServer {
-    pub async fn start(store: StoreKind) -> TestServer {
+    pub async fn start(store: impl Into<TestStore>) -> TestServer {
         Self::start_with(Config::default(), store).await
     }
 
     /// A server with no admin token configured: AdminService is disabled.
-    pub async fn start_without_admin_token(store: StoreKind) -> TestServer {
+    pub async fn start_without_admin_token(store: impl Into<TestStore>) -> TestServer {
         Self::serve(Self::on_store(Config::default(), store).await).await
     }
 
-    pub async fn start_with(mut config: Config, store: StoreKind) -> TestServer {
+    pub async fn start_with(mut config: Config, store: impl Into<TestStore>) -> TestServer {
         config.admin_token = Some(ADMIN_TOKEN.into());
         Self::serve(Self::on_store(config, store).await).await
     }
@@ -87,9 +106,16 @@ impl TestServer {
     }
 
     /// `config` on `store`: a Redis store is the shared test server, with a key prefix of its own.
-    async fn on_store(mut config: Config, store: StoreKind) -> Config {
-        config.store.kind = store;
-        if store == StoreKind::Redis {
+    async fn on_store(mut config: Config, store: impl Into<TestStore>) -> Config {
+        let store = store.into();
+        config.store.kind = match store {
+            TestStore::Memory => StoreKind::Memory,
+            TestStore::Redis | TestStore::RedisOwned => StoreKind::Redis,
+        };
+        if store == TestStore::RedisOwned {
+            config.store.redis.mode = quotad::config::RedisMode::Owned;
+        }
+        if config.store.kind == StoreKind::Redis {
             let server = tokio::task::spawn_blocking(redis::shared_server)
                 .await
                 .unwrap();
@@ -263,7 +289,7 @@ macro_rules! on_every_store {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(quotad::config::StoreKind::Memory).await;
+                    super::$name(super::support::TestStore::Memory).await;
                 }
             )*
         }
@@ -271,7 +297,15 @@ macro_rules! on_every_store {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(quotad::config::StoreKind::Redis).await;
+                    super::$name(super::support::TestStore::Redis).await;
+                }
+            )*
+        }
+        mod redis_owned {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::TestStore::RedisOwned).await;
                 }
             )*
         }
