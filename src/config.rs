@@ -465,6 +465,38 @@ mod redis_config_tests {
     }
 
     #[test]
+    fn owned_mode_is_chosen_by_name_and_its_bounds_are_checked() {
+        let config: RedisConfig = Figment::from(Serialized::defaults(RedisConfig::default()))
+            .merge(Toml::string(
+                "mode = \"owned\"\npartitions = 16\nlease_ms = 500\n",
+            ))
+            .extract()
+            .unwrap();
+        assert_eq!(config.mode, RedisMode::Owned);
+        config.validate().unwrap();
+        let mut store = StoreConfig {
+            redis: config,
+            ..StoreConfig::default()
+        };
+        let owned = store.owned();
+        assert_eq!(owned.partitions, 16);
+        assert_eq!(owned.lease, Duration::from_millis(500));
+        assert_eq!(owned.max_unflushed, store.embedded.max_unflushed);
+        let wrong: Result<RedisConfig, _> =
+            Figment::from(Serialized::defaults(RedisConfig::default()))
+                .merge(Toml::string("mode = \"lua\"\n"))
+                .extract();
+        let err = wrong.unwrap_err().to_string();
+        assert!(err.contains("scripts") && err.contains("owned"), "{err}");
+        for (key, partitions, lease_ms) in [("partitions", 0, 500), ("lease_ms", 16, 50)] {
+            store.redis.partitions = partitions;
+            store.redis.lease_ms = lease_ms;
+            let err = store.redis.validate().unwrap_err();
+            assert!(err.contains(&format!("store.redis.{key}")), "{err}");
+        }
+    }
+
+    #[test]
     fn deny_cache_is_still_accepted_and_no_longer_shown() {
         let config: RedisConfig = Figment::from(Serialized::defaults(RedisConfig::default()))
             .merge(Toml::string("deny_cache = false\n"))
