@@ -124,6 +124,7 @@ impl StoreConfig {
             max_unflushed: embedded.max_unflushed,
             write_timeout: std::time::Duration::from_millis(embedded.write_timeout_ms),
             evict_idle: std::time::Duration::from_secs(embedded.evict_idle_seconds),
+            advertise: self.redis.advertise_addr.clone(),
         }
     }
 
@@ -213,6 +214,10 @@ pub struct RedisConfig {
     /// Owned mode: how long a partition's lease lasts unless renewed (renewed every third of
     /// it); a replica that stopped is replaced after at most this long.
     pub lease_ms: u64,
+    /// Owned mode: the address (`host:port`) other replicas and clients reach this replica at,
+    /// told to callers that ask a replica which does not own the account. The chart sets it
+    /// from the pod's IP.
+    pub advertise_addr: String,
 }
 
 /// How decisions are made on Redis (`store.redis.mode`).
@@ -252,6 +257,7 @@ impl Default for RedisConfig {
             mode: RedisMode::Scripts,
             partitions: crate::store::OwnedSettings::default().partitions,
             lease_ms: crate::store::OwnedSettings::default().lease.as_millis() as u64,
+            advertise_addr: String::new(),
         }
     }
 }

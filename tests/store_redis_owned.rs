@@ -173,30 +173,112 @@ async fn a_write_under_an_old_epoch_is_refused() {
         matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("another replica")),
         "{refused:?}"
     );
-    assert!(matches!(store.health(), StoreHealth::Down { .. }));
+    // The partition is no longer decided here; the others are.
     let later = store.reserve(&reserve("acct", "r2"), NOW).await;
     assert!(
         matches!(later, Err(StoreError::Unavailable(_))),
         "{later:?}"
     );
     assert_eq!(redis.cli(&["STRLEN", &core_key]).unwrap(), core_before);
+    assert_eq!(store.owned_partitions(), Some(63));
+    assert_eq!(store.health(), StoreHealth::Up);
 }
 
-/// While one replica holds the partitions another waits for their leases, then gives up
-/// saying who holds them.
+/// Two replicas on one key prefix split the partitions between them (each about half); a
+/// call at the replica that does not own the account is refused with the owner's address; when
+/// one leaves, the other takes its partitions over and continues from what Redis holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_replica_is_kept_off_the_partitions() {
+async fn replicas_split_the_partitions_and_hand_them_over() {
     let redis = RedisServer::start();
     let redis_settings = settings(&redis.url(), None);
-    let owner = owned_store_with(redis_settings.clone(), short_lease()).await;
-    let rules = LiveRules::fixed(Arc::new(Policy::default()));
-    let second = MemoryStore::open_on_redis(rules, &redis_settings, &short_lease()).await;
-    let Err(StoreError::Unavailable(why)) = second else {
-        panic!("a second owner started");
+    let owned = |address: &str| OwnedSettings {
+        advertise: address.into(),
+        ..short_lease()
     };
-    assert!(why.contains("is owned by replica"), "{why}");
-    // The owner renewed its leases all along.
-    owner.reserve(&reserve("acct", "r1"), NOW).await.unwrap();
+    let a = owned_store_with(redis_settings.clone(), owned("10.0.0.1:50051")).await;
+    assert_eq!(
+        a.owned_partitions(),
+        Some(64),
+        "alone, it owns every partition"
+    );
+    let accounts: Vec<String> = (0..24).map(|i| format!("acct-{i}")).collect();
+    for account in &accounts {
+        grant(&a, account, 10).await;
+        spend(&a, account, "first").await;
+    }
+
+    let b = owned_store_with(redis_settings.clone(), owned("10.0.0.2:50051")).await;
+    let split = wait_for(|| {
+        let (x, y) = (a.owned_partitions().unwrap(), b.owned_partitions().unwrap());
+        x + y == 64 && x >= 16 && y >= 16
+    })
+    .await;
+    assert!(
+        split,
+        "split: {:?} and {:?}",
+        a.owned_partitions(),
+        b.owned_partitions()
+    );
+    let mut at_b = 0;
+    for account in &accounts {
+        let (owner, other, address) = match a.usage(account, 10, NOW).await {
+            Ok(_) => (&a, &b, "10.0.0.1:50051"),
+            Err(_) => (&b, &a, "10.0.0.2:50051"),
+        };
+        if std::ptr::eq(owner, &b) {
+            at_b += 1;
+        }
+        let seen = owner.usage(account, 10, NOW).await.unwrap();
+        assert_eq!(seen.recent.len(), 1, "{account}: its charge came along");
+        let refused = other.usage(account, 10, NOW).await;
+        assert!(
+            matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains(address)),
+            "{account}: {refused:?}"
+        );
+        spend(owner, account, "second").await;
+    }
+    assert!(
+        at_b > 0 && at_b < accounts.len(),
+        "{at_b} accounts moved to b"
+    );
+
+    drop(b);
+    assert!(
+        wait_for(|| a.owned_partitions() == Some(64)).await,
+        "a took b's partitions back: {:?}",
+        a.owned_partitions()
+    );
+    for account in &accounts {
+        let seen = a.usage(account, 10, NOW).await.unwrap();
+        assert_eq!(seen.recent.len(), 2, "{account}: both charges, once each");
+    }
+}
+
+/// Polls `done` for up to 5 s.
+async fn wait_for(done: impl Fn() -> bool) -> bool {
+    for _ in 0..500 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// One task of 1 credit, reserved and committed.
+async fn spend(store: &MemoryStore, account: &str, request: &str) {
+    let request = format!("{account}-{request}");
+    let allowed = store
+        .reserve(&reserve(account, &request), NOW)
+        .await
+        .unwrap();
+    let Decision::Allow { reservation_id, .. } = &allowed.decision else {
+        panic!("denied: {allowed:?}");
+    };
+    store
+        .commit(commit(account, reservation_id, 1), NOW)
+        .await
+        .unwrap();
 }
 
 /// An owner that cannot renew its leases stops deciding before they could run out, and says

@@ -6,7 +6,7 @@
 
 use super::data_dir::Change;
 use super::group_commit::GroupCommit;
-use super::redis::owned::OwnedRedis;
+use super::redis::owned::{Admission, OwnedRedis};
 use super::{ExportRead, StoreError};
 use crate::domain::{AccountState, ExportedEvent, Timestamp, UsageEvent};
 
@@ -17,12 +17,13 @@ pub(super) enum Backing {
 }
 
 impl Backing {
-    /// Whether a new decision may be made now (checked before deciding, so a refusal changes
-    /// nothing).
-    pub fn admit(&self) -> Result<(), StoreError> {
+    /// Whether a new decision on `account_id` may be made here now (checked before deciding,
+    /// so a refusal changes nothing). On Redis, the admission keeps the account's partition
+    /// here until it is dropped: drop it once the decision's change is queued.
+    pub fn admit(&self, account_id: &str) -> Result<Option<Admission>, StoreError> {
         match self {
-            Backing::DataDir(commits) => commits.admit(),
-            Backing::Redis(redis) => redis.admit(),
+            Backing::DataDir(commits) => commits.admit().map(|()| None),
+            Backing::Redis(redis) => redis.admit(account_id).map(Some),
         }
     }
 

@@ -31,7 +31,7 @@ use super::data_dir::{Change, DataDir, DataDirError, PurchaseIndex};
 use super::export_log::ExportLog;
 use super::group_commit::GroupCommit;
 use super::redis::RedisSettings;
-use super::redis::owned::{OwnedRedis, OwnedSettings};
+use super::redis::owned::{Hooks, OwnedRedis, OwnedSettings, partition_of};
 use super::rls_counters::RlsCounters;
 use super::{DataDirStats, ExportRead, Store, StoreError, StoreHealth, account_not_found};
 use crate::domain::rls::{CounterCheck, CounterStatus};
@@ -78,21 +78,21 @@ impl DataDirSettings {
 pub struct MemoryStore {
     /// Each operation decides on the policy current when it takes the account's lock.
     rules: Arc<LiveRules>,
-    accounts: DashMap<String, Resident>,
+    accounts: Arc<DashMap<String, Resident>>,
     /// The data dir behind memory, if any.
     durable: Option<Durable>,
     /// The export, when there is no data dir.
     export: ExportLog,
     /// Open reservations of all accounts, kept by every operation (it sees the account's count
     /// before and after, under the account's lock).
-    open_holds: AtomicI64,
+    open_holds: Arc<AtomicI64>,
     /// Envoy RLS counters.
     rls: RlsCounters,
     /// Accounts with an auto top-up purchase in flight, and when it started, kept like
     /// `open_holds`. The once-a-second look for stalled purchases reads this, not every
     /// account: walking millions of accounts holds each shard's lock for milliseconds, and every
     /// decision on that shard would wait behind it.
-    purchases: DashMap<String, Timestamp>,
+    purchases: Arc<DashMap<String, Timestamp>>,
 }
 
 #[derive(Debug)]
@@ -169,11 +169,11 @@ impl MemoryStore {
         MemoryStore {
             export: ExportLog::new(),
             rules,
-            accounts: DashMap::new(),
+            accounts: Arc::new(DashMap::new()),
             durable: None,
-            open_holds: AtomicI64::new(0),
+            open_holds: Arc::new(AtomicI64::new(0)),
             rls: RlsCounters::default(),
-            purchases: DashMap::new(),
+            purchases: Arc::new(DashMap::new()),
         }
     }
 
@@ -204,20 +204,46 @@ impl MemoryStore {
         Ok(store.backed_by(Backing::DataDir(commits), settings.evict_idle))
     }
 
-    /// A store whose decisions are made durable in Redis, owning every partition of its key
-    /// prefix ([`OwnedRedis`]), continuing from what Redis holds.
+    /// A store whose decisions are made durable in Redis, on the partitions of its key prefix
+    /// that fall to this replica ([`OwnedRedis`]), continuing from what Redis holds.
     pub async fn open_on_redis(
         rules: Arc<LiveRules>,
         redis: &RedisSettings,
         owned: &OwnedSettings,
     ) -> Result<Self, StoreError> {
-        let (backing, purchases, holds) = OwnedRedis::open(redis, owned).await?;
         let store = MemoryStore::with_rules(rules);
-        store.open_holds.store(holds, Ordering::Relaxed);
-        for (account_id, started) in purchases {
-            store.purchases.insert(account_id, started);
-        }
+        let partitions = owned.partitions.max(1);
+        let hooks = Hooks {
+            came: Box::new({
+                let (indexed, holds) = (store.purchases.clone(), store.open_holds.clone());
+                move |_, purchases, open| {
+                    for (account_id, started) in purchases {
+                        indexed.insert(account_id, started);
+                    }
+                    holds.fetch_add(open, Ordering::Relaxed);
+                }
+            }),
+            gone: Box::new({
+                let (accounts, indexed) = (store.accounts.clone(), store.purchases.clone());
+                let holds = store.open_holds.clone();
+                move |partition, open| {
+                    let elsewhere = |id: &String| partition_of(id, partitions) != partition;
+                    accounts.retain(|id, _| elsewhere(id));
+                    indexed.retain(|id, _| elsewhere(id));
+                    holds.fetch_sub(open, Ordering::Relaxed);
+                }
+            }),
+        };
+        let backing = OwnedRedis::open(redis, owned, hooks).await?;
         Ok(store.backed_by(Backing::Redis(backing), owned.evict_idle))
+    }
+
+    /// The partitions this replica owns, on Redis in owned mode.
+    pub fn owned_partitions(&self) -> Option<usize> {
+        match &self.durable.as_ref()?.backing {
+            Backing::Redis(redis) => Some(redis.held()),
+            Backing::DataDir(_) => None,
+        }
     }
 
     fn backed_by(self, backing: Backing, evict_idle: Duration) -> Self {
@@ -335,15 +361,17 @@ impl MemoryStore {
         now: Timestamp,
         op: impl FnOnce(&mut AccountState, &Policy) -> Result<T, DomainError>,
     ) -> Result<T, StoreError> {
-        if let Some(durable) = &self.durable {
-            durable.backing.admit()?;
-        }
+        let admission = match &self.durable {
+            Some(durable) => durable.backing.admit(account_id)?,
+            None => None,
+        };
         let (result, change) = {
             let rules = self.rules.snapshot();
             let mut resident = self.resident(account_id, missing, now).await?;
             let result = self.apply(account_id, &mut resident, &rules.policy, effect, op);
             (result, resident.last_change)
         };
+        drop(admission);
         if let Some(durable) = &self.durable {
             durable.backing.durable(change).await?;
         }
@@ -514,6 +542,10 @@ impl Store for MemoryStore {
     }
 
     async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
+        let admission = match &self.durable {
+            Some(durable) => durable.backing.admit(account_id)?,
+            None => None,
+        };
         let (account, change) = {
             let resident = match self.accounts.get(account_id) {
                 Some(resident) => resident,
@@ -524,6 +556,7 @@ impl Store for MemoryStore {
             };
             (resident.state.account().clone(), resident.last_change)
         };
+        drop(admission);
         if let Some(durable) = &self.durable {
             durable.backing.durable(change).await?;
         }

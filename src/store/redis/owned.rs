@@ -40,7 +40,7 @@
 //! forwarding calls to their owner, come next.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -60,18 +60,19 @@ use crate::store::{ExportRead, StoreError};
 /// The fenced batch write, for one or more partitions (all in one call on a standalone Redis;
 /// one partition a call on a Cluster, where a script's keys share a slot). ARGV[1]: how many
 /// partitions; then each partition's section: the key index of its fence (a hash of the epoch
-/// and the last batch number landed), the epoch the batch was decided under, its number in the
+/// and the last batch number landed), the partition's number (named by a `FENCED` error), the
+/// epoch the batch was decided under, its number in the
 /// partition, how many arguments its writes take, and the writes, each an op, a key index and its arguments. Every fence is
 /// checked before anything is written, so a fenced call writes nothing; a partition whose batch
 /// number has already landed (a retry) is skipped.
 const WRITE: &str = r#"
 local sections, at = {}, 2
 for _ = 1, tonumber(ARGV[1]) do
-  local s = {fence = KEYS[tonumber(ARGV[at])], number = ARGV[at + 2], first = at + 4}
-  s.last = at + 3 + tonumber(ARGV[at + 3])
+  local s = {fence = KEYS[tonumber(ARGV[at])], number = ARGV[at + 3], first = at + 5}
+  s.last = at + 4 + tonumber(ARGV[at + 4])
   local fence = redis.call('HMGET', s.fence, 'epoch', 'seq')
-  if fence[1] ~= ARGV[at + 1] then
-    return redis.error_reply('FENCED partition epoch is ' .. tostring(fence[1]) .. ', not ' .. ARGV[at + 1])
+  if fence[1] ~= ARGV[at + 2] then
+    return redis.error_reply('FENCED ' .. ARGV[at + 1] .. ' partition epoch is ' .. tostring(fence[1]) .. ', not ' .. ARGV[at + 2])
   end
   s.landed = tonumber(fence[2] or '0') >= tonumber(s.number)
   sections[#sections + 1] = s
@@ -134,6 +135,29 @@ end
 return 0
 "#;
 
+/// Says a replica is alive until the lease's end (by Redis's clock), forgets replicas whose
+/// time ran out, and answers the live ones with their addresses, sorted by id. KEYS: the
+/// membership (a sorted set: id by expiry) and the addresses (a hash). ARGV: id, address,
+/// lease in ms.
+const MEMBERS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+  redis.call('HDEL', KEYS[2], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.sort(ids)
+local out = {}
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
+end
+return out
+"#;
+
 /// An account's core and the values of its records. KEYS: core, records.
 const LOAD: &str = r#"
 return {redis.call('GET', KEYS[1]) or '', redis.call('HVALS', KEYS[2])}
@@ -153,6 +177,9 @@ pub struct OwnedSettings {
     pub write_timeout: Duration,
     /// An account unused for this long leaves memory (it is reloaded on its next use).
     pub evict_idle: Duration,
+    /// The address other replicas and clients reach this one at (`host:port`), told to callers
+    /// that ask a replica which does not own the account.
+    pub advertise: String,
 }
 
 impl Default for OwnedSettings {
@@ -163,6 +190,7 @@ impl Default for OwnedSettings {
             max_unflushed: 20_000,
             write_timeout: Duration::from_secs(2),
             evict_idle: Duration::from_secs(600),
+            advertise: String::new(),
         }
     }
 }
@@ -171,6 +199,40 @@ impl Default for OwnedSettings {
 pub fn partition_of(account_id: &str, partitions: u16) -> u16 {
     keys::slot(account_id.as_bytes()) % partitions.max(1)
 }
+
+/// The replica a partition falls to among the live ones: the highest score of the partition
+/// and the replica's id (rendezvous hashing), so partitions spread evenly and a replica that
+/// joins or leaves moves only the partitions it takes or had.
+fn owner_of(partition: u16, members: &[Member]) -> Option<&Member> {
+    members
+        .iter()
+        .max_by_key(|m| (rendezvous(partition, &m.id), m.id.as_str()))
+}
+
+/// FNV-1a over the id and the partition: stable across processes and versions.
+fn rendezvous(partition: u16, id: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.bytes().chain(partition.to_be_bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly for short inputs; one more round of mixing spreads them.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^ (hash >> 33)
+}
+
+/// What the engine is told when a partition comes to this replica or leaves it: the accounts
+/// with a purchase in flight and the open holds the partition has in Redis. A partition that
+/// leaves has been flushed and no decision on it is in flight; the engine drops its accounts
+/// from memory before the lease is given up.
+pub struct Hooks {
+    pub came: Box<dyn Fn(u16, Purchases, i64) + Send + Sync>,
+    pub gone: Box<dyn Fn(u16, i64) + Send + Sync>,
+}
+
+/// Accounts with an auto top-up purchase in flight, and when each started.
+pub type Purchases = Vec<(String, Timestamp)>;
 
 /// Redis behind the engine: leases, the batch writer and the reads of what is not in memory.
 pub struct OwnedRedis {
@@ -181,28 +243,53 @@ pub struct OwnedRedis {
 impl std::fmt::Debug for OwnedRedis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OwnedRedis")
-            .field("owner", &self.shared.owner)
-            .field("partitions", &self.shared.epochs.len())
+            .field("replica", &self.shared.replica)
+            .field("held", &self.held())
             .finish()
     }
+}
+
+/// This replica's hold on one partition.
+#[derive(Default)]
+struct Slot {
+    /// The epoch the partition is held under; 0: not held.
+    epoch: AtomicU64,
+    /// Batches written to the partition under that epoch.
+    seq: AtomicU64,
+    /// New decisions are taken (held, and not being given up).
+    admitting: AtomicBool,
+    /// Decisions admitted and not yet queued: a partition is given up only once none is.
+    inflight: AtomicUsize,
+}
+
+/// A replica alive, as its last membership record says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Member {
+    id: String,
+    address: String,
 }
 
 struct Shared {
     conn: Connection,
     settings: RedisSettings,
     prefix: String,
-    owner: String,
+    /// This replica's id in leases and membership, and the address peers reach it at.
+    replica: String,
+    address: String,
     lease: Duration,
-    /// The epoch this replica holds each partition under.
-    epochs: Vec<u64>,
-    /// Batches written to each partition under its epoch.
-    seqs: Vec<AtomicU64>,
-    /// Until when this replica may decide: nanoseconds after `base`.
+    slots: Vec<Slot>,
+    /// The live replicas as last seen, by id.
+    members: Mutex<Vec<Member>>,
+    hooks: Hooks,
+    /// Until when this replica may decide on the partitions it holds: nanoseconds after `base`.
     base: Instant,
     valid_until: AtomicU64,
     queue: Mutex<Queue>,
     wake: Notify,
     durable: watch::Sender<u64>,
+    /// Changes that were never written because their partition was taken by another replica
+    /// first; their callers are told so instead of being acknowledged.
+    dropped: Mutex<HashSet<u64>>,
     failed: OnceLock<String>,
     unflushed: AtomicUsize,
     max_unflushed: usize,
@@ -228,82 +315,50 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(format!("Redis holds a corrupt {what}: {err}"))
 }
 
+/// A decision admitted on a partition this replica holds; the partition is not given up
+/// while it lives (drop it once the decision's change is queued).
+pub struct Admission {
+    shared: Arc<Shared>,
+    partition: u16,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        (self.shared.slots[usize::from(self.partition)].inflight).fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl OwnedRedis {
-    /// Connects, checks the persisted format, takes every partition's lease (waiting for the
-    /// lease of a replica that stopped to run out) and starts the writer and the renewals.
-    /// Returns the accounts with a purchase in flight and the open holds, for the engine's
-    /// indexes.
+    /// Connects, checks the persisted format, joins the replicas on this key prefix, takes the
+    /// leases of the partitions that fall to it (those still held by a replica that stopped
+    /// come once their leases run out) and starts the writer and the ownership rounds.
     pub async fn open(
         settings: &RedisSettings,
         owned: &OwnedSettings,
-    ) -> Result<(OwnedRedis, Vec<(String, Timestamp)>, i64), StoreError> {
+        hooks: Hooks,
+    ) -> Result<OwnedRedis, StoreError> {
         let mut conn = connect(settings).await?;
         let prefix = settings.key_prefix.clone();
         check_format(&mut conn, &prefix).await?;
-        let owner = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
-        let base = Instant::now();
-        let started = Instant::now();
+        let replica = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
         let partitions = owned.partitions.max(1);
-        let lease_ms = owned.lease.as_millis() as u64;
-        let mut epochs = Vec::with_capacity(usize::from(partitions));
-        let give_up = started + owned.lease * 2 + Duration::from_secs(1);
-        for partition in 0..partitions {
-            let tag = tag(&prefix, partition);
-            loop {
-                let reply: Vec<redis::Value> = Script::new(ACQUIRE)
-                    .key(format!("{tag}:lease"))
-                    .key(format!("{tag}:fence"))
-                    .arg(&owner)
-                    .arg(lease_ms)
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(|e| unavailable("taking a partition's lease", e))?;
-                let number = |i: usize| -> Option<i64> {
-                    reply
-                        .get(i)
-                        .and_then(|v| redis::from_redis_value_ref(v).ok())
-                };
-                if number(0) == Some(1) {
-                    let epoch = number(1).ok_or_else(|| corrupt("lease epoch", "missing"))?;
-                    epochs.push(epoch as u64);
-                    break;
-                }
-                let holder: String = (reply.get(1))
-                    .and_then(|v| redis::from_redis_value_ref(v).ok())
-                    .unwrap_or_default();
-                let left = number(2).unwrap_or(0).max(0) as u64;
-                if Instant::now() >= give_up {
-                    return Err(StoreError::Unavailable(format!(
-                        "partition {partition} of key prefix {prefix:?} is owned by replica \
-                         {holder} (its lease ends in {left} ms): owned mode runs one replica per \
-                         key prefix for now; stop the other replica or give this one its own \
-                         store.redis.key_prefix"
-                    )));
-                }
-                tracing::info!(
-                    partition,
-                    holder,
-                    left_ms = left,
-                    "waiting for a partition's lease"
-                );
-                tokio::time::sleep(Duration::from_millis(left.clamp(10, 200))).await;
-            }
-        }
-        let (purchases, holds) = read_indexes(&mut conn, &prefix, partitions).await?;
-        let valid = started + owned.lease - owned.lease / 10;
+        let base = Instant::now();
         let shared = Arc::new(Shared {
             conn,
             settings: settings.clone(),
             prefix,
-            owner,
+            address: owned.advertise.clone(),
+            replica,
             lease: owned.lease,
-            seqs: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
-            epochs,
-            valid_until: AtomicU64::new(valid.duration_since(base).as_nanos() as u64),
+            slots: (0..partitions).map(|_| Slot::default()).collect(),
+            members: Mutex::new(Vec::new()),
+            hooks,
             base,
+            valid_until: AtomicU64::new(0),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             durable: watch::Sender::new(0),
+            dropped: Mutex::new(HashSet::new()),
             failed: OnceLock::new(),
             unflushed: AtomicUsize::new(0),
             max_unflushed: owned.max_unflushed.max(1),
@@ -313,25 +368,44 @@ impl OwnedRedis {
             groups: Mutex::new(HashSet::new()),
             write_script: Script::new(WRITE),
         });
+        shared.round().await?;
         tracing::info!(
-            owner = %shared.owner,
+            replica = %shared.replica,
             partitions,
-            lease_ms,
-            "owner of every partition on Redis: decisions in memory, written to Redis before each answer"
+            held = shared.held(),
+            lease_ms = owned.lease.as_millis() as u64,
+            "owner of partitions on Redis: decisions in memory, written to Redis before each answer"
         );
         let tasks = vec![
             tokio::spawn(shared.clone().write_loop()),
-            tokio::spawn(shared.clone().renew_loop()),
+            tokio::spawn(shared.clone().ownership_loop()),
         ];
-        Ok((OwnedRedis { shared, tasks }, purchases, holds))
+        Ok(OwnedRedis { shared, tasks })
     }
 
-    /// Whether a new decision may be made now: not once ownership is lost, not past the
-    /// lease's safe end, not with too much waiting to be written.
-    pub fn admit(&self) -> Result<(), StoreError> {
+    /// The partitions this replica holds now.
+    pub fn held(&self) -> usize {
+        self.shared.held()
+    }
+
+    /// Whether a decision on `account_id` may be made here now: its partition held and not
+    /// being given up, the lease within its safe end, not too much waiting to be written.
+    pub fn admit(&self, account_id: &str) -> Result<Admission, StoreError> {
         let shared = &self.shared;
         if let Some(reason) = shared.failed.get() {
             return Err(StoreError::Unavailable(reason.clone()));
+        }
+        let partition = partition_of(account_id, shared.slots.len() as u16);
+        let slot = &shared.slots[usize::from(partition)];
+        slot.inflight.fetch_add(1, Ordering::AcqRel);
+        let admission = Admission {
+            shared: shared.clone(),
+            partition,
+        };
+        // Checked after counting in: a partition being given up either sees this decision in
+        // flight and waits for it, or this decision sees the partition no longer admitting.
+        if !slot.admitting.load(Ordering::Acquire) {
+            return Err(shared.not_here(partition));
         }
         let now = shared.base.elapsed().as_nanos() as u64;
         if now >= shared.valid_until.load(Ordering::Acquire) {
@@ -347,7 +421,7 @@ impl OwnedRedis {
                 shared.max_unflushed
             )));
         }
-        Ok(())
+        Ok(admission)
     }
 
     /// Queues a change; returns its number, to wait on with [`durable`](Self::durable).
@@ -371,27 +445,7 @@ impl OwnedRedis {
 
     /// Waits until change `number` (and every change queued before it) is in Redis.
     pub async fn durable(&self, number: u64) -> Result<(), StoreError> {
-        let shared = &self.shared;
-        let mut seen = shared.durable.subscribe();
-        let landed = tokio::time::timeout(
-            shared.write_timeout,
-            seen.wait_for(|&n| n >= number || shared.failed.get().is_some()),
-        )
-        .await;
-        match landed {
-            Ok(Ok(n)) if *n >= number => Ok(()),
-            Ok(_) => Err(StoreError::Unavailable(
-                shared
-                    .failed
-                    .get()
-                    .cloned()
-                    .unwrap_or_else(|| "the Redis writer stopped".into()),
-            )),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "Redis did not confirm the write within {} ms",
-                shared.write_timeout.as_millis()
-            ))),
-        }
+        self.shared.durable(number).await
     }
 
     /// Why this replica stopped writing, if it did.
@@ -465,7 +519,7 @@ impl OwnedRedis {
     /// (Redis's clock measures the idle time), then new events, partition by partition.
     pub async fn export_read(&self, read: &ExportRead) -> Result<Vec<ExportedEvent>, StoreError> {
         let shared = &self.shared;
-        let partitions = shared.epochs.len() as u16;
+        let partitions = shared.slots.len() as u16;
         let mut conn = shared.conn.clone();
         self.ensure_group(&read.group).await?;
         let mut events = Vec::new();
@@ -522,7 +576,7 @@ impl OwnedRedis {
         delivery_ids: &[String],
     ) -> Result<u64, StoreError> {
         let shared = &self.shared;
-        let partitions = shared.epochs.len() as u16;
+        let partitions = shared.slots.len() as u16;
         let mut by_partition: HashMap<u16, Vec<&str>> = HashMap::new();
         for id in delivery_ids {
             let Some((partition, entry)) = id.split_once('/') else {
@@ -568,7 +622,7 @@ impl OwnedRedis {
             return Ok(());
         }
         let mut conn = shared.conn.clone();
-        for partition in 0..shared.epochs.len() as u16 {
+        for partition in 0..shared.slots.len() as u16 {
             let made: Result<(), _> = redis::cmd("XGROUP")
                 .arg("CREATE")
                 .arg(stream_key(&shared.prefix, partition))
@@ -593,8 +647,9 @@ impl OwnedRedis {
 }
 
 impl Drop for OwnedRedis {
-    /// Stops the writer and the renewals, and gives the leases up so that a replica started
-    /// next need not wait for them to run out. Everything acknowledged is already in Redis.
+    /// Stops the writer and the ownership rounds, and gives the leases up (and leaves the
+    /// membership) so that other replicas need not wait for them to run out. Everything
+    /// acknowledged is already in Redis.
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
@@ -614,14 +669,22 @@ impl Drop for OwnedRedis {
                 runtime.block_on(async {
                     let released = async {
                         let mut conn = connect(&shared.settings).await.ok()?;
-                        for (partition, epoch) in shared.epochs.iter().enumerate() {
-                            let tag = tag(&shared.prefix, partition as u16);
-                            let _: Result<i64, _> = Script::new(RELEASE)
-                                .key(format!("{tag}:lease"))
-                                .arg(epoch)
-                                .invoke_async(&mut conn)
-                                .await;
+                        for (partition, slot) in shared.slots.iter().enumerate() {
+                            let epoch = slot.epoch.load(Ordering::Acquire);
+                            if epoch != 0 {
+                                let tag = tag(&shared.prefix, partition as u16);
+                                let _: Result<i64, _> = Script::new(RELEASE)
+                                    .key(format!("{tag}:lease"))
+                                    .arg(epoch)
+                                    .invoke_async(&mut conn)
+                                    .await;
+                            }
                         }
+                        let _: Result<i64, _> = redis::cmd("ZREM")
+                            .arg(members_key(&shared.prefix))
+                            .arg(&shared.replica)
+                            .query_async(&mut conn)
+                            .await;
                         Some(())
                     };
                     let _ = tokio::time::timeout(Duration::from_secs(2), released).await;
@@ -634,8 +697,28 @@ impl Drop for OwnedRedis {
 }
 
 impl Shared {
+    fn held(&self) -> usize {
+        (self.slots.iter())
+            .filter(|slot| slot.epoch.load(Ordering::Acquire) != 0)
+            .count()
+    }
+
+    /// Why a decision on `partition` is not made here: who should make it, as last seen.
+    fn not_here(&self, partition: u16) -> StoreError {
+        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        match owner_of(partition, &members) {
+            Some(owner) if owner.id != self.replica => StoreError::Unavailable(format!(
+                "partition {partition} is owned by replica {} at {}; ask it",
+                owner.id, owner.address
+            )),
+            _ => StoreError::Unavailable(format!(
+                "partition {partition} is moving to this replica; try again shortly"
+            )),
+        }
+    }
+
     fn account_keys(&self, account_id: &str) -> AccountKeys {
-        let partition = partition_of(account_id, self.epochs.len() as u16);
+        let partition = partition_of(account_id, self.slots.len() as u16);
         AccountKeys::new(&tag(&self.prefix, partition), account_id)
     }
 
@@ -650,9 +733,55 @@ impl Shared {
         self.durable.send_modify(|_| {});
     }
 
+    async fn durable(&self, number: u64) -> Result<(), StoreError> {
+        let mut seen = self.durable.subscribe();
+        let landed = tokio::time::timeout(
+            self.write_timeout,
+            seen.wait_for(|&n| n >= number || self.failed.get().is_some()),
+        )
+        .await;
+        match landed {
+            Ok(Ok(n)) if *n >= number => {
+                let dropped = (self.dropped.lock())
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&number);
+                if dropped {
+                    return Err(StoreError::Unavailable(
+                        "the account's partition moved to another replica before this decision \
+                         was written; it did not happen, and may be asked again"
+                            .into(),
+                    ));
+                }
+                Ok(())
+            }
+            Ok(_) => Err(StoreError::Unavailable(
+                self.failed
+                    .get()
+                    .cloned()
+                    .unwrap_or_else(|| "the Redis writer stopped".into()),
+            )),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "Redis did not confirm the write within {} ms",
+                self.write_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// A partition this replica held was taken by another (its write was fenced, or its lease
+    /// ran out): nothing more is decided or written on it here, and its accounts leave memory.
+    fn lose(&self, partition: u16) {
+        let slot = &self.slots[usize::from(partition)];
+        slot.admitting.store(false, Ordering::Release);
+        if slot.epoch.swap(0, Ordering::AcqRel) != 0 {
+            tracing::warn!(partition, "lost a partition to another replica");
+            (self.hooks.gone)(partition, 0);
+        }
+    }
+
     /// Takes everything queued, writes it (one script call on a standalone Redis, one per
     /// partition in parallel on a Cluster, each retried until it lands or is fenced),
-    /// publishes it durable, and goes on.
+    /// publishes it durable, and goes on. The changes of a partition lost meanwhile are not
+    /// written, and their callers are told.
     async fn write_loop(self: Arc<Self>) {
         let cluster = !self.settings.cluster_nodes.is_empty();
         loop {
@@ -667,27 +796,42 @@ impl Shared {
                 notified.await;
             };
             let count = changes.len();
-            let mut calls: Vec<WriteCall> = Vec::new();
-            for (partition, ops) in self.partition_ops(&changes) {
-                if cluster || calls.is_empty() {
-                    calls.push(WriteCall::default());
+            let first = last + 1 - count as u64;
+            let mut sections: Vec<Section> = Vec::new();
+            for (partition, (ops, numbers)) in self.partition_ops(&changes, first) {
+                let slot = &self.slots[usize::from(partition)];
+                let epoch = slot.epoch.load(Ordering::Acquire);
+                if epoch == 0 {
+                    self.drop_changes(&numbers);
+                    continue;
                 }
-                let seq = self.seqs[usize::from(partition)].fetch_add(1, Ordering::Relaxed) + 1;
-                let epoch = self.epochs[usize::from(partition)];
-                let call = calls.last_mut().expect("a call");
-                call.section(&tag(&self.prefix, partition), epoch, seq, &ops);
+                let seq = slot.seq.fetch_add(1, Ordering::AcqRel) + 1;
+                sections.push(Section {
+                    partition,
+                    epoch,
+                    seq,
+                    ops,
+                    numbers,
+                });
             }
             drop(changes);
-            let mut pending: Vec<Arc<WriteCall>> = calls.into_iter().map(Arc::new).collect();
             let mut backoff = Duration::from_millis(20);
-            while !pending.is_empty() && self.failed.get().is_none() {
-                let results = if pending.len() == 1 {
-                    let call = pending.pop().expect("one call");
+            while !sections.is_empty() && self.failed.get().is_none() {
+                let calls: Vec<Arc<WriteCall>> = if cluster {
+                    sections
+                        .iter()
+                        .map(|s| Arc::new(WriteCall::of(&self.prefix, [s])))
+                        .collect()
+                } else {
+                    vec![Arc::new(WriteCall::of(&self.prefix, &sections))]
+                };
+                let results = if calls.len() == 1 {
+                    let call = calls.into_iter().next().expect("one call");
                     let result = self.invoke(&call).await;
                     vec![(call, result)]
                 } else {
                     let mut running = JoinSet::new();
-                    for call in pending.drain(..) {
+                    for call in calls {
                         let shared = self.clone();
                         running.spawn(async move {
                             let result = shared.invoke(&call).await;
@@ -696,21 +840,35 @@ impl Shared {
                     }
                     running.join_all().await
                 };
+                let mut retry = false;
                 for (call, result) in results {
                     match result {
-                        Ok(()) => {}
-                        Err(e) if e.code() == Some("FENCED") => self.fail(format!(
-                            "a partition was taken by another replica ({}); this replica \
-                             stopped deciding",
-                            e.detail().unwrap_or_default()
-                        )),
+                        Ok(()) => sections.retain(|s| !call.partitions.contains(&s.partition)),
+                        Err(e) if e.code() == Some("FENCED") => {
+                            let lost: Option<u16> = e
+                                .detail()
+                                .and_then(|d| d.split_whitespace().next()?.parse().ok());
+                            match lost {
+                                Some(partition) => {
+                                    self.lose(partition);
+                                    sections.retain(|s| {
+                                        let keep = s.partition != partition;
+                                        if !keep {
+                                            self.drop_changes(&s.numbers);
+                                        }
+                                        keep
+                                    });
+                                }
+                                None => self.fail(format!("a write was fenced: {e}")),
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "writing a batch to Redis; retrying");
-                            pending.push(call);
+                            retry = true;
                         }
                     }
                 }
-                if !pending.is_empty() {
+                if retry {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
@@ -725,12 +883,16 @@ impl Shared {
         }
     }
 
+    fn drop_changes(&self, numbers: &[u64]) {
+        (self.dropped.lock().unwrap_or_else(|e| e.into_inner())).extend(numbers);
+    }
+
     async fn invoke(&self, call: &WriteCall) -> redis::RedisResult<()> {
         let mut invocation = self.write_script.prepare_invoke();
         for key in &call.keys {
             invocation.key(key);
         }
-        invocation.arg(call.sections);
+        invocation.arg(call.partitions.len());
         for arg in &call.args {
             invocation.arg(&arg[..]);
         }
@@ -740,20 +902,21 @@ impl Shared {
     }
 
     /// The writes of a run of changes, by partition.
-    fn partition_ops(&self, changes: &[Change]) -> BTreeMap<u16, Vec<Op>> {
-        let partitions = self.epochs.len() as u16;
+    fn partition_ops(&self, changes: &[Change], first: u64) -> BTreeMap<u16, (Vec<Op>, Vec<u64>)> {
+        let partitions = self.slots.len() as u16;
         // An account changed several times in the batch has its last core written.
         let mut last_core: HashMap<&str, usize> = HashMap::new();
         for (i, change) in changes.iter().enumerate() {
             last_core.insert(&change.account_id, i);
         }
-        let mut ops: BTreeMap<u16, Vec<Op>> = BTreeMap::new();
+        let mut ops: BTreeMap<u16, (Vec<Op>, Vec<u64>)> = BTreeMap::new();
         let mut holds: BTreeMap<u16, i64> = BTreeMap::new();
         for (i, change) in changes.iter().enumerate() {
             let id = change.account_id.as_str();
             let partition = partition_of(id, partitions);
             let tag = tag(&self.prefix, partition);
-            let ops = ops.entry(partition).or_default();
+            let (ops, numbers) = ops.entry(partition).or_default();
+            numbers.push(first + i as u64);
             let keys = AccountKeys::new(&tag, id);
             let mut op = |code: &'static [u8], key: &str, args: Vec<Vec<u8>>| {
                 ops.push(Op {
@@ -801,7 +964,7 @@ impl Shared {
             if delta != 0 {
                 let key = format!("{}:meta", tag(&self.prefix, partition));
                 let args = vec![b"holds".to_vec(), delta.to_string().into_bytes()];
-                (ops.entry(partition).or_default()).push(Op {
+                (ops.entry(partition).or_default().0).push(Op {
                     code: b"C",
                     key,
                     args,
@@ -811,56 +974,153 @@ impl Shared {
         ops
     }
 
-    /// Renews every lease a third of a lease apart; the safe end moves only when all were
-    /// renewed, counted from before the renewals were sent.
-    async fn renew_loop(self: Arc<Self>) {
-        let lease_ms = self.lease.as_millis() as u64;
+    /// One ownership round every third of a lease.
+    async fn ownership_loop(self: Arc<Self>) {
         loop {
             tokio::time::sleep(self.lease / 3).await;
-            let sent = Instant::now();
-            let mut calls = JoinSet::new();
-            for (partition, &epoch) in self.epochs.iter().enumerate() {
-                let mut conn = self.conn.clone();
-                let lease = format!("{}:lease", tag(&self.prefix, partition as u16));
-                calls.spawn(async move {
-                    let renewed: redis::RedisResult<i64> = Script::new(RENEW)
-                        .key(lease)
-                        .arg(epoch)
-                        .arg(lease_ms)
-                        .invoke_async(&mut conn)
-                        .await;
-                    (partition, renewed)
-                });
-            }
-            let mut all = true;
-            while let Some(done) = calls.join_next().await {
-                match done {
-                    Ok((_, Ok(1))) => {}
-                    Ok((partition, Ok(_))) => {
-                        all = false;
-                        self.fail(format!(
-                            "the lease on partition {partition} ran out and another replica may \
-                             hold it; this replica stopped deciding"
-                        ));
-                    }
-                    Ok((partition, Err(e))) => {
-                        all = false;
-                        tracing::warn!(partition, error = %e, "renewing a partition lease");
-                    }
-                    Err(_) => all = false,
-                }
-            }
             if self.failed.get().is_some() {
                 return;
             }
-            if all {
-                let valid = sent + self.lease - self.lease / 10;
-                self.valid_until.store(
-                    valid.duration_since(self.base).as_nanos() as u64,
-                    Ordering::Release,
-                );
+            if let Err(e) = self.round().await {
+                tracing::warn!(error = %e, "an ownership round on Redis failed; retrying");
             }
         }
+    }
+
+    /// Says this replica is alive, renews the leases it holds (the safe end moves only when
+    /// all were renewed, counted from before the renewals were sent), gives up the partitions
+    /// that now fall to another live replica and takes those that fall to it.
+    async fn round(&self) -> Result<(), StoreError> {
+        let sent = Instant::now();
+        let lease_ms = self.lease.as_millis() as u64;
+        let mut conn = self.conn.clone();
+        let listed: Vec<String> = Script::new(MEMBERS)
+            .key(members_key(&self.prefix))
+            .key(format!("{}:addr", members_key(&self.prefix)))
+            .arg(&self.replica)
+            .arg(&self.address)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable("joining the replicas", e))?;
+        let members: Vec<Member> = listed
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [id, address] => Some(Member {
+                    id: id.clone(),
+                    address: address.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        *self.members.lock().unwrap_or_else(|e| e.into_inner()) = members.clone();
+
+        let mut all_renewed = true;
+        for (partition, slot) in self.slots.iter().enumerate() {
+            let epoch = slot.epoch.load(Ordering::Acquire);
+            if epoch == 0 {
+                continue;
+            }
+            let lease = format!("{}:lease", tag(&self.prefix, partition as u16));
+            let renewed: redis::RedisResult<i64> = Script::new(RENEW)
+                .key(lease)
+                .arg(epoch)
+                .arg(lease_ms)
+                .invoke_async(&mut conn)
+                .await;
+            match renewed {
+                Ok(1) => {}
+                Ok(_) => self.lose(partition as u16),
+                Err(e) => {
+                    all_renewed = false;
+                    tracing::warn!(partition, error = %e, "renewing a partition lease");
+                }
+            }
+        }
+        if all_renewed {
+            let valid = sent + self.lease - self.lease / 10;
+            self.valid_until.store(
+                valid.duration_since(self.base).as_nanos() as u64,
+                Ordering::Release,
+            );
+        }
+
+        for partition in 0..self.slots.len() as u16 {
+            let mine = owner_of(partition, &members).is_some_and(|m| m.id == self.replica);
+            let held = self.slots[usize::from(partition)]
+                .epoch
+                .load(Ordering::Acquire)
+                != 0;
+            if held && !mine {
+                self.release(partition).await;
+            } else if mine && !held && all_renewed {
+                self.acquire(partition).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a partition's lease if its last holder let it go or stopped; its accounts are
+    /// then read from Redis on first use.
+    async fn acquire(&self, partition: u16) -> Result<(), StoreError> {
+        let tag = tag(&self.prefix, partition);
+        let mut conn = self.conn.clone();
+        let reply: Vec<redis::Value> = Script::new(ACQUIRE)
+            .key(format!("{tag}:lease"))
+            .key(format!("{tag}:fence"))
+            .arg(&self.replica)
+            .arg(self.lease.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| unavailable("taking a partition's lease", e))?;
+        let number = |i: usize| -> Option<i64> {
+            reply
+                .get(i)
+                .and_then(|v| redis::from_redis_value_ref(v).ok())
+        };
+        if number(0) != Some(1) {
+            return Ok(());
+        }
+        let epoch = number(1).ok_or_else(|| corrupt("lease epoch", "missing"))? as u64;
+        let (purchases, holds) = read_partition_index(&mut conn, &self.prefix, partition).await?;
+        let slot = &self.slots[usize::from(partition)];
+        slot.seq.store(0, Ordering::Release);
+        slot.epoch.store(epoch, Ordering::Release);
+        (self.hooks.came)(partition, purchases, holds);
+        slot.admitting.store(true, Ordering::Release);
+        tracing::info!(partition, epoch, "took a partition");
+        Ok(())
+    }
+
+    /// Gives a partition up to the replica it now falls to: no new decision on it, the ones in
+    /// flight finish, everything queued reaches Redis, its accounts leave memory, and the
+    /// lease is let go (the next owner takes it under a higher epoch).
+    async fn release(&self, partition: u16) {
+        let slot = &self.slots[usize::from(partition)];
+        slot.admitting.store(false, Ordering::Release);
+        let deadline = Instant::now() + self.write_timeout;
+        while slot.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let last = self.queue.lock().unwrap_or_else(|e| e.into_inner()).last;
+        let _ = self.durable(last).await;
+        let epoch = slot.epoch.swap(0, Ordering::AcqRel);
+        if epoch == 0 {
+            return;
+        }
+        let tag = tag(&self.prefix, partition);
+        let mut conn = self.conn.clone();
+        let holds = read_partition_index(&mut conn, &self.prefix, partition)
+            .await
+            .map(|(_, holds)| holds)
+            .unwrap_or(0);
+        (self.hooks.gone)(partition, holds);
+        let _: Result<i64, _> = Script::new(RELEASE)
+            .key(format!("{tag}:lease"))
+            .arg(epoch)
+            .invoke_async(&mut conn)
+            .await;
+        tracing::info!(partition, epoch, "gave a partition up");
     }
 }
 
@@ -871,17 +1131,41 @@ struct Op {
     args: Vec<Vec<u8>>,
 }
 
+/// One partition's part of a batch: its writes, under the epoch and batch number it is
+/// written with, and the numbers of the changes they carry.
+struct Section {
+    partition: u16,
+    epoch: u64,
+    seq: u64,
+    ops: Vec<Op>,
+    numbers: Vec<u64>,
+}
+
 /// One script call of a batch: the sections of the partitions it writes, the keys they name
 /// (each once) and the arguments.
 #[derive(Default)]
 struct WriteCall {
     keys: Vec<String>,
     index: HashMap<String, usize>,
-    sections: usize,
+    partitions: Vec<u16>,
     args: Vec<Vec<u8>>,
 }
 
 impl WriteCall {
+    fn of<'a>(prefix: &str, sections: impl IntoIterator<Item = &'a Section>) -> WriteCall {
+        let mut call = WriteCall::default();
+        for s in sections {
+            call.section(
+                &tag(prefix, s.partition),
+                s.partition,
+                s.epoch,
+                s.seq,
+                &s.ops,
+            );
+        }
+        call
+    }
+
     /// The index of `key` among the script's KEYS (from 1, as Lua counts).
     fn key(&mut self, key: &str) -> usize {
         if let Some(&i) = self.index.get(key) {
@@ -894,10 +1178,11 @@ impl WriteCall {
     }
 
     /// Adds a partition's section: its fence, its batch number and its writes.
-    fn section(&mut self, tag: &str, epoch: u64, seq: u64, ops: &[Op]) {
+    fn section(&mut self, tag: &str, partition: u16, epoch: u64, seq: u64, ops: &[Op]) {
         let fence = self.key(&format!("{tag}:fence"));
-        self.sections += 1;
+        self.partitions.push(partition);
         self.args.push(fence.to_string().into_bytes());
+        self.args.push(partition.to_string().into_bytes());
         self.args.push(epoch.to_string().into_bytes());
         self.args.push(seq.to_string().into_bytes());
         let count = self.args.len();
@@ -983,35 +1268,33 @@ async fn check_format(conn: &mut Connection, prefix: &str) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Accounts with a purchase in flight, and the open holds, of every partition.
-async fn read_indexes(
+/// The replicas on this key prefix (a sorted set; `…:addr` beside it, same hash tag).
+fn members_key(prefix: &str) -> String {
+    format!("{prefix}:{{members}}")
+}
+
+/// Accounts with a purchase in flight, and the open holds, of a partition.
+async fn read_partition_index(
     conn: &mut Connection,
     prefix: &str,
-    partitions: u16,
-) -> Result<(Vec<(String, Timestamp)>, i64), StoreError> {
-    let mut purchases = Vec::new();
-    let mut holds = 0;
-    for partition in 0..partitions {
-        let tag = tag(prefix, partition);
-        let found: HashMap<String, i64> = redis::cmd("HGETALL")
-            .arg(format!("{tag}:pur"))
-            .query_async(conn)
-            .await
-            .map_err(|e| unavailable("reading purchases in flight", e))?;
-        purchases.extend(
-            found
-                .into_iter()
-                .map(|(id, at)| (id, Timestamp::from_millis(at))),
-        );
-        let open: Option<i64> = redis::cmd("HGET")
-            .arg(format!("{tag}:meta"))
-            .arg("holds")
-            .query_async(conn)
-            .await
-            .map_err(|e| unavailable("reading open holds", e))?;
-        holds += open.unwrap_or(0);
-    }
-    Ok((purchases, holds))
+    partition: u16,
+) -> Result<(Purchases, i64), StoreError> {
+    let tag = tag(prefix, partition);
+    let found: HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(format!("{tag}:pur"))
+        .query_async(conn)
+        .await
+        .map_err(|e| unavailable("reading purchases in flight", e))?;
+    let purchases = (found.into_iter())
+        .map(|(id, at)| (id, Timestamp::from_millis(at)))
+        .collect();
+    let holds: Option<i64> = redis::cmd("HGET")
+        .arg(format!("{tag}:meta"))
+        .arg("holds")
+        .query_async(conn)
+        .await
+        .map_err(|e| unavailable("reading open holds", e))?;
+    Ok((purchases, holds.unwrap_or(0)))
 }
 
 fn hostname() -> String {
@@ -1040,6 +1323,44 @@ mod tests {
         );
     }
 
+    fn members(ids: &[&str]) -> Vec<Member> {
+        (ids.iter())
+            .map(|id| Member {
+                id: (*id).into(),
+                address: format!("{id}:50051"),
+            })
+            .collect()
+    }
+
+    fn owned_by(members: &[Member]) -> Vec<String> {
+        (0..64)
+            .map(|p| owner_of(p, members).unwrap().id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn partitions_spread_over_replicas_and_a_newcomer_takes_only_its_share() {
+        let three = owned_by(&members(&["quotad-0-a1", "quotad-1-b2", "quotad-2-c3"]));
+        for id in ["quotad-0-a1", "quotad-1-b2", "quotad-2-c3"] {
+            let count = three.iter().filter(|o| *o == id).count();
+            assert!((12..=32).contains(&count), "{id} owns {count} of 64");
+        }
+        let four = owned_by(&members(&[
+            "quotad-0-a1",
+            "quotad-1-b2",
+            "quotad-2-c3",
+            "quotad-3-d4",
+        ]));
+        for (before, after) in three.iter().zip(&four) {
+            assert!(
+                after == before || after == "quotad-3-d4",
+                "{before} -> {after}"
+            );
+        }
+        assert!(four.iter().any(|o| o == "quotad-3-d4"));
+        assert_eq!(owner_of(0, &[]), None);
+    }
+
     #[test]
     fn a_call_names_each_key_once_and_counts_each_sections_arguments() {
         let op = |code: &'static [u8], key: &str, arg: &[u8]| Op {
@@ -1050,6 +1371,7 @@ mod tests {
         let mut call = WriteCall::default();
         call.section(
             "p:{o1}",
+            1,
             7,
             3,
             &[
@@ -1057,8 +1379,8 @@ mod tests {
                 op(b"S", "p:{o1}:a:x", b"again"),
             ],
         );
-        call.section("p:{o2}", 9, 1, &[op(b"h", "p:{o2}:r:y", b"f")]);
-        assert_eq!(call.sections, 2);
+        call.section("p:{o2}", 2, 9, 1, &[op(b"h", "p:{o2}:r:y", b"f")]);
+        assert_eq!(call.partitions, [1, 2]);
         assert_eq!(
             call.keys,
             ["p:{o1}:fence", "p:{o1}:a:x", "p:{o2}:fence", "p:{o2}:r:y"]
@@ -1071,8 +1393,8 @@ mod tests {
         assert_eq!(
             args,
             [
-                "1", "7", "3", "6", "S", "2", "core", "S", "2", "again", "3", "9", "1", "3", "h",
-                "4", "f"
+                "1", "1", "7", "3", "6", "S", "2", "core", "S", "2", "again", "3", "2", "9", "1",
+                "3", "h", "4", "f"
             ]
         );
     }
