@@ -69,6 +69,10 @@ pub enum QuotaError {
     /// The store answered something it should never answer (a bug, or a version mismatch).
     #[error("store error: {0}")]
     StoreFailed(String),
+    /// Another replica decides on the account, reached at `address`: the call is sent there
+    /// (see [`crate::api::forward`]), or the caller is told.
+    #[error("the account is decided by replica {owner} at {address}")]
+    Moved { owner: String, address: String },
 }
 
 impl From<StoreError> for QuotaError {
@@ -77,6 +81,7 @@ impl From<StoreError> for QuotaError {
             StoreError::Rule(rule) => QuotaError::Refused(rule),
             StoreError::Unavailable(reason) => QuotaError::StoreUnavailable(reason),
             StoreError::Internal(reason) => QuotaError::StoreFailed(reason),
+            StoreError::Moved { owner, address } => QuotaError::Moved { owner, address },
         }
     }
 }
@@ -184,6 +189,7 @@ impl<S: Store> Quota<S> {
         let error = match &result {
             Err(StoreError::Unavailable(_)) => Some("unavailable"),
             Err(StoreError::Internal(_)) => Some("internal"),
+            Err(StoreError::Moved { .. }) => Some("moved"),
             Ok(_) | Err(StoreError::Rule(_)) => None,
         };
         self.metrics.store_call(op, started.elapsed(), error);

@@ -122,6 +122,9 @@ async fn serve(
         payment_retry: config.payments.retry(),
         payment_resume_after: Duration::from_millis(config.payments.resume_after_ms),
         metrics: metrics.clone(),
+        forward_from: (config.store.kind == StoreKind::Redis
+            && config.store.redis.mode == RedisMode::Owned)
+            .then(|| config.store.redis.advertise_addr.clone()),
     };
     let parts = Parts {
         rules,

@@ -27,6 +27,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::api::auth::BearerAuth;
 use crate::api::envoy::service::ratelimit::v3 as envoy_rls;
+use crate::api::forward::ForwardLayer;
 use crate::api::layer::GuardLayer;
 use crate::api::pb::admin_service_server::AdminServiceServer;
 use crate::api::pb::quota_service_server::QuotaServiceServer;
@@ -85,6 +86,9 @@ pub struct ServeSettings {
     /// A purchase still in flight this long after it started is paid again (same key).
     pub payment_resume_after: Duration,
     pub metrics: Arc<Metrics>,
+    /// In owned mode, the address other replicas reach this one at: calls about accounts
+    /// another replica owns are forwarded there ([`crate::api::forward`]).
+    pub forward_from: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,6 +226,14 @@ where
     served
 }
 
+/// Every listener's services, behind the guard and then the forwarding to owners.
+type Routes = tonic::transport::server::Router<
+    tower::layer::util::Stack<
+        ForwardLayer,
+        tower::layer::util::Stack<GuardLayer, tower::layer::util::Identity>,
+    >,
+>;
+
 /// The gRPC services for one listener.
 fn router<S: Store>(
     slot: &AppSlot<S>,
@@ -231,12 +243,7 @@ fn router<S: Store>(
     >,
     with_admin: bool,
     with_quota: bool,
-) -> Result<
-    tonic::transport::server::Router<
-        tower::layer::util::Stack<GuardLayer, tower::layer::util::Identity>,
-    >,
-    ServerError,
-> {
+) -> Result<Routes, ServerError> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(envoy_rls::FILE_DESCRIPTOR_SET)
@@ -282,6 +289,10 @@ fn router<S: Store>(
     Ok(Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(guard)
+        .layer(ForwardLayer::new(
+            settings.forward_from.as_deref(),
+            Duration::from_secs(1),
+        ))
         .add_service(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -5,6 +5,10 @@
 //! (each retry acted once), no window is over its limit and no balance below zero. One variant
 //! kills a replica with SIGKILL in the middle of the load and starts it again. The usage
 //! export then holds exactly one event per acknowledged charge, read by a consumer group.
+//!
+//! The same load runs on Redis in owned mode (`store.redis.mode = "owned"`, leases of 1 s): each
+//! account is decided by the replica owning its partition, and every call that reaches another
+//! replica is forwarded there; a killed owner's partitions move once its lease runs out.
 
 mod support;
 
@@ -32,6 +36,8 @@ const FREE: [&str; 3] = ["f0", "f1", "f2"];
 enum Backend<'a> {
     Standalone(&'a RedisServer),
     Cluster(&'a RedisCluster),
+    /// A standalone Redis in owned mode.
+    Owned(&'a RedisServer),
 }
 
 fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
@@ -52,6 +58,11 @@ fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
     ];
     match backend {
         Backend::Standalone(server) => env.push(("QUOTAD_REDIS_URL".into(), server.url())),
+        Backend::Owned(server) => {
+            env.push(("QUOTAD_REDIS_URL".into(), server.url()));
+            env.push(("QUOTAD_STORE__REDIS__MODE".into(), "owned".into()));
+            env.push(("QUOTAD_STORE__REDIS__LEASE_MS".into(), "1000".into()));
+        }
         Backend::Cluster(cluster) => {
             let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
             env.push((
@@ -63,9 +74,16 @@ fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
     env
 }
 
+/// Starts a replica on `listen` (`127.0.0.1:0`: a free port of its own), advertising the
+/// address it listens on (owned mode forwards calls there).
 fn start(listen: &str, env: &[(String, String)]) -> Quotad {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Quotad::start_on(listen, &[], &env)
+    let listen = match listen {
+        "127.0.0.1:0" => format!("127.0.0.1:{}", support::redis::free_port()),
+        other => other.to_owned(),
+    };
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.push(("QUOTAD_STORE__REDIS__ADVERTISE_ADDR", &listen));
+    Quotad::start_on(&listen, &[], &env)
 }
 
 /// Clients of every replica; a call goes to its first choice and fails over to the others.
@@ -98,7 +116,12 @@ impl Replicas {
         F: Fn(QuotaServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        for attempt in 0..REPLICAS * 20 {
+        // Long enough for a killed owner's partitions to move (owned mode: a lease of 1 s).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for attempt in 0.. {
+            if std::time::Instant::now() > deadline {
+                break;
+            }
             let client = self.quota[(first + attempt) % REPLICAS].clone();
             match call(client).await {
                 Ok(response) => return response.into_inner(),
@@ -466,6 +489,14 @@ async fn three_replicas_on_a_redis_cluster_agree() {
     replicated_load(Backend::Cluster(&cluster), true).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_owners_forward_to_each_other_and_lose_nothing_when_one_is_killed() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    replicated_load(Backend::Owned(&server), true).await;
+}
+
 /// Many parallel commits on one account, over three replicas on one Redis, cross the auto
 /// top-up threshold together: exactly one purchase, and after it settles available credits are
 /// back above the threshold.
@@ -622,4 +653,56 @@ async fn parallel_commits_across_replicas_buy_exactly_once() {
         "back above the threshold: {ledger:?}"
     );
     drop(procs);
+}
+
+/// In owned mode any replica answers any account: a call at a replica that does not own the
+/// account is forwarded to the owner, and every answer names the owner in `quotad-owner`, the
+/// same one whichever replica was asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_owner_answers_for_every_account_and_names_the_owner() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let env = replica_env(&Backend::Owned(&server), &fresh_prefix());
+    let procs = tokio::task::spawn_blocking(move || {
+        (0..REPLICAS)
+            .map(|_| start("127.0.0.1:0", &env))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let urls: Vec<String> = procs.iter().map(Quotad::url).collect();
+    let addresses: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
+    // Until every replica has joined and taken its share, an owner may still be moving.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    setup_accounts(&urls[0]).await;
+    let mut owners = std::collections::HashSet::new();
+    for id in PLUS.iter().chain(FREE.iter()) {
+        let mut named = Vec::new();
+        for url in &urls {
+            let mut client = QuotaServiceClient::connect(url.clone()).await.unwrap();
+            let answer = client
+                .get_usage(pb::GetUsageRequest {
+                    account_id: id.to_string(),
+                    recent_limit: 0,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{id} at {url}: {e:?}"));
+            let owner = answer
+                .metadata()
+                .get("quotad-owner")
+                .expect("names its owner");
+            named.push(owner.to_str().unwrap().to_owned());
+        }
+        assert!(named.iter().all(|n| n == &named[0]), "{id}: {named:?}");
+        assert!(
+            addresses.contains(&named[0]),
+            "{id}: {named:?} not a replica"
+        );
+        owners.insert(named[0].clone());
+    }
+    assert!(
+        owners.len() > 1,
+        "the accounts spread over the replicas: {owners:?}"
+    );
 }

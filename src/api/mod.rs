@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod convert;
+pub mod forward;
 pub mod layer;
 pub mod rls;
 pub mod status;

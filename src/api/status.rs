@@ -12,6 +12,15 @@ impl From<QuotaError> for Status {
             QuotaError::Refused(rule) => rule.into(),
             QuotaError::StoreUnavailable(_) => Status::unavailable(err.to_string()),
             QuotaError::StoreFailed(_) => Status::internal(err.to_string()),
+            QuotaError::Moved { ref address, .. } => {
+                let mut status = Status::unavailable(err.to_string());
+                if let Ok(value) = address.parse() {
+                    status
+                        .metadata_mut()
+                        .insert(super::forward::OWNER_HEADER, value);
+                }
+                status
+            }
         }
     }
 }

@@ -49,6 +49,10 @@ pub enum StoreError {
     /// The store answered something it should never answer (a bug, or a version mismatch).
     #[error("store error: {0}")]
     Internal(String),
+    /// The account is decided by another replica (Redis in owned mode), reached at `address`;
+    /// nothing changed here.
+    #[error("account decided by replica {owner} at {address}")]
+    Moved { owner: String, address: String },
 }
 
 /// The embedded store's data dir, as sampled for metrics.

@@ -707,10 +707,10 @@ impl Shared {
     fn not_here(&self, partition: u16) -> StoreError {
         let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         match owner_of(partition, &members) {
-            Some(owner) if owner.id != self.replica => StoreError::Unavailable(format!(
-                "partition {partition} is owned by replica {} at {}; ask it",
-                owner.id, owner.address
-            )),
+            Some(owner) if owner.id != self.replica => StoreError::Moved {
+                owner: owner.id.clone(),
+                address: owner.address.clone(),
+            },
             _ => StoreError::Unavailable(format!(
                 "partition {partition} is moving to this replica; try again shortly"
             )),

@@ -1,0 +1,197 @@
+//! Forwarding to the account's owner. In owned mode (Redis, `store.redis.mode = "owned"`) each
+//! account is decided by the replica that owns its partition; a call that reaches another
+//! replica is refused by its store with the owner's address (`UNAVAILABLE`, metadata
+//! `quotad-owner`). This layer then sends the same request to that owner and answers with the
+//! owner's answer, so callers may reach any replica. If ownership moved again meanwhile, it
+//! tries once more, on the owner the second answer names. Request ids make every retry act once.
+//!
+//! A forwarded request carries `quotad-forwarded` and is never forwarded again, so replicas with
+//! different views of the membership cannot send a call in circles. Every answer says in
+//! `quotad-owner` which replica decided it, for clients and ring-hash balancers that can go
+//! straight there. The caller's metadata (its bearer token included) goes along unchanged, so
+//! the owner checks the same credentials.
+//!
+//! Without owned mode the layer does nothing: a request passes untouched, with no buffering.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use http_body_util::{BodyExt, Full};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{Bytes, http};
+use tonic::transport::{Channel, Endpoint};
+use tower::{Layer, Service, ServiceExt};
+
+/// The metadata naming the replica that decided (in an answer) or that decides (in a refusal).
+pub const OWNER_HEADER: &str = "quotad-owner";
+/// Marks a request sent on by another replica.
+pub const FORWARDED_HEADER: &str = "quotad-forwarded";
+
+#[derive(Clone)]
+pub struct ForwardLayer {
+    peers: Option<Arc<Peers>>,
+}
+
+impl ForwardLayer {
+    /// Forwarding for a replica reached at `own_address` (`None`: not in owned mode, inert).
+    pub fn new(own_address: Option<&str>, connect_timeout: Duration) -> ForwardLayer {
+        ForwardLayer {
+            peers: own_address.map(|own| {
+                Arc::new(Peers {
+                    own: own.parse().ok(),
+                    channels: DashMap::new(),
+                    connect_timeout,
+                })
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for ForwardLayer {
+    type Service = Forward<S>;
+
+    fn layer(&self, inner: S) -> Forward<S> {
+        Forward {
+            inner,
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+/// One connection per owner, made on first use and kept.
+struct Peers {
+    own: Option<http::HeaderValue>,
+    channels: DashMap<String, Channel>,
+    connect_timeout: Duration,
+}
+
+impl Peers {
+    fn channel(&self, address: &str) -> Result<Channel, Status> {
+        if let Some(channel) = self.channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Status::unavailable(format!("owner address {address:?}: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        self.channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Sends the request to the replica at `address`.
+    async fn send(
+        &self,
+        address: &str,
+        parts: &http::request::Parts,
+        body: Bytes,
+    ) -> Result<http::Response<Body>, Status> {
+        let mut channel = self.channel(address)?;
+        let mut request = http::Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+            .version(http::Version::HTTP_2)
+            .body(Body::new(Full::new(body)))
+            .map_err(|e| Status::internal(format!("forwarding: {e}")))?;
+        *request.headers_mut() = parts.headers.clone();
+        request
+            .headers_mut()
+            .insert(FORWARDED_HEADER, http::HeaderValue::from_static("1"));
+        let unreachable = |e| {
+            Status::unavailable(format!(
+                "cannot reach the account's owner at {address}: {e}"
+            ))
+        };
+        let ready = channel.ready().await.map_err(unreachable)?;
+        ready.call(request).await.map_err(unreachable)
+    }
+}
+
+#[derive(Clone)]
+pub struct Forward<S> {
+    inner: S,
+    peers: Option<Arc<Peers>>,
+}
+
+/// The owner a refusal names, if the answer is one.
+fn moved_to(response: &http::Response<Body>) -> Option<String> {
+    let headers = response.headers();
+    let unavailable = headers.get("grpc-status").is_some_and(|s| s == "14");
+    let owner = headers.get(OWNER_HEADER)?.to_str().ok()?;
+    (unavailable && !owner.is_empty()).then(|| owner.to_owned())
+}
+
+fn stamped(
+    mut response: http::Response<Body>,
+    owner: Option<http::HeaderValue>,
+) -> http::Response<Body> {
+    if let Some(owner) = owner {
+        response.headers_mut().insert(OWNER_HEADER, owner);
+    }
+    response
+}
+
+impl<S> Service<http::Request<Body>> for Forward<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // The ready service goes with this call; its clone waits for the next one.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let peers = self.peers.clone();
+        Box::pin(async move {
+            let Some(peers) = peers else {
+                return inner.call(request).await;
+            };
+            if request.headers().contains_key(FORWARDED_HEADER) {
+                let response = inner.call(request).await?;
+                let own = moved_to(&response).is_none().then(|| peers.own.clone());
+                return Ok(stamped(response, own.flatten()));
+            }
+            let (parts, body) = request.into_parts();
+            let body = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) => {
+                    return Ok(Status::cancelled(format!("reading the request: {e}")).into_http());
+                }
+            };
+            let local =
+                http::Request::from_parts(parts.clone(), Body::new(Full::new(body.clone())));
+            let response = inner.call(local).await?;
+            let Some(mut owner) = moved_to(&response) else {
+                return Ok(stamped(response, peers.own.clone()));
+            };
+            for attempt in 0..2 {
+                let answer = match peers.send(&owner, &parts, body.clone()).await {
+                    Ok(answer) => answer,
+                    Err(status) => return Ok(status.into_http()),
+                };
+                match moved_to(&answer) {
+                    Some(next) if attempt == 0 && next != owner => owner = next,
+                    Some(_) => return Ok(answer),
+                    None => {
+                        let decided_by = http::HeaderValue::from_str(&owner).ok();
+                        return Ok(stamped(answer, decided_by));
+                    }
+                }
+            }
+            unreachable!("the second attempt always answers")
+        })
+    }
+}
