@@ -141,6 +141,15 @@ impl StoreConfig {
                 return Err(format!("store.embedded.{key} must be greater than 0"));
             }
         }
+        if self.kind == StoreKind::Redis
+            && self.redis.mode == RedisMode::Owned
+            && self.redis.advertise_addr.is_empty()
+        {
+            tracing::warn!(
+                "store.redis.mode = \"owned\" without store.redis.advertise_addr: other replicas \
+                 cannot forward calls to this one, and refuse them with UNAVAILABLE instead"
+            );
+        }
         if self.data_dir.is_some() && self.kind == StoreKind::Redis {
             return Err(
                 "store.data_dir is for the memory store; with store.kind = \"redis\" Redis keeps the state: unset one of them"
@@ -1068,6 +1077,16 @@ impl Config {
             )));
         }
         self.tls.validate().map_err(ConfigError::Invalid)?;
+        if self.tls.enabled()
+            && self.store.kind == StoreKind::Redis
+            && self.store.redis.mode == RedisMode::Owned
+        {
+            return Err(ConfigError::Invalid(
+                "store.redis.mode = \"owned\" does not yet forward calls between replicas over \
+                 TLS: turn tls off (mTLS at the mesh) or use store.redis.mode = \"scripts\""
+                    .into(),
+            ));
+        }
         self.server.validate().map_err(ConfigError::Invalid)?;
         for (i, rule) in self.rls.rules.iter().enumerate() {
             rule.validate(&format!("rls.rules[{i}]"))

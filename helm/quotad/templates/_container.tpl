@@ -43,6 +43,16 @@ embedded store's data dir, which only the StatefulSet has).
     {{- end }}
     - name: QUOTAD_LOG_FORMAT
       value: json
+    {{- if eq $storeKind "redis" }}
+    # In owned mode (config.store.redis.mode: owned) replicas forward calls to the replica that
+    # owns the account, at its pod IP.
+    - name: POD_IP
+      valueFrom:
+        fieldRef:
+          fieldPath: status.podIP
+    - name: QUOTAD_STORE__REDIS__ADVERTISE_ADDR
+      value: {{ printf "$(POD_IP):%d" (int $v.ports.grpc) | quote }}
+    {{- end }}
     {{- range $entry := list (list "adminToken" "QUOTAD_ADMIN_TOKEN") (list "quotaToken" "QUOTAD_QUOTA_TOKEN") (list "paymentsToken" "QUOTAD_PAYMENTS_TOKEN") (list "paymentsHmacSecret" "QUOTAD_PAYMENTS_HMAC_SECRET") }}
     {{- $s := index $v.secrets (index $entry 0) }}
     {{- if or $s.existingSecret $s.value }}
