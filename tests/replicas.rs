@@ -422,7 +422,18 @@ async fn verify_export(url: &str, acknowledged: &HashMap<String, Acknowledged>, 
     }
 }
 
-async fn replicated_load(backend: Backend<'_>, kill_one: bool) {
+/// What happens to one replica a third of the way through the load.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// SIGKILL, then started again on the same port.
+    Kill,
+    /// SIGSTOP for 2.5 s (past an owned-mode lease of 1 s), then SIGCONT.
+    Pause,
+}
+
+async fn replicated_load(backend: Backend<'_>, fault: Fault) {
+    let kill_one = fault == Fault::Kill;
     let env = replica_env(&backend, &fresh_prefix());
     let env_for_start = env.clone();
     let mut procs = tokio::task::spawn_blocking(move || {
@@ -441,6 +452,16 @@ async fn replicated_load(backend: Backend<'_>, kill_one: bool) {
     let killed = Arc::new(Mutex::new(None::<std::thread::JoinHandle<Quotad>>));
     let killed_in = killed.clone();
     let acknowledged = drive(replicas, move || {
+        if fault == Fault::Pause {
+            let paused = victim.take().unwrap();
+            paused.signal("STOP");
+            *killed_in.lock().unwrap() = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(2_500));
+                paused.signal("CONT");
+                paused
+            }));
+            return;
+        }
         if !kill_one {
             return;
         }
@@ -470,7 +491,7 @@ async fn three_replicas_on_one_redis_agree() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    replicated_load(Backend::Standalone(&server), false).await;
+    replicated_load(Backend::Standalone(&server), Fault::None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -478,7 +499,7 @@ async fn a_replica_killed_mid_load_loses_nothing_acknowledged() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    replicated_load(Backend::Standalone(&server), true).await;
+    replicated_load(Backend::Standalone(&server), Fault::Kill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -486,7 +507,7 @@ async fn three_replicas_on_a_redis_cluster_agree() {
     let cluster = tokio::task::spawn_blocking(RedisCluster::start)
         .await
         .unwrap();
-    replicated_load(Backend::Cluster(&cluster), true).await;
+    replicated_load(Backend::Cluster(&cluster), Fault::Kill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -494,7 +515,18 @@ async fn three_owners_forward_to_each_other_and_lose_nothing_when_one_is_killed(
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    replicated_load(Backend::Owned(&server), true).await;
+    replicated_load(Backend::Owned(&server), Fault::Kill).await;
+}
+
+/// An owner paused past its lease (SIGSTOP) loses its partitions to the others while the load
+/// goes on; resumed, it decides nothing under the leases it lost (its writes would be fenced),
+/// and everything acknowledged by anyone is in Redis once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_paused_past_its_lease_loses_nothing_acknowledged() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    replicated_load(Backend::Owned(&server), Fault::Pause).await;
 }
 
 /// Many parallel commits on one account, over three replicas on one Redis, cross the auto
