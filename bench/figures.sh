@@ -12,6 +12,10 @@
 #                                    # health checks at the same calls per second
 #   bench/figures.sh latency redis
 #   bench/figures.sh latency embedded
+#   bench/figures.sh owned-replicas  # Redis in owned mode: Reserve+Commit pairs on one replica, then
+#                                    # on three with the connections spread over all of them (so
+#                                    # most calls are forwarded to their account's owner), and the
+#                                    # share of calls forwarded
 #   bench/figures.sh memory          # bytes per account, 1,000,000 accounts (cargo bench --bench memory)
 #   bench/figures.sh week [DIR]      # 1,000,000 accounts, 20 tasks each over a simulated week, on a
 #                                    # data dir (kept at DIR if given): RSS, data dir size, reopening
@@ -141,6 +145,58 @@ case "${1:-}" in
     done
     printf 'pairs with a data dir / pairs without: %.2f (goal: at least 0.8)\n' "$(jq -n "${pairs[embedded]} / ${pairs[memory]}")"
     ;;
+  owned-replicas)
+    cargo build --release --quiet --bin quotad --bin quotactl
+    REDIS_PORT="$(free_port)"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 &
+    REDIS_PID=$!
+    for _ in $(seq 150); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    OWNED_PIDS=()
+    trap 'kill "${OWNED_PIDS[@]}" 2>/dev/null; stop' EXIT
+    # Replica i: gRPC and HTTP ports of its own, advertising its gRPC address.
+    owned_start() { # key prefix
+      local grpc http; grpc="$(free_port)"; http="$(free_port)"
+      env QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN="127.0.0.1:$http" QUOTAD_LOG_FORMAT=pretty \
+        QUOTAD_STORE__REDIS__MODE=owned QUOTAD_STORE__REDIS__KEY_PREFIX="$1" \
+        QUOTAD_STORE__REDIS__ADVERTISE_ADDR="127.0.0.1:$grpc" \
+        target/release/quotad serve --listen "127.0.0.1:$grpc" --store redis \
+        --redis-url "redis://127.0.0.1:$REDIS_PORT" >/dev/null 2>&1 &
+      OWNED_PIDS+=($!)
+      OWNED_GRPC+=("http://127.0.0.1:$grpc"); OWNED_HTTP+=("127.0.0.1:$http")
+      for _ in $(seq 300); do
+        target/release/quotactl --addr "http://127.0.0.1:$grpc" bench --workload health --requests 1 --warmup 0s --json >/dev/null 2>&1 && return
+        sleep 0.1
+      done
+      echo "quotad did not start" >&2; exit 1
+    }
+    forwarded() { # sum of answered forwards over the replicas' metrics
+      local n=0 h
+      for h in "${OWNED_HTTP[@]}"; do
+        n=$(( n + $(curl -s "http://$h/metrics" | awk '/^quotad_forwarded_calls_total\{outcome="answered"\}/ {print int($2)}' | head -1 | sed 's/^$/0/') ))
+      done
+      echo "$n"
+    }
+    echo "Redis in owned mode, Reserve+Commit pairs, 6 connections, 64 in flight, ${seconds} s each"
+    OWNED_GRPC=(); OWNED_HTTP=()
+    owned_start one
+    ADDR="${OWNED_GRPC[0]}"
+    one="$(bench reserve-commit --connections 6)"
+    kill "${OWNED_PIDS[@]}"; wait "${OWNED_PIDS[@]}" 2>/dev/null || true
+    OWNED_PIDS=(); OWNED_GRPC=(); OWNED_HTTP=()
+    for _ in 1 2 3; do owned_start three; done
+    sleep 5 # every replica has joined and taken its partitions
+    ADDR="${OWNED_GRPC[0]}"
+    before="$(forwarded)"
+    three="$(bench reserve-commit --connections 6 --also "${OWNED_GRPC[1]}" --also "${OWNED_GRPC[2]}")"
+    after="$(forwarded)"
+    p1="$(echo "$one" | field .ops_per_s)"; p3="$(echo "$three" | field .ops_per_s)"
+    # Calls over the whole run, warm-up included, as the counters count them.
+    calls="$(echo "$three" | jq '.ops_per_s * (.duration_s + .warmup_s) * 2')"
+    printf 'one replica     %8.0f pairs/s  p99 %6s µs\n' "$p1" "$(echo "$one" | field .latency_us.p99)"
+    printf 'three replicas  %8.0f pairs/s  p99 %6s µs  (%.2f of one)  forwarded: %s calls, about %.0f%% of them\n' \
+      "$p3" "$(echo "$three" | field .latency_us.p99)" "$(jq -n "$p3 / $p1")" "$((after - before))" \
+      "$(jq -n "($after - $before) * 100 / $calls")"
+    ;;
   week)
     if [ -n "${2:-}" ]; then export BENCH_DATA_DIR="$2"; fi
     cargo bench --bench data_dir
@@ -217,7 +273,7 @@ case "${1:-}" in
       local out; out="$(mktemp)"
       REDIS_UNDER="valgrind --tool=callgrind --callgrind-out-file=$out" \
       REDIS_ARGS="--hz 1 --enable-debug-command local" \
-      QUOTAD_ENV="QUOTAD_STORE__REDIS__SWEEP_INTERVAL_MS=60000 QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=20000" \
+      QUOTAD_ENV="QUOTAD_STORE__REDIS__SWEEP_INTERVAL_MS=60000 QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=20000 ${QUOTAD_ENV:-}" \
         start_quotad redis
       redis-cli -p "$REDIS_PORT" debug set-active-expire 0 >/dev/null
       LENGTH="--requests $1 --warmup 0s" \

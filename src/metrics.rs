@@ -108,6 +108,7 @@ pub struct Metrics {
     config_restart_pending: Gauge,
     shadow_denials: Family<ShadowLabels, Counter>,
     store_retries: Counter,
+    forwarded: Family<OutcomeLabels, Counter>,
     resident_accounts: Gauge,
     data_dir_bytes: Gauge,
     data_dir_batches: Counter,
@@ -234,6 +235,12 @@ impl Metrics {
             "Denials shadow mode answered ALLOW instead, by operation, reason, action, plan and product",
             shadow_denials.clone(),
         );
+        let forwarded = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "forwarded_calls",
+            "Calls sent on to the replica owning the account (owned mode), by outcome: answered, or unreachable",
+            forwarded.clone(),
+        );
         let store_retries = Counter::default();
         registry.register(
             "store_retries",
@@ -301,6 +308,7 @@ impl Metrics {
             config_restart_pending,
             shadow_denials,
             store_retries,
+            forwarded,
             store_retries_seen: AtomicU64::new(0),
             resident_accounts,
             data_dir_bytes,
@@ -408,6 +416,13 @@ impl Metrics {
         self.otel
             .top_ups
             .add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    /// A call sent on to the account's owner: `answered` or `unreachable`.
+    pub fn forwarded(&self, outcome: &'static str) {
+        self.forwarded
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     pub fn shed(&self) {

@@ -292,6 +292,7 @@ fn router<S: Store>(
         .layer(ForwardLayer::new(
             settings.forward_from.as_deref(),
             Duration::from_secs(1),
+            settings.metrics.clone(),
         ))
         .add_service(health_service.clone())
         .add_service(reflection_v1)

@@ -25,6 +25,8 @@ use tonic::codegen::{Bytes, http};
 use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, Service, ServiceExt};
 
+use crate::metrics::Metrics;
+
 /// The metadata naming the replica that decided (in an answer) or that decides (in a refusal).
 pub const OWNER_HEADER: &str = "quotad-owner";
 /// Marks a request sent on by another replica.
@@ -37,13 +39,18 @@ pub struct ForwardLayer {
 
 impl ForwardLayer {
     /// Forwarding for a replica reached at `own_address` (`None`: not in owned mode, inert).
-    pub fn new(own_address: Option<&str>, connect_timeout: Duration) -> ForwardLayer {
+    pub fn new(
+        own_address: Option<&str>,
+        connect_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> ForwardLayer {
         ForwardLayer {
             peers: own_address.map(|own| {
                 Arc::new(Peers {
                     own: own.parse().ok(),
                     channels: DashMap::new(),
                     connect_timeout,
+                    metrics,
                 })
             }),
         }
@@ -66,6 +73,7 @@ struct Peers {
     own: Option<http::HeaderValue>,
     channels: DashMap<String, Channel>,
     connect_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Peers {
@@ -105,8 +113,15 @@ impl Peers {
                 "cannot reach the account's owner at {address}: {e}"
             ))
         };
-        let ready = channel.ready().await.map_err(unreachable)?;
-        ready.call(request).await.map_err(unreachable)
+        let answered = match channel.ready().await {
+            Ok(ready) => ready.call(request).await,
+            Err(e) => Err(e),
+        };
+        self.metrics.forwarded(match answered {
+            Ok(_) => "answered",
+            Err(_) => "unreachable",
+        });
+        answered.map_err(unreachable)
     }
 }
 

@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// Run this long first without measuring (0s for none).
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "1s")]
     warmup: Duration,
+    /// Another replica of the same deployment (repeatable): the connections are spread over
+    /// --addr and these, so each account's calls reach every replica (in owned mode, most
+    /// of them then forwarded to the account's owner).
+    #[arg(long = "also", value_name = "ADDR")]
+    also: Vec<String>,
     /// Distinct accounts, bench-RUN-0 … bench-RUN-(N-1).
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     accounts: u32,
@@ -906,7 +911,18 @@ pub async fn run(conn: &Connection, json: bool, args: BenchArgs) -> anyhow::Resu
     let first_account = population.as_ref().map(|p| p.ids[0].as_str());
     preflight(conn, &first, workload, &args.rls_domain, first_account).await?;
     let mut channels = vec![first];
-    channels.extend(connect(conn, args.connections - 1).await?);
+    let others: Vec<Connection> = (args.also.iter())
+        .map(|addr| conn.at(addr))
+        .collect::<anyhow::Result<_>>()?;
+    for i in 1..args.connections as usize {
+        let replica = i % (others.len() + 1);
+        let to = if replica == 0 {
+            conn
+        } else {
+            &others[replica - 1]
+        };
+        channels.extend(connect(to, 1).await?);
+    }
     for note in &notes {
         eprintln!("note: {note}");
     }

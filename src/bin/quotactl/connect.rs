@@ -32,7 +32,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where quotad is and how to prove who we are; global options of every subcommand.
-#[derive(Args)]
+#[derive(Args, Clone)]
 #[command(next_help_heading = "Connection (every subcommand)")]
 pub struct ConnectArgs {
     /// quotad's gRPC address: http://HOST:PORT, or https://HOST:PORT for TLS.
@@ -226,6 +226,8 @@ pub struct Connection {
     pub identity: Option<Arc<ClientIdentity>>,
     /// The --ca-cert file, when one replaces the system roots.
     pub ca_cert: Option<PathBuf>,
+    /// What this connection was made from, for [`Connection::at`].
+    args: ConnectArgs,
 }
 
 impl Connection {
@@ -302,6 +304,15 @@ impl Connection {
             endpoint,
             admin,
             quota,
+            args: args.clone(),
+        })
+    }
+
+    /// The same connection settings (tokens, TLS) for another quotad at `addr`.
+    pub fn at(&self, addr: &str) -> anyhow::Result<Connection> {
+        Connection::new(&ConnectArgs {
+            addr: addr.to_owned(),
+            ..self.args.clone()
         })
     }
 
