@@ -170,9 +170,10 @@ case "${1:-}" in
       echo "quotad did not start" >&2; exit 1
     }
     forwarded() { # sum of answered forwards over the replicas' metrics
-      local n=0 h
+      local n=0 h v
       for h in "${OWNED_HTTP[@]}"; do
-        n=$(( n + $(curl -s "http://$h/metrics" | awk '/^quotad_forwarded_calls_total\{outcome="answered"\}/ {print int($2)}' | head -1 | sed 's/^$/0/') ))
+        v="$(curl -s "http://$h/metrics" | awk '/^quotad_forwarded_calls_total\{outcome="answered"\}/ {print int($2)}' | head -1)"
+        n=$(( n + ${v:-0} ))
       done
       echo "$n"
     }
