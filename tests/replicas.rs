@@ -451,6 +451,9 @@ async fn replicated_load(backend: Backend<'_>, fault: Fault) {
     let victim_addr = victim.as_ref().unwrap().addr.clone();
     let killed = Arc::new(Mutex::new(None::<std::thread::JoinHandle<Quotad>>));
     let killed_in = killed.clone();
+    // The log of the killed replica, and when it was killed (wall clock, ms).
+    let dead: Arc<Mutex<Option<(String, i64)>>> = Arc::default();
+    let dead_in = dead.clone();
     let acknowledged = drive(replicas, move || {
         if fault == Fault::Pause {
             let paused = victim.take().unwrap();
@@ -468,6 +471,7 @@ async fn replicated_load(backend: Backend<'_>, fault: Fault) {
         let mut old = victim.take().unwrap();
         old.signal("KILL");
         old.wait();
+        *dead_in.lock().unwrap() = Some((old.output(), wall_ms()));
         let (addr, env) = (victim_addr.clone(), env.clone());
         // Start it again on the same port while the load goes on.
         *killed_in.lock().unwrap() = Some(std::thread::spawn(move || {
@@ -484,6 +488,105 @@ async fn replicated_load(backend: Backend<'_>, fault: Fault) {
     verify_export(&urls[2], &acknowledged, kill_one).await;
     let total: usize = acknowledged.values().map(|a| a.open_holds).sum();
     assert!(total > 0, "the load left some holds open");
+    if matches!(backend, Backend::Owned(_)) {
+        let now = wall_ms();
+        let mut logs: Vec<(String, i64)> =
+            procs.iter().flatten().map(|p| (p.output(), now)).collect();
+        logs.extend(restarted.iter().map(|p| (p.output(), now)));
+        logs.extend(dead.lock().unwrap().take());
+        partitions_answered_one_replica_at_a_time(&logs);
+    }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// From the replicas' logs (owned mode): for every partition, the intervals in which replicas
+/// answered for it, from taking it to the last batch of it that landed, never overlap, and
+/// later intervals hold later epochs. A replica's log comes with when it ended (killed, or the
+/// end of the test): a partition it took and never logged as given up counts until then.
+fn partitions_answered_one_replica_at_a_time(logs: &[(String, i64)]) {
+    let field = |line: &str, name: &str| -> Option<i64> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        line[at..].split_whitespace().next()?.parse().ok()
+    };
+    // (partition, epoch) -> (from, to)
+    let mut intervals: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
+    for (log, ended) in logs {
+        let mut open: HashMap<(i64, i64), i64> = HashMap::new();
+        for line in log.lines() {
+            let line = strip_ansi(line);
+            let (Some(partition), Some(epoch)) = (field(&line, "partition"), field(&line, "epoch"))
+            else {
+                continue;
+            };
+            if line.contains("took a partition") {
+                open.insert((partition, epoch), field(&line, "from_ms").unwrap());
+            } else if line.contains("answered for a partition") {
+                let from = field(&line, "from_ms").unwrap();
+                let to = field(&line, "to_ms").unwrap();
+                open.remove(&(partition, epoch));
+                assert!(intervals.insert((partition, epoch), (from, to)).is_none());
+            }
+        }
+        for (key, from) in open {
+            assert!(
+                intervals.insert(key, (from, *ended)).is_none(),
+                "{key:?} twice"
+            );
+        }
+    }
+    let mut by_partition: HashMap<i64, Vec<(i64, i64, i64)>> = HashMap::new();
+    for ((partition, epoch), (from, to)) in &intervals {
+        by_partition
+            .entry(*partition)
+            .or_default()
+            .push((*from, *to, *epoch));
+    }
+    assert!(
+        by_partition.len() >= 64,
+        "every partition was taken: {}",
+        by_partition.len()
+    );
+    let mut moved = 0;
+    for (partition, mut answered) in by_partition {
+        answered.sort();
+        for pair in answered.windows(2) {
+            let ((_, to, epoch), (from, _, next_epoch)) = (pair[0], pair[1]);
+            assert!(
+                from >= to,
+                "partition {partition}: epoch {next_epoch} answered from {from}, before epoch \
+                 {epoch} stopped at {to}"
+            );
+            assert!(
+                next_epoch > epoch,
+                "partition {partition}: epochs go up: {answered:?}"
+            );
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "some partition moved between replicas");
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

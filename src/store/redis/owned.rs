@@ -40,7 +40,7 @@
 //! forwarding calls to their owner, come next.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -260,6 +260,15 @@ struct Slot {
     admitting: AtomicBool,
     /// Decisions admitted and not yet queued: a partition is given up only once none is.
     inflight: AtomicUsize,
+    /// When it was taken, and when a batch of it last landed (wall clock, milliseconds): the
+    /// interval in which this replica answered for it, logged when it ends.
+    since_ms: AtomicI64,
+    last_ack_ms: AtomicI64,
+}
+
+fn wall_ms() -> i64 {
+    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A replica alive, as its last membership record says.
@@ -654,6 +663,12 @@ impl Drop for OwnedRedis {
         for task in &self.tasks {
             task.abort();
         }
+        for (partition, slot) in self.shared.slots.iter().enumerate() {
+            let epoch = slot.epoch.load(Ordering::Acquire);
+            if epoch != 0 {
+                self.shared.answered(partition as u16, epoch);
+            }
+        }
         let shared = self.shared.clone();
         // A thread of its own with a runtime of its own: a drop may run inside a runtime (where
         // blocking on one is refused) or outside any.
@@ -772,10 +787,26 @@ impl Shared {
     fn lose(&self, partition: u16) {
         let slot = &self.slots[usize::from(partition)];
         slot.admitting.store(false, Ordering::Release);
-        if slot.epoch.swap(0, Ordering::AcqRel) != 0 {
+        let epoch = slot.epoch.swap(0, Ordering::AcqRel);
+        if epoch != 0 {
             tracing::warn!(partition, "lost a partition to another replica");
+            self.answered(partition, epoch);
             (self.hooks.gone)(partition, 0);
         }
+    }
+
+    /// Logs the interval in which this replica answered for `partition` under `epoch`: from its
+    /// taking to the last batch of it that landed. Operators read when a partition moved; the
+    /// fault tests check that no two replicas' intervals for a partition overlap.
+    fn answered(&self, partition: u16, epoch: u64) {
+        let slot = &self.slots[usize::from(partition)];
+        tracing::info!(
+            partition,
+            epoch,
+            from_ms = slot.since_ms.load(Ordering::Acquire),
+            to_ms = slot.last_ack_ms.load(Ordering::Acquire),
+            "answered for a partition"
+        );
     }
 
     /// Takes everything queued, writes it (one script call on a standalone Redis, one per
@@ -816,6 +847,7 @@ impl Shared {
             }
             drop(changes);
             let mut backoff = Duration::from_millis(20);
+            let mut landed: Vec<u16> = Vec::new();
             while !sections.is_empty() && self.failed.get().is_none() {
                 let calls: Vec<Arc<WriteCall>> = if cluster {
                     sections
@@ -843,7 +875,10 @@ impl Shared {
                 let mut retry = false;
                 for (call, result) in results {
                     match result {
-                        Ok(()) => sections.retain(|s| !call.partitions.contains(&s.partition)),
+                        Ok(()) => {
+                            landed.extend(&call.partitions);
+                            sections.retain(|s| !call.partitions.contains(&s.partition));
+                        }
                         Err(e) if e.code() == Some("FENCED") => {
                             let lost: Option<u16> = e
                                 .detail()
@@ -879,6 +914,10 @@ impl Shared {
             self.batches.fetch_add(1, Ordering::Relaxed);
             self.changes.fetch_add(count, Ordering::Relaxed);
             self.unflushed.fetch_sub(count, Ordering::Relaxed);
+            let now = wall_ms();
+            for partition in landed {
+                (self.slots[usize::from(partition)].last_ack_ms).store(now, Ordering::Release);
+            }
             self.durable.send_replace(last);
         }
     }
@@ -1084,11 +1123,14 @@ impl Shared {
         let epoch = number(1).ok_or_else(|| corrupt("lease epoch", "missing"))? as u64;
         let (purchases, holds) = read_partition_index(&mut conn, &self.prefix, partition).await?;
         let slot = &self.slots[usize::from(partition)];
+        let since = wall_ms();
+        slot.since_ms.store(since, Ordering::Release);
+        slot.last_ack_ms.store(since, Ordering::Release);
         slot.seq.store(0, Ordering::Release);
         slot.epoch.store(epoch, Ordering::Release);
         (self.hooks.came)(partition, purchases, holds);
         slot.admitting.store(true, Ordering::Release);
-        tracing::info!(partition, epoch, "took a partition");
+        tracing::info!(partition, epoch, from_ms = since, "took a partition");
         Ok(())
     }
 
@@ -1114,6 +1156,7 @@ impl Shared {
             .await
             .map(|(_, holds)| holds)
             .unwrap_or(0);
+        self.answered(partition, epoch);
         (self.hooks.gone)(partition, holds);
         let _: Result<i64, _> = Script::new(RELEASE)
             .key(format!("{tag}:lease"))
