@@ -4,6 +4,7 @@
 
 pub mod billing;
 pub mod contract;
+pub mod fault_proxy;
 pub mod process;
 pub mod python;
 pub mod redis;

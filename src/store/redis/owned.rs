@@ -64,7 +64,7 @@ use crate::store::{ExportRead, StoreError};
 /// epoch the batch was decided under, its number in the
 /// partition, how many arguments its writes take, and the writes, each an op, a key index and its arguments. Every fence is
 /// checked before anything is written, so a fenced call writes nothing; a partition whose batch
-/// number has already landed (a retry) is skipped.
+/// number has already landed (a retry) is skipped. Answers Redis's clock, in milliseconds.
 const WRITE: &str = r#"
 local sections, at = {}, 2
 for _ = 1, tonumber(ARGV[1]) do
@@ -100,11 +100,13 @@ for _, s in ipairs(sections) do
     redis.call('HSET', s.fence, 'seq', s.number)
   end
 end
-return 1
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 "#;
 
 /// Takes a partition's lease if nobody else holds it, under the next epoch. KEYS: lease,
-/// fence. ARGV: owner, lease in ms. Answers `{1, epoch}` or `{0, holder, ms left}`.
+/// fence. ARGV: owner, lease in ms. Answers `{1, epoch, Redis's clock in ms}` or
+/// `{0, holder, ms left}`.
 const ACQUIRE: &str = r#"
 local holder = redis.call('HGET', KEYS[1], 'owner')
 if holder and holder ~= ARGV[1] then
@@ -114,7 +116,8 @@ local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
 redis.call('HSET', KEYS[2], 'seq', 0)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', epoch)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, epoch}
+local t = redis.call('TIME')
+return {1, epoch, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
 "#;
 
 /// Extends a lease still held under its epoch. KEYS: lease. ARGV: epoch, lease in ms.
@@ -260,15 +263,14 @@ struct Slot {
     admitting: AtomicBool,
     /// Decisions admitted and not yet queued: a partition is given up only once none is.
     inflight: AtomicUsize,
-    /// When it was taken, and when a batch of it last landed (wall clock, milliseconds): the
-    /// interval in which this replica answered for it, logged when it ends.
+    /// When it was taken, and when a batch of it last landed, by Redis's clock (milliseconds):
+    /// the interval in which this replica answered for it, logged when it ends. One clock for
+    /// every replica, so intervals of different replicas compare.
     since_ms: AtomicI64,
     last_ack_ms: AtomicI64,
-}
-
-fn wall_ms() -> i64 {
-    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
-        .map_or(0, |d| d.as_millis() as i64)
+    /// Taken by each change of hold (taken, lost, given up) for its few steps, so that a loss
+    /// noticed by the writer and a taking by the ownership round cannot interleave.
+    transition: Mutex<()>,
 }
 
 /// A replica alive, as its last membership record says.
@@ -313,7 +315,9 @@ struct Shared {
 #[derive(Default)]
 struct Queue {
     last: u64,
-    changes: Vec<Change>,
+    /// Each change with the epoch its partition was held under when it was decided (0: not
+    /// held any more): it is written under that epoch or not at all.
+    changes: Vec<(Change, u64)>,
 }
 
 fn unavailable(what: &str, err: impl std::fmt::Display) -> StoreError {
@@ -437,10 +441,17 @@ impl OwnedRedis {
     pub fn submit(&self, change: Change) -> u64 {
         let shared = &self.shared;
         shared.unflushed.fetch_add(1, Ordering::Relaxed);
+        let partition = partition_of(&change.account_id, shared.slots.len() as u16);
+        // The caller's admission keeps the partition from being given up, but a fenced write or
+        // a lapsed lease may have taken it since: then the epoch is 0 or newer, and the change
+        // is not written.
+        let epoch = shared.slots[usize::from(partition)]
+            .epoch
+            .load(Ordering::Acquire);
         let number = {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
             queue.last += 1;
-            queue.changes.push(change);
+            queue.changes.push((change, epoch));
             queue.last
         };
         shared.wake.notify_one();
@@ -784,12 +795,18 @@ impl Shared {
 
     /// A partition this replica held was taken by another (its write was fenced, or its lease
     /// ran out): nothing more is decided or written on it here, and its accounts leave memory.
-    fn lose(&self, partition: u16) {
+    /// Only under `epoch`: a refusal of an older epoch's write says nothing about a hold taken
+    /// since.
+    fn lose(&self, partition: u16, epoch: u64) {
         let slot = &self.slots[usize::from(partition)];
-        slot.admitting.store(false, Ordering::Release);
-        let epoch = slot.epoch.swap(0, Ordering::AcqRel);
-        if epoch != 0 {
-            tracing::warn!(partition, "lost a partition to another replica");
+        let _one_change = slot.transition.lock().unwrap_or_else(|e| e.into_inner());
+        let lost = slot
+            .epoch
+            .compare_exchange(epoch, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if lost && epoch != 0 {
+            slot.admitting.store(false, Ordering::Release);
+            tracing::warn!(partition, epoch, "lost a partition to another replica");
             self.answered(partition, epoch);
             (self.hooks.gone)(partition, 0);
         }
@@ -828,8 +845,25 @@ impl Shared {
             };
             let count = changes.len();
             let first = last + 1 - count as u64;
+            // A change decided under an epoch its partition is no longer held under (lost, and
+            // perhaps taken again since) is not written: another replica may have decided on
+            // the account meanwhile.
+            let mut current = Vec::with_capacity(count);
+            let mut stale = Vec::new();
+            for (i, (change, epoch)) in changes.iter().enumerate() {
+                let partition = partition_of(&change.account_id, self.slots.len() as u16);
+                let held = self.slots[usize::from(partition)]
+                    .epoch
+                    .load(Ordering::Acquire);
+                if *epoch != 0 && *epoch == held {
+                    current.push((first + i as u64, change));
+                } else {
+                    stale.push(first + i as u64);
+                }
+            }
+            self.drop_changes(&stale);
             let mut sections: Vec<Section> = Vec::new();
-            for (partition, (ops, numbers)) in self.partition_ops(&changes, first) {
+            for (partition, (ops, numbers)) in self.partition_ops(&current) {
                 let slot = &self.slots[usize::from(partition)];
                 let epoch = slot.epoch.load(Ordering::Acquire);
                 if epoch == 0 {
@@ -847,7 +881,7 @@ impl Shared {
             }
             drop(changes);
             let mut backoff = Duration::from_millis(20);
-            let mut landed: Vec<u16> = Vec::new();
+            let mut landed: Vec<(u16, i64)> = Vec::new();
             while !sections.is_empty() && self.failed.get().is_none() {
                 let calls: Vec<Arc<WriteCall>> = if cluster {
                     sections
@@ -875,8 +909,8 @@ impl Shared {
                 let mut retry = false;
                 for (call, result) in results {
                     match result {
-                        Ok(()) => {
-                            landed.extend(&call.partitions);
+                        Ok(at) => {
+                            landed.extend(call.partitions.iter().map(|&p| (p, at)));
                             sections.retain(|s| !call.partitions.contains(&s.partition));
                         }
                         Err(e) if e.code() == Some("FENCED") => {
@@ -885,7 +919,10 @@ impl Shared {
                                 .and_then(|d| d.split_whitespace().next()?.parse().ok());
                             match lost {
                                 Some(partition) => {
-                                    self.lose(partition);
+                                    let fenced = (sections.iter())
+                                        .find(|s| s.partition == partition)
+                                        .map_or(0, |s| s.epoch);
+                                    self.lose(partition, fenced);
                                     sections.retain(|s| {
                                         let keep = s.partition != partition;
                                         if !keep {
@@ -914,9 +951,8 @@ impl Shared {
             self.batches.fetch_add(1, Ordering::Relaxed);
             self.changes.fetch_add(count, Ordering::Relaxed);
             self.unflushed.fetch_sub(count, Ordering::Relaxed);
-            let now = wall_ms();
-            for partition in landed {
-                (self.slots[usize::from(partition)].last_ack_ms).store(now, Ordering::Release);
+            for (partition, at) in landed {
+                (self.slots[usize::from(partition)].last_ack_ms).fetch_max(at, Ordering::AcqRel);
             }
             self.durable.send_replace(last);
         }
@@ -926,7 +962,8 @@ impl Shared {
         (self.dropped.lock().unwrap_or_else(|e| e.into_inner())).extend(numbers);
     }
 
-    async fn invoke(&self, call: &WriteCall) -> redis::RedisResult<()> {
+    /// Runs one write call; answers Redis's clock when it ran.
+    async fn invoke(&self, call: &WriteCall) -> redis::RedisResult<i64> {
         let mut invocation = self.write_script.prepare_invoke();
         for key in &call.keys {
             invocation.key(key);
@@ -936,26 +973,26 @@ impl Shared {
             invocation.arg(&arg[..]);
         }
         let mut conn = self.conn.clone();
-        let _: i64 = invocation.invoke_async(&mut conn).await?;
-        Ok(())
+        invocation.invoke_async(&mut conn).await
     }
 
     /// The writes of a run of changes, by partition.
-    fn partition_ops(&self, changes: &[Change], first: u64) -> BTreeMap<u16, (Vec<Op>, Vec<u64>)> {
+    /// The writes of a run of numbered changes, by partition, with the numbers they carry.
+    fn partition_ops(&self, changes: &[(u64, &Change)]) -> BTreeMap<u16, (Vec<Op>, Vec<u64>)> {
         let partitions = self.slots.len() as u16;
         // An account changed several times in the batch has its last core written.
         let mut last_core: HashMap<&str, usize> = HashMap::new();
-        for (i, change) in changes.iter().enumerate() {
+        for (i, (_, change)) in changes.iter().enumerate() {
             last_core.insert(&change.account_id, i);
         }
         let mut ops: BTreeMap<u16, (Vec<Op>, Vec<u64>)> = BTreeMap::new();
         let mut holds: BTreeMap<u16, i64> = BTreeMap::new();
-        for (i, change) in changes.iter().enumerate() {
+        for (i, &(number, change)) in changes.iter().enumerate() {
             let id = change.account_id.as_str();
             let partition = partition_of(id, partitions);
             let tag = tag(&self.prefix, partition);
             let (ops, numbers) = ops.entry(partition).or_default();
-            numbers.push(first + i as u64);
+            numbers.push(number);
             let keys = AccountKeys::new(&tag, id);
             let mut op = |code: &'static [u8], key: &str, args: Vec<Vec<u8>>| {
                 ops.push(Op {
@@ -1069,7 +1106,7 @@ impl Shared {
                 .await;
             match renewed {
                 Ok(1) => {}
-                Ok(_) => self.lose(partition as u16),
+                Ok(_) => self.lose(partition as u16, epoch),
                 Err(e) => {
                     all_renewed = false;
                     tracing::warn!(partition, error = %e, "renewing a partition lease");
@@ -1123,7 +1160,8 @@ impl Shared {
         let epoch = number(1).ok_or_else(|| corrupt("lease epoch", "missing"))? as u64;
         let (purchases, holds) = read_partition_index(&mut conn, &self.prefix, partition).await?;
         let slot = &self.slots[usize::from(partition)];
-        let since = wall_ms();
+        let _one_change = slot.transition.lock().unwrap_or_else(|e| e.into_inner());
+        let since = number(2).unwrap_or(0);
         slot.since_ms.store(since, Ordering::Release);
         slot.last_ack_ms.store(since, Ordering::Release);
         slot.seq.store(0, Ordering::Release);
