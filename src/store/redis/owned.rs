@@ -5,24 +5,34 @@
 //!
 //! Accounts fall into `partitions` by the CRC16 of their id. All keys of a partition share one
 //! hash tag (`PREFIX:{oN}:…`), so one script call writes a partition's part of a batch
-//! atomically, on a Cluster too. Each partition has an owner holding a lease (`…:lease`, with
-//! a time to live) under an epoch (`…:fence`, incremented by every acquisition and never
-//! reset). Every write carries the epoch it was decided under and is refused (`FENCED`) once
-//! another replica has taken the partition: a paused owner that wakes up cannot overwrite its
-//! successor. The owner counts its lease from the instant *before* it sent the acquisition or
-//! renewal, and stops deciding a tenth of the lease before it could have expired, so that its
-//! own clock's drift and a slow answer never let two owners decide at once.
+//! atomically, on a Cluster too. Replicas announce themselves in Redis (`PREFIX:{members}`,
+//! expiring with the lease, with the address peers forward calls to), and a partition falls to
+//! the live replica with the highest rendezvous hash of the two. Each partition's owner holds a
+//! lease (`…:lease`, with a time to live) under an epoch (`…:fence`, incremented by every
+//! acquisition and never reset). Every change is written under the epoch it was decided under
+//! and is refused (`FENCED`) once another replica has taken the partition: a paused owner that
+//! wakes up cannot overwrite its successor. The owner counts its lease from the instant
+//! *before* it sent the acquisition or renewal, and stops deciding a tenth of the lease before
+//! it could have expired, so that its own clock's drift and a slow answer never let two owners
+//! decide at once.
 //!
-//! A batch is written as one script call per partition it touches (in parallel), each numbered
-//! in the partition (kept in `…:fence`), so a call retried after a timeout that had in fact landed is not
-//! applied twice. Batches are written in order: the next is taken once every partition of the
-//! one before has landed. While Redis cannot be reached, the batch is retried, calls wait at most
-//! `write_timeout` and get UNAVAILABLE, and once `max_unflushed` changes wait no new decision is
-//! made.
+//! Every third of a lease, a round renews what is held, gives up what now falls to another
+//! replica (no new decision, those in flight finish, the queue reaches Redis, the accounts leave
+//! memory, the lease is deleted) and takes what falls here. A decision on an account of another
+//! replica's partition is refused with [`StoreError::Moved`], which names the owner; the gRPC
+//! layer forwards the call there (`api::forward`).
 //!
-//! The storage scripts (`STORAGE_SCRIPTS` below) take the partition's epoch and batch number and a
-//! list of plain writes: set, delete, hash set and delete, append to a list kept to a length,
-//! append to a stream kept to a length, add to a hash field. Keys, per partition `{oN}`:
+//! A batch is one script call on a standalone Redis (a section per partition) or one per
+//! partition on a Cluster, each section numbered in its partition (kept in `…:fence`), so a
+//! call retried after a timeout that had in fact landed is not applied twice. Batches are
+//! written in order: the next is taken once every partition of the one before has landed.
+//! While Redis cannot be reached, the batch is retried, calls wait at most `write_timeout` and
+//! get UNAVAILABLE, and once `max_unflushed` changes wait no new decision is made.
+//!
+//! The storage scripts (`WRITE` and the lease scripts below) take the partition's epoch and
+//! batch number and a list of plain writes: set, hash set and delete, append to a list kept to
+//! a length, append to a stream kept to a length, add to a hash field. Keys, per partition
+//! `{oN}`:
 //! - `a:ID`: the account's core (`domain::persisted`, versioned); `r:ID`: a hash of the records
 //!   it keeps for retries (field: kind tag and number, big endian); `h:ID`: its newest charges,
 //!   a list, oldest first;
@@ -34,10 +44,6 @@
 //!
 //! `PREFIX:owned-format` holds the persisted format's version; a quotad reading another refuses
 //! to start.
-//!
-//! For now one replica owns every partition: a second one on the same key prefix waits for
-//! the leases and gives up with a clear error. Spreading partitions over replicas, and
-//! forwarding calls to their owner, come next.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
