@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use redis::Script;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::{Connection, RedisSettings, connect, keys};
@@ -303,7 +303,10 @@ struct Shared {
     valid_until: AtomicU64,
     queue: Mutex<Queue>,
     wake: Notify,
-    durable: watch::Sender<u64>,
+    /// The number of the last change in Redis, and the calls waiting for later ones (each woken
+    /// once, when its own number lands, not at every batch).
+    durable: AtomicU64,
+    waiters: Mutex<Vec<(u64, oneshot::Sender<()>)>>,
     /// Changes that were never written because their partition was taken by another replica
     /// first; their callers are told so instead of being acknowledged.
     dropped: Mutex<HashSet<u64>>,
@@ -376,7 +379,8 @@ impl OwnedRedis {
             valid_until: AtomicU64::new(0),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
-            durable: watch::Sender::new(0),
+            durable: AtomicU64::new(0),
+            waiters: Mutex::new(Vec::new()),
             dropped: Mutex::new(HashSet::new()),
             failed: OnceLock::new(),
             unflushed: AtomicUsize::new(0),
@@ -466,7 +470,7 @@ impl OwnedRedis {
 
     /// The number of the last change in Redis.
     pub fn durable_number(&self) -> u64 {
-        *self.shared.durable.borrow()
+        self.shared.durable.load(Ordering::Acquire)
     }
 
     /// Waits until change `number` (and every change queued before it) is in Redis.
@@ -761,19 +765,48 @@ impl Shared {
                 "Redis owner stopped: every call is refused until restart"
             );
         }
-        // Wakes every waiter; they see the failure.
-        self.durable.send_modify(|_| {});
+        // Every waiter is woken by its sender's drop, and sees the failure.
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Publishes every change up to `last` as in Redis, waking the calls that waited for them.
+    fn publish(&self, last: u64) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        self.durable.store(last, Ordering::Release);
+        let mut i = 0;
+        while i < waiters.len() {
+            if waiters[i].0 <= last {
+                let _ = waiters.swap_remove(i).1.send(());
+            } else {
+                i += 1;
+            }
+        }
     }
 
     async fn durable(&self, number: u64) -> Result<(), StoreError> {
-        let mut seen = self.durable.subscribe();
-        let landed = tokio::time::timeout(
-            self.write_timeout,
-            seen.wait_for(|&n| n >= number || self.failed.get().is_some()),
-        )
-        .await;
+        let landed = if self.durable.load(Ordering::Acquire) >= number {
+            Ok(Ok(()))
+        } else {
+            let (wake, woken) = oneshot::channel();
+            {
+                let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                // Checked again under the lock `publish` holds, so a batch that landed since is
+                // not waited for.
+                if self.durable.load(Ordering::Acquire) < number && self.failed.get().is_none() {
+                    waiters.push((number, wake));
+                }
+            }
+            if self.durable.load(Ordering::Acquire) >= number {
+                Ok(Ok(()))
+            } else {
+                tokio::time::timeout(self.write_timeout, woken).await
+            }
+        };
         match landed {
-            Ok(Ok(n)) if *n >= number => {
+            Ok(Ok(())) if self.durable.load(Ordering::Acquire) >= number => {
                 let dropped = (self.dropped.lock())
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&number);
@@ -960,7 +993,7 @@ impl Shared {
             for (partition, at) in landed {
                 (self.slots[usize::from(partition)].last_ack_ms).fetch_max(at, Ordering::AcqRel);
             }
-            self.durable.send_replace(last);
+            self.publish(last);
         }
     }
 
