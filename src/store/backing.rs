@@ -27,11 +27,12 @@ impl Backing {
         }
     }
 
-    /// Queues a change (the caller holds the account's lock); returns its number.
-    pub fn submit(&self, change: Change) -> u64 {
+    /// Queues a change decided under `epoch` (the caller holds the account's lock); returns its
+    /// number.
+    pub fn submit(&self, change: Change, epoch: u64) -> u64 {
         match self {
             Backing::DataDir(commits) => commits.submit(change),
-            Backing::Redis(redis) => redis.submit(change),
+            Backing::Redis(redis) => redis.submit(change, epoch),
         }
     }
 

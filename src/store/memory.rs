@@ -115,6 +115,9 @@ struct Resident {
     /// The number of its last change queued for the data dir (0: none).
     last_change: u64,
     last_used: Timestamp,
+    /// On Redis in owned mode, the epoch of its partition it was read under: an account from
+    /// an epoch that ended (the partition went to another replica and came back) is read again.
+    epoch: u64,
 }
 
 impl Resident {
@@ -123,6 +126,7 @@ impl Resident {
             state: Box::new(state),
             last_change: 0,
             last_used: now,
+            epoch: 0,
         }
     }
 }
@@ -263,17 +267,25 @@ impl MemoryStore {
         self.accounts.len()
     }
 
-    /// The account in memory, loaded from the data dir if it is there, or made by `missing`.
+    /// The account in memory, loaded from the data dir if it is there, or made by `missing`;
+    /// with `epoch`, read again if what memory holds is from another epoch of its partition.
     async fn resident(
         &self,
         account_id: &str,
         missing: Missing<'_>,
         now: Timestamp,
+        epoch: Option<u64>,
     ) -> Result<RefMut<'_, String, Resident>, StoreError> {
         loop {
             if let Some(mut resident) = self.accounts.get_mut(account_id) {
-                resident.last_used = now;
-                return Ok(resident);
+                if epoch.is_none_or(|epoch| resident.epoch == epoch) {
+                    resident.last_used = now;
+                    return Ok(resident);
+                }
+                drop(resident);
+                self.accounts
+                    .remove_if(account_id, |_, r| epoch.is_some_and(|e| r.epoch != e));
+                continue;
             }
             let (generation, stored) = match &self.durable {
                 Some(durable) => {
@@ -299,7 +311,9 @@ impl MemoryStore {
                         .as_ref()
                         .is_some_and(|d| d.evictions.load(Ordering::Acquire) != generation);
                     if !raced {
-                        return Ok(entry.insert(Resident::new(state, now)));
+                        let mut resident = Resident::new(state, now);
+                        resident.epoch = epoch.unwrap_or(0);
+                        return Ok(entry.insert(resident));
                     }
                 }
             }
@@ -346,7 +360,7 @@ impl MemoryStore {
                 change.export_keep = policy.limits.export_max_len;
                 change.holds_delta = holds_delta;
                 change.purchase = purchase;
-                resident.last_change = durable.backing.submit(change);
+                resident.last_change = durable.backing.submit(change, resident.epoch);
             }
         }
         result
@@ -365,9 +379,10 @@ impl MemoryStore {
             Some(durable) => durable.backing.admit(account_id)?,
             None => None,
         };
+        let epoch = admission.as_ref().map_or(0, |a| a.epoch());
         let (result, change) = {
             let rules = self.rules.snapshot();
-            let mut resident = self.resident(account_id, missing, now).await?;
+            let mut resident = self.resident(account_id, missing, now, Some(epoch)).await?;
             let result = self.apply(account_id, &mut resident, &rules.policy, effect, op);
             (result, resident.last_change)
         };
@@ -546,11 +561,18 @@ impl Store for MemoryStore {
             Some(durable) => durable.backing.admit(account_id)?,
             None => None,
         };
+        let epoch = admission.as_ref().map_or(0, |a| a.epoch());
         let (account, change) = {
-            let resident = match self.accounts.get(account_id) {
+            let in_memory = self.accounts.get(account_id).filter(|r| r.epoch == epoch);
+            let resident = match in_memory {
                 Some(resident) => resident,
                 None => self
-                    .resident(account_id, Missing::NotFound, Timestamp::from_millis(0))
+                    .resident(
+                        account_id,
+                        Missing::NotFound,
+                        Timestamp::from_millis(0),
+                        Some(epoch),
+                    )
                     .await?
                     .downgrade(),
             };
@@ -668,7 +690,7 @@ impl Store for MemoryStore {
                 let resident = match self.accounts.get(&account_id) {
                     Some(resident) => resident,
                     None => match self
-                        .resident(&account_id, Missing::NotFound, started_before)
+                        .resident(&account_id, Missing::NotFound, started_before, None)
                         .await
                     {
                         Ok(resident) => resident.downgrade(),

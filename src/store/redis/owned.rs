@@ -342,6 +342,15 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> StoreError {
 pub struct Admission {
     shared: Arc<Shared>,
     partition: u16,
+    epoch: u64,
+}
+
+impl Admission {
+    /// The epoch the partition is held under: the decision is written under it or not at all,
+    /// and an account in memory from another epoch is read again from Redis first.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 impl Drop for Admission {
@@ -421,13 +430,15 @@ impl OwnedRedis {
         let partition = partition_of(account_id, shared.slots.len() as u16);
         let slot = &shared.slots[usize::from(partition)];
         slot.inflight.fetch_add(1, Ordering::AcqRel);
-        let admission = Admission {
+        let mut admission = Admission {
             shared: shared.clone(),
             partition,
+            epoch: 0,
         };
         // Checked after counting in: a partition being given up either sees this decision in
         // flight and waits for it, or this decision sees the partition no longer admitting.
-        if !slot.admitting.load(Ordering::Acquire) {
+        admission.epoch = slot.epoch.load(Ordering::Acquire);
+        if !slot.admitting.load(Ordering::Acquire) || admission.epoch == 0 {
             return Err(shared.not_here(partition));
         }
         let now = shared.base.elapsed().as_nanos() as u64;
@@ -447,17 +458,13 @@ impl OwnedRedis {
         Ok(admission)
     }
 
-    /// Queues a change; returns its number, to wait on with [`durable`](Self::durable).
-    pub fn submit(&self, change: Change) -> u64 {
+    /// Queues a change decided under `epoch` (its admission's); returns its number, to wait on
+    /// with [`durable`](Self::durable). The admission keeps the partition from being given up,
+    /// but a fenced write or a lapsed lease may have ended the epoch since: then the change is
+    /// not written.
+    pub fn submit(&self, change: Change, epoch: u64) -> u64 {
         let shared = &self.shared;
         shared.unflushed.fetch_add(1, Ordering::Relaxed);
-        let partition = partition_of(&change.account_id, shared.slots.len() as u16);
-        // The caller's admission keeps the partition from being given up, but a fenced write or
-        // a lapsed lease may have taken it since: then the epoch is 0 or newer, and the change
-        // is not written.
-        let epoch = shared.slots[usize::from(partition)]
-            .epoch
-            .load(Ordering::Acquire);
         let number = {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
             queue.last += 1;
