@@ -291,6 +291,13 @@ fn router<S: Store>(
         .layer(guard)
         .layer(ForwardLayer::new(
             settings.forward_from.as_deref(),
+            Arc::new({
+                let slot = slot.clone();
+                move || {
+                    slot.get()
+                        .is_none_or(|app| app.store().owns_every_account())
+                }
+            }),
             Duration::from_secs(1),
             settings.metrics.clone(),
         ))

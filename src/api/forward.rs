@@ -11,7 +11,10 @@
 //! straight there. The caller's metadata (its bearer token included) goes along unchanged, so
 //! the owner checks the same credentials.
 //!
-//! Without owned mode the layer does nothing: a request passes untouched, with no buffering.
+//! Without owned mode, and while this replica owns every account, the layer does nothing: a
+//! request passes untouched, with no buffering. A call that arrives then and finds its account
+//! moved meanwhile (a replica joined) is answered `UNAVAILABLE` with the owner's address, for
+//! the caller to retry.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -32,6 +35,9 @@ pub const OWNER_HEADER: &str = "quotad-owner";
 /// Marks a request sent on by another replica.
 pub const FORWARDED_HEADER: &str = "quotad-forwarded";
 
+/// Whether this replica owns every account now (then nothing needs forwarding).
+pub type OwnsEverything = Arc<dyn Fn() -> bool + Send + Sync>;
+
 #[derive(Clone)]
 pub struct ForwardLayer {
     peers: Option<Arc<Peers>>,
@@ -41,13 +47,17 @@ impl ForwardLayer {
     /// Forwarding for a replica reached at `own_address` (`None`: not in owned mode, inert).
     pub fn new(
         own_address: Option<&str>,
+        owns_everything: OwnsEverything,
         connect_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> ForwardLayer {
         ForwardLayer {
             peers: own_address.map(|own| {
                 Arc::new(Peers {
-                    own: own.parse().ok(),
+                    own: Some(own)
+                        .filter(|o| !o.is_empty())
+                        .and_then(|o| o.parse().ok()),
+                    owns_everything,
                     channels: DashMap::new(),
                     connect_timeout,
                     metrics,
@@ -71,6 +81,7 @@ impl<S> Layer<S> for ForwardLayer {
 /// One connection per owner, made on first use and kept.
 struct Peers {
     own: Option<http::HeaderValue>,
+    owns_everything: OwnsEverything,
     channels: DashMap<String, Channel>,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -174,6 +185,10 @@ where
             let Some(peers) = peers else {
                 return inner.call(request).await;
             };
+            if (peers.owns_everything)() {
+                let response = inner.call(request).await?;
+                return Ok(stamped(response, peers.own.clone()));
+            }
             if request.headers().contains_key(FORWARDED_HEADER) {
                 let response = inner.call(request).await?;
                 let own = moved_to(&response).is_none().then(|| peers.own.clone());

@@ -630,6 +630,13 @@ impl Store for MemoryStore {
         self.evict_idle(now);
     }
 
+    fn owns_every_account(&self) -> bool {
+        match self.durable.as_ref().map(|d| &d.backing) {
+            Some(Backing::Redis(redis)) => redis.owns_every_partition(),
+            _ => true,
+        }
+    }
+
     fn health(&self) -> StoreHealth {
         match self.durable.as_ref().and_then(|d| d.backing.failure()) {
             Some(reason) => StoreHealth::Down {

@@ -160,6 +160,12 @@ pub trait Store: Send + Sync + 'static {
         async {}
     }
 
+    /// Whether this replica decides on every account (Redis in owned mode: it holds every
+    /// partition). When it does, no call needs forwarding and requests are not buffered.
+    fn owns_every_account(&self) -> bool {
+        true
+    }
+
     /// Whether the backing store answers, as this replica last saw it.
     fn health(&self) -> StoreHealth {
         StoreHealth::Up

@@ -420,6 +420,11 @@ impl OwnedRedis {
         self.shared.held()
     }
 
+    /// Whether this replica holds every partition and takes decisions on all of them.
+    pub fn owns_every_partition(&self) -> bool {
+        (self.shared.slots.iter()).all(|slot| slot.admitting.load(Ordering::Acquire))
+    }
+
     /// Whether a decision on `account_id` may be made here now: its partition held and not
     /// being given up, the lease within its safe end, not too much waiting to be written.
     pub fn admit(&self, account_id: &str) -> Result<Admission, StoreError> {
