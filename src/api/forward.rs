@@ -185,11 +185,8 @@ where
             let Some(peers) = peers else {
                 return inner.call(request).await;
             };
-            if (peers.owns_everything)() {
-                let response = inner.call(request).await?;
-                return Ok(stamped(response, peers.own.clone()));
-            }
-            if request.headers().contains_key(FORWARDED_HEADER) {
+            if (peers.owns_everything)() || request.headers().contains_key(FORWARDED_HEADER) {
+                // Answered here, or refused with the owner's address (kept as it is).
                 let response = inner.call(request).await?;
                 let own = moved_to(&response).is_none().then(|| peers.own.clone());
                 return Ok(stamped(response, own.flatten()));
