@@ -50,7 +50,7 @@ use super::export_log::Group;
 use super::{ExportRead, StoreError};
 use crate::domain::{
     AccountState, AccountWrite, ExportedEvent, FORMAT_VERSION, RecordKind, RecordValue, Timestamp,
-    UsageEvent, decode_account, decode_event, encode_account_changes, encode_event,
+    UsageEvent, decode_account_of, decode_event, encode_account_changes, encode_event,
 };
 
 /// Why a data dir could not be opened.
@@ -692,14 +692,8 @@ impl DataDir {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| failed("reading an account's records", e))?;
         let what = format!("account {account_id:?}");
-        let state =
-            decode_account(&core, records.iter().map(|r| &r[..])).map_err(|e| corrupt(&what, e))?;
-        if state.account().id != account_id {
-            return Err(corrupt(
-                &what,
-                format!("its key holds account {:?}", state.account().id),
-            ));
-        }
+        let state = decode_account_of(account_id, &core, records.iter().map(|r| &r[..]))
+            .map_err(|e| corrupt(&what, e))?;
         Ok(Some(state))
     }
 

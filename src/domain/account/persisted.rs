@@ -252,6 +252,24 @@ pub fn encode_account_changes(state: &mut AccountState) -> AccountWrite {
     write
 }
 
+/// The account a store keeps under `account_id`, from its core and its records: as
+/// [`decode_account`], and refused if the value is another account's (a key that holds the wrong
+/// value is as corrupt as one that does not decode).
+pub fn decode_account_of<'a>(
+    account_id: &str,
+    core: &[u8],
+    records: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<AccountState, DecodeError> {
+    let state = decode_account(core, records)?;
+    if state.account().id != account_id {
+        return Err(DecodeError::Invalid(format!(
+            "its key holds account {:?}",
+            state.account().id
+        )));
+    }
+    Ok(state)
+}
+
 /// An account from its core and its records (in any order).
 pub fn decode_account<'a>(
     core: &[u8],
@@ -608,6 +626,18 @@ mod tests {
         assert!(std::sync::Arc::ptr_eq(&a.account.plan, &b.account.plan));
         let model = |s: &AccountState| s.open.values().next().unwrap().usage.model.clone();
         assert!(std::sync::Arc::ptr_eq(&model(&a), &model(&b)));
+    }
+
+    #[test]
+    fn an_account_under_another_accounts_key_is_refused() {
+        let state = samples().remove(0);
+        let written = encode_account(&state);
+        let records = || written.added.iter().map(|r| &r.bytes[..]);
+        let id = state.account().id.clone();
+        let back = decode_account_of(&id, &written.core, records()).unwrap();
+        assert_eq!(back.account().id, id);
+        let err = decode_account_of("someone-else", &written.core, records()).unwrap_err();
+        assert!(err.to_string().contains("its key holds account"), "{err}");
     }
 
     /// An account read back from all it wrote.

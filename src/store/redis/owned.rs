@@ -57,7 +57,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::{Connection, RedisSettings, connect, keys};
 use crate::domain::{
-    AccountState, ExportedEvent, FORMAT_VERSION, Timestamp, UsageEvent, decode_account,
+    AccountState, ExportedEvent, FORMAT_VERSION, Timestamp, UsageEvent, decode_account_of,
     decode_event, encode_event,
 };
 use crate::store::data_dir::{Change, PurchaseIndex};
@@ -517,14 +517,8 @@ impl OwnedRedis {
             return Ok(None);
         }
         let what = format!("account {account_id:?}");
-        let state =
-            decode_account(&core, records.iter().map(|r| &r[..])).map_err(|e| corrupt(&what, e))?;
-        if state.account().id != account_id {
-            return Err(corrupt(
-                &what,
-                format!("its key holds account {:?}", state.account().id),
-            ));
-        }
+        let state = decode_account_of(account_id, &core, records.iter().map(|r| &r[..]))
+            .map_err(|e| corrupt(&what, e))?;
         Ok(Some(state))
     }
 
