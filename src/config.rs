@@ -125,6 +125,9 @@ impl StoreConfig {
             write_timeout: std::time::Duration::from_millis(embedded.write_timeout_ms),
             evict_idle: std::time::Duration::from_secs(embedded.evict_idle_seconds),
             advertise: self.redis.advertise_addr.clone(),
+            outage_grace: std::time::Duration::from_millis(self.redis.outage_grace_ms),
+            outage_credit_allowance: self.redis.outage_credit_allowance,
+            journal_dir: self.redis.journal_dir.clone(),
         }
     }
 
@@ -227,6 +230,17 @@ pub struct RedisConfig {
     /// told to callers that ask a replica which does not own the account. The chart sets it
     /// from the pod's IP.
     pub advertise_addr: String,
+    /// Owned mode: how long the owner goes on deciding from memory, journaled in
+    /// `journal_dir`, while Redis does not answer (0: UNAVAILABLE at once). At most half of
+    /// `lease_ms`; without `journal_dir` there is no grace.
+    pub outage_grace_ms: u64,
+    /// Owned mode: how far an account's credits spent and held may rise over one outage, in
+    /// micro-credits (decisions past it get UNAVAILABLE until Redis answers).
+    pub outage_credit_allowance: i64,
+    /// Owned mode: where decisions made while Redis does not answer are journaled until they
+    /// are written, and this replica's id is kept across restarts. One directory per replica
+    /// (locked); it must survive a restart of quotad (the chart mounts one).
+    pub journal_dir: Option<std::path::PathBuf>,
 }
 
 /// How decisions are made on Redis (`store.redis.mode`).
@@ -267,6 +281,11 @@ impl Default for RedisConfig {
             partitions: crate::store::OwnedSettings::default().partitions,
             lease_ms: crate::store::OwnedSettings::default().lease.as_millis() as u64,
             advertise_addr: String::new(),
+            outage_grace_ms: crate::store::OwnedSettings::default()
+                .outage_grace
+                .as_millis() as u64,
+            outage_credit_allowance: crate::store::OwnedSettings::default().outage_credit_allowance,
+            journal_dir: None,
         }
     }
 }
@@ -343,6 +362,21 @@ impl RedisConfig {
             return Err(format!(
                 "store.redis.lease_ms must be between 100 and 600000, got {}",
                 self.lease_ms
+            ));
+        }
+        if self.journal_dir.is_some() && self.outage_grace_ms > self.lease_ms / 2 {
+            return Err(format!(
+                "store.redis.outage_grace_ms must be at most half of store.redis.lease_ms ({}): \
+                 an owner never decides past its lease, and its journal must reach Redis before \
+                 the lease can end; got {}",
+                self.lease_ms / 2,
+                self.outage_grace_ms
+            ));
+        }
+        if self.outage_credit_allowance < 0 {
+            return Err(format!(
+                "store.redis.outage_credit_allowance must be 0 or more micro-credits, got {}",
+                self.outage_credit_allowance
             ));
         }
         let urls = if self.cluster_nodes.is_empty() {

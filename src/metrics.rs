@@ -115,6 +115,12 @@ pub struct Metrics {
     data_dir_changes: Counter,
     /// The store's cumulative (batches, changes) when last sampled.
     data_dir_seen: std::sync::Mutex<(u64, u64)>,
+    redis_outage: Gauge,
+    outage_journal_pending: Gauge,
+    outage_decisions: Counter,
+    outage_changes: Family<OutcomeLabels, Counter>,
+    /// The store's cumulative outage counts when last sampled.
+    outage_seen: std::sync::Mutex<crate::store::OutageStats>,
     /// The store's own count of retried calls at the last sample, to add only what is new.
     store_retries_seen: AtomicU64,
     otel: Otel,
@@ -271,6 +277,30 @@ impl Metrics {
             "Decisions written to the data dir; over data_dir_batches, the mean batch size",
             data_dir_changes.clone(),
         );
+        let redis_outage = Gauge::default();
+        registry.register(
+            "redis_outage",
+            "1 while Redis does not answer this owner (owned mode): it decides from memory, journaled, for up to the outage grace",
+            redis_outage.clone(),
+        );
+        let outage_journal_pending = Gauge::default();
+        registry.register(
+            "outage_journal_pending",
+            "Journaled batch sections not yet written to Redis",
+            outage_journal_pending.clone(),
+        );
+        let outage_decisions = Counter::default();
+        registry.register(
+            "outage_decisions",
+            "Decisions made while Redis did not answer (owned mode, within the outage grace)",
+            outage_decisions.clone(),
+        );
+        let outage_changes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "outage_changes",
+            "Changes decided while Redis did not answer, by outcome: journaled, replayed (written to Redis from the journal), fenced (could not be written: the partition was taken first)",
+            outage_changes.clone(),
+        );
         let meter = opentelemetry::global::meter("quotad");
         let otel = Otel {
             decisions: meter.u64_counter("quotad.decisions").build(),
@@ -315,6 +345,11 @@ impl Metrics {
             data_dir_batches,
             data_dir_changes,
             data_dir_seen: std::sync::Mutex::new((0, 0)),
+            redis_outage,
+            outage_journal_pending,
+            outage_decisions,
+            outage_changes,
+            outage_seen: std::sync::Mutex::new(crate::store::OutageStats::default()),
             otel,
             scrape: Mutex::new(()),
         }
@@ -495,6 +530,26 @@ impl Metrics {
         self.data_dir_changes
             .inc_by(stats.changes.saturating_sub(seen.1));
         *seen = (stats.batches.max(seen.0), stats.changes.max(seen.1));
+    }
+
+    /// Samples what deciding without Redis has done (owned mode).
+    pub fn observe_outage(&self, stats: &crate::store::OutageStats) {
+        self.redis_outage
+            .set(i64::from(stats.deciding_without_redis));
+        (self.outage_journal_pending).set(i64::try_from(stats.journal_pending).unwrap_or(i64::MAX));
+        let mut seen = self.outage_seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.outage_decisions
+            .inc_by(stats.decisions.saturating_sub(seen.decisions));
+        for (outcome, now, before) in [
+            ("journaled", stats.journaled, seen.journaled),
+            ("replayed", stats.replayed, seen.replayed),
+            ("fenced", stats.fenced, seen.fenced),
+        ] {
+            self.outage_changes
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(now.saturating_sub(before));
+        }
+        *seen = *stats;
     }
 
     /// The Prometheus text exposition of every metric.

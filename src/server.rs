@@ -375,6 +375,9 @@ async fn start<S, C>(
                 if let Some(stats) = store.data_dir_stats() {
                     app.metrics().observe_data_dir(&stats);
                 }
+                if let Some(stats) = store.outage_stats() {
+                    app.metrics().observe_outage(&stats);
+                }
                 readiness.set_store_error(error);
                 health.set_service_status(STORE_HEALTH_NAME, status).await;
             }

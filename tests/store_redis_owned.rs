@@ -320,3 +320,146 @@ async fn another_persisted_format_is_refused() {
     };
     assert!(why.contains("format 99"), "{why}");
 }
+
+/// Takes `account`'s plan window to its limit, so that what it does next runs on credits.
+async fn use_up_the_plan(store: &MemoryStore, account: &str) {
+    let allowed = store.reserve(&reserve(account, "plan"), NOW).await.unwrap();
+    let Decision::Allow { reservation_id, .. } = &allowed.decision else {
+        panic!("denied: {allowed:?}");
+    };
+    store
+        .commit(commit(account, reservation_id, 150), NOW)
+        .await
+        .unwrap();
+}
+
+/// With a journal, an owner whose Redis stops answering goes on deciding from memory for the
+/// outage grace, each account spending at most the outage credit allowance; past the grace it
+/// refuses at once. Once Redis answers, everything journaled is there, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_go_on_through_an_outage_and_reach_redis_once() {
+    let redis = RedisServer::start();
+    let journal = tempfile::tempdir().unwrap();
+    let owned = OwnedSettings {
+        lease: Duration::from_secs(10),
+        outage_grace: Duration::from_millis(2_500),
+        outage_credit_allowance: 3 * CREDIT,
+        journal_dir: Some(journal.path().to_path_buf()),
+        ..OwnedSettings::default()
+    };
+    let redis_settings = settings(&redis.url(), None);
+    let store = owned_store_with(redis_settings.clone(), owned).await;
+    grant(&store, "acct", 20).await;
+    use_up_the_plan(&store, "acct").await;
+    let before = store.usage("acct", 10, NOW).await.unwrap();
+
+    redis.signal("STOP");
+    let outage = std::time::Instant::now();
+    // The first write after Redis stopped finds it out; a decision admitted before that is
+    // outside the allowance (at most one batch's worth), so this one spends no credits.
+    let account = Account {
+        id: "acct".into(),
+        plan: "plus".into(),
+        credit_purchase_allowed: true,
+    };
+    store.upsert_account(account, NOW).await.unwrap();
+    for task in 0..3 {
+        spend(&store, "acct", &format!("out-{task}")).await;
+    }
+    let stats = store.outage_stats().unwrap();
+    assert!(stats.deciding_without_redis, "{stats:?}");
+    assert!(stats.journaled >= 7, "{stats:?}");
+    let capped = store.reserve(&reserve("acct", "out-3"), NOW).await;
+    assert!(
+        matches!(&capped, Err(StoreError::Unavailable(why)) if why.contains("allowance")),
+        "a fourth credit is past the allowance: {capped:?}"
+    );
+    // The outage counts from the first write that got no answer (within a second).
+    while outage.elapsed() < Duration::from_millis(3_800) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = std::time::Instant::now();
+    let refused = store.reserve(&reserve("other", "late"), NOW).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("outage grace")),
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "refused at once"
+    );
+    assert!(matches!(store.health(), StoreHealth::Down { .. }));
+
+    redis.signal("CONT");
+    assert!(
+        wait_for(|| {
+            let stats = store.outage_stats().unwrap();
+            stats.journal_pending == 0 && store.health() == StoreHealth::Up
+        })
+        .await,
+        "the journal reached Redis"
+    );
+    spend(&store, "acct", "after").await;
+    drop(store);
+
+    // Read back from Redis alone, by a replica without a journal.
+    let second = owned_store_with(redis_settings, short_lease()).await;
+    let after = second.usage("acct", 10, NOW).await.unwrap();
+    assert_eq!(after.totals.spent, before.totals.spent + 4 * CREDIT);
+    assert_eq!(
+        after.totals.granted,
+        after.totals.balance + after.totals.spent
+    );
+    assert_eq!(after.recent.len(), before.recent.len() + 4);
+    let events = second
+        .export_read(
+            quotad::store::ExportRead {
+                group: "billing".into(),
+                consumer: "c".into(),
+                max_events: 100,
+                claim_idle_ms: 60_000,
+            },
+            NOW,
+        )
+        .await
+        .unwrap();
+    let mut seqs: Vec<u64> = events.iter().map(|e| e.event.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=5).collect::<Vec<_>>(), "one event per charge");
+}
+
+/// Without a journal (or with a grace of zero), calls are refused at once while Redis does
+/// not answer, as before outage grace existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_grace_an_outage_is_refused_at_once() {
+    let redis = RedisServer::start();
+    let owned = OwnedSettings {
+        lease: Duration::from_secs(6),
+        ..OwnedSettings::default()
+    };
+    let store = owned_store_with(settings(&redis.url(), None), owned).await;
+    grant(&store, "acct", 20).await;
+    redis.signal("STOP");
+    // The first call finds Redis gone (after its write attempt's time)…
+    let first = store.reserve(&reserve("acct", "r1"), NOW).await;
+    assert!(
+        matches!(first, Err(StoreError::Unavailable(_))),
+        "{first:?}"
+    );
+    // …and the next is refused without waiting.
+    let started = std::time::Instant::now();
+    let refused = store.reserve(&reserve("acct", "r2"), NOW).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("outage grace")),
+        "{refused:?}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(store.outage_stats().unwrap().decisions, 0);
+    redis.signal("CONT");
+    assert!(
+        wait_for(|| store.health() == StoreHealth::Up).await,
+        "serves again once Redis answers"
+    );
+    let again = store.reserve(&reserve("acct", "r2"), NOW).await;
+    assert!(again.is_ok(), "{again:?}");
+}

@@ -45,11 +45,11 @@ impl Backing {
     }
 
     /// The number of the last change the backing's reads see (the data dir's database lags
-    /// its commit log; Redis is read where it is written).
+    /// its commit log; Redis lags the outage journal).
     pub fn readable_number(&self) -> u64 {
         match self {
             Backing::DataDir(commits) => commits.applied_number(),
-            Backing::Redis(redis) => redis.durable_number(),
+            Backing::Redis(redis) => redis.landed_number(),
         }
     }
 

@@ -33,13 +33,15 @@ use super::group_commit::GroupCommit;
 use super::redis::RedisSettings;
 use super::redis::owned::{Hooks, OwnedRedis, OwnedSettings, partition_of};
 use super::rls_counters::RlsCounters;
-use super::{DataDirStats, ExportRead, Store, StoreError, StoreHealth, account_not_found};
+use super::{
+    DataDirStats, ExportRead, OutageStats, Store, StoreError, StoreHealth, account_not_found,
+};
 use crate::domain::rls::{CounterCheck, CounterStatus};
 use crate::domain::time::SECOND_MS;
 use crate::domain::top_up::Purchase;
 use crate::domain::{
     Account, AccountState, CommitCommand, CommitOutcome, DomainError, ExportedEvent, GrantCommand,
-    GrantOutcome, Policy, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome,
+    GrantOutcome, Micros, Policy, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome,
     RevokeCommand, RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome,
     UsageSnapshot,
 };
@@ -118,6 +120,8 @@ struct Resident {
     /// On Redis in owned mode, the epoch of its partition it was read under: an account from
     /// an epoch that ended (the partition went to another replica and came back) is read again.
     epoch: u64,
+    /// The last Redis outage it was decided in, and its credit exposure when that began.
+    outage: Option<(u64, Micros)>,
 }
 
 impl Resident {
@@ -127,6 +131,7 @@ impl Resident {
             last_change: 0,
             last_used: now,
             epoch: 0,
+            outage: None,
         }
     }
 }
@@ -322,16 +327,40 @@ impl MemoryStore {
 
     /// Runs `op` on an account whose shard lock the caller holds, brings the store's indexes up
     /// to date with what it changed and, with a data dir, queues the change.
+    ///
+    /// Decided while Redis does not answer (`outage`: its number and the credit allowance), an
+    /// operation that would raise the account's credit exposure past the allowance over the
+    /// outage is undone and refused: nothing changes.
     fn apply<T>(
         &self,
         account_id: &str,
         resident: &mut Resident,
         policy: &Policy,
         effect: Effect,
+        outage: Option<(u64, Micros)>,
         op: impl FnOnce(&mut AccountState, &Policy) -> T,
-    ) -> T {
+    ) -> Result<T, StoreError> {
         let before = Indexed::of(&resident.state);
+        // Only while Redis is out: a copy to undo with.
+        let undo = outage.map(|_| (resident.state.clone(), resident.state.credit_exposure()));
         let result = op(&mut resident.state, policy);
+        if let (Some((number, allowance)), Some((earlier, exposure))) = (outage, undo) {
+            let base = match resident.outage {
+                Some((seen, base)) if seen == number => base,
+                _ => exposure,
+            };
+            let now = resident.state.credit_exposure();
+            if now > exposure && now - base > allowance {
+                resident.state = earlier;
+                return Err(StoreError::Unavailable(format!(
+                    "Redis does not answer, and this would take account {account_id:?}'s \
+                     credits spent and held to {} micro-credits over the outage, past the \
+                     outage credit allowance of {allowance}; try again once Redis answers",
+                    now - base
+                )));
+            }
+            resident.outage = Some((number, base));
+        }
         let after = Indexed::of(&resident.state);
         let holds_delta = after.holds as i64 - before.holds as i64;
         let purchase = if before.purchase_started == after.purchase_started {
@@ -363,7 +392,7 @@ impl MemoryStore {
                 resident.last_change = durable.backing.submit(change, resident.epoch);
             }
         }
-        result
+        Ok(result)
     }
 
     /// Runs `op` on an account as one atomic step and answers once what it changed is durable.
@@ -380,11 +409,12 @@ impl MemoryStore {
             None => None,
         };
         let epoch = admission.as_ref().map_or(0, |a| a.epoch());
+        let outage = admission.as_ref().and_then(|a| a.outage());
         let (result, change) = {
             let rules = self.rules.snapshot();
             let mut resident = self.resident(account_id, missing, now, Some(epoch)).await?;
-            let result = self.apply(account_id, &mut resident, &rules.policy, effect, op);
-            (result, resident.last_change)
+            let result = self.apply(account_id, &mut resident, &rules.policy, effect, outage, op);
+            (result?, resident.last_change)
         };
         drop(admission);
         if let Some(durable) = &self.durable {
@@ -638,11 +668,34 @@ impl Store for MemoryStore {
     }
 
     fn health(&self) -> StoreHealth {
-        match self.durable.as_ref().and_then(|d| d.backing.failure()) {
-            Some(reason) => StoreHealth::Down {
+        let Some(durable) = &self.durable else {
+            return StoreHealth::Up;
+        };
+        if let Some(reason) = durable.backing.failure() {
+            return StoreHealth::Down {
                 error: reason.to_owned(),
-            },
-            None => StoreHealth::Up,
+            };
+        }
+        // Down only once calls are refused: within the outage grace this replica decides.
+        if let Backing::Redis(redis) = &durable.backing
+            && let (_, Some(out_for)) = redis.outage()
+            && out_for >= redis.outage_grace()
+        {
+            return StoreHealth::Down {
+                error: format!(
+                    "Redis has not answered for {} ms (outage grace {} ms)",
+                    out_for.as_millis(),
+                    redis.outage_grace().as_millis()
+                ),
+            };
+        }
+        StoreHealth::Up
+    }
+
+    fn outage_stats(&self) -> Option<OutageStats> {
+        match &self.durable.as_ref()?.backing {
+            Backing::Redis(redis) => Some(redis.outage().0),
+            Backing::DataDir(_) => None,
         }
     }
 

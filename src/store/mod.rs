@@ -65,6 +65,19 @@ pub struct DataDirStats {
     pub changes: u64,
 }
 
+/// What deciding without Redis has done (owned mode with an outage grace), as sampled for
+/// metrics: counts since start, and the state now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutageStats {
+    /// Redis does not answer and decisions go on from memory, journaled.
+    pub deciding_without_redis: bool,
+    pub decisions: u64,
+    pub journaled: u64,
+    pub replayed: u64,
+    pub fenced: u64,
+    pub journal_pending: u64,
+}
+
 /// A consumer group's read of the usage export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportRead {
@@ -178,6 +191,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// What the embedded store's data dir has done, if the store has one.
     fn data_dir_stats(&self) -> Option<DataDirStats> {
+        None
+    }
+
+    /// What deciding without Redis has done, for a store that can (owned mode).
+    fn outage_stats(&self) -> Option<OutageStats> {
         None
     }
 

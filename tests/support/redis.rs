@@ -116,6 +116,16 @@ impl RedisServer {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Sends the server a signal by name (`STOP` pauses it with its connections open, `CONT`
+    /// resumes it).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
     /// Kills the server (as a crash would).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

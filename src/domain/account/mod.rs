@@ -209,6 +209,16 @@ impl AccountState {
         self.top_up().in_flight()
     }
 
+    /// Credits this account has spent or holds for open reservations: what a decision could
+    /// have taken from its balance. A store deciding while its backing cannot be reached caps
+    /// how far this may rise (the outage credit allowance); releases lower it.
+    pub fn credit_exposure(&self) -> Micros {
+        self.ledger
+            .totals()
+            .spent
+            .saturating_add(self.held().credit)
+    }
+
     fn plan<'p>(&self, policy: &'p Policy) -> Result<&'p Plan, DomainError> {
         policy.plan(&self.account.plan).ok_or_else(|| {
             DomainError::plan_not_configured(
@@ -336,6 +346,7 @@ mod tests {
             for (i, op) in ops.into_iter().enumerate() {
                 s.settle(&policy, now);
                 let before = observe(&s, &policy);
+                let exposure_before = s.credit_exposure();
                 let mut beyond_hold = 0;
                 match op {
                     Op::Reserve { product, credits, ttl_min } => {
@@ -383,6 +394,12 @@ mod tests {
                 prop_assert_eq!(s.check(), Ok(()));
                 if !is_commit {
                     prop_assert!(after.debt <= before.debt, "only a commit may spend credits that are not there");
+                }
+                if is_commit || is_reserve || matches!(op, Op::Release { .. }) {
+                    // What a decision takes from the credits shows in the exposure an outage
+                    // allowance caps.
+                    let taken = before.available - after.available;
+                    prop_assert!(taken <= (s.credit_exposure() - exposure_before).max(0), "exposure rose less than the credits taken");
                 }
                 if is_reserve {
                     prop_assert!(after.available >= before.available.min(0), "a hold never overdraws credits");

@@ -18,6 +18,7 @@
 mod export;
 mod front;
 mod health;
+mod journal;
 mod keys;
 mod library;
 pub mod owned;

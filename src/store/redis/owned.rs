@@ -44,8 +44,22 @@
 //!
 //! `PREFIX:owned-format` holds the persisted format's version; a quotad reading another refuses
 //! to start.
+//!
+//! **Outage grace.** With a journal dir ([`super::journal`]), an owner whose batch write fails
+//! (Redis down, or not answering within the attempt's time) goes on deciding from memory for up
+//! to `outage_grace`: each batch is made durable in the journal instead, its calls answered, and
+//! written to Redis, in order and under the epoch it was decided in, once Redis answers again.
+//! A decision on credits then may raise an account's credit exposure (spent plus held) by at
+//! most `outage_credit_allowance` over the outage (the engine checks it, [`Admission::outage`]).
+//! Past the grace, and at once without a journal (`outage_grace = 0`), calls get UNAVAILABLE.
+//! The lease still bounds everything: an owner that cannot renew stops at 90% of it, so the
+//! grace is never longer than half a lease (checked at start), and a journal replays under its
+//! own epoch while nobody else can have taken the partition, as long as Redis returns within
+//! the lease. Accounts and the partition leave memory, and the lease is let go, only once what
+//! was journaled for them is in Redis.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -55,6 +69,7 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::journal::{Journal, JournalBatch};
 use super::{Connection, RedisSettings, connect, keys};
 use crate::domain::{
     AccountState, ExportedEvent, FORMAT_VERSION, Timestamp, UsageEvent, decode_account_of,
@@ -189,6 +204,15 @@ pub struct OwnedSettings {
     /// The address other replicas and clients reach this one at (`host:port`), told to callers
     /// that ask a replica which does not own the account.
     pub advertise: String,
+    /// How long decisions go on from memory, journaled, while Redis does not answer (zero:
+    /// UNAVAILABLE at once). Needs `journal_dir`; at most half the lease.
+    pub outage_grace: Duration,
+    /// How far one account's credit exposure (credits spent plus held) may rise over an outage,
+    /// in micro-credits.
+    pub outage_credit_allowance: i64,
+    /// Where decisions made while Redis does not answer are journaled, and this replica's id
+    /// kept across restarts. None: no outage grace.
+    pub journal_dir: Option<PathBuf>,
 }
 
 impl Default for OwnedSettings {
@@ -200,6 +224,9 @@ impl Default for OwnedSettings {
             write_timeout: Duration::from_secs(2),
             evict_idle: Duration::from_secs(600),
             advertise: String::new(),
+            outage_grace: Duration::from_secs(3),
+            outage_credit_allowance: 5 * crate::domain::MICROS_PER_CREDIT,
+            journal_dir: None,
         }
     }
 }
@@ -319,6 +346,42 @@ struct Shared {
     /// Consumer groups known to exist on every partition's stream.
     groups: Mutex<HashSet<String>>,
     write_script: Script,
+    /// How long one attempt at a batch may take before Redis counts as not answering.
+    attempt_timeout: Duration,
+    /// The number of the last change known to be in Redis (behind `durable` while journaled
+    /// changes wait): accounts leave memory, and partitions this replica, only up to it.
+    landed: AtomicU64,
+    journal: Option<Mutex<Journal>>,
+    /// Zero without a journal.
+    outage_grace: Duration,
+    outage_allowance: i64,
+    /// When Redis stopped answering the writer (nanoseconds after `base`, plus one; zero: it
+    /// answers), and how many outages there were (an outage's number scopes the allowance).
+    outage_since: AtomicU64,
+    outages: AtomicU64,
+    /// Journaled sections not yet in Redis; what the outage did.
+    journal_pending: AtomicUsize,
+    outage_counts: OutageCounts,
+}
+
+/// What deciding without Redis has done since start.
+#[derive(Debug, Default)]
+pub struct OutageCounts {
+    /// Decisions admitted while Redis did not answer.
+    pub decisions: AtomicU64,
+    /// Changes made durable in the journal instead of Redis, and those of them later written.
+    pub journaled: AtomicU64,
+    pub replayed: AtomicU64,
+    /// Journaled changes that could not be written: their partition was taken first.
+    pub fenced: AtomicU64,
+}
+
+/// A journaled section waiting for Redis, with the first change number of its batch and its
+/// journal batch's number.
+struct Journaled {
+    section: Section,
+    first: u64,
+    batch: u64,
 }
 
 #[derive(Default)]
@@ -343,6 +406,7 @@ pub struct Admission {
     shared: Arc<Shared>,
     partition: u16,
     epoch: u64,
+    outage: Option<u64>,
 }
 
 impl Admission {
@@ -350,6 +414,13 @@ impl Admission {
     /// and an account in memory from another epoch is read again from Redis first.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Admitted while Redis does not answer: the outage's number and the credit allowance the
+    /// decision must keep within (the engine keeps each account's exposure at the outage's
+    /// start, and undoes a decision that would rise past it).
+    pub fn outage(&self) -> Option<(u64, i64)> {
+        self.outage.map(|n| (n, self.shared.outage_allowance))
     }
 }
 
@@ -371,7 +442,15 @@ impl OwnedRedis {
         let mut conn = connect(settings).await?;
         let prefix = settings.key_prefix.clone();
         check_format(&mut conn, &prefix).await?;
-        let replica = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+        let fresh_id = || format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+        let (journal, replica, pending) = match &owned.journal_dir {
+            Some(dir) => {
+                let (journal, id, pending) = Journal::open(dir, fresh_id)
+                    .map_err(|e| StoreError::Internal(e.to_string()))?;
+                (Some(Mutex::new(journal)), id, pending)
+            }
+            None => (None, fresh_id(), Vec::new()),
+        };
         let partitions = owned.partitions.max(1);
         let base = Instant::now();
         let shared = Arc::new(Shared {
@@ -399,7 +478,25 @@ impl OwnedRedis {
             changes: AtomicUsize::new(0),
             groups: Mutex::new(HashSet::new()),
             write_script: Script::new(WRITE),
+            // Within the calls' own wait, so that a journaled batch still answers them.
+            attempt_timeout: (settings.command_timeout * 4)
+                .max(Duration::from_millis(500))
+                .min(owned.write_timeout / 2),
+            landed: AtomicU64::new(0),
+            outage_grace: if journal.is_some() {
+                owned.outage_grace.min(owned.lease / 2)
+            } else {
+                Duration::ZERO
+            },
+            outage_allowance: owned.outage_credit_allowance.max(0),
+            journal,
+            outage_since: AtomicU64::new(0),
+            outages: AtomicU64::new(0),
+            journal_pending: AtomicUsize::new(0),
+            outage_counts: OutageCounts::default(),
         });
+        // Before any lease is taken (which would end the epochs the journal was written under).
+        shared.replay(pending).await?;
         shared.round().await?;
         tracing::info!(
             replica = %shared.replica,
@@ -439,6 +536,7 @@ impl OwnedRedis {
             shared: shared.clone(),
             partition,
             epoch: 0,
+            outage: None,
         };
         // Checked after counting in: a partition being given up either sees this decision in
         // flight and waits for it, or this decision sees the partition no longer admitting.
@@ -460,6 +558,20 @@ impl OwnedRedis {
                 shared.max_unflushed
             )));
         }
+        let since = shared.outage_since.load(Ordering::Acquire);
+        if since != 0 {
+            let out_for = Duration::from_nanos(now.saturating_sub(since - 1));
+            if out_for >= shared.outage_grace {
+                return Err(StoreError::Unavailable(format!(
+                    "Redis has not answered for {} ms, past the outage grace of {} ms: nothing \
+                     is decided until it does",
+                    out_for.as_millis(),
+                    shared.outage_grace.as_millis()
+                )));
+            }
+            admission.outage = Some(shared.outages.load(Ordering::Acquire));
+            (shared.outage_counts.decisions).fetch_add(1, Ordering::Relaxed);
+        }
         Ok(admission)
     }
 
@@ -480,9 +592,39 @@ impl OwnedRedis {
         number
     }
 
-    /// The number of the last change in Redis.
+    /// The number of the last change acknowledged (in Redis, or in the journal while Redis
+    /// does not answer).
     pub fn durable_number(&self) -> u64 {
         self.shared.durable.load(Ordering::Acquire)
+    }
+
+    /// The number of the last change in Redis: what a read from Redis sees.
+    pub fn landed_number(&self) -> u64 {
+        self.shared.landed.load(Ordering::Acquire)
+    }
+
+    /// What deciding without Redis has done, and whether it is doing so now (then also for
+    /// how long).
+    pub fn outage(&self) -> (crate::store::OutageStats, Option<Duration>) {
+        let shared = &self.shared;
+        let since = shared.outage_since.load(Ordering::Acquire);
+        let now = shared.base.elapsed().as_nanos() as u64;
+        let out_for = (since != 0).then(|| Duration::from_nanos(now.saturating_sub(since - 1)));
+        let counts = &shared.outage_counts;
+        let stats = crate::store::OutageStats {
+            deciding_without_redis: out_for.is_some_and(|d| d < shared.outage_grace),
+            decisions: counts.decisions.load(Ordering::Relaxed),
+            journaled: counts.journaled.load(Ordering::Relaxed),
+            replayed: counts.replayed.load(Ordering::Relaxed),
+            fenced: counts.fenced.load(Ordering::Relaxed),
+            journal_pending: shared.journal_pending.load(Ordering::Acquire) as u64,
+        };
+        (stats, out_for)
+    }
+
+    /// The outage grace this replica runs with (zero without a journal).
+    pub fn outage_grace(&self) -> Duration {
+        self.shared.outage_grace
     }
 
     /// Waits until change `number` (and every change queued before it) is in Redis.
@@ -690,6 +832,16 @@ impl Drop for OwnedRedis {
         for task in &self.tasks {
             task.abort();
         }
+        if self.shared.journal_pending.load(Ordering::Acquire) > 0 {
+            // Journaled batches are not in Redis yet: the leases stay held (until they run
+            // out, or this replica comes back with its id and replays them under their epochs).
+            tracing::warn!(
+                pending = self.shared.journal_pending.load(Ordering::Acquire),
+                "stopping with journaled batches not yet in Redis; they are written at the next \
+                 start on this journal"
+            );
+            return;
+        }
         for (partition, slot) in self.shared.slots.iter().enumerate() {
             let epoch = slot.epoch.load(Ordering::Acquire);
             if epoch != 0 {
@@ -872,135 +1024,489 @@ impl Shared {
     }
 
     /// Takes everything queued, writes it (one script call on a standalone Redis, one per
-    /// partition in parallel on a Cluster, each retried until it lands or is fenced),
-    /// publishes it durable, and goes on. The changes of a partition lost meanwhile are not
-    /// written, and their callers are told.
+    /// partition in parallel on a Cluster), publishes it durable, and goes on. The changes of a
+    /// partition lost meanwhile are not written, and their callers are told. While Redis does
+    /// not answer, batches go to the journal (if there is one) and are answered from there;
+    /// they are written to Redis, in order, once it answers again.
     async fn write_loop(self: Arc<Self>) {
-        let cluster = !self.settings.cluster_nodes.is_empty();
+        let mut backoff = RETRY_FIRST;
         loop {
-            let (changes, last) = loop {
-                let notified = self.wake.notified();
-                {
-                    let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                    if !queue.changes.is_empty() {
-                        break (std::mem::take(&mut queue.changes), queue.last);
-                    }
-                }
-                notified.await;
-            };
+            let (changes, last) = self.take().await;
             let count = changes.len();
-            let first = last + 1 - count as u64;
-            // A change decided under an epoch its partition is no longer held under (lost, and
-            // perhaps taken again since) is not written: another replica may have decided on
-            // the account meanwhile.
-            let mut current = Vec::with_capacity(count);
-            let mut stale = Vec::new();
-            for (i, (change, epoch)) in changes.iter().enumerate() {
-                let partition = partition_of(&change.account_id, self.slots.len() as u16);
-                let held = self.slots[usize::from(partition)]
-                    .epoch
-                    .load(Ordering::Acquire);
-                if *epoch != 0 && *epoch == held {
-                    current.push((first + i as u64, change));
-                } else {
-                    stale.push(first + i as u64);
-                }
-            }
-            self.drop_changes(&stale);
-            let mut sections: Vec<Section> = Vec::new();
-            for (partition, (ops, numbers)) in self.partition_ops(&current) {
-                let slot = &self.slots[usize::from(partition)];
-                let epoch = slot.epoch.load(Ordering::Acquire);
-                if epoch == 0 {
-                    self.drop_changes(&numbers);
+            let mut sections = self.sections(changes, last);
+            let mut journaled = false;
+            while !sections.is_empty() && self.failed.get().is_none() {
+                let refs: Vec<&Section> = sections.iter().collect();
+                let outcome = self.attempt(&refs).await;
+                self.settle(&mut sections, &outcome, |s| self.drop_changes(&s.numbers));
+                if !outcome.missed {
+                    // Written, or fenced: a fenced call wrote nothing, its other sections are
+                    // tried again at once.
                     continue;
                 }
-                let seq = slot.seq.fetch_add(1, Ordering::AcqRel) + 1;
-                sections.push(Section {
-                    partition,
-                    epoch,
-                    seq,
-                    ops,
-                    numbers,
-                });
-            }
-            drop(changes);
-            let mut backoff = Duration::from_millis(20);
-            let mut landed: Vec<(u16, i64)> = Vec::new();
-            while !sections.is_empty() && self.failed.get().is_none() {
-                let calls: Vec<Arc<WriteCall>> = if cluster {
-                    sections
-                        .iter()
-                        .map(|s| Arc::new(WriteCall::of(&self.prefix, [s])))
-                        .collect()
-                } else {
-                    vec![Arc::new(WriteCall::of(&self.prefix, &sections))]
-                };
-                let results = if calls.len() == 1 {
-                    let call = calls.into_iter().next().expect("one call");
-                    let result = self.invoke(&call).await;
-                    vec![(call, result)]
-                } else {
-                    let mut running = JoinSet::new();
-                    for call in calls {
-                        let shared = self.clone();
-                        running.spawn(async move {
-                            let result = shared.invoke(&call).await;
-                            (call, result)
-                        });
+                self.outage_began();
+                if self.journal.is_some() {
+                    let mut backlog = VecDeque::new();
+                    let left = std::mem::take(&mut sections);
+                    if !self.journal_batch(left, last, count, &mut backlog).await {
+                        return;
                     }
-                    running.join_all().await
-                };
-                let mut retry = false;
-                for (call, result) in results {
-                    match result {
-                        Ok(at) => {
-                            landed.extend(call.partitions.iter().map(|&p| (p, at)));
-                            sections.retain(|s| !call.partitions.contains(&s.partition));
-                        }
-                        Err(e) if e.code() == Some("FENCED") => {
-                            let lost: Option<u16> = e
-                                .detail()
-                                .and_then(|d| d.split_whitespace().next()?.parse().ok());
-                            match lost {
-                                Some(partition) => {
-                                    let fenced = (sections.iter())
-                                        .find(|s| s.partition == partition)
-                                        .map_or(0, |s| s.epoch);
-                                    self.lose(partition, fenced);
-                                    sections.retain(|s| {
-                                        let keep = s.partition != partition;
-                                        if !keep {
-                                            self.drop_changes(&s.numbers);
-                                        }
-                                        keep
-                                    });
-                                }
-                                None => self.fail(format!("a write was fenced: {e}")),
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "writing a batch to Redis; retrying");
-                            retry = true;
-                        }
+                    journaled = true;
+                    if !self.clone().journaling(backlog).await {
+                        return;
                     }
+                    break;
                 }
-                if retry {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MOST);
             }
             if self.failed.get().is_some() {
                 return;
             }
-            self.batches.fetch_add(1, Ordering::Relaxed);
-            self.changes.fetch_add(count, Ordering::Relaxed);
-            self.unflushed.fetch_sub(count, Ordering::Relaxed);
-            for (partition, at) in landed {
-                (self.slots[usize::from(partition)].last_ack_ms).fetch_max(at, Ordering::AcqRel);
+            backoff = RETRY_FIRST;
+            if !journaled {
+                self.batches.fetch_add(1, Ordering::Relaxed);
+                self.changes.fetch_add(count, Ordering::Relaxed);
+                self.unflushed.fetch_sub(count, Ordering::Relaxed);
+                self.publish(last);
+                self.landed.store(last, Ordering::Release);
+                if self.outage_since.load(Ordering::Acquire) != 0 {
+                    self.outage_over().await;
+                }
             }
-            self.publish(last);
         }
+    }
+
+    /// While journaled sections wait for Redis: every new batch is journaled behind them (and
+    /// answered), and, beside that, the oldest are written to Redis, one bounded call at a
+    /// time, until none is left. False if the writer must stop.
+    async fn journaling(self: Arc<Self>, mut backlog: VecDeque<Journaled>) -> bool {
+        let mut backoff = RETRY_FIRST;
+        let mut next_try = tokio::time::Instant::now();
+        let mut inflight: Option<JoinHandle<(Vec<Journaled>, Attempt)>> = None;
+        loop {
+            if inflight.is_none() {
+                if backlog.is_empty() {
+                    self.outage_over().await;
+                    return true;
+                }
+                if tokio::time::Instant::now() >= next_try {
+                    let mut bytes = 0;
+                    let take = (backlog.iter())
+                        .take_while(|j| {
+                            bytes += j.section.bytes();
+                            bytes <= REPLAY_CALL_BYTES
+                        })
+                        .count()
+                        .max(1);
+                    let chunk: Vec<Journaled> = backlog.drain(..take).collect();
+                    let shared = self.clone();
+                    inflight = Some(tokio::spawn(async move {
+                        let refs: Vec<&Section> = chunk.iter().map(|j| &j.section).collect();
+                        let attempt = shared.attempt(&refs).await;
+                        (chunk, attempt)
+                    }));
+                }
+            }
+            tokio::select! {
+                (changes, last) = self.take() => {
+                    let count = changes.len();
+                    let sections = self.sections(changes, last);
+                    if !self.journal_batch(sections, last, count, &mut backlog).await {
+                        return false;
+                    }
+                }
+                done = async { inflight.as_mut().expect("guarded").await }, if inflight.is_some() => {
+                    inflight = None;
+                    let Ok((chunk, attempt)) = done else {
+                        self.fail("the journal's replay task failed".into());
+                        return false;
+                    };
+                    if attempt.missed {
+                        next_try = tokio::time::Instant::now() + backoff;
+                        backoff = (backoff * 2).min(RETRY_MOST);
+                    } else {
+                        backoff = RETRY_FIRST;
+                    }
+                    self.written_back(chunk, &attempt, &mut backlog).await;
+                }
+                () = tokio::time::sleep_until(next_try), if inflight.is_none() => {}
+            }
+            if self.failed.get().is_some() {
+                return false;
+            }
+        }
+    }
+
+    /// Waits for queued changes and takes them all, with the number of the last.
+    async fn take(&self) -> (Vec<(Change, u64)>, u64) {
+        loop {
+            let notified = self.wake.notified();
+            {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if !queue.changes.is_empty() {
+                    return (std::mem::take(&mut queue.changes), queue.last);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The sections a run of changes (numbered up to `last`) writes, each partition's numbered
+    /// in it. A change decided under an epoch its partition is no longer held under (lost, and
+    /// perhaps taken again since) is not written: another replica may have decided on the
+    /// account meanwhile.
+    fn sections(&self, changes: Vec<(Change, u64)>, last: u64) -> Vec<Section> {
+        let count = changes.len();
+        let first = last + 1 - count as u64;
+        let mut current = Vec::with_capacity(count);
+        let mut stale = Vec::new();
+        for (i, (change, epoch)) in changes.iter().enumerate() {
+            let partition = partition_of(&change.account_id, self.slots.len() as u16);
+            let held = self.slots[usize::from(partition)]
+                .epoch
+                .load(Ordering::Acquire);
+            if *epoch != 0 && *epoch == held {
+                current.push((first + i as u64, change));
+            } else {
+                stale.push(first + i as u64);
+            }
+        }
+        self.drop_changes(&stale);
+        let mut sections = Vec::new();
+        for (partition, (ops, numbers)) in self.partition_ops(&current) {
+            let slot = &self.slots[usize::from(partition)];
+            let epoch = slot.epoch.load(Ordering::Acquire);
+            if epoch == 0 {
+                self.drop_changes(&numbers);
+                continue;
+            }
+            let seq = slot.seq.fetch_add(1, Ordering::AcqRel) + 1;
+            sections.push(Section {
+                partition,
+                epoch,
+                seq,
+                ops,
+                numbers,
+            });
+        }
+        sections
+    }
+
+    /// One attempt at writing `sections`: one call on a standalone Redis, one per partition
+    /// (in parallel) on a Cluster, each given `attempt_timeout`.
+    async fn attempt(self: &Arc<Self>, sections: &[&Section]) -> Attempt {
+        let cluster = !self.settings.cluster_nodes.is_empty();
+        let calls: Vec<WriteCall> = if cluster {
+            let mut by_partition: BTreeMap<u16, Vec<&Section>> = BTreeMap::new();
+            for s in sections {
+                by_partition.entry(s.partition).or_default().push(s);
+            }
+            (by_partition.into_values())
+                .map(|of| WriteCall::of(&self.prefix, of))
+                .collect()
+        } else {
+            vec![WriteCall::of(&self.prefix, sections.iter().copied())]
+        };
+        let timeout = self.attempt_timeout;
+        let results: Vec<(Vec<u16>, redis::RedisResult<i64>)> = if calls.len() == 1 {
+            let call = calls.into_iter().next().expect("one call");
+            let result = tokio::time::timeout(timeout, self.invoke(&call)).await;
+            vec![(call.partitions, result.unwrap_or_else(|_| Err(timed_out())))]
+        } else {
+            let mut running = JoinSet::new();
+            for call in calls {
+                let shared = self.clone();
+                running.spawn(async move {
+                    let result = tokio::time::timeout(timeout, shared.invoke(&call)).await;
+                    (call.partitions, result.unwrap_or_else(|_| Err(timed_out())))
+                });
+            }
+            running.join_all().await
+        };
+        let mut attempt = Attempt::default();
+        for (partitions, result) in results {
+            match result {
+                Ok(at) => attempt.landed.extend(partitions.iter().map(|&p| (p, at))),
+                Err(e) if e.code() == Some("FENCED") => {
+                    let lost: Option<u16> = e
+                        .detail()
+                        .and_then(|d| d.split_whitespace().next()?.parse().ok());
+                    match lost {
+                        Some(partition) => attempt.fenced.push(partition),
+                        None => self.fail(format!("a write was fenced: {e}")),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "writing a batch to Redis");
+                    attempt.missed = true;
+                }
+            }
+        }
+        attempt
+    }
+
+    /// Takes what an attempt did out of `sections`: landed ones leave (their time recorded),
+    /// a fenced partition is lost and its sections leave (`fenced` is told of each). Another
+    /// partition's section in the same fenced call was not written and stays, for the retry.
+    /// Sections of one partition share a call, so they land or are fenced together.
+    fn settle(
+        &self,
+        sections: &mut Vec<Section>,
+        attempt: &Attempt,
+        mut fenced: impl FnMut(&Section),
+    ) {
+        for &(partition, at) in &attempt.landed {
+            (self.slots[usize::from(partition)].last_ack_ms).fetch_max(at, Ordering::AcqRel);
+        }
+        sections.retain(|s| {
+            if attempt.landed.iter().any(|&(p, _)| p == s.partition) {
+                return false;
+            }
+            if attempt.fenced.contains(&s.partition) {
+                self.lose(s.partition, s.epoch);
+                fenced(s);
+                return false;
+            }
+            true
+        });
+    }
+
+    /// Makes a batch's sections durable in the journal and answers its calls from there; the
+    /// sections wait in `backlog` for Redis. False if the journal cannot be written (the
+    /// writer then stops: nothing more can be acknowledged).
+    async fn journal_batch(
+        self: &Arc<Self>,
+        sections: Vec<Section>,
+        last: u64,
+        count: usize,
+        backlog: &mut VecDeque<Journaled>,
+    ) -> bool {
+        let first = last + 1 - count as u64;
+        let changes: usize = sections.iter().map(|s| s.numbers.len()).sum();
+        let shared = self.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&Section> = sections.iter().collect();
+            let journal = shared.journal.as_ref().expect("journaling needs a journal");
+            let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+            journal.append(&refs).map(|batch| (batch, sections))
+        })
+        .await;
+        let (batch, sections) = match written {
+            Ok(Ok(written)) => written,
+            Ok(Err(e)) => {
+                self.fail(format!("cannot write the outage journal: {e}"));
+                return false;
+            }
+            Err(e) => {
+                self.fail(format!("the outage journal's writer failed: {e}"));
+                return false;
+            }
+        };
+        (self.journal_pending).fetch_add(sections.len(), Ordering::AcqRel);
+        for section in sections {
+            backlog.push_back(Journaled {
+                section,
+                first,
+                batch,
+            });
+        }
+        (self.outage_counts.journaled).fetch_add(changes as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.changes.fetch_add(count, Ordering::Relaxed);
+        self.unflushed.fetch_sub(count, Ordering::Relaxed);
+        self.publish(last);
+        true
+    }
+
+    /// Takes what an attempt at journaled sections did: the written ones leave, fenced ones
+    /// are set aside, the rest go back to the front of `backlog`, in order. Updates what
+    /// counts as in Redis, and the journal's record of it once nothing is left.
+    async fn written_back(
+        self: &Arc<Self>,
+        chunk: Vec<Journaled>,
+        attempt: &Attempt,
+        backlog: &mut VecDeque<Journaled>,
+    ) {
+        let last_batch = chunk.last().map(|j| j.batch);
+        let sent = chunk.len();
+        let before: u64 = chunk.iter().map(|j| j.section.numbers.len() as u64).sum();
+        let mut left: Vec<Journaled> = Vec::new();
+        for j in chunk {
+            let partition = j.section.partition;
+            if attempt.landed.iter().any(|&(p, _)| p == partition) {
+                continue;
+            }
+            if attempt.fenced.contains(&partition) {
+                self.lose(partition, j.section.epoch);
+                self.fenced_journal(&j.section);
+                continue;
+            }
+            left.push(j);
+        }
+        for &(partition, at) in &attempt.landed {
+            (self.slots[usize::from(partition)].last_ack_ms).fetch_max(at, Ordering::AcqRel);
+        }
+        let after: u64 = left.iter().map(|j| j.section.numbers.len() as u64).sum();
+        (self.outage_counts.replayed).fetch_add(before - after, Ordering::Relaxed);
+        (self.journal_pending).fetch_sub(sent - left.len(), Ordering::AcqRel);
+        for j in left.into_iter().rev() {
+            backlog.push_front(j);
+        }
+        let landed = match backlog.front() {
+            Some(oldest) => oldest.first - 1,
+            None => self.durable.load(Ordering::Acquire),
+        };
+        self.landed.fetch_max(landed, Ordering::AcqRel);
+        if backlog.is_empty()
+            && let Some(batch) = last_batch
+        {
+            let shared = self.clone();
+            let recorded = tokio::task::spawn_blocking(move || {
+                let journal = shared.journal.as_ref().expect("journaling needs a journal");
+                let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+                journal.landed(batch)
+            })
+            .await;
+            if let Ok(Err(e)) = recorded {
+                // Harmless for correctness: a restart replays batches Redis skips.
+                tracing::warn!(error = %e, "recording the journal as written to Redis");
+            }
+        }
+    }
+
+    /// A journaled section whose partition another replica took before Redis returned: its
+    /// changes were acknowledged and cannot be written under their epoch. Kept aside, counted
+    /// and logged for an operator.
+    fn fenced_journal(&self, section: &Section) {
+        let changes = section.numbers.len().max(1) as u64;
+        (self.outage_counts.fenced).fetch_add(changes, Ordering::Relaxed);
+        let kept = (self.journal.as_ref()).map(|j| {
+            j.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_aside(section)
+        });
+        tracing::error!(
+            partition = section.partition,
+            epoch = section.epoch,
+            seq = section.seq,
+            kept = ?kept.map(|k| k.map_err(|e| e.to_string())),
+            "journaled decisions could not be written to Redis: their partition was taken by \
+             another replica before Redis returned"
+        );
+    }
+
+    /// Redis stopped answering the writer: decisions go on for the outage grace (journaled),
+    /// or stop at once without one.
+    fn outage_began(&self) {
+        let now = self.base.elapsed().as_nanos() as u64 + 1;
+        if (self.outage_since)
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let number = self.outages.fetch_add(1, Ordering::AcqRel) + 1;
+            if self.outage_grace.is_zero() {
+                tracing::warn!(
+                    outage = number,
+                    "Redis does not answer: calls get UNAVAILABLE until it does (no outage grace)"
+                );
+            } else {
+                tracing::warn!(
+                    outage = number,
+                    grace_ms = self.outage_grace.as_millis() as u64,
+                    "Redis does not answer: deciding from memory, journaled, for up to the \
+                     outage grace"
+                );
+            }
+        }
+    }
+
+    /// Everything decided during the outage is in Redis.
+    async fn outage_over(&self) {
+        let since = self.outage_since.swap(0, Ordering::AcqRel);
+        if since == 0 {
+            return;
+        }
+        let took = self.base.elapsed().as_nanos() as u64 - (since - 1);
+        tracing::info!(
+            outage = self.outages.load(Ordering::Acquire),
+            took_ms = took / 1_000_000,
+            journaled = self.outage_counts.journaled.load(Ordering::Relaxed),
+            replayed = self.outage_counts.replayed.load(Ordering::Relaxed),
+            "Redis answers again: every journaled decision is written"
+        );
+    }
+
+    /// Writes what a journal held at start (before any lease is taken: its batches are
+    /// written under the epochs they were decided in), waiting for Redis as long as it takes.
+    async fn replay(self: &Arc<Self>, pending: Vec<JournalBatch>) -> Result<(), StoreError> {
+        let mut backlog: VecDeque<Journaled> = VecDeque::new();
+        for batch in pending {
+            for section in batch.sections {
+                backlog.push_back(Journaled {
+                    section,
+                    first: 0,
+                    batch: batch.number,
+                });
+            }
+        }
+        let total = backlog.len();
+        if total > 0 {
+            tracing::info!(
+                sections = total,
+                "writing the outage journal left by the last run to Redis"
+            );
+        }
+        let mut backoff = RETRY_FIRST;
+        let mut landed = 0;
+        while !backlog.is_empty() {
+            let mut bytes = 0;
+            let take = backlog
+                .iter()
+                .take_while(|j| {
+                    bytes += j.section.bytes();
+                    bytes <= REPLAY_CALL_BYTES
+                })
+                .count()
+                .max(1);
+            let mut sections: Vec<Section> = backlog.drain(..take).map(|j| j.section).collect();
+            let refs: Vec<&Section> = sections.iter().collect();
+            let attempt = self.attempt(&refs).await;
+            // Nothing is held yet: a fenced partition is only counted and kept aside.
+            let before = sections.len();
+            sections.retain(|s| {
+                if attempt.landed.iter().any(|&(p, _)| p == s.partition) {
+                    return false;
+                }
+                if attempt.fenced.contains(&s.partition) {
+                    self.fenced_journal(s);
+                    return false;
+                }
+                true
+            });
+            landed += before - sections.len();
+            for section in sections.into_iter().rev() {
+                backlog.push_front(Journaled {
+                    section,
+                    first: 0,
+                    batch: 0,
+                });
+            }
+            if attempt.missed {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MOST);
+            }
+        }
+        if let Some(journal) = &self.journal {
+            let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+            journal
+                .start()
+                .map_err(|e| StoreError::Internal(e.to_string()))?;
+        }
+        if total > 0 {
+            tracing::info!(sections = landed, "the outage journal is written to Redis");
+        }
+        Ok(())
     }
 
     fn drop_changes(&self, numbers: &[u64]) {
@@ -1123,7 +1629,16 @@ impl Shared {
             .arg(lease_ms)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| unavailable("joining the replicas", e))?;
+            .map_err(|e| {
+                // Seen here first when nothing is being written.
+                self.outage_began();
+                unavailable("joining the replicas", e)
+            })?;
+        if self.journal_pending.load(Ordering::Acquire) == 0
+            && self.unflushed.load(Ordering::Acquire) == 0
+        {
+            self.outage_over().await;
+        }
         let members: Vec<Member> = listed
             .chunks(2)
             .filter_map(|pair| match pair {
@@ -1229,6 +1744,19 @@ impl Shared {
         }
         let last = self.queue.lock().unwrap_or_else(|e| e.into_inner()).last;
         let _ = self.durable(last).await;
+        // Journaled changes too: the next owner reads the partition from Redis.
+        while self.landed.load(Ordering::Acquire) < last && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if self.landed.load(Ordering::Acquire) < last {
+            slot.admitting
+                .store(slot.epoch.load(Ordering::Acquire) != 0, Ordering::Release);
+            tracing::warn!(
+                partition,
+                "not giving a partition up: its journal is not in Redis yet"
+            );
+            return;
+        }
         let epoch = slot.epoch.swap(0, Ordering::AcqRel);
         if epoch == 0 {
             return;
@@ -1250,21 +1778,70 @@ impl Shared {
     }
 }
 
+/// First and longest wait between attempts at a batch Redis did not take.
+const RETRY_FIRST: Duration = Duration::from_millis(20);
+const RETRY_MOST: Duration = Duration::from_millis(250);
+/// Journaled sections are written back in calls of about this many bytes: a long outage's
+/// journal is not one call that holds Redis for seconds.
+const REPLAY_CALL_BYTES: usize = 1 << 20;
+
 /// One write of a batch to a partition's key.
-struct Op {
-    code: &'static [u8],
-    key: String,
-    args: Vec<Vec<u8>>,
+pub(super) struct Op {
+    pub code: &'static [u8],
+    pub key: String,
+    pub args: Vec<Vec<u8>>,
+}
+
+impl Op {
+    /// The code of a write the script knows, from its byte (as the journal stores it).
+    pub fn code_of(byte: u8) -> Option<&'static [u8]> {
+        Some(match byte {
+            b'S' => b"S",
+            b'H' => b"H",
+            b'h' => b"h",
+            b'L' => b"L",
+            b'X' => b"X",
+            b'C' => b"C",
+            _ => return None,
+        })
+    }
 }
 
 /// One partition's part of a batch: its writes, under the epoch and batch number it is
 /// written with, and the numbers of the changes they carry.
-struct Section {
-    partition: u16,
-    epoch: u64,
-    seq: u64,
-    ops: Vec<Op>,
-    numbers: Vec<u64>,
+pub(super) struct Section {
+    pub partition: u16,
+    pub epoch: u64,
+    pub seq: u64,
+    pub ops: Vec<Op>,
+    pub numbers: Vec<u64>,
+}
+
+impl Section {
+    /// About what it takes in a call.
+    fn bytes(&self) -> usize {
+        (self.ops.iter())
+            .map(|op| op.key.len() + op.args.iter().map(Vec::len).sum::<usize>() + 8)
+            .sum()
+    }
+}
+
+/// What one attempt at a write did, by partition.
+#[derive(Default)]
+struct Attempt {
+    /// Written, with Redis's clock when it was.
+    landed: Vec<(u16, i64)>,
+    /// Refused: another replica holds the partition now.
+    fenced: Vec<u16>,
+    /// Some call got no answer (connection failed, or not within the attempt's time).
+    missed: bool,
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "no answer within the write attempt's time",
+    ))
 }
 
 /// One script call of a batch: the sections of the partitions it writes, the keys they name
