@@ -587,6 +587,17 @@ def check_release(
                 )
             else:
                 check(env_name not in env, f"{name}: {env_name} set without a secret")
+        journal = env.get("QUOTAD_STORE__REDIS__JOURNAL_DIR", {}).get("value")
+        if want_kind == "redis":
+            # Owned mode's outage journal: a writable volume of the pod's own, which outlives a
+            # container restart (the root filesystem is read-only).
+            check(journal in mounts, f"{name}: the outage journal {journal} is not mounted")
+            check(
+                "emptyDir" in volumes.get(mounts.get(journal, {}).get("name"), {}),
+                f"{name}: the outage journal is not an emptyDir of the pod",
+            )
+        else:
+            check(journal is None, f"{name}: an outage journal without Redis")
         if merged["otel"]["endpoint"]:
             check(
                 env.get("OTEL_EXPORTER_OTLP_ENDPOINT", {}).get("value")

@@ -52,6 +52,10 @@ embedded store's data dir, which only the StatefulSet has).
           fieldPath: status.podIP
     - name: QUOTAD_STORE__REDIS__ADVERTISE_ADDR
       value: {{ printf "$(POD_IP):%d" (int $v.ports.grpc) | quote }}
+    # Owned mode's outage journal and replica id: kept across container restarts, so a quotad
+    # that crashed during a Redis outage writes what it journaled when it comes back.
+    - name: QUOTAD_STORE__REDIS__JOURNAL_DIR
+      value: /var/lib/quotad-journal
     {{- end }}
     {{- range $entry := list (list "adminToken" "QUOTAD_ADMIN_TOKEN") (list "quotaToken" "QUOTAD_QUOTA_TOKEN") (list "paymentsToken" "QUOTAD_PAYMENTS_TOKEN") (list "paymentsHmacSecret" "QUOTAD_PAYMENTS_HMAC_SECRET") }}
     {{- $s := index $v.secrets (index $entry 0) }}
@@ -149,6 +153,10 @@ embedded store's data dir, which only the StatefulSet has).
     {{- end }}
     - name: quotad-tmp
       mountPath: /tmp
+    {{- if eq $storeKind "redis" }}
+    - name: quotad-journal
+      mountPath: /var/lib/quotad-journal
+    {{- end }}
     {{- if .persistent }}
     # store.data_dir: writable although the root filesystem is read-only.
     - name: quotad-data
@@ -173,6 +181,12 @@ embedded store's data dir, which only the StatefulSet has).
 - name: quotad-tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- if eq (include "quotad.storeKind" .) "redis" }}
+# One journal per pod (quotad locks it); an emptyDir outlives a container restart, not the pod.
+- name: quotad-journal
+  emptyDir:
+    sizeLimit: 512Mi
+{{- end }}
 {{- with $v.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
