@@ -546,6 +546,38 @@ mod redis_config_tests {
     }
 
     #[test]
+    fn the_outage_grace_needs_a_journal_and_fits_in_half_a_lease() {
+        let config: RedisConfig = Figment::from(Serialized::defaults(RedisConfig::default()))
+            .merge(Toml::string(
+                "mode = \"owned\"\nlease_ms = 20000\noutage_grace_ms = 10000\n\
+                 outage_credit_allowance = 2000000\njournal_dir = \"/var/lib/j\"\n",
+            ))
+            .extract()
+            .unwrap();
+        config.validate().unwrap();
+        let mut store = StoreConfig {
+            redis: config,
+            ..StoreConfig::default()
+        };
+        let owned = store.owned();
+        assert_eq!(owned.outage_grace, Duration::from_secs(10));
+        assert_eq!(owned.outage_credit_allowance, 2_000_000);
+        assert_eq!(owned.journal_dir.as_deref(), Some(Path::new("/var/lib/j")));
+        store.redis.outage_grace_ms = 10_001;
+        let err = store.redis.validate().unwrap_err();
+        assert!(
+            err.contains("store.redis.outage_grace_ms") && err.contains("10000"),
+            "{err}"
+        );
+        // Without a journal there is no grace to bound.
+        store.redis.journal_dir = None;
+        store.redis.validate().unwrap();
+        store.redis.outage_credit_allowance = -1;
+        let err = store.redis.validate().unwrap_err();
+        assert!(err.contains("store.redis.outage_credit_allowance"), "{err}");
+    }
+
+    #[test]
     fn deny_cache_is_still_accepted_and_no_longer_shown() {
         let config: RedisConfig = Figment::from(Serialized::defaults(RedisConfig::default()))
             .merge(Toml::string("deny_cache = false\n"))

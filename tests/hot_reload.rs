@@ -106,7 +106,7 @@ fn load(url: String, stop: Arc<AtomicBool>, calls: Arc<AtomicU64>, errors: Arc<A
                     continue;
                 }
                 calls.fetch_add(1, Ordering::Relaxed);
-                let done = if i % 5 == 0 {
+                let done = if i.is_multiple_of(5) {
                     q.release(pb::ReleaseRequest {
                         account_id: account.clone(),
                         reservation_id: r.reservation_id,

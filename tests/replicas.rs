@@ -175,12 +175,12 @@ async fn one_task(
     replicas: &Replicas,
     acknowledged: &Mutex<HashMap<String, Acknowledged>>,
 ) {
-    let account = if op % 4 == 0 {
+    let account = if op.is_multiple_of(4) {
         FREE[op % FREE.len()]
     } else {
         PLUS[op % PLUS.len()]
     };
-    let product = if op % 11 == 0 {
+    let product = if op.is_multiple_of(11) {
         "workspace_agents"
     } else {
         "codex"

@@ -168,13 +168,13 @@ impl Policy {
                     ));
                 }
             }
-            if let Some(to) = &plan.upgrade_to {
-                if !self.plans.contains_key(to) || to == name {
-                    return Err(format!(
-                        "plans.{name}.upgrade_to {to:?} must name another configured plan; plans: {}",
-                        self.plan_names()
-                    ));
-                }
+            if let Some(to) = &plan.upgrade_to
+                && (!self.plans.contains_key(to) || to == name)
+            {
+                return Err(format!(
+                    "plans.{name}.upgrade_to {to:?} must name another configured plan; plans: {}",
+                    self.plan_names()
+                ));
             }
         }
         if self.products.is_empty() {

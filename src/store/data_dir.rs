@@ -913,7 +913,7 @@ mod tests {
                 cached_input_tokens: 0,
                 output_tokens: 3,
                 images: 0,
-                fast_mode: n % 2 == 0,
+                fast_mode: n.is_multiple_of(2),
             },
             charged: Funding::new(n as i64, 1),
             reservation_id: Arc::from(format!("r{n}")),

@@ -495,7 +495,7 @@ mod tests {
                     let _ = s.release(policy, &cmd, now);
                 }
                 Op::Grant { credits, days } => {
-                    let source = if i % 3 == 0 {
+                    let source = if i.is_multiple_of(3) {
                         LotSource::Promo
                     } else {
                         LotSource::Purchase
