@@ -167,7 +167,9 @@ impl StoreConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS. Used when
+    /// `redis://[user:password@]host:port[/db]`, `rediss://…` for TLS, or
+    /// `redis+sentinel://[user:password@]host:port[,host:port…]/SERVICE[/db]` for the master
+    /// that these sentinels monitor as SERVICE (the credentials are the master's). Used when
     /// `cluster_nodes` is empty. Also `QUOTAD_REDIS_URL` (read verbatim; it may hold a password).
     pub url: String,
     /// Seed nodes of a Redis Cluster, e.g. `["redis://10.0.0.1:6379", …]`.
@@ -379,17 +381,22 @@ impl RedisConfig {
                 self.outage_credit_allowance
             ));
         }
-        let urls = if self.cluster_nodes.is_empty() {
-            std::slice::from_ref(&self.url)
+        if self.names_sentinel() {
+            self.validate_sentinel()?;
         } else {
-            &self.cluster_nodes[..]
-        };
-        for url in urls {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(format!(
-                    "store.redis: {:?} must start with redis:// or rediss://",
-                    redact_url(url)
-                ));
+            let urls = if self.cluster_nodes.is_empty() {
+                std::slice::from_ref(&self.url)
+            } else {
+                &self.cluster_nodes[..]
+            };
+            for url in urls {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(format!(
+                        "store.redis: {:?} must start with redis://, rediss:// or (url only) \
+                         redis+sentinel://",
+                        redact_url(url)
+                    ));
+                }
             }
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
@@ -455,6 +462,57 @@ impl RedisConfig {
         Ok(())
     }
 }
+
+impl RedisConfig {
+    /// Whether `url` names a Sentinel deployment (TLS or not, well formed or not).
+    fn names_sentinel(&self) -> bool {
+        crate::store::redis::SentinelUrl::is_sentinel(&self.url)
+            || (self.url.get(..SENTINEL_TLS_SCHEME.len()))
+                .is_some_and(|s| s.eq_ignore_ascii_case(SENTINEL_TLS_SCHEME))
+    }
+
+    /// A Sentinel URL: well formed, and not mixed with a Cluster or TLS, which quotad does not
+    /// combine with Sentinel.
+    fn validate_sentinel(&self) -> Result<(), String> {
+        let shown = redact_url(&self.url);
+        if !self.cluster_nodes.is_empty() {
+            return Err(format!(
+                "store.redis.url {shown:?} names a Sentinel deployment and \
+                 store.redis.cluster_nodes a Redis Cluster: set one or the other"
+            ));
+        }
+        let tls_files = [
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ];
+        let tls = (tls_files.iter())
+            .find(|(_, file)| file.is_some())
+            .map(|(key, _)| format!("store.redis.{key} is set"))
+            .or_else(|| {
+                (!crate::store::redis::SentinelUrl::is_sentinel(&self.url))
+                    .then(|| format!("store.redis.url {shown:?} asks for TLS"))
+            });
+        if let Some(tls) = tls {
+            return Err(format!(
+                "{tls}, but quotad does not support TLS with Sentinel yet (the sentinels and the \
+                 master would be reached in plaintext): use redis+sentinel:// without TLS files, \
+                 or rediss://host:port for one Redis over TLS"
+            ));
+        }
+        crate::store::redis::SentinelUrl::parse(&self.url)
+            .map(|_| ())
+            .map_err(|e| {
+                format!(
+                    "store.redis.url {shown:?}: {e}; a Sentinel deployment is named \
+                     redis+sentinel://[user:password@]host:port[,host:port…]/SERVICE[/db]"
+                )
+            })
+    }
+}
+
+/// The scheme a Sentinel deployment over TLS would have; refused with a reason.
+const SENTINEL_TLS_SCHEME: &str = "rediss+sentinel://";
 
 #[cfg(test)]
 mod redis_config_tests {
@@ -575,6 +633,110 @@ mod redis_config_tests {
         store.redis.outage_credit_allowance = -1;
         let err = store.redis.validate().unwrap_err();
         assert!(err.contains("store.redis.outage_credit_allowance"), "{err}");
+    }
+
+    #[test]
+    fn a_sentinel_deployment_is_named_by_its_url() {
+        let config = RedisConfig {
+            url: "redis+sentinel://app:s3cret@10.0.0.1:26379,10.0.0.2:26379/mymaster".into(),
+            ..RedisConfig::default()
+        };
+        config.validate().unwrap();
+        let settings = config.settings().unwrap();
+        assert_eq!(settings.url, config.url);
+        let url = crate::store::redis::SentinelUrl::parse(&settings.url).unwrap();
+        assert_eq!(url.sentinels, ["10.0.0.1:26379", "10.0.0.2:26379"]);
+        assert_eq!(url.service, "mymaster");
+        // From the environment, as any other setting.
+        let from_env = Config::load_from(
+            None,
+            |name| {
+                (name == REDIS_URL_ENV)
+                    .then(|| "redis+sentinel://s1:26379,s2:26379/cache/1".to_owned())
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            from_env.store.redis.url,
+            "redis+sentinel://s1:26379,s2:26379/cache/1"
+        );
+        let with_password = Config::load_from(
+            None,
+            |name| match name {
+                REDIS_URL_ENV => Some("redis+sentinel://s1:26379/cache".to_owned()),
+                REDIS_PASSWORD_ENV => Some("pa55word".to_owned()),
+                _ => None,
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            with_password.store.redis.url,
+            "redis+sentinel://:pa55word@s1:26379/cache"
+        );
+        let shown = with_password.to_toml();
+        assert!(!shown.contains("pa55word"), "{shown}");
+        assert!(
+            shown.contains("redis+sentinel://:<redacted>@s1:26379/cache"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_sentinel_url_that_cannot_work_is_refused_with_the_forms_and_no_password() {
+        let sentinel = "redis+sentinel://app:s3cret@s1:26379/mymaster";
+        for (config, expected) in [
+            (
+                RedisConfig {
+                    url: "redis+sentinel://app:s3cret@s1:26379".into(),
+                    ..RedisConfig::default()
+                },
+                "names no service",
+            ),
+            (
+                RedisConfig {
+                    url: "redis+sentinel://app:s3cret@s1:x/mymaster".into(),
+                    ..RedisConfig::default()
+                },
+                "redis+sentinel://[user:password@]host:port[,host:port…]/SERVICE[/db]",
+            ),
+            (
+                RedisConfig {
+                    url: sentinel.into(),
+                    cluster_nodes: vec!["redis://10.0.0.1:6379".into()],
+                    ..RedisConfig::default()
+                },
+                "store.redis.cluster_nodes a Redis Cluster: set one or the other",
+            ),
+            (
+                RedisConfig {
+                    url: "rediss+sentinel://app:s3cret@s1:26379/mymaster".into(),
+                    ..RedisConfig::default()
+                },
+                "does not support TLS with Sentinel",
+            ),
+            (
+                RedisConfig {
+                    url: sentinel.into(),
+                    tls_ca_file: Some("ca.pem".into()),
+                    ..RedisConfig::default()
+                },
+                "store.redis.tls_ca_file is set, but quotad does not support TLS with Sentinel",
+            ),
+            (
+                RedisConfig {
+                    url: "sentinel://app:s3cret@s1:26379/mymaster".into(),
+                    ..RedisConfig::default()
+                },
+                "must start with redis://, rediss:// or (url only) redis+sentinel://",
+            ),
+        ] {
+            let err = config.validate().unwrap_err();
+            assert!(err.contains(expected), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(err.contains("store.redis"), "{err}");
+        }
     }
 
     #[test]

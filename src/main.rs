@@ -47,7 +47,8 @@ struct ConfigArgs {
     /// Where account state lives.
     #[arg(long, value_enum)]
     store: Option<StoreKind>,
-    /// Redis URL for `--store redis` (redis://, or rediss:// for TLS).
+    /// Redis URL for `--store redis` (redis://, rediss:// for TLS, or
+    /// redis+sentinel://host:port[,host:port…]/SERVICE for a master behind Sentinel).
     #[arg(long)]
     redis_url: Option<String>,
     /// Keep what the memory store decides in this directory (an embedded database), so that

@@ -463,3 +463,38 @@ async fn without_a_grace_an_outage_is_refused_at_once() {
     let again = store.reserve(&reserve("acct", "r2"), NOW).await;
     assert!(again.is_ok(), "{again:?}");
 }
+
+/// A failover to a replica that had not yet received a partition's last acquisition leaves the
+/// epoch before it in the fence, and no lease. The next acquisition still gets an epoch never
+/// issued before (fencing compares epochs for equality, so the owner that took the lost one
+/// must not share it with its successor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_lost_in_a_failover_is_never_issued_again() {
+    let redis = RedisServer::start();
+    let redis_settings = settings(&redis.url(), None);
+    let prefix = redis_settings.key_prefix.clone();
+    let one = OwnedSettings {
+        partitions: 1,
+        ..short_lease()
+    };
+    let store = owned_store_with(redis_settings, one).await;
+    let fence = format!("{prefix}:{{o0}}:fence");
+    let epoch = || -> u64 {
+        let out = redis.cli(&["HGET", &fence, "epoch"]).unwrap();
+        out.trim().parse().unwrap_or(0)
+    };
+    let issued = epoch();
+    let before = (issued - 1).to_string();
+    redis.cli(&["HSET", &fence, "epoch", &before]).unwrap();
+    redis
+        .cli(&["DEL", &format!("{prefix}:{{o0}}:lease")])
+        .unwrap();
+    // The owner finds its lease gone at its next renewal and takes the partition again.
+    assert!(
+        wait_for(|| epoch() != issued - 1).await,
+        "the partition was not taken again"
+    );
+    let next = epoch();
+    assert!(next > issued, "epoch {issued} was issued again as {next}");
+    assert!(wait_for(|| store.owned_partitions() == Some(1)).await);
+}

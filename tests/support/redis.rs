@@ -1,5 +1,6 @@
-//! Real Redis for tests: `redis-server` processes on free loopback ports, standalone or as a
-//! 3-master cluster built with `redis-cli --cluster create`. Each process is watched by a tiny
+//! Real Redis for tests: `redis-server` processes on free loopback ports, standalone, as a
+//! 3-master cluster built with `redis-cli --cluster create`, or as a master with a replica
+//! watched by sentinels (`redis-server CONF --sentinel`). Each process is watched by a tiny
 //! shell loop that kills it when the test binary exits, so no server outlives its tests even
 //! when they are shared through a `static`.
 
@@ -51,6 +52,8 @@ pub struct RedisServer {
     child: Child,
     dir: PathBuf,
     extra: Vec<String>,
+    /// A config file read first (a sentinel's, which Sentinel rewrites as it learns).
+    conf: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -69,12 +72,13 @@ impl RedisServer {
             } else {
                 free_port()
             };
-            let child = spawn_redis(port, &dir, &extra);
+            let child = spawn_redis(port, &dir, None, &extra);
             let mut server = RedisServer {
                 port,
                 child,
                 dir: dir.clone(),
                 extra: extra.clone(),
+                conf: None,
             };
             if server.wait_ready(Duration::from_secs(10)) {
                 return server;
@@ -135,7 +139,7 @@ impl RedisServer {
     /// Starts it again on the same port and data directory.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = spawn_redis(self.port, &self.dir, &self.extra);
+        self.child = spawn_redis(self.port, &self.dir, self.conf.as_deref(), &self.extra);
         assert!(
             self.wait_ready(Duration::from_secs(10)),
             "redis-server did not come back"
@@ -150,8 +154,14 @@ impl Drop for RedisServer {
     }
 }
 
-fn spawn_redis(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
+fn spawn_redis(
+    port: u16,
+    dir: &std::path::Path,
+    conf: Option<&std::path::Path>,
+    extra: &[String],
+) -> Child {
     let child = Command::new("redis-server")
+        .args(conf)
         .args([
             "--port",
             &port.to_string(),
@@ -314,4 +324,216 @@ pub async fn owned_store_with(
     quotad::store::MemoryStore::open_on_redis(rules, &redis, &owned)
         .await
         .expect("owns every partition")
+}
+
+/// The name the sentinels of a [`RedisSentinel`] monitor its master under.
+pub const SENTINEL_SERVICE: &str = "quotad";
+
+/// A master, one replica of it, and sentinels (quorum: a majority of them) that promote the
+/// replica once the master has not answered for a second.
+pub struct RedisSentinel {
+    /// The master and the replica, in the order they were started (the master may change).
+    pub nodes: Vec<RedisServer>,
+    pub sentinels: Vec<RedisServer>,
+}
+
+impl RedisSentinel {
+    /// Starts the deployment and waits until every sentinel knows the replica and the other
+    /// sentinels, so that a failover can start at once.
+    pub fn start(sentinels: usize) -> RedisSentinel {
+        let master = RedisServer::start();
+        let replica =
+            RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        let quorum = sentinels / 2 + 1;
+        let sentinels: Vec<RedisServer> = (0..sentinels)
+            .map(|_| RedisServer::start_sentinel(master.port, quorum))
+            .collect();
+        let deployment = RedisSentinel {
+            nodes: vec![master, replica],
+            sentinels,
+        };
+        let everyone = format!("OK {} usable", deployment.sentinels.len());
+        let ready = wait_until(Duration::from_secs(30), || {
+            deployment.nodes[1]
+                .cli(&["INFO", "replication"])
+                .is_some_and(|i| i.contains("master_link_status:up"))
+                && deployment.sentinels.iter().all(|s| {
+                    s.cli(&["SENTINEL", "CKQUORUM", SENTINEL_SERVICE])
+                        .is_some_and(|out| out.starts_with(&everyone))
+                        && s.cli(&["SENTINEL", "REPLICAS", SENTINEL_SERVICE])
+                            .is_some_and(|out| out.lines().any(|l| l == "slave"))
+                })
+        });
+        assert!(
+            ready,
+            "the sentinels did not learn the replica and each other"
+        );
+        deployment
+    }
+
+    /// `redis+sentinel://…/quotad`, naming every sentinel.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = (self.sentinels.iter())
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+sentinel://{}/{SENTINEL_SERVICE}", hosts.join(","))
+    }
+
+    /// The master's port as the first sentinel that answers names it.
+    pub fn master_port(&self) -> u16 {
+        (self.sentinels.iter())
+            .find_map(|s| {
+                let out = s.cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE])?;
+                out.lines().nth(1)?.trim().parse().ok()
+            })
+            .expect("a sentinel names the master")
+    }
+
+    /// The node that is the master now.
+    pub fn master(&self) -> &RedisServer {
+        let port = self.master_port();
+        (self.nodes.iter())
+            .find(|n| n.port == port)
+            .expect("the master is one of the nodes")
+    }
+
+    /// Waits until every write the master acknowledged has reached the replica.
+    pub fn wait_replicated(&self) {
+        let acked = self.master().cli(&["WAIT", "1", "5000"]);
+        assert_eq!(
+            acked.as_deref().map(str::trim),
+            Some("1"),
+            "the replica caught up"
+        );
+    }
+
+    /// Kills the master (as a crash would); returns its port.
+    pub fn kill_master(&mut self) -> u16 {
+        let port = self.master_port();
+        let node = (self.nodes.iter_mut())
+            .find(|n| n.port == port)
+            .expect("the master is one of the nodes");
+        node.kill();
+        port
+    }
+
+    /// Waits until every live sentinel names a master other than `old`, and that node says it
+    /// is one; returns its port.
+    pub fn wait_for_new_master(&self, old: u16, limit: Duration) -> u16 {
+        let mut named = None;
+        let switched = wait_until(limit, || {
+            let ports: Vec<Option<u16>> = (self.sentinels.iter())
+                .map(|s| {
+                    let out = s.cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE])?;
+                    out.lines().nth(1)?.trim().parse().ok()
+                })
+                .collect();
+            let Some(Some(port)) = ports.first().copied() else {
+                return false;
+            };
+            named = Some(port);
+            port != old
+                && ports.iter().all(|p| *p == Some(port))
+                && (self.nodes.iter()).any(|n| {
+                    n.port == port && n.cli(&["ROLE"]).is_some_and(|r| r.starts_with("master"))
+                })
+        });
+        assert!(
+            switched,
+            "no new master within {limit:?} (sentinels name {named:?})"
+        );
+        named.unwrap()
+    }
+}
+
+impl RedisSentinel {
+    /// Waits until a client other than the sentinels (which name their connections) and the
+    /// replicas is connected to the node at `port`: a store following the master there.
+    pub fn wait_for_client(&self, port: u16, limit: Duration) -> bool {
+        let node = (self.nodes.iter())
+            .find(|n| n.port == port)
+            .expect("one of the nodes");
+        wait_until(limit, || {
+            node.cli(&["CLIENT", "LIST"]).is_some_and(|list| {
+                list.lines().any(|client| {
+                    client.contains(" name= ")
+                        && client.contains(" flags=N ")
+                        && !client.contains(" cmd=client|list ")
+                })
+            })
+        })
+    }
+}
+
+impl RedisServer {
+    /// A sentinel monitoring the master at `master_port` as [`SENTINEL_SERVICE`], with a short
+    /// down-after (1 s) and failover timeout (2 s), so that a failover takes a few seconds.
+    fn start_sentinel(master_port: u16, quorum: usize) -> RedisServer {
+        let dir = scratch_dir("sentinel");
+        let conf = dir.join("sentinel.conf");
+        let extra = vec!["--sentinel".to_owned()];
+        for _ in 0..5 {
+            std::fs::write(
+                &conf,
+                format!(
+                    "sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} {quorum}\n\
+                     sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n\
+                     sentinel failover-timeout {SENTINEL_SERVICE} 2000\n"
+                ),
+            )
+            .unwrap();
+            let port = free_port();
+            let child = spawn_redis(port, &dir, Some(&conf), &extra);
+            let mut server = RedisServer {
+                port,
+                child,
+                dir: dir.clone(),
+                extra: extra.clone(),
+                conf: Some(conf.clone()),
+            };
+            if server.wait_ready(Duration::from_secs(10)) {
+                return server;
+            }
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+        }
+        panic!("redis-server --sentinel did not start");
+    }
+}
+
+/// Polls `done` every 50 ms for up to `limit`.
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Sentinel deployment (three sentinels) shared by the tests of one test binary.
+pub fn shared_sentinel() -> &'static RedisSentinel {
+    static DEPLOYMENT: OnceLock<RedisSentinel> = OnceLock::new();
+    DEPLOYMENT.get_or_init(|| RedisSentinel::start(3))
+}
+
+/// The Redis store (scripts mode) through the shared Sentinel deployment.
+pub async fn sentinel_store() -> RedisStore {
+    let deployment = tokio::task::spawn_blocking(shared_sentinel).await.unwrap();
+    RedisStore::connect(
+        settings(&deployment.url(), None),
+        Arc::new(Policy::default()),
+    )
+    .await
+    .expect("connects through the sentinels")
+}
+
+/// The owned mode through the shared Sentinel deployment.
+pub async fn owned_sentinel_store() -> quotad::store::MemoryStore {
+    let deployment = tokio::task::spawn_blocking(shared_sentinel).await.unwrap();
+    owned_store_with(settings(&deployment.url(), None), Default::default()).await
 }

@@ -1,5 +1,6 @@
-//! The shared store: all account state in Redis (standalone or Cluster), so that any number of
-//! quotad replicas agree, and state survives restarts as far as Redis persistence goes.
+//! The shared store: all account state in Redis (standalone, behind Sentinel, or Cluster), so
+//! that any number of quotad replicas agree, and state survives restarts as far as Redis
+//! persistence goes.
 //!
 //! Each intent is one Lua function of one Redis function library (`lua/*.lua`, documented there
 //! with the key schema; assembled in `library.rs`), run with FCALL: one round trip, atomic on the
@@ -22,6 +23,7 @@ mod journal;
 mod keys;
 mod library;
 pub mod owned;
+mod sentinel;
 mod wire;
 
 use std::sync::Arc;
@@ -41,6 +43,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 pub use keys::{hold_index_key, slot};
+pub use sentinel::SentinelUrl;
 
 use super::{ExportRead, Store, StoreError, StoreHealth};
 use crate::domain::account::default_lot_expiry;
@@ -61,8 +64,10 @@ use wire::Reply;
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]` or `rediss://…` for TLS; used when
-    /// `cluster_nodes` is empty.
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` for TLS, or
+    /// `redis+sentinel://[user:password@]host:port[,host:port…]/SERVICE[/db]` for the master
+    /// that the sentinels at those addresses monitor as SERVICE; used when `cluster_nodes` is
+    /// empty.
     pub url: String,
     /// Seed nodes of a Redis Cluster (`redis://host:port` each).
     pub cluster_nodes: Vec<String>,
@@ -166,11 +171,13 @@ impl Default for RedisSettings {
     }
 }
 
-/// One multiplexed connection to a standalone Redis, or a cluster connection that routes each
-/// command to the node owning its slot.
+/// One multiplexed connection to a standalone Redis or to the master Sentinel names (moved
+/// after a failover), or a cluster connection that routes each command to the node owning its
+/// slot.
 #[derive(Clone)]
 pub(super) enum Connection {
     Single(ConnectionManager),
+    Sentinel(sentinel::SentinelConnection),
     Cluster(ClusterConnection),
 }
 
@@ -178,6 +185,7 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Sentinel(c) => c.req_packed_command(cmd),
             Connection::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -190,6 +198,7 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -197,6 +206,7 @@ impl ConnectionLike for Connection {
     fn get_db(&self) -> i64 {
         match self {
             Connection::Single(c) => c.get_db(),
+            Connection::Sentinel(c) => c.get_db(),
             Connection::Cluster(c) => c.get_db(),
         }
     }
@@ -531,14 +541,15 @@ impl RedisStore {
         slots: Vec<u16>,
         read: impl Fn(u16) -> Cmd,
     ) -> Result<Vec<(u16, T)>, StoreError> {
-        if let Connection::Single(conn) = &self.conn {
+        if !matches!(self.conn, Connection::Cluster(_)) {
             let mut pipe = redis::pipe();
             for &slot in &slots {
                 pipe.add_command(read(slot));
             }
             let timeout = self.settings.command_timeout * 10;
             let answers: Vec<T> =
-                match tokio::time::timeout(timeout, pipe.query_async(&mut conn.clone())).await {
+                match tokio::time::timeout(timeout, pipe.query_async(&mut self.conn.clone())).await
+                {
                     Ok(Ok(answers)) => answers,
                     Ok(Err(e)) => {
                         return Err(StoreError::Unavailable(format!("slot scan: {e}")));
@@ -591,25 +602,30 @@ enum Missed {
     Script(String),
 }
 
-/// The connections' own response timeout: later than any of this store's own time limits (so
-/// that those decide, and tell a timeout from a failed connection), for the few commands that
-/// have none (loading the library, reading the purchase index).
-/// One multiplexed connection to the Redis `settings` name (standalone or Cluster), failing if
-/// it cannot be reached within the connect timeout.
+/// One multiplexed connection to the Redis `settings` name (standalone, behind Sentinel, or
+/// Cluster), failing if it cannot be reached within the connect timeout.
 pub(super) async fn connect(settings: &RedisSettings) -> Result<Connection, StoreError> {
     // rustls is built without a default crypto provider; install ring's once per process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let unavailable =
         |e: redis::RedisError| StoreError::Unavailable(format!("cannot connect to Redis: {e}"));
-    let conn = if settings.cluster_nodes.is_empty() {
+    // One connection attempt per reconnection, no retry after a backoff: while Redis is down
+    // the breaker paces the attempts (one probe per cool-down), and a probe that waited out a
+    // backoff would hold its caller for nothing.
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(settings.connect_timeout))
+        .set_response_timeout(Some(backstop(settings)))
+        .set_number_of_retries(0);
+    let conn = if SentinelUrl::is_sentinel(&settings.url) && settings.cluster_nodes.is_empty() {
+        let finder = sentinel_finder(settings, config)?;
+        let conn = sentinel::SentinelConnection::connect(finder)
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot connect to Redis through Sentinel: {e}"))
+            })?;
+        Connection::Sentinel(conn)
+    } else if settings.cluster_nodes.is_empty() {
         let client = settings.tls.client(&settings.url).map_err(unavailable)?;
-        // One connection attempt per reconnection, no retry after a backoff: while Redis is
-        // down the breaker paces the attempts (one probe per cool-down), and a probe that
-        // waited out a backoff would hold its caller for nothing.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.connect_timeout))
-            .set_response_timeout(Some(backstop(settings)))
-            .set_number_of_retries(0);
         let manager = tokio::time::timeout(
             settings.connect_timeout * 2,
             ConnectionManager::new_with_config(client, config),
@@ -639,6 +655,34 @@ pub(super) async fn connect(settings: &RedisSettings) -> Result<Connection, Stor
     Ok(conn)
 }
 
+/// How to find the master of the Sentinel deployment `settings.url` names.
+fn sentinel_finder(
+    settings: &RedisSettings,
+    config: ConnectionManagerConfig,
+) -> Result<sentinel::Finder, StoreError> {
+    // The configuration refuses this too; a store built by hand must not go plaintext silently.
+    if settings.tls.certificates().is_some() {
+        return Err(StoreError::Internal(
+            "TLS material is set, but quotad does not support TLS with Sentinel yet".into(),
+        ));
+    }
+    let url = SentinelUrl::parse(&settings.url).map_err(|e| {
+        StoreError::Internal(format!(
+            "store.redis.url {:?}: {e}",
+            crate::config::redact_url(&settings.url)
+        ))
+    })?;
+    Ok(sentinel::Finder::new(
+        url,
+        settings.connect_timeout,
+        settings.command_timeout,
+        config,
+    ))
+}
+
+/// The connections' own response timeout: later than any of this store's own time limits (so
+/// that those decide, and tell a timeout from a failed connection), for the few commands that
+/// have none (loading the library, reading the purchase index).
 fn backstop(settings: &RedisSettings) -> Duration {
     (settings.command_timeout * 10).max(settings.call_timeout() * 2)
 }
@@ -1043,19 +1087,28 @@ impl Store for RedisStore {
 
 /// Listens on the admin channel and forgets what this replica remembers of an account as soon
 /// as an admin change for it is announced. Reconnects on its own; while disconnected, changes
-/// may be missed, so it forgets everything each time it (re)subscribes.
+/// may be missed, so it forgets everything each time it (re)subscribes. Behind Sentinel it
+/// subscribes at the master the sentinels name at the time (replicas get what is published on
+/// the master too, so one demoted under it still serves until Sentinel disconnects it).
 fn spawn_subscriber(settings: &RedisSettings, front: Arc<Front>) -> JoinHandle<()> {
     let urls = if settings.cluster_nodes.is_empty() {
         vec![settings.url.clone()]
     } else {
         settings.cluster_nodes.clone()
     };
+    let mut finder = (SentinelUrl::is_sentinel(&settings.url) && settings.cluster_nodes.is_empty())
+        .then(|| sentinel_finder(settings, ConnectionManagerConfig::new()).ok())
+        .flatten();
     let channel = admin_channel(&settings.key_prefix);
     let timeout = settings.connect_timeout;
     let tls = settings.tls.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         loop {
+            let urls = match &mut finder {
+                Some(finder) => finder.master_url().await.into_iter().collect(),
+                None => urls.clone(),
+            };
             for url in &urls {
                 let Ok(client) = tls.client(url) else {
                     continue;

@@ -8,8 +8,8 @@
 //! atomically, on a Cluster too. Replicas announce themselves in Redis (`PREFIX:{members}`,
 //! expiring with the lease, with the address peers forward calls to), and a partition falls to
 //! the live replica with the highest rendezvous hash of the two. Each partition's owner holds a
-//! lease (`…:lease`, with a time to live) under an epoch (`…:fence`, incremented by every
-//! acquisition and never reset). Every change is written under the epoch it was decided under
+//! lease (`…:lease`, with a time to live) under an epoch (`…:fence`, raised by every
+//! acquisition, to at least Redis's clock in ms, and never reset). Every change is written under the epoch it was decided under
 //! and is refused (`FENCED`) once another replica has taken the partition: a paused owner that
 //! wakes up cannot overwrite its successor. The owner counts its lease from the instant
 //! *before* it sent the acquisition or renewal, and stops deciding a tenth of the lease before
@@ -125,20 +125,29 @@ local t = redis.call('TIME')
 return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 "#;
 
-/// Takes a partition's lease if nobody else holds it, under the next epoch. KEYS: lease,
-/// fence. ARGV: owner, lease in ms. Answers `{1, epoch, Redis's clock in ms}` or
-/// `{0, holder, ms left}`.
+/// Takes a partition's lease if nobody else holds it, under the next epoch: the fence's epoch
+/// plus one, or Redis's clock in ms if that is more. Fencing compares epochs for equality, so
+/// an epoch must never be issued twice; a failover to a replica that had not yet received the
+/// last acquisition would count up again from the one before, re-issuing the lost epoch to the
+/// next owner while the owner that took it may still write under it. From the clock, the next
+/// epoch is past any issued before the failover (unless the old master's clock ran ahead of the
+/// new one's by more than the failover took). KEYS: lease, fence. ARGV: owner, lease in ms.
+/// Answers `{1, epoch, Redis's clock in ms}` or `{0, holder, ms left}`.
 const ACQUIRE: &str = r#"
 local holder = redis.call('HGET', KEYS[1], 'owner')
 if holder and holder ~= ARGV[1] then
   return {0, holder, redis.call('PTTL', KEYS[1])}
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+if epoch < now then
+  epoch = redis.call('HINCRBY', KEYS[2], 'epoch', now - epoch)
+end
 redis.call('HSET', KEYS[2], 'seq', 0)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', epoch)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local t = redis.call('TIME')
-return {1, epoch, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+return {1, epoch, now}
 "#;
 
 /// Extends a lease still held under its epoch. KEYS: lease. ARGV: epoch, lease in ms.
