@@ -505,7 +505,7 @@ def check_release(
             check(store["redis"].get("cluster_nodes") == redis["clusterNodes"], "cluster_nodes")
         else:
             url = store.get("redis", {}).get("url", "")
-            check(re.match(r"^rediss?://[^@]+$", url), f"store.redis.url {url!r}")
+            check(re.match(r"^(rediss?|redis\+sentinel)://[^@]+$", url), f"store.redis.url {url!r}")
     persistent = is_persistent(merged)
     mount_path = merged["persistence"]["mountPath"]
     if persistent:
@@ -1062,6 +1062,20 @@ class Checks:
             )
             notes = self.notes({"redis": redis})
             check("state in Redis" in notes, f"NOTES.txt, Redis: {notes}")
+
+        # Redis behind Sentinel: the URL passes, and the NetworkPolicy lets quotad reach every
+        # sentinel it names and the masters they name.
+        sentinel = "redis+sentinel://s1.example:26379,s2.example:26380/mymaster"
+        objects = self.release(
+            "redis-sentinel", {"redis": {"url": sentinel}, "networkPolicy": {"enabled": True}}
+        )
+        egress = {
+            p["port"]
+            for np in of_kind(objects, "NetworkPolicy")
+            for rule in np["spec"]["egress"]
+            for p in rule.get("ports", [])
+        }
+        check({26379, 26380, 6379} <= egress, f"Sentinel: egress ports {egress}")
 
         # Sidecar mode: the frontend owns the pod, so no data dir, and NOTES.txt warns.
         notes = self.notes({"mode": "sidecar"})

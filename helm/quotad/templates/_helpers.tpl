@@ -131,11 +131,14 @@ seccompProfile:
 {{- if and $external $r.bundled.enabled -}}
 {{- fail "quotad: use either an external Redis (redis.url / redis.clusterNodes) or the bundled one (redis.bundled.enabled), not both" -}}
 {{- end -}}
-{{- range $url := concat (list $r.url) $r.clusterNodes -}}
-{{- if and $url (not (regexMatch "^rediss?://" $url)) -}}
-{{- fail (printf "quotad: the Redis address %q must start with redis:// or rediss://" $url) -}}
+{{- if and $r.url (hasPrefix "redis+sentinel://" $r.url) $r.clusterNodes -}}
+{{- fail "quotad: redis.url names Sentinel, which does not go with redis.clusterNodes" -}}
 {{- end -}}
-{{- if regexMatch "^rediss?://[^/@]*:[^/@]*@" $url -}}
+{{- range $url := concat (list $r.url) $r.clusterNodes -}}
+{{- if and $url (not (regexMatch "^(rediss?|redis\\+sentinel)://" $url)) -}}
+{{- fail (printf "quotad: the Redis address %q must start with redis://, rediss:// or (redis.url only) redis+sentinel://" $url) -}}
+{{- end -}}
+{{- if regexMatch "^(rediss?|redis\\+sentinel)://[^/@]*:[^/@]*@" $url -}}
 {{- fail "quotad: put the Redis password in redis.password (a Secret), not in the URL: the URL is written to a ConfigMap" -}}
 {{- end -}}
 {{- end -}}
