@@ -8,7 +8,8 @@
 //!
 //! The same load runs on Redis in owned mode (`store.redis.mode = "owned"`, leases of 1 s): each
 //! account is decided by the replica owning its partition, and every call that reaches another
-//! replica is forwarded there; a killed owner's partitions move once its lease runs out.
+//! replica is forwarded there; a killed owner's partitions move once its lease runs out, a
+//! replica that joins takes its share and one that leaves (SIGTERM) hands its share over.
 
 mod support;
 
@@ -146,13 +147,14 @@ struct Acknowledged {
 
 async fn drive(
     replicas: Replicas,
+    operations: usize,
     mut on_third: impl FnMut() + Send,
 ) -> HashMap<String, Acknowledged> {
     let acknowledged: Arc<Mutex<HashMap<String, Acknowledged>>> = Arc::default();
     let gate = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut tasks = Vec::new();
-    for op in 0..OPERATIONS {
-        if op == OPERATIONS / 3 {
+    for op in 0..operations {
+        if op == operations / 3 {
             on_third();
         }
         let permit = gate.clone().acquire_owned().await.unwrap();
@@ -442,6 +444,9 @@ enum Fault {
     Pause,
     /// Its link to Redis (through a fault proxy) in this state for 3 s, then restored.
     Link(Link),
+    /// A fourth replica joins, and then this one leaves (SIGTERM: it drains, gives its
+    /// partitions up and leaves the membership).
+    JoinLeave,
 }
 
 async fn replicated_load(backend: Backend<'_>, fault: Fault) {
@@ -481,7 +486,7 @@ async fn replicated_load(backend: Backend<'_>, fault: Fault) {
 
     let victim_addr = procs[1].as_ref().unwrap().addr.clone();
     let mut victim = match fault {
-        Fault::Kill | Fault::Pause => procs[1].take(),
+        Fault::Kill | Fault::Pause | Fault::JoinLeave => procs[1].take(),
         Fault::None | Fault::Link(_) => None,
     };
     // Kept until the end: the proxy stops listening when dropped.
@@ -493,12 +498,38 @@ async fn replicated_load(backend: Backend<'_>, fault: Fault) {
     // The log of the killed replica, and when it was killed (wall clock, ms).
     let dead: Arc<Mutex<Option<(String, i64)>>> = Arc::default();
     let dead_in = dead.clone();
-    let acknowledged = drive(replicas, move || {
+    // Long enough for a replica to join and another to leave while the load runs.
+    let operations = if fault == Fault::JoinLeave {
+        OPERATIONS * 6
+    } else {
+        OPERATIONS
+    };
+    let acknowledged = drive(replicas, operations, move || {
         if let (Fault::Link(link), Some(proxy)) = (fault, proxy.clone()) {
             proxy.set(link);
             *cut_in.lock().unwrap() = Some(std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_secs(3));
                 proxy.set(Link::Pass);
+            }));
+            return;
+        }
+        if fault == Fault::JoinLeave {
+            let leaving = victim.take().unwrap();
+            let env = env.clone();
+            let dead_in = dead_in.clone();
+            *killed_in.lock().unwrap() = Some(std::thread::spawn(move || {
+                let joined = start("127.0.0.1:0", &env);
+                // The newcomer takes its share at the others' next rounds, under load.
+                std::thread::sleep(Duration::from_millis(1_000));
+                let mut leaving = leaving;
+                leaving.signal("TERM");
+                let status = leaving.wait();
+                assert!(
+                    status.success(),
+                    "a replica that leaves exits cleanly: {status:?}"
+                );
+                *dead_in.lock().unwrap() = Some((leaving.output(), wall_ms()));
+                joined
             }));
             return;
         }
@@ -527,7 +558,32 @@ async fn replicated_load(backend: Backend<'_>, fault: Fault) {
         }));
     })
     .await;
+    let during_load = killed.lock().unwrap().as_ref().map(|h| h.is_finished());
     let restarted = killed.lock().unwrap().take().map(|h| h.join().unwrap());
+    if fault == Fault::JoinLeave {
+        assert_eq!(
+            during_load,
+            Some(true),
+            "the join and the leave came under load"
+        );
+        let joined = restarted.as_ref().unwrap().output();
+        assert!(
+            joined.contains("took a partition"),
+            "the newcomer took its share"
+        );
+        let left = dead.lock().unwrap().clone().unwrap().0;
+        assert!(
+            procs
+                .iter()
+                .flatten()
+                .any(|p| p.output().contains("gave a partition up")),
+            "the others handed partitions to the newcomer"
+        );
+        assert!(
+            left.contains("answered for a partition"),
+            "the leaver let its partitions go"
+        );
+    }
     let restore = cut.lock().unwrap().take();
     if let Some(restore) = restore {
         restore.join().unwrap();
@@ -670,6 +726,17 @@ async fn three_replicas_on_a_redis_cluster_agree() {
         .await
         .unwrap();
     replicated_load(Backend::Cluster(&cluster), Fault::Kill).await;
+}
+
+/// Under load, a fourth replica joins and takes its share of the partitions, then one of the
+/// first three leaves (SIGTERM) and hands its partitions over: nothing acknowledged is lost or
+/// counted twice, and no two replicas answered for a partition at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_joins_and_another_leaves_under_load() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    replicated_load(Backend::Owned(&server), Fault::JoinLeave).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
