@@ -32,6 +32,7 @@ use super::export_log::ExportLog;
 use super::group_commit::GroupCommit;
 use super::redis::RedisSettings;
 use super::redis::owned::{Hooks, OwnedRedis, OwnedSettings, partition_of};
+use super::redis::storage::OwnedStorage;
 use super::rls_counters::RlsCounters;
 use super::{
     DataDirStats, ExportRead, OutageStats, Store, StoreError, StoreHealth, account_not_found,
@@ -221,8 +222,31 @@ impl MemoryStore {
         owned: &OwnedSettings,
     ) -> Result<Self, StoreError> {
         let store = MemoryStore::with_rules(rules);
-        let partitions = owned.partitions.max(1);
-        let hooks = Hooks {
+        let hooks = store.owner_hooks(owned.partitions);
+        let backing = OwnedRedis::open(redis, owned, hooks).await?;
+        Ok(store.backed_by(Backing::Redis(backing), owned.evict_idle))
+    }
+
+    /// A store deciding as owned mode does, over another storage than Redis (the simulation's
+    /// model of it), as replica `replica` with its keys under `prefix`.
+    pub async fn open_over(
+        rules: Arc<LiveRules>,
+        storage: Arc<dyn OwnedStorage>,
+        prefix: &str,
+        owned: &OwnedSettings,
+        replica: String,
+    ) -> Result<Self, StoreError> {
+        let store = MemoryStore::with_rules(rules);
+        let hooks = store.owner_hooks(owned.partitions);
+        let backing = OwnedRedis::over(storage, prefix, owned, hooks, replica).await?;
+        Ok(store.backed_by(Backing::Redis(backing), owned.evict_idle))
+    }
+
+    /// What the owner of partitions tells this store when one comes or goes.
+    fn owner_hooks(&self, partitions: u16) -> Hooks {
+        let store = self;
+        let partitions = partitions.max(1);
+        Hooks {
             came: Box::new({
                 let (indexed, holds) = (store.purchases.clone(), store.open_holds.clone());
                 move |_, purchases, open| {
@@ -242,9 +266,7 @@ impl MemoryStore {
                     holds.fetch_sub(open, Ordering::Relaxed);
                 }
             }),
-        };
-        let backing = OwnedRedis::open(redis, owned, hooks).await?;
-        Ok(store.backed_by(Backing::Redis(backing), owned.evict_idle))
+        }
     }
 
     /// The partitions this replica owns, on Redis in owned mode.

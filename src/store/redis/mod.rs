@@ -24,6 +24,7 @@ mod keys;
 mod library;
 pub mod owned;
 mod sentinel;
+pub mod storage;
 mod wire;
 
 use std::sync::Arc;

@@ -62,14 +62,16 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use redis::Script;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::sync::{Notify, oneshot};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
+// Tokio's clock: real time in production, the simulation's own when it pauses time.
+use tokio::time::Instant;
 
 use super::journal::{Journal, JournalBatch};
+use super::storage::{OwnedStorage, RedisStorage, StorageError};
 use super::{Connection, RedisSettings, connect, keys};
 use crate::domain::{
     AccountState, ExportedEvent, FORMAT_VERSION, Timestamp, UsageEvent, decode_account_of,
@@ -77,124 +79,6 @@ use crate::domain::{
 };
 use crate::store::data_dir::{Change, PurchaseIndex};
 use crate::store::{ExportRead, StoreError};
-
-/// The fenced batch write, for one or more partitions (all in one call on a standalone Redis;
-/// one partition a call on a Cluster, where a script's keys share a slot). ARGV[1]: how many
-/// partitions; then each partition's section: the key index of its fence (a hash of the epoch
-/// and the last batch number landed), the partition's number (named by a `FENCED` error), the
-/// epoch the batch was decided under, its number in the
-/// partition, how many arguments its writes take, and the writes, each an op, a key index and its arguments. Every fence is
-/// checked before anything is written, so a fenced call writes nothing; a partition whose batch
-/// number has already landed (a retry) is skipped. Answers Redis's clock, in milliseconds.
-const WRITE: &str = r#"
-local sections, at = {}, 2
-for _ = 1, tonumber(ARGV[1]) do
-  local s = {fence = KEYS[tonumber(ARGV[at])], number = ARGV[at + 3], first = at + 5}
-  s.last = at + 4 + tonumber(ARGV[at + 4])
-  local fence = redis.call('HMGET', s.fence, 'epoch', 'seq')
-  if fence[1] ~= ARGV[at + 2] then
-    return redis.error_reply('FENCED ' .. ARGV[at + 1] .. ' partition epoch is ' .. tostring(fence[1]) .. ', not ' .. ARGV[at + 2])
-  end
-  s.landed = tonumber(fence[2] or '0') >= tonumber(s.number)
-  sections[#sections + 1] = s
-  at = s.last + 1
-end
-for _, s in ipairs(sections) do
-  if not s.landed then
-    local i = s.first
-    while i <= s.last do
-      local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
-      if op == 'S' then redis.call('SET', key, ARGV[i + 2]); i = i + 3
-      elseif op == 'H' then redis.call('HSET', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
-      elseif op == 'h' then redis.call('HDEL', key, ARGV[i + 2]); i = i + 3
-      elseif op == 'L' then
-        local keep = tonumber(ARGV[i + 3])
-        if redis.call('RPUSH', key, ARGV[i + 2]) > keep then
-          redis.call('LTRIM', key, -keep, -1)
-        end
-        i = i + 4
-      elseif op == 'X' then
-        redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 3], '*', 'e', ARGV[i + 2]); i = i + 4
-      elseif op == 'C' then redis.call('HINCRBY', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
-      else return redis.error_reply('unknown write ' .. op) end
-    end
-    redis.call('HSET', s.fence, 'seq', s.number)
-  end
-end
-local t = redis.call('TIME')
-return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"#;
-
-/// Takes a partition's lease if nobody else holds it, under the next epoch: the fence's epoch
-/// plus one, or Redis's clock in ms if that is more. Fencing compares epochs for equality, so
-/// an epoch must never be issued twice; a failover to a replica that had not yet received the
-/// last acquisition would count up again from the one before, re-issuing the lost epoch to the
-/// next owner while the owner that took it may still write under it. From the clock, the next
-/// epoch is past any issued before the failover (unless the old master's clock ran ahead of the
-/// new one's by more than the failover took). KEYS: lease, fence. ARGV: owner, lease in ms.
-/// Answers `{1, epoch, Redis's clock in ms}` or `{0, holder, ms left}`.
-const ACQUIRE: &str = r#"
-local holder = redis.call('HGET', KEYS[1], 'owner')
-if holder and holder ~= ARGV[1] then
-  return {0, holder, redis.call('PTTL', KEYS[1])}
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
-if epoch < now then
-  epoch = redis.call('HINCRBY', KEYS[2], 'epoch', now - epoch)
-end
-redis.call('HSET', KEYS[2], 'seq', 0)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', epoch)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, epoch, now}
-"#;
-
-/// Extends a lease still held under its epoch. KEYS: lease. ARGV: epoch, lease in ms.
-const RENEW: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"#;
-
-/// Gives a lease up (at shutdown), if still held under its epoch.
-const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-"#;
-
-/// Says a replica is alive until the lease's end (by Redis's clock), forgets replicas whose
-/// time ran out, and answers the live ones with their addresses, sorted by id. KEYS: the
-/// membership (a sorted set: id by expiry) and the addresses (a hash). ARGV: id, address,
-/// lease in ms.
-const MEMBERS: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
-  redis.call('HDEL', KEYS[2], gone)
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
-table.sort(ids)
-local out = {}
-for _, id in ipairs(ids) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
-end
-return out
-"#;
-
-/// An account's core and the values of its records. KEYS: core, records.
-const LOAD: &str = r#"
-return {redis.call('GET', KEYS[1]) or '', redis.call('HVALS', KEYS[2])}
-"#;
 
 /// How the engine writes to Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,8 +207,11 @@ struct Member {
 }
 
 struct Shared {
-    conn: Connection,
-    settings: RedisSettings,
+    storage: Arc<dyn OwnedStorage>,
+    /// On Redis: the connection for what only Redis serves (history, the export) and how to
+    /// reach it again at shutdown. None over another storage (the simulation's).
+    conn: Option<Connection>,
+    settings: Option<RedisSettings>,
     prefix: String,
     /// This replica's id in leases and membership, and the address peers reach it at.
     replica: String,
@@ -354,7 +241,6 @@ struct Shared {
     changes: AtomicUsize,
     /// Consumer groups known to exist on every partition's stream.
     groups: Mutex<HashSet<String>>,
-    write_script: Script,
     /// How long one attempt at a batch may take before Redis counts as not answering.
     attempt_timeout: Duration,
     /// The number of the last change known to be in Redis (behind `durable` while journaled
@@ -449,9 +335,45 @@ impl OwnedRedis {
         hooks: Hooks,
     ) -> Result<OwnedRedis, StoreError> {
         let mut conn = connect(settings).await?;
-        let prefix = settings.key_prefix.clone();
-        check_format(&mut conn, &prefix).await?;
-        let fresh_id = || format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+        check_format(&mut conn, &settings.key_prefix).await?;
+        let storage = Arc::new(RedisStorage::new(conn.clone(), settings, owned.partitions));
+        let redis = Some((conn, settings.clone()));
+        OwnedRedis::start(storage, redis, &settings.key_prefix, owned, hooks, None).await
+    }
+
+    /// An owner over another storage than Redis (the simulation's model of it), as replica
+    /// `replica`, its keys under `prefix`. History and the export are not served.
+    pub async fn over(
+        storage: Arc<dyn OwnedStorage>,
+        prefix: &str,
+        owned: &OwnedSettings,
+        hooks: Hooks,
+        replica: String,
+    ) -> Result<OwnedRedis, StoreError> {
+        OwnedRedis::start(storage, None, prefix, owned, hooks, Some(replica)).await
+    }
+
+    /// Starts an owner over `storage`: joins the replicas there, takes the leases of the
+    /// partitions that fall to it and starts the writer and the ownership rounds. `redis`: the
+    /// connection for history and the export, on Redis. `replica`: this replica's id (made
+    /// up, or kept in the journal dir, if None).
+    async fn start(
+        storage: Arc<dyn OwnedStorage>,
+        redis: Option<(Connection, RedisSettings)>,
+        prefix: &str,
+        owned: &OwnedSettings,
+        hooks: Hooks,
+        replica: Option<String>,
+    ) -> Result<OwnedRedis, StoreError> {
+        let prefix = prefix.to_owned();
+        let (conn, settings) = redis.unzip();
+        let command_timeout =
+            (settings.as_ref()).map_or(Duration::from_millis(250), |s| s.command_timeout);
+        let fresh_id = || {
+            replica
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()))
+        };
         let (journal, replica, pending) = match &owned.journal_dir {
             Some(dir) => {
                 let (journal, id, pending) = Journal::open(dir, fresh_id)
@@ -463,8 +385,9 @@ impl OwnedRedis {
         let partitions = owned.partitions.max(1);
         let base = Instant::now();
         let shared = Arc::new(Shared {
+            storage,
             conn,
-            settings: settings.clone(),
+            settings,
             prefix,
             address: owned.advertise.clone(),
             replica,
@@ -486,9 +409,8 @@ impl OwnedRedis {
             batches: AtomicUsize::new(0),
             changes: AtomicUsize::new(0),
             groups: Mutex::new(HashSet::new()),
-            write_script: Script::new(WRITE),
             // Within the calls' own wait, so that a journaled batch still answers them.
-            attempt_timeout: (settings.command_timeout * 4)
+            attempt_timeout: (command_timeout * 4)
                 .max(Duration::from_millis(500))
                 .min(owned.write_timeout / 2),
             landed: AtomicU64::new(0),
@@ -656,17 +578,11 @@ impl OwnedRedis {
 
     /// The account as last written, if it was ever written.
     pub async fn load_account(&self, account_id: &str) -> Result<Option<AccountState>, StoreError> {
-        let keys = self.shared.account_keys(account_id);
-        let mut conn = self.shared.conn.clone();
-        let (core, records): (Vec<u8>, Vec<Vec<u8>>) = Script::new(LOAD)
-            .key(&keys.core)
-            .key(&keys.records)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| unavailable("reading an account", e))?;
-        if core.is_empty() {
+        let loaded = self.shared.storage.load(account_id).await;
+        let Some((core, records)) = loaded.map_err(|e| unavailable("reading an account", e))?
+        else {
             return Ok(None);
-        }
+        };
         let what = format!("account {account_id:?}");
         let state = decode_account_of(account_id, &core, records.iter().map(|r| &r[..]))
             .map_err(|e| corrupt(&what, e))?;
@@ -683,7 +599,7 @@ impl OwnedRedis {
             return Ok(Vec::new());
         }
         let keys = self.shared.account_keys(account_id);
-        let mut conn = self.shared.conn.clone();
+        let mut conn = self.shared.redis()?;
         let values: Vec<Vec<u8>> = redis::cmd("LRANGE")
             .arg(&keys.history)
             .arg(-(limit.min(i64::MAX as usize) as i64))
@@ -707,7 +623,7 @@ impl OwnedRedis {
     pub async fn export_read(&self, read: &ExportRead) -> Result<Vec<ExportedEvent>, StoreError> {
         let shared = &self.shared;
         let partitions = shared.slots.len() as u16;
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.redis()?;
         self.ensure_group(&read.group).await?;
         let mut events = Vec::new();
         for partition in 0..partitions {
@@ -779,7 +695,7 @@ impl OwnedRedis {
                 by_partition.entry(partition).or_default().push(entry);
             }
         }
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.redis()?;
         let mut acked = 0;
         for (partition, entries) in by_partition {
             let result: Result<u64, _> = redis::cmd("XACK")
@@ -808,7 +724,7 @@ impl OwnedRedis {
         {
             return Ok(());
         }
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.redis()?;
         for partition in 0..shared.slots.len() as u16 {
             let made: Result<(), _> = redis::cmd("XGROUP")
                 .arg("CREATE")
@@ -858,6 +774,10 @@ impl Drop for OwnedRedis {
             }
         }
         let shared = self.shared.clone();
+        let Some(settings) = shared.settings.clone() else {
+            // Another storage (the simulation's): the leases run out.
+            return;
+        };
         // A thread of its own with a runtime of its own: a drop may run inside a runtime (where
         // blocking on one is refused) or outside any.
         let released = std::thread::Builder::new()
@@ -871,16 +791,13 @@ impl Drop for OwnedRedis {
                 };
                 runtime.block_on(async {
                     let released = async {
-                        let mut conn = connect(&shared.settings).await.ok()?;
+                        let mut conn = connect(&settings).await.ok()?;
+                        let partitions = shared.slots.len() as u16;
+                        let storage = RedisStorage::new(conn.clone(), &settings, partitions);
                         for (partition, slot) in shared.slots.iter().enumerate() {
                             let epoch = slot.epoch.load(Ordering::Acquire);
                             if epoch != 0 {
-                                let tag = tag(&shared.prefix, partition as u16);
-                                let _: Result<i64, _> = Script::new(RELEASE)
-                                    .key(format!("{tag}:lease"))
-                                    .arg(epoch)
-                                    .invoke_async(&mut conn)
-                                    .await;
+                                let _ = storage.release(partition as u16, epoch).await;
                             }
                         }
                         let _: Result<i64, _> = redis::cmd("ZREM")
@@ -900,6 +817,13 @@ impl Drop for OwnedRedis {
 }
 
 impl Shared {
+    /// The Redis connection, for what only Redis serves (history, the export).
+    fn redis(&self) -> Result<Connection, StoreError> {
+        self.conn.clone().ok_or_else(|| {
+            StoreError::Internal("history and the export are kept in Redis only".into())
+        })
+    }
+
     fn held(&self) -> usize {
         (self.slots.iter())
             .filter(|slot| slot.epoch.load(Ordering::Acquire) != 0)
@@ -1202,50 +1126,22 @@ impl Shared {
         sections
     }
 
-    /// One attempt at writing `sections`: one call on a standalone Redis, one per partition
-    /// (in parallel) on a Cluster, each given `attempt_timeout`.
+    /// One attempt at writing `sections` (the storage groups them into calls), given
+    /// `attempt_timeout` in all: past it, Redis counts as not answering.
     async fn attempt(self: &Arc<Self>, sections: &[&Section]) -> Attempt {
-        let cluster = !self.settings.cluster_nodes.is_empty();
-        let calls: Vec<WriteCall> = if cluster {
-            let mut by_partition: BTreeMap<u16, Vec<&Section>> = BTreeMap::new();
-            for s in sections {
-                by_partition.entry(s.partition).or_default().push(s);
-            }
-            (by_partition.into_values())
-                .map(|of| WriteCall::of(&self.prefix, of))
-                .collect()
-        } else {
-            vec![WriteCall::of(&self.prefix, sections.iter().copied())]
-        };
-        let timeout = self.attempt_timeout;
-        let results: Vec<(Vec<u16>, redis::RedisResult<i64>)> = if calls.len() == 1 {
-            let call = calls.into_iter().next().expect("one call");
-            let result = tokio::time::timeout(timeout, self.invoke(&call)).await;
-            vec![(call.partitions, result.unwrap_or_else(|_| Err(timed_out())))]
-        } else {
-            let mut running = JoinSet::new();
-            for call in calls {
-                let shared = self.clone();
-                running.spawn(async move {
-                    let result = tokio::time::timeout(timeout, shared.invoke(&call)).await;
-                    (call.partitions, result.unwrap_or_else(|_| Err(timed_out())))
-                });
-            }
-            running.join_all().await
-        };
+        let written =
+            tokio::time::timeout(self.attempt_timeout, self.storage.write(sections)).await;
+        let results = written.unwrap_or_else(|_| {
+            let partitions = sections.iter().map(|s| s.partition).collect();
+            let why = "no answer within the write attempt's time".to_string();
+            vec![(partitions, Err(StorageError::Unavailable(why)))]
+        });
         let mut attempt = Attempt::default();
         for (partitions, result) in results {
             match result {
                 Ok(at) => attempt.landed.extend(partitions.iter().map(|&p| (p, at))),
-                Err(e) if e.code() == Some("FENCED") => {
-                    let lost: Option<u16> = e
-                        .detail()
-                        .and_then(|d| d.split_whitespace().next()?.parse().ok());
-                    match lost {
-                        Some(partition) => attempt.fenced.push(partition),
-                        None => self.fail(format!("a write was fenced: {e}")),
-                    }
-                }
+                Err(StorageError::Fenced(partition)) => attempt.fenced.push(partition),
+                Err(StorageError::Corrupt(why)) => self.fail(format!("a write was refused: {why}")),
                 Err(e) => {
                     tracing::warn!(error = %e, "writing a batch to Redis");
                     attempt.missed = true;
@@ -1522,20 +1418,6 @@ impl Shared {
         (self.dropped.lock().unwrap_or_else(|e| e.into_inner())).extend(numbers);
     }
 
-    /// Runs one write call; answers Redis's clock when it ran.
-    async fn invoke(&self, call: &WriteCall) -> redis::RedisResult<i64> {
-        let mut invocation = self.write_script.prepare_invoke();
-        for key in &call.keys {
-            invocation.key(key);
-        }
-        invocation.arg(call.partitions.len());
-        for arg in &call.args {
-            invocation.arg(&arg[..]);
-        }
-        let mut conn = self.conn.clone();
-        invocation.invoke_async(&mut conn).await
-    }
-
     /// The writes of a run of changes, by partition.
     /// The writes of a run of numbered changes, by partition, with the numbers they carry.
     fn partition_ops(&self, changes: &[(u64, &Change)]) -> BTreeMap<u16, (Vec<Op>, Vec<u64>)> {
@@ -1629,14 +1511,8 @@ impl Shared {
     async fn round(&self) -> Result<(), StoreError> {
         let sent = Instant::now();
         let lease_ms = self.lease.as_millis() as u64;
-        let mut conn = self.conn.clone();
-        let listed: Vec<String> = Script::new(MEMBERS)
-            .key(members_key(&self.prefix))
-            .key(format!("{}:addr", members_key(&self.prefix)))
-            .arg(&self.replica)
-            .arg(&self.address)
-            .arg(lease_ms)
-            .invoke_async(&mut conn)
+        let listed = (self.storage)
+            .join(&self.replica, &self.address, lease_ms)
             .await
             .map_err(|e| {
                 // Seen here first when nothing is being written.
@@ -1648,15 +1524,8 @@ impl Shared {
         {
             self.outage_over().await;
         }
-        let members: Vec<Member> = listed
-            .chunks(2)
-            .filter_map(|pair| match pair {
-                [id, address] => Some(Member {
-                    id: id.clone(),
-                    address: address.clone(),
-                }),
-                _ => None,
-            })
+        let members: Vec<Member> = (listed.into_iter())
+            .map(|(id, address)| Member { id, address })
             .collect();
         *self.members.lock().unwrap_or_else(|e| e.into_inner()) = members.clone();
 
@@ -1666,16 +1535,12 @@ impl Shared {
             if epoch == 0 {
                 continue;
             }
-            let lease = format!("{}:lease", tag(&self.prefix, partition as u16));
-            let renewed: redis::RedisResult<i64> = Script::new(RENEW)
-                .key(lease)
-                .arg(epoch)
-                .arg(lease_ms)
-                .invoke_async(&mut conn)
+            let renewed = (self.storage)
+                .renew(partition as u16, epoch, lease_ms)
                 .await;
             match renewed {
-                Ok(1) => {}
-                Ok(_) => self.lose(partition as u16, epoch),
+                Ok(true) => {}
+                Ok(false) => self.lose(partition as u16, epoch),
                 Err(e) => {
                     all_renewed = false;
                     tracing::warn!(partition, error = %e, "renewing a partition lease");
@@ -1708,29 +1573,22 @@ impl Shared {
     /// Takes a partition's lease if its last holder let it go or stopped; its accounts are
     /// then read from Redis on first use.
     async fn acquire(&self, partition: u16) -> Result<(), StoreError> {
-        let tag = tag(&self.prefix, partition);
-        let mut conn = self.conn.clone();
-        let reply: Vec<redis::Value> = Script::new(ACQUIRE)
-            .key(format!("{tag}:lease"))
-            .key(format!("{tag}:fence"))
-            .arg(&self.replica)
-            .arg(self.lease.as_millis() as u64)
-            .invoke_async(&mut conn)
+        let lease_ms = self.lease.as_millis() as u64;
+        let taken = (self.storage)
+            .acquire(partition, &self.replica, lease_ms)
             .await
             .map_err(|e| unavailable("taking a partition's lease", e))?;
-        let number = |i: usize| -> Option<i64> {
-            reply
-                .get(i)
-                .and_then(|v| redis::from_redis_value_ref(v).ok())
-        };
-        if number(0) != Some(1) {
+        let Some(taken) = taken else {
             return Ok(());
-        }
-        let epoch = number(1).ok_or_else(|| corrupt("lease epoch", "missing"))? as u64;
-        let (purchases, holds) = read_partition_index(&mut conn, &self.prefix, partition).await?;
+        };
+        let epoch = taken.epoch;
+        let (purchases, holds) = (self.storage)
+            .partition_index(partition)
+            .await
+            .map_err(|e| unavailable("reading a partition's index", e))?;
         let slot = &self.slots[usize::from(partition)];
         let _one_change = slot.transition.lock().unwrap_or_else(|e| e.into_inner());
-        let since = number(2).unwrap_or(0);
+        let since = taken.at_ms;
         slot.since_ms.store(since, Ordering::Release);
         slot.last_ack_ms.store(since, Ordering::Release);
         slot.seq.store(0, Ordering::Release);
@@ -1770,19 +1628,12 @@ impl Shared {
         if epoch == 0 {
             return;
         }
-        let tag = tag(&self.prefix, partition);
-        let mut conn = self.conn.clone();
-        let holds = read_partition_index(&mut conn, &self.prefix, partition)
-            .await
+        let holds = (self.storage.partition_index(partition).await)
             .map(|(_, holds)| holds)
             .unwrap_or(0);
         self.answered(partition, epoch);
         (self.hooks.gone)(partition, holds);
-        let _: Result<i64, _> = Script::new(RELEASE)
-            .key(format!("{tag}:lease"))
-            .arg(epoch)
-            .invoke_async(&mut conn)
-            .await;
+        let _ = self.storage.release(partition, epoch).await;
         tracing::info!(partition, epoch, "gave a partition up");
     }
 }
@@ -1794,8 +1645,10 @@ const RETRY_MOST: Duration = Duration::from_millis(250);
 /// journal is not one call that holds Redis for seconds.
 const REPLAY_CALL_BYTES: usize = 1 << 20;
 
-/// One write of a batch to a partition's key.
-pub(super) struct Op {
+/// One write of a batch to a partition's key (the storage scripts' ops: `S` set, `H` hash
+/// set, `h` hash delete, `L` list append kept to a length, `X` stream append kept to a
+/// length, `C` hash field add).
+pub struct Op {
     pub code: &'static [u8],
     pub key: String,
     pub args: Vec<Vec<u8>>,
@@ -1818,7 +1671,7 @@ impl Op {
 
 /// One partition's part of a batch: its writes, under the epoch and batch number it is
 /// written with, and the numbers of the changes they carry.
-pub(super) struct Section {
+pub struct Section {
     pub partition: u16,
     pub epoch: u64,
     pub seq: u64,
@@ -1846,76 +1699,22 @@ struct Attempt {
     missed: bool,
 }
 
-fn timed_out() -> redis::RedisError {
-    redis::RedisError::from((
-        redis::ErrorKind::Io,
-        "no answer within the write attempt's time",
-    ))
-}
-
-/// One script call of a batch: the sections of the partitions it writes, the keys they name
-/// (each once) and the arguments.
-#[derive(Default)]
-struct WriteCall {
-    keys: Vec<String>,
-    index: HashMap<String, usize>,
-    partitions: Vec<u16>,
-    args: Vec<Vec<u8>>,
-}
-
-impl WriteCall {
-    fn of<'a>(prefix: &str, sections: impl IntoIterator<Item = &'a Section>) -> WriteCall {
-        let mut call = WriteCall::default();
-        for s in sections {
-            call.section(
-                &tag(prefix, s.partition),
-                s.partition,
-                s.epoch,
-                s.seq,
-                &s.ops,
-            );
-        }
-        call
-    }
-
-    /// The index of `key` among the script's KEYS (from 1, as Lua counts).
-    fn key(&mut self, key: &str) -> usize {
-        if let Some(&i) = self.index.get(key) {
-            return i;
-        }
-        self.keys.push(key.to_owned());
-        let i = self.keys.len();
-        self.index.insert(key.to_owned(), i);
-        i
-    }
-
-    /// Adds a partition's section: its fence, its batch number and its writes.
-    fn section(&mut self, tag: &str, partition: u16, epoch: u64, seq: u64, ops: &[Op]) {
-        let fence = self.key(&format!("{tag}:fence"));
-        self.partitions.push(partition);
-        self.args.push(fence.to_string().into_bytes());
-        self.args.push(partition.to_string().into_bytes());
-        self.args.push(epoch.to_string().into_bytes());
-        self.args.push(seq.to_string().into_bytes());
-        let count = self.args.len();
-        self.args.push(Vec::new());
-        for op in ops {
-            let key = self.key(&op.key);
-            self.args.push(op.code.to_vec());
-            self.args.push(key.to_string().into_bytes());
-            self.args.extend(op.args.iter().cloned());
-        }
-        self.args[count] = (self.args.len() - count - 1).to_string().into_bytes();
-    }
-}
-
-struct AccountKeys {
-    core: String,
-    records: String,
-    history: String,
+/// Where an account's state lives: its core, its records kept for retries, its history.
+pub struct AccountKeys {
+    pub core: String,
+    pub records: String,
+    pub history: String,
 }
 
 impl AccountKeys {
+    /// The keys of `account_id` under key prefix `prefix` with `partitions` partitions.
+    pub fn of(prefix: &str, partitions: u16, account_id: &str) -> AccountKeys {
+        AccountKeys::new(
+            &tag(prefix, partition_of(account_id, partitions)),
+            account_id,
+        )
+    }
+
     fn new(tag: &str, account_id: &str) -> AccountKeys {
         AccountKeys {
             core: format!("{tag}:a:{account_id}"),
@@ -1926,7 +1725,7 @@ impl AccountKeys {
 }
 
 /// The common beginning of a partition's keys, with its hash tag.
-fn tag(prefix: &str, partition: u16) -> String {
+pub fn tag(prefix: &str, partition: u16) -> String {
     format!("{prefix}:{{o{partition}}}")
 }
 
@@ -1981,32 +1780,8 @@ async fn check_format(conn: &mut Connection, prefix: &str) -> Result<(), StoreEr
 }
 
 /// The replicas on this key prefix (a sorted set; `…:addr` beside it, same hash tag).
-fn members_key(prefix: &str) -> String {
+pub(super) fn members_key(prefix: &str) -> String {
     format!("{prefix}:{{members}}")
-}
-
-/// Accounts with a purchase in flight, and the open holds, of a partition.
-async fn read_partition_index(
-    conn: &mut Connection,
-    prefix: &str,
-    partition: u16,
-) -> Result<(Purchases, i64), StoreError> {
-    let tag = tag(prefix, partition);
-    let found: HashMap<String, i64> = redis::cmd("HGETALL")
-        .arg(format!("{tag}:pur"))
-        .query_async(conn)
-        .await
-        .map_err(|e| unavailable("reading purchases in flight", e))?;
-    let purchases = (found.into_iter())
-        .map(|(id, at)| (id, Timestamp::from_millis(at)))
-        .collect();
-    let holds: Option<i64> = redis::cmd("HGET")
-        .arg(format!("{tag}:meta"))
-        .arg("holds")
-        .query_async(conn)
-        .await
-        .map_err(|e| unavailable("reading open holds", e))?;
-    Ok((purchases, holds.unwrap_or(0)))
 }
 
 fn hostname() -> String {
@@ -2071,43 +1846,5 @@ mod tests {
         }
         assert!(four.iter().any(|o| o == "quotad-3-d4"));
         assert_eq!(owner_of(0, &[]), None);
-    }
-
-    #[test]
-    fn a_call_names_each_key_once_and_counts_each_sections_arguments() {
-        let op = |code: &'static [u8], key: &str, arg: &[u8]| Op {
-            code,
-            key: key.into(),
-            args: vec![arg.to_vec()],
-        };
-        let mut call = WriteCall::default();
-        call.section(
-            "p:{o1}",
-            1,
-            7,
-            3,
-            &[
-                op(b"S", "p:{o1}:a:x", b"core"),
-                op(b"S", "p:{o1}:a:x", b"again"),
-            ],
-        );
-        call.section("p:{o2}", 2, 9, 1, &[op(b"h", "p:{o2}:r:y", b"f")]);
-        assert_eq!(call.partitions, [1, 2]);
-        assert_eq!(
-            call.keys,
-            ["p:{o1}:fence", "p:{o1}:a:x", "p:{o2}:fence", "p:{o2}:r:y"]
-        );
-        let args: Vec<String> = call
-            .args
-            .iter()
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        assert_eq!(
-            args,
-            [
-                "1", "1", "7", "3", "6", "S", "2", "core", "S", "2", "again", "3", "2", "9", "1",
-                "3", "h", "4", "f"
-            ]
-        );
     }
 }

@@ -1,0 +1,556 @@
+//! What owned mode keeps in Redis, behind one trait ([`OwnedStorage`]): the membership of
+//! replicas, each partition's lease under an epoch, fenced batch writes, and the reads of a
+//! partition's index and of one account. [`RedisStorage`] does it with the small storage
+//! scripts below (they hold no quota rule), on a standalone Redis or a Cluster.
+//!
+//! The owner's logic (`super::owned`: rounds, admission, the writer, fencing) only sees the
+//! trait, so the deterministic simulation of several replicas (`tests/ownership_simulation.rs`)
+//! runs that same logic over a model of this storage with faults between them: delays, lost
+//! requests and answers, cut links, pauses and a drifting clock, replayable by seed.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use redis::Script;
+use tokio::task::JoinSet;
+
+use super::owned::{AccountKeys, Op, Purchases, Section, members_key, tag};
+use super::{Connection, RedisSettings};
+use crate::domain::Timestamp;
+use std::collections::HashMap;
+
+/// A storage call in flight.
+pub type StorageFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StorageError>> + Send + 'a>>;
+
+/// Why a storage call did not do what it was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageError {
+    /// A write under an epoch that is no longer the partition's: another replica took it.
+    Fenced(u16),
+    /// No answer (the connection failed, or the answer did not come in time).
+    Unavailable(String),
+    /// An answer that makes no sense.
+    Corrupt(String),
+}
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StorageError::Fenced(partition) => {
+                write!(f, "partition {partition} is held under another epoch")
+            }
+            StorageError::Unavailable(why) => write!(f, "no answer: {why}"),
+            StorageError::Corrupt(why) => write!(f, "a corrupt answer: {why}"),
+        }
+    }
+}
+
+/// A lease taken: its epoch, and the storage's clock then (milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub epoch: u64,
+    pub at_ms: i64,
+}
+
+/// Per group of partitions written together: the storage's clock when the write landed
+/// (milliseconds), or why it did not.
+pub type Written = Vec<(Vec<u16>, Result<i64, StorageError>)>;
+
+/// What owned mode needs of the store behind it. Every method is one atomic step there.
+pub trait OwnedStorage: Send + Sync + 'static {
+    /// Says `replica` (reached at `address`) is alive for `lease_ms` more (by the storage's
+    /// clock), forgets replicas whose time ran out, and answers the live ones, `(id, address)`
+    /// sorted by id.
+    fn join<'a>(
+        &'a self,
+        replica: &'a str,
+        address: &'a str,
+        lease_ms: u64,
+    ) -> StorageFuture<'a, Vec<(String, String)>>;
+
+    /// Takes `partition`'s lease for `replica` if nobody else holds it (a replica may take its
+    /// own again), under an epoch never issued before; None if another holds it.
+    fn acquire<'a>(
+        &'a self,
+        partition: u16,
+        replica: &'a str,
+        lease_ms: u64,
+    ) -> StorageFuture<'a, Option<Taken>>;
+
+    /// Extends the lease still held under `epoch`; false if it is not.
+    fn renew(&self, partition: u16, epoch: u64, lease_ms: u64) -> StorageFuture<'_, bool>;
+
+    /// Deletes the lease if still held under `epoch`.
+    fn release(&self, partition: u16, epoch: u64) -> StorageFuture<'_, ()>;
+
+    /// Writes `sections` (a partition's, in order), each only if its partition is still held
+    /// under its epoch and its batch number has not landed yet (a retry lands once). A group
+    /// written together is refused whole if any of its partitions is fenced.
+    fn write<'a>(
+        &'a self,
+        sections: &'a [&'a Section],
+    ) -> Pin<Box<dyn Future<Output = Written> + Send + 'a>>;
+
+    /// A partition's accounts with a purchase in flight, and its open holds.
+    fn partition_index(&self, partition: u16) -> StorageFuture<'_, (Purchases, i64)>;
+
+    /// An account's core and the values of its records, if it was ever written.
+    fn load<'a>(
+        &'a self,
+        account_id: &'a str,
+    ) -> StorageFuture<'a, Option<(Vec<u8>, Vec<Vec<u8>>)>>;
+}
+
+/// The fenced batch write, for one or more partitions (all in one call on a standalone Redis;
+/// one partition a call on a Cluster, where a script's keys share a slot). ARGV[1]: how many
+/// partitions; then each partition's section: the key index of its fence (a hash of the epoch
+/// and the last batch number landed), the partition's number (named by a `FENCED` error), the
+/// epoch the batch was decided under, its number in the
+/// partition, how many arguments its writes take, and the writes, each an op, a key index and its arguments. Every fence is
+/// checked before anything is written, so a fenced call writes nothing; a partition whose batch
+/// number has already landed (a retry) is skipped. Answers Redis's clock, in milliseconds.
+const WRITE: &str = r#"
+local sections, at = {}, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local s = {fence = KEYS[tonumber(ARGV[at])], number = ARGV[at + 3], first = at + 5}
+  s.last = at + 4 + tonumber(ARGV[at + 4])
+  local fence = redis.call('HMGET', s.fence, 'epoch', 'seq')
+  if fence[1] ~= ARGV[at + 2] then
+    return redis.error_reply('FENCED ' .. ARGV[at + 1] .. ' partition epoch is ' .. tostring(fence[1]) .. ', not ' .. ARGV[at + 2])
+  end
+  s.landed = tonumber(fence[2] or '0') >= tonumber(s.number)
+  sections[#sections + 1] = s
+  at = s.last + 1
+end
+for _, s in ipairs(sections) do
+  if not s.landed then
+    local i = s.first
+    while i <= s.last do
+      local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
+      if op == 'S' then redis.call('SET', key, ARGV[i + 2]); i = i + 3
+      elseif op == 'H' then redis.call('HSET', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
+      elseif op == 'h' then redis.call('HDEL', key, ARGV[i + 2]); i = i + 3
+      elseif op == 'L' then
+        local keep = tonumber(ARGV[i + 3])
+        if redis.call('RPUSH', key, ARGV[i + 2]) > keep then
+          redis.call('LTRIM', key, -keep, -1)
+        end
+        i = i + 4
+      elseif op == 'X' then
+        redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 3], '*', 'e', ARGV[i + 2]); i = i + 4
+      elseif op == 'C' then redis.call('HINCRBY', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
+      else return redis.error_reply('unknown write ' .. op) end
+    end
+    redis.call('HSET', s.fence, 'seq', s.number)
+  end
+end
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"#;
+
+/// Takes a partition's lease if nobody else holds it, under the next epoch: the fence's epoch
+/// plus one, or Redis's clock in ms if that is more. Fencing compares epochs for equality, so
+/// an epoch must never be issued twice; a failover to a replica that had not yet received the
+/// last acquisition would count up again from the one before, re-issuing the lost epoch to the
+/// next owner while the owner that took it may still write under it. From the clock, the next
+/// epoch is past any issued before the failover (unless the old master's clock ran ahead of the
+/// new one's by more than the failover took). KEYS: lease, fence. ARGV: owner, lease in ms.
+/// Answers `{1, epoch, Redis's clock in ms}` or `{0, holder, ms left}`.
+const ACQUIRE: &str = r#"
+local holder = redis.call('HGET', KEYS[1], 'owner')
+if holder and holder ~= ARGV[1] then
+  return {0, holder, redis.call('PTTL', KEYS[1])}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+if epoch < now then
+  epoch = redis.call('HINCRBY', KEYS[2], 'epoch', now - epoch)
+end
+redis.call('HSET', KEYS[2], 'seq', 0)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', epoch)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, epoch, now}
+"#;
+
+/// Extends a lease still held under its epoch. KEYS: lease. ARGV: epoch, lease in ms.
+const RENEW: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Gives a lease up (at shutdown), if still held under its epoch.
+const RELEASE: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"#;
+
+/// Says a replica is alive until the lease's end (by Redis's clock), forgets replicas whose
+/// time ran out, and answers the live ones with their addresses, sorted by id. KEYS: the
+/// membership (a sorted set: id by expiry) and the addresses (a hash). ARGV: id, address,
+/// lease in ms.
+const MEMBERS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+  redis.call('HDEL', KEYS[2], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.sort(ids)
+local out = {}
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
+end
+return out
+"#;
+
+/// An account's core and the values of its records. KEYS: core, records.
+const LOAD: &str = r#"
+return {redis.call('GET', KEYS[1]) or '', redis.call('HVALS', KEYS[2])}
+"#;
+
+/// One script call of a batch: the sections of the partitions it writes, the keys they name
+/// (each once) and the arguments.
+#[derive(Default)]
+struct WriteCall {
+    keys: Vec<String>,
+    index: HashMap<String, usize>,
+    partitions: Vec<u16>,
+    args: Vec<Vec<u8>>,
+}
+
+impl WriteCall {
+    fn of<'a>(prefix: &str, sections: impl IntoIterator<Item = &'a Section>) -> WriteCall {
+        let mut call = WriteCall::default();
+        for s in sections {
+            call.section(
+                &tag(prefix, s.partition),
+                s.partition,
+                s.epoch,
+                s.seq,
+                &s.ops,
+            );
+        }
+        call
+    }
+
+    /// The index of `key` among the script's KEYS (from 1, as Lua counts).
+    fn key(&mut self, key: &str) -> usize {
+        if let Some(&i) = self.index.get(key) {
+            return i;
+        }
+        self.keys.push(key.to_owned());
+        let i = self.keys.len();
+        self.index.insert(key.to_owned(), i);
+        i
+    }
+
+    /// Adds a partition's section: its fence, its batch number and its writes.
+    fn section(&mut self, tag: &str, partition: u16, epoch: u64, seq: u64, ops: &[Op]) {
+        let fence = self.key(&format!("{tag}:fence"));
+        self.partitions.push(partition);
+        self.args.push(fence.to_string().into_bytes());
+        self.args.push(partition.to_string().into_bytes());
+        self.args.push(epoch.to_string().into_bytes());
+        self.args.push(seq.to_string().into_bytes());
+        let count = self.args.len();
+        self.args.push(Vec::new());
+        for op in ops {
+            let key = self.key(&op.key);
+            self.args.push(op.code.to_vec());
+            self.args.push(key.to_string().into_bytes());
+            self.args.extend(op.args.iter().cloned());
+        }
+        self.args[count] = (self.args.len() - count - 1).to_string().into_bytes();
+    }
+}
+
+/// Owned mode's storage on Redis (standalone or Cluster).
+pub struct RedisStorage {
+    conn: Connection,
+    prefix: String,
+    partitions: u16,
+    cluster: bool,
+    write_script: Script,
+}
+
+impl RedisStorage {
+    pub(super) fn new(conn: Connection, settings: &RedisSettings, partitions: u16) -> RedisStorage {
+        RedisStorage {
+            conn,
+            prefix: settings.key_prefix.clone(),
+            partitions: partitions.max(1),
+            cluster: !settings.cluster_nodes.is_empty(),
+            write_script: Script::new(WRITE),
+        }
+    }
+
+    async fn invoke(&self, call: &WriteCall) -> redis::RedisResult<i64> {
+        let mut invocation = self.write_script.prepare_invoke();
+        for key in &call.keys {
+            invocation.key(key);
+        }
+        invocation.arg(call.partitions.len());
+        for arg in &call.args {
+            invocation.arg(&arg[..]);
+        }
+        let mut conn = self.conn.clone();
+        invocation.invoke_async(&mut conn).await
+    }
+}
+
+fn missed(what: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Unavailable(format!("Redis, {what}: {e}"))
+}
+
+impl OwnedStorage for RedisStorage {
+    fn join<'a>(
+        &'a self,
+        replica: &'a str,
+        address: &'a str,
+        lease_ms: u64,
+    ) -> StorageFuture<'a, Vec<(String, String)>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let listed: Vec<String> = Script::new(MEMBERS)
+                .key(members_key(&self.prefix))
+                .key(format!("{}:addr", members_key(&self.prefix)))
+                .arg(replica)
+                .arg(address)
+                .arg(lease_ms)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| missed("joining the replicas", e))?;
+            Ok(listed
+                .chunks(2)
+                .filter_map(|pair| match pair {
+                    [id, address] => Some((id.clone(), address.clone())),
+                    _ => None,
+                })
+                .collect())
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        partition: u16,
+        replica: &'a str,
+        lease_ms: u64,
+    ) -> StorageFuture<'a, Option<Taken>> {
+        Box::pin(async move {
+            let tag = tag(&self.prefix, partition);
+            let mut conn = self.conn.clone();
+            let reply: Vec<redis::Value> = Script::new(ACQUIRE)
+                .key(format!("{tag}:lease"))
+                .key(format!("{tag}:fence"))
+                .arg(replica)
+                .arg(lease_ms)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| missed("taking a partition's lease", e))?;
+            let number = |i: usize| -> Option<i64> {
+                reply
+                    .get(i)
+                    .and_then(|v| redis::from_redis_value_ref(v).ok())
+            };
+            if number(0) != Some(1) {
+                return Ok(None);
+            }
+            let epoch = number(1).ok_or_else(|| StorageError::Corrupt("no lease epoch".into()))?;
+            Ok(Some(Taken {
+                epoch: epoch as u64,
+                at_ms: number(2).unwrap_or(0),
+            }))
+        })
+    }
+
+    fn renew(&self, partition: u16, epoch: u64, lease_ms: u64) -> StorageFuture<'_, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let renewed: i64 = Script::new(RENEW)
+                .key(format!("{}:lease", tag(&self.prefix, partition)))
+                .arg(epoch)
+                .arg(lease_ms)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| missed("renewing a partition lease", e))?;
+            Ok(renewed == 1)
+        })
+    }
+
+    fn release(&self, partition: u16, epoch: u64) -> StorageFuture<'_, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let _: i64 = Script::new(RELEASE)
+                .key(format!("{}:lease", tag(&self.prefix, partition)))
+                .arg(epoch)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| missed("giving a lease up", e))?;
+            Ok(())
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        sections: &'a [&'a Section],
+    ) -> Pin<Box<dyn Future<Output = Written> + Send + 'a>> {
+        Box::pin(async move {
+            // One call on a standalone Redis; one a partition on a Cluster (a script's keys
+            // share a slot), in parallel.
+            let calls: Vec<WriteCall> = if self.cluster {
+                let mut by_partition: std::collections::BTreeMap<u16, Vec<&Section>> =
+                    std::collections::BTreeMap::new();
+                for s in sections {
+                    by_partition.entry(s.partition).or_default().push(s);
+                }
+                (by_partition.into_values())
+                    .map(|of| WriteCall::of(&self.prefix, of))
+                    .collect()
+            } else {
+                vec![WriteCall::of(&self.prefix, sections.iter().copied())]
+            };
+            let results = if calls.len() == 1 {
+                let call = calls.into_iter().next().expect("one call");
+                let result = self.invoke(&call).await;
+                vec![(call.partitions, result)]
+            } else {
+                let mut running = JoinSet::new();
+                for call in calls {
+                    let storage = RedisStorage {
+                        conn: self.conn.clone(),
+                        prefix: String::new(),
+                        partitions: self.partitions,
+                        cluster: self.cluster,
+                        write_script: self.write_script.clone(),
+                    };
+                    running.spawn(async move {
+                        let result = storage.invoke(&call).await;
+                        (call.partitions, result)
+                    });
+                }
+                running.join_all().await
+            };
+            results
+                .into_iter()
+                .map(|(partitions, result)| {
+                    let result = result.map_err(|e| {
+                        let fenced: Option<u16> = (e.code() == Some("FENCED"))
+                            .then(|| e.detail()?.split_whitespace().next()?.parse().ok())
+                            .flatten();
+                        match fenced {
+                            Some(partition) => StorageError::Fenced(partition),
+                            None if e.code() == Some("FENCED") => {
+                                StorageError::Corrupt(format!("a fenced write: {e}"))
+                            }
+                            None => missed("writing a batch", e),
+                        }
+                    });
+                    (partitions, result)
+                })
+                .collect()
+        })
+    }
+
+    fn partition_index(&self, partition: u16) -> StorageFuture<'_, (Purchases, i64)> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            read_partition_index(&mut conn, &self.prefix, partition).await
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        account_id: &'a str,
+    ) -> StorageFuture<'a, Option<(Vec<u8>, Vec<Vec<u8>>)>> {
+        Box::pin(async move {
+            let keys = AccountKeys::of(&self.prefix, self.partitions, account_id);
+            let mut conn = self.conn.clone();
+            let (core, records): (Vec<u8>, Vec<Vec<u8>>) = Script::new(LOAD)
+                .key(&keys.core)
+                .key(&keys.records)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| missed("reading an account", e))?;
+            Ok((!core.is_empty()).then_some((core, records)))
+        })
+    }
+}
+
+/// Accounts with a purchase in flight, and the open holds, of a partition.
+async fn read_partition_index(
+    conn: &mut Connection,
+    prefix: &str,
+    partition: u16,
+) -> Result<(Purchases, i64), StorageError> {
+    let tag = tag(prefix, partition);
+    let found: HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(format!("{tag}:pur"))
+        .query_async(conn)
+        .await
+        .map_err(|e| missed("reading purchases in flight", e))?;
+    let purchases = (found.into_iter())
+        .map(|(id, at)| (id, Timestamp::from_millis(at)))
+        .collect();
+    let holds: Option<i64> = redis::cmd("HGET")
+        .arg(format!("{tag}:meta"))
+        .arg("holds")
+        .query_async(conn)
+        .await
+        .map_err(|e| missed("reading open holds", e))?;
+    Ok((purchases, holds.unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::owned::Op;
+    use super::*;
+
+    #[test]
+    fn a_call_names_each_key_once_and_counts_each_sections_arguments() {
+        let op = |code: &'static [u8], key: &str, arg: &[u8]| Op {
+            code,
+            key: key.into(),
+            args: vec![arg.to_vec()],
+        };
+        let mut call = WriteCall::default();
+        call.section(
+            "p:{o1}",
+            1,
+            7,
+            3,
+            &[
+                op(b"S", "p:{o1}:a:x", b"core"),
+                op(b"S", "p:{o1}:a:x", b"again"),
+            ],
+        );
+        call.section("p:{o2}", 2, 9, 1, &[op(b"h", "p:{o2}:r:y", b"f")]);
+        assert_eq!(call.partitions, [1, 2]);
+        assert_eq!(
+            call.keys,
+            ["p:{o1}:fence", "p:{o1}:a:x", "p:{o2}:fence", "p:{o2}:r:y"]
+        );
+        let args: Vec<String> = call
+            .args
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "1", "1", "7", "3", "6", "S", "2", "core", "S", "2", "again", "3", "2", "9", "1",
+                "3", "h", "4", "f"
+            ]
+        );
+    }
+}
