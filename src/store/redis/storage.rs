@@ -52,6 +52,9 @@ pub struct Taken {
     pub at_ms: i64,
 }
 
+/// An account as stored: its core and the values of its records.
+pub type StoredAccount = (Vec<u8>, Vec<Vec<u8>>);
+
 /// Per group of partitions written together: the storage's clock when the write landed
 /// (milliseconds), or why it did not.
 pub type Written = Vec<(Vec<u16>, Result<i64, StorageError>)>;
@@ -95,10 +98,7 @@ pub trait OwnedStorage: Send + Sync + 'static {
     fn partition_index(&self, partition: u16) -> StorageFuture<'_, (Purchases, i64)>;
 
     /// An account's core and the values of its records, if it was ever written.
-    fn load<'a>(
-        &'a self,
-        account_id: &'a str,
-    ) -> StorageFuture<'a, Option<(Vec<u8>, Vec<Vec<u8>>)>>;
+    fn load<'a>(&'a self, account_id: &'a str) -> StorageFuture<'a, Option<StoredAccount>>;
 }
 
 /// The fenced batch write, for one or more partitions (all in one call on a standalone Redis;
@@ -469,10 +469,7 @@ impl OwnedStorage for RedisStorage {
         })
     }
 
-    fn load<'a>(
-        &'a self,
-        account_id: &'a str,
-    ) -> StorageFuture<'a, Option<(Vec<u8>, Vec<Vec<u8>>)>> {
+    fn load<'a>(&'a self, account_id: &'a str) -> StorageFuture<'a, Option<StoredAccount>> {
         Box::pin(async move {
             let keys = AccountKeys::of(&self.prefix, self.partitions, account_id);
             let mut conn = self.conn.clone();
