@@ -303,15 +303,31 @@ impl MemoryStore {
         now: Timestamp,
         epoch: Option<u64>,
     ) -> Result<RefMut<'_, String, Resident>, StoreError> {
+        // Epochs of a partition only grow. A resident from an older epoch than the decision's
+        // is stale (the partition went away and came back) and is read again; a decision
+        // from an older epoch than the resident's was admitted before the partition moved,
+        // and must neither decide on nor drop the newer state (whose changes may not be
+        // written yet): it is refused, as its write would be.
+        let moved = || {
+            StoreError::Unavailable(
+                "the account's partition moved while this call waited; it did not happen, and \
+                 may be asked again"
+                    .into(),
+            )
+        };
         loop {
             if let Some(mut resident) = self.accounts.get_mut(account_id) {
-                if epoch.is_none_or(|epoch| resident.epoch == epoch) {
-                    resident.last_used = now;
-                    return Ok(resident);
+                match epoch.map(|e| resident.epoch.cmp(&e)) {
+                    None | Some(std::cmp::Ordering::Equal) => {
+                        resident.last_used = now;
+                        return Ok(resident);
+                    }
+                    Some(std::cmp::Ordering::Greater) => return Err(moved()),
+                    Some(std::cmp::Ordering::Less) => {}
                 }
                 drop(resident);
                 self.accounts
-                    .remove_if(account_id, |_, r| epoch.is_some_and(|e| r.epoch != e));
+                    .remove_if(account_id, |_, r| epoch.is_some_and(|e| r.epoch < e));
                 continue;
             }
             let (generation, stored) = match &self.durable {
@@ -328,9 +344,13 @@ impl MemoryStore {
             };
             match self.accounts.entry(account_id.to_owned()) {
                 Entry::Occupied(entry) => {
-                    let mut resident = entry.into_ref();
-                    resident.last_used = now;
-                    return Ok(resident);
+                    // Loaded meanwhile by another call; of this epoch, it is as fresh as ours
+                    // and may hold more. Otherwise go round again and sort it out above.
+                    if epoch.is_none_or(|e| entry.get().epoch == e) {
+                        let mut resident = entry.into_ref();
+                        resident.last_used = now;
+                        return Ok(resident);
+                    }
                 }
                 Entry::Vacant(entry) => {
                     let raced = self

@@ -231,8 +231,10 @@ struct Shared {
     durable: AtomicU64,
     waiters: Mutex<Vec<(u64, oneshot::Sender<()>)>>,
     /// Changes that were never written because their partition was taken by another replica
-    /// first; their callers are told so instead of being acknowledged.
-    dropped: Mutex<HashSet<u64>>,
+    /// first, and when: every call that waits for one is told so instead of being
+    /// acknowledged (the decision's own, and any read of the state it left in memory until
+    /// that state is evicted). Kept a while, not consumed by the first to look.
+    dropped: Mutex<HashMap<u64, Instant>>,
     failed: OnceLock<String>,
     unflushed: AtomicUsize,
     max_unflushed: usize,
@@ -401,7 +403,7 @@ impl OwnedRedis {
             wake: Notify::new(),
             durable: AtomicU64::new(0),
             waiters: Mutex::new(Vec::new()),
-            dropped: Mutex::new(HashSet::new()),
+            dropped: Mutex::new(HashMap::new()),
             failed: OnceLock::new(),
             unflushed: AtomicUsize::new(0),
             max_unflushed: owned.max_unflushed.max(1),
@@ -900,7 +902,7 @@ impl Shared {
             Ok(Ok(())) if self.durable.load(Ordering::Acquire) >= number => {
                 let dropped = (self.dropped.lock())
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&number);
+                    .contains_key(&number);
                 if dropped {
                     return Err(StoreError::Unavailable(
                         "the account's partition moved to another replica before this decision \
@@ -1415,7 +1417,16 @@ impl Shared {
     }
 
     fn drop_changes(&self, numbers: &[u64]) {
-        (self.dropped.lock().unwrap_or_else(|e| e.into_inner())).extend(numbers);
+        if numbers.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut dropped = self.dropped.lock().unwrap_or_else(|e| e.into_inner());
+        // Long after every wait for them has ended (a wait lasts a write timeout; the
+        // accounts they touched have left memory since).
+        let keep = self.write_timeout * 4 + self.lease;
+        dropped.retain(|_, at| now.duration_since(*at) < keep);
+        dropped.extend(numbers.iter().map(|&n| (n, now)));
     }
 
     /// The writes of a run of changes, by partition.
