@@ -189,6 +189,10 @@ struct Slot {
     admitting: AtomicBool,
     /// Decisions admitted and not yet queued: a partition is given up only once none is.
     inflight: AtomicUsize,
+    /// Until when this replica may decide on the partition (nanoseconds after `base`): 90% of
+    /// a lease after its last acquisition or renewal was sent. Each partition's own, so a
+    /// renewal that fails stops only its partition.
+    valid_until: AtomicU64,
     /// When it was taken, and when a batch of it last landed, by Redis's clock (milliseconds):
     /// the interval in which this replica answered for it, logged when it ends. One clock for
     /// every replica, so intervals of different replicas compare.
@@ -221,9 +225,8 @@ struct Shared {
     /// The live replicas as last seen, by id.
     members: Mutex<Vec<Member>>,
     hooks: Hooks,
-    /// Until when this replica may decide on the partitions it holds: nanoseconds after `base`.
+    /// Where this replica's clock starts (validity is kept in nanoseconds after it).
     base: Instant,
-    valid_until: AtomicU64,
     queue: Mutex<Queue>,
     wake: Notify,
     /// The number of the last change in Redis, and the calls waiting for later ones (each woken
@@ -398,7 +401,6 @@ impl OwnedRedis {
             members: Mutex::new(Vec::new()),
             hooks,
             base,
-            valid_until: AtomicU64::new(0),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             durable: AtomicU64::new(0),
@@ -478,9 +480,9 @@ impl OwnedRedis {
             return Err(shared.not_here(partition));
         }
         let now = shared.base.elapsed().as_nanos() as u64;
-        if now >= shared.valid_until.load(Ordering::Acquire) {
+        if now >= slot.valid_until.load(Ordering::Acquire) {
             return Err(StoreError::Unavailable(
-                "this replica could not renew its partition leases on Redis in time, and \
+                "this replica could not renew the partition's lease on Redis in time, and \
                  decides nothing until it does"
                     .into(),
             ));
@@ -1516,11 +1518,10 @@ impl Shared {
         }
     }
 
-    /// Says this replica is alive, renews the leases it holds (the safe end moves only when
-    /// all were renewed, counted from before the renewals were sent), gives up the partitions
+    /// Says this replica is alive, renews the leases it holds (each partition's safe end
+    /// moves with its own renewal, counted from before it was sent), gives up the partitions
     /// that now fall to another live replica and takes those that fall to it.
     async fn round(&self) -> Result<(), StoreError> {
-        let sent = Instant::now();
         let lease_ms = self.lease.as_millis() as u64;
         let listed = (self.storage)
             .join(&self.replica, &self.address, lease_ms)
@@ -1540,30 +1541,22 @@ impl Shared {
             .collect();
         *self.members.lock().unwrap_or_else(|e| e.into_inner()) = members.clone();
 
-        let mut all_renewed = true;
         for (partition, slot) in self.slots.iter().enumerate() {
             let epoch = slot.epoch.load(Ordering::Acquire);
             if epoch == 0 {
                 continue;
             }
+            let sent = Instant::now();
             let renewed = (self.storage)
                 .renew(partition as u16, epoch, lease_ms)
                 .await;
             match renewed {
-                Ok(true) => {}
+                Ok(true) => self.valid(slot, epoch, sent),
                 Ok(false) => self.lose(partition as u16, epoch),
                 Err(e) => {
-                    all_renewed = false;
                     tracing::warn!(partition, error = %e, "renewing a partition lease");
                 }
             }
-        }
-        if all_renewed {
-            let valid = sent + self.lease - self.lease / 10;
-            self.valid_until.store(
-                valid.duration_since(self.base).as_nanos() as u64,
-                Ordering::Release,
-            );
         }
 
         for partition in 0..self.slots.len() as u16 {
@@ -1574,17 +1567,29 @@ impl Shared {
                 != 0;
             if held && !mine {
                 self.release(partition).await;
-            } else if mine && !held && all_renewed {
+            } else if mine && !held {
                 self.acquire(partition).await?;
             }
         }
         Ok(())
     }
 
+    /// The partition's lease, held under `epoch`, was taken or renewed by a call sent at
+    /// `sent`: decisions on it may go on until 90% of a lease after that (counted from before
+    /// the call, so a slow answer or this clock's drift cannot make it later than the lease).
+    fn valid(&self, slot: &Slot, epoch: u64, sent: Instant) {
+        if slot.epoch.load(Ordering::Acquire) == epoch {
+            let until = sent + self.lease - self.lease / 10;
+            let until = until.duration_since(self.base).as_nanos() as u64;
+            slot.valid_until.store(until, Ordering::Release);
+        }
+    }
+
     /// Takes a partition's lease if its last holder let it go or stopped; its accounts are
     /// then read from Redis on first use.
     async fn acquire(&self, partition: u16) -> Result<(), StoreError> {
         let lease_ms = self.lease.as_millis() as u64;
+        let sent = Instant::now();
         let taken = (self.storage)
             .acquire(partition, &self.replica, lease_ms)
             .await
@@ -1604,6 +1609,7 @@ impl Shared {
         slot.last_ack_ms.store(since, Ordering::Release);
         slot.seq.store(0, Ordering::Release);
         slot.epoch.store(epoch, Ordering::Release);
+        self.valid(slot, epoch, sent);
         (self.hooks.came)(partition, purchases, holds);
         slot.admitting.store(true, Ordering::Release);
         tracing::info!(partition, epoch, from_ms = since, "took a partition");
