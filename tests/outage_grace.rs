@@ -206,18 +206,7 @@ async fn verify(url: &str, acknowledged: &HashMap<String, Acknowledged>) {
             Instant::now() < deadline,
             "export: {delivered} of {expected}"
         );
-        let read = pb::ReadUsageExportRequest {
-            group: "billing".into(),
-            consumer: "test".into(),
-            max_events: 1_000,
-            claim_idle_ms: 600_000,
-        };
-        let events = admin
-            .read_usage_export(read)
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
+        let events = support::export_batch(&mut admin, 600_000, false).await;
         if events.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;

@@ -388,28 +388,12 @@ async fn verify_export(url: &str, acknowledged: &HashMap<String, Acknowledged>, 
             std::time::Instant::now() < deadline,
             "export has {seen:?}, expected {expected} events"
         );
-        let read = pb::ReadUsageExportRequest {
-            group: "billing".into(),
-            consumer: "test".into(),
-            max_events: 1_000,
-            claim_idle_ms: 60_000,
-        };
-        let events = admin
-            .read_usage_export(read)
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
+        let events = support::export_batch(&mut admin, 60_000, true).await;
         if events.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
         deliveries += events.len();
-        let ack = pb::AckUsageExportRequest {
-            group: "billing".into(),
-            delivery_ids: events.iter().map(|e| e.delivery_id.clone()).collect(),
-        };
-        admin.ack_usage_export(ack).await.unwrap();
         for e in events {
             let event = e.event.unwrap();
             assert_eq!(event.event_id, format!("{}:{}", e.account_id, event.seq));

@@ -131,18 +131,7 @@ async fn a_restart_continues_from_redis() {
         .await
         .unwrap();
     assert_eq!(retried.event, None, "a retried commit charges nothing");
-    let events = second
-        .export_read(
-            quotad::store::ExportRead {
-                group: "billing".into(),
-                consumer: "c".into(),
-                max_events: 100,
-                claim_idle_ms: 60_000,
-            },
-            NOW,
-        )
-        .await
-        .unwrap();
+    let events = exported(&second).await;
     assert_eq!(events.len(), 1, "one event per charge");
 }
 
@@ -268,6 +257,11 @@ async fn wait_for(done: impl Fn() -> bool) -> bool {
 
 /// One task of 1 credit, reserved and committed.
 async fn spend(store: &MemoryStore, account: &str, request: &str) {
+    task(store, account, request, 1).await;
+}
+
+/// One task of `credits`, reserved and committed.
+async fn task(store: &MemoryStore, account: &str, request: &str, credits: i64) {
     let request = format!("{account}-{request}");
     let allowed = store
         .reserve(&reserve(account, &request), NOW)
@@ -277,7 +271,7 @@ async fn spend(store: &MemoryStore, account: &str, request: &str) {
         panic!("denied: {allowed:?}");
     };
     store
-        .commit(commit(account, reservation_id, 1), NOW)
+        .commit(commit(account, reservation_id, credits), NOW)
         .await
         .unwrap();
 }
@@ -321,16 +315,20 @@ async fn another_persisted_format_is_refused() {
     assert!(why.contains("format 99"), "{why}");
 }
 
+/// What the export holds for consumer group `billing`, read once.
+async fn exported(store: &MemoryStore) -> Vec<quotad::domain::ExportedEvent> {
+    let read = quotad::store::ExportRead {
+        group: "billing".into(),
+        consumer: "c".into(),
+        max_events: 100,
+        claim_idle_ms: 60_000,
+    };
+    store.export_read(read, NOW).await.unwrap()
+}
+
 /// Takes `account`'s plan window to its limit, so that what it does next runs on credits.
 async fn use_up_the_plan(store: &MemoryStore, account: &str) {
-    let allowed = store.reserve(&reserve(account, "plan"), NOW).await.unwrap();
-    let Decision::Allow { reservation_id, .. } = &allowed.decision else {
-        panic!("denied: {allowed:?}");
-    };
-    store
-        .commit(commit(account, reservation_id, 150), NOW)
-        .await
-        .unwrap();
+    task(store, account, "plan", 150).await;
 }
 
 /// With a journal, an owner whose Redis stops answering goes on deciding from memory for the
@@ -411,18 +409,7 @@ async fn decisions_go_on_through_an_outage_and_reach_redis_once() {
         after.totals.balance + after.totals.spent
     );
     assert_eq!(after.recent.len(), before.recent.len() + 4);
-    let events = second
-        .export_read(
-            quotad::store::ExportRead {
-                group: "billing".into(),
-                consumer: "c".into(),
-                max_events: 100,
-                claim_idle_ms: 60_000,
-            },
-            NOW,
-        )
-        .await
-        .unwrap();
+    let events = exported(&second).await;
     let mut seqs: Vec<u64> = events.iter().map(|e| e.event.seq).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=5).collect::<Vec<_>>(), "one event per charge");

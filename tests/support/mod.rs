@@ -314,3 +314,32 @@ macro_rules! on_every_store {
 }
 #[allow(unused_imports)]
 pub(crate) use on_every_store;
+
+/// One read of the usage export by consumer group `billing` (up to 1,000 events, deliveries
+/// idle past `claim_idle_ms` first), acknowledged if `ack`.
+pub async fn export_batch(
+    admin: &mut AdminClient,
+    claim_idle_ms: u32,
+    ack: bool,
+) -> Vec<pb::ExportedUsageEvent> {
+    let read = pb::ReadUsageExportRequest {
+        group: "billing".into(),
+        consumer: "test".into(),
+        max_events: 1_000,
+        claim_idle_ms,
+    };
+    let events = admin
+        .read_usage_export(read)
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    if ack && !events.is_empty() {
+        let ack = pb::AckUsageExportRequest {
+            group: "billing".into(),
+            delivery_ids: events.iter().map(|e| e.delivery_id.clone()).collect(),
+        };
+        admin.ack_usage_export(ack).await.unwrap();
+    }
+    events
+}

@@ -1019,7 +1019,7 @@ impl Shared {
     /// time, until none is left. False if the writer must stop.
     async fn journaling(self: Arc<Self>, mut backlog: VecDeque<Journaled>) -> bool {
         let mut backoff = RETRY_FIRST;
-        let mut next_try = tokio::time::Instant::now();
+        let mut next_try = Instant::now();
         let mut inflight: Option<JoinHandle<(Vec<Journaled>, Attempt)>> = None;
         loop {
             if inflight.is_none() {
@@ -1027,16 +1027,8 @@ impl Shared {
                     self.outage_over().await;
                     return true;
                 }
-                if tokio::time::Instant::now() >= next_try {
-                    let mut bytes = 0;
-                    let take = (backlog.iter())
-                        .take_while(|j| {
-                            bytes += j.section.bytes();
-                            bytes <= REPLAY_CALL_BYTES
-                        })
-                        .count()
-                        .max(1);
-                    let chunk: Vec<Journaled> = backlog.drain(..take).collect();
+                if Instant::now() >= next_try {
+                    let chunk = one_call(&mut backlog);
                     let shared = self.clone();
                     inflight = Some(tokio::spawn(async move {
                         let refs: Vec<&Section> = chunk.iter().map(|j| &j.section).collect();
@@ -1060,7 +1052,7 @@ impl Shared {
                         return false;
                     };
                     if attempt.missed {
-                        next_try = tokio::time::Instant::now() + backoff;
+                        next_try = Instant::now() + backoff;
                         backoff = (backoff * 2).min(RETRY_MOST);
                     } else {
                         backoff = RETRY_FIRST;
@@ -1369,16 +1361,9 @@ impl Shared {
         let mut backoff = RETRY_FIRST;
         let mut landed = 0;
         while !backlog.is_empty() {
-            let mut bytes = 0;
-            let take = backlog
-                .iter()
-                .take_while(|j| {
-                    bytes += j.section.bytes();
-                    bytes <= REPLAY_CALL_BYTES
-                })
-                .count()
-                .max(1);
-            let mut sections: Vec<Section> = backlog.drain(..take).map(|j| j.section).collect();
+            let mut sections: Vec<Section> = (one_call(&mut backlog).into_iter())
+                .map(|j| j.section)
+                .collect();
             let refs: Vec<&Section> = sections.iter().collect();
             let attempt = self.attempt(&refs).await;
             // Nothing is held yet: a fenced partition is only counted and kept aside.
@@ -1703,6 +1688,20 @@ impl Section {
             .map(|op| op.key.len() + op.args.iter().map(Vec::len).sum::<usize>() + 8)
             .sum()
     }
+}
+
+/// The oldest journaled sections, as many as one bounded call takes (at least one).
+fn one_call(backlog: &mut VecDeque<Journaled>) -> Vec<Journaled> {
+    let mut bytes = 0;
+    let take = (backlog.iter())
+        .take_while(|j| {
+            bytes += j.section.bytes();
+            bytes <= REPLAY_CALL_BYTES
+        })
+        .count()
+        .max(1)
+        .min(backlog.len());
+    backlog.drain(..take).collect()
 }
 
 /// What one attempt at a write did, by partition.
