@@ -399,12 +399,22 @@ impl RedisSentinel {
 
     /// Waits until every write the master acknowledged has reached the replica.
     pub fn wait_replicated(&self) {
-        let acked = self.master().cli(&["WAIT", "1", "5000"]);
-        assert_eq!(
-            acked.as_deref().map(str::trim),
-            Some("1"),
-            "the replica caught up"
-        );
+        // Not WAIT from a new connection: it waits only for that connection's own writes (none),
+        // and answers at once. The replica has caught up when its offset reaches the master's.
+        let offset = |server: &RedisServer, field: &str| -> Option<u64> {
+            let info = server.cli(&["INFO", "replication"])?;
+            let line = info.lines().find(|l| l.starts_with(field))?;
+            line.split(':').nth(1)?.trim().parse().ok()
+        };
+        let master = self.master();
+        let target = offset(master, "master_repl_offset:").expect("the master's offset");
+        let replica = (self.nodes.iter())
+            .find(|n| n.port != master.port)
+            .expect("a replica");
+        let caught_up = wait_until(Duration::from_secs(5), || {
+            offset(replica, "slave_repl_offset:").is_some_and(|at| at >= target)
+        });
+        assert!(caught_up, "the replica caught up");
     }
 
     /// Kills the master (as a crash would); returns its port.
