@@ -136,6 +136,13 @@ async fn metric(quotad: &Quotad, line: &str) -> bool {
     text.lines().any(|l| l == line)
 }
 
+/// The value of a series (name and labels as exported), if exported.
+async fn metric_value(quotad: &Quotad, series: &str) -> Option<u64> {
+    let (_, text) = http_get(&quotad.http_addr, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 async fn until_logged(quotad: &Quotad, text: &str) {
     let started = Instant::now();
     while !quotad.output().contains(text) {
@@ -229,12 +236,11 @@ async fn reload_under_load(dir: PathBuf, store_args: Vec<String>) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(errors.load(Ordering::Relaxed), 0, "no call failed");
     assert!(calls.load(Ordering::Relaxed) > 50, "the load ran");
+    // The poller may see the second broken file before the SIGHUP comes, and refuse it too.
+    let refused = metric_value(&quotad, r#"quotad_config_reloads_total{outcome="refused"}"#).await;
     assert!(
-        metric(
-            &quotad,
-            r#"quotad_config_reloads_total{outcome="refused"} 2"#
-        )
-        .await
+        matches!(refused, Some(2 | 3)),
+        "refused reloads: {refused:?}"
     );
     assert!(
         metric(
