@@ -289,7 +289,7 @@ case "${1:-}" in
     # charges of the export, which this run does not reach: its used_memory grows with the
     # export.
     minutes="${SOAK_MINUTES:-10}"
-    rate="${SOAK_RATE:-2000}"
+    rate="${SOAK_RATE:-1000}" # forwarding: most calls take a second hop on the same cores
     evict="${SOAK_EVICT:-30}"
     accounts="${SOAK_ACCOUNTS:-100000}"
     retention="${SOAK_RETENTION:-120}"
@@ -342,7 +342,7 @@ case "${1:-}" in
       for from in "$retention" $((minutes * 30)); do
         awk -v from="$from" -v col=$((replica + 1)) -v replica="$replica" \
           '$1 >= from { n++; sx += $1; sy += $col; sxx += $1*$1; sxy += $1*$col }
-          END { if (n < 2) { print "too few samples"; exit }
+          END { if (n < 2) { printf "replica %d: too few samples after %d s\n", replica, from; exit }
                 slope = (n*sxy - sx*sy) / (n*sxx - sx*sx);
                 printf "replica %d: RSS slope after %d s: %.2f MiB per minute over %d samples\n", replica, from, slope * 60 / 1024, n }' "$samples"
       done
