@@ -25,6 +25,13 @@
 #   bench/figures.sh soak            # 10 minutes at a steady rate with a data dir, short idle
 #                                    # eviction and short retention: RSS every 10 s, its slope
 #                                    # after 2 minutes and over the second half
+#   bench/figures.sh owned-week      # Redis in owned mode: the week of `week` on one replica that
+#                                    # owns every partition: its RSS, accounts in memory, Redis's
+#                                    # used_memory (cargo bench --bench owned)
+#   bench/figures.sh owned-soak      # Redis in owned mode: 10 minutes at a steady rate over three
+#                                    # replicas, short idle eviction and retention: each replica's
+#                                    # RSS every 10 s and its slope after the retention and over the
+#                                    # second half; Redis's used_memory
 #   bench/figures.sh admission       # ns per decision beside governor and limitador (criterion)
 #   bench/figures.sh redis-cost      # Redis's own instructions per Reserve+Commit pair (callgrind)
 #
@@ -39,20 +46,26 @@ token="bench-admin-token"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# A redis-server on a free port (REDIS_PORT), with nothing saved. Optional: REDIS_UNDER, a
+# command to run it under, and REDIS_ARGS.
+start_redis() {
+  REDIS_PORT="$(free_port)"
+  # shellcheck disable=SC2086 # both are word lists
+  ${REDIS_UNDER:-} redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    ${REDIS_ARGS:-} >/dev/null 2>&1 &
+  REDIS_PID=$!
+  for _ in $(seq 150); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+}
+
 # $1: memory|redis|embedded (the memory store with a data dir: DATA_DIR, or a new temporary
-# one). Optional: REDIS_UNDER, a command to run redis-server under, and REDIS_ARGS;
-# QUOTAD_ENV, extra NAME=VALUE settings for quotad.
+# one). Optional: REDIS_UNDER and REDIS_ARGS (see start_redis); QUOTAD_ENV, extra NAME=VALUE
+# settings for quotad.
 start_quotad() {
   cargo build --release --quiet --bin quotad --bin quotactl
   local port; port="$(free_port)"
   local args=(serve --listen "127.0.0.1:$port")
   if [ "$1" = redis ]; then
-    REDIS_PORT="$(free_port)"
-    # shellcheck disable=SC2086 # both are word lists
-    ${REDIS_UNDER:-} redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-      ${REDIS_ARGS:-} >/dev/null 2>&1 &
-    REDIS_PID=$!
-    for _ in $(seq 150); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    start_redis
     args+=(--store redis --redis-url "redis://127.0.0.1:$REDIS_PORT")
   fi
   if [ "$1" = embedded ]; then
@@ -71,7 +84,37 @@ start_quotad() {
   echo "quotad did not start" >&2; exit 1
 }
 
+# A replica in owned mode on the Redis of start_redis, on key prefix $1: gRPC and HTTP ports of
+# its own, advertising its gRPC address (so the others forward to it), with QUOTAD_ENV's
+# settings. Its pid, gRPC address and HTTP address are appended to OWNED_PIDS, OWNED_GRPC and
+# OWNED_HTTP.
+OWNED_PIDS=(); OWNED_GRPC=(); OWNED_HTTP=()
+owned_start() {
+  local grpc http; grpc="$(free_port)"; http="$(free_port)"
+  # shellcheck disable=SC2086 # QUOTAD_ENV is a word list
+  env QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN="127.0.0.1:$http" QUOTAD_LOG_FORMAT=pretty \
+    QUOTAD_STORE__REDIS__MODE=owned QUOTAD_STORE__REDIS__KEY_PREFIX="$1" \
+    QUOTAD_STORE__REDIS__ADVERTISE_ADDR="127.0.0.1:$grpc" ${QUOTAD_ENV:-} \
+    target/release/quotad serve --listen "127.0.0.1:$grpc" --store redis \
+    --redis-url "redis://127.0.0.1:$REDIS_PORT" >/dev/null 2>&1 &
+  OWNED_PIDS+=($!)
+  OWNED_GRPC+=("http://127.0.0.1:$grpc"); OWNED_HTTP+=("127.0.0.1:$http")
+  for _ in $(seq 300); do
+    target/release/quotactl --addr "http://127.0.0.1:$grpc" bench --workload health --requests 1 --warmup 0s --json >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "quotad did not start" >&2; exit 1
+}
+
+owned_stop() {
+  if [ "${#OWNED_PIDS[@]}" -gt 0 ]; then
+    kill "${OWNED_PIDS[@]}" 2>/dev/null || true; wait "${OWNED_PIDS[@]}" 2>/dev/null || true
+  fi
+  OWNED_PIDS=(); OWNED_GRPC=(); OWNED_HTTP=()
+}
+
 stop() {
+  owned_stop
   [ -n "${QUOTAD_PID:-}" ] && kill "$QUOTAD_PID" 2>/dev/null && wait "$QUOTAD_PID" 2>/dev/null || true
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null || true
   if [ -n "${TEMP_DIR:-}" ]; then rm -rf "$TEMP_DIR"; DATA_DIR=""; TEMP_DIR=""; fi
@@ -147,28 +190,7 @@ case "${1:-}" in
     ;;
   owned-replicas)
     cargo build --release --quiet --bin quotad --bin quotactl
-    REDIS_PORT="$(free_port)"
-    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 &
-    REDIS_PID=$!
-    for _ in $(seq 150); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-    OWNED_PIDS=()
-    trap 'kill "${OWNED_PIDS[@]}" 2>/dev/null; stop' EXIT
-    # Replica i: gRPC and HTTP ports of its own, advertising its gRPC address.
-    owned_start() { # key prefix
-      local grpc http; grpc="$(free_port)"; http="$(free_port)"
-      env QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN="127.0.0.1:$http" QUOTAD_LOG_FORMAT=pretty \
-        QUOTAD_STORE__REDIS__MODE=owned QUOTAD_STORE__REDIS__KEY_PREFIX="$1" \
-        QUOTAD_STORE__REDIS__ADVERTISE_ADDR="127.0.0.1:$grpc" \
-        target/release/quotad serve --listen "127.0.0.1:$grpc" --store redis \
-        --redis-url "redis://127.0.0.1:$REDIS_PORT" >/dev/null 2>&1 &
-      OWNED_PIDS+=($!)
-      OWNED_GRPC+=("http://127.0.0.1:$grpc"); OWNED_HTTP+=("127.0.0.1:$http")
-      for _ in $(seq 300); do
-        target/release/quotactl --addr "http://127.0.0.1:$grpc" bench --workload health --requests 1 --warmup 0s --json >/dev/null 2>&1 && return
-        sleep 0.1
-      done
-      echo "quotad did not start" >&2; exit 1
-    }
+    start_redis
     forwarded() { # sum of answered forwards over the replicas' metrics
       local n=0 h v
       for h in "${OWNED_HTTP[@]}"; do
@@ -178,12 +200,10 @@ case "${1:-}" in
       echo "$n"
     }
     echo "Redis in owned mode, Reserve+Commit pairs, 6 connections, 64 in flight, ${seconds} s each"
-    OWNED_GRPC=(); OWNED_HTTP=()
     owned_start one
     ADDR="${OWNED_GRPC[0]}"
     one="$(bench reserve-commit --connections 6)"
-    kill "${OWNED_PIDS[@]}"; wait "${OWNED_PIDS[@]}" 2>/dev/null || true
-    OWNED_PIDS=(); OWNED_GRPC=(); OWNED_HTTP=()
+    owned_stop
     for _ in 1 2 3; do owned_start three; done
     sleep 5 # every replica has joined and taken its partitions
     ADDR="${OWNED_GRPC[0]}"
@@ -257,6 +277,78 @@ case "${1:-}" in
     done
     rm -f "$samples" "$samples.run"
     ;;
+  owned-week)
+    cargo bench --bench owned
+    ;;
+  owned-soak)
+    # The soak above on Redis in owned mode: one redis-server, three replicas on one key
+    # prefix, the load's connections spread over all three (so most calls are forwarded to
+    # their account's owner). The same short retention and idle eviction, so that what each
+    # owner keeps reaches its steady state within minutes; after that its RSS should stop
+    # growing. Redis keeps every account and, per partition, up to `export_max_len` (100,000)
+    # charges of the export, which this run does not reach: its used_memory grows with the
+    # export.
+    minutes="${SOAK_MINUTES:-10}"
+    rate="${SOAK_RATE:-1000}" # forwarding: most calls take a second hop on the same cores
+    evict="${SOAK_EVICT:-30}"
+    accounts="${SOAK_ACCOUNTS:-100000}"
+    retention="${SOAK_RETENTION:-120}"
+    recent="${SOAK_RECENT:-5}"
+    cargo build --release --quiet --bin quotad --bin quotactl
+    start_redis
+    QUOTAD_ENV="QUOTAD_STORE__EMBEDDED__EVICT_IDLE_SECONDS=$evict QUOTAD_LIMITS__DEFAULT_TTL_SECONDS=60
+      QUOTAD_LIMITS__MAX_TTL_SECONDS=$retention QUOTAD_LIMITS__IDEMPOTENCY_RETENTION_SECONDS=$retention
+      QUOTAD_LIMITS__RECENT_EVENTS=$recent"
+    for _ in 1 2 3; do owned_start soak; done
+    sleep 5 # every replica has joined and taken its partitions
+    ADDR="${OWNED_GRPC[0]}"
+    used() { redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
+    exported() { # events in the export, over every partition's stream
+      local n=0 key
+      for key in $(redis-cli -p "$REDIS_PORT" --scan --pattern 'soak:*:x'); do
+        n=$(( n + $(redis-cli -p "$REDIS_PORT" xlen "$key") ))
+      done
+      echo "$n"
+    }
+    echo "owned mode, three replicas, $rate pairs/s over $accounts accounts (uniform) for $minutes min," \
+      "6 connections spread over the replicas, idle accounts evicted after $evict s, answers kept" \
+      "$retention s, $recent charges of history per account"
+    redis_start="$(used)"
+    samples="$(mktemp)"
+    LENGTH="--duration $((minutes * 60))s --warmup 0s" \
+      bench reserve-commit --rate "$rate" --accounts "$accounts" --zipf 0 --credit-share 0 \
+      --over-limit-share 0 --connections 6 --also "${OWNED_GRPC[1]}" --also "${OWNED_GRPC[2]}" \
+      >"$samples.run" &
+    load=$!
+    start="$(date +%s)"
+    while kill -0 "$load" 2>/dev/null; do
+      t=$(( $(date +%s) - start ))
+      line="$t"
+      for pid in "${OWNED_PIDS[@]}"; do line="$line $(awk '/VmRSS/ {print $2}' "/proc/$pid/status")"; done
+      echo "$line" >>"$samples"
+      read -r _ r1 r2 r3 <<<"$line"
+      printf 't %4s s  RSS %6.1f %6.1f %6.1f MiB  Redis used_memory %6.1f MiB\n' "$t" \
+        "$(jq -n "$r1 / 1024")" "$(jq -n "$r2 / 1024")" "$(jq -n "$r3 / 1024")" "$(jq -n "$(used) / 1048576")"
+      sleep 10
+    done
+    wait "$load"
+    run="$(cat "$samples.run")"
+    echo "pairs/s: $(echo "$run" | field .ops_per_s), p99 $(echo "$run" | field .latency_us.p99) µs," \
+      "p99.9 $(echo "$run" | field .latency_us.p99_9) µs, errors: $(echo "$run" | jq -c .errors)"
+    printf 'Redis used_memory at the start %.1f MiB, at the end %.1f MiB; %s charges in the export\n' \
+      "$(jq -n "$redis_start / 1048576")" "$(jq -n "$(used) / 1048576")" "$(exported)"
+    # Least-squares slope of each replica's RSS, after the retention and over the second half.
+    for replica in 1 2 3; do
+      for from in "$retention" $((minutes * 30)); do
+        awk -v from="$from" -v col=$((replica + 1)) -v replica="$replica" \
+          '$1 >= from { n++; sx += $1; sy += $col; sxx += $1*$1; sxy += $1*$col }
+          END { if (n < 2) { printf "replica %d: too few samples after %d s\n", replica, from; exit }
+                slope = (n*sxy - sx*sy) / (n*sxx - sx*sx);
+                printf "replica %d: RSS slope after %d s: %.2f MiB per minute over %d samples\n", replica, from, slope * 60 / 1024, n }' "$samples"
+      done
+    done
+    rm -f "$samples" "$samples.run"
+    ;;
   memory)
     cargo bench --bench memory
     ;;
@@ -288,7 +380,7 @@ case "${1:-}" in
     echo "Redis instructions per Reserve+Commit pair: $(( (many - few) / 2000 )) (runs of 1,000 and 3,000 pairs: $few and $many)"
     ;;
   *)
-    sed -n '2,28p' "$0"
+    sed -n '2,40p' "$0"
     exit 2
     ;;
 esac

@@ -1,15 +1,19 @@
 //! What the benchmarks share: a throwaway `redis-server`, quotad served in-process on a free
-//! port, settings read from the environment, and the process's RSS.
+//! port, settings read from the environment, the process's RSS, and a simulated week of tasks.
 #![allow(dead_code)]
+
+pub mod week;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use quotad::config::Config;
 use quotad::domain::SystemClock;
+use quotad::store::StoreError;
 
 /// Resident set size of this process, from `/proc/self/status` (Linux).
 pub fn rss_bytes() -> u64 {
@@ -19,6 +23,43 @@ pub fn rss_bytes() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// The highest RSS of this process, sampled every 200 ms from now on by a thread of its own.
+pub fn watch_peak_rss() -> Arc<AtomicU64> {
+    let peak = Arc::new(AtomicU64::new(rss_bytes()));
+    let watched = peak.clone();
+    std::thread::spawn(move || {
+        loop {
+            watched.fetch_max(rss_bytes(), Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    peak
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
+/// Runs a call until the store takes it: an UNAVAILABLE while the store's writes are behind
+/// comes before anything is decided (and a retry is answered from the first answer anyway), so
+/// the bench, like a client, waits a little and sends it again.
+pub async fn patiently<T, F, Fut>(refused: &AtomicU64, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    loop {
+        match call().await {
+            Ok(answer) => return answer,
+            Err(StoreError::Unavailable(_)) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(err) => panic!("{err}"),
+        }
+    }
 }
 
 pub fn env_or(name: &str, default: u64) -> u64 {
@@ -73,6 +114,14 @@ impl Redis {
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A numeric field of `INFO` (e.g. `used_memory`), 0 if absent.
+    pub fn info(&self, field: &str) -> u64 {
+        let prefix = format!("{field}:");
+        (self.cli(&["INFO"]).lines())
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// `cmdstat_*` call counts.
