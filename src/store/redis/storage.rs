@@ -294,19 +294,23 @@ impl RedisStorage {
             write_script: Script::new(WRITE),
         }
     }
+}
 
-    async fn invoke(&self, call: &WriteCall) -> redis::RedisResult<i64> {
-        let mut invocation = self.write_script.prepare_invoke();
-        for key in &call.keys {
-            invocation.key(key);
-        }
-        invocation.arg(call.partitions.len());
-        for arg in &call.args {
-            invocation.arg(&arg[..]);
-        }
-        let mut conn = self.conn.clone();
-        invocation.invoke_async(&mut conn).await
+/// Runs one write call of `script` (the fenced batch write) on `conn`; answers Redis's clock.
+async fn invoke(
+    mut conn: Connection,
+    script: &Script,
+    call: &WriteCall,
+) -> redis::RedisResult<i64> {
+    let mut invocation = script.prepare_invoke();
+    for key in &call.keys {
+        invocation.key(key);
     }
+    invocation.arg(call.partitions.len());
+    for arg in &call.args {
+        invocation.arg(&arg[..]);
+    }
+    invocation.invoke_async(&mut conn).await
 }
 
 fn missed(what: &str, e: impl std::fmt::Display) -> StorageError {
@@ -422,20 +426,14 @@ impl OwnedStorage for RedisStorage {
             };
             let results = if calls.len() == 1 {
                 let call = calls.into_iter().next().expect("one call");
-                let result = self.invoke(&call).await;
+                let result = invoke(self.conn.clone(), &self.write_script, &call).await;
                 vec![(call.partitions, result)]
             } else {
                 let mut running = JoinSet::new();
                 for call in calls {
-                    let storage = RedisStorage {
-                        conn: self.conn.clone(),
-                        prefix: String::new(),
-                        partitions: self.partitions,
-                        cluster: self.cluster,
-                        write_script: self.write_script.clone(),
-                    };
+                    let (conn, script) = (self.conn.clone(), self.write_script.clone());
                     running.spawn(async move {
-                        let result = storage.invoke(&call).await;
+                        let result = invoke(conn, &script, &call).await;
                         (call.partitions, result)
                     });
                 }
