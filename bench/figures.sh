@@ -16,6 +16,9 @@
 #                                    # on three with the connections spread over all of them (so
 #                                    # most calls are forwarded to their account's owner), and the
 #                                    # share of calls forwarded
+#   bench/figures.sh stores          # memory, Redis (scripts) and Redis in owned mode one after the
+#                                    # other: health checks, Reserve+Commit pairs and counted RLS
+#                                    # calls (a counter per key, 10,000 keys), each over memory's
 #   bench/figures.sh memory          # bytes per account, 1,000,000 accounts (cargo bench --bench memory)
 #   bench/figures.sh week [DIR]      # 1,000,000 accounts, 20 tasks each over a simulated week, on a
 #                                    # data dir (kept at DIR if given): RSS, data dir size, reopening
@@ -57,24 +60,26 @@ start_redis() {
   for _ in $(seq 150); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 }
 
-# $1: memory|redis|embedded (the memory store with a data dir: DATA_DIR, or a new temporary
-# one). Optional: REDIS_UNDER and REDIS_ARGS (see start_redis); QUOTAD_ENV, extra NAME=VALUE
+# $1: memory|redis|owned|embedded (owned: Redis in owned mode, one replica; embedded: the
+# memory store with a data dir: DATA_DIR, or a new temporary one). Optional: REDIS_UNDER and REDIS_ARGS (see start_redis); QUOTAD_ENV, extra NAME=VALUE
 # settings for quotad.
 start_quotad() {
   cargo build --release --quiet --bin quotad --bin quotactl
   local port; port="$(free_port)"
   local args=(serve --listen "127.0.0.1:$port")
-  if [ "$1" = redis ]; then
+  local mode=()
+  if [ "$1" = redis ] || [ "$1" = owned ]; then
     start_redis
     args+=(--store redis --redis-url "redis://127.0.0.1:$REDIS_PORT")
   fi
+  if [ "$1" = owned ]; then mode=(QUOTAD_STORE__REDIS__MODE=owned); fi
   if [ "$1" = embedded ]; then
     if [ -z "${DATA_DIR:-}" ]; then TEMP_DIR="$(mktemp -d)"; DATA_DIR="$TEMP_DIR/data"; fi
     args+=(--data-dir "$DATA_DIR")
   fi
   # shellcheck disable=SC2086
   env QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN=127.0.0.1:0 QUOTAD_LOG_FORMAT=pretty ${QUOTAD_ENV:-} \
-    target/release/quotad "${args[@]}" >/dev/null 2>&1 &
+    "${mode[@]}" target/release/quotad "${args[@]}" >/dev/null 2>&1 &
   QUOTAD_PID=$!
   ADDR="http://127.0.0.1:$port"
   for _ in $(seq 300); do
@@ -187,6 +192,27 @@ case "${1:-}" in
       stop
     done
     printf 'pairs with a data dir / pairs without: %.2f (goal: at least 0.8)\n' "$(jq -n "${pairs[embedded]} / ${pairs[memory]}")"
+    ;;
+  stores)
+    # Counted RLS calls: a rule with a counter per account_id value in domain "edge", never over
+    # its limit, so every call counts (the rls workload names one account per call).
+    rules='[{domain="edge",entries=[{key="account_id"}],requests_per_unit=1000000000,unit="minute"}]'
+    echo "health checks, Reserve+Commit pairs and counted RLS calls (10,000 keys), 4 connections," \
+      "64 in flight, ${seconds} s each; ratios over the memory store's"
+    declare -A pairs rls
+    for store in memory redis owned; do
+      QUOTAD_ENV="QUOTAD_RLS__RULES=$rules" start_quotad "$store"
+      h="$(bench health | field .ops_per_s)"
+      run="$(bench reserve-commit)"
+      pairs[$store]="$(echo "$run" | field .ops_per_s)"
+      counted="$(bench rls --rls-domain edge --accounts 10000)"
+      rls[$store]="$(echo "$counted" | field .ops_per_s)"
+      printf '%-7s health %8.0f /s   pairs %8.0f /s p99 %6s µs (%.2f)   RLS %8.0f /s p99 %6s µs (%.2f)\n' \
+        "$store" "$h" "${pairs[$store]}" "$(echo "$run" | field .latency_us.p99)" \
+        "$(jq -n "${pairs[$store]} / ${pairs[memory]}")" "${rls[$store]}" \
+        "$(echo "$counted" | field .latency_us.p99)" "$(jq -n "${rls[$store]} / ${rls[memory]}")"
+      stop
+    done
     ;;
   owned-replicas)
     cargo build --release --quiet --bin quotad --bin quotactl

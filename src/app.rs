@@ -788,6 +788,10 @@ impl<S: Store> Quota<S> {
         let mut statuses = Vec::with_capacity(descriptors.len());
         // Where each counted descriptor's answer goes.
         let mut counted = Vec::new();
+        // Account descriptors, read after the counters are counted: a store that decides on
+        // counters elsewhere refuses before anything was read (the call goes there), and the
+        // account check counts nothing, so its place changes no answer.
+        let mut accounts = Vec::new();
         for (i, descriptor) in descriptors.iter().enumerate() {
             if descriptor.entries.is_empty() {
                 return Err(invalid(
@@ -804,8 +808,14 @@ impl<S: Store> Quota<S> {
                     reset_in_ms: 0,
                 },
                 Target::Account { rule, account_id } => {
-                    self.account_rate_limit(&rules.policy, rule, &account_id)
-                        .await?
+                    check_id(&rules.policy, "descriptors.entries.account_id", &account_id)?;
+                    accounts.push((i, rule, account_id));
+                    RlsStatus {
+                        over: false,
+                        limit: None,
+                        remaining: 0,
+                        reset_in_ms: 0,
+                    }
                 }
                 Target::Counter {
                     rule,
@@ -848,6 +858,11 @@ impl<S: Store> Quota<S> {
                 status.reset_in_ms = answer.reset_in_ms;
             }
         }
+        for (i, rule, account_id) in accounts {
+            statuses[i] = self
+                .account_rate_limit(&rules.policy, rule, &account_id)
+                .await?;
+        }
         Ok(statuses)
     }
 
@@ -860,10 +875,9 @@ impl<S: Store> Quota<S> {
         rule: &RlsRule,
         account_id: &str,
     ) -> Result<RlsStatus, QuotaError> {
-        check_id(policy, "descriptors.entries.account_id", account_id)?;
         let now = self.clock.now();
         let snapshot = match self
-            .timed("usage", self.store.usage(account_id, 0, now))
+            .timed("usage", self.store.account_status(account_id, now))
             .await
         {
             Ok(snapshot) => Some(snapshot),

@@ -255,7 +255,8 @@ impl Model {
                 }
                 let arg = |i: usize| op.args[i].clone();
                 match op.code {
-                    b"S" => {
+                    // Counters are kept for good here: nothing reads them after their window.
+                    b"S" | b"P" => {
                         self.strings.insert(op.key.clone(), arg(0));
                     }
                     b"H" => {
@@ -342,6 +343,10 @@ impl Model {
             .map(|(_, v)| v.clone())
             .collect();
         Some((core, records))
+    }
+
+    fn load_values(&self, keys: &[String]) -> Vec<Option<Vec<u8>>> {
+        keys.iter().map(|k| self.strings.get(k).cloned()).collect()
     }
 }
 
@@ -462,6 +467,10 @@ impl OwnedStorage for Reach {
 
     fn load<'a>(&'a self, account_id: &'a str) -> StorageFuture<'a, Option<StoredAccount>> {
         Box::pin(self.call(move |m| m.load(account_id)))
+    }
+
+    fn load_values<'a>(&'a self, keys: &'a [String]) -> StorageFuture<'a, Vec<Option<Vec<u8>>>> {
+        Box::pin(self.call(move |m| m.load_values(keys)))
     }
 }
 

@@ -969,3 +969,79 @@ async fn any_owner_answers_for_every_account_and_names_the_owner() {
         "the accounts spread over the replicas: {owners:?}"
     );
 }
+
+/// Envoy RLS counters are shared, not per replica: calls spread over three owned replicas
+/// (each request naming a counter and an account, whose owners differ) are counted by the
+/// owner of the domain's counters, so a limit of 20 a minute admits exactly 20 in all, and
+/// every answer names that owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limit_counters_are_shared_by_the_replicas() {
+    use quotad::api::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use quotad::api::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use quotad::api::envoy::service::ratelimit::v3::RateLimitRequest;
+    use quotad::api::envoy::service::ratelimit::v3::rate_limit_response::Code as RlsCode;
+    use quotad::api::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let mut env = replica_env(&Backend::Owned(&server), &fresh_prefix());
+    env.push((
+        "QUOTAD_RLS__RULES".into(),
+        "[{domain=\"edge\",entries=[{key=\"remote_address\"}],requests_per_unit=20,unit=\"minute\"},\
+          {domain=\"edge\",entries=[{key=\"account_id\"}],account_windows=true}]"
+            .into(),
+    ));
+    let procs = tokio::task::spawn_blocking(move || {
+        (0..REPLICAS)
+            .map(|_| start("127.0.0.1:0", &env))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let urls: Vec<String> = procs.iter().map(Quotad::url).collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    setup_accounts(&urls[0]).await;
+    let entry = |key: &str, value: &str| RateLimitDescriptor {
+        entries: vec![Entry {
+            key: key.into(),
+            value: value.into(),
+        }],
+        ..Default::default()
+    };
+    let mut running = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let url = urls[i % urls.len()].clone();
+        let account = PLUS[i % PLUS.len()];
+        let request = RateLimitRequest {
+            domain: "edge".into(),
+            descriptors: vec![
+                entry("remote_address", "10.1.2.3"),
+                entry("account_id", account),
+            ],
+            hits_addend: 0,
+        };
+        running.spawn(async move {
+            let mut client = RateLimitServiceClient::connect(url.clone()).await.unwrap();
+            let answer = client
+                .should_rate_limit(request)
+                .await
+                .unwrap_or_else(|e| panic!("at {url}: {e:?}"));
+            let owner = answer.metadata().get("quotad-owner").cloned();
+            let answer = answer.into_inner();
+            let statuses: Vec<i32> = answer.statuses.iter().map(|s| s.code).collect();
+            (answer.overall_code, statuses, owner)
+        });
+    }
+    let answers = running.join_all().await;
+    let admitted = (answers.iter())
+        .filter(|(code, _, _)| *code == RlsCode::Ok as i32)
+        .count();
+    assert_eq!(admitted, 20, "{answers:?}");
+    for (_, statuses, _) in &answers {
+        assert_eq!(statuses[1], RlsCode::Ok as i32, "the accounts have room");
+    }
+    let owners: std::collections::HashSet<_> = answers.iter().map(|(_, _, o)| o.clone()).collect();
+    assert_eq!(owners.len(), 1, "one owner counts the domain: {owners:?}");
+    assert!(owners.iter().all(Option::is_some), "answers name it");
+}

@@ -485,3 +485,77 @@ async fn an_epoch_lost_in_a_failover_is_never_issued_again() {
     assert!(next > issued, "epoch {issued} was issued again as {next}");
     assert!(wait_for(|| store.owned_partitions() == Some(1)).await);
 }
+
+/// Envoy RLS counters are owned like accounts: a domain's counters are counted by the owner of
+/// its partition, written behind to Redis (kept for their window's length), read back by the
+/// next owner, and refused elsewhere with the owner's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_counters_are_owned_and_move_with_their_partition() {
+    use quotad::domain::rls::{CounterCheck, RlsUnit};
+    use quotad::store::redis::owned::{counter_key, counter_partition};
+    let redis = RedisServer::start();
+    let redis_settings = settings(&redis.url(), None);
+    let owned = |address: &str| OwnedSettings {
+        advertise: address.into(),
+        ..short_lease()
+    };
+    let hits = |n: u64| {
+        [CounterCheck {
+            key: "ip:1".into(),
+            unit: RlsUnit::Minute,
+            limit: 10,
+            hits: n,
+        }]
+    };
+    let a = owned_store_with(redis_settings.clone(), owned("10.0.0.1:50051")).await;
+    let first = a.rls_check("edge", &hits(4), NOW).await.unwrap();
+    assert_eq!((first[0].over, first[0].remaining), (false, 6));
+    drop(a);
+
+    let b = owned_store_with(redis_settings.clone(), owned("10.0.0.2:50051")).await;
+    let second = b.rls_check("edge", &hits(4), NOW).await.unwrap();
+    assert_eq!(
+        (second[0].over, second[0].remaining),
+        (false, 2),
+        "the first owner's count was read back from Redis"
+    );
+    let key = counter_key(
+        &redis_settings.key_prefix,
+        counter_partition("edge", 64),
+        "edge",
+        "ip:1",
+    );
+    let mut kept = 0;
+    for _ in 0..100 {
+        kept = redis.cli(&["PTTL", &key]).unwrap().trim().parse().unwrap();
+        if kept > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        (1..=61_000).contains(&kept),
+        "kept for a minute and a bucket at most: {kept}"
+    );
+
+    let c = owned_store_with(redis_settings, owned("10.0.0.3:50051")).await;
+    let split = wait_for(|| {
+        let (x, y) = (b.owned_partitions().unwrap(), c.owned_partitions().unwrap());
+        x + y == 64 && x >= 16 && y >= 16
+    })
+    .await;
+    assert!(split, "c took its share");
+    let (owner, other, address) = match b.rls_check("edge", &hits(0), NOW).await {
+        Ok(_) => (&b, &c, "10.0.0.2:50051"),
+        Err(_) => (&c, &b, "10.0.0.3:50051"),
+    };
+    let refused = other.rls_check("edge", &hits(1), NOW).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Moved { address: at, .. }) if at == address),
+        "{refused:?}"
+    );
+    let third = owner.rls_check("edge", &hits(2), NOW).await.unwrap();
+    assert_eq!((third[0].over, third[0].remaining), (false, 0));
+    let over = owner.rls_check("edge", &hits(1), NOW).await.unwrap();
+    assert!(over[0].over, "ten counted over three owners, once each");
+}

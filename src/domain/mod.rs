@@ -21,7 +21,8 @@ pub mod window;
 pub use account::AccountState;
 pub use account::persisted::{
     AccountWrite, DecodeError, FORMAT_VERSION, RecordKind, RecordValue, decode_account,
-    decode_account_of, decode_event, encode_account, encode_account_changes, encode_event,
+    decode_account_of, decode_counter, decode_event, encode_account, encode_account_changes,
+    encode_counter, encode_event,
 };
 pub use decision::*;
 pub use error::DomainError;

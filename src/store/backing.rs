@@ -6,7 +6,7 @@
 
 use super::data_dir::Change;
 use super::group_commit::GroupCommit;
-use super::redis::owned::{Admission, OwnedRedis};
+use super::redis::owned::{Admission, OwnedRedis, Queued};
 use super::{ExportRead, StoreError};
 use crate::domain::{AccountState, ExportedEvent, Timestamp, UsageEvent};
 
@@ -32,7 +32,7 @@ impl Backing {
     pub fn submit(&self, change: Change, epoch: u64) -> u64 {
         match self {
             Backing::DataDir(commits) => commits.submit(change),
-            Backing::Redis(redis) => redis.submit(change, epoch),
+            Backing::Redis(redis) => redis.submit(Queued::Account(change), epoch),
         }
     }
 

@@ -31,9 +31,9 @@ use super::data_dir::{Change, DataDir, DataDirError, PurchaseIndex};
 use super::export_log::ExportLog;
 use super::group_commit::GroupCommit;
 use super::redis::RedisSettings;
-use super::redis::owned::{Hooks, OwnedRedis, OwnedSettings, partition_of};
+use super::redis::owned::{Hooks, OwnedRedis, OwnedSettings, counter_partition, partition_of};
 use super::redis::storage::OwnedStorage;
-use super::rls_counters::RlsCounters;
+use super::rls_counters::{Counted, RlsCounters};
 use super::{
     DataDirStats, ExportRead, OutageStats, Store, StoreError, StoreHealth, account_not_found,
 };
@@ -89,8 +89,8 @@ pub struct MemoryStore {
     /// Open reservations of all accounts, kept by every operation (it sees the account's count
     /// before and after, under the account's lock).
     open_holds: Arc<AtomicI64>,
-    /// Envoy RLS counters.
-    rls: RlsCounters,
+    /// Envoy RLS counters (on Redis in owned mode, those of the partitions held here).
+    rls: Arc<RlsCounters>,
     /// Accounts with an auto top-up purchase in flight, and when it started, kept like
     /// `open_holds`. The once-a-second look for stalled purchases reads this, not every
     /// account: walking millions of accounts holds each shard's lock for milliseconds, and every
@@ -182,7 +182,7 @@ impl MemoryStore {
             accounts: Arc::new(DashMap::new()),
             durable: None,
             open_holds: Arc::new(AtomicI64::new(0)),
-            rls: RlsCounters::default(),
+            rls: Arc::new(RlsCounters::default()),
             purchases: Arc::new(DashMap::new()),
         }
     }
@@ -258,12 +258,13 @@ impl MemoryStore {
             }),
             gone: Box::new({
                 let (accounts, indexed) = (store.accounts.clone(), store.purchases.clone());
-                let holds = store.open_holds.clone();
+                let (holds, counters) = (store.open_holds.clone(), store.rls.clone());
                 move |partition, open| {
                     let elsewhere = |id: &String| partition_of(id, partitions) != partition;
                     accounts.retain(|id, _| elsewhere(id));
                     indexed.retain(|id, _| elsewhere(id));
                     holds.fetch_sub(open, Ordering::Relaxed);
+                    counters.forget(|domain| counter_partition(domain, partitions) == partition);
                 }
             }),
         }
@@ -463,6 +464,50 @@ impl MemoryStore {
             durable.backing.durable(change).await?;
         }
         Ok(result?)
+    }
+
+    /// Envoy RLS on Redis in owned mode: the owner of the domain's partition decides in memory
+    /// (another replica is refused with the owner's address, and the call forwarded there),
+    /// reading each counter from Redis the first time it counts under the partition's epoch.
+    /// What a request changed is written behind, by the same batches as accounts' changes, and
+    /// the answer does not wait for it: counters are not money, and a rate limit gains at most
+    /// a batch's worth of requests (a millisecond or so) if the owner dies before its write.
+    async fn owned_rls_check(
+        &self,
+        redis: &OwnedRedis,
+        domain: &str,
+        checks: &[CounterCheck],
+        now: Timestamp,
+    ) -> Result<Vec<CounterStatus>, StoreError> {
+        let admission = redis.admit_partition(counter_partition(domain, redis.partitions()))?;
+        let epoch = admission.epoch();
+        // Twice at most: a counter pruned between its reading and the step is read again.
+        for _ in 0..3 {
+            match self.rls.check_and_count_under(domain, checks, now, epoch) {
+                Counted::Done(statuses, changed) => {
+                    if !changed.is_empty() {
+                        redis.submit(redis.counter_write(domain, changed), epoch);
+                    }
+                    return Ok(statuses);
+                }
+                Counted::Missing(keys) => {
+                    let unit_of = |key: &str| {
+                        let check = checks.iter().find(|c| c.key == key);
+                        check.map_or(crate::domain::rls::RlsUnit::Second, |c| c.unit)
+                    };
+                    let read = redis
+                        .load_counters(domain, &keys, |key| unit_of(key).window())
+                        .await?;
+                    self.rls.install(domain, read, epoch);
+                }
+                Counted::Stale => break,
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the rate limit's partition moved while this call waited; nothing was counted, \
+             and it may be asked again"
+                .into(),
+        ))
     }
 
     /// Leaves out of memory the accounts idle since `now − evict_idle` whose changes are all
@@ -684,13 +729,36 @@ impl Store for MemoryStore {
         Ok(snapshot)
     }
 
+    async fn account_status(
+        &self,
+        account_id: &str,
+        now: Timestamp,
+    ) -> Result<UsageSnapshot, StoreError> {
+        let redis = match self.durable.as_ref().map(|d| &d.backing) {
+            Some(Backing::Redis(redis)) => redis,
+            _ => return self.usage(account_id, 0, now).await,
+        };
+        match self.usage(account_id, 0, now).await {
+            Err(StoreError::Moved { .. }) => {}
+            answered => return answered,
+        }
+        let mut state =
+            (redis.load_account(account_id).await?).ok_or_else(|| account_not_found(account_id))?;
+        let rules = self.rules.snapshot();
+        state.settle(&rules.policy, now);
+        Ok(state.snapshot(&rules.policy, 0)?)
+    }
+
     async fn rls_check(
         &self,
         domain: &str,
         checks: &[CounterCheck],
         now: Timestamp,
     ) -> Result<Vec<CounterStatus>, StoreError> {
-        Ok(self.rls.check_and_count(domain, checks, now))
+        match self.durable.as_ref().map(|d| &d.backing) {
+            Some(Backing::Redis(redis)) => self.owned_rls_check(redis, domain, checks, now).await,
+            _ => Ok(self.rls.check_and_count(domain, checks, now)),
+        }
     }
 
     fn maintenance_interval(&self) -> Option<Duration> {

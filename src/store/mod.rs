@@ -162,6 +162,18 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> impl Future<Output = Result<UsageSnapshot, StoreError>> + Send;
 
+    /// An account's windows and credits for an Envoy RLS account check (no history). A store
+    /// that does not decide on the account here may answer what it last wrote instead of
+    /// refusing (Redis in owned mode: the owner's state, behind it by at most the batch in
+    /// flight), so one RLS request can name an account and counters decided elsewhere.
+    fn account_status(
+        &self,
+        account_id: &str,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<UsageSnapshot, StoreError>> + Send {
+        self.usage(account_id, 0, now)
+    }
+
     /// How often [`maintain`](Store::maintain) should run; `None` if the store needs no upkeep.
     fn maintenance_interval(&self) -> Option<Duration> {
         None

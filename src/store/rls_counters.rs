@@ -8,6 +8,13 @@
 //! counters sit in several stripes locks them in ascending order, so two requests never wait on
 //! each other in a cycle.
 //!
+//! On Redis in owned mode the counters are owned like accounts: a domain's counters fall in one
+//! partition, its owner decides on them here, and each counter it changes is written behind (see
+//! `MemoryStore::rls_check`). Each counter then carries the epoch of its partition it was read
+//! under, and a step never runs on a counter it has not read under its own epoch: it answers
+//! which counters to read from Redis first ([`Counted::Missing`]). Memory-only counters carry
+//! no epoch, and a counter not seen yet starts empty.
+//!
 //! Forgetting counters whose counts have all left their windows takes one stripe at a time, so
 //! the once-a-second prune holds up a stripe's share of calls at most, never all of them.
 
@@ -22,9 +29,16 @@ use crate::domain::window::SlidingWindow;
 /// Enough that the cores of a large node seldom meet on one stripe; a power of two.
 const STRIPES: usize = 64;
 
+/// A counter's window and the epoch of its partition it was read under (0: memory only).
+#[derive(Debug)]
+struct Counter {
+    window: SlidingWindow,
+    epoch: u64,
+}
+
 /// Counters by domain, then by counter key: two levels, so a lookup borrows both names instead
 /// of building a combined key on every call.
-type Stripe = HashMap<String, HashMap<String, SlidingWindow>>;
+type Stripe = HashMap<String, HashMap<String, Counter>>;
 
 #[derive(Debug)]
 pub(super) struct RlsCounters {
@@ -47,24 +61,84 @@ fn lock(stripe: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
     stripe.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What a step under an epoch did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Counted {
+    /// Checked (and counted if all fit): the answers, and the counters the request changed
+    /// with their windows now (to write behind).
+    Done(Vec<CounterStatus>, Vec<(String, SlidingWindow)>),
+    /// Not read under this epoch (never, or under an older one): read these, install them,
+    /// and step again. Nothing changed.
+    Missing(Vec<String>),
+    /// A counter was read under a newer epoch: the partition moved while this call waited.
+    /// Nothing changed.
+    Stale,
+}
+
 impl RlsCounters {
     fn stripe_of(&self, domain: &str, key: &str) -> usize {
         (self.hasher.hash_one((domain, key)) as usize) & (STRIPES - 1)
     }
 
-    /// Checks and counts one request's `checks` of `domain` (see [`rls::check_and_count`]).
+    /// Checks and counts one request's `checks` of `domain` (see [`rls::check_and_count`]),
+    /// memory only.
     pub fn check_and_count(
         &self,
         domain: &str,
         checks: &[CounterCheck],
         now: Timestamp,
     ) -> Vec<CounterStatus> {
-        match checks.first() {
-            None => return Vec::new(),
-            Some(first) if checks.iter().all(|c| c.key == first.key) => {
-                return self.check_one_counter(domain, checks, now);
+        match self.step(domain, checks, now, None) {
+            Counted::Done(statuses, _) => statuses,
+            Counted::Missing(_) | Counted::Stale => {
+                unreachable!("memory-only counters need no reading")
             }
-            Some(_) => {}
+        }
+    }
+
+    /// Checks and counts one request's `checks` of `domain` under `epoch` of its partition.
+    pub fn check_and_count_under(
+        &self,
+        domain: &str,
+        checks: &[CounterCheck],
+        now: Timestamp,
+        epoch: u64,
+    ) -> Counted {
+        self.step(domain, checks, now, Some(epoch))
+    }
+
+    /// Puts counters read from the backing under `epoch` in memory, unless one was read under
+    /// that epoch meanwhile (it may have counted since).
+    pub fn install(&self, domain: &str, read: Vec<(String, SlidingWindow)>, epoch: u64) {
+        for (key, window) in read {
+            let mut stripe = lock(&self.stripes[self.stripe_of(domain, &key)]);
+            let counters = match stripe.get_mut(domain) {
+                Some(counters) => counters,
+                None => stripe.entry(domain.to_owned()).or_default(),
+            };
+            match counters.get_mut(key.as_str()) {
+                Some(counter) if counter.epoch >= epoch => {}
+                Some(counter) => *counter = Counter { window, epoch },
+                None => {
+                    counters.insert(key, Counter { window, epoch });
+                }
+            }
+        }
+    }
+
+    /// One step. With an epoch, every counter must be in memory under it.
+    fn step(
+        &self,
+        domain: &str,
+        checks: &[CounterCheck],
+        now: Timestamp,
+        epoch: Option<u64>,
+    ) -> Counted {
+        let Some(first) = checks.first() else {
+            return Counted::Done(Vec::new(), Vec::new());
+        };
+        if checks.iter().all(|c| c.key == first.key) {
+            return self.step_one_counter(domain, checks, now, epoch);
         }
         let (slots, firsts) = rls::counter_slots(checks);
         let homes: Vec<usize> = firsts
@@ -82,9 +156,27 @@ impl RlsCounters {
                 .binary_search(&home)
                 .expect("every counter's stripe is among the locked ones")
         };
+        if let Some(epoch) = epoch {
+            let mut missing = Vec::new();
+            for (&f, &home) in firsts.iter().zip(&homes) {
+                let key = &checks[f].key;
+                let held = guards[guard(home)]
+                    .get(domain)
+                    .and_then(|counters| counters.get(key.as_str()))
+                    .map(|c| c.epoch);
+                match held {
+                    Some(e) if e == epoch => {}
+                    Some(e) if e > epoch => return Counted::Stale,
+                    _ => missing.push(key.clone()),
+                }
+            }
+            if !missing.is_empty() {
+                return Counted::Missing(missing);
+            }
+        }
 
         // Each counter leaves its map for the step (the step needs them side by side) and goes
-        // back only if it still counts something.
+        // back only if it still counts something, or was read from the backing.
         let mut keys: Vec<Option<String>> = Vec::with_capacity(firsts.len());
         let mut windows: Vec<SlidingWindow> = Vec::with_capacity(firsts.len());
         for (&f, &home) in firsts.iter().zip(&homes) {
@@ -93,9 +185,9 @@ impl RlsCounters {
                 .get_mut(domain)
                 .and_then(|counters| counters.remove_entry(check.key.as_str()));
             match found {
-                Some((key, window)) => {
+                Some((key, counter)) => {
                     keys.push(Some(key));
-                    windows.push(window);
+                    windows.push(counter.window);
                 }
                 None => {
                     keys.push(None);
@@ -104,28 +196,36 @@ impl RlsCounters {
             }
         }
         let statuses = rls::check_and_count(now, checks, &slots, &mut windows);
+        let changed = epoch.is_some() && counted(checks, &statuses);
+        let mut written = Vec::new();
         for (((window, key), &f), &home) in windows.into_iter().zip(keys).zip(&firsts).zip(&homes) {
-            if window.committed() == 0 {
+            if window.committed() == 0 && epoch.is_none() {
                 continue;
+            }
+            let key = key.unwrap_or_else(|| checks[f].key.clone());
+            if changed {
+                written.push((key.clone(), window.clone()));
             }
             let stripe = &mut guards[guard(home)];
             let counters = match stripe.get_mut(domain) {
                 Some(counters) => counters,
                 None => stripe.entry(domain.to_owned()).or_default(),
             };
-            counters.insert(key.unwrap_or_else(|| checks[f].key.clone()), window);
+            let epoch = epoch.unwrap_or(0);
+            counters.insert(key, Counter { window, epoch });
         }
-        statuses
+        Counted::Done(statuses, written)
     }
 
     /// The common request, one counter (named by one descriptor or several): counted in place
     /// under one stripe's lock.
-    fn check_one_counter(
+    fn step_one_counter(
         &self,
         domain: &str,
         checks: &[CounterCheck],
         now: Timestamp,
-    ) -> Vec<CounterStatus> {
+        epoch: Option<u64>,
+    ) -> Counted {
         const SAME: [usize; 16] = [0; 16];
         let many;
         let slots = match SAME.get(..checks.len()) {
@@ -140,30 +240,57 @@ impl RlsCounters {
         let found = stripe
             .get_mut(domain)
             .and_then(|counters| counters.get_mut(first.key.as_str()));
-        if let Some(window) = found {
-            return rls::check_and_count(now, checks, slots, std::slice::from_mut(window));
+        match (found, epoch) {
+            (Some(counter), None) => {
+                let window = std::slice::from_mut(&mut counter.window);
+                Counted::Done(rls::check_and_count(now, checks, slots, window), Vec::new())
+            }
+            (Some(counter), Some(epoch)) if counter.epoch == epoch => {
+                let window = std::slice::from_mut(&mut counter.window);
+                let statuses = rls::check_and_count(now, checks, slots, window);
+                let written = if counted(checks, &statuses) {
+                    vec![(first.key.clone(), counter.window.clone())]
+                } else {
+                    Vec::new()
+                };
+                Counted::Done(statuses, written)
+            }
+            (Some(counter), Some(epoch)) if counter.epoch > epoch => Counted::Stale,
+            (_, Some(_)) => Counted::Missing(vec![first.key.clone()]),
+            (None, None) => {
+                let mut window = SlidingWindow::new(first.unit.window());
+                let statuses =
+                    rls::check_and_count(now, checks, slots, std::slice::from_mut(&mut window));
+                if window.committed() > 0 {
+                    let counters = match stripe.get_mut(domain) {
+                        Some(counters) => counters,
+                        None => stripe.entry(domain.to_owned()).or_default(),
+                    };
+                    counters.insert(first.key.clone(), Counter { window, epoch: 0 });
+                }
+                Counted::Done(statuses, Vec::new())
+            }
         }
-        let mut window = SlidingWindow::new(first.unit.window());
-        let statuses = rls::check_and_count(now, checks, slots, std::slice::from_mut(&mut window));
-        if window.committed() > 0 {
-            let counters = match stripe.get_mut(domain) {
-                Some(counters) => counters,
-                None => stripe.entry(domain.to_owned()).or_default(),
-            };
-            counters.insert(first.key.clone(), window);
-        }
-        statuses
     }
 
     /// Forgets the counters whose counts have all left their windows at `now`.
     pub fn prune(&self, now: Timestamp) {
+        self.retain(|_, counter| {
+            counter.window.advance(now);
+            counter.window.committed() > 0
+        });
+    }
+
+    /// Forgets the counters of the domains `gone` names (their partition left this replica).
+    pub fn forget(&self, gone: impl Fn(&str) -> bool) {
+        self.retain(|domain, _| !gone(domain));
+    }
+
+    fn retain(&self, mut keep: impl FnMut(&str, &mut Counter) -> bool) {
         for stripe in self.stripes.iter() {
             let mut stripe = lock(stripe);
-            stripe.retain(|_, counters| {
-                counters.retain(|_, window| {
-                    window.advance(now);
-                    window.committed() > 0
-                });
+            stripe.retain(|domain, counters| {
+                counters.retain(|_, counter| keep(domain, counter));
                 !counters.is_empty()
             });
         }
@@ -176,6 +303,12 @@ impl RlsCounters {
             .map(|s| lock(s).values().map(HashMap::len).sum::<usize>())
             .sum()
     }
+}
+
+/// Whether the step counted the request's hits (it does only when every descriptor fits, and
+/// changes a counter only if it asked for hits).
+fn counted(checks: &[CounterCheck], statuses: &[CounterStatus]) -> bool {
+    statuses.iter().all(|s| !s.over) && checks.iter().any(|c| c.hits > 0)
 }
 
 #[cfg(test)]
@@ -213,6 +346,51 @@ mod tests {
         counters.prune(t.plus_millis(59_000));
         assert_eq!(counters.len(), 2);
         counters.prune(t.plus_millis(2 * 60_000));
+        assert_eq!(counters.len(), 0);
+    }
+
+    /// Under an epoch a counter is counted only once read under it: a newer epoch reads it
+    /// again, an older one is refused, and what a step changed comes back to be written.
+    #[test]
+    fn owned_counters_are_read_under_their_epoch_before_they_count() {
+        let counters = RlsCounters::default();
+        let t = Timestamp::from_millis(0);
+        let request = [check("k", 5, 2), check("other", 5, 1)];
+        assert_eq!(
+            counters.check_and_count_under("a", &request, t, 7),
+            Counted::Missing(vec!["k".into(), "other".into()])
+        );
+        let mut read = SlidingWindow::new(RlsUnit::Minute.window());
+        read.add(t, 2);
+        let fresh = SlidingWindow::new(RlsUnit::Minute.window());
+        counters.install("a", vec![("k".into(), read), ("other".into(), fresh)], 7);
+        let Counted::Done(statuses, written) = counters.check_and_count_under("a", &request, t, 7)
+        else {
+            panic!("both counters were read");
+        };
+        assert_eq!(statuses[0].remaining, 1, "2 read + 2 counted of 5");
+        let totals: Vec<(String, i64)> = written
+            .iter()
+            .map(|(k, w)| (k.clone(), w.committed()))
+            .collect();
+        assert_eq!(totals, [("k".into(), 4), ("other".into(), 1)]);
+        // Over the limit: nothing changes, nothing to write.
+        let Counted::Done(statuses, written) =
+            counters.check_and_count_under("a", &[check("k", 5, 2)], t, 7)
+        else {
+            panic!("read under this epoch");
+        };
+        assert!(statuses[0].over && written.is_empty());
+        assert_eq!(
+            counters.check_and_count_under("a", &[check("k", 5, 1)], t, 8),
+            Counted::Missing(vec!["k".into()]),
+            "a newer epoch reads again"
+        );
+        assert_eq!(
+            counters.check_and_count_under("a", &[check("k", 5, 1)], t, 6),
+            Counted::Stale
+        );
+        counters.forget(|domain| domain == "a");
         assert_eq!(counters.len(), 0);
     }
 

@@ -47,7 +47,7 @@ use crate::domain::decision::{Account, UsageEvent};
 use crate::domain::ledger::Ledger;
 use crate::domain::time::Timestamp;
 use crate::domain::top_up::TopUp;
-use crate::domain::window::SlidingWindow;
+use crate::domain::window::{SlidingWindow, WindowSpec};
 
 /// The persisted format this quotad writes and reads. Any change to the payload of any value
 /// (a field added, removed, reordered or retyped in a persisted type), or to what a data dir
@@ -58,6 +58,7 @@ pub const FORMAT_VERSION: u16 = 3;
 const ACCOUNT_MAGIC: [u8; 2] = *b"QA";
 const RECORD_MAGIC: [u8; 2] = *b"QR";
 const EVENT_MAGIC: [u8; 2] = *b"QE";
+const COUNTER_MAGIC: [u8; 2] = *b"QC";
 const HEADER_LEN: usize = 8;
 
 /// Why bytes read back are not a persisted record this quotad can use.
@@ -351,6 +352,38 @@ pub fn decode_event(bytes: &[u8]) -> Result<(String, UsageEvent), DecodeError> {
     Ok((account_id, event))
 }
 
+/// An Envoy RLS counter's window, as owned mode keeps it in Redis: the window's length, then
+/// its buckets.
+pub fn encode_counter(window: &SlidingWindow) -> Vec<u8> {
+    seal(COUNTER_MAGIC, &(window.spec().length_ms, window))
+}
+
+/// A counter's window made by [`encode_counter`], read as `spec`'s; `None` if it was counted
+/// in a window of another length (the rule's unit changed since: the counter starts afresh,
+/// as a new rule's would).
+pub fn decode_counter(
+    bytes: &[u8],
+    spec: &'static WindowSpec,
+) -> Result<Option<SlidingWindow>, DecodeError> {
+    let payload = open(bytes, COUNTER_MAGIC, "rate limit counter")?;
+    let malformed = |e: postcard::Error| DecodeError::Malformed(e.to_string());
+    let (length_ms, rest): (i64, &[u8]) = postcard::take_from_bytes(payload).map_err(malformed)?;
+    if length_ms != spec.length_ms {
+        return Ok(None);
+    }
+    let mut de = postcard::Deserializer::from_bytes(rest);
+    let window = SlidingWindow::deserialize_as(spec, &mut de).map_err(malformed)?;
+    let left = de.finalize().map_err(malformed)?;
+    if !left.is_empty() {
+        return Err(DecodeError::Malformed(format!(
+            "{} bytes left over after the counter",
+            left.len()
+        )));
+    }
+    window.check().map_err(DecodeError::Invalid)?;
+    Ok(Some(window))
+}
+
 impl AccountState {
     /// Gives each reservation's records one copy of its id again, as they had when made (an
     /// answer kept for retries names the reservation it made): read back, each has its own.
@@ -435,6 +468,7 @@ mod tests {
     use crate::domain::ledger::LotSource;
     use crate::domain::money::MICROS_PER_CREDIT as C;
     use crate::domain::policy::Policy;
+    use crate::domain::rls::RlsUnit;
     use crate::domain::time::{MINUTE_MS, Timestamp};
     use crate::domain::top_up::{PaymentResult, TopUpSettings};
     use proptest::prelude::*;
@@ -691,6 +725,7 @@ mod tests {
             let fresh = encode_account(&fresh()).core;
             prop_assert!(decode_account(&fresh, [&bytes[..]]).is_err());
             prop_assert!(decode_event(&bytes).is_err());
+            prop_assert!(decode_counter(&bytes, crate::domain::rls::RlsUnit::Minute.window()).is_err());
         }
 
         /// Past a good header, whatever the payload: a clean refusal (or, by a fluke, a state
@@ -703,9 +738,28 @@ mod tests {
                 decode_account(&sealed(ACCOUNT_MAGIC, FORMAT_VERSION, &payload), []).map(|_| ()),
                 decode_account(&fresh, [&record[..]]).map(|_| ()),
                 decode_event(&sealed(EVENT_MAGIC, FORMAT_VERSION, &payload)).map(|_| ()),
+                decode_counter(&sealed(COUNTER_MAGIC, FORMAT_VERSION, &payload), RlsUnit::Second.window()).map(|_| ()),
             ] {
                 prop_assert!(matches!(result, Ok(()) | Err(DecodeError::Malformed(_) | DecodeError::Invalid(_))));
             }
+        }
+    }
+
+    proptest! {
+        /// A counter reads back as it was counted, and only as a window of its own length.
+        #[test]
+        fn counters_round_trip(hits in prop::collection::vec((0..120_000i64, 1..50i64), 0..40)) {
+            let spec = RlsUnit::Minute.window();
+            let mut window = SlidingWindow::new(spec);
+            let mut at = 1_800_000_000_000;
+            for (step, n) in hits {
+                at += step;
+                window.advance(Timestamp::from_millis(at));
+                window.add(Timestamp::from_millis(at), n);
+            }
+            let bytes = encode_counter(&window);
+            prop_assert_eq!(decode_counter(&bytes, spec).unwrap(), Some(window));
+            prop_assert_eq!(decode_counter(&bytes, RlsUnit::Hour.window()).unwrap(), None);
         }
     }
 

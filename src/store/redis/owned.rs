@@ -37,6 +37,8 @@
 //!   it keeps for retries (field: kind tag and number, big endian); `h:ID`: its newest charges,
 //!   a list, oldest first;
 //! - `x`: the partition's part of the usage export, a stream read with consumer groups;
+//! - `c:LEN:DOMAIN:KEY`: an Envoy RLS counter's window (`LEN`: the domain's length), kept
+//!   for its window's length; a domain's counters are all in one partition;
 //! - `pur`: accounts with an auto top-up purchase in flight and when it started; `meta`: the
 //!   partition's count of open holds;
 //! - `lease` (owner and epoch, with a time to live) and `fence` (the epoch, never reset, and
@@ -127,6 +129,48 @@ impl Default for OwnedSettings {
 /// The partition of an account.
 pub fn partition_of(account_id: &str, partitions: u16) -> u16 {
     keys::slot(account_id.as_bytes()) % partitions.max(1)
+}
+
+/// The partition of an Envoy RLS domain's counters: all of a domain's counters fall in one, so
+/// one owner counts a request's descriptors together, as one step.
+pub fn counter_partition(domain: &str, partitions: u16) -> u16 {
+    let mut named = Vec::with_capacity(domain.len() + 4);
+    named.extend_from_slice(b"rls\0");
+    named.extend_from_slice(domain.as_bytes());
+    keys::slot(&named) % partitions.max(1)
+}
+
+/// The key of counter `key` of `domain` in partition `partition` (the domain's length first,
+/// so no two pairs of names meet on one key).
+pub fn counter_key(prefix: &str, partition: u16, domain: &str, key: &str) -> String {
+    format!(
+        "{}:c:{}:{domain}:{key}",
+        tag(prefix, partition),
+        domain.len()
+    )
+}
+
+/// What a decision queues to be written: an account's change, or the Envoy RLS counters a
+/// request changed (written behind: nobody waits for them).
+pub enum Queued {
+    Account(Change),
+    Counters(CounterWrite),
+}
+
+/// Counters of one partition as a request left them: each key's encoded window and how long
+/// Redis keeps it (a window and a bucket: by then everything in it has left).
+pub struct CounterWrite {
+    pub partition: u16,
+    pub counters: Vec<(String, Vec<u8>, i64)>,
+}
+
+impl Queued {
+    fn partition(&self, partitions: u16) -> u16 {
+        match self {
+            Queued::Account(change) => partition_of(&change.account_id, partitions),
+            Queued::Counters(write) => write.partition,
+        }
+    }
 }
 
 /// The replica a partition falls to among the live ones: the highest score of the partition
@@ -289,7 +333,7 @@ struct Queue {
     last: u64,
     /// Each change with the epoch its partition was held under when it was decided (0: not
     /// held any more): it is written under that epoch or not at all.
-    changes: Vec<(Change, u64)>,
+    changes: Vec<(Queued, u64)>,
 }
 
 fn unavailable(what: &str, err: impl std::fmt::Display) -> StoreError {
@@ -460,11 +504,20 @@ impl OwnedRedis {
     /// Whether a decision on `account_id` may be made here now: its partition held and not
     /// being given up, the lease within its safe end, not too much waiting to be written.
     pub fn admit(&self, account_id: &str) -> Result<Admission, StoreError> {
+        self.admit_partition(partition_of(account_id, self.partitions()))
+    }
+
+    /// Partitions accounts and counters fall into.
+    pub fn partitions(&self) -> u16 {
+        self.shared.slots.len() as u16
+    }
+
+    /// Whether a decision on `partition` may be made here now (see [`admit`](Self::admit)).
+    pub fn admit_partition(&self, partition: u16) -> Result<Admission, StoreError> {
         let shared = &self.shared;
         if let Some(reason) = shared.failed.get() {
             return Err(StoreError::Unavailable(reason.clone()));
         }
-        let partition = partition_of(account_id, shared.slots.len() as u16);
         let slot = &shared.slots[usize::from(partition)];
         slot.inflight.fetch_add(1, Ordering::AcqRel);
         let mut admission = Admission {
@@ -514,7 +567,7 @@ impl OwnedRedis {
     /// with [`durable`](Self::durable). The admission keeps the partition from being given up,
     /// but a fenced write or a lapsed lease may have ended the epoch since: then the change is
     /// not written.
-    pub fn submit(&self, change: Change, epoch: u64) -> u64 {
+    pub fn submit(&self, change: Queued, epoch: u64) -> u64 {
         let shared = &self.shared;
         shared.unflushed.fetch_add(1, Ordering::Relaxed);
         let number = {
@@ -591,6 +644,58 @@ impl OwnedRedis {
         let state = decode_account_of(account_id, &core, records.iter().map(|r| &r[..]))
             .map_err(|e| corrupt(&what, e))?;
         Ok(Some(state))
+    }
+
+    /// What writes the counters of `domain` a request changed, with their windows now.
+    pub fn counter_write(
+        &self,
+        domain: &str,
+        changed: Vec<(String, crate::domain::window::SlidingWindow)>,
+    ) -> Queued {
+        let partition = counter_partition(domain, self.partitions());
+        let counters = (changed.into_iter())
+            .map(|(key, window)| {
+                // Past that, everything counted now has left the window (a bucket leaves at
+                // most a bucket late).
+                let keep_ms = window.spec().length_ms + window.spec().bucket_ms;
+                let key = counter_key(&self.shared.prefix, partition, domain, &key);
+                (key, crate::domain::encode_counter(&window), keep_ms)
+            })
+            .collect();
+        Queued::Counters(CounterWrite {
+            partition,
+            counters,
+        })
+    }
+
+    /// Counters `keys` of `domain` as last written (or as they would be had they never counted:
+    /// empty), read as windows of `spec`.
+    pub async fn load_counters(
+        &self,
+        domain: &str,
+        keys: &[String],
+        spec: impl Fn(&str) -> &'static crate::domain::WindowSpec,
+    ) -> Result<Vec<(String, crate::domain::window::SlidingWindow)>, StoreError> {
+        let partition = counter_partition(domain, self.partitions());
+        let names: Vec<String> = (keys.iter())
+            .map(|key| counter_key(&self.shared.prefix, partition, domain, key))
+            .collect();
+        let values = (self.shared.storage.load_values(&names).await)
+            .map_err(|e| unavailable("reading rate limit counters", e))?;
+        keys.iter()
+            .zip(values)
+            .map(|(key, value)| {
+                let spec = spec(key);
+                let window = match value {
+                    Some(bytes) => crate::domain::decode_counter(&bytes, spec)
+                        .map_err(|e| corrupt(&format!("counter {key:?} of {domain:?}"), e))?,
+                    None => None,
+                };
+                let window =
+                    window.unwrap_or_else(|| crate::domain::window::SlidingWindow::new(spec));
+                Ok((key.clone(), window))
+            })
+            .collect()
     }
 
     /// The newest `limit` charges of an account, newest first.
@@ -753,11 +858,34 @@ impl OwnedRedis {
     }
 }
 
+impl OwnedRedis {
+    /// Waits (a write timeout at most) for the writer to land what is queued: Envoy RLS
+    /// counters are answered before they are written, and the next owner reads them from
+    /// Redis. Blocking, so only where the writer runs on other threads.
+    fn let_the_queue_land(&self) {
+        let shared = &self.shared;
+        let on_other_threads = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if !on_other_threads {
+            return;
+        }
+        let last = shared.queue.lock().unwrap_or_else(|e| e.into_inner()).last;
+        let deadline = std::time::Instant::now() + shared.write_timeout;
+        while shared.landed.load(Ordering::Acquire) < last
+            && shared.failed.get().is_none()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 impl Drop for OwnedRedis {
     /// Stops the writer and the ownership rounds, and gives the leases up (and leaves the
     /// membership) so that other replicas need not wait for them to run out. Everything
-    /// acknowledged is already in Redis.
+    /// acknowledged is already in Redis; counters written behind get a moment to land first.
     fn drop(&mut self) {
+        self.let_the_queue_land();
         for task in &self.tasks {
             task.abort();
         }
@@ -1068,7 +1196,7 @@ impl Shared {
     }
 
     /// Waits for queued changes and takes them all, with the number of the last.
-    async fn take(&self) -> (Vec<(Change, u64)>, u64) {
+    async fn take(&self) -> (Vec<(Queued, u64)>, u64) {
         loop {
             let notified = self.wake.notified();
             {
@@ -1085,13 +1213,13 @@ impl Shared {
     /// in it. A change decided under an epoch its partition is no longer held under (lost, and
     /// perhaps taken again since) is not written: another replica may have decided on the
     /// account meanwhile.
-    fn sections(&self, changes: Vec<(Change, u64)>, last: u64) -> Vec<Section> {
+    fn sections(&self, changes: Vec<(Queued, u64)>, last: u64) -> Vec<Section> {
         let count = changes.len();
         let first = last + 1 - count as u64;
         let mut current = Vec::with_capacity(count);
         let mut stale = Vec::new();
         for (i, (change, epoch)) in changes.iter().enumerate() {
-            let partition = partition_of(&change.account_id, self.slots.len() as u16);
+            let partition = change.partition(self.slots.len() as u16);
             let held = self.slots[usize::from(partition)]
                 .epoch
                 .load(Ordering::Acquire);
@@ -1418,16 +1546,45 @@ impl Shared {
 
     /// The writes of a run of changes, by partition.
     /// The writes of a run of numbered changes, by partition, with the numbers they carry.
-    fn partition_ops(&self, changes: &[(u64, &Change)]) -> BTreeMap<u16, (Vec<Op>, Vec<u64>)> {
+    fn partition_ops(&self, changes: &[(u64, &Queued)]) -> BTreeMap<u16, (Vec<Op>, Vec<u64>)> {
         let partitions = self.slots.len() as u16;
-        // An account changed several times in the batch has its last core written.
+        // An account changed several times in the batch has its last core written, and a
+        // counter its last window.
         let mut last_core: HashMap<&str, usize> = HashMap::new();
+        let mut last_counter: HashMap<&str, usize> = HashMap::new();
         for (i, (_, change)) in changes.iter().enumerate() {
-            last_core.insert(&change.account_id, i);
+            match change {
+                Queued::Account(change) => {
+                    last_core.insert(&change.account_id, i);
+                }
+                Queued::Counters(write) => {
+                    for (key, _, _) in &write.counters {
+                        last_counter.insert(key, i);
+                    }
+                }
+            }
         }
         let mut ops: BTreeMap<u16, (Vec<Op>, Vec<u64>)> = BTreeMap::new();
         let mut holds: BTreeMap<u16, i64> = BTreeMap::new();
         for (i, &(number, change)) in changes.iter().enumerate() {
+            let change = match change {
+                Queued::Account(change) => change,
+                Queued::Counters(write) => {
+                    let (ops, numbers) = ops.entry(write.partition).or_default();
+                    numbers.push(number);
+                    for (key, window, keep_ms) in &write.counters {
+                        if last_counter[key.as_str()] == i {
+                            let keep = keep_ms.max(&1).to_string().into_bytes();
+                            ops.push(Op {
+                                code: b"P",
+                                key: key.clone(),
+                                args: vec![window.clone(), keep],
+                            });
+                        }
+                    }
+                    continue;
+                }
+            };
             let id = change.account_id.as_str();
             let partition = partition_of(id, partitions);
             let tag = tag(&self.prefix, partition);
@@ -1649,7 +1806,7 @@ const REPLAY_CALL_BYTES: usize = 1 << 20;
 
 /// One write of a batch to a partition's key (the storage scripts' ops: `S` set, `H` hash
 /// set, `h` hash delete, `L` list append kept to a length, `X` stream append kept to a
-/// length, `C` hash field add).
+/// length, `C` hash field add, `P` set with a time to live in milliseconds).
 pub struct Op {
     pub code: &'static [u8],
     pub key: String,
@@ -1666,6 +1823,7 @@ impl Op {
             b'L' => b"L",
             b'X' => b"X",
             b'C' => b"C",
+            b'P' => b"P",
             _ => return None,
         })
     }

@@ -99,6 +99,10 @@ pub trait OwnedStorage: Send + Sync + 'static {
 
     /// An account's core and the values of its records, if it was ever written.
     fn load<'a>(&'a self, account_id: &'a str) -> StorageFuture<'a, Option<StoredAccount>>;
+
+    /// The values of string keys of one partition (its Envoy RLS counters), None where a key
+    /// holds nothing.
+    fn load_values<'a>(&'a self, keys: &'a [String]) -> StorageFuture<'a, Vec<Option<Vec<u8>>>>;
 }
 
 /// The fenced batch write, for one or more partitions (all in one call on a standalone Redis;
@@ -139,6 +143,7 @@ for _, s in ipairs(sections) do
       elseif op == 'X' then
         redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 3], '*', 'e', ARGV[i + 2]); i = i + 4
       elseif op == 'C' then redis.call('HINCRBY', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
+      elseif op == 'P' then redis.call('SET', key, ARGV[i + 2], 'PX', ARGV[i + 3]); i = i + 4
       else return redis.error_reply('unknown write ' .. op) end
     end
     redis.call('HSET', s.fence, 'seq', s.number)
@@ -478,6 +483,21 @@ impl OwnedStorage for RedisStorage {
                 .await
                 .map_err(|e| missed("reading an account", e))?;
             Ok((!core.is_empty()).then_some((core, records)))
+        })
+    }
+
+    fn load_values<'a>(&'a self, keys: &'a [String]) -> StorageFuture<'a, Vec<Option<Vec<u8>>>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut conn = self.conn.clone();
+            // MGET answers an array even for one key.
+            redis::cmd("MGET")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| missed("reading rate limit counters", e))
         })
     }
 }
