@@ -1218,12 +1218,12 @@ impl Shared {
         let first = last + 1 - count as u64;
         let mut current = Vec::with_capacity(count);
         let mut stale = Vec::new();
-        for (i, (change, epoch)) in changes.iter().enumerate() {
+        for (i, (change, epoch)) in changes.into_iter().enumerate() {
             let partition = change.partition(self.slots.len() as u16);
             let held = self.slots[usize::from(partition)]
                 .epoch
                 .load(Ordering::Acquire);
-            if *epoch != 0 && *epoch == held {
+            if epoch != 0 && epoch == held {
                 current.push((first + i as u64, change));
             } else {
                 stale.push(first + i as u64);
@@ -1231,7 +1231,7 @@ impl Shared {
         }
         self.drop_changes(&stale);
         let mut sections = Vec::new();
-        for (partition, (ops, numbers)) in self.partition_ops(&current) {
+        for (partition, (ops, numbers)) in self.partition_ops(current) {
             let slot = &self.slots[usize::from(partition)];
             let epoch = slot.epoch.load(Ordering::Acquire);
             if epoch == 0 {
@@ -1544,41 +1544,42 @@ impl Shared {
         dropped.extend(numbers.iter().map(|&n| (n, now)));
     }
 
-    /// The writes of a run of changes, by partition.
-    /// The writes of a run of numbered changes, by partition, with the numbers they carry.
-    fn partition_ops(&self, changes: &[(u64, &Queued)]) -> BTreeMap<u16, (Vec<Op>, Vec<u64>)> {
+    /// The writes of a run of numbered changes, by partition, with the numbers they carry. Takes
+    /// the changes: their bytes move into the writes.
+    fn partition_ops(&self, changes: Vec<(u64, Queued)>) -> BTreeMap<u16, (Vec<Op>, Vec<u64>)> {
         let partitions = self.slots.len() as u16;
         // An account changed several times in the batch has its last core written, and a
         // counter its last window.
-        let mut last_core: HashMap<&str, usize> = HashMap::new();
-        let mut last_counter: HashMap<&str, usize> = HashMap::new();
+        let mut last_core: HashMap<String, usize> = HashMap::new();
+        let mut last_counter: HashMap<String, usize> = HashMap::new();
         for (i, (_, change)) in changes.iter().enumerate() {
             match change {
                 Queued::Account(change) => {
-                    last_core.insert(&change.account_id, i);
+                    last_core.insert(change.account_id.clone(), i);
                 }
                 Queued::Counters(write) => {
                     for (key, _, _) in &write.counters {
-                        last_counter.insert(key, i);
+                        last_counter.insert(key.clone(), i);
                     }
                 }
             }
         }
         let mut ops: BTreeMap<u16, (Vec<Op>, Vec<u64>)> = BTreeMap::new();
         let mut holds: BTreeMap<u16, i64> = BTreeMap::new();
-        for (i, &(number, change)) in changes.iter().enumerate() {
+        let mut tags: HashMap<u16, String> = HashMap::new();
+        for (i, (number, change)) in changes.into_iter().enumerate() {
             let change = match change {
                 Queued::Account(change) => change,
                 Queued::Counters(write) => {
                     let (ops, numbers) = ops.entry(write.partition).or_default();
                     numbers.push(number);
-                    for (key, window, keep_ms) in &write.counters {
-                        if last_counter[key.as_str()] == i {
-                            let keep = keep_ms.max(&1).to_string().into_bytes();
+                    for (key, window, keep_ms) in write.counters {
+                        if last_counter[&key] == i {
+                            let keep = keep_ms.max(1).to_string().into_bytes();
                             ops.push(Op {
                                 code: b"P",
-                                key: key.clone(),
-                                args: vec![window.clone(), keep],
+                                key,
+                                args: vec![window, keep],
                             });
                         }
                     }
@@ -1587,48 +1588,51 @@ impl Shared {
             };
             let id = change.account_id.as_str();
             let partition = partition_of(id, partitions);
-            let tag = tag(&self.prefix, partition);
+            let tag = tags
+                .entry(partition)
+                .or_insert_with(|| tag(&self.prefix, partition));
             let (ops, numbers) = ops.entry(partition).or_default();
             numbers.push(number);
-            let keys = AccountKeys::new(&tag, id);
-            let mut op = |code: &'static [u8], key: &str, args: Vec<Vec<u8>>| {
-                ops.push(Op {
-                    code,
-                    key: key.to_owned(),
-                    args,
-                })
+            let mut op = |code: &'static [u8], key: String, args: Vec<Vec<u8>>| {
+                ops.push(Op { code, key, args })
             };
             if last_core[id] == i {
-                op(b"S", &keys.core, vec![change.state.core.clone()]);
+                op(b"S", AccountKeys::core(tag, id), vec![change.state.core]);
             }
+            let has_records = !change.state.forgotten.is_empty() || !change.state.added.is_empty();
+            let records = if has_records {
+                AccountKeys::records(tag, id)
+            } else {
+                String::new()
+            };
             for (kind, numbers) in &change.state.forgotten {
                 for seq in numbers.clone() {
-                    op(b"h", &keys.records, vec![record_field(kind.tag(), seq)]);
+                    op(b"h", records.clone(), vec![record_field(kind.tag(), seq)]);
                 }
             }
-            for record in &change.state.added {
+            for record in change.state.added {
                 let field = record_field(record.kind.tag(), record.seq);
-                op(b"H", &keys.records, vec![field, record.bytes.clone()]);
+                op(b"H", records.clone(), vec![field, record.bytes]);
             }
             for event in &change.events {
                 let encoded = encode_event(id, event);
                 let keep = change.recent_keep.max(1).to_string().into_bytes();
-                op(b"L", &keys.history, vec![encoded.clone(), keep]);
+                op(
+                    b"L",
+                    AccountKeys::history(tag, id),
+                    vec![encoded.clone(), keep],
+                );
                 let keep = change.export_keep.max(1).to_string().into_bytes();
-                op(b"X", &format!("{tag}:x"), vec![encoded, keep]);
+                op(b"X", format!("{tag}:x"), vec![encoded, keep]);
             }
             match change.purchase {
                 PurchaseIndex::Unchanged => {}
                 PurchaseIndex::Started(at) => {
                     let at = at.as_millis().to_string().into_bytes();
-                    op(
-                        b"H",
-                        &format!("{tag}:pur"),
-                        vec![id.as_bytes().to_vec(), at],
-                    );
+                    op(b"H", format!("{tag}:pur"), vec![id.as_bytes().to_vec(), at]);
                 }
                 PurchaseIndex::Ended => {
-                    op(b"h", &format!("{tag}:pur"), vec![id.as_bytes().to_vec()]);
+                    op(b"h", format!("{tag}:pur"), vec![id.as_bytes().to_vec()]);
                 }
             }
             *holds.entry(partition).or_default() += change.holds_delta;
@@ -1891,10 +1895,23 @@ impl AccountKeys {
 
     fn new(tag: &str, account_id: &str) -> AccountKeys {
         AccountKeys {
-            core: format!("{tag}:a:{account_id}"),
-            records: format!("{tag}:r:{account_id}"),
-            history: format!("{tag}:h:{account_id}"),
+            core: AccountKeys::core(tag, account_id),
+            records: AccountKeys::records(tag, account_id),
+            history: AccountKeys::history(tag, account_id),
         }
+    }
+
+    /// Each key alone, for a writer that needs only some.
+    fn core(tag: &str, account_id: &str) -> String {
+        format!("{tag}:a:{account_id}")
+    }
+
+    fn records(tag: &str, account_id: &str) -> String {
+        format!("{tag}:r:{account_id}")
+    }
+
+    fn history(tag: &str, account_id: &str) -> String {
+        format!("{tag}:h:{account_id}")
     }
 }
 

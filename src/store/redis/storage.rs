@@ -11,6 +11,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::borrow::Cow;
+
 use redis::Script;
 use tokio::task::JoinSet;
 
@@ -225,17 +227,18 @@ return {redis.call('GET', KEYS[1]) or '', redis.call('HVALS', KEYS[2])}
 "#;
 
 /// One script call of a batch: the sections of the partitions it writes, the keys they name
-/// (each once) and the arguments.
+/// (each once) and the arguments, borrowed from the sections where they can be (a batch's
+/// bytes are copied once, into the command).
 #[derive(Default)]
-struct WriteCall {
-    keys: Vec<String>,
-    index: HashMap<String, usize>,
+struct WriteCall<'a> {
+    keys: Vec<Cow<'a, str>>,
+    index: HashMap<Cow<'a, str>, usize>,
     partitions: Vec<u16>,
-    args: Vec<Vec<u8>>,
+    args: Vec<Cow<'a, [u8]>>,
 }
 
-impl WriteCall {
-    fn of<'a>(prefix: &str, sections: impl IntoIterator<Item = &'a Section>) -> WriteCall {
+impl<'a> WriteCall<'a> {
+    fn of(prefix: &str, sections: impl IntoIterator<Item = &'a Section>) -> WriteCall<'a> {
         let mut call = WriteCall::default();
         for s in sections {
             call.section(
@@ -250,33 +253,53 @@ impl WriteCall {
     }
 
     /// The index of `key` among the script's KEYS (from 1, as Lua counts).
-    fn key(&mut self, key: &str) -> usize {
-        if let Some(&i) = self.index.get(key) {
+    fn key(&mut self, key: Cow<'a, str>) -> usize {
+        if let Some(&i) = self.index.get(&key) {
             return i;
         }
-        self.keys.push(key.to_owned());
+        self.keys.push(key.clone());
         let i = self.keys.len();
-        self.index.insert(key.to_owned(), i);
+        self.index.insert(key, i);
         i
     }
 
-    /// Adds a partition's section: its fence, its batch number and its writes.
-    fn section(&mut self, tag: &str, partition: u16, epoch: u64, seq: u64, ops: &[Op]) {
-        let fence = self.key(&format!("{tag}:fence"));
-        self.partitions.push(partition);
-        self.args.push(fence.to_string().into_bytes());
-        self.args.push(partition.to_string().into_bytes());
-        self.args.push(epoch.to_string().into_bytes());
-        self.args.push(seq.to_string().into_bytes());
-        let count = self.args.len();
-        self.args.push(Vec::new());
-        for op in ops {
-            let key = self.key(&op.key);
-            self.args.push(op.code.to_vec());
-            self.args.push(key.to_string().into_bytes());
-            self.args.extend(op.args.iter().cloned());
+    /// The call with copies of what it borrowed (for a task of its own).
+    fn into_owned(self) -> WriteCall<'static> {
+        let keys: Vec<Cow<'static, str>> = (self.keys.into_iter())
+            .map(|k| Cow::Owned(k.into_owned()))
+            .collect();
+        WriteCall {
+            index: HashMap::new(),
+            keys,
+            partitions: self.partitions,
+            args: (self.args.into_iter())
+                .map(|a| Cow::Owned(a.into_owned()))
+                .collect(),
         }
-        self.args[count] = (self.args.len() - count - 1).to_string().into_bytes();
+    }
+
+    fn number(&mut self, n: impl ToString) {
+        self.args.push(Cow::Owned(n.to_string().into_bytes()));
+    }
+
+    /// Adds a partition's section: its fence, its batch number and its writes.
+    fn section(&mut self, tag: &str, partition: u16, epoch: u64, seq: u64, ops: &'a [Op]) {
+        let fence = self.key(Cow::Owned(format!("{tag}:fence")));
+        self.partitions.push(partition);
+        self.number(fence);
+        self.number(partition);
+        self.number(epoch);
+        self.number(seq);
+        let count = self.args.len();
+        self.args.push(Cow::Borrowed(&[]));
+        for op in ops {
+            let key = self.key(Cow::Borrowed(&op.key));
+            self.args.push(Cow::Borrowed(op.code));
+            self.number(key);
+            self.args
+                .extend(op.args.iter().map(|a| Cow::Borrowed(&a[..])));
+        }
+        self.args[count] = Cow::Owned((self.args.len() - count - 1).to_string().into_bytes());
     }
 }
 
@@ -305,11 +328,11 @@ impl RedisStorage {
 async fn invoke(
     mut conn: Connection,
     script: &Script,
-    call: &WriteCall,
+    call: &WriteCall<'_>,
 ) -> redis::RedisResult<i64> {
     let mut invocation = script.prepare_invoke();
     for key in &call.keys {
-        invocation.key(key);
+        invocation.key(&key[..]);
     }
     invocation.arg(call.partitions.len());
     for arg in &call.args {
@@ -417,7 +440,7 @@ impl OwnedStorage for RedisStorage {
         Box::pin(async move {
             // One call on a standalone Redis; one a partition on a Cluster (a script's keys
             // share a slot), in parallel.
-            let calls: Vec<WriteCall> = if self.cluster {
+            let calls: Vec<WriteCall<'_>> = if self.cluster {
                 let mut by_partition: std::collections::BTreeMap<u16, Vec<&Section>> =
                     std::collections::BTreeMap::new();
                 for s in sections {
@@ -437,6 +460,7 @@ impl OwnedStorage for RedisStorage {
                 let mut running = JoinSet::new();
                 for call in calls {
                     let (conn, script) = (self.conn.clone(), self.write_script.clone());
+                    let call = call.into_owned();
                     running.spawn(async move {
                         let result = invoke(conn, &script, &call).await;
                         (call.partitions, result)
@@ -538,18 +562,14 @@ mod tests {
             key: key.into(),
             args: vec![arg.to_vec()],
         };
+        let first = [
+            op(b"S", "p:{o1}:a:x", b"core"),
+            op(b"S", "p:{o1}:a:x", b"again"),
+        ];
+        let second = [op(b"h", "p:{o2}:r:y", b"f")];
         let mut call = WriteCall::default();
-        call.section(
-            "p:{o1}",
-            1,
-            7,
-            3,
-            &[
-                op(b"S", "p:{o1}:a:x", b"core"),
-                op(b"S", "p:{o1}:a:x", b"again"),
-            ],
-        );
-        call.section("p:{o2}", 2, 9, 1, &[op(b"h", "p:{o2}:r:y", b"f")]);
+        call.section("p:{o1}", 1, 7, 3, &first);
+        call.section("p:{o2}", 2, 9, 1, &second);
         assert_eq!(call.partitions, [1, 2]);
         assert_eq!(
             call.keys,
