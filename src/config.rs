@@ -635,6 +635,28 @@ mod redis_config_tests {
         assert!(err.contains("store.redis.outage_credit_allowance"), "{err}");
     }
 
+    /// Owned mode over TLS forwards to the other replicas over TLS, so it needs their CA.
+    #[test]
+    fn owned_mode_with_tls_needs_the_replicas_ca() {
+        let mut config = Config::default();
+        config.store.kind = StoreKind::Redis;
+        config.store.redis.mode = RedisMode::Owned;
+        config.tls.cert_file = Some("/tls/tls.crt".into());
+        config.tls.key_file = Some("/tls/tls.key".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("tls.peer_ca_file"), "{err}");
+        config.tls.client_ca_file = Some("/tls/ca.crt".into());
+        config.validate().unwrap();
+        assert_eq!(config.tls.peer_ca(), Some(&PathBuf::from("/tls/ca.crt")));
+        config.tls.peer_ca_file = Some("/tls/peers.crt".into());
+        assert_eq!(config.tls.peer_ca(), Some(&PathBuf::from("/tls/peers.crt")));
+        config.tls.cert_file = None;
+        config.tls.key_file = None;
+        config.tls.client_ca_file = None;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("tls.peer_ca_file"), "{err}");
+    }
+
     #[test]
     fn a_sentinel_deployment_is_named_by_its_url() {
         let config = RedisConfig {
@@ -877,6 +899,15 @@ pub struct TlsConfig {
     /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ca_file: Option<PathBuf>,
+    /// Owned mode: PEM CA bundle that signed the other replicas' certificates. A call forwarded
+    /// to its account's owner goes over TLS, checked against it, with this server's certificate
+    /// as the client's (for replicas that ask for one). Default: `client_ca_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_ca_file: Option<PathBuf>,
+    /// Owned mode: the name the replicas' certificates carry, checked on each forward (for
+    /// example the headless Service's name). Default: the host of the owner's advertised address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_server_name: Option<String>,
 }
 
 impl TlsConfig {
@@ -891,7 +922,18 @@ impl TlsConfig {
         if self.client_ca_file.is_some() && !self.enabled() {
             return Err("tls.client_ca_file needs tls.cert_file and tls.key_file".into());
         }
+        if (self.peer_ca_file.is_some() || self.peer_server_name.is_some()) && !self.enabled() {
+            return Err(
+                "tls.peer_ca_file and tls.peer_server_name need tls.cert_file and tls.key_file"
+                    .into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The CA the other replicas' certificates are checked against when forwarding.
+    pub fn peer_ca(&self) -> Option<&PathBuf> {
+        self.peer_ca_file.as_ref().or(self.client_ca_file.as_ref())
     }
 }
 
@@ -1308,10 +1350,12 @@ impl Config {
         if self.tls.enabled()
             && self.store.kind == StoreKind::Redis
             && self.store.redis.mode == RedisMode::Owned
+            && self.tls.peer_ca().is_none()
         {
             return Err(ConfigError::Invalid(
-                "store.redis.mode = \"owned\" does not yet forward calls between replicas over \
-                 TLS: turn tls off (mTLS at the mesh) or use store.redis.mode = \"scripts\""
+                "store.redis.mode = \"owned\" with tls forwards calls to other replicas over \
+                 TLS, and needs the CA that signed their certificates: set tls.peer_ca_file \
+                 (or tls.client_ca_file)"
                     .into(),
             ));
         }

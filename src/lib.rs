@@ -125,6 +125,13 @@ async fn serve(
         forward_from: (config.store.kind == StoreKind::Redis
             && config.store.redis.mode == RedisMode::Owned)
             .then(|| config.store.redis.advertise_addr.clone()),
+        forward_tls: match crate::tls::PeerTls::from_config(&config.tls) {
+            Some(peers) => {
+                peers.check()?;
+                Some(peers)
+            }
+            None => None,
+        },
     };
     let parts = Parts {
         rules,

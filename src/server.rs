@@ -89,6 +89,8 @@ pub struct ServeSettings {
     /// In owned mode, the address other replicas reach this one at: calls about accounts
     /// another replica owns are forwarded there ([`crate::api::forward`]).
     pub forward_from: Option<String>,
+    /// With TLS on, how forwards reach the other replicas.
+    pub forward_tls: Option<crate::tls::PeerTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,6 +293,7 @@ fn router<S: Store>(
         .layer(guard)
         .layer(ForwardLayer::new(
             settings.forward_from.as_deref(),
+            settings.forward_tls.clone(),
             Arc::new({
                 let slot = slot.clone();
                 move || {

@@ -30,6 +30,12 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 #[error("tls: {0}")]
 pub struct TlsError(String);
 
+impl TlsError {
+    pub fn new(why: impl Into<String>) -> TlsError {
+        TlsError(why.into())
+    }
+}
+
 /// The current server configuration, swapped when the files change.
 pub struct Certificates {
     files: Vec<PathBuf>,
@@ -92,6 +98,52 @@ impl Certificates {
                 false
             }
         }
+    }
+}
+
+/// How this replica reaches the others over TLS when it forwards a call to an account's owner
+/// (owned mode): their certificates are checked against the peer CA and the peer server name,
+/// and this server's own certificate is presented as the client's, for replicas that ask for
+/// one (mTLS). The files are read each time a connection to a peer is made, so connections
+/// made after a rotation use the new certificates.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    ca_file: PathBuf,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    server_name: Option<String>,
+}
+
+impl PeerTls {
+    /// None when TLS is off (forwards then go over plain HTTP/2).
+    pub fn from_config(settings: &TlsConfig) -> Option<PeerTls> {
+        Some(PeerTls {
+            ca_file: settings.peer_ca()?.clone(),
+            cert_file: settings.cert_file.clone()?,
+            key_file: settings.key_file.clone()?,
+            server_name: settings.peer_server_name.clone(),
+        })
+    }
+
+    /// The client configuration for a connection to a peer, read from the files now.
+    pub fn client_config(&self) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = read("tls.peer_ca_file", &self.ca_file)?;
+        let cert = read("tls.cert_file", &self.cert_file)?;
+        let key = read("tls.key_file", &self.key_file)?;
+        let config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        Ok(match &self.server_name {
+            Some(name) => config.domain_name(name.clone()),
+            None => config,
+        })
+    }
+
+    /// Checks the files once, at start, so a wrong path is an error then, not at the first
+    /// forward.
+    pub fn check(&self) -> Result<(), TlsError> {
+        self.client_config().map(|_| ())
     }
 }
 

@@ -289,6 +289,7 @@ async fn mtls_needs_a_client_certificate_of_the_ca_and_certificates_reload() {
             cert_file: Some(dir.join("tls.crt")),
             key_file: Some(dir.join("tls.key")),
             client_ca_file: Some(dir.join("ca.crt")),
+            ..TlsConfig::default()
         },
         ..Config::default()
     };

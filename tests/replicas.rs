@@ -1045,3 +1045,84 @@ async fn rate_limit_counters_are_shared_by_the_replicas() {
     assert_eq!(owners.len(), 1, "one owner counts the domain: {owners:?}");
     assert!(owners.iter().all(Option::is_some), "answers name it");
 }
+
+/// With TLS and client certificates required, owned replicas forward to each other over TLS,
+/// each presenting its own certificate: a client with a certificate reaches every account
+/// through any replica, and every replica names the same owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn owners_forward_to_each_other_over_mtls() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let dir = std::env::temp_dir().join(format!("quotad-peers-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = support::pki::Pki::new(&dir, "ca");
+    let (cert, key) = ca.issue("replica", &["localhost", "127.0.0.1"]);
+    let (client_cert, client_key) = ca.issue("frontend", &["frontend"]);
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let mut env = replica_env(&Backend::Owned(&server), &fresh_prefix());
+    env.push(("QUOTAD_TLS__CERT_FILE".into(), cert));
+    env.push(("QUOTAD_TLS__KEY_FILE".into(), key));
+    env.push(("QUOTAD_TLS__CLIENT_CA_FILE".into(), ca.ca_file()));
+    let procs = tokio::task::spawn_blocking(move || {
+        (0..REPLICAS)
+            .map(|_| start("127.0.0.1:0", &env))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca.ca_file()).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(client_cert).unwrap(),
+            std::fs::read(client_key).unwrap(),
+        ))
+        .domain_name("localhost");
+    let mut clients = Vec::new();
+    for p in &procs {
+        let channel = Channel::from_shared(format!("https://{}", p.addr))
+            .unwrap()
+            .tls_config(tls.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        clients.push(QuotaServiceClient::new(channel));
+    }
+    let addresses: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
+    let mut owners = std::collections::HashSet::new();
+    for (i, account) in PLUS.iter().enumerate() {
+        let reserved = clients[i % REPLICAS]
+            .clone()
+            .reserve(pb::ReserveRequest {
+                account_id: account.to_string(),
+                request_id: format!("tls-{account}"),
+                product: "codex".into(),
+                estimate: Some(costing(1)),
+                plan_hint: "plus".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{account}: {e:?}"));
+        assert_eq!(reserved.get_ref().decision(), Decision::Allow);
+        let mut named = Vec::new();
+        for client in &clients {
+            let answer = client
+                .clone()
+                .get_usage(pb::GetUsageRequest {
+                    account_id: account.to_string(),
+                    recent_limit: 0,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{account}: {e:?}"));
+            let owner = answer.metadata().get("quotad-owner").expect("names it");
+            named.push(owner.to_str().unwrap().to_owned());
+        }
+        assert!(named.iter().all(|n| n == &named[0]), "{account}: {named:?}");
+        assert!(addresses.contains(&named[0]), "{named:?}");
+        owners.insert(named[0].clone());
+    }
+    assert!(owners.len() > 1, "calls were forwarded: {owners:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -520,6 +520,14 @@ def check_release(
         want = {"cert_file": f"{TLS_DIR}/tls.crt", "key_file": f"{TLS_DIR}/tls.key"}
         if tls["clientAuth"]:
             want["client_ca_file"] = f"{TLS_DIR}/ca.crt"
+        # Owned mode's forwards between replicas: ca.crt, under the Service's name.
+        want["peer_ca_file"] = f"{TLS_DIR}/ca.crt"
+        peer_name = (config.get("tls") or {}).get("peer_server_name", "")
+        check(
+            re.fullmatch(rf"[a-z0-9]([-a-z0-9]*[a-z0-9])?\.{re.escape(namespace)}\.svc", peer_name),
+            f"tls.peer_server_name {peer_name!r} is not a Service of namespace {namespace}",
+        )
+        want["peer_server_name"] = peer_name
         check(config.get("tls") == want, f"tls is {config.get('tls')}, want {want}")
     else:
         check("tls" not in config, "tls keys without tls.enabled")

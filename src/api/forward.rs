@@ -9,7 +9,8 @@
 //! different views of the membership cannot send a call in circles. Every answer says in
 //! `quotad-owner` which replica decided it, for clients and ring-hash balancers that can go
 //! straight there. The caller's metadata (its bearer token included) goes along unchanged, so
-//! the owner checks the same credentials.
+//! the owner checks the same credentials. When quotad serves TLS, forwards go over TLS as well
+//! ([`PeerTls`]: the owner's certificate checked, this replica's own presented).
 //!
 //! Without owned mode, and while this replica owns every account, the layer does nothing: a
 //! request passes untouched, with no buffering. A call that arrives then and finds its account
@@ -18,7 +19,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use http_body_util::{BodyExt, Full};
@@ -29,6 +30,12 @@ use tonic::transport::{Channel, Endpoint};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::metrics::Metrics;
+use crate::tls::PeerTls;
+
+/// How long a TLS connection to another replica is kept before it is made again with the
+/// certificate files read afresh: well within a certificate's renewal window (cert-manager
+/// renews at two thirds of a certificate's life, days ahead).
+const TLS_RENEW_EVERY: Duration = Duration::from_secs(600);
 
 /// The metadata naming the replica that decided (in an answer) or that decides (in a refusal).
 pub const OWNER_HEADER: &str = "quotad-owner";
@@ -47,6 +54,7 @@ impl ForwardLayer {
     /// Forwarding for a replica reached at `own_address` (`None`: not in owned mode, inert).
     pub fn new(
         own_address: Option<&str>,
+        tls: Option<PeerTls>,
         owns_everything: OwnsEverything,
         connect_timeout: Duration,
         metrics: Arc<Metrics>,
@@ -58,6 +66,7 @@ impl ForwardLayer {
                         .filter(|o| !o.is_empty())
                         .and_then(|o| o.parse().ok()),
                     owns_everything,
+                    tls,
                     channels: DashMap::new(),
                     connect_timeout,
                     metrics,
@@ -78,26 +87,50 @@ impl<S> Layer<S> for ForwardLayer {
     }
 }
 
-/// One connection per owner, made on first use and kept.
+/// One connection per owner, made on first use and kept (over TLS: remade every
+/// [`TLS_RENEW_EVERY`], with the certificate files read again).
 struct Peers {
     own: Option<http::HeaderValue>,
     owns_everything: OwnsEverything,
-    channels: DashMap<String, Channel>,
+    tls: Option<PeerTls>,
+    channels: DashMap<String, (Channel, Instant)>,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Peers {
     fn channel(&self, address: &str) -> Result<Channel, Status> {
-        if let Some(channel) = self.channels.get(address) {
+        let kept = self.channels.get(address).map(|c| c.clone());
+        if let Some((channel, made)) = &kept
+            && (self.tls.is_none() || made.elapsed() < TLS_RENEW_EVERY)
+        {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| Status::unavailable(format!("owner address {address:?}: {e}")))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            let configured = tls.client_config().and_then(|config| {
+                (endpoint.clone().tls_config(config))
+                    .map_err(|e| crate::tls::TlsError::new(e.to_string()))
+            });
+            endpoint = match (configured, kept) {
+                (Ok(endpoint), _) => endpoint,
+                (Err(e), Some((channel, _))) => {
+                    tracing::warn!("cannot renew TLS to the other replicas, keeping the last: {e}");
+                    return Ok(channel);
+                }
+                (Err(e), None) => {
+                    return Err(Status::unavailable(format!(
+                        "cannot reach the account's owner at {address} over TLS: {e}"
+                    )));
+                }
+            };
+        }
         let channel = endpoint.connect_lazy();
-        self.channels.insert(address.to_owned(), channel.clone());
+        (self.channels).insert(address.to_owned(), (channel.clone(), Instant::now()));
         Ok(channel)
     }
 
