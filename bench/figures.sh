@@ -73,6 +73,7 @@ start_quotad() {
     args+=(--store redis --redis-url "redis://127.0.0.1:$REDIS_PORT")
   fi
   if [ "$1" = owned ]; then mode=(QUOTAD_STORE__REDIS__MODE=owned); fi
+  if [ "$1" = redis ]; then mode=(QUOTAD_STORE__REDIS__MODE=scripts); fi
   if [ "$1" = embedded ]; then
     if [ -z "${DATA_DIR:-}" ]; then TEMP_DIR="$(mktemp -d)"; DATA_DIR="$TEMP_DIR/data"; fi
     args+=(--data-dir "$DATA_DIR")

@@ -249,10 +249,11 @@ pub struct RedisConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum RedisMode {
-    /// Each call is one Lua function run inside Redis.
-    #[default]
+    /// Each call is one Lua function run inside Redis: the rules written a second time, in
+    /// Lua. Kept selectable while owned mode settles in; to be removed.
     Scripts,
     /// Decided in memory on the partition's owner; Redis is the fenced backing store.
+    #[default]
     Owned,
 }
 

@@ -59,7 +59,10 @@ fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
         ),
     ];
     match backend {
-        Backend::Standalone(server) => env.push(("QUOTAD_REDIS_URL".into(), server.url())),
+        Backend::Standalone(server) => {
+            env.push(("QUOTAD_REDIS_URL".into(), server.url()));
+            env.push(("QUOTAD_STORE__REDIS__MODE".into(), "scripts".into()));
+        }
         Backend::Owned(server) => {
             env.push(("QUOTAD_REDIS_URL".into(), server.url()));
             env.push(("QUOTAD_STORE__REDIS__MODE".into(), "owned".into()));
@@ -71,6 +74,7 @@ fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
                 "QUOTAD_STORE__REDIS__CLUSTER_NODES".into(),
                 format!("[{}]", nodes.join(",")),
             ));
+            env.push(("QUOTAD_STORE__REDIS__MODE".into(), "scripts".into()));
         }
     }
     env

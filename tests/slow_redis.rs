@@ -89,7 +89,11 @@ async fn three_replicas_ride_out_a_redis_that_stalls_now_and_then() {
     let url = redis.url();
     let replicas: Vec<Quotad> = tokio::task::spawn_blocking(move || {
         (0..3)
-            .map(|_| Quotad::start(&["--store", "redis", "--redis-url", &url], &[]))
+            .map(|_| {
+                // The Lua functions' retry and breaker (owned mode's writer has its own).
+                let mode = [("QUOTAD_STORE__REDIS__MODE", "scripts")];
+                Quotad::start(&["--store", "redis", "--redis-url", &url], &mode)
+            })
             .collect()
     })
     .await

@@ -114,9 +114,11 @@ impl TestServer {
             TestStore::Memory => StoreKind::Memory,
             TestStore::Redis | TestStore::RedisOwned => StoreKind::Redis,
         };
-        if store == TestStore::RedisOwned {
-            config.store.redis.mode = quotad::config::RedisMode::Owned;
-        }
+        config.store.redis.mode = match store {
+            TestStore::RedisOwned => quotad::config::RedisMode::Owned,
+            // The Lua functions, until they are removed.
+            _ => quotad::config::RedisMode::Scripts,
+        };
         if config.store.kind == StoreKind::Redis {
             let server = tokio::task::spawn_blocking(redis::shared_server)
                 .await
