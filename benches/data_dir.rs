@@ -102,7 +102,7 @@ fn main() {
     );
     println!(
         "accounts resident in memory at the end: {}",
-        stats.resident_accounts
+        store.resident_accounts()
     );
     println!(
         "data dir: {:.0} MiB on disk ({:.0} B per account)",

@@ -280,7 +280,7 @@ impl Default for RedisConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
-            mode: RedisMode::Scripts,
+            mode: RedisMode::default(),
             partitions: crate::store::OwnedSettings::default().partitions,
             lease_ms: crate::store::OwnedSettings::default().lease.as_millis() as u64,
             advertise_addr: String::new(),
@@ -634,6 +634,16 @@ mod redis_config_tests {
         store.redis.outage_credit_allowance = -1;
         let err = store.redis.validate().unwrap_err();
         assert!(err.contains("store.redis.outage_credit_allowance"), "{err}");
+    }
+
+    #[test]
+    fn owned_mode_is_the_redis_default() {
+        assert_eq!(Config::default().store.redis.mode, RedisMode::Owned);
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[store]\nkind = \"redis\"\n"))
+            .extract()
+            .unwrap();
+        assert_eq!(config.store.redis.mode, RedisMode::Owned);
     }
 
     /// Owned mode over TLS forwards to the other replicas over TLS, so it needs their CA.

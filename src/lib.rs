@@ -162,10 +162,28 @@ async fn serve(
         }
         StoreKind::Redis if config.store.redis.mode == RedisMode::Owned => {
             let redis = config.store.redis.settings()?;
-            let store =
-                MemoryStore::open_on_redis(parts.rules.clone(), &redis, &config.store.owned())
-                    .await?;
-            serve_memory(store, parts, listeners, settings, shutdown).await?;
+            let owned = config.store.owned();
+            // What Redis holds but this quotad cannot use (another persisted format) stops it
+            // at once; a Redis not up yet is waited for, serving NOT_SERVING meanwhile.
+            let first = match MemoryStore::open_on_redis(parts.rules.clone(), &redis, &owned).await
+            {
+                Err(StoreError::Internal(why)) => return Err(StoreError::Internal(why).into()),
+                opened => std::sync::Mutex::new(Some(opened)),
+            };
+            let connect = move || {
+                let first = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let (redis, owned, parts) = (redis.clone(), owned.clone(), parts.clone());
+                Box::pin(async move {
+                    let store = match first {
+                        Some(opened) => opened?,
+                        None => {
+                            MemoryStore::open_on_redis(parts.rules.clone(), &redis, &owned).await?
+                        }
+                    };
+                    Ok(parts.quota(store))
+                }) as Connecting<MemoryStore>
+            };
+            server::run(listeners, connect, settings, shutdown).await?;
         }
         StoreKind::Redis => {
             let redis = config.store.redis.settings()?;
@@ -182,8 +200,8 @@ async fn serve(
     Ok(())
 }
 
-/// Serves a memory store opened before serving (once: a data dir or Redis partitions that
-/// cannot be used stop quotad).
+/// Serves a memory store opened before serving (once: a data dir that cannot be used stops
+/// quotad).
 async fn serve_memory(
     store: MemoryStore,
     parts: Parts,

@@ -256,7 +256,7 @@ impl Metrics {
         let resident_accounts = Gauge::default();
         registry.register(
             "resident_accounts",
-            "Accounts in memory (with a data dir, idle ones leave memory and are read back on use)",
+            "Accounts in memory (with a data dir or on Redis in owned mode, idle ones leave memory and are read back on use)",
             resident_accounts.clone(),
         );
         let data_dir_bytes = Gauge::default();
@@ -518,10 +518,13 @@ impl Metrics {
         self.open_holds.set(i64::try_from(open).unwrap_or(i64::MAX));
     }
 
+    /// Samples the accounts in memory (a store that lets idle ones go).
+    pub fn observe_resident(&self, accounts: u64) {
+        (self.resident_accounts).set(i64::try_from(accounts).unwrap_or(i64::MAX));
+    }
+
     /// Samples the embedded store's data dir.
     pub fn observe_data_dir(&self, stats: &crate::store::DataDirStats) {
-        self.resident_accounts
-            .set(i64::try_from(stats.resident_accounts).unwrap_or(i64::MAX));
         self.data_dir_bytes
             .set(i64::try_from(stats.bytes).unwrap_or(i64::MAX));
         let mut seen = self.data_dir_seen.lock().unwrap_or_else(|e| e.into_inner());

@@ -375,6 +375,9 @@ async fn start<S, C>(
                     store.open_holds(),
                     store.retried_calls(),
                 );
+                if let Some(accounts) = store.resident_accounts() {
+                    app.metrics().observe_resident(accounts);
+                }
                 if let Some(stats) = store.data_dir_stats() {
                     app.metrics().observe_data_dir(&stats);
                 }

@@ -410,6 +410,19 @@ async fn sigterm_finishes_calls_in_flight_refuses_new_ones_and_exits_0() {
     .unwrap();
     let mut q = QuotaServiceClient::connect(quotad.url()).await.unwrap();
     q.reserve(reserve("a", "warm", 1)).await.unwrap();
+    // Owned mode (the Redis default) keeps the accounts it decides on in memory, and says so.
+    let mut sampled = String::new();
+    for _ in 0..50 {
+        sampled = http_get(&quotad.http_addr, "/metrics").await.1;
+        if sampled.contains("quotad_resident_accounts 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        sampled.contains("quotad_resident_accounts 1"),
+        "quotad_resident_accounts missing or wrong in\n{sampled}"
+    );
 
     let redis = std::sync::Arc::new(redis);
     let pause = redis.clone();

@@ -809,11 +809,14 @@ impl Store for MemoryStore {
         }
     }
 
+    fn resident_accounts(&self) -> Option<u64> {
+        self.durable.as_ref().map(|_| self.accounts.len() as u64)
+    }
+
     fn data_dir_stats(&self) -> Option<DataDirStats> {
         let backing = &self.durable.as_ref()?.backing;
         let (batches, changes) = backing.written();
         Some(DataDirStats {
-            resident_accounts: self.accounts.len() as u64,
             bytes: backing.disk_space()?,
             batches: batches as u64,
             changes: changes as u64,

@@ -58,7 +58,6 @@ pub enum StoreError {
 /// The embedded store's data dir, as sampled for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataDirStats {
-    pub resident_accounts: u64,
     pub bytes: u64,
     /// Group commits written since start, and the decisions they held.
     pub batches: u64,
@@ -199,6 +198,12 @@ pub trait Store: Send + Sync + 'static {
     /// Calls whose first attempt timed out and that were tried again, since start.
     fn retried_calls(&self) -> u64 {
         0
+    }
+
+    /// Accounts in memory now, for a store that lets idle ones leave memory (the memory store
+    /// with a data dir or on Redis in owned mode).
+    fn resident_accounts(&self) -> Option<u64> {
+        None
     }
 
     /// What the embedded store's data dir has done, if the store has one.
