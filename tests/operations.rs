@@ -13,6 +13,7 @@ use quotad::api::pb;
 use quotad::api::pb::admin_service_client::AdminServiceClient;
 use quotad::api::pb::quota_service_client::QuotaServiceClient;
 use quotad::config::{Config, TlsConfig};
+use support::pki::Pki;
 use support::process::{Quotad, http_get};
 use support::redis::RedisServer;
 use support::{ADMIN_TOKEN, BearerToken, TestServer, costing};
@@ -209,36 +210,6 @@ async fn each_service_checks_its_own_bearer_token() {
     );
 }
 
-/// A CA and the certificates it signs, as PEM.
-struct Pki {
-    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-    ca_pem: String,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
-            .unwrap();
-        Pki {
-            ca_pem: ca.pem(),
-            ca,
-        }
-    }
-
-    /// (certificate PEM, key PEM) for `name`.
-    fn issue(&self, name: &str) -> (String, String) {
-        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 async fn tls_client(
     url: &str,
     trust: &str,
@@ -276,14 +247,14 @@ async fn mtls_needs_a_client_certificate_of_the_ca_and_certificates_reload() {
     let dir = std::env::temp_dir().join(format!("quotad-mtls-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let (servers, clients, stranger) = (
-        Pki::new("server CA"),
-        Pki::new("client CA"),
-        Pki::new("other CA"),
+        Pki::new(&dir, "server-ca"),
+        Pki::new(&dir, "client-ca"),
+        Pki::new(&dir, "other-ca"),
     );
-    let (cert, key) = servers.issue("localhost");
+    let (cert, key) = servers.issue_pem(&["localhost"]);
     write(&dir, "tls.crt", &cert);
     write(&dir, "tls.key", &key);
-    write(&dir, "ca.crt", &clients.ca_pem);
+    write(&dir, "ca.crt", &clients.ca_pem());
     let config = Config {
         tls: TlsConfig {
             cert_file: Some(dir.join("tls.crt")),
@@ -295,19 +266,21 @@ async fn mtls_needs_a_client_certificate_of_the_ca_and_certificates_reload() {
     };
     let server = TestServer::start_with(config, quotad::config::StoreKind::Memory).await;
     let url = server.url();
-    let good = clients.issue("frontend");
-    let bad = stranger.issue("frontend");
+    let good = clients.issue_pem(&["frontend"]);
+    let bad = stranger.issue_pem(&["frontend"]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(e) = tls_client(&url, &servers.ca_pem, Some(&good)).await {
+    while let Err(e) = tls_client(&url, &servers.ca_pem(), Some(&good)).await {
         assert!(Instant::now() < deadline, "{e}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        tls_client(&url, &servers.ca_pem, None).await.is_err(),
+        tls_client(&url, &servers.ca_pem(), None).await.is_err(),
         "no client certificate"
     );
     assert!(
-        tls_client(&url, &servers.ca_pem, Some(&bad)).await.is_err(),
+        tls_client(&url, &servers.ca_pem(), Some(&bad))
+            .await
+            .is_err(),
         "a certificate of another CA"
     );
     // Plain text is refused too.
@@ -317,12 +290,12 @@ async fn mtls_needs_a_client_certificate_of_the_ca_and_certificates_reload() {
     }
 
     // Rotation: a server certificate from a new CA, written to the same files.
-    let renewed = Pki::new("renewed server CA");
-    let (cert, key) = renewed.issue("localhost");
+    let renewed = Pki::new(&dir, "renewed-server-ca");
+    let (cert, key) = renewed.issue_pem(&["localhost"]);
     write(&dir, "tls.key", &key);
     write(&dir, "tls.crt", &cert);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tls_client(&url, &renewed.ca_pem, Some(&good))
+    while tls_client(&url, &renewed.ca_pem(), Some(&good))
         .await
         .is_err()
     {
@@ -333,7 +306,7 @@ async fn mtls_needs_a_client_certificate_of_the_ca_and_certificates_reload() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        tls_client(&url, &servers.ca_pem, Some(&good))
+        tls_client(&url, &servers.ca_pem(), Some(&good))
             .await
             .is_err(),
         "old certificate gone"

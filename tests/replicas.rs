@@ -92,6 +92,13 @@ fn start(listen: &str, env: &[(String, String)]) -> Quotad {
     Quotad::start_on(&listen, &[], &env)
 }
 
+/// `REPLICAS` replicas with the same settings, each on a free port of its own.
+async fn start_replicas(env: Vec<(String, String)>) -> Vec<Quotad> {
+    tokio::task::spawn_blocking(move || (0..REPLICAS).map(|_| start("127.0.0.1:0", &env)).collect())
+        .await
+        .unwrap()
+}
+
 /// Clients of every replica; a call goes to its first choice and fails over to the others.
 #[derive(Clone)]
 struct Replicas {
@@ -773,13 +780,7 @@ async fn parallel_commits_across_replicas_buy_exactly_once() {
         .await
         .unwrap();
     let env = replica_env(&Backend::Standalone(&server), &fresh_prefix());
-    let procs = tokio::task::spawn_blocking(move || {
-        (0..REPLICAS)
-            .map(|_| start("127.0.0.1:0", &env))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let procs = start_replicas(env).await;
     let urls: Vec<String> = procs.iter().map(Quotad::url).collect();
     let channel = Channel::from_shared(urls[0].clone())
         .unwrap()
@@ -931,13 +932,7 @@ async fn any_owner_answers_for_every_account_and_names_the_owner() {
         .await
         .unwrap();
     let env = replica_env(&Backend::Owned(&server), &fresh_prefix());
-    let procs = tokio::task::spawn_blocking(move || {
-        (0..REPLICAS)
-            .map(|_| start("127.0.0.1:0", &env))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let procs = start_replicas(env).await;
     let urls: Vec<String> = procs.iter().map(Quotad::url).collect();
     let addresses: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     // Until every replica has joined and taken its share, an owner may still be moving.
@@ -996,13 +991,7 @@ async fn rate_limit_counters_are_shared_by_the_replicas() {
           {domain=\"edge\",entries=[{key=\"account_id\"}],account_windows=true}]"
             .into(),
     ));
-    let procs = tokio::task::spawn_blocking(move || {
-        (0..REPLICAS)
-            .map(|_| start("127.0.0.1:0", &env))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let procs = start_replicas(env).await;
     let urls: Vec<String> = procs.iter().map(Quotad::url).collect();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     setup_accounts(&urls[0]).await;
@@ -1068,13 +1057,7 @@ async fn owners_forward_to_each_other_over_mtls() {
     env.push(("QUOTAD_TLS__CERT_FILE".into(), cert));
     env.push(("QUOTAD_TLS__KEY_FILE".into(), key));
     env.push(("QUOTAD_TLS__CLIENT_CA_FILE".into(), ca.ca_file()));
-    let procs = tokio::task::spawn_blocking(move || {
-        (0..REPLICAS)
-            .map(|_| start("127.0.0.1:0", &env))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let procs = start_replicas(env).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca.ca_file()).unwrap()))

@@ -55,6 +55,15 @@ impl Default for RlsCounters {
     }
 }
 
+/// A domain's counters in a stripe, made on first use (looked up by borrowing the name first:
+/// the domain exists nearly always).
+fn domain_counters<'s>(stripe: &'s mut Stripe, domain: &str) -> &'s mut HashMap<String, Counter> {
+    if !stripe.contains_key(domain) {
+        stripe.insert(domain.to_owned(), HashMap::new());
+    }
+    stripe.get_mut(domain).expect("inserted above")
+}
+
 /// A panic inside a step would leave at most that request's counters uncounted; refusing every
 /// later call on the stripe would be worse.
 fn lock(stripe: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
@@ -112,10 +121,7 @@ impl RlsCounters {
     pub fn install(&self, domain: &str, read: Vec<(String, SlidingWindow)>, epoch: u64) {
         for (key, window) in read {
             let mut stripe = lock(&self.stripes[self.stripe_of(domain, &key)]);
-            let counters = match stripe.get_mut(domain) {
-                Some(counters) => counters,
-                None => stripe.entry(domain.to_owned()).or_default(),
-            };
+            let counters = domain_counters(&mut stripe, domain);
             match counters.get_mut(key.as_str()) {
                 Some(counter) if counter.epoch >= epoch => {}
                 Some(counter) => *counter = Counter { window, epoch },
@@ -207,10 +213,7 @@ impl RlsCounters {
                 written.push((key.clone(), window.clone()));
             }
             let stripe = &mut guards[guard(home)];
-            let counters = match stripe.get_mut(domain) {
-                Some(counters) => counters,
-                None => stripe.entry(domain.to_owned()).or_default(),
-            };
+            let counters = domain_counters(&mut *stripe, domain);
             let epoch = epoch.unwrap_or(0);
             counters.insert(key, Counter { window, epoch });
         }
@@ -262,10 +265,7 @@ impl RlsCounters {
                 let statuses =
                     rls::check_and_count(now, checks, slots, std::slice::from_mut(&mut window));
                 if window.committed() > 0 {
-                    let counters = match stripe.get_mut(domain) {
-                        Some(counters) => counters,
-                        None => stripe.entry(domain.to_owned()).or_default(),
-                    };
+                    let counters = domain_counters(&mut stripe, domain);
                     counters.insert(first.key.clone(), Counter { window, epoch: 0 });
                 }
                 Counted::Done(statuses, Vec::new())

@@ -1,4 +1,5 @@
-//! A test certificate authority (made with rcgen) and the certificates it signs, as PEM files.
+//! A test certificate authority (made with rcgen) and the certificates it signs, as PEM text or
+//! files.
 
 use std::path::{Path, PathBuf};
 
@@ -33,18 +34,28 @@ impl Pki {
             .to_string()
     }
 
-    /// (certificate file, key file) for `names` (DNS names or IP addresses).
-    pub fn issue(&self, file: &str, names: &[&str]) -> (String, String) {
+    pub fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
+    /// (certificate PEM, key PEM) for `names` (DNS names or IP addresses).
+    pub fn issue_pem(&self, names: &[&str]) -> (String, String) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let params = rcgen::CertificateParams::new(names).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// (certificate file, key file) for `names`, written as `file`.crt and `file`.key.
+    pub fn issue(&self, file: &str, names: &[&str]) -> (String, String) {
+        let (cert, key) = self.issue_pem(names);
         let (cert_file, key_file) = (
             self.dir.join(format!("{file}.crt")),
             self.dir.join(format!("{file}.key")),
         );
-        std::fs::write(&cert_file, cert.pem()).unwrap();
-        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, key).unwrap();
         (
             cert_file.display().to_string(),
             key_file.display().to_string(),
