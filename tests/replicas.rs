@@ -105,11 +105,16 @@ struct Replicas {
     quota: Vec<QuotaServiceClient<Channel>>,
 }
 
+/// Whether another replica may answer: the replica could not, or the connection to it failed
+/// (a replica that leaves sends GOAWAY, which can meet a request already on its way and reach
+/// the client as `INTERNAL` from its own transport). Request ids make every retry act once.
 fn retryable(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-    )
+    let transport = std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>());
+    transport
+        || matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+        )
 }
 
 impl Replicas {

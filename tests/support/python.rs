@@ -19,8 +19,11 @@ pub fn venv(venv: &Path, requirements: &str) -> PathBuf {
     }
     let wanted = venv.join("requirements.txt");
     std::fs::write(&wanted, requirements).expect("write the requirements");
-    run(Command::new(&python)
-        .args([
+    // PyPI is across a network: a failed install is tried twice more, and the last failure
+    // fails the test with what pip printed.
+    for attempt in 1..=3 {
+        let mut pip = Command::new(&python);
+        pip.args([
             "-m",
             "pip",
             "install",
@@ -28,7 +31,15 @@ pub fn venv(venv: &Path, requirements: &str) -> PathBuf {
             "--disable-pip-version-check",
         ])
         .args(["--no-input", "-r"])
-        .arg(&wanted));
+        .arg(&wanted);
+        if attempt == 3 {
+            run(&mut pip);
+        } else if pip.output().is_ok_and(|out| out.status.success()) {
+            break;
+        } else {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    }
     std::fs::write(&stamp, requirements).expect("write the requirements stamp");
     python
 }
