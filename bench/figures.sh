@@ -12,12 +12,11 @@
 #                                    # health checks at the same calls per second
 #   bench/figures.sh latency redis
 #   bench/figures.sh latency embedded
-#   bench/figures.sh owned-replicas  # Redis in owned mode: Reserve+Commit pairs on one replica, then
+#   bench/figures.sh replicas        # Redis: Reserve+Commit pairs on one replica, then
 #                                    # on three with the connections spread over all of them (so
 #                                    # most calls are forwarded to their account's owner), and the
 #                                    # share of calls forwarded
-#   bench/figures.sh stores          # memory, Redis (scripts) and Redis in owned mode one after the
-#                                    # other: health checks, Reserve+Commit pairs and counted RLS
+#   bench/figures.sh stores          # the memory store, then Redis: health checks, Reserve+Commit pairs and counted RLS
 #                                    # calls (a counter per key, 10,000 keys), each over memory's
 #   bench/figures.sh memory          # bytes per account, 1,000,000 accounts (cargo bench --bench memory)
 #   bench/figures.sh week [DIR]      # 1,000,000 accounts, 20 tasks each over a simulated week, on a
@@ -28,10 +27,10 @@
 #   bench/figures.sh soak            # 10 minutes at a steady rate with a data dir, short idle
 #                                    # eviction and short retention: RSS every 10 s, its slope
 #                                    # after 2 minutes and over the second half
-#   bench/figures.sh owned-week      # Redis in owned mode: the week of `week` on one replica that
+#   bench/figures.sh redis-week      # Redis: the week of `week` on one replica that
 #                                    # owns every partition: its RSS, accounts in memory, Redis's
 #                                    # used_memory (cargo bench --bench owned)
-#   bench/figures.sh owned-soak      # Redis in owned mode: 10 minutes at a steady rate over three
+#   bench/figures.sh redis-soak      # Redis: 10 minutes at a steady rate over three
 #                                    # replicas, short idle eviction and retention: each replica's
 #                                    # RSS every 10 s and its slope after the retention and over the
 #                                    # second half; Redis's used_memory
@@ -60,27 +59,24 @@ start_redis() {
   for _ in $(seq 150); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 }
 
-# $1: memory|redis|owned|embedded (owned: Redis in owned mode, one replica; embedded: the
-# memory store with a data dir: DATA_DIR, or a new temporary one). Optional: REDIS_UNDER and REDIS_ARGS (see start_redis); QUOTAD_ENV, extra NAME=VALUE
+# $1: memory|redis|embedded (redis: one replica owning every partition; embedded: the memory
+# store with a data dir: DATA_DIR, or a new temporary one). Optional: REDIS_UNDER and REDIS_ARGS (see start_redis); QUOTAD_ENV, extra NAME=VALUE
 # settings for quotad.
 start_quotad() {
   cargo build --release --quiet --bin quotad --bin quotactl
   local port; port="$(free_port)"
   local args=(serve --listen "127.0.0.1:$port")
-  local mode=()
-  if [ "$1" = redis ] || [ "$1" = owned ]; then
+  if [ "$1" = redis ]; then
     start_redis
     args+=(--store redis --redis-url "redis://127.0.0.1:$REDIS_PORT")
   fi
-  if [ "$1" = owned ]; then mode=(QUOTAD_STORE__REDIS__MODE=owned); fi
-  if [ "$1" = redis ]; then mode=(QUOTAD_STORE__REDIS__MODE=scripts); fi
   if [ "$1" = embedded ]; then
     if [ -z "${DATA_DIR:-}" ]; then TEMP_DIR="$(mktemp -d)"; DATA_DIR="$TEMP_DIR/data"; fi
     args+=(--data-dir "$DATA_DIR")
   fi
   # shellcheck disable=SC2086
   env QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN=127.0.0.1:0 QUOTAD_LOG_FORMAT=pretty ${QUOTAD_ENV:-} \
-    "${mode[@]}" target/release/quotad "${args[@]}" >/dev/null 2>&1 &
+    target/release/quotad "${args[@]}" >/dev/null 2>&1 &
   QUOTAD_PID=$!
   ADDR="http://127.0.0.1:$port"
   for _ in $(seq 300); do
@@ -90,21 +86,21 @@ start_quotad() {
   echo "quotad did not start" >&2; exit 1
 }
 
-# A replica in owned mode on the Redis of start_redis, on key prefix $1: gRPC and HTTP ports of
+# A replica on the Redis of start_redis, on key prefix $1: gRPC and HTTP ports of
 # its own, advertising its gRPC address (so the others forward to it), with QUOTAD_ENV's
-# settings. Its pid, gRPC address and HTTP address are appended to OWNED_PIDS, OWNED_GRPC and
-# OWNED_HTTP.
-OWNED_PIDS=(); OWNED_GRPC=(); OWNED_HTTP=()
-owned_start() {
+# settings. Its pid, gRPC address and HTTP address are appended to REPLICA_PIDS, REPLICA_GRPC and
+# REPLICA_HTTP.
+REPLICA_PIDS=(); REPLICA_GRPC=(); REPLICA_HTTP=()
+replica_start() {
   local grpc http; grpc="$(free_port)"; http="$(free_port)"
   # shellcheck disable=SC2086 # QUOTAD_ENV is a word list
   env QUOTAD_ADMIN_TOKEN="$token" QUOTAD_HTTP_LISTEN="127.0.0.1:$http" QUOTAD_LOG_FORMAT=pretty \
-    QUOTAD_STORE__REDIS__MODE=owned QUOTAD_STORE__REDIS__KEY_PREFIX="$1" \
+    QUOTAD_STORE__REDIS__KEY_PREFIX="$1" \
     QUOTAD_STORE__REDIS__ADVERTISE_ADDR="127.0.0.1:$grpc" ${QUOTAD_ENV:-} \
     target/release/quotad serve --listen "127.0.0.1:$grpc" --store redis \
     --redis-url "redis://127.0.0.1:$REDIS_PORT" >/dev/null 2>&1 &
-  OWNED_PIDS+=($!)
-  OWNED_GRPC+=("http://127.0.0.1:$grpc"); OWNED_HTTP+=("127.0.0.1:$http")
+  REPLICA_PIDS+=($!)
+  REPLICA_GRPC+=("http://127.0.0.1:$grpc"); REPLICA_HTTP+=("127.0.0.1:$http")
   for _ in $(seq 300); do
     target/release/quotactl --addr "http://127.0.0.1:$grpc" bench --workload health --requests 1 --warmup 0s --json >/dev/null 2>&1 && return
     sleep 0.1
@@ -112,15 +108,15 @@ owned_start() {
   echo "quotad did not start" >&2; exit 1
 }
 
-owned_stop() {
-  if [ "${#OWNED_PIDS[@]}" -gt 0 ]; then
-    kill "${OWNED_PIDS[@]}" 2>/dev/null || true; wait "${OWNED_PIDS[@]}" 2>/dev/null || true
+replicas_stop() {
+  if [ "${#REPLICA_PIDS[@]}" -gt 0 ]; then
+    kill "${REPLICA_PIDS[@]}" 2>/dev/null || true; wait "${REPLICA_PIDS[@]}" 2>/dev/null || true
   fi
-  OWNED_PIDS=(); OWNED_GRPC=(); OWNED_HTTP=()
+  REPLICA_PIDS=(); REPLICA_GRPC=(); REPLICA_HTTP=()
 }
 
 stop() {
-  owned_stop
+  replicas_stop
   [ -n "${QUOTAD_PID:-}" ] && kill "$QUOTAD_PID" 2>/dev/null && wait "$QUOTAD_PID" 2>/dev/null || true
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null || true
   if [ -n "${TEMP_DIR:-}" ]; then rm -rf "$TEMP_DIR"; DATA_DIR=""; TEMP_DIR=""; fi
@@ -201,7 +197,7 @@ case "${1:-}" in
     echo "health checks, Reserve+Commit pairs and counted RLS calls (10,000 keys), 4 connections," \
       "64 in flight, ${seconds} s each; ratios over the memory store's"
     declare -A pairs rls
-    for store in memory redis owned; do
+    for store in memory redis; do
       QUOTAD_ENV="QUOTAD_RLS__RULES=$rules" start_quotad "$store"
       h="$(bench health | field .ops_per_s)"
       run="$(bench reserve-commit)"
@@ -215,27 +211,27 @@ case "${1:-}" in
       stop
     done
     ;;
-  owned-replicas)
+  replicas)
     cargo build --release --quiet --bin quotad --bin quotactl
     start_redis
     forwarded() { # sum of answered forwards over the replicas' metrics
       local n=0 h v
-      for h in "${OWNED_HTTP[@]}"; do
+      for h in "${REPLICA_HTTP[@]}"; do
         v="$(curl -s "http://$h/metrics" | awk '/^quotad_forwarded_calls_total\{outcome="answered"\}/ {print int($2)}' | head -1)"
         n=$(( n + ${v:-0} ))
       done
       echo "$n"
     }
-    echo "Redis in owned mode, Reserve+Commit pairs, 6 connections, 64 in flight, ${seconds} s each"
-    owned_start one
-    ADDR="${OWNED_GRPC[0]}"
+    echo "Redis, Reserve+Commit pairs, 6 connections, 64 in flight, ${seconds} s each"
+    replica_start one
+    ADDR="${REPLICA_GRPC[0]}"
     one="$(bench reserve-commit --connections 6)"
-    owned_stop
-    for _ in 1 2 3; do owned_start three; done
+    replicas_stop
+    for _ in 1 2 3; do replica_start three; done
     sleep 5 # every replica has joined and taken its partitions
-    ADDR="${OWNED_GRPC[0]}"
+    ADDR="${REPLICA_GRPC[0]}"
     before="$(forwarded)"
-    three="$(bench reserve-commit --connections 6 --also "${OWNED_GRPC[1]}" --also "${OWNED_GRPC[2]}")"
+    three="$(bench reserve-commit --connections 6 --also "${REPLICA_GRPC[1]}" --also "${REPLICA_GRPC[2]}")"
     after="$(forwarded)"
     p1="$(echo "$one" | field .ops_per_s)"; p3="$(echo "$three" | field .ops_per_s)"
     # Calls over the whole run, warm-up included, as the counters count them.
@@ -304,11 +300,11 @@ case "${1:-}" in
     done
     rm -f "$samples" "$samples.run"
     ;;
-  owned-week)
+  redis-week)
     cargo bench --bench owned
     ;;
-  owned-soak)
-    # The soak above on Redis in owned mode: one redis-server, three replicas on one key
+  redis-soak)
+    # The soak above on Redis: one redis-server, three replicas on one key
     # prefix, the load's connections spread over all three (so most calls are forwarded to
     # their account's owner). The same short retention and idle eviction, so that what each
     # owner keeps reaches its steady state within minutes; after that its RSS should stop
@@ -326,9 +322,9 @@ case "${1:-}" in
     QUOTAD_ENV="QUOTAD_STORE__EMBEDDED__EVICT_IDLE_SECONDS=$evict QUOTAD_LIMITS__DEFAULT_TTL_SECONDS=60
       QUOTAD_LIMITS__MAX_TTL_SECONDS=$retention QUOTAD_LIMITS__IDEMPOTENCY_RETENTION_SECONDS=$retention
       QUOTAD_LIMITS__RECENT_EVENTS=$recent"
-    for _ in 1 2 3; do owned_start soak; done
+    for _ in 1 2 3; do replica_start soak; done
     sleep 5 # every replica has joined and taken its partitions
-    ADDR="${OWNED_GRPC[0]}"
+    ADDR="${REPLICA_GRPC[0]}"
     used() { redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
     exported() { # events in the export, over every partition's stream
       local n=0 key
@@ -337,21 +333,21 @@ case "${1:-}" in
       done
       echo "$n"
     }
-    echo "owned mode, three replicas, $rate pairs/s over $accounts accounts (uniform) for $minutes min," \
+    echo "Redis, three replicas, $rate pairs/s over $accounts accounts (uniform) for $minutes min," \
       "6 connections spread over the replicas, idle accounts evicted after $evict s, answers kept" \
       "$retention s, $recent charges of history per account"
     redis_start="$(used)"
     samples="$(mktemp)"
     LENGTH="--duration $((minutes * 60))s --warmup 0s" \
       bench reserve-commit --rate "$rate" --accounts "$accounts" --zipf 0 --credit-share 0 \
-      --over-limit-share 0 --connections 6 --also "${OWNED_GRPC[1]}" --also "${OWNED_GRPC[2]}" \
+      --over-limit-share 0 --connections 6 --also "${REPLICA_GRPC[1]}" --also "${REPLICA_GRPC[2]}" \
       >"$samples.run" &
     load=$!
     start="$(date +%s)"
     while kill -0 "$load" 2>/dev/null; do
       t=$(( $(date +%s) - start ))
       line="$t"
-      for pid in "${OWNED_PIDS[@]}"; do line="$line $(awk '/VmRSS/ {print $2}' "/proc/$pid/status")"; done
+      for pid in "${REPLICA_PIDS[@]}"; do line="$line $(awk '/VmRSS/ {print $2}' "/proc/$pid/status")"; done
       echo "$line" >>"$samples"
       read -r _ r1 r2 r3 <<<"$line"
       printf 't %4s s  RSS %6.1f %6.1f %6.1f MiB  Redis used_memory %6.1f MiB\n' "$t" \
@@ -386,14 +382,14 @@ case "${1:-}" in
     # What a pair costs Redis itself, counted in instructions by callgrind: repeatable to a
     # fraction of a per cent on a shared machine, where times vary by tens. Two runs differ only
     # in the number of pairs, so start-up and the load generator's setup cancel out. Redis's
-    # timers are slowed and quotad's maintenance ticks spaced out, so that the count does not
-    # depend on how long valgrind takes.
+    # timers are slowed and quotad's lease renewals spaced out (and its waits for Redis made
+    # long), so that the count does not depend on how long valgrind takes.
     command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 1; }
     instructions() { # pairs
       local out; out="$(mktemp)"
       REDIS_UNDER="valgrind --tool=callgrind --callgrind-out-file=$out" \
       REDIS_ARGS="--hz 1 --enable-debug-command local" \
-      QUOTAD_ENV="QUOTAD_STORE__REDIS__SWEEP_INTERVAL_MS=60000 QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=20000 ${QUOTAD_ENV:-}" \
+      QUOTAD_ENV="QUOTAD_STORE__REDIS__LEASE_MS=600000 QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS=20000 QUOTAD_STORE__EMBEDDED__WRITE_TIMEOUT_MS=60000 ${QUOTAD_ENV:-}" \
         start_quotad redis
       redis-cli -p "$REDIS_PORT" debug set-active-expire 0 >/dev/null
       LENGTH="--requests $1 --warmup 0s" \

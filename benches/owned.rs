@@ -10,7 +10,7 @@
 //! `used_memory` before and after, the export streams' part of it, and what one account's keys
 //! take; the rate; and the first read of an account that is only in Redis.
 //!
-//! `cargo bench --bench owned` (`bench/figures.sh owned-week`). Needs `redis-server` and
+//! `cargo bench --bench owned` (`bench/figures.sh redis-week`). Needs `redis-server` and
 //! `redis-cli`.
 
 use std::sync::Arc;
@@ -53,7 +53,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // quotad's defaults, as a replica would run with `store.redis.mode = "owned"`.
+    // quotad's defaults, as a replica on Redis runs.
     let settings = RedisSettings {
         url: redis.url(),
         key_prefix: PREFIX.into(),

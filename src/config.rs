@@ -115,7 +115,7 @@ impl StoreConfig {
         })
     }
 
-    /// How the owned mode writes to Redis.
+    /// How the Redis engine owns partitions and writes to Redis.
     pub fn owned(&self) -> crate::store::OwnedSettings {
         let embedded = &self.embedded;
         crate::store::OwnedSettings {
@@ -144,12 +144,9 @@ impl StoreConfig {
                 return Err(format!("store.embedded.{key} must be greater than 0"));
             }
         }
-        if self.kind == StoreKind::Redis
-            && self.redis.mode == RedisMode::Owned
-            && self.redis.advertise_addr.is_empty()
-        {
+        if self.kind == StoreKind::Redis && self.redis.advertise_addr.is_empty() {
             tracing::warn!(
-                "store.redis.mode = \"owned\" without store.redis.advertise_addr: other replicas \
+                "store.kind = \"redis\" without store.redis.advertise_addr: other replicas \
                  cannot forward calls to this one, and refuse them with UNAVAILABLE instead"
             );
         }
@@ -177,38 +174,8 @@ pub struct RedisConfig {
     /// Prefix of every key quotad writes.
     pub key_prefix: String,
     pub connect_timeout_ms: u64,
-    /// Longest wait for one attempt at a call to Redis; past it the attempt has timed out.
+    /// Longest wait for one command to Redis; the owner's write attempts are sized from it.
     pub command_timeout_ms: u64,
-    /// Longest wait for a call in all (unset: twice `command_timeout_ms`). An attempt that
-    /// timed out is tried once more when that cannot act twice and time is left; past it the
-    /// call fails with UNAVAILABLE. Equal to `command_timeout_ms`: no retries.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operation_timeout_ms: Option<u64>,
-    /// Failed calls in a row that open the circuit breaker (1: any failed call does). A failed
-    /// connection opens it at once.
-    pub breaker_consecutive_failures: u32,
-    /// Share of failed calls, in percent, over `breaker_window_ms` that opens the breaker once
-    /// the window holds `breaker_min_calls` calls.
-    pub breaker_failure_percent: u32,
-    pub breaker_window_ms: u64,
-    pub breaker_min_calls: u32,
-    /// How long an open breaker fails calls at once before one call probes Redis.
-    pub breaker_cooldown_ms: u64,
-    /// How long an idle account (no activity, no live credits) is kept.
-    pub account_ttl_days: u32,
-    /// How often expired holds of clients that died are swept.
-    pub sweep_interval_ms: u64,
-    /// GetUsage is answered from memory when this replica's copy is at most this old.
-    pub usage_staleness_ms: u64,
-    /// No longer has an effect (the deny cache is gone: it could answer a retried Reserve
-    /// other than its first answer). Accepted, with a warning, so that existing configs start.
-    #[serde(default, skip_serializing)]
-    pub deny_cache: Option<bool>,
-    /// Streams the usage export is spread over (`PREFIX:export:{0}` … `{N-1}`), 1 to 1024.
-    pub export_shards: u16,
-    /// Route charges to the export through per-slot outboxes and the relay on a standalone
-    /// Redis too (always so on a Cluster): for proxies that shard a single endpoint.
-    pub export_outbox: bool,
     /// PEM file of the CA that signed Redis's certificate, when the system's roots do not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
@@ -217,44 +184,28 @@ pub struct RedisConfig {
     pub tls_cert_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
-    /// How decisions are made on Redis: `scripts` (each call one function run inside Redis)
-    /// or `owned` (the replica owning the account's partition decides in memory and writes
-    /// what changed to Redis in batches before answering; one replica per key prefix for now).
-    /// `[store.embedded]`'s `max_unflushed`, `write_timeout_ms` and `evict_idle_seconds` bound
-    /// the owned mode's writes as they bound the data dir's.
-    pub mode: RedisMode,
-    /// Owned mode: the partitions accounts fall into, the unit of ownership (1 to 1024).
+    // `[store.embedded]`'s `max_unflushed`, `write_timeout_ms` and `evict_idle_seconds` bound
+    // the writes to Redis as they bound the data dir's.
+    /// the partitions accounts fall into, the unit of ownership (1 to 1024).
     pub partitions: u16,
-    /// Owned mode: how long a partition's lease lasts unless renewed (renewed every third of
+    /// how long a partition's lease lasts unless renewed (renewed every third of
     /// it); a replica that stopped is replaced after at most this long.
     pub lease_ms: u64,
-    /// Owned mode: the address (`host:port`) other replicas and clients reach this replica at,
+    /// the address (`host:port`) other replicas and clients reach this replica at,
     /// told to callers that ask a replica which does not own the account. The chart sets it
     /// from the pod's IP.
     pub advertise_addr: String,
-    /// Owned mode: how long the owner goes on deciding from memory, journaled in
+    /// how long the owner goes on deciding from memory, journaled in
     /// `journal_dir`, while Redis does not answer (0: UNAVAILABLE at once). At most half of
     /// `lease_ms`; without `journal_dir` there is no grace.
     pub outage_grace_ms: u64,
-    /// Owned mode: how far an account's credits spent and held may rise over one outage, in
+    /// how far an account's credits spent and held may rise over one outage, in
     /// micro-credits (decisions past it get UNAVAILABLE until Redis answers).
     pub outage_credit_allowance: i64,
-    /// Owned mode: where decisions made while Redis does not answer are journaled until they
+    /// where decisions made while Redis does not answer are journaled until they
     /// are written, and this replica's id is kept across restarts. One directory per replica
     /// (locked); it must survive a restart of quotad (the chart mounts one).
     pub journal_dir: Option<std::path::PathBuf>,
-}
-
-/// How decisions are made on Redis (`store.redis.mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum RedisMode {
-    /// Each call is one Lua function run inside Redis: the rules written a second time, in
-    /// Lua. Kept selectable while owned mode settles in; to be removed.
-    Scripts,
-    /// Decided in memory on the partition's owner; Redis is the fenced backing store.
-    #[default]
-    Owned,
 }
 
 impl Default for RedisConfig {
@@ -265,22 +216,9 @@ impl Default for RedisConfig {
             key_prefix: "quotad".into(),
             connect_timeout_ms: 250,
             command_timeout_ms: 250,
-            operation_timeout_ms: None,
-            breaker_consecutive_failures: 5,
-            breaker_failure_percent: 50,
-            breaker_window_ms: 1_000,
-            breaker_min_calls: 20,
-            breaker_cooldown_ms: 100,
-            account_ttl_days: 400,
-            sweep_interval_ms: 100,
-            usage_staleness_ms: 250,
-            deny_cache: None,
-            export_shards: 1,
-            export_outbox: false,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
-            mode: RedisMode::default(),
             partitions: crate::store::OwnedSettings::default().partitions,
             lease_ms: crate::store::OwnedSettings::default().lease.as_millis() as u64,
             advertise_addr: String::new(),
@@ -294,20 +232,8 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
-    /// The longest a call waits for Redis in all, retry included.
-    pub fn operation_timeout_ms(&self) -> u64 {
-        self.operation_timeout_ms
-            .unwrap_or(self.command_timeout_ms.saturating_mul(2))
-    }
-
     /// The store's settings, with the TLS files read.
     pub fn settings(&self) -> Result<crate::store::RedisSettings, ConfigError> {
-        if self.deny_cache.is_some() {
-            tracing::warn!(
-                "store.redis.deny_cache no longer has an effect and may be removed: every Reserve \
-                 asks Redis, so that a retried Reserve gets its first answer"
-            );
-        }
         let read = |key: &str, path: &Path| {
             std::fs::read(path).map_err(|e| {
                 ConfigError::Invalid(format!(
@@ -333,24 +259,10 @@ impl RedisConfig {
             key_prefix: self.key_prefix.clone(),
             connect_timeout: std::time::Duration::from_millis(self.connect_timeout_ms),
             command_timeout: std::time::Duration::from_millis(self.command_timeout_ms),
-            operation_timeout: std::time::Duration::from_millis(self.operation_timeout_ms()),
-            breaker: crate::store::redis::BreakerPolicy {
-                consecutive_failures: self.breaker_consecutive_failures,
-                failure_percent: self.breaker_failure_percent,
-                window: std::time::Duration::from_millis(self.breaker_window_ms),
-                min_calls: self.breaker_min_calls,
-                cooldown: std::time::Duration::from_millis(self.breaker_cooldown_ms),
-                probe_timeout: std::time::Duration::from_millis(self.operation_timeout_ms()),
-            },
-            account_ttl: std::time::Duration::from_secs(u64::from(self.account_ttl_days) * 86_400),
-            usage_staleness: std::time::Duration::from_millis(self.usage_staleness_ms),
-            sweep_interval: std::time::Duration::from_millis(self.sweep_interval_ms),
             tls: crate::store::RedisTls {
                 ca,
                 client_cert_and_key,
             },
-            export_shards: self.export_shards,
-            export_outbox: self.export_outbox,
         })
     }
 
@@ -403,62 +315,18 @@ impl RedisConfig {
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err("store.redis.tls_cert_file and store.redis.tls_key_file go together: set both or neither".into());
         }
-        if !(1..=1024).contains(&self.export_shards) {
-            return Err(format!(
-                "store.redis.export_shards must be between 1 and 1024, got {}",
-                self.export_shards
-            ));
-        }
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
             return Err("store.redis.key_prefix must be non-empty and contain no braces".into());
         }
         for (key, value) in [
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("command_timeout_ms", self.command_timeout_ms),
-            ("sweep_interval_ms", self.sweep_interval_ms),
-            ("breaker_cooldown_ms", self.breaker_cooldown_ms),
         ] {
             if value == 0 || value > 60_000 {
                 return Err(format!(
                     "store.redis.{key} must be between 1 and 60000, got {value}"
                 ));
             }
-        }
-        if let Some(total) = self.operation_timeout_ms
-            && !(self.command_timeout_ms..=120_000).contains(&total)
-        {
-            return Err(format!(
-                "store.redis.operation_timeout_ms must be between command_timeout_ms ({}) and \
-                 120000, got {total}",
-                self.command_timeout_ms
-            ));
-        }
-        if !(1..=1_000).contains(&self.breaker_consecutive_failures) {
-            return Err(format!(
-                "store.redis.breaker_consecutive_failures must be between 1 and 1000, got {}",
-                self.breaker_consecutive_failures
-            ));
-        }
-        if !(1..=100).contains(&self.breaker_failure_percent) {
-            return Err(format!(
-                "store.redis.breaker_failure_percent must be between 1 and 100, got {}",
-                self.breaker_failure_percent
-            ));
-        }
-        if !(100..=600_000).contains(&self.breaker_window_ms) {
-            return Err(format!(
-                "store.redis.breaker_window_ms must be between 100 and 600000, got {}",
-                self.breaker_window_ms
-            ));
-        }
-        if self.breaker_min_calls == 0 {
-            return Err("store.redis.breaker_min_calls must be at least 1, got 0".into());
-        }
-        if self.account_ttl_days < 8 {
-            return Err(format!(
-                "store.redis.account_ttl_days must be at least 8 (longer than the weekly window), got {}",
-                self.account_ttl_days
-            ));
         }
         Ok(())
     }
@@ -521,66 +389,18 @@ mod redis_config_tests {
     use std::time::Duration;
 
     #[test]
-    fn the_defaults_wait_out_a_slow_redis_and_retry_once() {
+    fn the_default_settings_are_the_stores_own() {
         let settings = RedisConfig::default().settings().unwrap();
         assert_eq!(settings.command_timeout, Duration::from_millis(250));
-        assert_eq!(settings.operation_timeout, Duration::from_millis(500));
-        assert_eq!(
-            settings.breaker,
-            crate::store::redis::BreakerPolicy {
-                probe_timeout: Duration::from_millis(500),
-                ..Default::default()
-            }
-        );
         assert_eq!(settings, crate::store::RedisSettings::default());
     }
 
     #[test]
-    fn a_call_may_not_wait_less_than_one_attempt() {
-        let config = RedisConfig {
-            command_timeout_ms: 300,
-            operation_timeout_ms: Some(200),
-            ..RedisConfig::default()
-        };
-        let err = config.validate().unwrap_err();
-        assert!(err.contains("store.redis.operation_timeout_ms"), "{err}");
-        // A config from before operation_timeout_ms, with a long command timeout, still starts.
-        let config = RedisConfig {
-            command_timeout_ms: 2_000,
-            ..RedisConfig::default()
-        };
-        config.validate().unwrap();
-        assert_eq!(config.operation_timeout_ms(), 4_000);
-        for (key, config) in [
-            (
-                "breaker_failure_percent",
-                RedisConfig {
-                    breaker_failure_percent: 0,
-                    ..RedisConfig::default()
-                },
-            ),
-            (
-                "breaker_consecutive_failures",
-                RedisConfig {
-                    breaker_consecutive_failures: 0,
-                    ..RedisConfig::default()
-                },
-            ),
-        ] {
-            let err = config.validate().unwrap_err();
-            assert!(err.contains(key), "{err}");
-        }
-    }
-
-    #[test]
-    fn owned_mode_is_chosen_by_name_and_its_bounds_are_checked() {
+    fn ownership_is_configured_and_its_bounds_are_checked() {
         let config: RedisConfig = Figment::from(Serialized::defaults(RedisConfig::default()))
-            .merge(Toml::string(
-                "mode = \"owned\"\npartitions = 16\nlease_ms = 500\n",
-            ))
+            .merge(Toml::string("partitions = 16\nlease_ms = 500\n"))
             .extract()
             .unwrap();
-        assert_eq!(config.mode, RedisMode::Owned);
         config.validate().unwrap();
         let mut store = StoreConfig {
             redis: config,
@@ -590,12 +410,14 @@ mod redis_config_tests {
         assert_eq!(owned.partitions, 16);
         assert_eq!(owned.lease, Duration::from_millis(500));
         assert_eq!(owned.max_unflushed, store.embedded.max_unflushed);
+        // The mode setting is gone with the Lua functions: a config that still names it is
+        // refused, not ignored.
         let wrong: Result<RedisConfig, _> =
             Figment::from(Serialized::defaults(RedisConfig::default()))
-                .merge(Toml::string("mode = \"lua\"\n"))
+                .merge(Toml::string("mode = \"scripts\"\n"))
                 .extract();
         let err = wrong.unwrap_err().to_string();
-        assert!(err.contains("scripts") && err.contains("owned"), "{err}");
+        assert!(err.contains("mode"), "{err}");
         for (key, partitions, lease_ms) in [("partitions", 0, 500), ("lease_ms", 16, 50)] {
             store.redis.partitions = partitions;
             store.redis.lease_ms = lease_ms;
@@ -608,7 +430,7 @@ mod redis_config_tests {
     fn the_outage_grace_needs_a_journal_and_fits_in_half_a_lease() {
         let config: RedisConfig = Figment::from(Serialized::defaults(RedisConfig::default()))
             .merge(Toml::string(
-                "mode = \"owned\"\nlease_ms = 20000\noutage_grace_ms = 10000\n\
+                "lease_ms = 20000\noutage_grace_ms = 10000\n\
                  outage_credit_allowance = 2000000\njournal_dir = \"/var/lib/j\"\n",
             ))
             .extract()
@@ -636,22 +458,11 @@ mod redis_config_tests {
         assert!(err.contains("store.redis.outage_credit_allowance"), "{err}");
     }
 
+    /// Replicas on Redis over TLS forward to each other over TLS, so they need their CA.
     #[test]
-    fn owned_mode_is_the_redis_default() {
-        assert_eq!(Config::default().store.redis.mode, RedisMode::Owned);
-        let config: Config = Figment::from(Serialized::defaults(Config::default()))
-            .merge(Toml::string("[store]\nkind = \"redis\"\n"))
-            .extract()
-            .unwrap();
-        assert_eq!(config.store.redis.mode, RedisMode::Owned);
-    }
-
-    /// Owned mode over TLS forwards to the other replicas over TLS, so it needs their CA.
-    #[test]
-    fn owned_mode_with_tls_needs_the_replicas_ca() {
+    fn redis_with_tls_needs_the_replicas_ca() {
         let mut config = Config::default();
         config.store.kind = StoreKind::Redis;
-        config.store.redis.mode = RedisMode::Owned;
         config.tls.cert_file = Some("/tls/tls.crt".into());
         config.tls.key_file = Some("/tls/tls.key".into());
         let err = config.validate().unwrap_err().to_string();
@@ -770,19 +581,6 @@ mod redis_config_tests {
             assert!(!err.contains("s3cret"), "{err}");
             assert!(err.contains("store.redis"), "{err}");
         }
-    }
-
-    #[test]
-    fn deny_cache_is_still_accepted_and_no_longer_shown() {
-        let config: RedisConfig = Figment::from(Serialized::defaults(RedisConfig::default()))
-            .merge(Toml::string("deny_cache = false\n"))
-            .extract()
-            .unwrap();
-        assert_eq!(config.deny_cache, Some(false));
-        config.validate().unwrap();
-        let mut all = Config::default();
-        all.store.redis = config;
-        assert!(!all.to_toml().contains("deny_cache"));
     }
 }
 
@@ -910,12 +708,12 @@ pub struct TlsConfig {
     /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ca_file: Option<PathBuf>,
-    /// Owned mode: PEM CA bundle that signed the other replicas' certificates. A call forwarded
+    /// PEM CA bundle that signed the other replicas' certificates. A call forwarded
     /// to its account's owner goes over TLS, checked against it, with this server's certificate
     /// as the client's (for replicas that ask for one). Default: `client_ca_file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_ca_file: Option<PathBuf>,
-    /// Owned mode: the name the replicas' certificates carry, checked on each forward (for
+    /// the name the replicas' certificates carry, checked on each forward (for
     /// example the headless Service's name). Default: the host of the owner's advertised address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_server_name: Option<String>,
@@ -1358,13 +1156,10 @@ impl Config {
             )));
         }
         self.tls.validate().map_err(ConfigError::Invalid)?;
-        if self.tls.enabled()
-            && self.store.kind == StoreKind::Redis
-            && self.store.redis.mode == RedisMode::Owned
-            && self.tls.peer_ca().is_none()
+        if self.tls.enabled() && self.store.kind == StoreKind::Redis && self.tls.peer_ca().is_none()
         {
             return Err(ConfigError::Invalid(
-                "store.redis.mode = \"owned\" with tls forwards calls to other replicas over \
+                "store.kind = \"redis\" with tls forwards calls to other replicas over \
                  TLS, and needs the CA that signed their certificates: set tls.peer_ca_file \
                  (or tls.client_ca_file)"
                     .into(),

@@ -29,14 +29,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::Quota;
-use crate::config::{Config, ConfigSource, RedisMode, StoreKind};
+use crate::config::{Config, ConfigSource, StoreKind};
 use crate::domain::Clock;
 use crate::metrics::Metrics;
 use crate::rules::LiveRules;
 use crate::server::{ServeSettings, ServerError};
 
 pub use crate::server::Listeners;
-use crate::store::{MemoryStore, RedisStore, Store, StoreError};
+use crate::store::{MemoryStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -122,8 +122,7 @@ async fn serve(
         payment_retry: config.payments.retry(),
         payment_resume_after: Duration::from_millis(config.payments.resume_after_ms),
         metrics: metrics.clone(),
-        forward_from: (config.store.kind == StoreKind::Redis
-            && config.store.redis.mode == RedisMode::Owned)
+        forward_from: (config.store.kind == StoreKind::Redis)
             .then(|| config.store.redis.advertise_addr.clone()),
         forward_tls: match crate::tls::PeerTls::from_config(&config.tls) {
             Some(peers) => {
@@ -160,7 +159,7 @@ async fn serve(
             };
             serve_memory(store, parts, listeners, settings, shutdown).await?;
         }
-        StoreKind::Redis if config.store.redis.mode == RedisMode::Owned => {
+        StoreKind::Redis => {
             let redis = config.store.redis.settings()?;
             let owned = config.store.owned();
             // What Redis holds but this quotad cannot use (another persisted format) stops it
@@ -182,17 +181,6 @@ async fn serve(
                     };
                     Ok(parts.quota(store))
                 }) as Connecting<MemoryStore>
-            };
-            server::run(listeners, connect, settings, shutdown).await?;
-        }
-        StoreKind::Redis => {
-            let redis = config.store.redis.settings()?;
-            let connect = move || {
-                let (redis, parts) = (redis.clone(), parts.clone());
-                Box::pin(async move {
-                    let store = RedisStore::connect_with_rules(redis, parts.rules.clone()).await?;
-                    Ok(parts.quota(store))
-                }) as Connecting<RedisStore>
             };
             server::run(listeners, connect, settings, shutdown).await?;
         }

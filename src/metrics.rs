@@ -244,7 +244,7 @@ impl Metrics {
         let forwarded = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "forwarded_calls",
-            "Calls sent on to the replica owning the account (owned mode), by outcome: answered, or unreachable",
+            "Calls sent on to the replica owning the account (on Redis), by outcome: answered, or unreachable",
             forwarded.clone(),
         );
         let store_retries = Counter::default();
@@ -256,7 +256,7 @@ impl Metrics {
         let resident_accounts = Gauge::default();
         registry.register(
             "resident_accounts",
-            "Accounts in memory (with a data dir or on Redis in owned mode, idle ones leave memory and are read back on use)",
+            "Accounts in memory (with a data dir or on Redis, idle ones leave memory and are read back on use)",
             resident_accounts.clone(),
         );
         let data_dir_bytes = Gauge::default();
@@ -280,7 +280,7 @@ impl Metrics {
         let redis_outage = Gauge::default();
         registry.register(
             "redis_outage",
-            "1 while Redis does not answer this owner (owned mode): it decides from memory, journaled, for up to the outage grace",
+            "1 while Redis does not answer this owner (on Redis): it decides from memory, journaled, for up to the outage grace",
             redis_outage.clone(),
         );
         let outage_journal_pending = Gauge::default();
@@ -292,7 +292,7 @@ impl Metrics {
         let outage_decisions = Counter::default();
         registry.register(
             "outage_decisions",
-            "Decisions made while Redis did not answer (owned mode, within the outage grace)",
+            "Decisions made while Redis did not answer (on Redis, within the outage grace)",
             outage_decisions.clone(),
         );
         let outage_changes = Family::<OutcomeLabels, Counter>::default();
@@ -535,7 +535,7 @@ impl Metrics {
         *seen = (stats.batches.max(seen.0), stats.changes.max(seen.1));
     }
 
-    /// Samples what deciding without Redis has done (owned mode).
+    /// Samples what deciding without Redis has done (on Redis).
     pub fn observe_outage(&self, stats: &crate::store::OutageStats) {
         self.redis_outage
             .set(i64::from(stats.deciding_without_redis));

@@ -86,7 +86,7 @@ pub struct ServeSettings {
     /// A purchase still in flight this long after it started is paid again (same key).
     pub payment_resume_after: Duration,
     pub metrics: Arc<Metrics>,
-    /// In owned mode, the address other replicas reach this one at: calls about accounts
+    /// On Redis, the address other replicas reach this one at: calls about accounts
     /// another replica owns are forwarded there ([`crate::api::forward`]).
     pub forward_from: Option<String>,
     /// With TLS on, how forwards reach the other replicas.

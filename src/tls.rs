@@ -102,7 +102,7 @@ impl Certificates {
 }
 
 /// How this replica reaches the others over TLS when it forwards a call to an account's owner
-/// (owned mode): their certificates are checked against the peer CA and the peer server name,
+/// (on Redis): their certificates are checked against the peer CA and the peer server name,
 /// and this server's own certificate is presented as the client's, for replicas that ask for
 /// one (mTLS). The files are read each time a connection to a peer is made, so connections
 /// made after a rotation use the new certificates.

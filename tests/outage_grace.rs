@@ -1,5 +1,4 @@
-//! A real quotad process in owned mode (`store.redis.mode = "owned"`, a journal dir,
-//! `outage_grace_ms = 10000`) under steady load on a real Redis that stops answering: the
+//! A real quotad process on Redis (a journal dir, `outage_grace_ms = 10000`) under steady load on a real Redis that stops answering: the
 //! Redis process is paused with SIGSTOP for 5 s (its connections stay open and silent, the
 //! worst kind of outage for a client) and resumed. No Reserve or Commit fails; afterwards every
 //! acknowledged charge is in Redis exactly once (ledgers, windows and the usage export agree
@@ -39,7 +38,6 @@ fn env(
         ("QUOTAD_STORE__KIND", "redis".into()),
         ("QUOTAD_REDIS_URL", redis.url()),
         ("QUOTAD_STORE__REDIS__KEY_PREFIX", prefix.into()),
-        ("QUOTAD_STORE__REDIS__MODE", "owned".into()),
         ("QUOTAD_STORE__REDIS__LEASE_MS", "30000".into()),
         ("QUOTAD_STORE__REDIS__OUTAGE_GRACE_MS", "10000".into()),
         (

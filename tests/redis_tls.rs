@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use quotad::config::RedisConfig;
 use quotad::domain::{Decision, Policy, ReserveCommand, Usage};
-use quotad::store::{RedisStore, Store, StoreError};
+use quotad::rules::LiveRules;
+use quotad::store::{MemoryStore, OwnedSettings, Store, StoreError};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use support::redis::{RedisServer, free_port, fresh_prefix};
 use support::{CREDIT, T0};
@@ -82,7 +83,9 @@ async fn the_redis_store_speaks_tls() {
         tls_ca_file: Some(pki.path("ca.pem").into()),
         ..RedisConfig::default()
     };
-    let store = RedisStore::connect(config.settings().unwrap(), Arc::new(Policy::default()))
+    let rules = LiveRules::fixed(Arc::new(Policy::default()));
+    let owned = OwnedSettings::default();
+    let store = MemoryStore::open_on_redis(rules.clone(), &config.settings().unwrap(), &owned)
         .await
         .unwrap();
     let estimate = Usage {
@@ -110,7 +113,7 @@ async fn the_redis_store_speaks_tls() {
         tls_ca_file: None,
         ..config
     };
-    let err = RedisStore::connect(untrusted.settings().unwrap(), Arc::new(Policy::default()))
+    let err = MemoryStore::open_on_redis(rules, &untrusted.settings().unwrap(), &owned)
         .await
         .unwrap_err();
     assert!(

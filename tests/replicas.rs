@@ -6,10 +6,10 @@
 //! kills a replica with SIGKILL in the middle of the load and starts it again. The usage
 //! export then holds exactly one event per acknowledged charge, read by a consumer group.
 //!
-//! The same load runs on Redis in owned mode (`store.redis.mode = "owned"`, leases of 1 s): each
-//! account is decided by the replica owning its partition, and every call that reaches another
-//! replica is forwarded there; a killed owner's partitions move once its lease runs out, a
-//! replica that joins takes its share and one that leaves (SIGTERM) hands its share over.
+//! Leases are 1 s long: each account is decided by the replica owning its partition, and every
+//! call that reaches another replica is forwarded there; a killed owner's partitions move once
+//! its lease runs out, a replica that joins takes its share and one that leaves (SIGTERM)
+//! hands its share over.
 
 mod support;
 
@@ -38,8 +38,6 @@ const FREE: [&str; 3] = ["f0", "f1", "f2"];
 enum Backend<'a> {
     Standalone(&'a RedisServer),
     Cluster(&'a RedisCluster),
-    /// A standalone Redis in owned mode.
-    Owned(&'a RedisServer),
 }
 
 fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
@@ -53,20 +51,11 @@ fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
             "3000".into(),
         ),
         ("QUOTAD_LOG_LEVEL".into(), "info".into()),
-        (
-            "QUOTAD_STORE__REDIS__SWEEP_INTERVAL_MS".into(),
-            "200".into(),
-        ),
+        ("QUOTAD_STORE__REDIS__LEASE_MS".into(), "1000".into()),
     ];
     match backend {
         Backend::Standalone(server) => {
             env.push(("QUOTAD_REDIS_URL".into(), server.url()));
-            env.push(("QUOTAD_STORE__REDIS__MODE".into(), "scripts".into()));
-        }
-        Backend::Owned(server) => {
-            env.push(("QUOTAD_REDIS_URL".into(), server.url()));
-            env.push(("QUOTAD_STORE__REDIS__MODE".into(), "owned".into()));
-            env.push(("QUOTAD_STORE__REDIS__LEASE_MS".into(), "1000".into()));
         }
         Backend::Cluster(cluster) => {
             let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
@@ -74,14 +63,13 @@ fn replica_env(backend: &Backend<'_>, prefix: &str) -> Vec<(String, String)> {
                 "QUOTAD_STORE__REDIS__CLUSTER_NODES".into(),
                 format!("[{}]", nodes.join(",")),
             ));
-            env.push(("QUOTAD_STORE__REDIS__MODE".into(), "scripts".into()));
         }
     }
     env
 }
 
 /// Starts a replica on `listen` (`127.0.0.1:0`: a free port of its own), advertising the
-/// address it listens on (owned mode forwards calls there).
+/// address it listens on (the others forward calls there).
 fn start(listen: &str, env: &[(String, String)]) -> Quotad {
     let listen = match listen {
         "127.0.0.1:0" => format!("127.0.0.1:{}", support::redis::free_port()),
@@ -134,7 +122,7 @@ impl Replicas {
         F: Fn(QuotaServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        // Long enough for a killed owner's partitions to move (owned mode: a lease of 1 s).
+        // Long enough for a killed owner's partitions to move (a lease of 1 s).
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         for attempt in 0.. {
             if std::time::Instant::now() > deadline {
@@ -327,7 +315,7 @@ async fn verify(url: &str, acknowledged: &HashMap<String, Acknowledged>) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut client = QuotaServiceClient::connect(url.to_owned()).await.unwrap();
     for id in PLUS.iter().chain(FREE.iter()) {
-        // Owned mode: a partition may be moving (its owner just lost Redis); asked again.
+        // A partition may be moving (its owner just lost Redis); asked again.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let usage = loop {
             let read = client
@@ -454,7 +442,7 @@ async fn replicated_load(backend: Backend<'_>, fault: Fault) {
     let env = replica_env(&backend, &fresh_prefix());
     // The victim's link to Redis goes through a proxy the test can cut.
     let proxy = match (&backend, fault) {
-        (Backend::Owned(server), Fault::Link(_)) => {
+        (Backend::Standalone(server), Fault::Link(_)) => {
             Some(Arc::new(FaultProxy::start(server.port).await))
         }
         _ => None,
@@ -476,11 +464,9 @@ async fn replicated_load(backend: Backend<'_>, fault: Fault) {
     .await
     .unwrap();
     let urls: Vec<String> = procs.iter().flatten().map(Quotad::url).collect();
-    if matches!(backend, Backend::Owned(_)) {
-        // Every replica joins and takes its share (a few rounds of a third of a lease each),
-        // so that the fault hits an owner.
-        tokio::time::sleep(Duration::from_millis(2_000)).await;
-    }
+    // Every replica joins and takes its share (a few rounds of a third of a lease each), so
+    // that the fault hits an owner.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
     setup_accounts(&urls[0]).await;
     let replicas = Replicas::connect(&urls);
 
@@ -606,14 +592,11 @@ async fn replicated_load(backend: Backend<'_>, fault: Fault) {
     verify_export(&urls[2], &acknowledged, kill_one).await;
     let total: usize = acknowledged.values().map(|a| a.open_holds).sum();
     assert!(total > 0, "the load left some holds open");
-    if matches!(backend, Backend::Owned(_)) {
-        let now = wall_ms();
-        let mut logs: Vec<(String, i64)> =
-            procs.iter().flatten().map(|p| (p.output(), now)).collect();
-        logs.extend(restarted.iter().map(|p| (p.output(), now)));
-        logs.extend(dead.lock().unwrap().take());
-        partitions_answered_one_replica_at_a_time(&logs);
-    }
+    let now = wall_ms();
+    let mut logs: Vec<(String, i64)> = procs.iter().flatten().map(|p| (p.output(), now)).collect();
+    logs.extend(restarted.iter().map(|p| (p.output(), now)));
+    logs.extend(dead.lock().unwrap().take());
+    partitions_answered_one_replica_at_a_time(&logs);
 }
 
 fn wall_ms() -> i64 {
@@ -623,7 +606,7 @@ fn wall_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// From the replicas' logs (owned mode): for every partition, the intervals in which replicas
+/// From the replicas' logs: for every partition, the intervals in which replicas
 /// answered for it, from taking its lease to the last batch of it that landed (both by Redis's
 /// clock), never overlap, in the order of their epochs. A replica's log comes with when it ended
 /// (killed, or the end of the test; Redis runs on this machine, so its clock is this one): a
@@ -736,15 +719,7 @@ async fn a_replica_joins_and_another_leaves_under_load() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    replicated_load(Backend::Owned(&server), Fault::JoinLeave).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_owners_forward_to_each_other_and_lose_nothing_when_one_is_killed() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    replicated_load(Backend::Owned(&server), Fault::Kill).await;
+    replicated_load(Backend::Standalone(&server), Fault::JoinLeave).await;
 }
 
 /// An owner whose link to Redis is black-holed (connections open, nothing arrives), reset, or
@@ -761,7 +736,7 @@ async fn an_owner_cut_off_from_redis_loses_nothing_acknowledged() {
         let server = tokio::task::spawn_blocking(RedisServer::start)
             .await
             .unwrap();
-        replicated_load(Backend::Owned(&server), Fault::Link(link)).await;
+        replicated_load(Backend::Standalone(&server), Fault::Link(link)).await;
     }
 }
 
@@ -773,7 +748,7 @@ async fn an_owner_paused_past_its_lease_loses_nothing_acknowledged() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    replicated_load(Backend::Owned(&server), Fault::Pause).await;
+    replicated_load(Backend::Standalone(&server), Fault::Pause).await;
 }
 
 /// Many parallel commits on one account, over three replicas on one Redis, cross the auto
@@ -928,7 +903,7 @@ async fn parallel_commits_across_replicas_buy_exactly_once() {
     drop(procs);
 }
 
-/// In owned mode any replica answers any account: a call at a replica that does not own the
+/// Any replica answers any account: a call at a replica that does not own the
 /// account is forwarded to the owner, and every answer names the owner in `quotad-owner`, the
 /// same one whichever replica was asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -936,7 +911,7 @@ async fn any_owner_answers_for_every_account_and_names_the_owner() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    let env = replica_env(&Backend::Owned(&server), &fresh_prefix());
+    let env = replica_env(&Backend::Standalone(&server), &fresh_prefix());
     let procs = start_replicas(env).await;
     let urls: Vec<String> = procs.iter().map(Quotad::url).collect();
     let addresses: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
@@ -989,7 +964,7 @@ async fn rate_limit_counters_are_shared_by_the_replicas() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    let mut env = replica_env(&Backend::Owned(&server), &fresh_prefix());
+    let mut env = replica_env(&Backend::Standalone(&server), &fresh_prefix());
     env.push((
         "QUOTAD_RLS__RULES".into(),
         "[{domain=\"edge\",entries=[{key=\"remote_address\"}],requests_per_unit=20,unit=\"minute\"},\
@@ -1058,7 +1033,7 @@ async fn owners_forward_to_each_other_over_mtls() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    let mut env = replica_env(&Backend::Owned(&server), &fresh_prefix());
+    let mut env = replica_env(&Backend::Standalone(&server), &fresh_prefix());
     env.push(("QUOTAD_TLS__CERT_FILE".into(), cert));
     env.push(("QUOTAD_TLS__KEY_FILE".into(), key));
     env.push(("QUOTAD_TLS__CLIENT_CA_FILE".into(), ca.ca_file()));

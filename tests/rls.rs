@@ -298,7 +298,7 @@ async fn a_store_failure_is_unavailable_so_envoy_decides() {
     })
     .await
     .unwrap();
-    // The Lua functions fail at once; owned mode once its lease could have run out.
+    // Counters are counted in memory until the owner's lease could have run out.
     let asked = std::time::Instant::now();
     let err = loop {
         let answer = c

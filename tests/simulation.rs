@@ -23,7 +23,7 @@ use quotad::domain::{
     Account, CommitCommand, Decision, GrantCommand, LotSource, Policy, PriceSheet, ReleaseCommand,
     ReserveCommand, RevokeCommand, SetTopUpCommand, SettleTopUpCommand, Timestamp, Usage,
 };
-use quotad::store::{MemoryStore, RedisStore, Store};
+use quotad::store::{MemoryStore, OwnedSettings, Store};
 use support::{CREDIT, T0};
 
 struct Rng(u64);
@@ -432,12 +432,11 @@ async fn credits_match_the_reference_on_redis() {
         .await
         .unwrap();
     for seed in seeds(10) {
-        let store = RedisStore::connect(
-            support::redis::settings(&server.url(), None),
-            Arc::new(policy()),
-        )
-        .await
-        .unwrap();
+        let rules = quotad::rules::LiveRules::fixed(Arc::new(policy()));
+        let redis = support::redis::settings(&server.url(), None);
+        let store = MemoryStore::open_on_redis(rules, &redis, &OwnedSettings::default())
+            .await
+            .unwrap();
         simulate(&store, seed, 250).await;
     }
 }

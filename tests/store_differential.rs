@@ -1,14 +1,10 @@
-//! The Redis scripts are a port of the Rust rules, so they are held to them directly: seeded
-//! random sequences of operations (reserves, retried reserves and request ids reused with
-//! another request, partial and final commits, releases, grants, plan changes, clock jumps
-//! across hold expiry, lot expiry and window resets) run against the memory store and two
-//! Redis replicas side by side (each operation on either replica), and every answer must be
-//! equal.
-//!
-//! The replicas run on the default settings, memory in front included: the one answer allowed
-//! to differ is the one the README documents, a GetUsage answered from the replica's copy of
-//! the account, at most `usage_staleness_ms` old, after another replica changed the account.
-//! Such an answer must then be exactly what the rules said when the copy was read.
+//! Every store decides by the same Rust rules, so every store must answer exactly as the memory
+//! store alone: seeded random sequences of operations (reserves, retried reserves and request
+//! ids reused with another request, partial and final commits, releases, grants, plan changes,
+//! clock jumps across hold expiry, lot expiry and window resets) run against a store with a
+//! data dir, and against the Redis store, through their public operations, beside the memory
+//! store alone, while the store under test is restarted now and then and idle accounts leave
+//! its memory. Every answer must be equal.
 //!
 //! A failure prints the seed and the step; `QUOTAD_DIFF_SEED=N` replays one seed and
 //! `QUOTAD_DIFF_SEEDS=N` runs more of them.
@@ -26,9 +22,7 @@ use quotad::domain::{
 };
 use quotad::domain::{SetTopUpCommand, SettleTopUpCommand};
 use quotad::rules::LiveRules;
-use quotad::store::{
-    DataDirSettings, MemoryStore, OwnedSettings, RedisSettings, RedisStore, Store, StoreError,
-};
+use quotad::store::{DataDirSettings, MemoryStore, OwnedSettings, Store, StoreError};
 use support::T0;
 
 /// xorshift64*: small, seeded, good enough to pick operations.
@@ -84,20 +78,9 @@ fn usage(rng: &mut Rng, scale: u64) -> Usage {
     }
 }
 
-/// A replica's copy of an account for GetUsage, as the test knows it: what the rules said
-/// (every kept event) when a GetUsage of that replica last read the account.
-struct Copy {
-    taken: Timestamp,
-    snapshot: UsageSnapshot,
-    /// Whether another replica has run an operation on the account since.
-    changed_elsewhere: bool,
-}
-
-/// The Redis replicas, and what each may answer GetUsage from.
+/// The store under test (one at a time: a restart replaces it).
 struct Replicas<S> {
     stores: Vec<S>,
-    copies: HashMap<(usize, String), Copy>,
-    staleness_ms: i64,
     /// Runs before each step with a random number below 100: may restart the stores (the
     /// embedded store reopens its data dir) or let time do its upkeep (idle accounts leave
     /// memory), which must change no answer.
@@ -113,7 +96,6 @@ struct Seen {
     retried_after_deny: u64,
     reused_after_allow: u64,
     reused_after_deny: u64,
-    usage_from_a_copy: u64,
     reads_across_an_expiry: u64,
     /// Reserves and next chunks let through by shadow mode.
     shadow_reserves: u64,
@@ -121,67 +103,18 @@ struct Seen {
 }
 
 impl<S: Store> Replicas<S> {
-    /// Replica `x` ran an operation on `account`: any other replica's copy may now be out of
-    /// date, and `x` forgets its own when the operation went through.
-    fn ran<T>(&mut self, x: usize, account: &str, outcome: &Result<T, StoreError>) {
-        for ((y, a), copy) in &mut self.copies {
-            if a == account && *y != x {
-                copy.changed_elsewhere = true;
-            }
-        }
-        if outcome.is_ok() {
-            self.copies.remove(&(x, account.to_owned()));
-        }
-    }
-
-    /// GetUsage on replica `x`: the rules' answer now or, after another replica changed the
-    /// account, the rules' answer when `x` last read it, within the staleness bound.
+    /// GetUsage on store `x`: the rules' answer now.
     async fn usage(
         &mut self,
         x: usize,
         memory: &MemoryStore,
         (account, limit, now): (&str, usize, Timestamp),
         context: &str,
-        seen: &mut Seen,
     ) -> Result<UsageSnapshot, StoreError> {
-        // Every kept event, for the copy (one read: a read settles the account at `now`).
-        let full = memory.usage(account, usize::MAX, now).await;
-        let m = full.clone().map(|mut s| {
-            s.recent.truncate(limit);
-            s
-        });
+        let m = memory.usage(account, limit, now).await;
         let r = self.stores[x].usage(account, limit, now).await;
-        if r == m {
-            if let Ok(snapshot) = full {
-                let copy = Copy {
-                    taken: now,
-                    snapshot,
-                    changed_elsewhere: false,
-                };
-                self.copies.insert((x, account.to_owned()), copy);
-            }
-            return m;
-        }
-        let copy = self
-            .copies
-            .get(&(x, account.to_owned()))
-            .filter(|c| c.changed_elsewhere)
-            .filter(|c| now.as_millis() - c.taken.as_millis() <= self.staleness_ms)
-            .map(|c| {
-                let mut s = c.snapshot.clone();
-                s.recent.truncate(limit);
-                s
-            });
-        match (copy, &r) {
-            (Some(copy), Ok(answer)) if copy == *answer => {
-                seen.usage_from_a_copy += 1;
-                m
-            }
-            _ => {
-                assert_eq!(m, r, "{context}: usage of {account} on replica {x}");
-                unreachable!()
-            }
-        }
+        assert_eq!(m, r, "{context}: usage of {account} on store {x}");
+        m
     }
 }
 
@@ -270,7 +203,6 @@ async fn run<S: Store>(
                     redis.reserve(&cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: reserve");
-                replicas.ran(x, &cmd.account_id, &r);
                 if let Ok(ref out) = m {
                     seen.shadow_reserves += u64::from(out.shadow_denial.is_some());
                     let key = (cmd.account_id.clone(), cmd.request_id.clone());
@@ -332,7 +264,6 @@ async fn run<S: Store>(
                     redis.commit(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: commit");
-                replicas.ran(x, &account, &r);
                 if let Ok(out) = m {
                     seen.shadow_chunks += u64::from(out.shadow_denial.is_some());
                     let renewed = out.receipt.expires_at.map(Timestamp::as_millis);
@@ -351,7 +282,6 @@ async fn run<S: Store>(
                     redis.release(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: release");
-                replicas.ran(x, &account, &r);
             }
             63..=70 => {
                 let cmd = if !grants.is_empty() && rng.below(5) == 0 {
@@ -384,7 +314,6 @@ async fn run<S: Store>(
                     redis.grant(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: grant");
-                replicas.ran(x, &granted_to, &r);
                 if let Ok(out) = m {
                     expiries.push((granted_to.clone(), out.lot.expires_at.as_millis()));
                 }
@@ -400,7 +329,6 @@ async fn run<S: Store>(
                     redis.revoke_grant(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: revoke");
-                replicas.ran(x, &grant.account_id, &r);
                 if let Ok(out) = m {
                     purchases.extend(out.top_up.map(|p| (grant.account_id.clone(), p.id)));
                 }
@@ -417,12 +345,11 @@ async fn run<S: Store>(
                     redis.upsert_account(changed, now).await,
                 );
                 assert_eq!(m, r, "{context}: upsert");
-                replicas.ran(x, &account, &r);
             }
             79..=88 => {
                 let limit = rng.below(7) as usize;
                 let read = (account.as_str(), limit, now);
-                let _ = replicas.usage(x, memory, read, &context, seen).await;
+                let _ = replicas.usage(x, memory, read, &context).await;
             }
             89..=91 => {
                 let threshold = rng.below(20) as i64 * 1_000_000 + rng.below(1_000) as i64;
@@ -449,7 +376,6 @@ async fn run<S: Store>(
                     redis.set_top_up(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: set top-up");
-                replicas.ran(x, &account, &r);
                 if let Ok(out) = m {
                     purchases.extend(out.top_up.map(|p| (account.clone(), p.id)));
                 }
@@ -477,7 +403,6 @@ async fn run<S: Store>(
                     redis.settle_top_up(cmd, now).await,
                 );
                 assert_eq!(m, r, "{context}: settle top-up");
-                replicas.ran(x, &account, &r);
                 if let Ok(out) = m {
                     purchases.extend(out.top_up.map(|p| (account.clone(), p.id)));
                 }
@@ -494,10 +419,10 @@ async fn run<S: Store>(
                     let before =
                         Timestamp::from_millis((t - 1 - rng.below(3) as i64).max(now.as_millis()));
                     let read = (owner.as_str(), limit, before);
-                    let _ = replicas.usage(x, memory, read, &context, seen).await;
+                    let _ = replicas.usage(x, memory, read, &context).await;
                     now = Timestamp::from_millis(t + rng.below(3) as i64);
                     let read = (owner.as_str(), limit, now);
-                    let _ = replicas.usage(x, memory, read, &context, seen).await;
+                    let _ = replicas.usage(x, memory, read, &context).await;
                     seen.reads_across_an_expiry += 1;
                     continue;
                 }
@@ -514,7 +439,7 @@ async fn run<S: Store>(
         let context = format!("seed {seed}: final usage");
         let x = x % replicas.stores.len();
         let m = replicas
-            .usage(x, memory, (account, 10, now), &context, seen)
+            .usage(x, memory, (account, 10, now), &context)
             .await;
         if let Ok(s) = m {
             let t = s.totals;
@@ -537,58 +462,6 @@ fn seeds(only: Option<u64>) -> std::ops::RangeInclusive<u64> {
     only.map_or(1..=count, |s| s..=s)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_scripts_answer_exactly_as_the_rust_rules() {
-    let server = tokio::task::spawn_blocking(support::redis::shared_server)
-        .await
-        .unwrap();
-    let policy = Arc::new(policy());
-    let only: Option<u64> = std::env::var("QUOTAD_DIFF_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok());
-    let mut seen = Seen::default();
-    for seed in seeds(only) {
-        // Two replicas of one deployment, on the default settings but for the key prefix.
-        let prefix = support::redis::fresh_prefix();
-        let mut stores = Vec::new();
-        for _ in 0..2 {
-            let settings = RedisSettings {
-                url: server.url(),
-                key_prefix: prefix.clone(),
-                ..RedisSettings::default()
-            };
-            stores.push(RedisStore::connect(settings, policy.clone()).await.unwrap());
-        }
-        let staleness_ms = RedisSettings::default().usage_staleness.as_millis() as i64;
-        let mut replicas = Replicas {
-            stores,
-            copies: HashMap::new(),
-            staleness_ms,
-            between: None,
-        };
-        let memory = MemoryStore::new(policy.clone());
-        run(seed, 300, &mut replicas, &memory, &mut seen).await;
-    }
-    println!("{seen:?}");
-    if only.is_none() {
-        assert!(
-            seen.retried_after_allow > 0
-                && seen.retried_after_deny > 0
-                && seen.reused_after_allow > 0
-                && seen.reused_after_deny > 0,
-            "the seeds retried and reused request ids after ALLOW and after DENY: {seen:?}"
-        );
-        assert!(
-            seen.reads_across_an_expiry > 0 && seen.usage_from_a_copy > 0,
-            "the seeds read usage across expiries and from a replica's copy: {seen:?}"
-        );
-        assert!(
-            seen.shadow_reserves > 0 && seen.shadow_chunks > 0,
-            "shadow mode let Reserves and next chunks through: {seen:?}"
-        );
-    }
-}
-
 /// Runs the seeds against a store from `opener` (a fresh one per seed, opened through the
 /// function it returns), restarted from what it wrote before about 3% of the steps (the old one
 /// lets go before the new one opens), beside the memory store alone: every answer must be equal.
@@ -606,8 +479,6 @@ async fn restarted_store_answers_as_memory_alone(
         let restarted = restarts.clone();
         let mut replicas = Replicas {
             stores: vec![open()],
-            copies: HashMap::new(),
-            staleness_ms: 0,
             between: Some(Box::new(move |stores: &mut Vec<MemoryStore>, dice| {
                 if dice < 3 {
                     stores.clear();
@@ -651,12 +522,12 @@ async fn the_embedded_data_dir_answers_exactly_as_memory_alone() {
     .await;
 }
 
-/// The engine backed by Redis in owned mode decides exactly as the memory store alone: the
+/// The Redis store decides exactly as the memory store alone: the
 /// same sequences, while the owner is restarted now and then (it gives its leases up, the next
 /// one takes them and every answer after that comes from what Redis holds) and idle accounts
 /// leave memory and are read back from Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_owned_answers_exactly_as_memory_alone() {
+async fn redis_answers_exactly_as_memory_alone() {
     let server = tokio::task::spawn_blocking(support::redis::shared_server)
         .await
         .unwrap();

@@ -1,7 +1,7 @@
 //! Redis behind Sentinel (`redis+sentinel://`), on a real master, replica and three sentinels
-//! started by the test: the store contract, run unchanged through Sentinel in both modes
-//! (scripts and owned); and failovers, after which a store keeps deciding on the new master,
-//! with what it wrote before, without being restarted.
+//! started by the test: the store contract, run unchanged through Sentinel; and failovers,
+//! after which a store keeps deciding on the new master, with what it wrote before, without
+//! being restarted.
 
 mod support;
 
@@ -12,18 +12,12 @@ use std::time::{Duration, Instant};
 use quotad::domain::{
     CommitCommand, CommitOutcome, Decision, Policy, ReserveCommand, Timestamp, Usage,
 };
-use quotad::store::{OwnedSettings, RedisStore, Store, StoreError};
+use quotad::rules::LiveRules;
+use quotad::store::{MemoryStore, OwnedSettings, Store, StoreError};
 use support::contract::store_contract_tests;
-use support::redis::{RedisSentinel, SENTINEL_SERVICE, owned_store_with, settings};
+use support::redis::{RedisSentinel, SENTINEL_SERVICE, settings, store_with};
 
 store_contract_tests!(support::redis::sentinel_store());
-
-mod owned {
-    use super::support;
-    use support::contract::store_contract_tests;
-
-    store_contract_tests!(support::redis::owned_sentinel_store());
-}
 
 const NOW: Timestamp = Timestamp::from_millis(1_800_000_000_000);
 
@@ -84,19 +78,15 @@ fn windows(outcome: &CommitOutcome) -> Vec<i64> {
     outcome.status.windows.iter().map(|w| w.used).collect()
 }
 
-/// The master dies (SIGKILL); once the sentinels have promoted the replica, the scripts store
-/// decides again on it, from the state it had written before.
+/// The master dies (SIGKILL); once the sentinels have promoted the replica, the store decides
+/// again on it, from the state it had written before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_scripts_store_follows_a_failover_after_the_master_dies() {
+async fn the_store_follows_a_failover_after_the_master_dies() {
     let mut deployment = tokio::task::spawn_blocking(|| RedisSentinel::start(3))
         .await
         .unwrap();
-    let store = RedisStore::connect(
-        settings(&deployment.url(), None),
-        Arc::new(Policy::default()),
-    )
-    .await
-    .unwrap();
+    let redis = settings(&deployment.url(), None);
+    let store = store_with(redis.clone(), OwnedSettings::default()).await;
     let before = spend(&store, "r1", 300_000).await.unwrap();
     assert_eq!(windows(&before), [300_000, 300_000]);
 
@@ -112,24 +102,23 @@ async fn the_scripts_store_follows_a_failover_after_the_master_dies() {
         [500_000, 500_000],
         "the charge before the failover is kept"
     );
-    // The new master holds both: a store connected afresh reads them there.
-    let fresh = RedisStore::connect(store.settings().clone(), Arc::new(Policy::default()))
-        .await
-        .unwrap();
+    // The new master holds both: a store started afresh reads them there.
+    drop(store);
+    let fresh = store_with(redis, OwnedSettings::default()).await;
     let usage = fresh.usage("acct", 10, NOW).await.unwrap();
     assert_eq!(usage.recent.len(), 2, "{usage:?}");
 }
 
 /// An operator's `SENTINEL FAILOVER`: the old master stays up and is turned into a replica.
-/// The owned store, whose leases and fences live in Redis too, decides again once the replica
-/// is promoted, and what it decided is in the new master: a restart reads it back.
+/// The store, whose leases and fences live in Redis too, decides again once the replica is
+/// promoted, and what it decided is in the new master: a restart reads it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_owned_store_resumes_deciding_after_a_failover() {
+async fn the_store_resumes_deciding_after_an_operators_failover() {
     let deployment = tokio::task::spawn_blocking(|| RedisSentinel::start(3))
         .await
         .unwrap();
     let redis = settings(&deployment.url(), None);
-    let store = owned_store_with(redis.clone(), OwnedSettings::default()).await;
+    let store = store_with(redis.clone(), OwnedSettings::default()).await;
     let before = spend(&store, "r1", 300_000).await.unwrap();
     assert_eq!(windows(&before), [300_000, 300_000]);
     assert_eq!(store.owned_partitions(), Some(64));
@@ -154,7 +143,7 @@ async fn the_owned_store_resumes_deciding_after_a_failover() {
     assert_eq!(store.owned_partitions(), Some(64), "no partition was lost");
 
     drop(store);
-    let again = owned_store_with(redis, OwnedSettings::default()).await;
+    let again = store_with(redis, OwnedSettings::default()).await;
     let usage = again.usage("acct", 10, NOW).await.unwrap();
     assert_eq!(usage.recent.len(), 2, "both charges are in the new master");
 }
@@ -176,14 +165,14 @@ async fn a_user_that_may_not_run_role_connects_with_the_urls_credentials() {
         "redis+sentinel://",
         &format!("redis+sentinel://quotad:s3cret@127.0.0.1:{down},"),
     );
-    let store = RedisStore::connect(settings(&url, None), Arc::new(Policy::default()))
-        .await
-        .unwrap();
+    let store = store_with(settings(&url, None), OwnedSettings::default()).await;
     let outcome = spend(&store, "r1", 300_000).await.unwrap();
     assert_eq!(windows(&outcome), [300_000, 300_000]);
 
     let wrong = url.replace("s3cret", "wrong");
-    let refused = RedisStore::connect(settings(&wrong, None), Arc::new(Policy::default())).await;
+    let rules = LiveRules::fixed(Arc::new(Policy::default()));
+    let owned = OwnedSettings::default();
+    let refused = MemoryStore::open_on_redis(rules, &settings(&wrong, None), &owned).await;
     let Err(StoreError::Unavailable(why)) = refused else {
         panic!("connected with a wrong password");
     };

@@ -31,8 +31,7 @@ async fn a_purchase_cut_off_by_a_crash_is_resumed_with_the_same_key() {
             "QUOTAD_STORE__REDIS__COMMAND_TIMEOUT_MS".into(),
             "2000".into(),
         ),
-        ("QUOTAD_STORE__REDIS__SWEEP_INTERVAL_MS".into(), "50".into()),
-        // Owned mode (the default): the killed owner's partitions move once its lease ends.
+        // The killed owner's partitions move once its lease ends.
         ("QUOTAD_STORE__REDIS__LEASE_MS".into(), "2000".into()),
         ("QUOTAD_PAYMENTS__PROVIDER".into(), "http".into()),
         ("QUOTAD_PAYMENTS__HTTP_URL".into(), billing_url),

@@ -1,4 +1,4 @@
-//! Forwarding to the account's owner. In owned mode (Redis, `store.redis.mode = "owned"`) each
+//! Forwarding to the account's owner. On Redis each
 //! account is decided by the replica that owns its partition; a call that reaches another
 //! replica is refused by its store with the owner's address (`UNAVAILABLE`, metadata
 //! `quotad-owner`). This layer then sends the same request to that owner and answers with the
@@ -12,7 +12,7 @@
 //! the owner checks the same credentials. When quotad serves TLS, forwards go over TLS as well
 //! ([`PeerTls`]: the owner's certificate checked, this replica's own presented).
 //!
-//! Without owned mode, and while this replica owns every account, the layer does nothing: a
+//! Without Redis, and while this replica owns every account, the layer does nothing: a
 //! request passes untouched, with no buffering. A call that arrives then and finds its account
 //! moved meanwhile (a replica joined) is answered `UNAVAILABLE` with the owner's address, for
 //! the caller to retry.
@@ -51,7 +51,7 @@ pub struct ForwardLayer {
 }
 
 impl ForwardLayer {
-    /// Forwarding for a replica reached at `own_address` (`None`: not in owned mode, inert).
+    /// Forwarding for a replica reached at `own_address` (`None`: not on Redis, inert).
     pub fn new(
         own_address: Option<&str>,
         tls: Option<PeerTls>,

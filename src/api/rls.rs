@@ -42,8 +42,7 @@ fn unit(unit: RlsUnit) -> Unit {
 
 /// More hits than any limit holds (a rule's limit is a `u32`): a descriptor asking for more is
 /// over whatever it is counted against, and is answered the same with its hits capped here. The
-/// cap keeps the sum of a request's hits far from overflowing, and within what the Redis store's
-/// scripts compute exactly.
+/// cap keeps the sum of a request's hits far from overflowing.
 const MAX_HITS: u64 = u32::MAX as u64 + 1;
 
 fn saturating_u32(n: u64) -> u32 {

@@ -260,7 +260,7 @@ pub fn counter_slots(checks: &[CounterCheck]) -> (Vec<usize>, Vec<usize>) {
 /// Checks `checks` at `now` and, if all fit, counts them. `windows[slots[i]]` is the counter of
 /// `checks[i]` (see [`counter_slots`]; a store makes a new one for a counter it has not seen),
 /// so descriptors of one request that share a counter are added up. The memory store keeps the
-/// counters in lock stripes; the Redis script (`rls.lua`) is a port of this.
+/// counters in lock stripes, on Redis too (where the owner of the domain's partition counts).
 pub fn check_and_count(
     now: Timestamp,
     checks: &[CounterCheck],

@@ -99,22 +99,6 @@ impl TopUpSettings {
         })
     }
 
-    /// Settings as a store kept them: checked by [`TopUpSettings::new`] when they were set, or
-    /// [`TopUpSettings::UNSET`].
-    pub(crate) fn stored(
-        enabled: bool,
-        threshold: Micros,
-        target: Micros,
-        monthly_cap: Option<Micros>,
-    ) -> Self {
-        TopUpSettings {
-            enabled,
-            threshold,
-            target,
-            monthly_cap,
-        }
-    }
-
     pub fn enabled(&self) -> bool {
         self.enabled
     }

@@ -89,7 +89,7 @@ pub struct MemoryStore {
     /// Open reservations of all accounts, kept by every operation (it sees the account's count
     /// before and after, under the account's lock).
     open_holds: Arc<AtomicI64>,
-    /// Envoy RLS counters (on Redis in owned mode, those of the partitions held here).
+    /// Envoy RLS counters (on Redis, those of the partitions held here).
     rls: Arc<RlsCounters>,
     /// Accounts with an auto top-up purchase in flight, and when it started, kept like
     /// `open_holds`. The once-a-second look for stalled purchases reads this, not every
@@ -118,7 +118,7 @@ struct Resident {
     /// The number of its last change queued for the data dir (0: none).
     last_change: u64,
     last_used: Timestamp,
-    /// On Redis in owned mode, the epoch of its partition it was read under: an account from
+    /// On Redis, the epoch of its partition it was read under: an account from
     /// an epoch that ended (the partition went to another replica and came back) is read again.
     epoch: u64,
     /// The last Redis outage it was decided in, and its credit exposure when that began.
@@ -227,7 +227,7 @@ impl MemoryStore {
         Ok(store.backed_by(Backing::Redis(backing), owned.evict_idle))
     }
 
-    /// A store deciding as owned mode does, over another storage than Redis (the simulation's
+    /// A store deciding as it does on Redis, over another storage (the simulation's
     /// model of it), as replica `replica` with its keys under `prefix`.
     pub async fn open_over(
         rules: Arc<LiveRules>,
@@ -270,7 +270,7 @@ impl MemoryStore {
         }
     }
 
-    /// The partitions this replica owns, on Redis in owned mode.
+    /// The partitions this replica owns, on Redis.
     pub fn owned_partitions(&self) -> Option<usize> {
         match &self.durable.as_ref()?.backing {
             Backing::Redis(redis) => Some(redis.held()),
@@ -466,7 +466,7 @@ impl MemoryStore {
         Ok(result?)
     }
 
-    /// Envoy RLS on Redis in owned mode: the owner of the domain's partition decides in memory
+    /// Envoy RLS on Redis: the owner of the domain's partition decides in memory
     /// (another replica is refused with the owner's address, and the call forwarded there),
     /// reading each counter from Redis the first time it counts under the partition's epoch.
     /// What a request changed is written behind, by the same batches as accounts' changes, and
@@ -806,6 +806,13 @@ impl Store for MemoryStore {
         match &self.durable.as_ref()?.backing {
             Backing::Redis(redis) => Some(redis.outage().0),
             Backing::DataDir(_) => None,
+        }
+    }
+
+    fn retried_calls(&self) -> u64 {
+        match self.durable.as_ref().map(|d| &d.backing) {
+            Some(Backing::Redis(redis)) => redis.retried_writes(),
+            _ => 0,
         }
     }
 

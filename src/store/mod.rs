@@ -1,8 +1,10 @@
 //! Where account state lives. One [`Store`] trait with one method per intent (reserve, commit,
 //! release, grant, …), each of which a store must perform as **one atomic step** on one
-//! account: the memory store under the account's map-shard lock, a Redis store as one Lua
-//! script. The decisions themselves come from [`crate::domain`], so stores only differ in
-//! where state is kept and how the step is made atomic.
+//! account. The decisions themselves come from [`crate::domain`] and are made in memory, under
+//! the account's map-shard lock ([`MemoryStore`]); what differs is what backs that memory:
+//! nothing (tests, trials), an embedded database in a data dir (`data_dir`), or Redis, where
+//! each account is decided by the replica owning its partition ([`redis`]). Each change is
+//! durable in the backing store, by group commit, before its call is answered.
 //!
 //! Every store must pass the same contract suite (`tests/support/contract.rs`).
 
@@ -29,7 +31,7 @@ use crate::domain::{
 pub use data_dir::DataDirError;
 pub use memory::{DataDirSettings, MemoryStore};
 pub use redis::owned::OwnedSettings;
-pub use redis::{RedisSettings, RedisStore, RedisTls};
+pub use redis::{RedisSettings, RedisTls};
 
 /// Whether the backing store answers, as this replica last saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +51,7 @@ pub enum StoreError {
     /// The store answered something it should never answer (a bug, or a version mismatch).
     #[error("store error: {0}")]
     Internal(String),
-    /// The account is decided by another replica (Redis in owned mode), reached at `address`;
+    /// The account is decided by another replica (on Redis), reached at `address`;
     /// nothing changed here.
     #[error("account decided by replica {owner} at {address}")]
     Moved { owner: String, address: String },
@@ -64,7 +66,7 @@ pub struct DataDirStats {
     pub changes: u64,
 }
 
-/// What deciding without Redis has done (owned mode with an outage grace), as sampled for
+/// What deciding without Redis has done (on Redis with an outage grace), as sampled for
 /// metrics: counts since start, and the state now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutageStats {
@@ -163,7 +165,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// An account's windows and credits for an Envoy RLS account check (no history). A store
     /// that does not decide on the account here may answer what it last wrote instead of
-    /// refusing (Redis in owned mode: the owner's state, behind it by at most the batch in
+    /// refusing (on Redis: the owner's state, behind it by at most the batch in
     /// flight), so one RLS request can name an account and counters decided elsewhere.
     fn account_status(
         &self,
@@ -184,7 +186,7 @@ pub trait Store: Send + Sync + 'static {
         async {}
     }
 
-    /// Whether this replica decides on every account (Redis in owned mode: it holds every
+    /// Whether this replica decides on every account (on Redis: it holds every
     /// partition). When it does, no call needs forwarding and requests are not buffered.
     fn owns_every_account(&self) -> bool {
         true
@@ -195,13 +197,14 @@ pub trait Store: Send + Sync + 'static {
         StoreHealth::Up
     }
 
-    /// Calls whose first attempt timed out and that were tried again, since start.
+    /// Writes to the backing store whose attempt failed or timed out and that were tried
+    /// again, since start.
     fn retried_calls(&self) -> u64 {
         0
     }
 
     /// Accounts in memory now, for a store that lets idle ones leave memory (the memory store
-    /// with a data dir or on Redis in owned mode).
+    /// with a data dir or on Redis).
     fn resident_accounts(&self) -> Option<u64> {
         None
     }
@@ -211,7 +214,7 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// What deciding without Redis has done, for a store that can (owned mode).
+    /// What deciding without Redis has done, for a store that can (on Redis).
     fn outage_stats(&self) -> Option<OutageStats> {
         None
     }

@@ -8,7 +8,7 @@
 //! counters sit in several stripes locks them in ascending order, so two requests never wait on
 //! each other in a cycle.
 //!
-//! On Redis in owned mode the counters are owned like accounts: a domain's counters fall in one
+//! On Redis the counters are owned like accounts: a domain's counters fall in one
 //! partition, its owner decides on them here, and each counter it changes is written behind (see
 //! `MemoryStore::rls_check`). Each counter then carries the epoch of its partition it was read
 //! under, and a step never runs on a counter it has not read under its own epoch: it answers

@@ -65,13 +65,11 @@ pub struct TestServer {
 }
 
 /// What a test server keeps its state in: the memory store, or Redis (the shared test server,
-/// a key prefix of its own) with each call a function inside Redis or decided in memory by the
-/// owner of every partition.
+/// a key prefix of its own; the server owns every partition).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestStore {
     Memory,
     Redis,
-    RedisOwned,
 }
 
 impl From<StoreKind> for TestStore {
@@ -112,12 +110,7 @@ impl TestServer {
         let store = store.into();
         config.store.kind = match store {
             TestStore::Memory => StoreKind::Memory,
-            TestStore::Redis | TestStore::RedisOwned => StoreKind::Redis,
-        };
-        config.store.redis.mode = match store {
-            TestStore::RedisOwned => quotad::config::RedisMode::Owned,
-            // The Lua functions, until they are removed.
-            _ => quotad::config::RedisMode::Scripts,
+            TestStore::Redis => StoreKind::Redis,
         };
         if config.store.kind == StoreKind::Redis {
             let server = tokio::task::spawn_blocking(redis::shared_server)
@@ -302,14 +295,6 @@ macro_rules! on_every_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::support::TestStore::Redis).await;
-                }
-            )*
-        }
-        mod redis_owned {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::support::TestStore::RedisOwned).await;
                 }
             )*
         }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use quotad::domain::Policy;
-use quotad::store::{RedisSettings, RedisStore};
+use quotad::store::{MemoryStore, OwnedSettings, RedisSettings};
 use std::sync::Arc;
 
 /// A port nobody listens on right now.
@@ -275,53 +275,33 @@ pub fn fresh_prefix() -> String {
     )
 }
 
-/// Settings for a standalone server (or a cluster when `cluster` is given), with a fresh prefix,
-/// and the memory in front of Redis as in production (GetUsage within the staleness bound).
+/// Settings for a standalone server (or a cluster when `cluster` is given), with a fresh prefix.
 pub fn settings(url: &str, cluster: Option<&RedisCluster>) -> RedisSettings {
     RedisSettings {
         url: url.to_owned(),
         cluster_nodes: cluster.map(RedisCluster::urls).unwrap_or_default(),
         key_prefix: fresh_prefix(),
         command_timeout: Duration::from_millis(2_000),
-        // One maintenance step covers the whole slot ring.
-        sweep_interval: Duration::from_secs(16),
         ..RedisSettings::default()
     }
 }
 
-pub async fn standalone_store() -> RedisStore {
-    let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
-    RedisStore::connect(settings(&server.url(), None), Arc::new(Policy::default()))
-        .await
-        .expect("connects to redis")
-}
-
-pub async fn cluster_store() -> RedisStore {
-    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
-    RedisStore::connect(settings("", Some(cluster)), Arc::new(Policy::default()))
-        .await
-        .expect("connects to the cluster")
-}
-
-/// The memory store's engine backed by Redis in owned mode (every partition owned by this
+/// The Redis store (the memory store's engine backed by Redis, every partition owned by this
 /// store), at its default settings, on the shared standalone server.
-pub async fn owned_store() -> quotad::store::MemoryStore {
+pub async fn standalone_store() -> MemoryStore {
     let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
-    owned_store_with(settings(&server.url(), None), Default::default()).await
+    store_with(settings(&server.url(), None), Default::default()).await
 }
 
 /// The same on the shared 3-master cluster.
-pub async fn owned_cluster_store() -> quotad::store::MemoryStore {
+pub async fn cluster_store() -> MemoryStore {
     let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
-    owned_store_with(settings("", Some(cluster)), Default::default()).await
+    store_with(settings("", Some(cluster)), Default::default()).await
 }
 
-pub async fn owned_store_with(
-    redis: RedisSettings,
-    owned: quotad::store::OwnedSettings,
-) -> quotad::store::MemoryStore {
+pub async fn store_with(redis: RedisSettings, owned: OwnedSettings) -> MemoryStore {
     let rules = quotad::rules::LiveRules::fixed(Arc::new(Policy::default()));
-    quotad::store::MemoryStore::open_on_redis(rules, &redis, &owned)
+    MemoryStore::open_on_redis(rules, &redis, &owned)
         .await
         .expect("owns every partition")
 }
@@ -531,19 +511,8 @@ pub fn shared_sentinel() -> &'static RedisSentinel {
     DEPLOYMENT.get_or_init(|| RedisSentinel::start(3))
 }
 
-/// The Redis store (scripts mode) through the shared Sentinel deployment.
-pub async fn sentinel_store() -> RedisStore {
+/// The Redis store through the shared Sentinel deployment.
+pub async fn sentinel_store() -> MemoryStore {
     let deployment = tokio::task::spawn_blocking(shared_sentinel).await.unwrap();
-    RedisStore::connect(
-        settings(&deployment.url(), None),
-        Arc::new(Policy::default()),
-    )
-    .await
-    .expect("connects through the sentinels")
-}
-
-/// The owned mode through the shared Sentinel deployment.
-pub async fn owned_sentinel_store() -> quotad::store::MemoryStore {
-    let deployment = tokio::task::spawn_blocking(shared_sentinel).await.unwrap();
-    owned_store_with(settings(&deployment.url(), None), Default::default()).await
+    store_with(settings(&deployment.url(), None), Default::default()).await
 }

@@ -108,7 +108,7 @@ the two equal). */}}
 {{- if $v.tls.clientAuth -}}
 {{- $_ := set $tls "client_ca_file" "/etc/quotad/tls/ca.crt" -}}
 {{- end -}}
-{{- /* Owned mode forwards calls to the account's owner over TLS: the replicas' certificates are
+{{- /* On Redis, replicas forward calls to the account's owner over TLS: the replicas' certificates are
      checked against ca.crt under the Service's name (pod IPs are not in them). */ -}}
 {{- $_ := set $tls "peer_ca_file" "/etc/quotad/tls/ca.crt" -}}
 {{- $_ := set $tls "peer_server_name" (printf "%s.%s.svc" (include "quotad.fullname" .) .Release.Namespace) -}}

@@ -44,15 +44,14 @@ embedded store's data dir, which only the StatefulSet has).
     - name: QUOTAD_LOG_FORMAT
       value: json
     {{- if eq $storeKind "redis" }}
-    # In owned mode (config.store.redis.mode: owned) replicas forward calls to the replica that
-    # owns the account, at its pod IP.
+    # On Redis, replicas forward calls to the replica that owns the account, at its pod IP.
     - name: POD_IP
       valueFrom:
         fieldRef:
           fieldPath: status.podIP
     - name: QUOTAD_STORE__REDIS__ADVERTISE_ADDR
       value: {{ printf "$(POD_IP):%d" (int $v.ports.grpc) | quote }}
-    # Owned mode's outage journal and replica id: kept across container restarts, so a quotad
+    # The outage journal and replica id: kept across container restarts, so a quotad
     # that crashed during a Redis outage writes what it journaled when it comes back.
     - name: QUOTAD_STORE__REDIS__JOURNAL_DIR
       value: /var/lib/quotad-journal

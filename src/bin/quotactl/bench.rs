@@ -74,7 +74,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "TIME", value_parser = parse_duration, default_value = "1s")]
     warmup: Duration,
     /// Another replica of the same deployment (repeatable): the connections are spread over
-    /// --addr and these, so each account's calls reach every replica (in owned mode, most
+    /// --addr and these, so each account's calls reach every replica (on Redis, most
     /// of them then forwarded to the account's owner).
     #[arg(long = "also", value_name = "ADDR")]
     also: Vec<String>,

@@ -47,7 +47,8 @@ pub use credits::{LOT_VALIDITY_MONTHS, default_lot_expiry};
 pub use holds::Reservation;
 
 /// The largest amount any account total may reach: every integer up to 2^53 − 1 is exact in an
-/// IEEE double, which is what the Redis store's Lua scripts compute with.
+/// IEEE double, which is how JSON readers such as JavaScript clients and dashboards hold
+/// numbers, so no total is ever shown rounded.
 pub const MAX_EXACT_MICROS: Micros = (1 << 53) - 1;
 
 /// Serializable for the durable store (see [`persisted`]), all but the recent history.

@@ -352,7 +352,7 @@ pub fn decode_event(bytes: &[u8]) -> Result<(String, UsageEvent), DecodeError> {
     Ok((account_id, event))
 }
 
-/// An Envoy RLS counter's window, as owned mode keeps it in Redis: the window's length, then
+/// An Envoy RLS counter's window, as it is kept in Redis: the window's length, then
 /// its buckets.
 pub fn encode_counter(window: &SlidingWindow) -> Vec<u8> {
     seal(COUNTER_MAGIC, &(window.spec().length_ms, window))

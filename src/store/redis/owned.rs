@@ -292,6 +292,8 @@ struct Shared {
     groups: Mutex<HashSet<String>>,
     /// How long one attempt at a batch may take before Redis counts as not answering.
     attempt_timeout: Duration,
+    /// Write attempts that failed or timed out (their batch is tried again), since start.
+    missed_attempts: AtomicU64,
     /// The number of the last change known to be in Redis (behind `durable` while journaled
     /// changes wait): accounts leave memory, and partitions this replica, only up to it.
     landed: AtomicU64,
@@ -461,6 +463,7 @@ impl OwnedRedis {
             attempt_timeout: (command_timeout * 4)
                 .max(Duration::from_millis(500))
                 .min(owned.write_timeout / 2),
+            missed_attempts: AtomicU64::new(0),
             landed: AtomicU64::new(0),
             outage_grace: if journal.is_some() {
                 owned.outage_grace.min(owned.lease / 2)
@@ -608,6 +611,11 @@ impl OwnedRedis {
             journal_pending: shared.journal_pending.load(Ordering::Acquire) as u64,
         };
         (stats, out_for)
+    }
+
+    /// Write attempts that failed or timed out and were tried again, since start.
+    pub fn retried_writes(&self) -> u64 {
+        self.shared.missed_attempts.load(Ordering::Relaxed)
     }
 
     /// The outage grace this replica runs with (zero without a journal).
@@ -1009,6 +1017,20 @@ impl Shared {
         }
     }
 
+    /// Wakes the calls waiting for changes up to `last` without their changes being durable:
+    /// they are answered UNAVAILABLE (see [`durable`](Self::durable)).
+    fn refuse_waiting(&self, last: u64) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut i = 0;
+        while i < waiters.len() {
+            if waiters[i].0 <= last {
+                let _ = waiters.swap_remove(i).1.send(());
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     async fn durable(&self, number: u64) -> Result<(), StoreError> {
         let landed = if self.durable.load(Ordering::Acquire) >= number {
             Ok(Ok(()))
@@ -1041,6 +1063,16 @@ impl Shared {
                     ));
                 }
                 Ok(())
+            }
+            Ok(_)
+                if self.failed.get().is_none()
+                    && self.outage_since.load(Ordering::Acquire) != 0 =>
+            {
+                Err(StoreError::Unavailable(
+                    "Redis does not answer: this decision is written once it does; asked \
+                     again with the same request id, the call gets its answer"
+                        .into(),
+                ))
             }
             Ok(_) => Err(StoreError::Unavailable(
                 self.failed
@@ -1110,6 +1142,14 @@ impl Shared {
                     continue;
                 }
                 self.outage_began();
+                if self.journal.is_none() && !outcome.timed_out {
+                    // No grace, and Redis refused or dropped the connection: the calls waiting
+                    // on this batch are answered UNAVAILABLE now, as later ones are, rather
+                    // than after their whole wait (a Redis that is only slow may still answer
+                    // within it). The batch stays queued and is written once Redis answers; a
+                    // retry gets its answer.
+                    self.refuse_waiting(last);
+                }
                 if self.journal.is_some() {
                     let mut backlog = VecDeque::new();
                     let left = std::mem::take(&mut sections);
@@ -1255,12 +1295,16 @@ impl Shared {
     async fn attempt(self: &Arc<Self>, sections: &[&Section]) -> Attempt {
         let written =
             tokio::time::timeout(self.attempt_timeout, self.storage.write(sections)).await;
+        let timed_out = written.is_err();
         let results = written.unwrap_or_else(|_| {
             let partitions = sections.iter().map(|s| s.partition).collect();
             let why = "no answer within the write attempt's time".to_string();
             vec![(partitions, Err(StorageError::Unavailable(why)))]
         });
-        let mut attempt = Attempt::default();
+        let mut attempt = Attempt {
+            timed_out,
+            ..Attempt::default()
+        };
         for (partitions, result) in results {
             match result {
                 Ok(at) => attempt.landed.extend(partitions.iter().map(|&p| (p, at))),
@@ -1271,6 +1315,9 @@ impl Shared {
                     attempt.missed = true;
                 }
             }
+        }
+        if attempt.missed {
+            self.missed_attempts.fetch_add(1, Ordering::Relaxed);
         }
         attempt
     }
@@ -1875,6 +1922,8 @@ struct Attempt {
     fenced: Vec<u16>,
     /// Some call got no answer (connection failed, or not within the attempt's time).
     missed: bool,
+    /// The attempt's time ran out: Redis may be slow rather than gone.
+    timed_out: bool,
 }
 
 /// Where an account's state lives: its core, its records kept for retries, its history.

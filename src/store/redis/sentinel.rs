@@ -302,13 +302,6 @@ impl Finder {
         let conn = self.open(&address).await?;
         Ok((address, conn))
     }
-
-    /// The master's URL as the sentinels name it now (for connections of their own, such as
-    /// the admin channel's subscriber).
-    pub(super) async fn master_url(&mut self) -> Result<String, String> {
-        let address = self.ask().await?;
-        Ok(self.url.master_url(&address))
-    }
 }
 
 /// One multiplexed connection to the master the sentinels name, moved to the new master after

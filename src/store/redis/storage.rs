@@ -1,4 +1,4 @@
-//! What owned mode keeps in Redis, behind one trait ([`OwnedStorage`]): the membership of
+//! What the Redis engine keeps in Redis, behind one trait ([`OwnedStorage`]): the membership of
 //! replicas, each partition's lease under an epoch, fenced batch writes, and the reads of a
 //! partition's index and of one account. [`RedisStorage`] does it with the small storage
 //! scripts below (they hold no quota rule), on a standalone Redis or a Cluster.
@@ -61,7 +61,7 @@ pub type StoredAccount = (Vec<u8>, Vec<Vec<u8>>);
 /// (milliseconds), or why it did not.
 pub type Written = Vec<(Vec<u16>, Result<i64, StorageError>)>;
 
-/// What owned mode needs of the store behind it. Every method is one atomic step there.
+/// What the engine needs of the store behind it. Every method is one atomic step there.
 pub trait OwnedStorage: Send + Sync + 'static {
     /// Says `replica` (reached at `address`) is alive for `lease_ms` more (by the storage's
     /// clock), forgets replicas whose time ran out, and answers the live ones, `(id, address)`
@@ -303,7 +303,7 @@ impl<'a> WriteCall<'a> {
     }
 }
 
-/// Owned mode's storage on Redis (standalone or Cluster).
+/// The engine's storage on Redis (standalone or Cluster).
 pub struct RedisStorage {
     conn: Connection,
     prefix: String,
