@@ -799,6 +799,16 @@ impl Store for MemoryStore {
                 ),
             };
         }
+        // Without a grace, a Redis that does not answer the ownership rounds is down for this
+        // replica even while it has nothing to write (its next decision would be refused).
+        if let Backing::Redis(redis) = &durable.backing
+            && redis.outage_grace().is_zero()
+            && let Some(why) = redis.round_failing()
+        {
+            return StoreHealth::Down {
+                error: format!("Redis does not answer this replica: {why}"),
+            };
+        }
         StoreHealth::Up
     }
 

@@ -294,6 +294,9 @@ struct Shared {
     attempt_timeout: Duration,
     /// Write attempts that failed or timed out (their batch is tried again), since start.
     missed_attempts: AtomicU64,
+    /// Why the last ownership round failed, while rounds fail: Redis does not answer this
+    /// replica even when it has nothing to write.
+    round_failing: Mutex<Option<String>>,
     /// The number of the last change known to be in Redis (behind `durable` while journaled
     /// changes wait): accounts leave memory, and partitions this replica, only up to it.
     landed: AtomicU64,
@@ -464,6 +467,7 @@ impl OwnedRedis {
                 .max(Duration::from_millis(500))
                 .min(owned.write_timeout / 2),
             missed_attempts: AtomicU64::new(0),
+            round_failing: Mutex::new(None),
             landed: AtomicU64::new(0),
             outage_grace: if journal.is_some() {
                 owned.outage_grace.min(owned.lease / 2)
@@ -611,6 +615,13 @@ impl OwnedRedis {
             journal_pending: shared.journal_pending.load(Ordering::Acquire) as u64,
         };
         (stats, out_for)
+    }
+
+    /// Why ownership rounds fail, while they do (Redis does not answer this replica).
+    pub fn round_failing(&self) -> Option<String> {
+        (self.shared.round_failing.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Write attempts that failed or timed out and were tried again, since start.
@@ -1175,6 +1186,10 @@ impl Shared {
                 self.unflushed.fetch_sub(count, Ordering::Relaxed);
                 self.publish(last);
                 self.landed.store(last, Ordering::Release);
+                // Redis answered: a failed ownership round is no longer the latest word.
+                (self.round_failing.lock())
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
                 if self.outage_since.load(Ordering::Acquire) != 0 {
                     self.outage_over().await;
                 }
@@ -1705,8 +1720,14 @@ impl Shared {
             if self.failed.get().is_some() {
                 return;
             }
-            if let Err(e) = self.round().await {
-                tracing::warn!(error = %e, "an ownership round on Redis failed; retrying");
+            let round = self.round().await;
+            let mut failing = (self.round_failing.lock()).unwrap_or_else(|e| e.into_inner());
+            match round {
+                Ok(()) => *failing = None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "an ownership round on Redis failed; retrying");
+                    *failing = Some(e.to_string());
+                }
             }
         }
     }
