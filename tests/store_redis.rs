@@ -166,6 +166,26 @@ async fn a_write_under_an_old_epoch_is_refused() {
     assert_eq!(store.health(), StoreHealth::Up);
 }
 
+/// On a standalone Redis a batch is a plain transaction (`WATCH`, `MULTI` … `EXEC`), not a
+/// script; on a Cluster it stays the `WRITE` script (`store_redis_cluster.rs` runs the contract
+/// there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_plain_transactions_on_a_standalone_redis() {
+    let redis = RedisServer::start();
+    let store = store_with(settings(&redis.url(), None), OwnedSettings::default()).await;
+    let calls = |name: &str| {
+        let stats = redis.cli(&["INFO", "commandstats"]).unwrap();
+        (stats.lines())
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    grant(&store, "acct", 10).await;
+    task(&store, "acct", "r1", CREDIT).await;
+    assert!(calls("exec") >= 3, "a grant, a reserve and a commit");
+    assert!(calls("watch") >= 3);
+}
+
 /// Two replicas on one key prefix split the partitions between them (each about half); a
 /// call at the replica that does not own the account is refused with the owner's address; when
 /// one leaves, the other takes its partitions over and continues from what Redis holds.

@@ -91,7 +91,7 @@ impl RedisTls {
     }
 
     /// A client for one node: plain, or TLS with this material.
-    fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+    pub(super) fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
         match self.certificates() {
             Some(certs) => redis::Client::build_with_tls(url, certs),
             None => redis::Client::open(url),
@@ -220,6 +220,6 @@ fn sentinel_finder(
 /// The connections' own response timeout: later than any of the engine's own time limits (so
 /// that those decide, and tell a timeout from a failed connection), for the few commands that
 /// have none (loading state at start, reading the purchase index).
-fn backstop(settings: &RedisSettings) -> Duration {
+pub(super) fn backstop(settings: &RedisSettings) -> Duration {
     settings.command_timeout * 10
 }

@@ -4,8 +4,8 @@
 //! keeps state; it holds no quota rule.
 //!
 //! Accounts fall into `partitions` by the CRC16 of their id. All keys of a partition share one
-//! hash tag (`PREFIX:{oN}:…`), so one script call writes a partition's part of a batch
-//! atomically, on a Cluster too. Replicas announce themselves in Redis (`PREFIX:{members}`,
+//! hash tag (`PREFIX:{oN}:…`), so one call writes a partition's part of a batch atomically, on
+//! a Cluster too. Replicas announce themselves in Redis (`PREFIX:{members}`,
 //! expiring with the lease, with the address peers forward calls to), and a partition falls to
 //! the live replica with the highest rendezvous hash of the two. Each partition's owner holds a
 //! lease (`…:lease`, with a time to live) under an epoch (`…:fence`, raised by every
@@ -22,15 +22,15 @@
 //! replica's partition is refused with [`StoreError::Moved`], which names the owner; the gRPC
 //! layer forwards the call there (`api::forward`).
 //!
-//! A batch is one script call on a standalone Redis (a section per partition) or one per
-//! partition on a Cluster, each section numbered in its partition (kept in `…:fence`), so a
-//! call retried after a timeout that had in fact landed is not applied twice. Batches are
+//! A batch is one call (a transaction on a standalone Redis, the `WRITE` script behind
+//! Sentinel; see [`super::storage`]) with a section per partition, or one call per partition
+//! on a Cluster, each section numbered in its partition (kept in `…:fence`), so a call retried
+//! after a timeout that had in fact landed is not applied twice. Batches are
 //! written in order: the next is taken once every partition of the one before has landed.
 //! While Redis cannot be reached, the batch is retried, calls wait at most `write_timeout` and
 //! get UNAVAILABLE, and once `max_unflushed` changes wait no new decision is made.
 //!
-//! The storage scripts (`WRITE` and the lease scripts below) take the partition's epoch and
-//! batch number and a list of plain writes: set, hash set and delete, append to a list kept to
+//! A batch write takes the partition's epoch and batch number and a list of plain writes: set, hash set and delete, append to a list kept to
 //! a length, append to a stream kept to a length, add to a hash field. Keys, per partition
 //! `{oN}`:
 //! - `a:ID`: the account's core (`domain::persisted`, versioned); `r:ID`: a hash of the records
@@ -1131,8 +1131,8 @@ impl Shared {
         );
     }
 
-    /// Takes everything queued, writes it (one script call on a standalone Redis, one per
-    /// partition in parallel on a Cluster), publishes it durable, and goes on. The changes of a
+    /// Takes everything queued, writes it (one call on a standalone Redis or behind Sentinel,
+    /// one per partition in parallel on a Cluster), publishes it durable, and goes on. The changes of a
     /// partition lost meanwhile are not written, and their callers are told. While Redis does
     /// not answer, batches go to the journal (if there is one) and are answered from there;
     /// they are written to Redis, in order, once it answers again.
