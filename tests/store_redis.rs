@@ -186,6 +186,57 @@ async fn batches_are_plain_transactions_on_a_standalone_redis() {
     assert!(calls("watch") >= 3);
 }
 
+/// Another replica takes the partition after the writer read the fence and before its
+/// `EXEC` arrives (the writer's link slowed by a proxy so that the test can act in between):
+/// Redis refuses the transaction because the watched fence changed, the writer reads again,
+/// finds itself fenced, and nothing of the decision is written. Without the `WATCH`, the read
+/// having seen the old epoch, the write would have landed over the new owner's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_taken_between_the_read_and_the_exec_refuses_the_write() {
+    use support::fault_proxy::{FaultProxy, Link};
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.port).await;
+    let redis_settings = settings(&proxy.url(), None);
+    let prefix = redis_settings.key_prefix.clone();
+    let store = store_with(redis_settings, OwnedSettings::default()).await;
+    grant(&store, "acct", 10).await;
+    let partition = quotad::store::redis::owned::partition_of("acct", 64);
+    let core_key = format!("{prefix}:{{o{partition}}}:a:acct");
+    let core_before = redis.cli(&["GET", &core_key]).unwrap();
+
+    proxy.set(Link::Delay(Duration::from_millis(100)));
+    let store = Arc::new(store);
+    let deciding = {
+        let store = store.clone();
+        tokio::spawn(async move { store.reserve(&reserve("acct", "r1"), NOW).await })
+    };
+    // The writer's read has reached Redis once a client's last command is the fences' HMGET.
+    let read = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let clients = || redis.cli(&["CLIENT", "LIST"]).unwrap_or_default();
+        while !clients().contains("cmd=hmget") {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no fence was read"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let fence = format!("{prefix}:{{o{partition}}}:fence");
+        redis.cli(&["HINCRBY", &fence, "epoch", "1"]).unwrap();
+        redis
+    })
+    .await
+    .unwrap();
+
+    let refused = deciding.await.unwrap();
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("another replica")),
+        "{refused:?}"
+    );
+    assert_eq!(read.cli(&["GET", &core_key]).unwrap(), core_before);
+    assert_eq!(store.owned_partitions(), Some(63));
+}
+
 /// Two replicas on one key prefix split the partitions between them (each about half); a
 /// call at the replica that does not own the account is refused with the owner's address; when
 /// one leaves, the other takes its partitions over and continues from what Redis holds.
