@@ -17,8 +17,8 @@ use crate::domain::{
     Account, Action, Clock, CommitCommand, CommitOutcome, Decision, Denial, DenyReason,
     DomainError, ExportedEvent, Funding, GrantCommand, GrantOutcome, LotSource, Micros, Policy,
     PricingError, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand,
-    RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, Usage,
-    UsageSnapshot,
+    RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, TopUpPreview,
+    Usage, UsageSnapshot,
 };
 use crate::metrics::Metrics;
 use crate::payment::{PaymentQueue, Settle};
@@ -231,18 +231,46 @@ impl<S: Store> Quota<S> {
         target: Micros,
         monthly_cap: Micros,
     ) -> Result<TopUpOutcome, QuotaError> {
-        check_account(&self.rules.policy(), &account_id)?;
-        let monthly_cap = (monthly_cap != 0).then_some(monthly_cap);
-        let settings = TopUpSettings::new(enabled, threshold, target, monthly_cap)?;
-        let cmd = SetTopUpCommand {
-            account_id: account_id.clone(),
-            settings,
-        };
+        let cmd =
+            self.top_up_command(account_id.clone(), enabled, threshold, target, monthly_cap)?;
         let outcome = self
             .timed("set_top_up", self.store.set_top_up(cmd, self.clock.now()))
             .await?;
         self.order(&account_id, outcome.top_up.clone());
         Ok(outcome)
+    }
+
+    /// PreviewAutoTopUp: what SetAutoTopUp with these settings would do now, checked as it
+    /// checks them; nothing changes and nothing is bought.
+    pub async fn preview_top_up(
+        &self,
+        account_id: String,
+        enabled: bool,
+        threshold: Micros,
+        target: Micros,
+        monthly_cap: Micros,
+    ) -> Result<TopUpPreview, QuotaError> {
+        let cmd = self.top_up_command(account_id, enabled, threshold, target, monthly_cap)?;
+        let preview = self.store.preview_top_up(cmd, self.clock.now());
+        self.timed("preview_top_up", preview).await
+    }
+
+    /// Auto top-up settings checked into a command (a monthly cap of 0 means no cap).
+    fn top_up_command(
+        &self,
+        account_id: String,
+        enabled: bool,
+        threshold: Micros,
+        target: Micros,
+        monthly_cap: Micros,
+    ) -> Result<SetTopUpCommand, QuotaError> {
+        check_account(&self.rules.policy(), &account_id)?;
+        let monthly_cap = (monthly_cap != 0).then_some(monthly_cap);
+        let settings = TopUpSettings::new(enabled, threshold, target, monthly_cap)?;
+        Ok(SetTopUpCommand {
+            account_id,
+            settings,
+        })
     }
 
     /// Background upkeep at the current time: the store's own, then resuming auto top-up

@@ -259,7 +259,7 @@ async fn a_quotad_without_an_admin_token_is_named_as_the_cause() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn topup_set_show_and_disable() {
+async fn topup_preview_set_show_and_disable() {
     let server = TestServer::start(StoreKind::Memory).await;
     stdout(
         &quotactl(
@@ -269,6 +269,32 @@ async fn topup_set_show_and_disable() {
         )
         .await,
     );
+    let preview = [
+        "topup",
+        "preview",
+        "carol",
+        "--threshold",
+        "10",
+        "--target",
+        "50.5",
+    ];
+    let said = stdout(&quotactl(&server, &preview, Some(ADMIN_TOKEN)).await);
+    assert_eq!(
+        said.trim(),
+        "your balance is 0 credits, below the 10-credit threshold: saving buys 51 credits now \
+         with your default payment method"
+    );
+    let as_json = json(
+        &quotactl(
+            &server,
+            &[&["--json"], &preview[..]].concat(),
+            Some(ADMIN_TOKEN),
+        )
+        .await,
+    );
+    assert_eq!(as_json["purchase_micros"], 51_000_000);
+    let shown = json(&quotactl(&server, &["--json", "topup", "show", "carol"], None).await);
+    assert_eq!(shown["enabled"], false, "a preview saves nothing");
     let set = stdout(
         &quotactl(
             &server,

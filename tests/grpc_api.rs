@@ -24,6 +24,7 @@ support::on_every_store!(
     without_a_configured_token_admin_is_disabled,
     a_revoked_grant_takes_back_what_is_left_of_its_lot,
     auto_top_up_below_the_threshold_buys_at_once_in_the_background,
+    a_top_up_preview_shows_the_purchase_before_it_is_made,
     declined_top_ups_ask_for_a_new_payment_method,
 );
 
@@ -919,6 +920,66 @@ async fn auto_top_up_below_the_threshold_buys_at_once_in_the_background(store: s
         "{}",
         err.message()
     );
+}
+
+/// PreviewAutoTopUp answers what saving would buy, in numbers and in words, and buys nothing;
+/// its input is checked as SetAutoTopUp checks it.
+async fn a_top_up_preview_shows_the_purchase_before_it_is_made(store: support::TestStore) {
+    let server = TestServer::start(store).await;
+    let (mut q, mut a) = (server.quota().await, server.admin().await);
+    set_account(&mut a, "p", "plus", true).await;
+    grant(&mut a, "p", "seed", 3).await;
+    let asked = set_top_up("p", 5, 20);
+    let preview = a
+        .preview_auto_top_up(asked.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            preview.available_micros,
+            preview.purchase_micros,
+            preview.in_flight_micros
+        ),
+        (3 * CREDIT, 17 * CREDIT, 0)
+    );
+    assert_eq!(
+        preview.summary,
+        "your balance is 3 credits, below the 5-credit threshold: saving buys 17 credits now \
+         with your default payment method"
+    );
+    assert!(preview.after.unwrap().enabled);
+    // Nothing changed: auto top-up is still off and nothing was bought.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let usage = usage_of(&mut q, "p").await;
+    assert!(!usage.auto_top_up.unwrap_or_default().enabled);
+    assert_eq!(usage.credit_balance_micros, 3 * CREDIT);
+    // Saved, it buys what the preview said.
+    a.set_auto_top_up(asked).await.unwrap();
+    let usage = support::usage_until(&mut q, "p", |u| u.credit_balance_micros == 20 * CREDIT).await;
+    assert_eq!(usage.credit_balance_micros, 20 * CREDIT);
+
+    let err = a
+        .preview_auto_top_up(set_top_up("p", 10, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("target_micros"),
+        "{}",
+        err.message()
+    );
+    let err = a
+        .preview_auto_top_up(set_top_up("nobody", 10, 50))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let mut anonymous = server.admin_with_token(None).await;
+    let err = anonymous
+        .preview_auto_top_up(set_top_up("p", 10, 50))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
 }
 
 async fn declined_top_ups_ask_for_a_new_payment_method(store: support::TestStore) {

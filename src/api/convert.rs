@@ -13,7 +13,7 @@ use crate::domain::top_up::AttemptOutcome;
 use crate::domain::{
     Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, Denial, DenyReason,
     ExportedEvent, Funding, GrantOutcome, HoldView, Policy, ReleaseOutcome, ReserveOutcome,
-    Timestamp, TopUpView, Usage, UsageEvent, UsageSnapshot, WindowStatus,
+    Timestamp, TopUpPreview, TopUpView, Usage, UsageEvent, UsageSnapshot, WindowStatus,
 };
 
 pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
@@ -330,6 +330,18 @@ impl From<HoldView> for pb::Hold {
             held: Some(h.held.into()),
             charged: Some(h.charged.into()),
             expires_at: Some(timestamp(h.expires_at)),
+        }
+    }
+}
+
+impl From<TopUpPreview> for pb::AutoTopUpPreview {
+    fn from(p: TopUpPreview) -> pb::AutoTopUpPreview {
+        pb::AutoTopUpPreview {
+            available_micros: p.available,
+            purchase_micros: p.purchase.unwrap_or(0),
+            in_flight_micros: p.in_flight.unwrap_or(0),
+            summary: p.summary(),
+            after: Some(p.view.into()),
         }
     }
 }

@@ -211,6 +211,24 @@ impl<S: Store> AdminService for AdminApi<S> {
         Ok(Response::new(outcome.view.into()))
     }
 
+    async fn preview_auto_top_up(
+        &self,
+        request: Request<pb::SetAutoTopUpRequest>,
+    ) -> Result<Response<pb::AutoTopUpPreview>, Status> {
+        let r = request.into_inner();
+        let preview = self
+            .app()?
+            .preview_top_up(
+                r.account_id,
+                r.enabled,
+                r.threshold_micros,
+                r.target_micros,
+                r.monthly_cap_micros,
+            )
+            .await?;
+        Ok(Response::new(preview.into()))
+    }
+
     async fn read_usage_export(
         &self,
         request: Request<pb::ReadUsageExportRequest>,

@@ -243,6 +243,21 @@ enum TopupCommand {
         #[arg(long, value_name = "CREDITS")]
         monthly_cap: Option<String>,
     },
+    /// What `set` with these settings would do now, without doing it: whether it would buy
+    /// at once, and how much (AdminService).
+    Preview {
+        /// Account id.
+        account: String,
+        /// Buy when the balance falls below this many credits (e.g. 10).
+        #[arg(long, value_name = "CREDITS")]
+        threshold: String,
+        /// Buy back up to this many credits; more than --threshold.
+        #[arg(long, value_name = "CREDITS")]
+        target: String,
+        /// Most bought per calendar month (UTC), in credits [default: no cap].
+        #[arg(long, value_name = "CREDITS")]
+        monthly_cap: Option<String>,
+    },
     /// Turn auto top-up off, keeping its amounts (AdminService).
     Disable {
         /// Account id.
@@ -445,17 +460,17 @@ async fn run(conn: &Connection, json: bool, command: Command) -> anyhow::Result<
             target,
             monthly_cap,
         }) => {
-            let request = pb::SetAutoTopUpRequest {
-                account_id: account,
-                enabled: true,
-                threshold_micros: credits("--threshold", &threshold)?,
-                target_micros: credits("--target", &target)?,
-                monthly_cap_micros: monthly_cap
-                    .map(|c| credits("--monthly-cap", &c))
-                    .transpose()?
-                    .unwrap_or(0),
-            };
+            let request = top_up_request(account, &threshold, &target, monthly_cap)?;
             out.top_up(&admin.set_auto_top_up(request).await.answer(Admin)?);
+        }
+        Command::Topup(TopupCommand::Preview {
+            account,
+            threshold,
+            target,
+            monthly_cap,
+        }) => {
+            let request = top_up_request(account, &threshold, &target, monthly_cap)?;
+            out.top_up_preview(&admin.preview_auto_top_up(request).await.answer(Admin)?);
         }
         Command::Topup(TopupCommand::Disable { account }) => {
             let current = current_top_up(&mut quota, &account).await?;
@@ -504,6 +519,25 @@ async fn run(conn: &Connection, json: bool, command: Command) -> anyhow::Result<
 }
 
 /// The account's auto top-up settings: AdminService has no getter, GetUsage carries them.
+/// Auto top-up turned on with these amounts, for `topup set` and `topup preview`.
+fn top_up_request(
+    account: String,
+    threshold: &str,
+    target: &str,
+    monthly_cap: Option<String>,
+) -> anyhow::Result<pb::SetAutoTopUpRequest> {
+    Ok(pb::SetAutoTopUpRequest {
+        account_id: account,
+        enabled: true,
+        threshold_micros: credits("--threshold", threshold)?,
+        target_micros: credits("--target", target)?,
+        monthly_cap_micros: monthly_cap
+            .map(|c| credits("--monthly-cap", &c))
+            .transpose()?
+            .unwrap_or(0),
+    })
+}
+
 async fn current_top_up(quota: &mut QuotaClient, account: &str) -> anyhow::Result<pb::AutoTopUp> {
     let request = pb::GetUsageRequest {
         account_id: account.to_owned(),
@@ -901,6 +935,14 @@ impl Output {
             format!("balance  {} credits", Credits(g.credit_balance_micros)),
         ];
         self.emit(value, lines);
+    }
+
+    fn top_up_preview(&self, p: &pb::AutoTopUpPreview) {
+        let value = json!({
+            "available_micros": p.available_micros, "purchase_micros": p.purchase_micros,
+            "in_flight_micros": p.in_flight_micros, "summary": p.summary,
+        });
+        self.emit(value, vec![p.summary.clone()]);
     }
 
     fn top_up(&self, t: &pb::AutoTopUp) {

@@ -415,6 +415,63 @@ pub struct TopUpOutcome {
     pub credit_balance: Micros,
 }
 
+/// What saving auto top-up settings would do now, worked out by the rule that saving runs
+/// ([`AccountState::preview_top_up`](super::AccountState::preview_top_up)); nothing is changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopUpPreview {
+    /// The settings and state as saving would leave them.
+    pub view: TopUpView,
+    /// Credits available now (the balance less what open holds keep): what the threshold is
+    /// compared with.
+    pub available: Micros,
+    /// What saving would buy at once with the default payment method.
+    pub purchase: Option<Micros>,
+    /// A purchase already being paid, which saving would not repeat.
+    pub in_flight: Option<Micros>,
+}
+
+impl TopUpPreview {
+    /// The preview in words, for the person about to save (amounts in credits, exact).
+    pub fn summary(&self) -> String {
+        let settings = self.view.settings;
+        let balance = format!("your balance is {} credits", Credits(self.available));
+        let threshold = Credits(settings.threshold());
+        if !settings.enabled() {
+            return format!("{balance}; auto top-up stays off: saving buys nothing");
+        }
+        if self.available >= settings.threshold() {
+            return format!(
+                "{balance}, at or above the {threshold}-credit threshold: saving buys nothing now; \
+                 below it, auto top-up buys back up to {} credits",
+                Credits(settings.target())
+            );
+        }
+        match (self.purchase, self.in_flight) {
+            (Some(amount), _) => {
+                let capped = (self.view.last_attempt.as_ref())
+                    .filter(|a| a.outcome == super::top_up::AttemptOutcome::Capped)
+                    .map_or(String::new(), |_| {
+                        " (as much as this month's cap allows)".into()
+                    });
+                format!(
+                    "{balance}, below the {threshold}-credit threshold: saving buys {} credits now \
+                     with your default payment method{capped}",
+                    Credits(amount)
+                )
+            }
+            (None, Some(paying)) => format!(
+                "{balance}, below the {threshold}-credit threshold: a purchase of {} credits is \
+                 already being paid, so saving buys nothing more now",
+                Credits(paying)
+            ),
+            (None, None) => format!(
+                "{balance}, below the {threshold}-credit threshold, but saving buys nothing now \
+                 (this month's cap is reached, or a declined payment holds purchases back)"
+            ),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantOutcome {
     /// The lot as granted (its remaining amount is after any debt it paid off).

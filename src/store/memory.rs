@@ -44,7 +44,7 @@ use crate::domain::{
     Account, AccountState, CommitCommand, CommitOutcome, DomainError, ExportedEvent, GrantCommand,
     GrantOutcome, Micros, Policy, ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome,
     RevokeCommand, RevokeOutcome, SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome,
-    UsageSnapshot,
+    TopUpPreview, UsageSnapshot,
 };
 use crate::rules::LiveRules;
 
@@ -634,6 +634,24 @@ impl Store for MemoryStore {
             Effect::Writes,
             now,
             |state, policy| state.set_top_up(policy, &cmd, now),
+        )
+        .await
+    }
+
+    async fn preview_top_up(
+        &self,
+        cmd: SetTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpPreview, StoreError> {
+        self.run(
+            &cmd.account_id,
+            Missing::NotFound,
+            Effect::Reads,
+            now,
+            |state, policy| {
+                state.settle(policy, now);
+                state.preview_top_up(policy, &cmd, now)
+            },
         )
         .await
     }

@@ -25,7 +25,7 @@ use crate::domain::top_up::Purchase;
 use crate::domain::{
     Account, CommitCommand, CommitOutcome, DomainError, ExportedEvent, GrantCommand, GrantOutcome,
     ReleaseCommand, ReleaseOutcome, ReserveCommand, ReserveOutcome, RevokeCommand, RevokeOutcome,
-    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, UsageSnapshot,
+    SetTopUpCommand, SettleTopUpCommand, Timestamp, TopUpOutcome, TopUpPreview, UsageSnapshot,
 };
 
 pub use data_dir::DataDirError;
@@ -137,6 +137,13 @@ pub trait Store: Send + Sync + 'static {
         cmd: SetTopUpCommand,
         now: Timestamp,
     ) -> impl Future<Output = Result<TopUpOutcome, StoreError>> + Send;
+
+    /// What changing an account's auto top-up settings would do now; changes nothing.
+    fn preview_top_up(
+        &self,
+        cmd: SetTopUpCommand,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<TopUpPreview, StoreError>> + Send;
 
     /// Settles an auto top-up purchase with the payment's result.
     fn settle_top_up(

@@ -54,6 +54,7 @@ macro_rules! store_contract_tests {
             revoking_a_grant_takes_back_what_is_left_of_its_lot_once,
             auto_top_up_buys_just_enough_once_and_backs_off_after_declines,
             auto_top_up_needs_an_account_that_may_buy_credits,
+            a_top_up_preview_tells_what_saving_buys_and_changes_nothing,
             purchases_in_flight_are_found_until_settled,
             every_charge_is_exported_once_per_consumer_group,
             rls_counts_a_request_only_if_every_descriptor_fits_and_slides,
@@ -1109,6 +1110,57 @@ pub async fn auto_top_up_buys_just_enough_once_and_backs_off_after_declines<S: S
 
 /// The look a replica takes for purchases a dead replica left unpaid: every purchase in flight
 /// that started at or before the cutoff, and no other.
+/// A preview answers what saving the settings would do now, by the rule saving runs, and
+/// changes nothing: saving afterwards buys exactly what the preview said.
+pub async fn a_top_up_preview_tells_what_saving_buys_and_changes_nothing<S: Store>(store: S) {
+    plus_account_with_credits(&store, "p", 5).await;
+    let before = store.usage("p", 10, at(0)).await.unwrap();
+    let preview = store
+        .preview_top_up(top_up("p", true, 10, 50), at(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        (preview.available, preview.purchase, preview.in_flight),
+        (5 * CREDIT, Some(45 * CREDIT), None)
+    );
+    assert!(preview.view.settings.enabled());
+    assert_eq!(
+        preview.summary(),
+        "your balance is 5 credits, below the 10-credit threshold: saving buys 45 credits now \
+         with your default payment method"
+    );
+    let after = store.usage("p", 10, at(0)).await.unwrap();
+    assert_eq!(after, before, "a preview changes nothing");
+    let nothing_started = store.stalled_purchases(at(HOUR_MS)).await.unwrap();
+    assert!(nothing_started.is_empty(), "{nothing_started:?}");
+
+    // Saving then does exactly what the preview said.
+    let saved = store
+        .set_top_up(top_up("p", true, 10, 50), at(0))
+        .await
+        .unwrap();
+    let bought = saved.top_up.expect("a purchase");
+    assert_eq!(Some(bought.amount), preview.purchase);
+    // Now it is being paid: a preview of the same settings says so, and buys nothing more.
+    let again = store
+        .preview_top_up(top_up("p", true, 10, 50), at(0))
+        .await
+        .unwrap();
+    assert_eq!((again.purchase, again.in_flight), (None, Some(45 * CREDIT)));
+    // Above the threshold, or turned off, nothing would be bought.
+    let off = store
+        .preview_top_up(top_up("p", false, 10, 50), at(0))
+        .await
+        .unwrap();
+    assert_eq!(off.purchase, None);
+    assert!(off.summary().contains("stays off"), "{}", off.summary());
+    let unknown = store
+        .preview_top_up(top_up("nobody", true, 10, 50), at(0))
+        .await
+        .unwrap_err();
+    assert!(rule(unknown).is_account_not_found());
+}
+
 pub async fn purchases_in_flight_are_found_until_settled<S: Store>(store: S) {
     plus_account_with_credits(&store, "buying", 5).await;
     plus_account_with_credits(&store, "idle", 5).await;

@@ -565,7 +565,8 @@ async fn revoke_grant(edge: &Edge, r: pb::RevokeGrantRequest) -> Result<(), Test
     Ok(())
 }
 
-async fn set_auto_top_up(edge: &Edge, r: pb::SetAutoTopUpRequest) -> Result<(), TestCaseError> {
+/// What SetAutoTopUp and PreviewAutoTopUp may answer to `r`.
+fn top_up_expect(edge: &Edge, r: &pb::SetAutoTopUpRequest) -> Expect {
     let mut expect = Expect::new(&[Code::NotFound, Code::FailedPrecondition]);
     expect.id(&edge.policy, "account_id", &r.account_id);
     let exact = 0..=MAX_EXACT_MICROS;
@@ -578,6 +579,27 @@ async fn set_auto_top_up(edge: &Edge, r: pb::SetAutoTopUpRequest) -> Result<(), 
     if !exact.contains(&r.monthly_cap_micros) {
         expect.fault("monthly_cap_micros");
     }
+    expect
+}
+
+async fn preview_auto_top_up(edge: &Edge, r: pb::SetAutoTopUpRequest) -> Result<(), TestCaseError> {
+    let expect = top_up_expect(edge, &r);
+    let result = edge
+        .admin
+        .preview_auto_top_up(Request::new(r.clone()))
+        .await;
+    expect.check(&result)?;
+    let Ok(response) = result else { return Ok(()) };
+    let preview = response.into_inner();
+    balance("available_micros", preview.available_micros)?;
+    let unit = edge.policy.top_up.purchase_unit_micros;
+    prop_assert!((0..=r.target_micros + unit).contains(&preview.purchase_micros));
+    prop_assert!(!preview.summary.is_empty());
+    Ok(())
+}
+
+async fn set_auto_top_up(edge: &Edge, r: pb::SetAutoTopUpRequest) -> Result<(), TestCaseError> {
+    let expect = top_up_expect(edge, &r);
     let asked = r;
     let result = edge
         .admin
@@ -1162,6 +1184,11 @@ proptest! {
     #[test]
     fn set_auto_top_up_bytes(bytes in arb::bytes(arb::set_auto_top_up())) {
         decoded(&bytes, |edge, r| async move { set_auto_top_up(&edge, r).await })?;
+    }
+
+    #[test]
+    fn preview_auto_top_up_any(r in arb::set_auto_top_up()) {
+        on_edge(|edge| async move { preview_auto_top_up(&edge, r).await })?;
     }
 
     #[test]

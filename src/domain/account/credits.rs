@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::{AccountState, MAX_EXACT_MICROS};
 use crate::domain::decision::{
     GrantCommand, GrantOutcome, RevokeCommand, RevokeOutcome, SetTopUpCommand, SettleTopUpCommand,
-    TopUpOutcome, TopUpView,
+    TopUpOutcome, TopUpPreview, TopUpView,
 };
 use crate::domain::error::DomainError;
 use crate::domain::ledger::{CreditLot, LotSource};
@@ -289,6 +289,27 @@ impl AccountState {
             view: self.top_up_view(),
             top_up,
             credit_balance: self.ledger.balance(),
+        })
+    }
+
+    /// What [`set_top_up`](Self::set_top_up) would do now, without doing it: the same rule run
+    /// on a copy of the account, so a preview can never answer differently from saving.
+    pub fn preview_top_up(
+        &self,
+        policy: &Policy,
+        cmd: &SetTopUpCommand,
+        now: Timestamp,
+    ) -> Result<TopUpPreview, DomainError> {
+        let mut copy = self.clone();
+        copy.settle(policy, now);
+        let available = copy.credits_available();
+        let in_flight = copy.top_up().in_flight().map(|p| p.amount);
+        let outcome = copy.set_top_up(policy, cmd, now)?;
+        Ok(TopUpPreview {
+            view: outcome.view,
+            available,
+            purchase: outcome.top_up.map(|p| p.amount),
+            in_flight,
         })
     }
 

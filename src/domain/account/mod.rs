@@ -306,7 +306,7 @@ impl AccountState {
 mod tests {
     use super::testing::*;
     use super::*;
-    use crate::domain::decision::{Decision, ReleaseCommand, RevokeCommand};
+    use crate::domain::decision::{Decision, ReleaseCommand, RevokeCommand, SetTopUpCommand};
     use crate::domain::ledger::LotSource;
     use crate::domain::money::MICROS_PER_CREDIT as C;
     use crate::domain::time::MINUTE_MS;
@@ -333,6 +333,42 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// A preview of auto top-up settings buys what saving them then buys, whatever the
+        /// balance and whatever was saved before (a purchase may be in flight), and leaves the
+        /// account exactly as it was.
+        #[test]
+        fn a_top_up_preview_answers_as_saving_does(
+            granted in 0i64..60,
+            before in prop::option::of((0i64..40, 1i64..40)),
+            threshold in 0i64..40,
+            above in 1i64..40,
+            enabled in any::<bool>(),
+            cap in prop::option::of(0i64..60),
+        ) {
+            let policy = tight_policy();
+            let now = Timestamp::from_millis(T0);
+            let mut s = AccountState::new(Account { id: "a".into(), plan: "plus".into(), credit_purchase_allowed: true });
+            if granted > 0 {
+                s.grant(&policy, &grant_cmd(0, granted, 30, LotSource::Purchase, now), now).unwrap();
+            }
+            let settings = |enabled: bool, threshold: i64, above: i64, cap: Option<i64>| {
+                let cap = cap.map(|c| c * C);
+                crate::domain::top_up::TopUpSettings::new(enabled, threshold * C, (threshold + above) * C, cap).unwrap()
+            };
+            if let Some((t, a)) = before {
+                let cmd = SetTopUpCommand { account_id: "a".into(), settings: settings(true, t, a, None) };
+                s.set_top_up(&policy, &cmd, now).unwrap();
+            }
+            let cmd = SetTopUpCommand { account_id: "a".into(), settings: settings(enabled, threshold, above, cap) };
+            s.settle(&policy, now);
+            let untouched = s.clone();
+            let preview = s.preview_top_up(&policy, &cmd, now).unwrap();
+            prop_assert_eq!(&s, &untouched);
+            let saved = s.set_top_up(&policy, &cmd, now).unwrap();
+            prop_assert_eq!(preview.purchase, saved.top_up.map(|p| p.amount));
+            prop_assert_eq!(preview.view, saved.view);
+        }
 
         /// Credits are conserved; nothing but a commit spends beyond the credits there are; a
         /// Reserve never takes a window over its limit or credits below zero; a Commit takes a
