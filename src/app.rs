@@ -218,7 +218,8 @@ impl<S: Store> Quota<S> {
     /// Hands a purchase an operation started to the payment worker.
     fn order(&self, account_id: &str, purchase: Option<Purchase>) {
         if let Some(purchase) = purchase {
-            self.payments.push(account_id, purchase);
+            let price = self.rules.policy().top_up.price.of(purchase.amount);
+            self.payments.push(account_id, purchase, price);
         }
     }
 
@@ -282,7 +283,8 @@ impl<S: Store> Quota<S> {
         match self.store.stalled_purchases(cutoff).await {
             Ok(stalled) => {
                 for (account_id, purchase) in stalled {
-                    self.payments.push(&account_id, purchase);
+                    let price = self.rules.policy().top_up.price.of(purchase.amount);
+                    self.payments.push(&account_id, purchase, price);
                 }
             }
             Err(e) => tracing::debug!("cannot look for stalled purchases: {e}"),

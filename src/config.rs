@@ -458,6 +458,36 @@ mod redis_config_tests {
         assert!(err.contains("store.redis.outage_credit_allowance"), "{err}");
     }
 
+    /// The price of credits is configured under `[top_up.price]`; a currency that is not an
+    /// ISO 4217 code, or a price that cannot be used, is refused with the reason.
+    #[test]
+    fn the_price_of_credits_is_configured_and_checked() {
+        let read = |toml: &str| {
+            Figment::from(Serialized::defaults(Config::default()))
+                .merge(Toml::string(toml))
+                .extract::<Config>()
+                .map_err(|e| e.to_string())
+        };
+        let config = read(
+            "[top_up.price]\ncredits = 100\namount_minor = 500\ncurrency = \"EUR\"\nminor_digits = 2\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let price = config.top_up.price;
+        assert_eq!(price.of(3 * 1_000_000).to_string(), "0.15 EUR");
+        let err = read("[top_up.price]\ncredits = 100\namount_minor = 500\ncurrency = \"eur\"\nminor_digits = 2\n")
+            .unwrap_err();
+        assert!(err.contains("ISO 4217"), "{err}");
+        let mut config = Config::default();
+        config.top_up.price.credits = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("top_up.price"), "{err}");
+        assert_eq!(
+            Config::default().top_up.price.of(2_500_000_000).to_string(),
+            "100.00 USD"
+        );
+    }
+
     /// Replicas on Redis over TLS forward to each other over TLS, so they need their CA.
     #[test]
     fn redis_with_tls_needs_the_replicas_ca() {

@@ -15,6 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
+use crate::domain::money::Money;
 use crate::domain::top_up::{PaymentResult, Purchase};
 
 /// One charge: the purchase id is the idempotency key, the same on every retry.
@@ -23,6 +24,8 @@ pub struct PaymentRequest {
     pub account_id: String,
     pub purchase_id: String,
     pub amount_micros: i64,
+    /// What the credits cost, at the price of credits when the purchase was queued.
+    pub price: Money,
 }
 
 pub type PaymentFuture = Pin<Box<dyn Future<Output = PaymentResult> + Send>>;
@@ -62,7 +65,9 @@ impl PaymentProvider for SimulatedProvider {
 /// recomputes it over the raw body and refuses stale timestamps, so a captured request can
 /// neither be altered nor replayed later.
 ///
-/// Request body: `{"account_id": …, "purchase_id": …, "amount_micros": …}`.
+/// Request body: `{"account_id": …, "purchase_id": …, "amount_micros": …, "amount_minor": …,
+/// "currency": …}`: the credits bought, and what they cost in the currency's minor units
+/// (cents) at the configured price of credits.
 /// Answers: 2xx `{"status": "approved", "payment_id": …}` approves; 2xx
 /// `{"status": "declined", "error": …}` or 402 declines; anything else (5xx, a timeout, a
 /// connection error, a body that says neither) settles nothing and is retried.
@@ -121,6 +126,8 @@ impl HttpProvider {
             "account_id": charge.account_id,
             "purchase_id": charge.purchase_id,
             "amount_micros": charge.amount_micros,
+            "amount_minor": charge.price.minor,
+            "currency": charge.price.currency.as_str(),
         });
         let body = body.to_string();
         let mut request = hyper::Request::post(self.url.clone())
@@ -211,6 +218,7 @@ impl PaymentProvider for HttpProvider {
 pub struct PaymentOrder {
     pub account_id: String,
     pub purchase: Purchase,
+    pub price: Money,
 }
 
 /// How the worker retries a payment that got no settling answer.
@@ -252,8 +260,8 @@ impl Default for PaymentQueue {
 }
 
 impl PaymentQueue {
-    /// Queues a purchase for payment, unless this replica is paying it already.
-    pub fn push(&self, account_id: &str, purchase: Purchase) {
+    /// Queues a purchase for payment at `price`, unless this replica is paying it already.
+    pub fn push(&self, account_id: &str, purchase: Purchase, price: Money) {
         let fresh = self
             .paying
             .lock()
@@ -265,6 +273,7 @@ impl PaymentQueue {
             let _ = self.tx.send(PaymentOrder {
                 account_id: account_id.to_owned(),
                 purchase,
+                price,
             });
         }
     }
@@ -327,6 +336,7 @@ async fn pay<T: Settle>(
             account_id: order.account_id.clone(),
             purchase_id: order.purchase.id.clone(),
             amount_micros: order.purchase.amount,
+            price: order.price,
         };
         let result = provider.charge(request).await;
         let unsettled = matches!(result, PaymentResult::Failed { .. });

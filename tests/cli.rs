@@ -281,8 +281,8 @@ async fn topup_preview_set_show_and_disable() {
     let said = stdout(&quotactl(&server, &preview, Some(ADMIN_TOKEN)).await);
     assert_eq!(
         said.trim(),
-        "your balance is 0 credits, below the 10-credit threshold: saving buys 51 credits now \
-         with your default payment method"
+        "your balance is 0 credits, below the 10-credit threshold: saving buys 51 credits for \
+         2.04 USD now with your default payment method"
     );
     let as_json = json(
         &quotactl(

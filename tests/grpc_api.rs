@@ -945,8 +945,16 @@ async fn a_top_up_preview_shows_the_purchase_before_it_is_made(store: support::T
     );
     assert_eq!(
         preview.summary,
-        "your balance is 3 credits, below the 5-credit threshold: saving buys 17 credits now \
-         with your default payment method"
+        "your balance is 3 credits, below the 5-credit threshold: saving buys 17 credits for \
+         0.68 USD now with your default payment method"
+    );
+    assert_eq!(
+        (
+            preview.purchase_price_minor,
+            preview.currency.as_str(),
+            preview.purchase_price.as_str()
+        ),
+        (68, "USD", "0.68 USD")
     );
     assert!(preview.after.unwrap().enabled);
     // Nothing changed: auto top-up is still off and nothing was bought.

@@ -131,6 +131,9 @@ async fn retries_reuse_the_key_and_one_success_makes_one_lot() {
         "an altered body fails the check"
     );
     assert_eq!(seen[0].body["amount_micros"], 30 * CREDIT);
+    // And what they cost, at the default price of credits (2,500 for 100.00 USD).
+    assert_eq!(seen[0].body["amount_minor"], 120);
+    assert_eq!(seen[0].body["currency"], "USD");
     assert_eq!(seen[0].body["account_id"], "p");
     // A late answer to the stalled try would be a duplicate: nothing more is granted.
     tokio::time::sleep(Duration::from_millis(900)).await;

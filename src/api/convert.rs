@@ -340,6 +340,11 @@ impl From<TopUpPreview> for pb::AutoTopUpPreview {
             available_micros: p.available,
             purchase_micros: p.purchase.unwrap_or(0),
             in_flight_micros: p.in_flight.unwrap_or(0),
+            purchase_price_minor: p.purchase_price.map_or(0, |m| m.minor),
+            purchase_price: p.purchase_price.map_or(String::new(), |m| m.to_string()),
+            currency: p
+                .purchase_price
+                .map_or(String::new(), |m| m.currency.to_string()),
             summary: p.summary(),
             after: Some(p.view.into()),
         }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::fingerprint::Fingerprint;
 use super::ledger::{CreditLot, LedgerTotals, LotSource};
-use super::money::{Credits, Funding, Micros};
+use super::money::{Credits, Funding, Micros, Money};
 use super::pricing::Usage;
 use super::time::Timestamp;
 use super::top_up::{PaymentResult, Purchase, TopUpAttempt, TopUpSettings};
@@ -426,6 +426,8 @@ pub struct TopUpPreview {
     pub available: Micros,
     /// What saving would buy at once with the default payment method.
     pub purchase: Option<Micros>,
+    /// What that purchase would be charged, at the configured price of credits.
+    pub purchase_price: Option<Money>,
     /// A purchase already being paid, which saving would not repeat.
     pub in_flight: Option<Micros>,
 }
@@ -453,9 +455,10 @@ impl TopUpPreview {
                     .map_or(String::new(), |_| {
                         " (as much as this month's cap allows)".into()
                     });
+                let price = (self.purchase_price).map_or(String::new(), |p| format!(" for {p}"));
                 format!(
-                    "{balance}, below the {threshold}-credit threshold: saving buys {} credits now \
-                     with your default payment method{capped}",
+                    "{balance}, below the {threshold}-credit threshold: saving buys {} credits\
+                     {price} now with your default payment method{capped}",
                     Credits(amount)
                 )
             }

@@ -219,6 +219,7 @@ impl Policy {
         {
             return Err("top_up: purchase_unit_micros and max_declines must be positive, decline_backoff_ms not negative".into());
         }
+        self.top_up.price.check()?;
         if l.max_id_bytes == 0 || l.max_id_bytes > 1024 {
             return Err(format!(
                 "limits.max_id_bytes must be between 1 and 1024, got {}",

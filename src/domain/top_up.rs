@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::account::MAX_EXACT_MICROS;
 use super::error::DomainError;
-use super::money::{Micros, check_amount};
+use super::money::{CreditPrice, Micros, check_amount};
 use super::time::{HOUR_MS, Timestamp};
 
 /// What the account asked for. Made by [`TopUpSettings::new`], which checks the request's
@@ -126,6 +126,9 @@ pub struct TopUpRules {
     pub decline_backoff_ms: i64,
     /// Consecutive declines after which auto top-up turns itself off.
     pub max_declines: u32,
+    /// What credits cost people: shown in previews, sent with each charge.
+    #[serde(default)]
+    pub price: CreditPrice,
 }
 
 impl Default for TopUpRules {
@@ -134,6 +137,7 @@ impl Default for TopUpRules {
             purchase_unit_micros: 1_000_000,
             decline_backoff_ms: HOUR_MS,
             max_declines: 3,
+            price: CreditPrice::default(),
         }
     }
 }

@@ -1123,11 +1123,13 @@ pub async fn a_top_up_preview_tells_what_saving_buys_and_changes_nothing<S: Stor
         (preview.available, preview.purchase, preview.in_flight),
         (5 * CREDIT, Some(45 * CREDIT), None)
     );
+    // At the default price of credits (2,500 for 100.00 USD), 4 cents each.
+    assert_eq!(preview.purchase_price.map(|p| p.minor), Some(180));
     assert!(preview.view.settings.enabled());
     assert_eq!(
         preview.summary(),
-        "your balance is 5 credits, below the 10-credit threshold: saving buys 45 credits now \
-         with your default payment method"
+        "your balance is 5 credits, below the 10-credit threshold: saving buys 45 credits for \
+         1.80 USD now with your default payment method"
     );
     let after = store.usage("p", 10, at(0)).await.unwrap();
     assert_eq!(after, before, "a preview changes nothing");

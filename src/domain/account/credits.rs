@@ -305,10 +305,12 @@ impl AccountState {
         let available = copy.credits_available();
         let in_flight = copy.top_up().in_flight().map(|p| p.amount);
         let outcome = copy.set_top_up(policy, cmd, now)?;
+        let purchase = outcome.top_up.map(|p| p.amount);
         Ok(TopUpPreview {
             view: outcome.view,
             available,
-            purchase: outcome.top_up.map(|p| p.amount),
+            purchase,
+            purchase_price: purchase.map(|amount| policy.top_up.price.of(amount)),
             in_flight,
         })
     }
