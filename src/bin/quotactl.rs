@@ -230,39 +230,31 @@ enum TopupCommand {
         account: String,
     },
     /// Turn auto top-up on: below THRESHOLD credits, buy back up to TARGET (AdminService).
-    Set {
-        /// Account id.
-        account: String,
-        /// Buy when the balance falls below this many credits (e.g. 10).
-        #[arg(long, value_name = "CREDITS")]
-        threshold: String,
-        /// Buy back up to this many credits; more than --threshold.
-        #[arg(long, value_name = "CREDITS")]
-        target: String,
-        /// Most bought per calendar month (UTC), in credits [default: no cap].
-        #[arg(long, value_name = "CREDITS")]
-        monthly_cap: Option<String>,
-    },
+    Set(TopUpAmounts),
     /// What `set` with these settings would do now, without doing it: whether it would buy
-    /// at once, and how much (AdminService).
-    Preview {
-        /// Account id.
-        account: String,
-        /// Buy when the balance falls below this many credits (e.g. 10).
-        #[arg(long, value_name = "CREDITS")]
-        threshold: String,
-        /// Buy back up to this many credits; more than --threshold.
-        #[arg(long, value_name = "CREDITS")]
-        target: String,
-        /// Most bought per calendar month (UTC), in credits [default: no cap].
-        #[arg(long, value_name = "CREDITS")]
-        monthly_cap: Option<String>,
-    },
+    /// at once, how much and for what price (AdminService).
+    Preview(TopUpAmounts),
     /// Turn auto top-up off, keeping its amounts (AdminService).
     Disable {
         /// Account id.
         account: String,
     },
+}
+
+/// Auto top-up amounts, for `topup set` and `topup preview`.
+#[derive(Args)]
+struct TopUpAmounts {
+    /// Account id.
+    account: String,
+    /// Buy when the balance falls below this many credits (e.g. 10).
+    #[arg(long, value_name = "CREDITS")]
+    threshold: String,
+    /// Buy back up to this many credits; more than --threshold.
+    #[arg(long, value_name = "CREDITS")]
+    target: String,
+    /// Most bought per calendar month (UTC), in credits [default: no cap].
+    #[arg(long, value_name = "CREDITS")]
+    monthly_cap: Option<String>,
 }
 
 /// A task's usage: what Reserve prices as its estimate and Commit charges.
@@ -454,22 +446,12 @@ async fn run(conn: &Connection, json: bool, command: Command) -> anyhow::Result<
         Command::Topup(TopupCommand::Show { account }) => {
             out.top_up(&current_top_up(&mut quota, &account).await?);
         }
-        Command::Topup(TopupCommand::Set {
-            account,
-            threshold,
-            target,
-            monthly_cap,
-        }) => {
-            let request = top_up_request(account, &threshold, &target, monthly_cap)?;
+        Command::Topup(TopupCommand::Set(amounts)) => {
+            let request = top_up_request(amounts)?;
             out.top_up(&admin.set_auto_top_up(request).await.answer(Admin)?);
         }
-        Command::Topup(TopupCommand::Preview {
-            account,
-            threshold,
-            target,
-            monthly_cap,
-        }) => {
-            let request = top_up_request(account, &threshold, &target, monthly_cap)?;
+        Command::Topup(TopupCommand::Preview(amounts)) => {
+            let request = top_up_request(amounts)?;
             out.top_up_preview(&admin.preview_auto_top_up(request).await.answer(Admin)?);
         }
         Command::Topup(TopupCommand::Disable { account }) => {
@@ -520,18 +502,13 @@ async fn run(conn: &Connection, json: bool, command: Command) -> anyhow::Result<
 
 /// The account's auto top-up settings: AdminService has no getter, GetUsage carries them.
 /// Auto top-up turned on with these amounts, for `topup set` and `topup preview`.
-fn top_up_request(
-    account: String,
-    threshold: &str,
-    target: &str,
-    monthly_cap: Option<String>,
-) -> anyhow::Result<pb::SetAutoTopUpRequest> {
+fn top_up_request(amounts: TopUpAmounts) -> anyhow::Result<pb::SetAutoTopUpRequest> {
     Ok(pb::SetAutoTopUpRequest {
-        account_id: account,
+        account_id: amounts.account,
         enabled: true,
-        threshold_micros: credits("--threshold", threshold)?,
-        target_micros: credits("--target", target)?,
-        monthly_cap_micros: monthly_cap
+        threshold_micros: credits("--threshold", &amounts.threshold)?,
+        target_micros: credits("--target", &amounts.target)?,
+        monthly_cap_micros: (amounts.monthly_cap)
             .map(|c| credits("--monthly-cap", &c))
             .transpose()?
             .unwrap_or(0),

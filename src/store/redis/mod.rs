@@ -1,11 +1,12 @@
 //! Redis as the shared, durable backing store (standalone, behind Sentinel, or Cluster): how
 //! to reach it, and the connections every part of the Redis engine shares. Decisions are made
-//! in memory by the account's owner ([`owned`]); Redis keeps state, written by small fenced
-//! storage scripts ([`storage`]) that hold no quota rule.
+//! in memory by the account's owner ([`owned`]); Redis keeps state, written by fenced batch
+//! writes and small lease scripts ([`storage`]) that hold no quota rule.
 //!
 //! Connections are multiplexed (one pipelined connection per node, shared by every call), with
-//! short connect and response timeouts, and reconnect on their own; the engine bounds every
-//! wait itself and answers UNAVAILABLE rather than hang.
+//! short connect and response timeouts, and reconnect on their own (the batch writer's own
+//! connection on a standalone Redis excepted: see [`storage`]); the engine bounds every wait
+//! itself and answers UNAVAILABLE rather than hang.
 
 mod journal;
 mod keys;

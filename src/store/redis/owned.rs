@@ -1016,22 +1016,22 @@ impl Shared {
 
     /// Publishes every change up to `last` as in Redis, waking the calls that waited for them.
     fn publish(&self, last: u64) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        self.durable.store(last, Ordering::Release);
-        let mut i = 0;
-        while i < waiters.len() {
-            if waiters[i].0 <= last {
-                let _ = waiters.swap_remove(i).1.send(());
-            } else {
-                i += 1;
-            }
-        }
+        self.wake_up_to(last, true);
     }
 
     /// Wakes the calls waiting for changes up to `last` without their changes being durable:
     /// they are answered UNAVAILABLE (see [`durable`](Self::durable)).
     fn refuse_waiting(&self, last: u64) {
+        self.wake_up_to(last, false);
+    }
+
+    /// Wakes the calls waiting for changes up to `last`, after recording them durable if
+    /// `landed` (under the waiters' lock, which `durable` checks against).
+    fn wake_up_to(&self, last: u64, landed: bool) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if landed {
+            self.durable.store(last, Ordering::Release);
+        }
         let mut i = 0;
         while i < waiters.len() {
             if waiters[i].0 <= last {
