@@ -223,6 +223,11 @@ impl<S: Store> Quota<S> {
         }
     }
 
+    /// The time by quotad's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
     /// SetAutoTopUp. A monthly cap of 0 means no cap.
     pub async fn set_top_up(
         &self,

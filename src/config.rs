@@ -21,6 +21,8 @@ use crate::domain::{Limits, Plan, Policy, PriceSheet, Product};
 pub const ENV_PREFIX: &str = "QUOTAD_";
 /// The QuotaService token is read verbatim from this variable.
 pub const QUOTA_TOKEN_ENV: &str = "QUOTAD_QUOTA_TOKEN";
+/// Account token signing keys, read verbatim (they are secrets).
+pub const ACCOUNT_TOKEN_KEYS_ENV: &str = "QUOTAD_ACCOUNT_TOKEN_KEYS";
 /// A Redis password read verbatim from this variable is put into the Redis URL(s), so that it
 /// can come from a Kubernetes Secret while the URL stays in the config.
 pub const REDIS_PASSWORD_ENV: &str = "QUOTAD_REDIS_PASSWORD";
@@ -456,6 +458,25 @@ mod redis_config_tests {
         store.redis.outage_credit_allowance = -1;
         let err = store.redis.validate().unwrap_err();
         assert!(err.contains("store.redis.outage_credit_allowance"), "{err}");
+    }
+
+    /// Account token keys come from the environment too, and are never shown.
+    #[test]
+    fn account_token_keys_come_from_the_environment_and_are_redacted() {
+        let keys = "k2:fedcba9876543210fedcba9876543210,k1:0123456789abcdef0123456789abcdef";
+        let config = Config::load_from(
+            None,
+            |name| (name == ACCOUNT_TOKEN_KEYS_ENV).then(|| keys.to_owned()),
+            false,
+        )
+        .unwrap();
+        assert_eq!(config.account_tokens.keys, keys);
+        assert!(config.account_tokens.tokens().unwrap().is_some());
+        assert!(!config.to_toml().contains("fedcba"), "{}", config.to_toml());
+        let mut short = Config::default();
+        short.account_tokens.keys = "k1:short".into();
+        let err = short.validate().unwrap_err().to_string();
+        assert!(err.contains("account_tokens.keys"), "{err}");
     }
 
     /// The price of credits is configured under `[top_up.price]`; a currency that is not an
@@ -971,6 +992,8 @@ pub struct Config {
     pub quota_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_token_file: Option<PathBuf>,
+    /// Account-scoped tokens: signing keys and the longest lifetime a token may be given.
+    pub account_tokens: AccountTokensConfig,
     /// TLS on the gRPC listeners, optionally requiring client certificates (mTLS).
     pub tls: TlsConfig,
     /// Limits that keep an overloaded quotad answering.
@@ -1013,6 +1036,7 @@ impl Default for Config {
             admin_token_file: None,
             quota_token: None,
             quota_token_file: None,
+            account_tokens: AccountTokensConfig::default(),
             tls: TlsConfig::default(),
             server: ServerLimits::default(),
             telemetry: TelemetryConfig::default(),
@@ -1034,6 +1058,38 @@ impl Default for Config {
     }
 }
 
+/// `[account_tokens]`: tokens the back office mints for one account and a set of abilities
+/// (`api::tokens`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountTokensConfig {
+    /// Signing keys, `KID:SECRET,KID:SECRET…` (secrets of 32 bytes or more): the first signs
+    /// new tokens, all verify. Rotate by putting a new key first, and removing the old one
+    /// once its tokens may go. Also `QUOTAD_ACCOUNT_TOKEN_KEYS` (read verbatim). Empty: no
+    /// account tokens.
+    pub keys: String,
+    /// The longest lifetime MintAccountToken gives a token (60 s to 30 days).
+    pub max_ttl_seconds: u64,
+}
+
+impl Default for AccountTokensConfig {
+    fn default() -> Self {
+        AccountTokensConfig {
+            keys: String::new(),
+            max_ttl_seconds: 86_400,
+        }
+    }
+}
+
+impl AccountTokensConfig {
+    /// The signing keys, checked.
+    pub fn tokens(
+        &self,
+    ) -> Result<Option<std::sync::Arc<crate::api::tokens::AccountTokens>>, String> {
+        Ok(crate::api::tokens::AccountTokens::parse(&self.keys)?.map(std::sync::Arc::new))
+    }
+}
+
 /// Top-level keys the environment may set; other `QUOTAD_*` variables (Kubernetes injects
 /// `QUOTAD_PORT` and friends for a Service named quotad) are not configuration and are ignored.
 const ENV_KEYS: &[&str] = &[
@@ -1042,6 +1098,7 @@ const ENV_KEYS: &[&str] = &[
     "http_listen",
     "admin_token_file",
     "quota_token_file",
+    "account_tokens",
     "tls",
     "server",
     "telemetry",
@@ -1106,6 +1163,9 @@ impl Config {
         if let Some(token) = env(QUOTA_TOKEN_ENV) {
             config.quota_token = Some(token);
         }
+        if let Some(keys) = env(ACCOUNT_TOKEN_KEYS_ENV) {
+            config.account_tokens.keys = keys;
+        }
         // The standard OpenTelemetry variables, over the file.
         if let Some(endpoint) = env("OTEL_EXPORTER_OTLP_ENDPOINT") {
             config.telemetry.otlp_endpoint = Some(endpoint);
@@ -1166,6 +1226,13 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy().validate().map_err(ConfigError::Invalid)?;
+        self.account_tokens.tokens().map_err(ConfigError::Invalid)?;
+        if !(60..=30 * 86_400).contains(&self.account_tokens.max_ttl_seconds) {
+            return Err(ConfigError::Invalid(format!(
+                "account_tokens.max_ttl_seconds must be between 60 and 2592000, got {}",
+                self.account_tokens.max_ttl_seconds
+            )));
+        }
         self.pricing.validate().map_err(ConfigError::Invalid)?;
         self.store.validate().map_err(ConfigError::Invalid)?;
         self.payments.provider()?;
@@ -1221,6 +1288,9 @@ impl Config {
         }
         if shown.quota_token.is_some() {
             shown.quota_token = Some(REDACTED.into());
+        }
+        if !shown.account_tokens.keys.is_empty() {
+            shown.account_tokens.keys = REDACTED.into();
         }
         for secret in [
             &mut shown.payments.http_token,

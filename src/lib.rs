@@ -131,10 +131,16 @@ async fn serve(
             }
             None => None,
         },
+        account_tokens: config
+            .account_tokens
+            .tokens()
+            .map_err(crate::config::ConfigError::Invalid)?,
+        account_token_max_ttl: config.account_tokens.max_ttl_seconds,
+        clock: clock.clone(),
     };
     let parts = Parts {
         rules,
-        clock,
+        clock: clock.clone(),
         reserve_wait: Duration::from_millis(config.payments.reserve_wait_ms),
         metrics,
     };

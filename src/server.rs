@@ -91,6 +91,12 @@ pub struct ServeSettings {
     pub forward_from: Option<String>,
     /// With TLS on, how forwards reach the other replicas.
     pub forward_tls: Option<crate::tls::PeerTls>,
+    /// Keys of account-scoped tokens (none: such tokens are refused), and the longest
+    /// lifetime, in seconds, one is minted for.
+    pub account_tokens: Option<Arc<crate::api::tokens::AccountTokens>>,
+    pub account_token_max_ttl: u64,
+    /// quotad's clock, which account tokens expire by.
+    pub clock: Arc<dyn crate::domain::time::Clock>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,11 +234,15 @@ where
     served
 }
 
-/// Every listener's services, behind the guard and then the forwarding to owners.
+/// Every listener's services, behind the guard, the account-token check and then the
+/// forwarding to owners.
 type Routes = tonic::transport::server::Router<
     tower::layer::util::Stack<
         ForwardLayer,
-        tower::layer::util::Stack<GuardLayer, tower::layer::util::Identity>,
+        tower::layer::util::Stack<
+            crate::api::tokens::AccountTokenLayer,
+            tower::layer::util::Stack<GuardLayer, tower::layer::util::Identity>,
+        >,
     >,
 >;
 
@@ -282,15 +292,22 @@ fn router<S: Store>(
     });
     let admin = with_admin.then(|| {
         InterceptedService::new(
-            AdminServiceServer::new(AdminApi::new(slot.clone()))
-                .max_decoding_message_size(size)
-                .max_encoding_message_size(size),
+            AdminServiceServer::new(AdminApi::new(slot.clone()).with_tokens(
+                settings.account_tokens.clone(),
+                settings.account_token_max_ttl,
+            ))
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
             BearerAuth::new(settings.admin_token.as_deref()),
         )
     });
     Ok(Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(guard)
+        .layer(crate::api::tokens::AccountTokenLayer::new(
+            settings.account_tokens.clone(),
+            settings.clock.clone(),
+        ))
         .layer(ForwardLayer::new(
             settings.forward_from.as_deref(),
             settings.forward_tls.clone(),

@@ -334,6 +334,35 @@ async fn topup_preview_set_show_and_disable() {
     assert!(off.starts_with("auto top-up off"), "{off}");
 }
 
+/// `quotactl token` mints an account-scoped token, and quotactl holding it (as its quota
+/// token) reads that account and is refused another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_token_from_quotactl_reads_its_account_only() {
+    let mut config = quotad::config::Config::default();
+    config.account_tokens.keys = "k1:0123456789abcdef0123456789abcdef".into();
+    let server = TestServer::start_with(config, StoreKind::Memory).await;
+    for account in ["carol", "dave"] {
+        let set = ["account", "set", account, "--plan", "plus"];
+        stdout(&quotactl(&server, &set, Some(ADMIN_TOKEN)).await);
+    }
+    let minted = json(
+        &quotactl(
+            &server,
+            &["--json", "token", "carol", "--ttl", "600"],
+            Some(ADMIN_TOKEN),
+        )
+        .await,
+    );
+    let token = minted["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("qat1.k1."), "{minted}");
+    assert!(minted["expires_at"].is_string(), "{minted}");
+    let mine = ["--quota-token", token.as_str(), "usage", "carol"];
+    assert!(stdout(&quotactl(&server, &mine, None).await).contains("plus"));
+    let theirs = ["--quota-token", token.as_str(), "usage", "dave"];
+    let refused = failure(&quotactl(&server, &theirs, None).await);
+    assert!(refused.contains("another account"), "{refused}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_and_export_show_every_charge() {
     let server = TestServer::start(StoreKind::Memory).await;

@@ -10,6 +10,7 @@ pub mod forward;
 pub mod layer;
 pub mod rls;
 pub mod status;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -121,6 +122,7 @@ impl<S: Store> QuotaService for QuotaApi<S> {
         &self,
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        tokens::check_account(&request, &request.get_ref().account_id)?;
         let req = request.into_inner();
         let snapshot = self.app()?.usage(&req.account_id, req.recent_limit).await?;
         Ok(Response::new(snapshot.into()))
@@ -131,11 +133,23 @@ impl<S: Store> QuotaService for QuotaApi<S> {
 #[derive(Debug)]
 pub struct AdminApi<S> {
     app: AppSlot<S>,
+    /// Keys account tokens are minted with, and the longest lifetime one may get.
+    tokens: Option<(Arc<tokens::AccountTokens>, u64)>,
 }
 
 impl<S> AdminApi<S> {
     pub fn new(app: AppSlot<S>) -> Self {
-        AdminApi { app }
+        AdminApi { app, tokens: None }
+    }
+
+    /// Mints account tokens with `keys`, for at most `max_ttl_seconds`.
+    pub fn with_tokens(
+        mut self,
+        keys: Option<Arc<tokens::AccountTokens>>,
+        max_ttl_seconds: u64,
+    ) -> Self {
+        self.tokens = keys.map(|keys| (keys, max_ttl_seconds));
+        self
     }
 
     fn app(&self) -> Result<&Quota<S>, Status> {
@@ -162,6 +176,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
+        tokens::check_account(&request, &request.get_ref().account_id)?;
         Ok(Response::new(
             self.app()?
                 .account(&request.into_inner().account_id)
@@ -197,6 +212,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::SetAutoTopUpRequest>,
     ) -> Result<Response<pb::AutoTopUp>, Status> {
+        tokens::check_account(&request, &request.get_ref().account_id)?;
         let r = request.into_inner();
         let app = self.app()?;
         let outcome = app
@@ -215,6 +231,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         &self,
         request: Request<pb::SetAutoTopUpRequest>,
     ) -> Result<Response<pb::AutoTopUpPreview>, Status> {
+        tokens::check_account(&request, &request.get_ref().account_id)?;
         let r = request.into_inner();
         let preview = self
             .app()?
@@ -227,6 +244,57 @@ impl<S: Store> AdminService for AdminApi<S> {
             )
             .await?;
         Ok(Response::new(preview.into()))
+    }
+
+    async fn mint_account_token(
+        &self,
+        request: Request<pb::MintAccountTokenRequest>,
+    ) -> Result<Response<pb::AccountToken>, Status> {
+        let r = request.into_inner();
+        let Some((keys, max_ttl)) = &self.tokens else {
+            return Err(Status::failed_precondition(
+                "account tokens are not enabled: set account_tokens.keys",
+            ));
+        };
+        let allowed = || {
+            let names: Vec<&str> = tokens::Ability::ALL.iter().map(|a| a.name()).collect();
+            names.join(", ")
+        };
+        let mut abilities = Vec::new();
+        for name in &r.abilities {
+            let ability = tokens::Ability::parse(name).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "abilities: unknown ability {name:?}; allowed: {}",
+                    allowed()
+                ))
+            })?;
+            if !abilities.contains(&ability) {
+                abilities.push(ability);
+            }
+        }
+        if abilities.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "abilities: name at least one of {}",
+                allowed()
+            )));
+        }
+        let ttl = match u64::from(r.ttl_seconds) {
+            0 => (*max_ttl).min(3_600),
+            ttl if ttl <= *max_ttl => ttl,
+            ttl => {
+                return Err(Status::invalid_argument(format!(
+                    "ttl_seconds: at most {max_ttl} (account_tokens.max_ttl_seconds), got {ttl}"
+                )));
+            }
+        };
+        let app = self.app()?;
+        // Only for an account that exists (NOT_FOUND otherwise, INVALID_ARGUMENT for a bad id).
+        app.account(&r.account_id).await?;
+        let expires_at = app.now().plus_millis(ttl as i64 * 1_000);
+        Ok(Response::new(pb::AccountToken {
+            token: keys.mint(&r.account_id, &abilities, expires_at),
+            expires_at: Some(convert::timestamp(expires_at)),
+        }))
     }
 
     async fn read_usage_export(

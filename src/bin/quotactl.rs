@@ -129,9 +129,21 @@ enum Command {
         #[arg(long, value_name = "INSTANT")]
         expires_at: Option<String>,
     },
-    /// Auto top-up: show (QuotaService), set or disable (AdminService: needs --token).
+    /// Auto top-up: show (QuotaService), set, preview or disable (AdminService: needs --token).
     #[command(subcommand)]
     Topup(TopupCommand),
+    /// Mint an account-scoped token: its holder may read (read_usage) or change auto top-up
+    /// (change_top_up) for this account only, until it expires (AdminService: needs --token).
+    Token {
+        /// Account id.
+        account: String,
+        /// read_usage or change_top_up; repeat for both [default: read_usage].
+        #[arg(long = "ability", value_name = "ABILITY")]
+        abilities: Vec<String>,
+        /// Lifetime in seconds [default: an hour, or quotad's account_tokens.max_ttl_seconds].
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        ttl: u32,
+    },
     /// Take back what is left of a grant's lot: a refund or chargeback (AdminService: needs
     /// --token).
     Revoke {
@@ -466,6 +478,23 @@ async fn run(conn: &Connection, json: bool, command: Command) -> anyhow::Result<
                 monthly_cap_micros: current.monthly_cap_micros,
             };
             out.top_up(&admin.set_auto_top_up(request).await.answer(Admin)?);
+        }
+        Command::Token {
+            account,
+            abilities,
+            ttl,
+        } => {
+            let abilities = if abilities.is_empty() {
+                vec!["read_usage".to_owned()]
+            } else {
+                abilities
+            };
+            let request = pb::MintAccountTokenRequest {
+                account_id: account,
+                abilities,
+                ttl_seconds: ttl,
+            };
+            out.token(&admin.mint_account_token(request).await.answer(Admin)?);
         }
         Command::Revoke { account, grant_id } => {
             let request = pb::RevokeGrantRequest {
@@ -967,6 +996,16 @@ impl Output {
         if t.consecutive_declines > 0 {
             lines.push(format!("declines {} in a row", t.consecutive_declines));
         }
+        self.emit(value, lines);
+    }
+
+    fn token(&self, t: &pb::AccountToken) {
+        let expires = instant(&t.expires_at);
+        let value = json!({ "token": t.token, "expires_at": expires });
+        let lines = vec![
+            t.token.clone(),
+            format!("expires  {}", expires.unwrap_or_default()),
+        ];
         self.emit(value, lines);
     }
 
