@@ -168,7 +168,12 @@ impl Edge {
         slot.set(Arc::new(app)).unwrap();
         Edge {
             quota: QuotaApi::new(slot.clone()),
-            admin: AdminApi::new(slot.clone()),
+            admin: AdminApi::new(slot.clone()).with_tokens(
+                crate::api::tokens::AccountTokens::parse(TOKEN_KEYS)
+                    .unwrap()
+                    .map(Arc::new),
+                TOKEN_MAX_TTL,
+            ),
             rls: RlsApi::new(slot),
             policy: current.policy.clone(),
             pricing: current.pricing.clone(),
@@ -598,6 +603,37 @@ async fn preview_auto_top_up(edge: &Edge, r: pb::SetAutoTopUpRequest) -> Result<
     Ok(())
 }
 
+/// The account token keys the edge mints with, and the longest lifetime it gives.
+const TOKEN_KEYS: &str = "k1:0123456789abcdef0123456789abcdef";
+const TOKEN_MAX_TTL: u64 = 86_400;
+
+async fn mint_account_token(
+    edge: &Edge,
+    r: pb::MintAccountTokenRequest,
+) -> Result<(), TestCaseError> {
+    let mut expect = Expect::new(&[Code::NotFound]);
+    let known = |a: &String| crate::api::tokens::Ability::parse(a).is_some();
+    if r.abilities.is_empty() || !r.abilities.iter().all(known) {
+        expect.fault("abilities");
+    } else if u64::from(r.ttl_seconds) > TOKEN_MAX_TTL {
+        expect.fault("ttl_seconds");
+    } else {
+        expect.id(&edge.policy, "account_id", &r.account_id);
+    }
+    let result = edge.admin.mint_account_token(Request::new(r.clone())).await;
+    expect.check(&result)?;
+    let Ok(response) = result else { return Ok(()) };
+    let minted = response.into_inner();
+    let keys = crate::api::tokens::AccountTokens::parse(TOKEN_KEYS)
+        .unwrap()
+        .unwrap();
+    let caller = keys
+        .verify(&minted.token, crate::domain::Timestamp::from_millis(0))
+        .map_err(|e| TestCaseError::fail(format!("a minted token does not verify: {e:?}")))?;
+    prop_assert_eq!(caller.account_id, r.account_id);
+    Ok(())
+}
+
 async fn set_auto_top_up(edge: &Edge, r: pb::SetAutoTopUpRequest) -> Result<(), TestCaseError> {
     let expect = top_up_expect(edge, &r);
     let asked = r;
@@ -975,6 +1011,22 @@ mod arb {
         )
     }
 
+    pub fn mint_account_token() -> impl Strategy<Value = pb::MintAccountTokenRequest> {
+        let ability = prop_oneof![
+            Just("read_usage".to_owned()),
+            Just("change_top_up".to_owned()),
+            ".{0,12}",
+        ];
+        let ttl = prop_oneof![Just(0u32), 1u32..=86_400, any::<u32>()];
+        (account_id(), prop::collection::vec(ability, 0..4), ttl).prop_map(
+            |(account_id, abilities, ttl_seconds)| pb::MintAccountTokenRequest {
+                account_id,
+                abilities,
+                ttl_seconds,
+            },
+        )
+    }
+
     pub fn read_usage_export() -> impl Strategy<Value = pb::ReadUsageExportRequest> {
         (
             one_of(&[GROUP]),
@@ -1189,6 +1241,11 @@ proptest! {
     #[test]
     fn preview_auto_top_up_any(r in arb::set_auto_top_up()) {
         on_edge(|edge| async move { preview_auto_top_up(&edge, r).await })?;
+    }
+
+    #[test]
+    fn mint_account_token_any(r in arb::mint_account_token()) {
+        on_edge(|edge| async move { mint_account_token(&edge, r).await })?;
     }
 
     #[test]
