@@ -94,6 +94,16 @@ const DEFAULT_EXPORT_READ: u32 = 100;
 const MAX_EXPORT_READ: u32 = 1_000;
 const DEFAULT_CLAIM_IDLE_MS: i64 = 60_000;
 
+/// SetAutoTopUp's and PreviewAutoTopUp's input, unchecked (a monthly cap of 0: no cap).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TopUpRequest {
+    pub account_id: String,
+    pub enabled: bool,
+    pub threshold: Micros,
+    pub target: Micros,
+    pub monthly_cap: Micros,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReserveRequest {
     pub account_id: String,
@@ -228,17 +238,10 @@ impl<S: Store> Quota<S> {
         self.clock.now()
     }
 
-    /// SetAutoTopUp. A monthly cap of 0 means no cap.
-    pub async fn set_top_up(
-        &self,
-        account_id: String,
-        enabled: bool,
-        threshold: Micros,
-        target: Micros,
-        monthly_cap: Micros,
-    ) -> Result<TopUpOutcome, QuotaError> {
-        let cmd =
-            self.top_up_command(account_id.clone(), enabled, threshold, target, monthly_cap)?;
+    /// SetAutoTopUp.
+    pub async fn set_top_up(&self, req: TopUpRequest) -> Result<TopUpOutcome, QuotaError> {
+        let account_id = req.account_id.clone();
+        let cmd = self.top_up_command(req)?;
         let outcome = self
             .timed("set_top_up", self.store.set_top_up(cmd, self.clock.now()))
             .await?;
@@ -248,33 +251,19 @@ impl<S: Store> Quota<S> {
 
     /// PreviewAutoTopUp: what SetAutoTopUp with these settings would do now, checked as it
     /// checks them; nothing changes and nothing is bought.
-    pub async fn preview_top_up(
-        &self,
-        account_id: String,
-        enabled: bool,
-        threshold: Micros,
-        target: Micros,
-        monthly_cap: Micros,
-    ) -> Result<TopUpPreview, QuotaError> {
-        let cmd = self.top_up_command(account_id, enabled, threshold, target, monthly_cap)?;
+    pub async fn preview_top_up(&self, req: TopUpRequest) -> Result<TopUpPreview, QuotaError> {
+        let cmd = self.top_up_command(req)?;
         let preview = self.store.preview_top_up(cmd, self.clock.now());
         self.timed("preview_top_up", preview).await
     }
 
-    /// Auto top-up settings checked into a command (a monthly cap of 0 means no cap).
-    fn top_up_command(
-        &self,
-        account_id: String,
-        enabled: bool,
-        threshold: Micros,
-        target: Micros,
-        monthly_cap: Micros,
-    ) -> Result<SetTopUpCommand, QuotaError> {
-        check_account(&self.rules.policy(), &account_id)?;
-        let monthly_cap = (monthly_cap != 0).then_some(monthly_cap);
-        let settings = TopUpSettings::new(enabled, threshold, target, monthly_cap)?;
+    /// Auto top-up settings checked into a command.
+    fn top_up_command(&self, req: TopUpRequest) -> Result<SetTopUpCommand, QuotaError> {
+        check_account(&self.rules.policy(), &req.account_id)?;
+        let monthly_cap = (req.monthly_cap != 0).then_some(req.monthly_cap);
+        let settings = TopUpSettings::new(req.enabled, req.threshold, req.target, monthly_cap)?;
         Ok(SetTopUpCommand {
-            account_id,
+            account_id: req.account_id,
             settings,
         })
     }

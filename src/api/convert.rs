@@ -8,7 +8,7 @@
 use tonic::Status;
 
 use super::pb;
-use crate::app::{CommitRequest, GrantRequest, ReleaseRequest, ReserveRequest};
+use crate::app::{CommitRequest, GrantRequest, ReleaseRequest, ReserveRequest, TopUpRequest};
 use crate::domain::top_up::AttemptOutcome;
 use crate::domain::{
     Account, AccountStatus, Action, CommitOutcome, CreditLot, Decision, Denial, DenyReason,
@@ -84,6 +84,18 @@ impl From<pb::ReserveRequest> for ReserveRequest {
             estimate: r.estimate.map(Into::into),
             plan_hint: r.plan_hint,
             ttl_seconds: r.ttl_seconds,
+        }
+    }
+}
+
+impl From<pb::SetAutoTopUpRequest> for TopUpRequest {
+    fn from(r: pb::SetAutoTopUpRequest) -> Self {
+        TopUpRequest {
+            account_id: r.account_id,
+            enabled: r.enabled,
+            threshold: r.threshold_micros,
+            target: r.target_micros,
+            monthly_cap: r.monthly_cap_micros,
         }
     }
 }

@@ -213,17 +213,7 @@ impl<S: Store> AdminService for AdminApi<S> {
         request: Request<pb::SetAutoTopUpRequest>,
     ) -> Result<Response<pb::AutoTopUp>, Status> {
         tokens::check_account(&request, &request.get_ref().account_id)?;
-        let r = request.into_inner();
-        let app = self.app()?;
-        let outcome = app
-            .set_top_up(
-                r.account_id,
-                r.enabled,
-                r.threshold_micros,
-                r.target_micros,
-                r.monthly_cap_micros,
-            )
-            .await?;
+        let outcome = self.app()?.set_top_up(request.into_inner().into()).await?;
         Ok(Response::new(outcome.view.into()))
     }
 
@@ -232,16 +222,9 @@ impl<S: Store> AdminService for AdminApi<S> {
         request: Request<pb::SetAutoTopUpRequest>,
     ) -> Result<Response<pb::AutoTopUpPreview>, Status> {
         tokens::check_account(&request, &request.get_ref().account_id)?;
-        let r = request.into_inner();
         let preview = self
             .app()?
-            .preview_top_up(
-                r.account_id,
-                r.enabled,
-                r.threshold_micros,
-                r.target_micros,
-                r.monthly_cap_micros,
-            )
+            .preview_top_up(request.into_inner().into())
             .await?;
         Ok(Response::new(preview.into()))
     }
