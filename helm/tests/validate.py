@@ -585,6 +585,7 @@ def check_release(
             ("QUOTAD_QUOTA_TOKEN", merged["secrets"]["quotaToken"]),
             ("QUOTAD_PAYMENTS_TOKEN", merged["secrets"]["paymentsToken"]),
             ("QUOTAD_PAYMENTS_HMAC_SECRET", merged["secrets"]["paymentsHmacSecret"]),
+            ("QUOTAD_ACCOUNT_TOKEN_KEYS", merged["secrets"]["accountTokenKeys"]),
             ("QUOTAD_REDIS_PASSWORD", redis["password"] if want_kind == "redis" else {}),
         ):
             if ref.get("existingSecret") or ref.get("value"):
