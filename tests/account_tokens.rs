@@ -29,19 +29,6 @@ fn with_keys(keys: &str) -> Config {
     config
 }
 
-async fn plus_account(server: &TestServer, id: &str) {
-    let mut admin = server.admin().await;
-    let account = pb::Account {
-        account_id: id.into(),
-        plan: "plus".into(),
-        credit_purchase_allowed: true,
-    };
-    let upsert = pb::UpsertAccountRequest {
-        account: Some(account),
-    };
-    admin.upsert_account(upsert).await.unwrap();
-}
-
 async fn mint(server: &TestServer, account: &str, abilities: &[&str], ttl: u32) -> String {
     let request = pb::MintAccountTokenRequest {
         account_id: account.into(),
@@ -83,8 +70,8 @@ fn top_up(account: &str) -> pb::SetAutoTopUpRequest {
 
 async fn a_token_reads_and_changes_its_own_account_only(store: support::TestStore) {
     let server = TestServer::start_with(with_keys(K1), store).await;
-    plus_account(&server, "p").await;
-    plus_account(&server, "q").await;
+    support::plus_account(&server, "p").await;
+    support::plus_account(&server, "q").await;
 
     let reader = mint(&server, "p", &["read_usage"], 600).await;
     let (mut quota, mut admin) = holding(&server, &reader).await;
@@ -154,7 +141,7 @@ async fn a_token_reads_and_changes_its_own_account_only(store: support::TestStor
 
 async fn a_token_expires_by_quotads_clock(store: support::TestStore) {
     let server = TestServer::start_with(with_keys(K1), store).await;
-    plus_account(&server, "p").await;
+    support::plus_account(&server, "p").await;
     let token = mint(&server, "p", &["read_usage"], 60).await;
     let (mut quota, _) = holding(&server, &token).await;
     quota.get_usage(usage("p")).await.unwrap();
@@ -168,7 +155,7 @@ async fn a_token_expires_by_quotads_clock(store: support::TestStore) {
 
 async fn minting_checks_its_input(store: support::TestStore) {
     let server = TestServer::start_with(with_keys(K1), store).await;
-    plus_account(&server, "p").await;
+    support::plus_account(&server, "p").await;
     let mut admin = server.admin().await;
     let ask = |abilities: &[&str], ttl: u32, account: &str| pb::MintAccountTokenRequest {
         account_id: account.into(),
@@ -214,12 +201,12 @@ async fn minting_checks_its_input(store: support::TestStore) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_old_tokens_until_the_old_key_is_removed() {
     let before = TestServer::start_with(with_keys(K1), support::TestStore::Memory).await;
-    plus_account(&before, "p").await;
+    support::plus_account(&before, "p").await;
     let old = mint(&before, "p", &["read_usage"], 600).await;
 
     let during =
         TestServer::start_with(with_keys(&format!("{K2},{K1}")), support::TestStore::Memory).await;
-    plus_account(&during, "p").await;
+    support::plus_account(&during, "p").await;
     let (mut quota, _) = holding(&during, &old).await;
     quota.get_usage(usage("p")).await.unwrap();
     assert!(
@@ -229,7 +216,7 @@ async fn rotation_keeps_old_tokens_until_the_old_key_is_removed() {
     );
 
     let after = TestServer::start_with(with_keys(K2), support::TestStore::Memory).await;
-    plus_account(&after, "p").await;
+    support::plus_account(&after, "p").await;
     let (mut quota, _) = holding(&after, &old).await;
     let refused = quota.get_usage(usage("p")).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);

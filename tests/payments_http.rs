@@ -62,21 +62,6 @@ fn outcome(u: &pb::GetUsageResponse) -> Option<pb::TopUpOutcome> {
         .map(|a| a.outcome())
 }
 
-async fn plus_account(server: &TestServer, id: &str) {
-    let mut admin = server.admin().await;
-    let account = pb::Account {
-        account_id: id.into(),
-        plan: "plus".into(),
-        credit_purchase_allowed: true,
-    };
-    admin
-        .upsert_account(pb::UpsertAccountRequest {
-            account: Some(account),
-        })
-        .await
-        .unwrap();
-}
-
 async fn turn_on(server: &TestServer, id: &str) {
     let req = pb::SetAutoTopUpRequest {
         account_id: id.into(),
@@ -102,7 +87,7 @@ async fn retries_reuse_the_key_and_one_success_makes_one_lot() {
     ]);
     let server = server_with_billing(&url).await;
     let mut q = server.quota().await;
-    plus_account(&server, "p").await;
+    support::plus_account(&server, "p").await;
     turn_on(&server, "p").await;
     let u = support::usage_until(&mut q, "p", |u| {
         outcome(u) == Some(pb::TopUpOutcome::Succeeded)
@@ -147,7 +132,7 @@ async fn declines_create_nothing_back_off_and_turn_it_off_after_three() {
     billing.answers(&[Answer::Decline, Answer::Decline, Answer::Decline]);
     let server = server_with_billing(&url).await;
     let mut q = server.quota().await;
-    plus_account(&server, "d").await;
+    support::plus_account(&server, "d").await;
     turn_on(&server, "d").await;
     let u = support::usage_until(&mut q, "d", |u| {
         outcome(u) == Some(pb::TopUpOutcome::Declined)
@@ -199,7 +184,7 @@ async fn a_reserve_short_of_credits_waits_briefly_for_the_purchase_in_flight() {
     let server = server_with_billing(&url).await;
     let mut q = server.quota().await;
     let mut admin = server.admin().await;
-    plus_account(&server, "w").await;
+    support::plus_account(&server, "w").await;
     let grant = pb::GrantCreditsRequest {
         account_id: "w".into(),
         grant_id: "g".into(),

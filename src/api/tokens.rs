@@ -259,16 +259,37 @@ impl<S> AccountTokenCheck<S> {
     }
 }
 
+/// A call's answer: the inner service's, or the refusal made here. No allocation per call:
+/// the inner future (the forwarding layer's, boxed already) is `Unpin`.
+pub enum Checked<F> {
+    Passed(F),
+    Refused(Option<http::Response<tonic::body::Body>>),
+}
+
+impl<F, E> std::future::Future for Checked<F>
+where
+    F: std::future::Future<Output = Result<http::Response<tonic::body::Body>, E>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Checked::Passed(inner) => std::pin::Pin::new(inner).poll(cx),
+            Checked::Refused(refused) => {
+                Poll::Ready(Ok(refused.take().expect("a refusal is answered once")))
+            }
+        }
+    }
+}
+
 impl<S, B> tower::Service<http::Request<B>> for AccountTokenCheck<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
+    type Future = Checked<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -280,12 +301,9 @@ where
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);
                 }
-                Box::pin(self.inner.call(request))
+                Checked::Passed(self.inner.call(request))
             }
-            Err(status) => {
-                let refused = status.into_http();
-                Box::pin(async move { Ok(refused) })
-            }
+            Err(status) => Checked::Refused(Some(status.into_http())),
         }
     }
 }

@@ -42,6 +42,19 @@ pub async fn admin_client(url: &str) -> AdminClient {
     AdminServiceClient::with_interceptor(channel, BearerToken(Some(ADMIN_TOKEN.into())))
 }
 
+/// Creates (or changes) account `id` on the plus plan, allowed to buy credits.
+pub async fn plus_account(server: &TestServer, id: &str) {
+    let account = pb::Account {
+        account_id: id.into(),
+        plan: "plus".into(),
+        credit_purchase_allowed: true,
+    };
+    let upsert = pb::UpsertAccountRequest {
+        account: Some(account),
+    };
+    server.admin().await.upsert_account(upsert).await.unwrap();
+}
+
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
 pub struct BearerToken(pub Option<String>);
