@@ -28,6 +28,7 @@ use tonic_health::server::HealthReporter;
 use crate::api::auth::BearerAuth;
 use crate::api::envoy::service::ratelimit::v3 as envoy_rls;
 use crate::api::forward::ForwardLayer;
+use crate::api::json::JsonLayer;
 use crate::api::layer::GuardLayer;
 use crate::api::pb::admin_service_server::AdminServiceServer;
 use crate::api::pb::quota_service_server::QuotaServiceServer;
@@ -234,14 +235,17 @@ where
     served
 }
 
-/// Every listener's services, behind the guard, the account-token check and then the
-/// forwarding to owners.
+/// Every listener's services, behind the JSON door, the guard, the account-token check and then
+/// the forwarding to owners.
 type Routes = tonic::transport::server::Router<
     tower::layer::util::Stack<
         ForwardLayer,
         tower::layer::util::Stack<
             crate::api::tokens::AccountTokenLayer,
-            tower::layer::util::Stack<GuardLayer, tower::layer::util::Identity>,
+            tower::layer::util::Stack<
+                GuardLayer,
+                tower::layer::util::Stack<JsonLayer, tower::layer::util::Identity>,
+            >,
         >,
     >,
 >;
@@ -303,6 +307,9 @@ fn router<S: Store>(
     });
     Ok(Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // The JSON door takes HTTP/1.1 as well; gRPC stays HTTP/2.
+        .accept_http1(true)
+        .layer(JsonLayer::new(with_quota, with_admin, size))
         .layer(guard)
         .layer(crate::api::tokens::AccountTokenLayer::new(
             settings.account_tokens.clone(),

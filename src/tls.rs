@@ -193,7 +193,8 @@ fn build(settings: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsError(format!("tls.key_file does not match tls.cert_file: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/1.1 for the JSON door; gRPC negotiates h2.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

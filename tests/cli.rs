@@ -96,8 +96,8 @@ async fn a_free_user_hits_the_limit_and_a_plus_user_runs_on_credits() {
         .await,
     );
     assert_eq!(first["decision"], "ALLOW");
-    assert_eq!(first["held"]["plan_micros"], 10_000_000);
-    let id = first["reservation_id"].as_str().unwrap().to_owned();
+    assert_eq!(first["held"]["planMicros"], "10000000");
+    let id = first["reservationId"].as_str().unwrap().to_owned();
     let done = stdout(
         &quotactl(
             &server,
@@ -148,7 +148,7 @@ async fn a_free_user_hits_the_limit_and_a_plus_user_runs_on_credits() {
         )
         .await,
     );
-    assert_eq!(grant["credit_balance_micros"], 25_500_000);
+    assert_eq!(grant["creditBalanceMicros"], "25500000");
     // 140 credits of the plan's 150, then a 16-credit spreadsheet task: 10 on the plan, 6 on credits.
     let big = json(
         &quotactl(
@@ -166,7 +166,7 @@ async fn a_free_user_hits_the_limit_and_a_plus_user_runs_on_credits() {
         )
         .await,
     );
-    let big_id = big["reservation_id"].as_str().unwrap().to_owned();
+    let big_id = big["reservationId"].as_str().unwrap().to_owned();
     stdout(
         &quotactl(
             &server,
@@ -193,8 +193,8 @@ async fn a_free_user_hits_the_limit_and_a_plus_user_runs_on_credits() {
         )
         .await,
     );
-    assert_eq!(split["held"]["plan_micros"], 10_000_000);
-    assert_eq!(split["held"]["credit_micros"], 6_000_000);
+    assert_eq!(split["held"]["planMicros"], "10000000");
+    assert_eq!(split["held"]["creditMicros"], "6000000");
     let usage = stdout(&quotactl(&server, &["usage", "bob"], None).await);
     assert!(
         usage.contains("balance  25.5 credits") && usage.contains("held 6"),
@@ -292,7 +292,7 @@ async fn topup_preview_set_show_and_disable() {
         )
         .await,
     );
-    assert_eq!(as_json["purchase_micros"], 51_000_000);
+    assert_eq!(as_json["purchaseMicros"], "51000000");
     let shown = json(&quotactl(&server, &["--json", "topup", "show", "carol"], None).await);
     assert_eq!(shown["enabled"], false, "a preview saves nothing");
     let set = stdout(
@@ -318,9 +318,9 @@ async fn topup_preview_set_show_and_disable() {
     let started = std::time::Instant::now();
     loop {
         let shown = json(&quotactl(&server, &["--json", "topup", "show", "carol"], None).await);
-        if shown["last_attempt"]["outcome"] == "SUCCEEDED" {
+        if shown["lastAttempt"]["outcome"] == "SUCCEEDED" {
             assert_eq!(
-                shown["last_attempt"]["amount_micros"], 51_000_000,
+                shown["lastAttempt"]["amountMicros"], "51000000",
                 "rounded up to whole credits"
             );
             break;
@@ -355,7 +355,7 @@ async fn an_account_token_from_quotactl_reads_its_account_only() {
     );
     let token = minted["token"].as_str().unwrap().to_owned();
     assert!(token.starts_with("qat1.k1."), "{minted}");
-    assert!(minted["expires_at"].is_string(), "{minted}");
+    assert!(minted["expiresAt"].is_string(), "{minted}");
     let mine = ["--quota-token", token.as_str(), "usage", "carol"];
     assert!(stdout(&quotactl(&server, &mine, None).await).contains("plus"));
     let theirs = ["--quota-token", token.as_str(), "usage", "dave"];
@@ -383,14 +383,14 @@ async fn history_and_export_show_every_charge() {
             )
             .await,
         );
-        let id = reserved["reservation_id"].as_str().unwrap().to_owned();
+        let id = reserved["reservationId"].as_str().unwrap().to_owned();
         stdout(&quotactl(&server, &["commit", "dora", &id, "--output", "1000"], None).await);
     }
     let history = json(&quotactl(&server, &["--json", "history", "dora"], None).await);
     let events = history["events"].as_array().unwrap();
     assert_eq!(events.len(), 2);
-    assert_eq!(events[0]["event_id"], "dora:2", "newest first");
-    assert_eq!(events[0]["output_tokens"], 1000);
+    assert_eq!(events[0]["eventId"], "dora:2", "newest first");
+    assert_eq!(events[0]["usage"]["outputTokens"], "1000");
     let text = stdout(&quotactl(&server, &["history", "dora"], None).await);
     assert!(
         text.contains("dora:1") && text.contains("codex gpt-5.5"),
@@ -407,8 +407,8 @@ async fn history_and_export_show_every_charge() {
     };
     let first = read(true).await;
     assert_eq!(first["events"].as_array().unwrap().len(), 2);
-    assert_eq!(first["acknowledged"], 2);
-    assert_eq!(first["events"][1]["event"]["event_id"], "dora:2");
+    assert_eq!(first["ack"]["acknowledged"], "2");
+    assert_eq!(first["events"][1]["event"]["eventId"], "dora:2");
     let again = read(false).await;
     assert!(again["events"].as_array().unwrap().is_empty(), "{again}");
     let refused = quotactl(&server, &["export", "read", "--group", "billing"], None).await;
@@ -457,7 +457,7 @@ async fn the_quota_token_goes_on_quota_and_rls_calls_and_wrong_addresses_say_whi
         .await,
     );
     assert_eq!(reserved["decision"], "ALLOW", "{reserved}");
-    let id = reserved["reservation_id"].as_str().unwrap().to_owned();
+    let id = reserved["reservationId"].as_str().unwrap().to_owned();
     let commit = [
         "--addr",
         &url,
@@ -782,7 +782,7 @@ async fn shadow_mode_shows_what_the_answer_would_have_been() {
     let value = json(&quotactl(&server, &[&["--json"], &over[..]].concat(), None).await);
     assert_eq!(value["decision"], "ALLOW");
     assert_eq!(
-        value["shadow_denial"],
+        value["shadowDenial"],
         Value::Null,
         "a retry repeats the ALLOW alone"
     );

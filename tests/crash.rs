@@ -561,11 +561,11 @@ type ReserveAnswer = (
     i32,
     String,
     Option<pb::Funding>,
-    Option<prost_types::Timestamp>,
+    Option<pbjson_types::Timestamp>,
     i64,
     i32,
     i32,
-    Option<prost_types::Timestamp>,
+    Option<pbjson_types::Timestamp>,
 );
 
 fn reserve_answer(r: &pb::ReserveResponse) -> ReserveAnswer {

@@ -16,9 +16,9 @@ use crate::domain::{
     Timestamp, TopUpPreview, TopUpView, Usage, UsageEvent, UsageSnapshot, WindowStatus,
 };
 
-pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+pub fn timestamp(t: Timestamp) -> pbjson_types::Timestamp {
     let ms = t.as_millis();
-    prost_types::Timestamp {
+    pbjson_types::Timestamp {
         seconds: ms.div_euclid(1_000),
         nanos: (ms.rem_euclid(1_000) * 1_000_000) as i32,
     }
@@ -31,18 +31,21 @@ pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
 const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
 
 /// A protobuf timestamp as a domain instant (sub-millisecond precision is truncated).
-pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<Timestamp, Status> {
+pub fn from_timestamp(field: &str, t: &pbjson_types::Timestamp) -> Result<Timestamp, Status> {
     if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(Status::invalid_argument(format!(
-            "{field}: nanos must be in 0..1e9, got {}",
-            t.nanos
-        )));
+        return Err(super::status::invalid_argument(
+            field,
+            format!("nanos must be in 0..1e9, got {}", t.nanos),
+        ));
     }
     if !TIMESTAMP_SECONDS.contains(&t.seconds) {
-        return Err(Status::invalid_argument(format!(
-            "{field}: must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, got {} seconds",
-            t.seconds
-        )));
+        return Err(super::status::invalid_argument(
+            field,
+            format!(
+                "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, got {} seconds",
+                t.seconds
+            ),
+        ));
     }
     Ok(Timestamp::from_millis(
         t.seconds * 1_000 + i64::from(t.nanos / 1_000_000),
@@ -439,7 +442,7 @@ mod tests {
     #[test]
     fn timestamps_outside_years_1_to_9999_are_refused() {
         let at =
-            |seconds| from_timestamp("expires_at", &prost_types::Timestamp { seconds, nanos: 0 });
+            |seconds| from_timestamp("expires_at", &pbjson_types::Timestamp { seconds, nanos: 0 });
         assert!(at(253_402_300_799).is_ok());
         assert!(at(-62_135_596_800).is_ok());
         for seconds in [253_402_300_800, -62_135_596_801, i64::MAX / 1_000, i64::MIN] {
@@ -473,7 +476,7 @@ mod tests {
             let t = Timestamp::from_millis(ms);
             assert_eq!(from_timestamp("t", &timestamp(t)).unwrap(), t);
         }
-        let bad = prost_types::Timestamp {
+        let bad = pbjson_types::Timestamp {
             seconds: 0,
             nanos: -1,
         };

@@ -7,7 +7,9 @@
 pub mod auth;
 pub mod convert;
 pub mod forward;
+pub mod json;
 pub mod layer;
+pub mod openapi;
 pub mod rls;
 pub mod status;
 pub mod tokens;
@@ -23,6 +25,8 @@ use crate::store::Store;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("quota.v1");
+    // The proto3 JSON mapping of the messages above, generated from the same descriptors.
+    include!(concat!(env!("OUT_DIR"), "/quota.v1.serde.rs"));
 
     /// The encoded descriptors of this package, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quota_descriptor");
@@ -246,28 +250,29 @@ impl<S: Store> AdminService for AdminApi<S> {
         let mut abilities = Vec::new();
         for name in &r.abilities {
             let ability = tokens::Ability::parse(name).ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "abilities: unknown ability {name:?}; allowed: {}",
-                    allowed()
-                ))
+                status::invalid_argument(
+                    "abilities",
+                    format!("unknown ability {name:?}; allowed: {}", allowed()),
+                )
             })?;
             if !abilities.contains(&ability) {
                 abilities.push(ability);
             }
         }
         if abilities.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "abilities: name at least one of {}",
-                allowed()
-            )));
+            return Err(status::invalid_argument(
+                "abilities",
+                format!("name at least one of {}", allowed()),
+            ));
         }
         let ttl = match u64::from(r.ttl_seconds) {
             0 => (*max_ttl).min(3_600),
             ttl if ttl <= *max_ttl => ttl,
             ttl => {
-                return Err(Status::invalid_argument(format!(
-                    "ttl_seconds: at most {max_ttl} (account_tokens.max_ttl_seconds), got {ttl}"
-                )));
+                return Err(status::invalid_argument(
+                    "ttl_seconds",
+                    format!("at most {max_ttl} (account_tokens.max_ttl_seconds), got {ttl}"),
+                ));
             }
         };
         let app = self.app()?;

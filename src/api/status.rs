@@ -25,11 +25,23 @@ impl From<QuotaError> for Status {
     }
 }
 
+/// `INVALID_ARGUMENT` about request field `field`: the message starts with the field's name, and
+/// the `quotad-field` trailer names it alone, for clients (and the JSON door's `field`) to read.
+pub fn invalid_argument(field: &str, reason: impl std::fmt::Display) -> Status {
+    let mut status = Status::invalid_argument(format!("{field}: {reason}"));
+    if let Ok(value) = field.parse() {
+        status
+            .metadata_mut()
+            .insert(super::json::FIELD_HEADER, value);
+    }
+    status
+}
+
 impl From<DomainError> for Status {
     fn from(err: DomainError) -> Status {
         let message = err.to_string();
         match err {
-            DomainError::InvalidArgument { .. } => Status::invalid_argument(message),
+            DomainError::InvalidArgument { field, reason } => invalid_argument(&field, reason),
             DomainError::NotFound { .. } => Status::not_found(message),
             DomainError::FailedPrecondition(_) => Status::failed_precondition(message),
             DomainError::AlreadyExists(_) => Status::already_exists(message),

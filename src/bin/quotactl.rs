@@ -1,6 +1,8 @@
 //! `quotactl`: talk to a running quotad from a terminal or a script. Each subcommand is one RPC;
 //! output is short human-readable text by default (amounts in credits, instants in RFC 3339), or
-//! one JSON object with `--json` (amounts as integer `*_micros`, enums by their proto names).
+//! with `--json` the answer's message in the proto3 JSON mapping generated from `proto/`, the
+//! same as quotad's JSON door (lowerCamelCase names, amounts as `*Micros` integers in decimal
+//! strings, enums by their proto names).
 //! A deny is an answer, not a failure: it exits 0. Any failure prints one line, `error: …`,
 //! that says what to do where it can (see `failure.rs`), and exits 1. How quotad is reached
 //! (address, TLS, tokens) is `connect.rs`; `quotactl bench` is a load generator (`bench.rs`).
@@ -21,7 +23,7 @@ use failure::{Answer, Service};
 use quotad::api::pb;
 use quotad::domain::money::{Credits, parse_credits};
 use quotad::domain::{Timestamp, time::SECOND_MS};
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(
@@ -30,8 +32,8 @@ use serde_json::{Value, json};
     about = "Command-line client of quotad",
     long_about = "Command-line client of quotad: one gRPC call per subcommand, and a load \
                   generator (bench).\n\nAmounts are in credits, exact to six decimals (1 credit \
-                  = 1,000,000 micro-credits); --json prints one JSON object with amounts as \
-                  integer *_micros. A denial is an answer and exits 0; any failure prints one \
+                  = 1,000,000 micro-credits); --json prints the answer in the proto3 JSON \
+                  mapping (as quotad's JSON door does), amounts as integer *Micros strings. A denial is an answer and exits 0; any failure prints one \
                   line, `error: …`, and exits 1."
 )]
 struct Cli {
@@ -434,7 +436,7 @@ async fn run(conn: &Connection, json: bool, command: Command) -> anyhow::Result<
                 .answer(Admin)?
                 .acknowledged;
             out.emit(
-                json!({ "acknowledged": n }),
+                &pb::AckUsageExportResponse { acknowledged: n },
                 vec![format!("acknowledged {n}")],
             );
         }
@@ -564,7 +566,7 @@ fn credits(flag: &str, text: &str) -> anyhow::Result<i64> {
 }
 
 /// Parses `YYYY-MM-DDTHH:MM:SSZ` (UTC) exactly.
-fn parse_instant(text: &str) -> anyhow::Result<prost_types::Timestamp> {
+fn parse_instant(text: &str) -> anyhow::Result<pbjson_types::Timestamp> {
     let bad = || {
         anyhow::anyhow!(
             "--expires-at {text:?}: expected YYYY-MM-DDTHH:MM:SSZ, e.g. 2027-01-31T00:00:00Z"
@@ -603,29 +605,13 @@ fn parse_instant(text: &str) -> anyhow::Result<prost_types::Timestamp> {
     if back[..19] != text[..19] {
         return Err(bad()); // e.g. February 30th
     }
-    Ok(prost_types::Timestamp { seconds, nanos: 0 })
+    Ok(pbjson_types::Timestamp { seconds, nanos: 0 })
 }
 
-fn instant(t: &Option<prost_types::Timestamp>) -> Option<String> {
+fn instant(t: &Option<pbjson_types::Timestamp>) -> Option<String> {
     t.as_ref().map(|t| {
         Timestamp::from_millis(t.seconds * SECOND_MS + i64::from(t.nanos) / 1_000_000).to_string()
     })
-}
-
-/// A shadow denial as JSON (`null` when the answer was the rules' own).
-fn shadow_json(shadow: &Option<pb::ShadowDenial>) -> Value {
-    match shadow {
-        None => Value::Null,
-        Some(d) => json!({
-            "reason": d.reason().as_str_name(), "action": d.action().as_str_name(),
-            "upgrade_to": d.upgrade_to, "retry_at": instant(&d.retry_at), "message": d.message,
-        }),
-    }
-}
-
-fn funding_json(f: &Option<pb::Funding>) -> Value {
-    let f = f.unwrap_or_default();
-    json!({ "plan_micros": f.plan_micros, "credit_micros": f.credit_micros })
 }
 
 fn funding_text(f: &Option<pb::Funding>) -> String {
@@ -636,17 +622,6 @@ fn funding_text(f: &Option<pb::Funding>) -> String {
         Credits(f.plan_micros),
         Credits(f.credit_micros)
     )
-}
-
-fn event_json(e: &pb::UsageEvent) -> Value {
-    let u = e.usage.clone().unwrap_or_default();
-    json!({
-        "event_id": e.event_id, "seq": e.seq, "at": instant(&e.at), "product": e.product,
-        "model": e.model, "input_tokens": u.input_tokens, "cached_input_tokens": u.cached_input_tokens,
-        "output_tokens": u.output_tokens, "images": u.images, "fast_mode": u.fast_mode,
-        "charged": funding_json(&e.charged), "reservation_id": e.reservation_id,
-        "price_version": e.price_version,
-    })
 }
 
 fn event_text(e: &pb::UsageEvent) -> String {
@@ -671,26 +646,19 @@ fn event_text(e: &pb::UsageEvent) -> String {
     )
 }
 
-fn windows_json(windows: &[pb::WindowStatus]) -> Value {
-    windows
-        .iter()
-        .map(|w| {
-            json!({
-                "name": w.name, "used_micros": w.used_micros, "held_micros": w.held_micros,
-                "limit_micros": w.limit_micros, "resets_at": instant(&w.resets_at),
-            })
-        })
-        .collect()
-}
-
 struct Output {
     json: bool,
 }
 
 impl Output {
-    fn emit(&self, value: Value, text: Vec<String>) {
+    /// Prints the answer: its message in the proto3 JSON mapping generated from `proto/` (the
+    /// JSON door's mapping) with --json, else the text.
+    fn emit(&self, message: &impl serde::Serialize, text: Vec<String>) {
         if self.json {
-            println!("{value}");
+            match serde_json::to_string(message) {
+                Ok(json) => println!("{json}"),
+                Err(e) => eprintln!("error: cannot print the answer as JSON: {e}"),
+            }
         } else {
             println!("{}", text.join("\n"));
         }
@@ -752,14 +720,6 @@ impl Output {
     }
 
     fn reserve(&self, r: &pb::ReserveResponse) {
-        let value = json!({
-            "decision": r.decision().as_str_name(), "reservation_id": r.reservation_id,
-            "held": funding_json(&r.held), "estimate_micros": r.estimate_micros,
-            "expires_at": instant(&r.expires_at), "reason": r.reason().as_str_name(),
-            "action": r.action().as_str_name(), "upgrade_to": r.upgrade_to, "retry_at": instant(&r.retry_at),
-            "message": r.message, "windows": windows_json(&r.windows), "credit_balance_micros": r.credit_balance_micros,
-            "shadow_denial": shadow_json(&r.shadow_denial),
-        });
         let mut lines = vec![format!(
             "{}  (estimate {} credits)",
             r.decision().as_str_name(),
@@ -785,17 +745,10 @@ impl Output {
             );
         }
         Self::windows_text(&mut lines, &r.windows, r.credit_balance_micros);
-        self.emit(value, lines);
+        self.emit(r, lines);
     }
 
     fn commit(&self, c: &pb::CommitResponse) {
-        let value = json!({
-            "charged": funding_json(&c.charged), "charged_total": funding_json(&c.charged_total),
-            "held": funding_json(&c.held), "may_continue": c.may_continue, "expires_at": instant(&c.expires_at),
-            "action": c.action().as_str_name(), "reason": c.reason().as_str_name(), "message": c.message,
-            "windows": windows_json(&c.windows), "credit_balance_micros": c.credit_balance_micros,
-            "shadow_denial": shadow_json(&c.shadow_denial),
-        });
         let mut lines = vec![
             format!("charged  {}", funding_text(&c.charged)),
             format!("in all   {}", funding_text(&c.charged_total)),
@@ -815,37 +768,15 @@ impl Output {
             lines.push(c.message.clone());
         }
         Self::windows_text(&mut lines, &c.windows, c.credit_balance_micros);
-        self.emit(value, lines);
+        self.emit(c, lines);
     }
 
     fn release(&self, r: &pb::ReleaseResponse) {
-        self.emit(
-            json!({ "released": funding_json(&r.released) }),
-            vec![format!("released {}", funding_text(&r.released))],
-        );
+        self.emit(r, vec![format!("released {}", funding_text(&r.released))]);
     }
 
     fn usage(&self, u: &pb::GetUsageResponse) {
         let ledger = u.ledger.unwrap_or_default();
-        let value = json!({
-            "plan": u.plan, "credit_purchase_allowed": u.credit_purchase_allowed,
-            "windows": windows_json(&u.windows), "credit_balance_micros": u.credit_balance_micros,
-            "ledger": {
-                "granted_micros": ledger.granted_micros, "spent_micros": ledger.spent_micros,
-                "expired_micros": ledger.expired_micros, "revoked_micros": ledger.revoked_micros,
-                "balance_micros": ledger.balance_micros,
-                "held_micros": ledger.held_micros, "available_micros": ledger.available_micros,
-            },
-            "lots": u.lots.iter().map(|l| json!({
-                "lot_id": l.lot_id, "source": l.source, "granted_micros": l.granted_micros,
-                "remaining_micros": l.remaining_micros, "expires_at": instant(&l.expires_at),
-            })).collect::<Vec<_>>(),
-            "holds": u.holds.iter().map(|h| json!({
-                "reservation_id": h.reservation_id, "product": h.product, "held": funding_json(&h.held),
-                "charged": funding_json(&h.charged), "expires_at": instant(&h.expires_at),
-            })).collect::<Vec<_>>(),
-            "recent": u.recent.iter().map(event_json).collect::<Vec<_>>(),
-        });
         let mut lines = vec![format!(
             "plan     {}{}",
             u.plan,
@@ -884,29 +815,18 @@ impl Output {
             ));
         }
         lines.extend(u.recent.iter().map(|e| format!("  {}", event_text(e))));
-        self.emit(value, lines);
+        self.emit(u, lines);
     }
 
     fn history(&self, account: &str, events: &[pb::UsageEvent]) {
-        let value = json!({
-            "account_id": account,
-            "events": events.iter().map(event_json).collect::<Vec<_>>(),
-        });
         let mut lines: Vec<String> = events.iter().map(event_text).collect();
         if lines.is_empty() {
             lines.push(format!("no charges recorded for {account}"));
         }
-        self.emit(value, lines);
+        self.emit(&json!({ "accountId": account, "events": events }), lines);
     }
 
     fn export(&self, events: &[pb::ExportedUsageEvent], acknowledged: Option<u64>) {
-        let value = json!({
-            "events": events.iter().map(|e| json!({
-                "delivery_id": e.delivery_id, "account_id": e.account_id,
-                "event": e.event.as_ref().map(event_json),
-            })).collect::<Vec<_>>(),
-            "acknowledged": acknowledged,
-        });
         let mut lines: Vec<String> = events
             .iter()
             .map(|e| {
@@ -920,16 +840,12 @@ impl Output {
         if let Some(n) = acknowledged {
             lines.push(format!("acknowledged {n}"));
         }
-        self.emit(value, lines);
+        let ack = acknowledged.map(|acknowledged| pb::AckUsageExportResponse { acknowledged });
+        self.emit(&json!({ "events": events, "ack": ack }), lines);
     }
 
     fn grant(&self, g: &pb::GrantCreditsResponse) {
         let lot = g.lot.clone().unwrap_or_default();
-        let value = json!({
-            "lot": { "lot_id": lot.lot_id, "source": lot.source, "granted_micros": lot.granted_micros,
-                     "remaining_micros": lot.remaining_micros, "expires_at": instant(&lot.expires_at) },
-            "credit_balance_micros": g.credit_balance_micros,
-        });
         let lines = vec![
             format!(
                 "granted  {} credits as lot {} ({}), expires {}",
@@ -940,28 +856,15 @@ impl Output {
             ),
             format!("balance  {} credits", Credits(g.credit_balance_micros)),
         ];
-        self.emit(value, lines);
+        self.emit(g, lines);
     }
 
     fn top_up_preview(&self, p: &pb::AutoTopUpPreview) {
-        let value = json!({
-            "available_micros": p.available_micros, "purchase_micros": p.purchase_micros,
-            "in_flight_micros": p.in_flight_micros, "summary": p.summary,
-        });
-        self.emit(value, vec![p.summary.clone()]);
+        self.emit(p, vec![p.summary.clone()]);
     }
 
     fn top_up(&self, t: &pb::AutoTopUp) {
         let last = t.last_attempt.clone().unwrap_or_default();
-        let value = json!({
-            "enabled": t.enabled, "threshold_micros": t.threshold_micros, "target_micros": t.target_micros,
-            "monthly_cap_micros": t.monthly_cap_micros, "consecutive_declines": t.consecutive_declines,
-            "in_flight_purchase_id": t.in_flight_purchase_id, "in_flight_micros": t.in_flight_micros,
-            "last_attempt": t.last_attempt.as_ref().map(|a| json!({
-                "at": instant(&a.at), "amount_micros": a.amount_micros, "outcome": a.outcome().as_str_name(),
-                "error": a.error, "payment_id": a.payment_id,
-            })),
-        });
         let cap = if t.monthly_cap_micros > 0 {
             format!(", at most {} a month", Credits(t.monthly_cap_micros))
         } else {
@@ -996,37 +899,34 @@ impl Output {
         if t.consecutive_declines > 0 {
             lines.push(format!("declines {} in a row", t.consecutive_declines));
         }
-        self.emit(value, lines);
+        self.emit(t, lines);
     }
 
     fn token(&self, t: &pb::AccountToken) {
         let expires = instant(&t.expires_at);
-        let value = json!({ "token": t.token, "expires_at": expires });
         let lines = vec![
             t.token.clone(),
             format!("expires  {}", expires.unwrap_or_default()),
         ];
-        self.emit(value, lines);
+        self.emit(t, lines);
     }
 
     fn revoke(&self, r: &pb::RevokeGrantResponse) {
-        let value = json!({ "revoked_micros": r.revoked_micros, "credit_balance_micros": r.credit_balance_micros });
         let lines = vec![
             format!("revoked  {} credits", Credits(r.revoked_micros)),
             format!("balance  {} credits", Credits(r.credit_balance_micros)),
         ];
-        self.emit(value, lines);
+        self.emit(r, lines);
     }
 
     fn account(&self, a: &pb::Account) {
-        let value = json!({ "account_id": a.account_id, "plan": a.plan, "credit_purchase_allowed": a.credit_purchase_allowed });
         let barred = if a.credit_purchase_allowed {
             ""
         } else {
             ", credit purchase barred"
         };
         self.emit(
-            value,
+            a,
             vec![format!("{}: plan {}{barred}", a.account_id, a.plan)],
         );
     }

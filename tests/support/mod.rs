@@ -5,6 +5,7 @@
 pub mod billing;
 pub mod contract;
 pub mod fault_proxy;
+pub mod json;
 pub mod pki;
 pub mod process;
 pub mod python;
