@@ -401,6 +401,21 @@ impl From<TopUpView> for pb::AutoTopUp {
     }
 }
 
+pub fn credit_price(price: &crate::domain::money::CreditPrice) -> pb::CreditPrice {
+    let pack = crate::domain::money::Money {
+        minor: price.amount_minor,
+        currency: price.currency,
+        minor_digits: price.minor_digits,
+    };
+    pb::CreditPrice {
+        credits: price.credits,
+        amount_minor: price.amount_minor,
+        currency: price.currency.to_string(),
+        minor_digits: u32::from(price.minor_digits),
+        summary: format!("{} credits for {pack}", price.credits),
+    }
+}
+
 impl From<UsageSnapshot> for pb::GetUsageResponse {
     fn from(s: UsageSnapshot) -> pb::GetUsageResponse {
         let t = s.totals;
@@ -426,6 +441,8 @@ impl From<UsageSnapshot> for pb::GetUsageResponse {
             holds: s.holds.into_iter().map(Into::into).collect(),
             credit_purchase_allowed: s.account.credit_purchase_allowed,
             auto_top_up: Some(s.top_up.into()),
+            // The rules', not the account's: the handler adds it.
+            credit_price: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The JSON door: every QuotaService and AdminService call as `POST /v1/{Service}/{Method}`
 //! with a JSON body in the proto3 JSON mapping, on the gRPC port (HTTP/1.1 or HTTP/2, plain or
-//! TLS), and the OpenAPI document that describes it at `GET /openapi.json`.
+//! TLS), the OpenAPI document that describes it at `GET /openapi.json`, and the usage page
+//! that calls it (`/usage`, [`super::page`]).
 //!
 //! The door transcodes: it turns the JSON request into the gRPC call it stands for and sends that
 //! through the very stack a gRPC call takes (the guard's admission, deadline and metrics, the
@@ -201,9 +202,13 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path();
-        // gRPC calls pass straight through: one prefix test is all the door costs them.
-        if !path.starts_with(PREFIX) && path != OPENAPI_PATH {
+        // gRPC calls pass straight through: a few prefix tests are all the door costs them.
+        if !path.starts_with(PREFIX) && path != OPENAPI_PATH && !super::page::serves(path) {
             return DoorFuture::Grpc(self.inner.call(request));
+        }
+        if super::page::serves(path) {
+            let answer = super::page::answer(request.method(), path);
+            return DoorFuture::Json(Box::pin(async move { Ok(answer) }));
         }
         if path == OPENAPI_PATH {
             let answer = if request.method() == Method::GET || request.method() == Method::HEAD {

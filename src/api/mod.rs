@@ -10,6 +10,7 @@ pub mod forward;
 pub mod json;
 pub mod layer;
 pub mod openapi;
+pub mod page;
 pub mod rls;
 pub mod status;
 pub mod tokens;
@@ -128,8 +129,11 @@ impl<S: Store> QuotaService for QuotaApi<S> {
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         tokens::check_account(&request, &request.get_ref().account_id)?;
         let req = request.into_inner();
-        let snapshot = self.app()?.usage(&req.account_id, req.recent_limit).await?;
-        Ok(Response::new(snapshot.into()))
+        let app = self.app()?;
+        let snapshot = app.usage(&req.account_id, req.recent_limit).await?;
+        let mut answer = pb::GetUsageResponse::from(snapshot);
+        answer.credit_price = Some(convert::credit_price(&app.rules().policy().top_up.price));
+        Ok(Response::new(answer))
     }
 }
 

@@ -10,6 +10,7 @@ pub mod pki;
 pub mod process;
 pub mod python;
 pub mod redis;
+pub mod webdriver;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
