@@ -3,7 +3,8 @@
 //! windows, its balance and lots and the charge; turning auto top-up on below the threshold shows
 //! the preview first and, once confirmed, buys exactly once; a token for another account sees
 //! nothing of this one; support staff open it with the admin token; the page works on a
-//! phone-sized window; the console stays clean.
+//! phone-sized window; axe-core (from npm) finds no WCAG 2.1 A or AA violation in any of these
+//! states; the console stays clean.
 //! Screenshots are saved under the test's target folder (`usage-page/`).
 
 mod support;
@@ -61,6 +62,44 @@ async fn task(server: &TestServer, account: &str, id: &str, product: &str, usage
         r#final: true,
     };
     quota.commit(commit).await.unwrap();
+}
+
+/// axe-core, the accessibility rules engine (from npm, once per target folder).
+fn axe() -> String {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("axe");
+    let script = dir.join("node_modules/axe-core/axe.min.js");
+    if !script.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        support::python::run(
+            std::process::Command::new("npm")
+                .args([
+                    "install",
+                    "--no-audit",
+                    "--no-fund",
+                    "--no-save",
+                    "axe-core@4.14.1",
+                ])
+                .current_dir(&dir),
+        );
+    }
+    std::fs::read_to_string(script).unwrap()
+}
+
+/// What axe finds against WCAG 2.1 A and AA on the page as it is: `rule: nodes` for each
+/// violation (colour contrast, labels, names of controls, landmarks, …).
+async fn accessibility_violations(browser: &Browser, axe: &str) -> Vec<String> {
+    browser.run(axe, json!([])).await;
+    let found = browser
+        .run_async(
+            "const done = arguments[arguments.length - 1];
+             axe.run(document, { runOnly: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] })
+               .then(r => done(r.violations.map(v =>
+                  v.id + ': ' + v.nodes.map(n => n.target.join(' ')).join(', '))))
+               .catch(e => done(['axe failed: ' + e]));",
+            json!([]),
+        )
+        .await;
+    serde_json::from_value(found).unwrap()
 }
 
 /// Console entries that are errors.
@@ -146,6 +185,22 @@ async fn a_person_sees_their_usage_and_turns_auto_top_up_on_after_a_preview() {
     );
     assert!(browser.text("#plan").await == "plus");
     browser.screenshot(&shots.join("usage.png")).await;
+    let axe = tokio::task::spawn_blocking(axe).await.unwrap();
+    let violations = accessibility_violations(&browser, &axe).await;
+    assert!(violations.is_empty(), "WCAG violations: {violations:#?}");
+    // The checker sees what it should: an input without a label is one.
+    browser
+        .run(
+            "const i = document.createElement('input'); i.id = 'unlabelled';
+             document.querySelector('main').appendChild(i);",
+            json!([]),
+        )
+        .await;
+    let seen = accessibility_violations(&browser, &axe).await;
+    assert!(seen.iter().any(|v| v.starts_with("label")), "{seen:?}");
+    browser
+        .run("document.getElementById('unlabelled').remove()", json!([]))
+        .await;
 
     // Every input has a label, every control is a button or an input a keyboard reaches.
     let unlabelled = browser
@@ -179,6 +234,11 @@ async fn a_person_sees_their_usage_and_turns_auto_top_up_on_after_a_preview() {
         "{preview}"
     );
     browser.screenshot(&shots.join("preview.png")).await;
+    let violations = accessibility_violations(&browser, &axe).await;
+    assert!(
+        violations.is_empty(),
+        "WCAG violations with the preview: {violations:#?}"
+    );
     let before = usage(&server, "pat").await;
     assert!(
         !before.auto_top_up.unwrap().enabled,
@@ -229,6 +289,11 @@ async fn a_person_sees_their_usage_and_turns_auto_top_up_on_after_a_preview() {
         .await;
     assert_eq!(overflow, json!(0), "no sideways scrolling on a phone");
     browser.screenshot(&shots.join("phone.png")).await;
+    let violations = accessibility_violations(&browser, &axe).await;
+    assert!(
+        violations.is_empty(),
+        "WCAG violations on a phone: {violations:#?}"
+    );
 
     let entries = browser.console().await;
     assert!(errors(&entries).is_empty(), "console errors: {entries:?}");
@@ -255,6 +320,11 @@ async fn a_person_sees_their_usage_and_turns_auto_top_up_on_after_a_preview() {
         );
     }
     browser.screenshot(&shots.join("another-account.png")).await;
+    let violations = accessibility_violations(&browser, &axe).await;
+    assert!(
+        violations.is_empty(),
+        "WCAG violations when refused: {violations:#?}"
+    );
     // The only error is the refused call itself, as the browser logs a 403.
     let entries = browser.console().await;
     for (_, source, message) in errors(&entries) {

@@ -105,6 +105,12 @@ impl Browser {
         self.command("POST", "/execute/sync", Some(body)).await
     }
 
+    /// Runs `script` in the page and waits for it to call its last argument with the result.
+    pub async fn run_async(&self, script: &str, args: Value) -> Value {
+        let body = json!({ "script": script, "args": args });
+        self.command("POST", "/execute/async", Some(body)).await
+    }
+
     /// The first element matching `css`.
     pub async fn find(&self, css: &str) -> String {
         let body = json!({ "using": "css selector", "value": css });
