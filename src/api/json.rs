@@ -59,6 +59,11 @@ impl Route {
         format!("{PREFIX}{}/{}", self.service, self.method)
     }
 
+    /// Whether `json` is a request body of this call.
+    pub fn parses(&self, json: &[u8]) -> bool {
+        (self.request)(json).is_ok()
+    }
+
     /// The call's gRPC path.
     pub fn grpc_path(&self) -> String {
         format!("/{PACKAGE}.{}/{}", self.service, self.method)

@@ -92,7 +92,10 @@ pub fn build() -> Value {
                     ).trim().to_owned(),
                     "requestBody": {
                         "required": true,
-                        "content": {"application/json": {"schema": reference(route.input)}},
+                        "content": {"application/json": {
+                            "schema": reference(route.input),
+                            "example": example(route.method),
+                        }},
                     },
                     "responses": {
                         "200": {
@@ -135,6 +138,48 @@ pub fn build() -> Value {
         },
         "security": [{"bearer": []}, {}],
     })
+}
+
+/// A request body for each call, as a caller would send it.
+pub fn example(method: &str) -> Value {
+    let usage = json!({ "model": "gpt-5.5", "inputTokens": "40000", "outputTokens": "5000" });
+    let top_up = json!({
+        "accountId": "acct-42", "enabled": true, "thresholdMicros": "5000000",
+        "targetMicros": "20000000", "monthlyCapMicros": "0"
+    });
+    match method {
+        "Reserve" => json!({
+            "accountId": "acct-42", "requestId": "task-7f3a", "product": "codex",
+            "estimate": usage
+        }),
+        "Commit" => json!({
+            "accountId": "acct-42", "reservationId": "rsv_0123456789abcdef0123456789abcdef",
+            "usage": usage, "final": true
+        }),
+        "Release" => json!({
+            "accountId": "acct-42", "reservationId": "rsv_0123456789abcdef0123456789abcdef"
+        }),
+        "GetUsage" => json!({ "accountId": "acct-42", "recentLimit": 20 }),
+        "UpsertAccount" => json!({
+            "account": { "accountId": "acct-42", "plan": "plus", "creditPurchaseAllowed": true }
+        }),
+        "GetAccount" => json!({ "accountId": "acct-42" }),
+        "GrantCredits" => json!({
+            "accountId": "acct-42", "grantId": "order-1001", "amountMicros": "2500000000",
+            "source": "purchase"
+        }),
+        "RevokeGrant" => json!({ "accountId": "acct-42", "grantId": "order-1001" }),
+        "SetAutoTopUp" | "PreviewAutoTopUp" => top_up,
+        "MintAccountToken" => json!({
+            "accountId": "acct-42", "abilities": ["read_usage", "change_top_up"],
+            "ttlSeconds": 3600
+        }),
+        "ReadUsageExport" => json!({
+            "group": "billing", "consumer": "billing-1", "maxEvents": 100, "claimIdleMs": "60000"
+        }),
+        "AckUsageExport" => json!({ "group": "billing", "deliveryIds": ["1-0"] }),
+        _ => json!({}),
+    }
 }
 
 fn reference(full_name: &str) -> Value {
@@ -308,6 +353,16 @@ mod tests {
                 schemas.contains_key(name),
                 "{name} is referenced but not defined"
             );
+        }
+        for route in ROUTES {
+            let body = example(route.method).to_string();
+            assert!(
+                super::super::json::route(&route.path()).is_some_and(|r| r.parses(body.as_bytes())),
+                "{}'s example is not a {}: {body}",
+                route.method,
+                route.input
+            );
+            assert_ne!(body, "{}", "{} has an example", route.method);
         }
         let reserve = &schemas["quota.v1.ReserveRequest"]["properties"];
         assert_eq!(reserve["accountId"]["type"], "string");
