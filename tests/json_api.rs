@@ -602,3 +602,50 @@ async fn quotactl_json_prints_what_the_door_answers() {
     assert_eq!(printed["creditBalanceMicros"], "2500000");
     server.stop().await;
 }
+
+/// Over TLS the door answers HTTP/1.1 too (ALPN offers `http/1.1` beside `h2`): Python's
+/// standard library, trusting quotad's CA, makes the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_door_answers_https_with_the_grpc_ports_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let servers = support::pki::Pki::new(dir.path(), "server-ca");
+    let (cert, key) = servers.issue("quotad", &["localhost", "127.0.0.1"]);
+    let mut config = Config::default();
+    config.tls.cert_file = Some(cert.into());
+    config.tls.key_file = Some(key.into());
+    let server = TestServer::start_with(config, support::TestStore::Memory).await;
+    let script = r#"
+import json, ssl, sys, time, urllib.error, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[2])
+body = json.dumps({"accountId": "nobody"}).encode()
+for attempt in range(200):
+    request = urllib.request.Request(sys.argv[1] + "/v1/QuotaService/GetUsage", data=body,
+                                     headers={"content-type": "application/json"})
+    try:
+        urllib.request.urlopen(request, context=context)
+        sys.exit("an unknown account was found")
+    except urllib.error.HTTPError as e:
+        answer = json.load(e)
+        if e.code == 503:  # still starting
+            time.sleep(0.05)
+            continue
+        print(e.code, answer["code"])
+        break
+page = urllib.request.urlopen(sys.argv[1] + "/usage", context=context)
+print(page.status, page.headers["content-type"])
+"#;
+    let url = format!("https://localhost:{}", server.addr.port());
+    let ca = servers.ca_file();
+    let output = tokio::task::spawn_blocking(move || {
+        support::python::run(std::process::Command::new("python3").args(["-c", script, &url, &ca]))
+    })
+    .await
+    .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        printed.lines().collect::<Vec<_>>(),
+        ["404 NOT_FOUND", "200 text/html; charset=utf-8"],
+        "{printed}"
+    );
+    server.stop().await;
+}
