@@ -346,6 +346,26 @@ async fn a_person_sees_their_usage_and_turns_auto_top_up_on_after_a_preview() {
         .await;
     assert_eq!(browser.text("#balance").await, "50");
     assert!(browser.text("#alert").await.is_empty());
+
+    // A token that may only read shows the settings but offers no way to change them.
+    let reader = mint(&server, "pat", &["read_usage"]).await;
+    browser
+        .open(&format!("{}/usage#token={reader}", server.url()))
+        .await;
+    browser
+        .wait_for(
+            "the read-only settings",
+            "return !document.getElementById('top-up-readonly').hidden",
+        )
+        .await;
+    let hidden = browser
+        .run(
+            "return document.getElementById('top-up-form').hidden",
+            json!([]),
+        )
+        .await;
+    assert_eq!(hidden, json!(true), "no form to change auto top-up");
+    assert!(browser.text("#top-up-state").await.starts_with("On:"));
     let entries = browser.console().await;
     assert!(errors(&entries).is_empty(), "console errors: {entries:?}");
     server.stop().await;

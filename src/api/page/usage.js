@@ -152,7 +152,7 @@ function paidBy(f) {
   return parts.join(" · ");
 }
 
-function renderTopUp(t) {
+function renderTopUp(t, purchaseAllowed) {
   let state = t.enabled
     ? `On: when available credits fall below ${credits(t.thresholdMicros)}, buy back up to ${credits(t.targetMicros)}`
     : "Off.";
@@ -172,8 +172,12 @@ function renderTopUp(t) {
     $("top-up-target").value = amount(t.targetMicros);
     $("top-up-cap").value = amount(t.monthlyCapMicros);
   }
-  $("top-up-form").hidden = !session.canChangeTopUp;
-  $("top-up-readonly").hidden = session.canChangeTopUp;
+  const mayChange = session.canChangeTopUp && purchaseAllowed;
+  $("top-up-form").hidden = !mayChange;
+  $("top-up-readonly").hidden = mayChange;
+  $("top-up-readonly").textContent = purchaseAllowed
+    ? "This access can read usage but not change auto top-up."
+    : "Auto top-up buys credits, which this account's plan cannot use: upgrade to use it.";
 }
 
 function render(u) {
@@ -195,7 +199,7 @@ function render(u) {
     tokens(e.usage || {}),
     paidBy(e.charged || { planMicros: "0", creditMicros: "0" }),
   ]);
-  renderTopUp(u.autoTopUp || {});
+  renderTopUp(u.autoTopUp || {}, u.creditPurchaseAllowed);
   $("usage").hidden = false;
 }
 
