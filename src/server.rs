@@ -281,10 +281,7 @@ fn router<S: Store>(
             QuotaServiceServer::new(QuotaApi::new(slot.clone()))
                 .max_decoding_message_size(size)
                 .max_encoding_message_size(size),
-            BearerAuth::optional(
-                settings.quota_token.as_deref(),
-                settings.admin_token.as_deref(),
-            ),
+            BearerAuth::optional(settings.quota_token.as_deref()),
         )
     });
     let rate_limits = with_quota.then(|| {
@@ -294,10 +291,7 @@ fn router<S: Store>(
             ))
             .max_decoding_message_size(size)
             .max_encoding_message_size(size),
-            BearerAuth::optional(
-                settings.quota_token.as_deref(),
-                settings.admin_token.as_deref(),
-            ),
+            BearerAuth::optional(settings.quota_token.as_deref()),
         )
     });
     let admin = with_admin.then(|| {

@@ -346,6 +346,13 @@ async fn a_person_sees_their_usage_and_turns_auto_top_up_on_after_a_preview() {
         .await;
     assert_eq!(browser.text("#balance").await, "50");
     assert!(browser.text("#alert").await.is_empty());
+    let kept = browser
+        .run("return sessionStorage.getItem('quotad.token')", json!([]))
+        .await;
+    assert!(
+        kept.as_str().unwrap().starts_with("qat1."),
+        "the tab keeps an account token, not the admin token: {kept}"
+    );
 
     // A token that may only read shows the settings but offers no way to change them.
     let reader = mint(&server, "pat", &["read_usage"]).await;

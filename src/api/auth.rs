@@ -12,9 +12,6 @@ use tonic::{Request, Status, service::Interceptor};
 #[derive(Debug, Clone)]
 pub struct BearerAuth {
     token: Option<Arc<[u8]>>,
-    /// Also accepted: the admin token on QuotaService (the back office may read any account's
-    /// usage, as support staff on the usage page do).
-    also: Option<Arc<[u8]>>,
     /// Without a token: refuse everything (admin) or let everything through (quota).
     open_without_token: bool,
     service: &'static str,
@@ -25,19 +22,16 @@ impl BearerAuth {
     pub fn new(token: Option<&str>) -> Self {
         BearerAuth {
             token: token.map(|t| Arc::from(t.as_bytes())),
-            also: None,
             open_without_token: false,
             service: "AdminService",
         }
     }
 
-    /// QuotaService: checked when a token is configured (the admin token is accepted too), open
-    /// otherwise.
-    pub fn optional(token: Option<&str>, admin_token: Option<&str>) -> Self {
+    /// QuotaService: checked when a token is configured, open otherwise.
+    pub fn optional(token: Option<&str>) -> Self {
         BearerAuth {
             open_without_token: true,
             service: "QuotaService",
-            also: admin_token.map(|t| Arc::from(t.as_bytes())),
             ..BearerAuth::new(token)
         }
     }
@@ -71,11 +65,7 @@ impl Interceptor for BearerAuth {
             .ok_or_else(|| {
                 Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
             })?;
-        let also = self
-            .also
-            .as_ref()
-            .is_some_and(|also| constant_time_eq(presented.as_bytes(), also));
-        if !constant_time_eq(presented.as_bytes(), expected) && !also {
+        if !constant_time_eq(presented.as_bytes(), expected) {
             return Err(Status::unauthenticated(format!(
                 "invalid {} token",
                 self.service
@@ -124,18 +114,9 @@ mod tests {
             call(&mut disabled, Some("Bearer s3cret")),
             Err(tonic::Code::Unauthenticated)
         );
-        assert_eq!(call(&mut BearerAuth::optional(None, None), None), Ok(()));
-        let mut quota = BearerAuth::optional(Some("q"), Some("adm"));
+        assert_eq!(call(&mut BearerAuth::optional(None), None), Ok(()));
+        let mut quota = BearerAuth::optional(Some("q"));
         assert_eq!(call(&mut quota, None), Err(tonic::Code::Unauthenticated));
         assert_eq!(call(&mut quota, Some("Bearer q")), Ok(()));
-        assert_eq!(
-            call(&mut quota, Some("Bearer adm")),
-            Ok(()),
-            "admin ⊇ quota"
-        );
-        assert_eq!(
-            call(&mut quota, Some("Bearer nope")),
-            Err(tonic::Code::Unauthenticated)
-        );
     }
 }
