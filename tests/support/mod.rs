@@ -9,6 +9,7 @@ pub mod pki;
 pub mod process;
 pub mod python;
 pub mod redis;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -15,11 +15,13 @@
 //! - `credits`: credit lots (grant, revoke) and auto top-up (settings, trigger, settlement);
 //! - `funding`: how a cost is paid for (plan allowance first, then credits where the route
 //!   allows) and when the plan can next pay, for denials;
-//! - `holds`: the records of open and finished reservations and how they are kept small.
+//! - `holds`: the records of open and finished reservations and how they are kept small;
+//! - `notices`: when the notification rules look at the account, and what they are shown.
 
 mod credits;
 mod funding;
 mod holds;
+mod notices;
 pub mod persisted;
 mod reserve;
 #[cfg(test)]
@@ -34,6 +36,7 @@ use super::decision::{Account, AccountStatus, HoldView, UsageEvent, UsageSnapsho
 use super::error::DomainError;
 use super::ledger::Ledger;
 use super::money::{Funding, Micros};
+use super::notice::Notices;
 use super::policy::{Plan, Policy};
 use super::time::{SECOND_MS, Timestamp};
 use super::top_up::{Purchase, TopUp};
@@ -74,6 +77,9 @@ pub struct AccountState {
     events: u64,
     /// None until auto top-up is first configured (most accounts never do).
     top_up: Option<Box<TopUp>>,
+    /// Notifications for the webhook worker, with what their rules remember; None until the
+    /// first is needed (most accounts never get one).
+    notices: Option<Box<Notices>>,
 }
 
 fn five_hour_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SlidingWindow, D::Error> {
@@ -107,6 +113,7 @@ impl AccountState {
             recent: VecDeque::new(),
             events: 0,
             top_up: None,
+            notices: None,
         }
     }
 
@@ -158,6 +165,11 @@ impl AccountState {
                 .check_state()
                 .map_err(|e| format!("auto top-up: {e}"))?;
         }
+        if let Some(notices) = &self.notices {
+            notices
+                .check_state()
+                .map_err(|e| format!("notifications: {e}"))?;
+        }
         Ok(())
     }
 
@@ -203,6 +215,8 @@ impl AccountState {
         self.ledger.expire(now);
         self.five_hour.advance(now);
         self.weekly.advance(now);
+        // A lot that expired may have taken the balance below the low-balance threshold.
+        self.check_notices(policy, now);
     }
 
     /// The auto top-up purchase in flight, if any.

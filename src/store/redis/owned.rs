@@ -39,7 +39,8 @@
 //! - `x`: the partition's part of the usage export, a stream read with consumer groups;
 //! - `c:LEN:DOMAIN:KEY`: an Envoy RLS counter's window (`LEN`: the domain's length), kept
 //!   for its window's length; a domain's counters are all in one partition;
-//! - `pur`: accounts with an auto top-up purchase in flight and when it started; `meta`: the
+//! - `pur`: accounts with an auto top-up purchase in flight or notifications to deliver, and
+//!   since when (the maintenance pass visits them); `meta`: the
 //!   partition's count of open holds;
 //! - `lease` (owner and epoch, with a time to live) and `fence` (the epoch, never reset, and
 //!   the last batch number landed under it): ownership and fencing.
