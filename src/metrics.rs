@@ -653,6 +653,9 @@ mod tests {
         );
         m.rpc("Reserve", tonic::Code::Ok, Duration::from_micros(300));
         m.observe_store(true, Some(2), 3);
+        m.webhook("credits.low", "failed");
+        m.webhook("credits.low", "delivered");
+        m.observe_webhooks_pending(4);
         let text = m.render();
         for line in [
             r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",reason="WINDOW_EXHAUSTED",plan="free",product="codex"} 1"#,
@@ -660,6 +663,9 @@ mod tests {
             "quotad_open_holds 2",
             "quotad_store_up 1",
             "quotad_store_retries_total 3",
+            r#"quotad_webhooks_total{type="credits.low",outcome="delivered"} 1"#,
+            r#"quotad_webhooks_total{type="credits.low",outcome="failed"} 1"#,
+            "quotad_webhooks_pending 4",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
