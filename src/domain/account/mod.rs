@@ -394,8 +394,15 @@ mod tests {
             let mut now = Timestamp::from_millis(T0);
             let mut reservations: Vec<String> = Vec::new();
             let mut grants: Vec<String> = Vec::new();
+            // Notifications: whether the balance was seen at or above the low-balance threshold
+            // since the last credits.low, and when each window was last reported used up.
+            let low = policy.notifications.low_balance_micros;
+            let mut armed = false;
+            let mut exhausted: [Option<Timestamp>; 2] = [None, None];
             for (i, op) in ops.into_iter().enumerate() {
+                let recorded = s.notices_recorded();
                 s.settle(&policy, now);
+                armed |= s.ledger.balance() >= low;
                 let before = observe(&s, &policy);
                 let exposure_before = s.credit_exposure();
                 let mut beyond_hold = 0;
@@ -438,6 +445,30 @@ mod tests {
                 let plan_changed = matches!(op, Op::SetPlan { .. });
                 s.settle(&policy, now);
                 let after = observe(&s, &policy);
+
+                // Each notice once per occurrence: credits.low only on a crossing below the
+                // threshold, a used-up window at most once per window length.
+                let new = (s.notices_recorded() - recorded) as usize;
+                let pending: Vec<_> = s.pending_notices().cloned().collect();
+                for notice in &pending[pending.len().saturating_sub(new)..] {
+                    match &notice.kind {
+                        crate::domain::notice::NoticeKind::CreditsLow { balance, .. } => {
+                            prop_assert!(armed, "credits.low twice without the balance back at {low}");
+                            prop_assert!(*balance < low);
+                            armed = false;
+                        }
+                        crate::domain::notice::NoticeKind::WindowExhausted { window, used, limit, .. } => {
+                            prop_assert!(used >= limit);
+                            let (w, length) = if window == "5h" { (0, FIVE_HOUR.length_ms) } else { (1, WEEKLY.length_ms) };
+                            if let Some(last) = exhausted[w] {
+                                prop_assert!(now.as_millis() - last.as_millis() >= length, "{window} reported twice in one window");
+                            }
+                            exhausted[w] = Some(now);
+                        }
+                        other => prop_assert!(false, "no auto top-up here: {other:?}"),
+                    }
+                }
+                armed |= s.ledger.balance() >= low;
 
                 let t = s.ledger.totals();
                 prop_assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked, "conservation");
