@@ -714,7 +714,8 @@ impl DataDir {
         Ok(events)
     }
 
-    /// Accounts with a purchase in flight and when each started.
+    /// Accounts the maintenance pass must visit (a purchase in flight, notifications to
+    /// deliver) and since when.
     pub fn purchases(&self) -> Result<Vec<(String, Timestamp)>, StoreError> {
         let mut found = Vec::new();
         for entry in self.purchases.iter() {
