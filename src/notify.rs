@@ -283,7 +283,13 @@ pub trait Outbox: Send + Sync + 'static {
     fn done(&self, account_id: &str, rest: Option<Duration>);
 }
 
-/// Delivers every order that arrives, each account in its own task, until the queue closes.
+/// Accounts whose notifications are being posted at once, at most: a backlog (a receiver that
+/// was down, many accounts crossing a threshold together) reaches the receiver a few requests
+/// at a time, not all at once.
+pub const MAX_ACCOUNTS_IN_FLIGHT: usize = 16;
+
+/// Delivers every order that arrives, each account in its own task (at most
+/// [`MAX_ACCOUNTS_IN_FLIGHT`] at once), until the queue closes.
 pub async fn run_worker<T: Outbox>(
     mut orders: mpsc::UnboundedReceiver<NoticeOrder>,
     webhook: Arc<Webhook>,
@@ -291,9 +297,15 @@ pub async fn run_worker<T: Outbox>(
     backoff: Backoff,
     metrics: Arc<Metrics>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ACCOUNTS_IN_FLIGHT));
     while let Some(order) = orders.recv().await {
+        // Never closed: the worker owns it.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (webhook, outbox, metrics) = (webhook.clone(), outbox.clone(), metrics.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let account_id = order.account_id.clone();
             let rest = deliver(order, &webhook, outbox.as_ref(), backoff, &metrics).await;
             outbox.done(&account_id, rest);
