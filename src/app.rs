@@ -21,6 +21,7 @@ use crate::domain::{
     Usage, UsageSnapshot,
 };
 use crate::metrics::Metrics;
+use crate::notify::{Backoff, NoticeOrder, NoticeQueue, Outbox, Webhook};
 use crate::payment::{PaymentQueue, Settle};
 use crate::rules::{LiveRules, Rules};
 use crate::store::{ExportRead, Store, StoreError};
@@ -154,6 +155,16 @@ pub struct Quota<S> {
     /// How long a Reserve short of credits may wait for a purchase in flight.
     reserve_wait: std::time::Duration,
     metrics: Arc<Metrics>,
+    /// Where notifications go, when a webhook is configured.
+    webhooks: Option<Webhooks>,
+}
+
+/// The webhook receiver, how it is retried, and the accounts queued for its worker.
+#[derive(Debug)]
+struct Webhooks {
+    webhook: Arc<Webhook>,
+    backoff: Backoff,
+    queue: NoticeQueue,
 }
 
 /// How often a waiting Reserve asks again.
@@ -169,7 +180,34 @@ impl<S: Store> Quota<S> {
             payments: PaymentQueue::default(),
             reserve_wait: std::time::Duration::ZERO,
             metrics: Arc::new(Metrics::new()),
+            webhooks: None,
         }
+    }
+
+    /// Delivers the notifications the rules record to `webhook` (see [`crate::notify`]); the
+    /// worker is [`webhook_worker`](Self::webhook_worker), fed by [`maintain`](Self::maintain).
+    pub fn with_webhooks(mut self, webhook: Webhook, backoff: Backoff) -> Self {
+        self.webhooks = Some(Webhooks {
+            webhook: Arc::new(webhook),
+            backoff,
+            queue: NoticeQueue::default(),
+        });
+        self
+    }
+
+    /// The background task that posts notifications, once, when a webhook is configured.
+    pub fn webhook_worker(
+        self: &Arc<Self>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let webhooks = self.webhooks.as_ref()?;
+        let orders = webhooks.queue.take()?;
+        Some(crate::notify::run_worker(
+            orders,
+            webhooks.webhook.clone(),
+            self.clone(),
+            webhooks.backoff,
+            self.metrics.clone(),
+        ))
     }
 
     /// Records into `metrics` (shared with the HTTP `/metrics` endpoint).
@@ -282,6 +320,21 @@ impl<S: Store> Quota<S> {
                 }
             }
             Err(e) => tracing::debug!("cannot look for stalled purchases: {e}"),
+        }
+        if let Some(webhooks) = &self.webhooks {
+            match self.store.pending_notices().await {
+                Ok(pending) => {
+                    let count = pending.iter().map(|(_, notices)| notices.len()).sum();
+                    self.metrics.observe_webhooks_pending(count);
+                    for (account_id, notices) in pending {
+                        webhooks.queue.push(NoticeOrder {
+                            account_id,
+                            notices,
+                        });
+                    }
+                }
+                Err(e) => tracing::debug!("cannot look for notifications to deliver: {e}"),
+            }
         }
     }
 
@@ -763,6 +816,31 @@ impl<S: Store> Settle for Quota<S> {
 
     fn done(&self, purchase_id: &str) {
         self.payments.done(purchase_id);
+    }
+}
+
+impl<S: Store> Outbox for Quota<S> {
+    async fn delivered(&self, account_id: &str, seq: u64) -> bool {
+        let forget = self
+            .store
+            .notice_delivered(account_id, seq, self.clock.now());
+        match self.timed("notice_delivered", forget).await {
+            Ok(_) => true,
+            Err(e) => {
+                // Still pending in the store: posted again later, with the same id.
+                tracing::warn!(
+                    account = %crate::telemetry::account_hash(account_id),
+                    "cannot record a delivered notification: {e}"
+                );
+                false
+            }
+        }
+    }
+
+    fn done(&self, account_id: &str, rest: Option<std::time::Duration>) {
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.queue.done(account_id, rest);
+        }
     }
 }
 

@@ -32,6 +32,8 @@ pub const ADMIN_TOKEN_ENV: &str = "QUOTAD_ADMIN_TOKEN";
 pub const PAYMENTS_TOKEN_ENV: &str = "QUOTAD_PAYMENTS_TOKEN";
 /// The secret that signs requests to the billing service is read verbatim from this variable.
 pub const PAYMENTS_HMAC_SECRET_ENV: &str = "QUOTAD_PAYMENTS_HMAC_SECRET";
+/// The secret that signs notification webhooks is read verbatim from this variable.
+pub const NOTIFICATIONS_HMAC_SECRET_ENV: &str = "QUOTAD_NOTIFICATIONS_HMAC_SECRET";
 /// The Redis URL is read verbatim from this variable (it may carry a password).
 pub const REDIS_URL_ENV: &str = "QUOTAD_REDIS_URL";
 const REDACTED: &str = "<redacted>";
@@ -746,6 +748,95 @@ impl PaymentsConfig {
     }
 }
 
+/// `[notifications]`: signed HTTP webhooks about accounts (see [`crate::notify`]). Off while
+/// `webhook_url` is not set: then nothing is recorded either.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationsConfig {
+    /// Where events are posted (`http://`; put TLS in the mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Shared secret each request is signed with (HMAC-SHA256, header `Quotad-Signature`, as
+    /// payments sign), at least 16 bytes; also `QUOTAD_NOTIFICATIONS_HMAC_SECRET` (read
+    /// verbatim). Required with a webhook URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_secret: Option<String>,
+    /// `credits.low` fires when an account's credit balance falls below this (auto top-up
+    /// off); 0: never.
+    pub low_balance_micros: i64,
+    /// How long one attempt may take.
+    pub timeout_ms: u64,
+    /// Back-off between attempts: doubling from the first delay up to the most.
+    pub retry_first_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+    /// Attempts in a row after which an account's receiver rests for `retry_max_delay_ms`
+    /// before its events are tried again (they stay pending meanwhile).
+    pub retry_attempts: u32,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        let backoff = crate::notify::Backoff::default();
+        NotificationsConfig {
+            webhook_url: None,
+            hmac_secret: None,
+            low_balance_micros: crate::domain::notice::NotificationRules::default()
+                .low_balance_micros,
+            timeout_ms: 5_000,
+            retry_first_delay_ms: backoff.first_delay.as_millis() as u64,
+            retry_max_delay_ms: backoff.max_delay.as_millis() as u64,
+            retry_attempts: backoff.attempts,
+        }
+    }
+}
+
+impl NotificationsConfig {
+    /// The receiver and how it is retried; `None` when notifications are off.
+    pub fn webhook(
+        &self,
+    ) -> Result<Option<(crate::notify::Webhook, crate::notify::Backoff)>, ConfigError> {
+        let invalid = |e: String| ConfigError::Invalid(e);
+        let Some(url) = self.webhook_url.as_deref() else {
+            return Ok(None);
+        };
+        let secret = self.hmac_secret.as_deref().ok_or_else(|| {
+            invalid(format!(
+                "notifications.hmac_secret (or {NOTIFICATIONS_HMAC_SECRET_ENV}) is required \
+                 with notifications.webhook_url: every webhook is signed"
+            ))
+        })?;
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            return Err(invalid(format!(
+                "notifications.timeout_ms must be between 1 and 60000, got {}",
+                self.timeout_ms
+            )));
+        }
+        if self.retry_first_delay_ms == 0 || self.retry_first_delay_ms > self.retry_max_delay_ms {
+            return Err(invalid(format!(
+                "notifications.retry_first_delay_ms must be at least 1 and at most \
+                 retry_max_delay_ms ({}), got {}",
+                self.retry_max_delay_ms, self.retry_first_delay_ms
+            )));
+        }
+        if self.retry_max_delay_ms > 3_600_000 || self.retry_attempts == 0 {
+            return Err(invalid(format!(
+                "notifications.retry_max_delay_ms must be at most 3600000 (got {}) and \
+                 retry_attempts at least 1 (got {})",
+                self.retry_max_delay_ms, self.retry_attempts
+            )));
+        }
+        let timeout = std::time::Duration::from_millis(self.timeout_ms);
+        let webhook = crate::notify::Webhook::new(url, secret, timeout)
+            .map_err(|e| invalid(e.to_string()))?;
+        let backoff = crate::notify::Backoff {
+            first_delay: std::time::Duration::from_millis(self.retry_first_delay_ms),
+            max_delay: std::time::Duration::from_millis(self.retry_max_delay_ms),
+            attempts: self.retry_attempts,
+        };
+        Ok(Some((webhook, backoff)))
+    }
+}
+
 /// `[tls]`: TLS on the gRPC listeners. The files are read again when they change (certificate
 /// rotation by cert-manager or a Secret update needs no restart).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -1022,6 +1113,8 @@ pub struct Config {
     pub top_up: TopUpRules,
     /// Who pays for auto top-up purchases.
     pub payments: PaymentsConfig,
+    /// Signed webhooks about accounts (low credits, auto top-up, used-up windows).
+    pub notifications: NotificationsConfig,
     pub pricing: PriceSheet,
 }
 
@@ -1053,6 +1146,7 @@ impl Default for Config {
             shadow: policy.shadow,
             top_up: policy.top_up,
             payments: PaymentsConfig::default(),
+            notifications: NotificationsConfig::default(),
             pricing: PriceSheet::default(),
         }
     }
@@ -1115,6 +1209,7 @@ const ENV_KEYS: &[&str] = &[
     "shadow",
     "top_up",
     "payments",
+    "notifications",
     "pricing",
 ];
 
@@ -1198,6 +1293,9 @@ impl Config {
         if let Some(secret) = env(PAYMENTS_HMAC_SECRET_ENV) {
             config.payments.http_hmac_secret = Some(secret);
         }
+        if let Some(secret) = env(NOTIFICATIONS_HMAC_SECRET_ENV) {
+            config.notifications.hmac_secret = Some(secret);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -1210,6 +1308,10 @@ impl Config {
             products: self.products.clone(),
             limits: self.limits.clone(),
             top_up: self.top_up,
+            notifications: crate::domain::notice::NotificationRules {
+                record: self.notifications.webhook_url.is_some(),
+                low_balance_micros: self.notifications.low_balance_micros,
+            },
             shadow: self.shadow,
         }
     }
@@ -1236,6 +1338,7 @@ impl Config {
         self.pricing.validate().map_err(ConfigError::Invalid)?;
         self.store.validate().map_err(ConfigError::Invalid)?;
         self.payments.provider()?;
+        self.notifications.webhook()?;
         for (key, token) in [
             ("admin_token", &self.admin_token),
             ("quota_token", &self.quota_token),
@@ -1295,6 +1398,7 @@ impl Config {
         for secret in [
             &mut shown.payments.http_token,
             &mut shown.payments.http_hmac_secret,
+            &mut shown.notifications.hmac_secret,
         ] {
             if secret.is_some() {
                 *secret = Some(REDACTED.into());
@@ -1408,6 +1512,62 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert_eq!(shown.matches(REDACTED).count(), 3, "{shown}");
+    }
+
+    /// `[notifications]` is off without a URL (and records nothing then); with one it needs a
+    /// signing secret, which may come from the environment and is never shown.
+    #[test]
+    fn notifications_need_a_secret_and_keep_it_to_themselves() {
+        let config = Config::default();
+        assert!(config.notifications.webhook().unwrap().is_none());
+        assert!(
+            !config.policy().notifications.record,
+            "off: nothing recorded"
+        );
+        let secret = "a webhook secret of the receiver";
+        let config = Config::load_from(
+            None,
+            |name| (name == NOTIFICATIONS_HMAC_SECRET_ENV).then(|| secret.to_owned()),
+            false,
+        )
+        .unwrap();
+        assert_eq!(config.notifications.hmac_secret.as_deref(), Some(secret));
+        let mut on = config.clone();
+        on.notifications.webhook_url = Some("http://hooks:8080/quotad".into());
+        on.validate().unwrap();
+        assert!(on.policy().notifications.record);
+        assert!(!on.to_toml().contains(secret), "{}", on.to_toml());
+        for (change, expected) in [
+            (
+                (|c: &mut Config| c.notifications.hmac_secret = None) as fn(&mut Config),
+                "notifications.hmac_secret (or QUOTAD_NOTIFICATIONS_HMAC_SECRET) is required",
+            ),
+            (
+                |c| c.notifications.hmac_secret = Some("short".into()),
+                "at least 16 bytes",
+            ),
+            (
+                |c| c.notifications.webhook_url = Some("https://hooks/x".into()),
+                "only http://",
+            ),
+            (
+                |c| c.notifications.low_balance_micros = -1,
+                "notifications.low_balance_micros is -1",
+            ),
+            (
+                |c| c.notifications.retry_first_delay_ms = 120_000,
+                "notifications.retry_first_delay_ms",
+            ),
+            (
+                |c| c.notifications.timeout_ms = 0,
+                "notifications.timeout_ms",
+            ),
+        ] {
+            let mut bad = on.clone();
+            change(&mut bad);
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod metrics;
+pub mod notify;
 pub mod payment;
 pub mod reload;
 pub mod rules;
@@ -143,6 +144,7 @@ async fn serve(
         clock: clock.clone(),
         reserve_wait: Duration::from_millis(config.payments.reserve_wait_ms),
         metrics,
+        webhooks: config.notifications.webhook()?,
     };
     match config.store.kind {
         StoreKind::Memory => {
@@ -222,13 +224,19 @@ struct Parts {
     clock: Arc<dyn Clock>,
     reserve_wait: Duration,
     metrics: Arc<Metrics>,
+    /// Where notifications are posted, if anywhere.
+    webhooks: Option<(notify::Webhook, notify::Backoff)>,
 }
 
 impl Parts {
     fn quota<S: Store>(&self, store: S) -> Quota<S> {
-        Quota::new(store, self.rules.clone(), self.clock.clone())
+        let quota = Quota::new(store, self.rules.clone(), self.clock.clone())
             .with_reserve_wait(self.reserve_wait)
-            .with_metrics(self.metrics.clone())
+            .with_metrics(self.metrics.clone());
+        match &self.webhooks {
+            Some((webhook, backoff)) => quota.with_webhooks(webhook.clone(), *backoff),
+            None => quota,
+        }
     }
 }
 

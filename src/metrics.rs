@@ -67,6 +67,14 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    /// The event type (`credits.low`, …): a handful of names.
+    r#type: &'static str,
+    /// `delivered` (the receiver answered 2xx) or `failed` (an attempt to be retried).
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabels {
     source: &'static str,
 }
@@ -87,6 +95,7 @@ struct Otel {
     store_errors: opentelemetry::metrics::Counter<u64>,
     credits_spent: opentelemetry::metrics::Counter<u64>,
     top_ups: opentelemetry::metrics::Counter<u64>,
+    webhooks: opentelemetry::metrics::Counter<u64>,
 }
 
 pub struct Metrics {
@@ -103,6 +112,8 @@ pub struct Metrics {
     credits_spent: Counter,
     credits_granted: Family<SourceLabels, Counter>,
     top_ups: Family<OutcomeLabels, Counter>,
+    webhooks: Family<WebhookLabels, Counter>,
+    webhooks_pending: Gauge,
     shed: Counter,
     config_reloads: Family<OutcomeLabels, Counter>,
     config_restart_pending: Gauge,
@@ -217,6 +228,18 @@ impl Metrics {
             "Auto top-up purchases settled, by outcome",
             top_ups.clone(),
         );
+        let webhooks = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "webhooks",
+            "Notification webhook attempts, by event type and outcome: delivered (2xx), or failed (retried with back-off)",
+            webhooks.clone(),
+        );
+        let webhooks_pending = Gauge::default();
+        registry.register(
+            "webhooks_pending",
+            "Notifications recorded and not yet delivered, on the accounts this replica decides (as the last maintenance pass found them)",
+            webhooks_pending.clone(),
+        );
         let shed = Counter::default();
         registry.register(
             "shed",
@@ -318,6 +341,7 @@ impl Metrics {
                 .with_unit("{micro-credit}")
                 .build(),
             top_ups: meter.u64_counter("quotad.top_ups").build(),
+            webhooks: meter.u64_counter("quotad.webhooks").build(),
         };
         Metrics {
             registry,
@@ -333,6 +357,8 @@ impl Metrics {
             credits_spent,
             credits_granted,
             top_ups,
+            webhooks,
+            webhooks_pending,
             shed,
             config_reloads,
             config_restart_pending,
@@ -451,6 +477,27 @@ impl Metrics {
         self.otel
             .top_ups
             .add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    /// A notification webhook attempt of event type `kind`: `delivered` or `failed`.
+    pub fn webhook(&self, kind: &'static str, outcome: &'static str) {
+        let labels = WebhookLabels {
+            r#type: kind,
+            outcome,
+        };
+        self.webhooks.get_or_create(&labels).inc();
+        self.otel.webhooks.add(
+            1,
+            &[
+                KeyValue::new("type", kind),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
+    }
+
+    /// Samples the notifications pending on the accounts this replica decides.
+    pub fn observe_webhooks_pending(&self, pending: usize) {
+        (self.webhooks_pending).set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
     /// A call sent on to the account's owner: `answered` or `unreachable`.
@@ -606,6 +653,9 @@ mod tests {
         );
         m.rpc("Reserve", tonic::Code::Ok, Duration::from_micros(300));
         m.observe_store(true, Some(2), 3);
+        m.webhook("credits.low", "failed");
+        m.webhook("credits.low", "delivered");
+        m.observe_webhooks_pending(4);
         let text = m.render();
         for line in [
             r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",reason="WINDOW_EXHAUSTED",plan="free",product="codex"} 1"#,
@@ -613,6 +663,9 @@ mod tests {
             "quotad_open_holds 2",
             "quotad_store_up 1",
             "quotad_store_retries_total 3",
+            r#"quotad_webhooks_total{type="credits.low",outcome="delivered"} 1"#,
+            r#"quotad_webhooks_total{type="credits.low",outcome="failed"} 1"#,
+            "quotad_webhooks_pending 4",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

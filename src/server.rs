@@ -337,7 +337,7 @@ fn router<S: Store>(
 }
 
 /// Builds the application (retrying while the store cannot be reached), then marks quotad
-/// serving and starts the background work: payments, store health, maintenance.
+/// serving and starts the background work: payments, notifications, store health, maintenance.
 async fn start<S, C>(
     connect: C,
     slot: AppSlot<S>,
@@ -382,6 +382,9 @@ async fn start<S, C>(
             app.clone(),
             settings.payment_retry,
         )));
+    }
+    if let Some(webhooks) = app.webhook_worker() {
+        tasks.push(tokio::spawn(webhooks));
     }
     tasks.push({
         let (app, health, readiness) = (app.clone(), health.clone(), readiness.clone());

@@ -493,6 +493,10 @@ def check_release(
         check(key not in config, f"secret key {key} in the ConfigMap")
     for key in ("http_token", "http_hmac_secret"):
         check(key not in config.get("payments", {}), f"secret key payments.{key} in the ConfigMap")
+    check(
+        "hmac_secret" not in config.get("notifications", {}),
+        "secret key notifications.hmac_secret in the ConfigMap",
+    )
     for path, value in walk(config):
         check(not isinstance(value, float), f"quotad.toml: {path} = {value!r} is a float")
     redis = merged["redis"]
@@ -585,6 +589,7 @@ def check_release(
             ("QUOTAD_QUOTA_TOKEN", merged["secrets"]["quotaToken"]),
             ("QUOTAD_PAYMENTS_TOKEN", merged["secrets"]["paymentsToken"]),
             ("QUOTAD_PAYMENTS_HMAC_SECRET", merged["secrets"]["paymentsHmacSecret"]),
+            ("QUOTAD_NOTIFICATIONS_HMAC_SECRET", merged["secrets"]["notificationsHmacSecret"]),
             ("QUOTAD_ACCOUNT_TOKEN_KEYS", merged["secrets"]["accountTokenKeys"]),
             ("QUOTAD_REDIS_PASSWORD", redis["password"] if want_kind == "redis" else {}),
         ):
@@ -1279,6 +1284,7 @@ NEED_RESTART: list[tuple[str, dict[str, Any]]] = [
     ("log_level", {"config": {"log_level": "debug"}}),
     ("telemetry", {"config": {"telemetry": {"metrics_interval_ms": 5000}}}),
     ("payments", {"config": {"payments": {"retry_attempts": 5}}}),
+    ("notifications", {"config": {"notifications": {"low_balance_micros": 5000000}}}),
     ("the grace period", {"shutdownGraceSeconds": 25}),
     ("the admin listener", {"admin": {"separatePort": True}}),
 ]

@@ -11,6 +11,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod ledger;
 pub mod money;
+pub mod notice;
 pub mod policy;
 pub mod pricing;
 pub mod rls;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::decision::Account;
 use super::money::{MICROS_PER_CREDIT, Micros};
+use super::notice::NotificationRules;
 use super::top_up::TopUpRules;
 
 /// What happens when a plan's included usage runs out.
@@ -93,6 +94,9 @@ pub struct Policy {
     pub products: BTreeMap<String, Product>,
     pub limits: Limits,
     pub top_up: TopUpRules,
+    /// Which changes are recorded as notifications for the webhook worker.
+    #[serde(default)]
+    pub notifications: NotificationRules,
     /// Shadow mode for every plan: quotad decides and records as usual, but where it would deny
     /// (a Reserve, or the next chunk of a task) it lets the work go ahead, held and charged on
     /// the plan's windows beyond their limits, and reports the denial it would have given. For
@@ -142,6 +146,7 @@ impl Policy {
 
     /// Checks a policy from configuration; the error names the offending entry.
     pub fn validate(&self) -> Result<(), String> {
+        self.notifications.validate()?;
         if self.plans.is_empty() {
             return Err("plans must define at least one plan".into());
         }
@@ -263,6 +268,7 @@ impl Default for Policy {
             ]),
             limits: Limits::default(),
             top_up: TopUpRules::default(),
+            notifications: NotificationRules::default(),
             shadow: false,
         }
     }

@@ -20,7 +20,8 @@
 //!   prefix never matches another's keys);
 //! - `export`: offset (big endian) → account id and charge, the newest `export_max_len` kept;
 //! - `export_groups`: group → its next offset and its pending deliveries;
-//! - `purchases`: account id → when its auto top-up purchase in flight started;
+//! - `purchases`: account id → since when the maintenance pass must visit it: when its auto
+//!   top-up purchase in flight started, or its oldest undelivered notification was recorded;
 //! - `meta`: the format version, the counters the store reports without a scan, and the number
 //!   of batches written.
 //!
@@ -113,7 +114,8 @@ pub struct Change {
     pub purchase: PurchaseIndex,
 }
 
-/// What a decision did to the index of purchases in flight.
+/// What a decision did to the index of purchases in flight (and of accounts with
+/// notifications to deliver: the same index, see `MemoryStore`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PurchaseIndex {
     Unchanged,
@@ -712,7 +714,8 @@ impl DataDir {
         Ok(events)
     }
 
-    /// Accounts with a purchase in flight and when each started.
+    /// Accounts the maintenance pass must visit (a purchase in flight, notifications to
+    /// deliver) and since when.
     pub fn purchases(&self) -> Result<Vec<(String, Timestamp)>, StoreError> {
         let mut found = Vec::new();
         for entry in self.purchases.iter() {

@@ -37,6 +37,7 @@ use super::rls_counters::{Counted, RlsCounters};
 use super::{
     DataDirStats, ExportRead, OutageStats, Store, StoreError, StoreHealth, account_not_found,
 };
+use crate::domain::notice::Notice;
 use crate::domain::rls::{CounterCheck, CounterStatus};
 use crate::domain::time::SECOND_MS;
 use crate::domain::top_up::Purchase;
@@ -91,10 +92,13 @@ pub struct MemoryStore {
     open_holds: Arc<AtomicI64>,
     /// Envoy RLS counters (on Redis, those of the partitions held here).
     rls: Arc<RlsCounters>,
-    /// Accounts with an auto top-up purchase in flight, and when it started, kept like
-    /// `open_holds`. The once-a-second look for stalled purchases reads this, not every
-    /// account: walking millions of accounts holds each shard's lock for milliseconds, and every
-    /// decision on that shard would wait behind it.
+    /// Accounts the maintenance pass must visit, kept like `open_holds`: those with an auto
+    /// top-up purchase in flight or notifications not yet delivered, and since when (the
+    /// earlier of the purchase's start and the oldest notification). The once-a-second look
+    /// for stalled purchases and pending notifications reads this, not every account: walking
+    /// millions of accounts holds each shard's lock for milliseconds, and every decision on
+    /// that shard would wait behind it. The data dir and Redis keep it as their purchase
+    /// index, so it is whole again after a restart.
     purchases: Arc<DashMap<String, Timestamp>>,
 }
 
@@ -141,14 +145,23 @@ impl Resident {
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Indexed {
     holds: usize,
-    purchase_started: Option<Timestamp>,
+    /// Since when the maintenance pass must visit the account (see `MemoryStore::purchases`).
+    due: Option<Timestamp>,
+    /// Notifications recorded: one recorded by a read (a lot expiring) is written too.
+    notices: u64,
 }
 
 impl Indexed {
     fn of(state: &AccountState) -> Indexed {
+        let purchase = state.top_up_in_flight().map(|p| p.started_at);
+        let due = match (purchase, state.oldest_notice()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Indexed {
             holds: state.open_holds(),
-            purchase_started: state.top_up_in_flight().map(|p| p.started_at),
+            due,
+            notices: state.notices_recorded(),
         }
     }
 }
@@ -406,10 +419,10 @@ impl MemoryStore {
         }
         let after = Indexed::of(&resident.state);
         let holds_delta = after.holds as i64 - before.holds as i64;
-        let purchase = if before.purchase_started == after.purchase_started {
+        let purchase = if before.due == after.due {
             PurchaseIndex::Unchanged
         } else {
-            match after.purchase_started {
+            match after.due {
                 Some(started) => {
                     self.purchases.insert(account_id.to_owned(), started);
                     PurchaseIndex::Started(started)
@@ -880,6 +893,65 @@ impl Store for MemoryStore {
         }
     }
 
+    async fn pending_notices(&self) -> Result<Vec<(String, Vec<Notice>)>, StoreError> {
+        let due: Vec<String> = (self.purchases.iter())
+            .map(|entry| entry.key().clone())
+            .collect();
+        let mut found = Vec::new();
+        for account_id in due {
+            let (notices, change) = {
+                let resident = match self.accounts.get(&account_id) {
+                    Some(resident) => resident,
+                    None => match self
+                        .resident(
+                            &account_id,
+                            Missing::NotFound,
+                            Timestamp::from_millis(0),
+                            None,
+                        )
+                        .await
+                    {
+                        Ok(resident) => resident.downgrade(),
+                        Err(_) => continue,
+                    },
+                };
+                let notices: Vec<Notice> = resident.state.pending_notices().cloned().collect();
+                (notices, resident.last_change)
+            };
+            if notices.is_empty() {
+                continue;
+            }
+            // Only what is durable: a notice whose decision never reached the backing store
+            // (the write failed, or is still on its way) is not news yet.
+            if let Some(durable) = &self.durable
+                && durable.backing.durable(change).await.is_err()
+            {
+                continue;
+            }
+            found.push((account_id, notices));
+        }
+        Ok(found)
+    }
+
+    async fn notice_delivered(
+        &self,
+        account_id: &str,
+        seq: u64,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.run(
+            account_id,
+            Missing::NotFound,
+            Effect::Writes,
+            now,
+            |state, policy| {
+                state.settle(policy, now);
+                Ok(state.notice_delivered(seq))
+            },
+        )
+        .await
+    }
+
     async fn stalled_purchases(
         &self,
         started_before: Timestamp,
@@ -1001,6 +1073,32 @@ mod tests {
         assert_eq!(store.reserve(&cmd, T0).await.unwrap(), first);
         store.commit(commit(&cmd), T0).await.unwrap();
         assert_eq!(store.open_holds(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn undelivered_notifications_survive_a_restart_with_their_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        // The plus plan's 5-hour window (150 credits) used up: one notification.
+        let mut cmd = reserve("a", "q1");
+        cmd.estimate.output_tokens = 750_000;
+        cmd.cost = PriceSheet::default().price(&cmd.estimate).unwrap();
+        let before = {
+            let store = open(dir.path());
+            store.reserve(&cmd, T0).await.unwrap();
+            store.commit(commit(&cmd), T0).await.unwrap();
+            let pending = store.pending_notices().await.unwrap();
+            assert_eq!(pending.len(), 1, "{pending:?}");
+            assert_eq!(pending[0].1[0].kind.type_name(), "window.exhausted");
+            pending
+        };
+        // Read back from the data dir (the index of accounts to visit too), the same ids.
+        let store = open(dir.path());
+        assert_eq!(store.pending_notices().await.unwrap(), before);
+        assert!(store.notice_delivered("a", 1, T0).await.unwrap());
+        drop(store);
+        let store = open(dir.path());
+        assert!(store.pending_notices().await.unwrap().is_empty());
+        assert!(store.usage("a", 1, T0).await.is_ok());
     }
 
     // The guard stalls the writer thread, not a task: holding it across awaits is the point.

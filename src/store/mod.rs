@@ -20,6 +20,7 @@ mod rls_counters;
 use std::future::Future;
 use std::time::Duration;
 
+use crate::domain::notice::Notice;
 use crate::domain::rls::{CounterCheck, CounterStatus};
 use crate::domain::top_up::Purchase;
 use crate::domain::{
@@ -255,6 +256,22 @@ pub trait Store: Send + Sync + 'static {
         checks: &[CounterCheck],
         now: Timestamp,
     ) -> impl Future<Output = Result<Vec<CounterStatus>, StoreError>> + Send;
+
+    /// Accounts with notifications recorded and not yet delivered, each with its notices,
+    /// oldest first; only those whose decisions are durable. A store may answer for the
+    /// accounts it decides on (on Redis: the partitions this replica owns).
+    fn pending_notices(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, Vec<Notice>)>, StoreError>> + Send;
+
+    /// Forgets notification `seq` of an account once its receiver has it, durably; answers
+    /// whether it was still pending (a second delivery changes nothing).
+    fn notice_delivered(
+        &self,
+        account_id: &str,
+        seq: u64,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Auto top-up purchases still in flight that started at or before `started_before`: a
     /// replica that died while paying them left them unsettled. A store may answer for a part

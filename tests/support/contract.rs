@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use quotad::domain::notice::NoticeKind;
 use quotad::domain::time::{HOUR_MS, MINUTE_MS};
 use quotad::domain::top_up::{AttemptOutcome, PaymentResult, TopUpSettings};
 use quotad::domain::{
@@ -56,6 +57,7 @@ macro_rules! store_contract_tests {
             auto_top_up_needs_an_account_that_may_buy_credits,
             a_top_up_preview_tells_what_saving_buys_and_changes_nothing,
             purchases_in_flight_are_found_until_settled,
+            notifications_are_recorded_once_and_kept_until_delivered,
             every_charge_is_exported_once_per_consumer_group,
             rls_counts_a_request_only_if_every_descriptor_fits_and_slides,
         );
@@ -1188,6 +1190,104 @@ pub async fn purchases_in_flight_are_found_until_settled<S: Store>(store: S) {
         .await
         .unwrap();
     assert!(stalled(at(MINUTE_MS)).await.is_empty());
+}
+
+/// Each account's pending notifications as (number, type), for comparing.
+async fn pending<S: Store>(store: &S) -> Vec<(String, Vec<(u64, &'static str)>)> {
+    let mut found: Vec<_> = (store.pending_notices().await.unwrap().into_iter())
+        .map(|(account, notices)| {
+            let kinds = notices.iter().map(|n| (n.seq, n.kind.type_name()));
+            (account, kinds.collect())
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+pub async fn notifications_are_recorded_once_and_kept_until_delivered<S: Store>(store: S) {
+    // `Policy::default()` records notifications, `credits.low` below 10 credits.
+    plus_account_with_credits(&store, "n", 20).await;
+    plus_account_with_credits(&store, "quiet", 20).await;
+    assert!(pending(&store).await.is_empty());
+    // The 5-hour window used up on the plan, then credits spent from 20 to 5, then to 4.
+    spend(&store, "n", "plan", 150, at(MINUTE_MS)).await;
+    spend(&store, "n", "c1", 15, at(2 * MINUTE_MS)).await;
+    spend(&store, "n", "c2", 1, at(3 * MINUTE_MS)).await;
+    assert_eq!(
+        pending(&store).await,
+        vec![(
+            "n".to_owned(),
+            vec![(1, "window.exhausted"), (2, "credits.low")]
+        )],
+        "once per occurrence, not once per call"
+    );
+    let notices = store.pending_notices().await.unwrap().remove(0).1;
+    assert_eq!(
+        notices[1].kind,
+        NoticeKind::CreditsLow {
+            balance: 5 * CREDIT,
+            threshold: 10 * CREDIT
+        }
+    );
+    assert_eq!(notices[1].id("n"), "ntf:n:2");
+    assert_eq!(notices[1].at, at(2 * MINUTE_MS));
+    match &notices[0].kind {
+        NoticeKind::WindowExhausted {
+            window,
+            used,
+            limit,
+            ..
+        } => assert_eq!(
+            (window.as_str(), *used, *limit),
+            ("5h", 150 * CREDIT, 150 * CREDIT)
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // Delivered: forgotten, once.
+    let now = at(4 * MINUTE_MS);
+    assert!(store.notice_delivered("n", 1, now).await.unwrap());
+    assert!(!store.notice_delivered("n", 1, now).await.unwrap());
+    assert_eq!(
+        pending(&store).await,
+        vec![("n".to_owned(), vec![(2, "credits.low")])]
+    );
+
+    // An auto top-up purchase settled: told once, however often its answer arrives.
+    let bought = store
+        .set_top_up(top_up("n", true, 10, 50), now)
+        .await
+        .unwrap()
+        .top_up
+        .expect("a purchase");
+    let approved = PaymentResult::Approved {
+        payment_id: "pay-n".into(),
+    };
+    for _ in 0..2 {
+        store
+            .settle_top_up(paid("n", &bought.id, approved.clone()), now)
+            .await
+            .unwrap();
+    }
+    let notices = store.pending_notices().await.unwrap().remove(0).1;
+    assert_eq!(
+        notices.last().map(|n| (n.seq, n.kind.clone())),
+        Some((
+            3,
+            NoticeKind::TopUpSucceeded {
+                purchase_id: bought.id.clone(),
+                amount: 46 * CREDIT,
+                payment_id: "pay-n".into(),
+                balance: 50 * CREDIT,
+            }
+        ))
+    );
+    for seq in [2, 3] {
+        assert!(store.notice_delivered("n", seq, now).await.unwrap());
+    }
+    assert!(pending(&store).await.is_empty());
+    let unknown = store.notice_delivered("nobody", 1, now).await.unwrap_err();
+    assert!(rule(unknown).is_account_not_found());
 }
 
 pub async fn auto_top_up_needs_an_account_that_may_buy_credits<S: Store>(store: S) {

@@ -11,6 +11,7 @@ pub mod process;
 pub mod python;
 pub mod redis;
 pub mod webdriver;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -56,7 +56,7 @@ embedded store's data dir, which only the StatefulSet has).
     - name: QUOTAD_STORE__REDIS__JOURNAL_DIR
       value: /var/lib/quotad-journal
     {{- end }}
-    {{- range $entry := list (list "adminToken" "QUOTAD_ADMIN_TOKEN") (list "quotaToken" "QUOTAD_QUOTA_TOKEN") (list "paymentsToken" "QUOTAD_PAYMENTS_TOKEN") (list "paymentsHmacSecret" "QUOTAD_PAYMENTS_HMAC_SECRET") (list "accountTokenKeys" "QUOTAD_ACCOUNT_TOKEN_KEYS") }}
+    {{- range $entry := list (list "adminToken" "QUOTAD_ADMIN_TOKEN") (list "quotaToken" "QUOTAD_QUOTA_TOKEN") (list "paymentsToken" "QUOTAD_PAYMENTS_TOKEN") (list "paymentsHmacSecret" "QUOTAD_PAYMENTS_HMAC_SECRET") (list "notificationsHmacSecret" "QUOTAD_NOTIFICATIONS_HMAC_SECRET") (list "accountTokenKeys" "QUOTAD_ACCOUNT_TOKEN_KEYS") }}
     {{- $s := index $v.secrets (index $entry 0) }}
     {{- if or $s.existingSecret $s.value }}
     - name: {{ index $entry 1 }}

@@ -179,6 +179,7 @@ impl AccountState {
             expires_at,
         };
         let lot = self.add_lot(fingerprint, lot);
+        self.check_notices(policy, now);
         Ok(GrantOutcome {
             lot,
             credit_balance: self.ledger.balance(),
@@ -234,12 +235,14 @@ impl AccountState {
     }
 
     /// Whether this account may have credits bought for it.
-    fn top_up_eligible(&self, policy: &Policy) -> bool {
+    pub(super) fn top_up_eligible(&self, policy: &Policy) -> bool {
         policy.may_buy_credits(&self.account)
     }
 
-    /// The auto top-up trigger, run at the end of every change.
+    /// The auto top-up trigger, run at the end of every change; the notification rules run
+    /// first (a change they report on is one the trigger may buy after).
     pub(super) fn check_top_up(&mut self, policy: &Policy, now: Timestamp) -> Option<Purchase> {
+        self.check_notices(policy, now);
         if !self.top_up_eligible(policy) {
             return None;
         }
@@ -324,6 +327,10 @@ impl AccountState {
         now: Timestamp,
     ) -> Result<TopUpOutcome, DomainError> {
         self.settle(policy, now);
+        let settling = (self.top_up().in_flight())
+            .filter(|p| p.id == cmd.purchase_id)
+            .cloned();
+        let was_enabled = self.top_up().settings().enabled();
         if let Some(paid) = self.top_up.get_or_insert_with(Box::default).settle(
             &cmd.purchase_id,
             &cmd.result,
@@ -340,6 +347,13 @@ impl AccountState {
             };
             // No request to compare retries with: a purchase settles once.
             self.add_lot(0, lot);
+        }
+        // Only the answer that settled the purchase in flight is news (not a duplicate).
+        if let Some(purchase) = settling
+            && self.top_up().in_flight().is_none()
+        {
+            let disabled = was_enabled && !self.top_up().settings().enabled();
+            self.notice_settled(policy, purchase, &cmd.result, disabled, now);
         }
         let top_up = self.check_top_up(policy, now);
         Ok(TopUpOutcome {

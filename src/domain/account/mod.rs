@@ -15,11 +15,13 @@
 //! - `credits`: credit lots (grant, revoke) and auto top-up (settings, trigger, settlement);
 //! - `funding`: how a cost is paid for (plan allowance first, then credits where the route
 //!   allows) and when the plan can next pay, for denials;
-//! - `holds`: the records of open and finished reservations and how they are kept small.
+//! - `holds`: the records of open and finished reservations and how they are kept small;
+//! - `notices`: when the notification rules look at the account, and what they are shown.
 
 mod credits;
 mod funding;
 mod holds;
+mod notices;
 pub mod persisted;
 mod reserve;
 #[cfg(test)]
@@ -34,6 +36,7 @@ use super::decision::{Account, AccountStatus, HoldView, UsageEvent, UsageSnapsho
 use super::error::DomainError;
 use super::ledger::Ledger;
 use super::money::{Funding, Micros};
+use super::notice::Notices;
 use super::policy::{Plan, Policy};
 use super::time::{SECOND_MS, Timestamp};
 use super::top_up::{Purchase, TopUp};
@@ -74,6 +77,9 @@ pub struct AccountState {
     events: u64,
     /// None until auto top-up is first configured (most accounts never do).
     top_up: Option<Box<TopUp>>,
+    /// Notifications for the webhook worker, with what their rules remember; None until the
+    /// first is needed (most accounts never get one).
+    notices: Option<Box<Notices>>,
 }
 
 fn five_hour_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SlidingWindow, D::Error> {
@@ -107,6 +113,7 @@ impl AccountState {
             recent: VecDeque::new(),
             events: 0,
             top_up: None,
+            notices: None,
         }
     }
 
@@ -158,6 +165,11 @@ impl AccountState {
                 .check_state()
                 .map_err(|e| format!("auto top-up: {e}"))?;
         }
+        if let Some(notices) = &self.notices {
+            notices
+                .check_state()
+                .map_err(|e| format!("notifications: {e}"))?;
+        }
         Ok(())
     }
 
@@ -203,6 +215,8 @@ impl AccountState {
         self.ledger.expire(now);
         self.five_hour.advance(now);
         self.weekly.advance(now);
+        // A lot that expired may have taken the balance below the low-balance threshold.
+        self.check_notices(policy, now);
     }
 
     /// The auto top-up purchase in flight, if any.
@@ -380,8 +394,15 @@ mod tests {
             let mut now = Timestamp::from_millis(T0);
             let mut reservations: Vec<String> = Vec::new();
             let mut grants: Vec<String> = Vec::new();
+            // Notifications: whether the balance was seen at or above the low-balance threshold
+            // since the last credits.low, and when each window was last reported used up.
+            let low = policy.notifications.low_balance_micros;
+            let mut armed = false;
+            let mut exhausted: [Option<Timestamp>; 2] = [None, None];
             for (i, op) in ops.into_iter().enumerate() {
+                let recorded = s.notices_recorded();
                 s.settle(&policy, now);
+                armed |= s.ledger.balance() >= low;
                 let before = observe(&s, &policy);
                 let exposure_before = s.credit_exposure();
                 let mut beyond_hold = 0;
@@ -424,6 +445,30 @@ mod tests {
                 let plan_changed = matches!(op, Op::SetPlan { .. });
                 s.settle(&policy, now);
                 let after = observe(&s, &policy);
+
+                // Each notice once per occurrence: credits.low only on a crossing below the
+                // threshold, a used-up window at most once per window length.
+                let new = (s.notices_recorded() - recorded) as usize;
+                let pending: Vec<_> = s.pending_notices().cloned().collect();
+                for notice in &pending[pending.len().saturating_sub(new)..] {
+                    match &notice.kind {
+                        crate::domain::notice::NoticeKind::CreditsLow { balance, .. } => {
+                            prop_assert!(armed, "credits.low twice without the balance back at {low}");
+                            prop_assert!(*balance < low);
+                            armed = false;
+                        }
+                        crate::domain::notice::NoticeKind::WindowExhausted { window, used, limit, .. } => {
+                            prop_assert!(used >= limit);
+                            let (w, length) = if window == "5h" { (0, FIVE_HOUR.length_ms) } else { (1, WEEKLY.length_ms) };
+                            if let Some(last) = exhausted[w] {
+                                prop_assert!(now.as_millis() - last.as_millis() >= length, "{window} reported twice in one window");
+                            }
+                            exhausted[w] = Some(now);
+                        }
+                        other => prop_assert!(false, "no auto top-up here: {other:?}"),
+                    }
+                }
+                armed |= s.ledger.balance() >= low;
 
                 let t = s.ledger.totals();
                 prop_assert_eq!(t.granted, t.balance + t.spent + t.expired + t.revoked, "conservation");

@@ -45,6 +45,7 @@ use super::reserve::RequestRecord;
 use super::{AccountState, five_hour_window, weekly_window};
 use crate::domain::decision::{Account, UsageEvent};
 use crate::domain::ledger::Ledger;
+use crate::domain::notice::Notices;
 use crate::domain::time::Timestamp;
 use crate::domain::top_up::TopUp;
 use crate::domain::window::{SlidingWindow, WindowSpec};
@@ -52,8 +53,9 @@ use crate::domain::window::{SlidingWindow, WindowSpec};
 /// The persisted format this quotad writes and reads. Any change to the payload of any value
 /// (a field added, removed, reordered or retyped in a persisted type), or to what a data dir
 /// must hold to be whole, needs a new version. 2: records apart from the core; 3: the commit
-/// log, which a quotad of version 2 would not replay.
-pub const FORMAT_VERSION: u16 = 3;
+/// log, which a quotad of version 2 would not replay; 4: the core keeps the account's
+/// notifications (its outbox for the webhook worker).
+pub const FORMAT_VERSION: u16 = 4;
 
 const ACCOUNT_MAGIC: [u8; 2] = *b"QA";
 const RECORD_MAGIC: [u8; 2] = *b"QR";
@@ -170,6 +172,7 @@ struct CoreRef<'a> {
     grants: &'a Grants,
     events: u64,
     top_up: &'a Option<Box<TopUp>>,
+    notices: &'a Option<Box<Notices>>,
 }
 
 fn grants_ref<S: serde::Serializer>(grants: &&Grants, s: S) -> Result<S::Ok, S::Error> {
@@ -193,6 +196,7 @@ struct Core {
     grants: Grants,
     events: u64,
     top_up: Option<Box<TopUp>>,
+    notices: Option<Box<Notices>>,
 }
 
 /// A record as written, and as read back.
@@ -233,6 +237,7 @@ pub fn encode_account_changes(state: &mut AccountState) -> AccountWrite {
             grants: &state.grants,
             events: state.events,
             top_up: &state.top_up,
+            notices: &state.notices,
         },
     );
     let mut write = AccountWrite {
@@ -298,6 +303,7 @@ pub fn decode_account<'a>(
         recent: VecDeque::new(),
         events: core.events,
         top_up: core.top_up,
+        notices: core.notices,
     };
     state.check().map_err(DecodeError::Invalid)?;
     state.share_reservation_ids();

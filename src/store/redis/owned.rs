@@ -39,7 +39,8 @@
 //! - `x`: the partition's part of the usage export, a stream read with consumer groups;
 //! - `c:LEN:DOMAIN:KEY`: an Envoy RLS counter's window (`LEN`: the domain's length), kept
 //!   for its window's length; a domain's counters are all in one partition;
-//! - `pur`: accounts with an auto top-up purchase in flight and when it started; `meta`: the
+//! - `pur`: accounts with an auto top-up purchase in flight or notifications to deliver, and
+//!   since when (the maintenance pass visits them); `meta`: the
 //!   partition's count of open holds;
 //! - `lease` (owner and epoch, with a time to live) and `fence` (the epoch, never reset, and
 //!   the last batch number landed under it): ownership and fencing.
@@ -196,15 +197,16 @@ fn rendezvous(partition: u16, id: &str) -> u64 {
 }
 
 /// What the engine is told when a partition comes to this replica or leaves it: the accounts
-/// with a purchase in flight and the open holds the partition has in Redis. A partition that
-/// leaves has been flushed and no decision on it is in flight; the engine drops its accounts
-/// from memory before the lease is given up.
+/// the maintenance pass must visit (a purchase in flight, notifications to deliver) and the open
+/// holds the partition has in Redis. A partition that leaves has been flushed and no decision on
+/// it is in flight; the engine drops its accounts from memory before the lease is given up.
 pub struct Hooks {
     pub came: Box<dyn Fn(u16, Purchases, i64) + Send + Sync>,
     pub gone: Box<dyn Fn(u16, i64) + Send + Sync>,
 }
 
-/// Accounts with an auto top-up purchase in flight, and when each started.
+/// Accounts with an auto top-up purchase in flight or notifications to deliver, and since when
+/// (the earlier of the purchase's start and the oldest notification).
 pub type Purchases = Vec<(String, Timestamp)>;
 
 /// Redis behind the engine: leases, the batch writer and the reads of what is not in memory.

@@ -99,7 +99,8 @@ pub trait OwnedStorage: Send + Sync + 'static {
         sections: &'a [&'a Section],
     ) -> Pin<Box<dyn Future<Output = Written> + Send + 'a>>;
 
-    /// A partition's accounts with a purchase in flight, and its open holds.
+    /// A partition's accounts with a purchase in flight or notifications to deliver, and its
+    /// open holds.
     fn partition_index(&self, partition: u16) -> StorageFuture<'_, (Purchases, i64)>;
 
     /// An account's core and the values of its records, if it was ever written.
@@ -701,7 +702,8 @@ impl OwnedStorage for RedisStorage {
     }
 }
 
-/// Accounts with a purchase in flight, and the open holds, of a partition.
+/// Accounts with a purchase in flight or notifications to deliver, and the open holds, of a
+/// partition.
 async fn read_partition_index(
     conn: &mut Connection,
     prefix: &str,
