@@ -25,25 +25,10 @@ async fn server_with_billing(url: &str) -> TestServer {
 
 const HMAC_SECRET: &str = "a shared secret of the billing service";
 
-/// What the billing service does with `Quotad-Signature`: recompute it over the raw body.
+/// What the billing service does with `Quotad-Signature`: recompute it over the raw body (as a
+/// webhook receiver does: the same signing).
 fn signature_is_valid(seen: &support::billing::Seen) -> bool {
-    let Some((t, v1)) = seen
-        .signature
-        .strip_prefix("t=")
-        .and_then(|rest| rest.split_once(",v1="))
-    else {
-        return false;
-    };
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_SECRET.as_bytes());
-    let tag: Vec<u8> = (0..v1.len() / 2)
-        .filter_map(|i| u8::from_str_radix(&v1[2 * i..2 * i + 2], 16).ok())
-        .collect();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let fresh = t.parse::<u64>().is_ok_and(|t| now.abs_diff(t) < 300);
-    fresh && ring::hmac::verify(&key, format!("{t}.{}", seen.raw_body).as_bytes(), &tag).is_ok()
+    support::webhooks::signature_is_valid(HMAC_SECRET, &seen.signature, &seen.raw_body)
 }
 
 async fn usage(q: &mut QuotaClient, account: &str) -> pb::GetUsageResponse {
