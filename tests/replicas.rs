@@ -864,14 +864,16 @@ async fn parallel_commits_across_replicas_buy_exactly_once() {
     let started = std::time::Instant::now();
     let usage = loop {
         tokio::time::sleep(Duration::from_millis(300)).await; // past the usage staleness bound
-        let u = client
-            .get_usage(pb::GetUsageRequest {
-                account_id: "t".into(),
-                recent_limit: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let request = pb::GetUsageRequest {
+            account_id: "t".into(),
+            recent_limit: 0,
+        };
+        // A partition may be moving (a lease renewal late on a busy machine): asked again.
+        let u = match client.get_usage(request).await {
+            Ok(answer) => answer.into_inner(),
+            Err(s) if retryable(&s) && started.elapsed() < Duration::from_secs(10) => continue,
+            Err(s) => panic!("GetUsage: {s:?}"),
+        };
         if u.auto_top_up
             .as_ref()
             .is_some_and(|t| t.in_flight_purchase_id.is_empty() && t.last_attempt.is_some())
