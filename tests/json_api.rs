@@ -128,6 +128,31 @@ fn masked(outcome: &Outcome, account: &str) -> Outcome {
     }
 }
 
+/// One way through the door: the answers so far, and the reservations their Reserves made.
+struct Walk<'a> {
+    server: &'a TestServer,
+    json: bool,
+    outcomes: Vec<(String, Outcome)>,
+    reservations: Vec<String>,
+}
+
+impl Walk<'_> {
+    async fn call(&mut self, service: &str, method: &str, body: Value) {
+        let outcome = if self.json {
+            over_json(self.server, service, method, body).await
+        } else {
+            over_grpc(self.server, service, method, body).await
+        };
+        if let (Ok(answer), "Reserve") = (&outcome, method) {
+            let id = answer["reservationId"].as_str().unwrap().to_owned();
+            if !self.reservations.contains(&id) {
+                self.reservations.push(id);
+            }
+        }
+        self.outcomes.push((format!("{service}.{method}"), outcome));
+    }
+}
+
 /// The walkthrough: an account is made, gets credits, runs tasks onto them, is read, previews and
 /// sets auto top-up, has a grant revoked and a token minted; wrong calls on the way.
 async fn walkthrough(server: &TestServer, json: bool, account: &str) -> Vec<(String, Outcome)> {
@@ -137,104 +162,42 @@ async fn walkthrough(server: &TestServer, json: bool, account: &str) -> Vec<(Str
         "outputTokens": "8000"
     });
     let small = json!({ "model": "gpt-5.5", "outputTokens": "1000" });
-    let mut steps: Vec<(&str, &str, Value)> = vec![
-        (
-            "AdminService",
-            "UpsertAccount",
-            json!({ "account": { "accountId": account, "plan": "plus", "creditPurchaseAllowed": true } }),
-        ),
-        (
-            "AdminService",
-            "GrantCredits",
-            json!({ "accountId": account, "grantId": "g1", "amountMicros": "20000000", "source": "purchase" }),
-        ),
-        (
-            "QuotaService",
-            "Reserve",
-            json!({ "accountId": account, "requestId": "r1", "product": "codex", "estimate": codex_big }),
-        ),
-    ];
-    let mut outcomes = Vec::new();
-    let mut reservations = Vec::new();
-    let run = async |service: &str, method: &str, body: Value, outcomes: &mut Vec<_>| {
-        let outcome = if json {
-            over_json(server, service, method, body).await
-        } else {
-            over_grpc(server, service, method, body).await
-        };
-        outcomes.push((format!("{service}.{method}"), outcome.clone()));
-        outcome
+    let mut walk = Walk {
+        server,
+        json,
+        outcomes: Vec::new(),
+        reservations: Vec::new(),
     };
-    for (service, method, body) in steps.drain(..) {
-        let outcome = run(service, method, body, &mut outcomes).await;
-        if let Ok(answer) = &outcome
-            && let Some(id) = answer.get("reservationId")
-        {
-            reservations.push(id.as_str().unwrap().to_owned());
-        }
-    }
-    let later: Vec<(&str, &str, Value)> = vec![
-        (
-            "QuotaService",
-            "Commit",
-            json!({ "accountId": account, "reservationId": reservations[0], "usage": codex_big, "final": true }),
-        ),
-        // The same request id again: the first answer, not a second reservation.
-        (
-            "QuotaService",
-            "Reserve",
-            json!({ "accountId": account, "requestId": "r1", "product": "codex", "estimate": codex_big }),
-        ),
-        // 10 credits left on the plan's window, 6 onto credits.
-        (
-            "QuotaService",
-            "Reserve",
-            json!({ "accountId": account, "requestId": "r2", "product": "excel", "estimate": sheet }),
-        ),
-    ];
-    for (service, method, body) in later {
-        let outcome = run(service, method, body, &mut outcomes).await;
-        if let Ok(answer) = &outcome
-            && method == "Reserve"
-        {
-            reservations.push(answer["reservationId"].as_str().unwrap().to_owned());
-        }
-    }
-    let rest: Vec<(&str, &str, Value)> = vec![
-        (
-            "QuotaService",
-            "Commit",
-            json!({ "accountId": account, "reservationId": reservations[2], "usage": sheet, "final": true }),
-        ),
-        (
-            "QuotaService",
-            "Reserve",
-            json!({ "accountId": account, "requestId": "r3", "product": "codex", "estimate": small }),
-        ),
-    ];
-    for (service, method, body) in rest {
-        let outcome = run(service, method, body, &mut outcomes).await;
-        if let Ok(answer) = &outcome
-            && method == "Reserve"
-        {
-            reservations.push(answer["reservationId"].as_str().unwrap().to_owned());
-        }
-    }
+    let upsert = json!({ "account": { "accountId": account, "plan": "plus", "creditPurchaseAllowed": true } });
+    walk.call("AdminService", "UpsertAccount", upsert).await;
+    let grant = json!({ "accountId": account, "grantId": "g1", "amountMicros": "20000000", "source": "purchase" });
+    walk.call("AdminService", "GrantCredits", grant).await;
+    let big = json!({ "accountId": account, "requestId": "r1", "product": "codex", "estimate": codex_big });
+    walk.call("QuotaService", "Reserve", big.clone()).await;
+    let commit = json!({ "accountId": account, "reservationId": walk.reservations[0], "usage": codex_big, "final": true });
+    walk.call("QuotaService", "Commit", commit).await;
+    // The same request id again: the first answer, not a second reservation.
+    walk.call("QuotaService", "Reserve", big).await;
+    assert_eq!(walk.reservations.len(), 1, "a retry reserves nothing new");
+    // 10 credits left on the plan's window, 6 onto credits.
+    let spill =
+        json!({ "accountId": account, "requestId": "r2", "product": "excel", "estimate": sheet });
+    walk.call("QuotaService", "Reserve", spill).await;
+    let commit = json!({ "accountId": account, "reservationId": walk.reservations[1], "usage": sheet, "final": true });
+    walk.call("QuotaService", "Commit", commit).await;
+    let cancelled =
+        json!({ "accountId": account, "requestId": "r3", "product": "codex", "estimate": small });
+    walk.call("QuotaService", "Reserve", cancelled).await;
+    let release = json!({ "accountId": account, "reservationId": walk.reservations[2] });
+    walk.call("QuotaService", "Release", release).await;
+
     let top_up = json!({
         "accountId": account, "enabled": true, "thresholdMicros": "5000000",
         "targetMicros": "30000000"
     });
-    let last: Vec<(&str, &str, Value)> = vec![
-        (
-            "QuotaService",
-            "Release",
-            json!({ "accountId": account, "reservationId": reservations[3] }),
-        ),
-        (
-            "QuotaService",
-            "GetUsage",
-            json!({ "accountId": account, "recentLimit": 10 }),
-        ),
+    let usage = json!({ "accountId": account, "recentLimit": 10 });
+    let rest: Vec<(&str, &str, Value)> = vec![
+        ("QuotaService", "GetUsage", usage.clone()),
         ("AdminService", "PreviewAutoTopUp", top_up.clone()),
         ("AdminService", "SetAutoTopUp", top_up),
         (
@@ -252,11 +215,7 @@ async fn walkthrough(server: &TestServer, json: bool, account: &str) -> Vec<(Str
             "MintAccountToken",
             json!({ "accountId": account, "abilities": ["read_usage"], "ttlSeconds": 600 }),
         ),
-        (
-            "QuotaService",
-            "GetUsage",
-            json!({ "accountId": account, "recentLimit": 10 }),
-        ),
+        ("QuotaService", "GetUsage", usage),
         // Wrong calls: each error the same both ways.
         (
             "QuotaService",
@@ -289,10 +248,10 @@ async fn walkthrough(server: &TestServer, json: bool, account: &str) -> Vec<(Str
             json!({ "accountId": account, "abilities": ["everything"] }),
         ),
     ];
-    for (service, method, body) in last {
-        let _ = run(service, method, body, &mut outcomes).await;
+    for (service, method, body) in rest {
+        walk.call(service, method, body).await;
     }
-    outcomes
+    walk.outcomes
 }
 
 async fn grpc_and_json_give_the_same_answers(store: support::TestStore) {
