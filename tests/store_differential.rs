@@ -512,6 +512,9 @@ async fn the_embedded_data_dir_answers_exactly_as_memory_alone() {
         let mut settings = DataDirSettings::new(dir.path());
         // Short, so that the clock's jumps send accounts out of memory often.
         settings.evict_idle = std::time::Duration::from_secs(20 * 60);
+        // Small, so that the commit log changes segments (and checkpoints) within a seed, and
+        // a fresh data dir does not zero-fill 128 MiB of log first.
+        settings.log_segment_bytes = 256 << 10;
         let rules = rules.clone();
         // The closure keeps the directory for the seed.
         Box::new(move || {

@@ -232,8 +232,10 @@ impl CommitLog {
             }
         }
         let (file, path, direct) = take_segment(dir, segment_bytes, next_batch)?;
-        for (_, path) in old {
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        // An old segment named as the new one (no batch was written into it before this
+        // start) has just been replaced by it.
+        for (_, old) in old.into_iter().filter(|(_, old)| *old != path) {
+            std::fs::remove_file(&old).map_err(io_err(&old))?;
         }
         sync_dir(dir)?;
         Ok(CommitLog {
@@ -459,6 +461,25 @@ mod tests {
         let recovered = recover(dir.path()).unwrap();
         assert_eq!(recovered.first, Some(61));
         assert!(recovered.batches.is_empty());
+    }
+
+    /// A quotad restarted before it wrote a batch starts its log again at the same number, so
+    /// the new segment has the old one's name: the old one is replaced, never the new one
+    /// removed (that left the log's writes in an unlinked file, and the next segment change
+    /// failing).
+    #[test]
+    fn a_start_at_the_number_of_an_unused_segment_keeps_its_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(dir.path(), 1..=3));
+        drop(CommitLog::start(dir.path(), SEGMENT, 4).unwrap());
+        let mut log = write(dir.path(), 4..=60);
+        assert!(log.segments() > 2, "{} segments", log.segments());
+        assert_eq!(
+            numbers(&recover(dir.path()).unwrap()),
+            (4..=60).collect::<Vec<_>>()
+        );
+        log.checkpointed(59).unwrap();
+        assert_eq!(log.segments(), 1);
     }
 
     #[test]
