@@ -143,18 +143,6 @@ async fn metric_value(quotad: &Quotad, series: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-async fn until_logged(quotad: &Quotad, text: &str) {
-    let started = Instant::now();
-    while !quotad.output().contains(text) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{text:?} not logged:\n{}",
-            quotad.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn reload_under_load(dir: PathBuf, store_args: Vec<String>) {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("quotad.toml");
@@ -203,10 +191,10 @@ async fn reload_under_load(dir: PathBuf, store_args: Vec<String>) {
     // 2. A broken file (a limit that is not a number, then a plan that does not exist) is
     // refused, by polling and on SIGHUP; the rules in force keep serving.
     write(&file, "[plans.free]\nlimit_5h_micros = \"lots\"\n");
-    until_logged(&quotad, "config reload refused").await;
+    quotad.until_printed("config reload refused").await;
     write(&file, "default_plan = \"platinum\"\n");
     quotad.signal("HUP");
-    until_logged(&quotad, "SIGHUP: reloading the config").await;
+    quotad.until_printed("SIGHUP: reloading the config").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(quotad.output().contains("platinum"), "{}", quotad.output());
     let still = until_reserve(&mut q, "probe-broken", |_| true).await;
@@ -225,7 +213,7 @@ async fn reload_under_load(dir: PathBuf, store_args: Vec<String>) {
             config(300, 400, "v3")
         ),
     );
-    until_logged(&quotad, "server.request_timeout_ms").await;
+    quotad.until_printed("server.request_timeout_ms").await;
     let v3 = until_reserve(&mut q, "probe-v3", |r| {
         r.windows[0].limit_micros == 300 * CREDIT
     })

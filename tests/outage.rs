@@ -117,10 +117,9 @@ async fn quotad_fails_fast_while_redis_is_down_and_recovers_by_itself() {
         ServingStatus::Serving
     );
     wait_for_store(&channel, ServingStatus::NotServing).await;
-    assert!(
-        quotad.output().contains("Redis does not answer"),
-        "the outage shows in the logs"
-    );
+    quotad
+        .until_logged("the outage", |l| l.contains("Redis does not answer"))
+        .await;
 
     redis.restart();
     let back = Instant::now();

@@ -905,6 +905,42 @@ async fn parallel_commits_across_replicas_buy_exactly_once() {
     drop(procs);
 }
 
+/// The owner every replica names for `account` in `quotad-owner` (each answers it, itself or
+/// through the owner). While a partition still moves (a replica just joined) two replicas
+/// may name different owners for a moment: asked again until they agree, for at most 15 s.
+async fn agreed_owner(clients: &[QuotaServiceClient<Channel>], account: &str) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let mut named = Vec::new();
+        for client in clients {
+            let asked = client
+                .clone()
+                .get_usage(pb::GetUsageRequest {
+                    account_id: account.to_string(),
+                    recent_limit: 0,
+                })
+                .await;
+            named.push(match asked {
+                Ok(answer) => {
+                    let owner = answer.metadata().get("quotad-owner").expect("names it");
+                    owner.to_str().unwrap().to_owned()
+                }
+                // A partition moving to its new owner answers UNAVAILABLE for a moment.
+                Err(e) if retryable(&e) => format!("({e:?})"),
+                Err(e) => panic!("{account}: {e:?}"),
+            });
+        }
+        if named.iter().all(|n| n == &named[0]) {
+            return named.swap_remove(0);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{account}: the replicas name {named:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Any replica answers any account: a call at a replica that does not own the
 /// account is forwarded to the owner, and every answer names the owner in `quotad-owner`, the
 /// same one whichever replica was asked.
@@ -920,30 +956,15 @@ async fn any_owner_answers_for_every_account_and_names_the_owner() {
     // Until every replica has joined and taken its share, an owner may still be moving.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     setup_accounts(&urls[0]).await;
+    let mut clients = Vec::new();
+    for url in &urls {
+        clients.push(QuotaServiceClient::connect(url.clone()).await.unwrap());
+    }
     let mut owners = std::collections::HashSet::new();
     for id in PLUS.iter().chain(FREE.iter()) {
-        let mut named = Vec::new();
-        for url in &urls {
-            let mut client = QuotaServiceClient::connect(url.clone()).await.unwrap();
-            let answer = client
-                .get_usage(pb::GetUsageRequest {
-                    account_id: id.to_string(),
-                    recent_limit: 0,
-                })
-                .await
-                .unwrap_or_else(|e| panic!("{id} at {url}: {e:?}"));
-            let owner = answer
-                .metadata()
-                .get("quotad-owner")
-                .expect("names its owner");
-            named.push(owner.to_str().unwrap().to_owned());
-        }
-        assert!(named.iter().all(|n| n == &named[0]), "{id}: {named:?}");
-        assert!(
-            addresses.contains(&named[0]),
-            "{id}: {named:?} not a replica"
-        );
-        owners.insert(named[0].clone());
+        let owner = agreed_owner(&clients, id).await;
+        assert!(addresses.contains(&owner), "{id}: {owner} not a replica");
+        owners.insert(owner);
     }
     assert!(
         owners.len() > 1,
@@ -1075,22 +1096,12 @@ async fn owners_forward_to_each_other_over_mtls() {
             .await
             .unwrap_or_else(|e| panic!("{account}: {e:?}"));
         assert_eq!(reserved.get_ref().decision(), Decision::Allow);
-        let mut named = Vec::new();
-        for client in &clients {
-            let answer = client
-                .clone()
-                .get_usage(pb::GetUsageRequest {
-                    account_id: account.to_string(),
-                    recent_limit: 0,
-                })
-                .await
-                .unwrap_or_else(|e| panic!("{account}: {e:?}"));
-            let owner = answer.metadata().get("quotad-owner").expect("names it");
-            named.push(owner.to_str().unwrap().to_owned());
-        }
-        assert!(named.iter().all(|n| n == &named[0]), "{account}: {named:?}");
-        assert!(addresses.contains(&named[0]), "{named:?}");
-        owners.insert(named[0].clone());
+        let owner = agreed_owner(&clients, account).await;
+        assert!(
+            addresses.contains(&owner),
+            "{account}: {owner} not a replica"
+        );
+        owners.insert(owner);
     }
     assert!(owners.len() > 1, "calls were forwarded: {owners:?}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -212,9 +212,12 @@ async fn a_shadow_denial_is_counted_and_logged() {
         ),
         "answered ALLOW:\n{metrics}"
     );
-    let logged = quotad.output().lines().any(|l| {
-        l.contains("shadow mode") && l.contains("WINDOW_EXHAUSTED") && l.contains("UPGRADE_PLAN")
-    });
-    assert!(logged, "{}", quotad.output());
+    quotad
+        .until_logged("the shadow denial", |l| {
+            l.contains("shadow mode")
+                && l.contains("WINDOW_EXHAUSTED")
+                && l.contains("UPGRADE_PLAN")
+        })
+        .await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -158,14 +158,30 @@ impl Peers {
             ))
         };
         let answered = match channel.ready().await {
-            Ok(ready) => ready.call(request).await,
-            Err(e) => Err(e),
+            Ok(ready) => ready.call(request).await.map_err(unreachable),
+            Err(e) => Err(unreachable(e)),
+        };
+        // Read whole here (an answer is one small message and its trailers): an owner that
+        // goes away mid-answer then gives the caller a clear UNAVAILABLE to retry, not a stream
+        // reset from this replica's own transport.
+        let answered = match answered {
+            Ok(answer) => {
+                let (head, body) = answer.into_parts();
+                match body.collect().await {
+                    Ok(whole) => Ok(http::Response::from_parts(head, Body::new(whole))),
+                    Err(e) => Err(Status::unavailable(format!(
+                        "the account's owner at {address} stopped answering mid-call ({e}); \
+                         it may have acted: retry with the same request id"
+                    ))),
+                }
+            }
+            Err(status) => Err(status),
         };
         self.metrics.forwarded(match answered {
             Ok(_) => "answered",
             Err(_) => "unreachable",
         });
-        answered.map_err(unreachable)
+        answered
     }
 }
 

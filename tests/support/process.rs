@@ -124,6 +124,26 @@ impl Quotad {
     pub fn output(&self) -> String {
         self.output.lock().unwrap().join("\n")
     }
+
+    /// Waits (at most 10 s) until a line it printed matches `line`: its output is read by
+    /// another thread, so a line it printed a moment ago may not have been read yet.
+    pub async fn until_logged(&self, what: &str, line: impl Fn(&str) -> bool) {
+        let started = std::time::Instant::now();
+        while !self.output.lock().unwrap().iter().any(|l| line(l)) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{what} not logged:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (at most 10 s) until it printed a line holding `text`.
+    pub async fn until_printed(&self, text: &str) {
+        self.until_logged(&format!("{text:?}"), |l| l.contains(text))
+            .await;
+    }
 }
 
 impl Drop for Quotad {
