@@ -275,7 +275,7 @@ impl Model {
                         let keep: usize = String::from_utf8(arg(1)).unwrap().parse().unwrap();
                         let list = self.lists.entry(op.key.clone()).or_default();
                         list.push(arg(0));
-                        if list.len() > keep {
+                        if keep > 0 && list.len() > keep {
                             list.drain(..list.len() - keep);
                         }
                     }

@@ -166,6 +166,39 @@ async fn a_write_under_an_old_epoch_is_refused() {
     assert_eq!(store.health(), StoreHealth::Up);
 }
 
+/// An account's history list is trimmed every few charges, not at each one: it never holds
+/// more than 7 past what the account keeps (100 by default), and reads answer exactly the
+/// newest kept, after a restart from Redis as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_in_redis_stays_within_what_it_keeps() {
+    let redis = RedisServer::start();
+    let redis_settings = settings(&redis.url(), None);
+    let prefix = redis_settings.key_prefix.clone();
+    let store = store_with(redis_settings.clone(), short_lease()).await;
+    grant(&store, "acct", 1_000).await;
+    let partition = quotad::store::redis::owned::partition_of("acct", 64);
+    let history = format!("{prefix}:{{o{partition}}}:h:acct");
+    let mut longest = 0;
+    for n in 1..=130 {
+        spend(&store, "acct", &format!("t{n}")).await;
+        let len: usize = (redis.cli(&["LLEN", &history]).unwrap().trim().parse()).unwrap();
+        assert!(len <= 107, "after {n} charges the list holds {len}");
+        assert!(len >= n.min(100), "after {n} charges the list holds {len}");
+        longest = longest.max(len);
+    }
+    assert!(longest > 100, "trimmed at every charge: {longest}");
+    let recent = store.usage("acct", 1_000, NOW).await.unwrap().recent;
+    drop(store);
+    assert_eq!(recent.len(), 100);
+    assert_eq!(recent.first().map(|e| e.seq), Some(130), "newest first");
+    assert_eq!(recent.last().map(|e| e.seq), Some(31));
+    let again = store_with(redis_settings, short_lease()).await;
+    assert_eq!(
+        again.usage("acct", 1_000, NOW).await.unwrap().recent,
+        recent
+    );
+}
+
 /// On a standalone Redis a batch is a plain transaction (`WATCH`, `MULTI` … `EXEC`), not a
 /// script; on a Cluster it stays the `WRITE` script (`store_redis_cluster.rs` runs the contract
 /// there).

@@ -1680,11 +1680,13 @@ impl Shared {
             }
             for event in &change.events {
                 let encoded = encode_event(id, event);
-                let keep = change.recent_keep.max(1).to_string().into_bytes();
+                let keep = u64::from(change.recent_keep.max(1));
+                let trim = event.seq > keep && event.seq % HISTORY_TRIM_EVERY == 0;
+                let keep = if trim { keep } else { 0 };
                 op(
                     b"L",
                     AccountKeys::history(tag, id),
-                    vec![encoded.clone(), keep],
+                    vec![encoded.clone(), keep.to_string().into_bytes()],
                 );
                 let keep = change.export_keep.max(1).to_string().into_bytes();
                 op(b"X", format!("{tag}:x"), vec![encoded, keep]);
@@ -1871,6 +1873,12 @@ impl Shared {
     }
 }
 
+/// An account's history list is trimmed to what it keeps at every this many charges, not at
+/// each one: a trim is a command of its own in a transaction (a third of what a charge's
+/// history costs Redis), and reads take only the newest events kept. A list holds at most
+/// this many less one past what it keeps.
+const HISTORY_TRIM_EVERY: u64 = 8;
+
 /// First and longest wait between attempts at a batch Redis did not take.
 const RETRY_FIRST: Duration = Duration::from_millis(20);
 const RETRY_MOST: Duration = Duration::from_millis(250);
@@ -1879,8 +1887,8 @@ const RETRY_MOST: Duration = Duration::from_millis(250);
 const REPLAY_CALL_BYTES: usize = 1 << 20;
 
 /// One write of a batch to a partition's key (the storage scripts' ops: `S` set, `H` hash
-/// set, `h` hash delete, `L` list append kept to a length, `X` stream append kept to a
-/// length, `C` hash field add, `P` set with a time to live in milliseconds).
+/// set, `h` hash delete, `L` list append, then trimmed to a length unless it is 0, `X` stream
+/// append kept to a length, `C` hash field add, `P` set with a time to live in milliseconds).
 pub struct Op {
     pub code: &'static [u8],
     pub key: String,

@@ -142,7 +142,7 @@ for _, s in ipairs(sections) do
       elseif op == 'h' then redis.call('HDEL', key, ARGV[i + 2]); i = i + 3
       elseif op == 'L' then
         local keep = tonumber(ARGV[i + 3])
-        if redis.call('RPUSH', key, ARGV[i + 2]) > keep then
+        if redis.call('RPUSH', key, ARGV[i + 2]) > keep and keep > 0 then
           redis.call('LTRIM', key, -keep, -1)
         end
         i = i + 4
@@ -470,8 +470,12 @@ fn queue(pipe: &mut redis::Pipeline, op: &Op) -> Result<(), StorageError> {
             let keep = (std::str::from_utf8(arg(1)?).ok())
                 .and_then(|k| k.parse::<i64>().ok())
                 .ok_or_else(|| StorageError::Corrupt("a list write's length".into()))?;
-            pipe.cmd("RPUSH").arg(key).arg(arg(0)?).ignore();
-            pipe.cmd("LTRIM").arg(key).arg(-keep).arg(-1)
+            if keep == 0 {
+                pipe.cmd("RPUSH").arg(key).arg(arg(0)?)
+            } else {
+                pipe.cmd("RPUSH").arg(key).arg(arg(0)?).ignore();
+                pipe.cmd("LTRIM").arg(key).arg(-keep).arg(-1)
+            }
         }
         b"X" => (pipe
             .cmd("XADD")
