@@ -5,7 +5,7 @@
 //! quota.v1's messages also get the proto3 JSON mapping (`pbjson-build`: serde implementations
 //! generated from the same descriptors), which the JSON door and `quotactl --json` share, so no
 //! JSON form of a message is written by hand. Its well-known types come from `pbjson-types`,
-//! whose `Timestamp` is an RFC 3339 string in JSON as the mapping says.
+//! but for `Timestamp` (`src/api/wkt.rs`: the mapping's `Z`-normalized RFC 3339 string).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(&quota_descriptor)
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        .extern_path(".google.protobuf.Timestamp", "crate::api::wkt::Timestamp")
         .compile_protos(&["proto/quota/v1/quota.proto"], &["proto"])?;
     pbjson_build::Builder::new()
         .register_descriptors(&std::fs::read(&quota_descriptor)?)?

@@ -561,11 +561,11 @@ type ReserveAnswer = (
     i32,
     String,
     Option<pb::Funding>,
-    Option<pbjson_types::Timestamp>,
+    Option<quotad::api::wkt::Timestamp>,
     i64,
     i32,
     i32,
-    Option<pbjson_types::Timestamp>,
+    Option<quotad::api::wkt::Timestamp>,
 );
 
 fn reserve_answer(r: &pb::ReserveResponse) -> ReserveAnswer {

@@ -130,7 +130,7 @@ fn funding(plan: i64, credit: i64) -> Option<pb::Funding> {
     })
 }
 
-fn seconds(t: &Option<pbjson_types::Timestamp>) -> i64 {
+fn seconds(t: &Option<quotad::api::wkt::Timestamp>) -> i64 {
     t.as_ref().expect("timestamp set").seconds
 }
 
@@ -450,7 +450,7 @@ async fn lots_are_spent_earliest_expiry_first_and_never_after_expiry(store: supp
         grant_id: id.into(),
         amount_micros: credits * CREDIT,
         source: source.into(),
-        expires_at: Some(pbjson_types::Timestamp {
+        expires_at: Some(quotad::api::wkt::Timestamp {
             seconds: now + days * 86_400,
             nanos: 0,
         }),
@@ -617,7 +617,7 @@ async fn bad_input_is_invalid_argument_naming_the_field_and_changes_nothing(
         ),
         (
             pb::GrantCreditsRequest {
-                expires_at: Some(pbjson_types::Timestamp {
+                expires_at: Some(quotad::api::wkt::Timestamp {
                     seconds: 1,
                     nanos: 0,
                 }),

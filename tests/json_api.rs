@@ -296,6 +296,15 @@ async fn grpc_and_json_give_the_same_answers(store: support::TestStore) {
     let usage = usage.as_ref().unwrap();
     assert_eq!(usage["ledger"]["spentMicros"], "6000000", "{usage}");
     assert_eq!(usage["recent"].as_array().unwrap().len(), 2, "{usage}");
+    // Instants as the mapping writes them: RFC 3339 in UTC with a `Z`.
+    let at = usage["recent"][0]["at"].as_str().unwrap();
+    let expires = usage["lots"][0]["expiresAt"].as_str().unwrap();
+    for instant in [at, expires] {
+        assert!(
+            instant.len() >= 20 && instant.ends_with('Z') && instant.as_bytes()[10] == b'T',
+            "{usage}"
+        );
+    }
 
     // The door's own refusals: no token, a wrong method, a body that is no message, another
     // content type, an unknown call.

@@ -16,9 +16,9 @@ use crate::domain::{
     Timestamp, TopUpPreview, TopUpView, Usage, UsageEvent, UsageSnapshot, WindowStatus,
 };
 
-pub fn timestamp(t: Timestamp) -> pbjson_types::Timestamp {
+pub fn timestamp(t: Timestamp) -> crate::api::wkt::Timestamp {
     let ms = t.as_millis();
-    pbjson_types::Timestamp {
+    crate::api::wkt::Timestamp {
         seconds: ms.div_euclid(1_000),
         nanos: (ms.rem_euclid(1_000) * 1_000_000) as i32,
     }
@@ -31,7 +31,7 @@ pub fn timestamp(t: Timestamp) -> pbjson_types::Timestamp {
 const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
 
 /// A protobuf timestamp as a domain instant (sub-millisecond precision is truncated).
-pub fn from_timestamp(field: &str, t: &pbjson_types::Timestamp) -> Result<Timestamp, Status> {
+pub fn from_timestamp(field: &str, t: &crate::api::wkt::Timestamp) -> Result<Timestamp, Status> {
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(super::status::invalid_argument(
             field,
@@ -458,8 +458,12 @@ mod tests {
 
     #[test]
     fn timestamps_outside_years_1_to_9999_are_refused() {
-        let at =
-            |seconds| from_timestamp("expires_at", &pbjson_types::Timestamp { seconds, nanos: 0 });
+        let at = |seconds| {
+            from_timestamp(
+                "expires_at",
+                &crate::api::wkt::Timestamp { seconds, nanos: 0 },
+            )
+        };
         assert!(at(253_402_300_799).is_ok());
         assert!(at(-62_135_596_800).is_ok());
         for seconds in [253_402_300_800, -62_135_596_801, i64::MAX / 1_000, i64::MIN] {
@@ -493,7 +497,7 @@ mod tests {
             let t = Timestamp::from_millis(ms);
             assert_eq!(from_timestamp("t", &timestamp(t)).unwrap(), t);
         }
-        let bad = pbjson_types::Timestamp {
+        let bad = crate::api::wkt::Timestamp {
             seconds: 0,
             nanos: -1,
         };

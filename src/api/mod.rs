@@ -14,6 +14,7 @@ pub mod page;
 pub mod rls;
 pub mod status;
 pub mod tokens;
+pub mod wkt;
 
 use std::sync::Arc;
 

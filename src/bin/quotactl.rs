@@ -127,7 +127,8 @@ enum Command {
         /// purchase].
         #[arg(long)]
         source: Option<String>,
-        /// Expiry as YYYY-MM-DDTHH:MM:SSZ (UTC) [default: 12 months after the grant].
+        /// Expiry as an RFC 3339 instant, e.g. 2027-01-31T00:00:00Z [default: 12 months after the
+        /// grant].
         #[arg(long, value_name = "INSTANT")]
         expires_at: Option<String>,
     },
@@ -565,50 +566,13 @@ fn credits(flag: &str, text: &str) -> anyhow::Result<i64> {
     }
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SSZ` (UTC) exactly.
-fn parse_instant(text: &str) -> anyhow::Result<pbjson_types::Timestamp> {
-    let bad = || {
-        anyhow::anyhow!(
-            "--expires-at {text:?}: expected YYYY-MM-DDTHH:MM:SSZ, e.g. 2027-01-31T00:00:00Z"
-        )
-    };
-    let b = text.as_bytes();
-    if b.len() != 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-        || b[19] != b'Z'
-    {
-        return Err(bad());
-    }
-    let num = |range: std::ops::Range<usize>| text[range].parse::<i64>().map_err(|_| bad());
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
-        return Err(bad());
-    }
-    // Days from the epoch by H. Hinnant's civil-date algorithm.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second;
-    let back = Timestamp::from_millis(seconds * SECOND_MS).to_string();
-    if back[..19] != text[..19] {
-        return Err(bad()); // e.g. February 30th
-    }
-    Ok(pbjson_types::Timestamp { seconds, nanos: 0 })
+/// Parses an RFC 3339 instant (`2027-01-31T00:00:00Z`, or with another offset).
+fn parse_instant(text: &str) -> anyhow::Result<quotad::api::wkt::Timestamp> {
+    text.parse()
+        .map_err(|why| anyhow::anyhow!("--expires-at: {why}"))
 }
 
-fn instant(t: &Option<pbjson_types::Timestamp>) -> Option<String> {
+fn instant(t: &Option<quotad::api::wkt::Timestamp>) -> Option<String> {
     t.as_ref().map(|t| {
         Timestamp::from_millis(t.seconds * SECOND_MS + i64::from(t.nanos) / 1_000_000).to_string()
     })

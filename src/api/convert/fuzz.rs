@@ -360,7 +360,7 @@ fn windows(windows: &[pb::WindowStatus]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn millis(t: Option<&pbjson_types::Timestamp>) -> Option<i64> {
+fn millis(t: Option<&crate::api::wkt::Timestamp>) -> Option<i64> {
     t.map(|t| t.seconds * 1_000 + i64::from(t.nanos / 1_000_000))
 }
 
@@ -843,7 +843,7 @@ mod arb {
         ]
     }
 
-    pub fn timestamp() -> impl Strategy<Value = pbjson_types::Timestamp> {
+    pub fn timestamp() -> impl Strategy<Value = crate::api::wkt::Timestamp> {
         let now = NOW.as_millis() / 1_000;
         let seconds = prop_oneof![
             select(vec![
@@ -866,7 +866,7 @@ mod arb {
             select(vec![-1, 999_999_999, 1_000_000_000, i32::MIN, i32::MAX]),
             any::<i32>(),
         ];
-        (seconds, nanos).prop_map(|(seconds, nanos)| pbjson_types::Timestamp { seconds, nanos })
+        (seconds, nanos).prop_map(|(seconds, nanos)| crate::api::wkt::Timestamp { seconds, nanos })
     }
 
     pub fn usage() -> impl Strategy<Value = pb::Usage> {
@@ -1386,7 +1386,7 @@ fn a_grant_expiring_past_year_9999_is_refused() {
             grant_id: "grant-2".into(),
             amount_micros: C,
             source: String::new(),
-            expires_at: Some(pbjson_types::Timestamp {
+            expires_at: Some(crate::api::wkt::Timestamp {
                 seconds: i64::MAX / 1_000,
                 nanos: 0,
             }),
