@@ -1031,6 +1031,9 @@ async fn acknowledged_money_survives_sigkill() {
         ("QUOTAD_PAYMENTS__RESERVE_WAIT_MS", "40".into()),
         // Idle accounts leave memory and are read back from the data dir between calls too.
         ("QUOTAD_STORE__EMBEDDED__EVICT_IDLE_SECONDS", "1".into()),
+        // The smallest commit log segments: kills meet segment changes, and segments used
+        // again after a checkpoint.
+        ("QUOTAD_STORE__EMBEDDED__LOG_SEGMENT_MB", "1".into()),
     ]);
     let accounts: Arc<Vec<String>> =
         Arc::new((0..ACCOUNTS).map(|i| format!("crash-{i:02}")).collect());

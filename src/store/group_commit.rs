@@ -4,8 +4,9 @@
 //! acknowledged decision survives a crash. A second thread, the applier, then brings the
 //! database up to date with the batches the log holds (several at a time when it falls behind,
 //! without a sync), and checkpoints it (at every new log segment and every 250 ms) so that the
-//! log can drop what it no longer needs. A third thread keeps a spare log segment ready, so
-//! that a new segment costs the writer a rename, not a segment of zeros. Reads of the database
+//! log can drop what it no longer needs: the oldest segment it drops becomes the spare for the
+//! next one, so that a new segment costs the writer a rename, not a segment of zeros. A third
+//! thread makes a spare of zeros when the log has no segment to spare (a new data dir). Reads of the database
 //! (history, the export) first wait for the applier to reach what was acknowledged.
 //!
 //! Batching adapts to load: the writer takes everything queued, writes it, and while that write
@@ -180,9 +181,10 @@ impl GroupCommit {
             writing: Mutex::new(()),
             batches: AtomicUsize::new(0),
             changes: AtomicUsize::new(0),
-            // The first segment was made at start; the next is readied at once.
+            // The first segment was taken at start; the next needs a spare made unless the log
+            // kept one (from the segments before the start).
             spare: Mutex::new(SpareRequest {
-                wanted: true,
+                wanted: !log.has_spare(),
                 closing: false,
             }),
             spare_wake: Condvar::new(),
@@ -491,13 +493,21 @@ impl Shared {
                 wake = true;
             }
             // A new segment: the applier checkpoints, so that the segments before it can go
-            // (the log holds about two segments, and a start replays at most that), and makes
-            // the next spare.
-            if log.segments() > segments {
+            // (the log holds about two segments, and a start replays at most that), the first
+            // of them becoming the next spare.
+            let took = log.segments() > segments;
+            if took {
                 applying.checkpoint = true;
                 wake = true;
             }
             drop(applying);
+            // The segments before it still wait for a checkpoint (the applier is behind): the
+            // spare thread makes one of zeros, so that the next change of segment does not
+            // write one on this thread.
+            if took && log.segments() > 2 && !log.has_spare() {
+                self.lock_spare().wanted = true;
+                self.spare_wake.notify_one();
+            }
             if wake {
                 self.apply_wake.notify_one();
             }
@@ -573,11 +583,6 @@ impl Shared {
                     Ok(()) => self.checkpointed.store(counters.batches, Ordering::Release),
                     Err(err) => self.fail("checkpointing the database", err),
                 }
-            }
-            if checkpoint && !closing {
-                // The log started a segment, so it has used its spare.
-                self.lock_spare().wanted = true;
-                self.spare_wake.notify_one();
             }
             if closing && self.lock_applying().batches.is_empty() {
                 return;
