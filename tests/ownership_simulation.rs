@@ -26,7 +26,7 @@ use quotad::domain::{
     Timestamp, Usage, decode_event,
 };
 use quotad::rules::LiveRules;
-use quotad::store::redis::owned::{AccountKeys, Purchases, Section, partition_of, tag};
+use quotad::store::redis::owned::{AccountKeys, CORE_FIELD, Purchases, Section, partition_of, tag};
 use quotad::store::redis::storage::{
     OwnedStorage, StorageError, StorageFuture, StoredAccount, Taken, Written,
 };
@@ -246,7 +246,7 @@ impl Model {
             fence.1 = s.seq;
             let now = self.now();
             for op in &s.ops {
-                if op.code == b"S" {
+                if op.code == b"H" && op.args[0] == CORE_FIELD {
                     let id = op.key.rsplit(":a:").next().unwrap_or("").to_owned();
                     self.trace.push(format!(
                         "{now} p{} epoch {} seq {} wrote {id}",
@@ -296,7 +296,7 @@ impl Model {
         if std::env::var("SIM_LOG").is_ok() {
             for s in sections {
                 for op in &s.ops {
-                    if op.code == b"S" {
+                    if op.code == b"H" && op.args[0] == CORE_FIELD {
                         let id = op.key.rsplit(":a:").next().unwrap_or("").to_owned();
                         let (core, records) = self.load(&id).unwrap();
                         let state = quotad::domain::decode_account_of(
@@ -338,8 +338,10 @@ impl Model {
 
     fn load(&self, account_id: &str) -> Option<StoredAccount> {
         let keys = AccountKeys::of(PREFIX, PARTITIONS, account_id);
-        let core = self.strings.get(&keys.core)?.clone();
-        let records = (self.hashes.get(&keys.records).into_iter().flatten())
+        let account = self.hashes.get(&keys.account)?;
+        let core = account.get(CORE_FIELD)?.clone();
+        let records = (account.iter())
+            .filter(|(field, _)| *field != CORE_FIELD)
             .map(|(_, v)| v.clone())
             .collect();
         Some((core, records))

@@ -140,7 +140,7 @@ async fn a_write_under_an_old_epoch_is_refused() {
     grant(&store, "acct", 10).await;
     let partition = quotad::store::redis::owned::partition_of("acct", 64);
     let core_key = format!("{prefix}:{{o{partition}}}:a:acct");
-    let core_before = redis.cli(&["STRLEN", &core_key]).unwrap();
+    let core_before = redis.cli(&["HSTRLEN", &core_key, "c"]).unwrap();
     redis
         .cli(&[
             "HINCRBY",
@@ -161,7 +161,10 @@ async fn a_write_under_an_old_epoch_is_refused() {
         matches!(later, Err(StoreError::Unavailable(_))),
         "{later:?}"
     );
-    assert_eq!(redis.cli(&["STRLEN", &core_key]).unwrap(), core_before);
+    assert_eq!(
+        redis.cli(&["HSTRLEN", &core_key, "c"]).unwrap(),
+        core_before
+    );
     assert_eq!(store.owned_partitions(), Some(63));
     assert_eq!(store.health(), StoreHealth::Up);
 }
@@ -235,7 +238,7 @@ async fn a_fence_taken_between_the_read_and_the_exec_refuses_the_write() {
     grant(&store, "acct", 10).await;
     let partition = quotad::store::redis::owned::partition_of("acct", 64);
     let core_key = format!("{prefix}:{{o{partition}}}:a:acct");
-    let core_before = redis.cli(&["GET", &core_key]).unwrap();
+    let core_before = redis.cli(&["HGET", &core_key, "c"]).unwrap();
 
     proxy.set(Link::Delay(Duration::from_millis(100)));
     let store = Arc::new(store);
@@ -266,7 +269,7 @@ async fn a_fence_taken_between_the_read_and_the_exec_refuses_the_write() {
         matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("another replica")),
         "{refused:?}"
     );
-    assert_eq!(read.cli(&["GET", &core_key]).unwrap(), core_before);
+    assert_eq!(read.cli(&["HGET", &core_key, "c"]).unwrap(), core_before);
     assert_eq!(store.owned_partitions(), Some(63));
 }
 

@@ -28,7 +28,9 @@ use crate::store::commit_log::{self, CommitLog, LogError};
 
 /// Segments of the journal log: an outage of a few seconds at full load fits in a few.
 const SEGMENT_BYTES: u64 = 8 << 20;
-const FORMAT: u8 = 1;
+/// 2: an account's core is a field of its hash (the Redis layout's version 2), so a journal
+/// of version 1 would write the old layout.
+const FORMAT: u8 = 2;
 
 /// Why the journal could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]

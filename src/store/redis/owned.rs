@@ -1660,23 +1660,21 @@ impl Shared {
             let mut op = |code: &'static [u8], key: String, args: Vec<Vec<u8>>| {
                 ops.push(Op { code, key, args })
             };
-            if last_core[id] == i {
-                op(b"S", AccountKeys::core(tag, id), vec![change.state.core]);
-            }
-            let has_records = !change.state.forgotten.is_empty() || !change.state.added.is_empty();
-            let records = if has_records {
-                AccountKeys::records(tag, id)
-            } else {
-                String::new()
-            };
+            // Records forgotten first, then the core and the records made, one after the
+            // other: a transaction sets those fields of the account's hash in one command.
+            let account = AccountKeys::account(tag, id);
             for (kind, numbers) in &change.state.forgotten {
                 for seq in numbers.clone() {
-                    op(b"h", records.clone(), vec![record_field(kind.tag(), seq)]);
+                    op(b"h", account.clone(), vec![record_field(kind.tag(), seq)]);
                 }
+            }
+            if last_core[id] == i {
+                let core = vec![CORE_FIELD.to_vec(), change.state.core];
+                op(b"H", account.clone(), core);
             }
             for record in change.state.added {
                 let field = record_field(record.kind.tag(), record.seq);
-                op(b"H", records.clone(), vec![field, record.bytes]);
+                op(b"H", account.clone(), vec![field, record.bytes]);
             }
             for event in &change.events {
                 let encoded = encode_event(id, event);
@@ -1957,12 +1955,17 @@ struct Attempt {
     timed_out: bool,
 }
 
-/// Where an account's state lives: its core, its records kept for retries, its history.
+/// Where an account's state lives: one hash holds its core (field [`CORE_FIELD`]) and its
+/// records kept for retries (one field each), so that a decision's writes to it are one
+/// command and a load one read; a list holds its history.
 pub struct AccountKeys {
-    pub core: String,
-    pub records: String,
+    pub account: String,
     pub history: String,
 }
+
+/// The field of an account's hash that holds its core. A record's field is 9 bytes (its kind
+/// and number), so the two never meet.
+pub const CORE_FIELD: &[u8] = b"c";
 
 impl AccountKeys {
     /// The keys of `account_id` under key prefix `prefix` with `partitions` partitions.
@@ -1975,19 +1978,14 @@ impl AccountKeys {
 
     fn new(tag: &str, account_id: &str) -> AccountKeys {
         AccountKeys {
-            core: AccountKeys::core(tag, account_id),
-            records: AccountKeys::records(tag, account_id),
+            account: AccountKeys::account(tag, account_id),
             history: AccountKeys::history(tag, account_id),
         }
     }
 
     /// Each key alone, for a writer that needs only some.
-    fn core(tag: &str, account_id: &str) -> String {
+    fn account(tag: &str, account_id: &str) -> String {
         format!("{tag}:a:{account_id}")
-    }
-
-    fn records(tag: &str, account_id: &str) -> String {
-        format!("{tag}:r:{account_id}")
     }
 
     fn history(tag: &str, account_id: &str) -> String {
@@ -2026,25 +2024,31 @@ fn exported(partition: u16, entry: &StreamId) -> Result<ExportedEvent, StoreErro
     })
 }
 
+/// How the persisted values are laid out in Redis's keys, beside their own format
+/// ([`FORMAT_VERSION`], shared with the data dir). 2: an account's core and its records share
+/// one hash.
+const REDIS_LAYOUT: u16 = 2;
+
 async fn check_format(conn: &mut Connection, prefix: &str) -> Result<(), StoreError> {
     let key = format!("{prefix}:owned-format");
+    let expected = format!("{FORMAT_VERSION}.{REDIS_LAYOUT}");
     let _: Option<String> = redis::cmd("SET")
         .arg(&key)
-        .arg(FORMAT_VERSION)
+        .arg(&expected)
         .arg("NX")
         .query_async(conn)
         .await
         .map_err(|e| unavailable("checking the persisted format", e))?;
-    let found: u16 = redis::cmd("GET")
+    let found: String = redis::cmd("GET")
         .arg(&key)
         .query_async(conn)
         .await
         .map_err(|e| unavailable("checking the persisted format", e))?;
-    if found != FORMAT_VERSION {
+    if found != expected {
         return Err(StoreError::Internal(format!(
             "Redis key prefix {prefix:?} was written in persisted format {found}, and this \
-             quotad reads format {FORMAT_VERSION} only; run the quotad version that wrote it, or \
-             use another store.redis.key_prefix"
+             quotad reads format {expected} only; run the quotad version that wrote it, or use \
+             another store.redis.key_prefix"
         )));
     }
     Ok(())

@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use redis::Script;
 use tokio::task::JoinSet;
 
-use super::owned::{AccountKeys, Op, Purchases, Section, members_key, tag};
+use super::owned::{AccountKeys, CORE_FIELD, Op, Purchases, Section, members_key, tag};
 use super::{Connection, RedisSettings, SentinelUrl, backstop};
 use crate::domain::Timestamp;
 use std::collections::HashMap;
@@ -225,11 +225,6 @@ end
 return out
 "#;
 
-/// An account's core and the values of its records. KEYS: core, records.
-const LOAD: &str = r#"
-return {redis.call('GET', KEYS[1]) or '', redis.call('HVALS', KEYS[2])}
-"#;
-
 /// One script call of a batch: the sections of the partitions it writes, the keys they name
 /// (each once) and the arguments, borrowed from the sections where they can be (a batch's
 /// bytes are copied once, into the command).
@@ -428,8 +423,8 @@ async fn fenced_write(
                 // Landed before (a retry after a timeout): written once.
                 continue;
             }
-            for op in &s.ops {
-                queue(&mut write, op)?;
+            for run in s.ops.chunk_by(|a, b| a.code == b.code && a.key == b.key) {
+                queue(&mut write, run)?;
             }
             write
                 .cmd("HSET")
@@ -455,8 +450,33 @@ async fn fenced_write(
     ))
 }
 
-/// Adds one of a batch's writes to a transaction, as the `WRITE` script runs it.
-fn queue(pipe: &mut redis::Pipeline, op: &Op) -> Result<(), StorageError> {
+/// Adds a run of a batch's writes (one op, or hash sets or deletes of one key one after the
+/// other, which become one command) to a transaction, as the `WRITE` script runs them.
+fn queue(pipe: &mut redis::Pipeline, run: &[Op]) -> Result<(), StorageError> {
+    let op = &run[0];
+    if run.len() > 1 && matches!(op.code, b"H" | b"h") {
+        let (command, width) = if op.code == b"H" {
+            ("HSET", 2)
+        } else {
+            ("HDEL", 1)
+        };
+        let cmd = pipe.cmd(command).arg(op.key.as_str());
+        for op in run {
+            let args = (op.args.get(..width))
+                .ok_or_else(|| StorageError::Corrupt("a hash write lacks an argument".into()))?;
+            cmd.arg(args);
+        }
+        cmd.ignore();
+        return Ok(());
+    }
+    for op in run {
+        queue_one(pipe, op)?;
+    }
+    Ok(())
+}
+
+/// Adds one of a batch's writes to a transaction.
+fn queue_one(pipe: &mut redis::Pipeline, op: &Op) -> Result<(), StorageError> {
     let arg = |i: usize| -> Result<&[u8], StorageError> {
         (op.args.get(i).map(Vec::as_slice))
             .ok_or_else(|| StorageError::Corrupt(format!("a write lacks argument {i}")))
@@ -680,13 +700,27 @@ impl OwnedStorage for RedisStorage {
         Box::pin(async move {
             let keys = AccountKeys::of(&self.prefix, self.partitions, account_id);
             let mut conn = self.conn.clone();
-            let (core, records): (Vec<u8>, Vec<Vec<u8>>) = Script::new(LOAD)
-                .key(&keys.core)
-                .key(&keys.records)
-                .invoke_async(&mut conn)
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+                .arg(&keys.account)
+                .query_async(&mut conn)
                 .await
                 .map_err(|e| missed("reading an account", e))?;
-            Ok((!core.is_empty()).then_some((core, records)))
+            let mut core = None;
+            let mut records = Vec::with_capacity(fields.len().saturating_sub(1));
+            for (field, value) in fields {
+                if field == CORE_FIELD {
+                    core = Some(value);
+                } else {
+                    records.push(value);
+                }
+            }
+            match core {
+                Some(core) => Ok(Some((core, records))),
+                None if records.is_empty() => Ok(None),
+                None => Err(StorageError::Corrupt(format!(
+                    "account {account_id:?} has records and no core"
+                ))),
+            }
         })
     }
 
