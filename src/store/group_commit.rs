@@ -6,8 +6,9 @@
 //! without a sync), and checkpoints it (at every new log segment and every 250 ms) so that the
 //! log can drop what it no longer needs: the oldest segment it drops becomes the spare for the
 //! next one, so that a new segment costs the writer a rename, not a segment of zeros. A third
-//! thread makes a spare of zeros when the log has no segment to spare (a new data dir). Reads of the database
-//! (history, the export) first wait for the applier to reach what was acknowledged.
+//! thread makes a spare of zeros when the log has no segment to spare (a new data dir). Reads
+//! of the database (history, the export) first wait for the applier to reach what was
+//! acknowledged.
 //!
 //! Batching adapts to load: the writer takes everything queued, writes it, and while that write
 //! is syncing the next calls queue up for the next batch. When idle a batch is one change and
