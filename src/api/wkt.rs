@@ -45,11 +45,16 @@ impl serde::Serialize for Timestamp {
 impl std::str::FromStr for Timestamp {
     type Err = String;
 
-    /// RFC 3339 with any offset, as the JSON mapping reads it.
+    /// RFC 3339 with any offset, as the JSON mapping reads it, and with the `T` between date and
+    /// time that protobuf's own parsers require (chrono would take a space too).
     fn from_str(text: &str) -> Result<Timestamp, String> {
-        let instant = DateTime::parse_from_rfc3339(text).map_err(|e| {
-            format!("{text:?} is not an RFC 3339 instant such as 2027-01-31T00:00:00Z: {e}")
-        })?;
+        let bad = |why: &dyn std::fmt::Display| {
+            format!("{text:?} is not an RFC 3339 instant such as 2027-01-31T00:00:00Z: {why}")
+        };
+        if !matches!(text.as_bytes().get(10), Some(b'T' | b't')) {
+            return Err(bad(&"no T between the date and the time"));
+        }
+        let instant = DateTime::parse_from_rfc3339(text).map_err(|e| bad(&e))?;
         Ok(Timestamp {
             seconds: instant.timestamp(),
             nanos: instant.timestamp_subsec_nanos() as i32,
@@ -99,6 +104,8 @@ mod tests {
     fn what_is_no_instant_is_an_error_on_both_sides() {
         for text in [
             r#""2027-02-30T00:00:00Z""#,
+            r#""2027-01-01 00:00:00Z""#,
+            r#""2027-01-01T00:00:00""#,
             r#""tomorrow""#,
             "17",
             r#""2027-01-01""#,
