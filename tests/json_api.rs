@@ -513,6 +513,8 @@ async fn a_contract_fuzz_finds_no_server_error_and_no_answer_off_the_schema() {
         .args(["--warnings", "off"])
         .arg("--report-dir")
         .arg(report.path())
+        // It keeps a cache in its working directory: there, not in the checkout.
+        .current_dir(report.path())
         .env("NO_COLOR", "1");
     let output = tokio::task::spawn_blocking(move || fuzz.output().unwrap())
         .await
