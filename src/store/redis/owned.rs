@@ -1872,9 +1872,8 @@ impl Shared {
 }
 
 /// An account's history list is trimmed to what it keeps at every this many charges, not at
-/// each one: a trim is a command of its own in a transaction (a third of what a charge's
-/// history costs Redis), and reads take only the newest events kept. A list holds at most
-/// this many less one past what it keeps.
+/// each one: a trim is a command of its own in a transaction, and reads take only the newest
+/// events kept. A list holds at most this many less one past what it keeps.
 const HISTORY_TRIM_EVERY: u64 = 8;
 
 /// First and longest wait between attempts at a batch Redis did not take.
