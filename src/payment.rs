@@ -1,7 +1,7 @@
 //! Paying for auto top-up purchases. A [`PaymentProvider`] charges the account's default payment
-//! method; the [`PaymentWorker`] takes purchases that operations started, has them paid in the
-//! background (never on the Reserve/Commit path), retries a payment that got no settling answer
-//! with the same idempotency key, and settles each purchase in the store.
+//! method; the worker ([`run_worker`]) takes purchases that operations started, has them paid in
+//! the background (never on the Reserve/Commit path), retries a payment that got no settling
+//! answer with the same idempotency key, and settles each purchase in the store.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,4 +1,4 @@
-//! The gRPC edge: thin tonic handlers over [`Quota`](crate::app::Quota).
+//! The gRPC edge: thin tonic handlers over [`Quota`].
 //!
 //! Protobuf is turned into application requests on the way in ([`convert`]) and outcomes into
 //! protobuf on the way out; every error becomes a `tonic::Status` in one place ([`status`]).

@@ -7,7 +7,7 @@
 //!
 //! With a data dir ([`MemoryStore::open`]) the store is the engine the issue calls "decide,
 //! batch, commit, answer": still under the lock, the account's new persisted form and the
-//! charges it made are queued for [`GroupCommit`]; the lock is released, and the call is
+//! charges it made are queued for `GroupCommit`; the lock is released, and the call is
 //! answered once the batch holding its change is on disk. Accounts are loaded on first use and
 //! leave memory when idle (once their last change is on disk), so start-up does not grow with
 //! the number of accounts and memory holds only what decisions need; usage history and the

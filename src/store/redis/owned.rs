@@ -48,7 +48,7 @@
 //! `PREFIX:owned-format` holds the persisted format's version; a quotad reading another refuses
 //! to start.
 //!
-//! **Outage grace.** With a journal dir ([`super::journal`]), an owner whose batch write fails
+//! **Outage grace.** With a journal dir (`journal.rs`), an owner whose batch write fails
 //! (Redis down, or not answering within the attempt's time) goes on deciding from memory for up
 //! to `outage_grace`: each batch is made durable in the journal instead, its calls answered, and
 //! written to Redis, in order and under the epoch it was decided in, once Redis answers again.

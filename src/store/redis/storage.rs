@@ -3,7 +3,7 @@
 //! partition's index and of one account. [`RedisStorage`] does it with the small storage
 //! scripts below (they hold no quota rule), on a standalone Redis, through Sentinel or on a
 //! Cluster. On a standalone Redis, batches are written as plain transactions instead
-//! ([`Transactions`]): the same fenced write for half of Redis's work, since a script spends as
+//! (`Transactions`): the same fenced write for half of Redis's work, since a script spends as
 //! much in Lua as in the writes themselves.
 //!
 //! The owner's logic (`super::owned`: rounds, admission, the writer, fencing) only sees the
