@@ -109,6 +109,27 @@ async fn the_store_follows_a_failover_after_the_master_dies() {
     assert_eq!(usage.recent.len(), 2, "{usage:?}");
 }
 
+/// Behind Sentinel, as on a standalone Redis, a batch is a plain transaction (`WATCH`,
+/// `MULTI` … `EXEC`) on the master, not a script. (The failovers here check that the writer's
+/// own connection follows the master.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_plain_transactions_on_the_master() {
+    let deployment = tokio::task::spawn_blocking(support::redis::shared_sentinel)
+        .await
+        .unwrap();
+    let store = store_with(settings(&deployment.url(), None), OwnedSettings::default()).await;
+    spend(&store, "tx-1", 100_000).await.unwrap();
+    let stats = deployment.master().cli(&["INFO", "commandstats"]).unwrap();
+    let calls = |name: &str| {
+        (stats.lines())
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(calls("exec") >= 2, "a reserve and a commit:\n{stats}");
+    assert!(calls("watch") >= 2, "{stats}");
+}
+
 /// An operator's `SENTINEL FAILOVER`: the old master stays up and is turned into a replica.
 /// The store, whose leases and fences live in Redis too, decides again once the replica is
 /// promoted, and what it decided is in the new master: a restart reads it back.

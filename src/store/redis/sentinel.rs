@@ -315,6 +315,8 @@ struct Shared {
     master: ArcSwap<Master>,
     /// Asks the watcher to look at once.
     wake: Arc<Notify>,
+    /// For connections of a caller's own to the master.
+    url: SentinelUrl,
     db: i64,
     watcher: OnceLock<tokio::task::AbortHandle>,
 }
@@ -341,6 +343,7 @@ impl SentinelConnection {
         let shared = Arc::new(Shared {
             master: ArcSwap::from_pointee(Master { address, conn }),
             wake: Arc::new(Notify::new()),
+            url: finder.url.clone(),
             db: finder.url.db,
             watcher: OnceLock::new(),
         });
@@ -351,6 +354,23 @@ impl SentinelConnection {
 
     fn conn(&self) -> ConnectionManager {
         self.shared.master.load().conn.clone()
+    }
+
+    /// The master's `host:port` now, for a connection of the caller's own (the batch
+    /// writer's, which holds a `WATCH`).
+    pub(super) fn master_address(&self) -> String {
+        self.shared.master.load().address.clone()
+    }
+
+    /// The URL (with the credentials) of the master at `address`.
+    pub(super) fn master_url(&self, address: &str) -> String {
+        self.shared.url.master_url(address)
+    }
+
+    /// Has the watcher ask the sentinels at once: a connection of the caller's own to the
+    /// master failed.
+    pub(super) fn look_again(&self) {
+        self.shared.wake.notify_one();
     }
 
     /// Has the watcher ask the sentinels at once when `result` failed as a failover makes

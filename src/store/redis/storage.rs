@@ -2,9 +2,9 @@
 //! replicas, each partition's lease under an epoch, fenced batch writes, and the reads of a
 //! partition's index and of one account. [`RedisStorage`] does it with the small storage
 //! scripts below (they hold no quota rule), on a standalone Redis, through Sentinel or on a
-//! Cluster. On a standalone Redis, batches are written as plain transactions instead
-//! (`Transactions`): the same fenced write for half of Redis's work, since a script spends as
-//! much in Lua as in the writes themselves.
+//! Cluster. On a standalone Redis and behind Sentinel, batches are written as plain
+//! transactions instead (`Transactions`): the same fenced write for half of Redis's work, since
+//! a script spends as much in Lua as in the writes themselves.
 //!
 //! The owner's logic (`super::owned`: rounds, admission, the writer, fencing) only sees the
 //! trait, so the deterministic simulation of several replicas (`tests/ownership_simulation.rs`)
@@ -20,7 +20,7 @@ use redis::Script;
 use tokio::task::JoinSet;
 
 use super::owned::{AccountKeys, CORE_FIELD, Op, Purchases, Section, members_key, tag};
-use super::{Connection, RedisSettings, SentinelUrl, backstop};
+use super::{Connection, RedisSettings, backstop};
 use crate::domain::Timestamp;
 use std::collections::HashMap;
 
@@ -309,27 +309,27 @@ pub struct RedisStorage {
     partitions: u16,
     cluster: bool,
     write_script: Script,
-    /// On a standalone Redis, batches go through plain transactions on a connection of their
-    /// own; elsewhere through the `WRITE` script.
+    /// On a standalone Redis and behind Sentinel, batches go through plain transactions on a
+    /// connection of their own; on a Cluster through the `WRITE` script.
     transactions: Option<Transactions>,
 }
 
 impl RedisStorage {
     pub(super) fn new(conn: Connection, settings: &RedisSettings, partitions: u16) -> RedisStorage {
-        let standalone =
-            settings.cluster_nodes.is_empty() && !SentinelUrl::is_sentinel(&settings.url);
+        let transactions = Transactions::new(&conn, settings);
         RedisStorage {
             conn,
             prefix: settings.key_prefix.clone(),
             partitions: partitions.max(1),
             cluster: !settings.cluster_nodes.is_empty(),
             write_script: Script::new(WRITE),
-            transactions: standalone.then(|| Transactions::new(settings)).flatten(),
+            transactions,
         }
     }
 }
 
-/// Batch writes as plain transactions on a standalone Redis: the fences are watched and read
+/// Batch writes as plain transactions on one master (standalone, or the one Sentinel names):
+/// the fences are watched and read
 /// (`WATCH`, `HMGET`), then, if every epoch is the batch's, the writes and the new batch numbers
 /// go in one `MULTI` … `EXEC`, which Redis refuses if a fence changed in between (another
 /// replica took a partition): the write is then tried again from the read, which sees the new
@@ -340,11 +340,47 @@ impl RedisStorage {
 /// write at a time, and never reconnected underneath: it is dropped at its first error, or if
 /// a write is abandoned midway (its time ran out), and made anew for the next write. A
 /// connection that reconnected on its own would have lost the `WATCH` and let a fenced write
-/// through.
+/// through. Behind Sentinel it is made to the master the sentinels name, and made anew when
+/// they name another (a failover).
 struct Transactions {
-    client: redis::Client,
+    master: Master,
     config: redis::AsyncConnectionConfig,
-    conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// The connection, and the address of the master it was made to.
+    conn: tokio::sync::Mutex<Option<(String, redis::aio::MultiplexedConnection)>>,
+}
+
+/// Where the writer's connection goes.
+enum Master {
+    Standalone(Box<redis::Client>),
+    Sentinel(super::sentinel::SentinelConnection),
+}
+
+impl Master {
+    /// The master's address now (empty for a standalone Redis).
+    fn address(&self) -> String {
+        match self {
+            Master::Standalone(_) => String::new(),
+            Master::Sentinel(sentinel) => sentinel.master_address(),
+        }
+    }
+
+    /// A new connection to the master at `address`.
+    async fn connect(
+        &self,
+        address: &str,
+        config: &redis::AsyncConnectionConfig,
+    ) -> Result<redis::aio::MultiplexedConnection, StorageError> {
+        let client = match self {
+            Master::Standalone(client) => Cow::Borrowed(&**client),
+            Master::Sentinel(sentinel) => Cow::Owned(
+                redis::Client::open(sentinel.master_url(address))
+                    .map_err(|e| missed("connecting the writer", e))?,
+            ),
+        };
+        (client.get_multiplexed_async_connection_with_config(config))
+            .await
+            .map_err(|e| missed("connecting the writer", e))
+    }
 }
 
 /// How often a transaction is tried again when a fence changed between its read and its
@@ -352,13 +388,20 @@ struct Transactions {
 const WATCH_TRIES: usize = 3;
 
 impl Transactions {
-    fn new(settings: &RedisSettings) -> Option<Transactions> {
-        let client = settings.tls.client(&settings.url).ok()?;
+    /// None on a Cluster, where a transaction cannot span the nodes a batch writes to.
+    fn new(conn: &Connection, settings: &RedisSettings) -> Option<Transactions> {
+        let master = match conn {
+            Connection::Single(_) => {
+                Master::Standalone(Box::new(settings.tls.client(&settings.url).ok()?))
+            }
+            Connection::Sentinel(sentinel) => Master::Sentinel(sentinel.clone()),
+            Connection::Cluster(_) => return None,
+        };
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(backstop(settings)));
         Some(Transactions {
-            client,
+            master,
             config,
             conn: tokio::sync::Mutex::new(None),
         })
@@ -366,17 +409,20 @@ impl Transactions {
 
     async fn write(&self, prefix: &str, sections: &[&Section]) -> Result<i64, StorageError> {
         let mut held = self.conn.lock().await;
-        // Taken out while in use: a write dropped midway leaves no connection behind.
+        let address = self.master.address();
+        // Taken out while in use: a write dropped midway leaves no connection behind. One made
+        // to a master that is no longer the one named is dropped.
         let mut conn = match held.take() {
-            Some(conn) => conn,
-            None => (self.client)
-                .get_multiplexed_async_connection_with_config(&self.config)
-                .await
-                .map_err(|e| missed("connecting the writer", e))?,
+            Some((made_to, conn)) if made_to == address => conn,
+            _ => self.master.connect(&address, &self.config).await?,
         };
         let written = fenced_write(&mut conn, prefix, sections).await;
-        if !matches!(&written, Err(StorageError::Unavailable(_))) {
-            *held = Some(conn);
+        if matches!(&written, Err(StorageError::Unavailable(_))) {
+            if let Master::Sentinel(sentinel) = &self.master {
+                sentinel.look_again();
+            }
+        } else {
+            *held = Some((address, conn));
         }
         written
     }
