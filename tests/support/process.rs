@@ -13,6 +13,8 @@ pub struct Quotad {
     pub http_addr: String,
     child: Child,
     output: Arc<Mutex<Vec<String>>>,
+    /// The thread that reads its output, until the pipe closes.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// `quotad` with none of the caller's quotad variables, so tests say everything they mean;
@@ -57,7 +59,7 @@ impl Quotad {
         let output = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         let lines = output.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let word_after = |line: &str, marker: &str| {
                 let rest = line.split(marker).nth(1)?;
                 Some(
@@ -86,6 +88,7 @@ impl Quotad {
                 http_addr,
                 child,
                 output,
+                reader: Some(reader),
             },
             Err(_) => {
                 let _ = child.kill();
@@ -116,8 +119,14 @@ impl Quotad {
         assert!(status.success());
     }
 
+    /// Waits for it to exit, and for the last of its output to be read: what it printed
+    /// before exiting is then all in [`output`](Self::output).
     pub fn wait(&mut self) -> ExitStatus {
-        self.child.wait().unwrap()
+        let status = self.child.wait().unwrap();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        status
     }
 
     /// Everything it printed so far.
