@@ -256,7 +256,7 @@ impl Model {
                 let arg = |i: usize| op.args[i].clone();
                 match op.code {
                     // Counters are kept for good here: nothing reads them after their window.
-                    b"S" | b"P" => {
+                    b"P" => {
                         self.strings.insert(op.key.clone(), arg(0));
                     }
                     b"H" => {

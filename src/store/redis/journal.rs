@@ -314,9 +314,9 @@ mod tests {
             seq,
             ops: vec![
                 Op {
-                    code: b"S",
+                    code: b"H",
                     key: format!("p:{{o{partition}}}:a:x"),
-                    args: vec![b"core".to_vec()],
+                    args: vec![b"c".to_vec(), b"core".to_vec()],
                 },
                 Op {
                     code: b"L",

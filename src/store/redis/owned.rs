@@ -1883,9 +1883,9 @@ const RETRY_MOST: Duration = Duration::from_millis(250);
 /// journal is not one call that holds Redis for seconds.
 const REPLAY_CALL_BYTES: usize = 1 << 20;
 
-/// One write of a batch to a partition's key (the storage scripts' ops: `S` set, `H` hash
-/// set, `h` hash delete, `L` list append, then trimmed to a length unless it is 0, `X` stream
-/// append kept to a length, `C` hash field add, `P` set with a time to live in milliseconds).
+/// One write of a batch to a partition's key (the storage scripts' ops: `H` hash set, `h` hash
+/// delete, `L` list append, then trimmed to a length unless it is 0, `X` stream append kept to
+/// a length, `C` hash field add, `P` set with a time to live in milliseconds).
 pub struct Op {
     pub code: &'static [u8],
     pub key: String,
@@ -1896,7 +1896,6 @@ impl Op {
     /// The code of a write the script knows, from its byte (as the journal stores it).
     pub fn code_of(byte: u8) -> Option<&'static [u8]> {
         Some(match byte {
-            b'S' => b"S",
             b'H' => b"H",
             b'h' => b"h",
             b'L' => b"L",

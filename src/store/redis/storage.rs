@@ -137,8 +137,7 @@ for _, s in ipairs(sections) do
     local i = s.first
     while i <= s.last do
       local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
-      if op == 'S' then redis.call('SET', key, ARGV[i + 2]); i = i + 3
-      elseif op == 'H' then redis.call('HSET', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
+      if op == 'H' then redis.call('HSET', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
       elseif op == 'h' then redis.call('HDEL', key, ARGV[i + 2]); i = i + 3
       elseif op == 'L' then
         local keep = tonumber(ARGV[i + 3])
@@ -329,11 +328,10 @@ impl RedisStorage {
 }
 
 /// Batch writes as plain transactions on one master (standalone, or the one Sentinel names):
-/// the fences are watched and read
-/// (`WATCH`, `HMGET`), then, if every epoch is the batch's, the writes and the new batch numbers
-/// go in one `MULTI` … `EXEC`, which Redis refuses if a fence changed in between (another
-/// replica took a partition): the write is then tried again from the read, which sees the new
-/// epoch. The same fenced, numbered write as the `WRITE` script, one round trip longer, at
+/// the fences are watched and read (`WATCH`, `HMGET`), then, if every epoch is the batch's, the
+/// writes and the new batch numbers go in one `MULTI` … `EXEC`, which Redis refuses if a fence
+/// changed in between (another replica took a partition): the write is then tried again from
+/// the read, which sees the new epoch. The same fenced, numbered write as the `WRITE` script, one round trip longer, at
 /// about half of Redis's work (no Lua).
 ///
 /// A `WATCH` belongs to its connection, so the connection is the writer's own, used by one
@@ -529,7 +527,6 @@ fn queue_one(pipe: &mut redis::Pipeline, op: &Op) -> Result<(), StorageError> {
     };
     let key = op.key.as_str();
     match op.code {
-        b"S" => pipe.cmd("SET").arg(key).arg(arg(0)?),
         b"H" => pipe.cmd("HSET").arg(key).arg(arg(0)?).arg(arg(1)?),
         b"h" => pipe.cmd("HDEL").arg(key).arg(arg(0)?),
         b"L" => {
@@ -824,8 +821,8 @@ mod tests {
             args: vec![arg.to_vec()],
         };
         let first = [
-            op(b"S", "p:{o1}:a:x", b"core"),
-            op(b"S", "p:{o1}:a:x", b"again"),
+            op(b"h", "p:{o1}:a:x", b"core"),
+            op(b"h", "p:{o1}:a:x", b"again"),
         ];
         let second = [op(b"h", "p:{o2}:r:y", b"f")];
         let mut call = WriteCall::default();
@@ -844,7 +841,7 @@ mod tests {
         assert_eq!(
             args,
             [
-                "1", "1", "7", "3", "6", "S", "2", "core", "S", "2", "again", "3", "2", "9", "1",
+                "1", "1", "7", "3", "6", "h", "2", "core", "h", "2", "again", "3", "2", "9", "1",
                 "3", "h", "4", "f"
             ]
         );
