@@ -29,8 +29,9 @@ use crate::store::commit_log::{self, CommitLog, LogError};
 /// Segments of the journal log: an outage of a few seconds at full load fits in a few.
 const SEGMENT_BYTES: u64 = 8 << 20;
 /// 2: an account's core is a field of its hash (the Redis layout's version 2), so a journal
-/// of version 1 would write the old layout.
-const FORMAT: u8 = 2;
+/// of version 1 would write the old layout. 3: each section carries its partition's open holds
+/// (layout 3, where a batch sets them whole).
+const FORMAT: u8 = 3;
 
 /// Why the journal could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -203,8 +204,8 @@ fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), JournalErro
 }
 
 /// `FORMAT`, the section count (u32), then each section: partition (u16), epoch and batch
-/// number (u64), the op count (u32) and each op: its code (u8), its key and its arguments
-/// (count u16, each length-prefixed u32). Little endian.
+/// number (u64), open holds (i64), the op count (u32) and each op: its code (u8), its key and
+/// its arguments (count u16, each length-prefixed u32). Little endian.
 fn encode(sections: &[&Section]) -> Vec<u8> {
     let mut out = vec![FORMAT];
     out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
@@ -212,6 +213,7 @@ fn encode(sections: &[&Section]) -> Vec<u8> {
         out.extend_from_slice(&s.partition.to_le_bytes());
         out.extend_from_slice(&s.epoch.to_le_bytes());
         out.extend_from_slice(&s.seq.to_le_bytes());
+        out.extend_from_slice(&s.holds.to_le_bytes());
         out.extend_from_slice(&(s.ops.len() as u32).to_le_bytes());
         for op in &s.ops {
             out.push(op.code[0]);
@@ -243,11 +245,13 @@ fn decode(bytes: &[u8]) -> Result<Vec<Section>, String> {
         let partition = u16::from_le_bytes(r.array()?);
         let epoch = u64::from_le_bytes(r.array()?);
         let seq = u64::from_le_bytes(r.array()?);
+        let holds = i64::from_le_bytes(r.array()?);
         let ops = r.u32()?;
         let mut section = Section {
             partition,
             epoch,
             seq,
+            holds,
             ops: Vec::new(),
             numbers: Vec::new(),
         };
@@ -312,6 +316,7 @@ mod tests {
             partition,
             epoch: 7,
             seq,
+            holds: seq as i64 * 3 - 1,
             ops: vec![
                 Op {
                     code: b"H",
@@ -329,7 +334,7 @@ mod tests {
     }
 
     fn same(a: &Section, b: &Section) -> bool {
-        (a.partition, a.epoch, a.seq) == (b.partition, b.epoch, b.seq)
+        (a.partition, a.epoch, a.seq, a.holds) == (b.partition, b.epoch, b.seq, b.holds)
             && a.ops.len() == b.ops.len()
             && (a.ops.iter().zip(&b.ops))
                 .all(|(x, y)| x.code == y.code && x.key == y.key && x.args == y.args)

@@ -30,20 +30,22 @@
 //! While Redis cannot be reached, the batch is retried, calls wait at most `write_timeout` and
 //! get UNAVAILABLE, and once `max_unflushed` changes wait no new decision is made.
 //!
-//! A batch write takes the partition's epoch and batch number and a list of plain writes: set, hash set and delete, append to a list kept to
-//! a length, append to a stream kept to a length, add to a hash field. Keys, per partition
-//! `{oN}`:
-//! - `a:ID`: the account's core (`domain::persisted`, versioned); `r:ID`: a hash of the records
-//!   it keeps for retries (field: kind tag and number, big endian); `h:ID`: its newest charges,
-//!   a list, oldest first;
+//! A batch write takes the partition's epoch, its batch number, its open holds afterwards and a
+//! list of plain writes: set, hash set and delete, append to a list kept to a length, append to
+//! a stream kept to a length. Keys, per partition `{oN}`:
+//! - `a:ID`: a hash of the account's core (field `c`, `domain::persisted`, versioned) and the
+//!   records it keeps for retries (field: kind tag and number, big endian); `h:ID`: its newest
+//!   charges, a list, oldest first;
 //! - `x`: the partition's part of the usage export, a stream read with consumer groups;
 //! - `c:LEN:DOMAIN:KEY`: an Envoy RLS counter's window (`LEN`: the domain's length), kept
 //!   for its window's length; a domain's counters are all in one partition;
 //! - `pur`: accounts with an auto top-up purchase in flight or notifications to deliver, and
-//!   since when (the maintenance pass visits them); `meta`: the
-//!   partition's count of open holds;
-//! - `lease` (owner and epoch, with a time to live) and `fence` (the epoch, never reset, and
-//!   the last batch number landed under it): ownership and fencing.
+//!   since when (the maintenance pass visits them);
+//! - `lease` (owner and epoch, with a time to live) and `fence` (the epoch, never reset, the
+//!   last batch number landed under it, and the partition's open holds as of that batch):
+//!   ownership and fencing. The owner counts the holds and each batch sets the count whole, in
+//!   the command that sets its number, rather than adding to it: one command fewer a batch,
+//!   and Redis's count cannot drift from the owner's.
 //!
 //! `PREFIX:owned-format` holds the persisted format's version; a quotad reading another refuses
 //! to start.
@@ -231,6 +233,10 @@ struct Slot {
     epoch: AtomicU64,
     /// Batches written to the partition under that epoch.
     seq: AtomicU64,
+    /// The partition's open holds as of the last batch made for it: what Redis read when it
+    /// was taken, plus every change since. Each batch writes it whole, beside its number, so
+    /// Redis's count is always the owner's as of the last batch landed.
+    holds: AtomicI64,
     /// New decisions are taken (held, and not being given up).
     admitting: AtomicBool,
     /// Decisions admitted and not yet queued: a partition is given up only once none is.
@@ -1115,7 +1121,7 @@ impl Shared {
             slot.admitting.store(false, Ordering::Release);
             tracing::warn!(partition, epoch, "lost a partition to another replica");
             self.answered(partition, epoch);
-            (self.hooks.gone)(partition, 0);
+            (self.hooks.gone)(partition, slot.holds.load(Ordering::Acquire));
         }
     }
 
@@ -1288,7 +1294,7 @@ impl Shared {
         }
         self.drop_changes(&stale);
         let mut sections = Vec::new();
-        for (partition, (ops, numbers)) in self.partition_ops(current) {
+        for (partition, (ops, numbers, holds_delta)) in self.partition_ops(current) {
             let slot = &self.slots[usize::from(partition)];
             let epoch = slot.epoch.load(Ordering::Acquire);
             if epoch == 0 {
@@ -1296,10 +1302,12 @@ impl Shared {
                 continue;
             }
             let seq = slot.seq.fetch_add(1, Ordering::AcqRel) + 1;
+            let holds = slot.holds.fetch_add(holds_delta, Ordering::AcqRel) + holds_delta;
             sections.push(Section {
                 partition,
                 epoch,
                 seq,
+                holds,
                 ops,
                 numbers,
             });
@@ -1608,9 +1616,10 @@ impl Shared {
         dropped.extend(numbers.iter().map(|&n| (n, now)));
     }
 
-    /// The writes of a run of numbered changes, by partition, with the numbers they carry. Takes
-    /// the changes: their bytes move into the writes.
-    fn partition_ops(&self, changes: Vec<(u64, Queued)>) -> BTreeMap<u16, (Vec<Op>, Vec<u64>)> {
+    /// The writes of a run of numbered changes, by partition, with the numbers they carry and
+    /// the change of the partition's open holds. Takes the changes: their bytes move into the
+    /// writes.
+    fn partition_ops(&self, changes: Vec<(u64, Queued)>) -> BTreeMap<u16, PartitionOps> {
         let partitions = self.slots.len() as u16;
         // An account changed several times in the batch has its last core written, and a
         // counter its last window.
@@ -1628,14 +1637,13 @@ impl Shared {
                 }
             }
         }
-        let mut ops: BTreeMap<u16, (Vec<Op>, Vec<u64>)> = BTreeMap::new();
-        let mut holds: BTreeMap<u16, i64> = BTreeMap::new();
+        let mut ops: BTreeMap<u16, PartitionOps> = BTreeMap::new();
         let mut tags: HashMap<u16, String> = HashMap::new();
         for (i, (number, change)) in changes.into_iter().enumerate() {
             let change = match change {
                 Queued::Account(change) => change,
                 Queued::Counters(write) => {
-                    let (ops, numbers) = ops.entry(write.partition).or_default();
+                    let (ops, numbers, _) = ops.entry(write.partition).or_default();
                     numbers.push(number);
                     for (key, window, keep_ms) in write.counters {
                         if last_counter[&key] == i {
@@ -1655,8 +1663,9 @@ impl Shared {
             let tag = tags
                 .entry(partition)
                 .or_insert_with(|| tag(&self.prefix, partition));
-            let (ops, numbers) = ops.entry(partition).or_default();
+            let (ops, numbers, holds) = ops.entry(partition).or_default();
             numbers.push(number);
+            *holds += change.holds_delta;
             let mut op = |code: &'static [u8], key: String, args: Vec<Vec<u8>>| {
                 ops.push(Op { code, key, args })
             };
@@ -1698,18 +1707,6 @@ impl Shared {
                 PurchaseIndex::Ended => {
                     op(b"h", format!("{tag}:pur"), vec![id.as_bytes().to_vec()]);
                 }
-            }
-            *holds.entry(partition).or_default() += change.holds_delta;
-        }
-        for (partition, delta) in holds {
-            if delta != 0 {
-                let key = format!("{}:meta", tag(&self.prefix, partition));
-                let args = vec![b"holds".to_vec(), delta.to_string().into_bytes()];
-                (ops.entry(partition).or_default().0).push(Op {
-                    code: b"C",
-                    key,
-                    args,
-                });
             }
         }
         ops
@@ -1824,11 +1821,12 @@ impl Shared {
         slot.since_ms.store(since, Ordering::Release);
         slot.last_ack_ms.store(since, Ordering::Release);
         slot.seq.store(0, Ordering::Release);
+        slot.holds.store(holds, Ordering::Release);
         slot.epoch.store(epoch, Ordering::Release);
         self.valid(slot, epoch, sent);
         (self.hooks.came)(partition, purchases, holds);
         slot.admitting.store(true, Ordering::Release);
-        tracing::info!(partition, epoch, from_ms = since, "took a partition");
+        tracing::info!(partition, epoch, holds, from_ms = since, "took a partition");
         Ok(())
     }
 
@@ -1861,13 +1859,15 @@ impl Shared {
         if epoch == 0 {
             return;
         }
-        let holds = (self.storage.partition_index(partition).await)
-            .map(|(_, holds)| holds)
-            .unwrap_or(0);
         self.answered(partition, epoch);
-        (self.hooks.gone)(partition, holds);
+        (self.hooks.gone)(partition, slot.holds.load(Ordering::Acquire));
         let _ = self.storage.release(partition, epoch).await;
-        tracing::info!(partition, epoch, "gave a partition up");
+        tracing::info!(
+            partition,
+            epoch,
+            holds = slot.holds.load(Ordering::Acquire),
+            "gave a partition up"
+        );
     }
 }
 
@@ -1885,7 +1885,7 @@ const REPLAY_CALL_BYTES: usize = 1 << 20;
 
 /// One write of a batch to a partition's key (the storage scripts' ops: `H` hash set, `h` hash
 /// delete, `L` list append, then trimmed to a length unless it is 0, `X` stream append kept to
-/// a length, `C` hash field add, `P` set with a time to live in milliseconds).
+/// a length, `P` set with a time to live in milliseconds).
 pub struct Op {
     pub code: &'static [u8],
     pub key: String,
@@ -1900,12 +1900,15 @@ impl Op {
             b'h' => b"h",
             b'L' => b"L",
             b'X' => b"X",
-            b'C' => b"C",
             b'P' => b"P",
             _ => return None,
         })
     }
 }
+
+/// One partition's writes in a batch, the numbers of the changes they carry, and how much those
+/// changes moved its open holds.
+type PartitionOps = (Vec<Op>, Vec<u64>, i64);
 
 /// One partition's part of a batch: its writes, under the epoch and batch number it is
 /// written with, and the numbers of the changes they carry.
@@ -1913,6 +1916,8 @@ pub struct Section {
     pub partition: u16,
     pub epoch: u64,
     pub seq: u64,
+    /// The partition's open holds once the section is written (kept in its fence).
+    pub holds: i64,
     pub ops: Vec<Op>,
     pub numbers: Vec<u64>,
 }
@@ -2024,8 +2029,8 @@ fn exported(partition: u16, entry: &StreamId) -> Result<ExportedEvent, StoreErro
 
 /// How the persisted values are laid out in Redis's keys, beside their own format
 /// ([`FORMAT_VERSION`], shared with the data dir). 2: an account's core and its records share
-/// one hash.
-const REDIS_LAYOUT: u16 = 2;
+/// one hash. 3: a partition's open holds are kept in its fence.
+const REDIS_LAYOUT: u16 = 3;
 
 async fn check_format(conn: &mut Connection, prefix: &str) -> Result<(), StoreError> {
     let key = format!("{prefix}:owned-format");

@@ -113,17 +113,18 @@ pub trait OwnedStorage: Send + Sync + 'static {
 
 /// The fenced batch write, for one or more partitions (all in one call on a standalone Redis;
 /// one partition a call on a Cluster, where a script's keys share a slot). ARGV[1]: how many
-/// partitions; then each partition's section: the key index of its fence (a hash of the epoch
-/// and the last batch number landed), the partition's number (named by a `FENCED` error), the
-/// epoch the batch was decided under, its number in the
-/// partition, how many arguments its writes take, and the writes, each an op, a key index and its arguments. Every fence is
+/// partitions; then each partition's section: the key index of its fence (a hash of the epoch,
+/// the last batch number landed and the open holds then), the partition's number (named by a
+/// `FENCED` error), the epoch the batch was decided under, its number in the partition, the
+/// open holds after it, how many arguments its writes take, and the writes, each an op, a key
+/// index and its arguments. Every fence is
 /// checked before anything is written, so a fenced call writes nothing; a partition whose batch
 /// number has already landed (a retry) is skipped. Answers Redis's clock, in milliseconds.
 const WRITE: &str = r#"
 local sections, at = {}, 2
 for _ = 1, tonumber(ARGV[1]) do
-  local s = {fence = KEYS[tonumber(ARGV[at])], number = ARGV[at + 3], first = at + 5}
-  s.last = at + 4 + tonumber(ARGV[at + 4])
+  local s = {fence = KEYS[tonumber(ARGV[at])], number = ARGV[at + 3], holds = ARGV[at + 4], first = at + 6}
+  s.last = at + 5 + tonumber(ARGV[at + 5])
   local fence = redis.call('HMGET', s.fence, 'epoch', 'seq')
   if fence[1] ~= ARGV[at + 2] then
     return redis.error_reply('FENCED ' .. ARGV[at + 1] .. ' partition epoch is ' .. tostring(fence[1]) .. ', not ' .. ARGV[at + 2])
@@ -147,11 +148,10 @@ for _, s in ipairs(sections) do
         i = i + 4
       elseif op == 'X' then
         redis.call('XADD', key, 'MAXLEN', '~', ARGV[i + 3], '*', 'e', ARGV[i + 2]); i = i + 4
-      elseif op == 'C' then redis.call('HINCRBY', key, ARGV[i + 2], ARGV[i + 3]); i = i + 4
       elseif op == 'P' then redis.call('SET', key, ARGV[i + 2], 'PX', ARGV[i + 3]); i = i + 4
       else return redis.error_reply('unknown write ' .. op) end
     end
-    redis.call('HSET', s.fence, 'seq', s.number)
+    redis.call('HSET', s.fence, 'seq', s.number, 'holds', s.holds)
   end
 end
 local t = redis.call('TIME')
@@ -244,6 +244,7 @@ impl<'a> WriteCall<'a> {
                 s.partition,
                 s.epoch,
                 s.seq,
+                s.holds,
                 &s.ops,
             );
         }
@@ -281,13 +282,22 @@ impl<'a> WriteCall<'a> {
     }
 
     /// Adds a partition's section: its fence, its batch number and its writes.
-    fn section(&mut self, tag: &str, partition: u16, epoch: u64, seq: u64, ops: &'a [Op]) {
+    fn section(
+        &mut self,
+        tag: &str,
+        partition: u16,
+        epoch: u64,
+        seq: u64,
+        holds: i64,
+        ops: &'a [Op],
+    ) {
         let fence = self.key(Cow::Owned(format!("{tag}:fence")));
         self.partitions.push(partition);
         self.number(fence);
         self.number(partition);
         self.number(epoch);
         self.number(seq);
+        self.number(holds);
         let count = self.args.len();
         self.args.push(Cow::Borrowed(&[]));
         for op in ops {
@@ -475,6 +485,8 @@ async fn fenced_write(
                 .arg(&fences[i].1)
                 .arg("seq")
                 .arg(s.seq)
+                .arg("holds")
+                .arg(s.holds)
                 .ignore();
         }
         write.cmd("TIME");
@@ -549,7 +561,6 @@ fn queue_one(pipe: &mut redis::Pipeline, op: &Op) -> Result<(), StorageError> {
         .arg("*")
         .arg("e")
         .arg(arg(0)?),
-        b"C" => pipe.cmd("HINCRBY").arg(key).arg(arg(0)?).arg(arg(1)?),
         b"P" => pipe.cmd("SET").arg(key).arg(arg(0)?).arg("PX").arg(arg(1)?),
         other => {
             return Err(StorageError::Corrupt(format!(
@@ -800,7 +811,7 @@ async fn read_partition_index(
         .map(|(id, at)| (id, Timestamp::from_millis(at)))
         .collect();
     let holds: Option<i64> = redis::cmd("HGET")
-        .arg(format!("{tag}:meta"))
+        .arg(format!("{tag}:fence"))
         .arg("holds")
         .query_async(conn)
         .await
@@ -826,8 +837,8 @@ mod tests {
         ];
         let second = [op(b"h", "p:{o2}:r:y", b"f")];
         let mut call = WriteCall::default();
-        call.section("p:{o1}", 1, 7, 3, &first);
-        call.section("p:{o2}", 2, 9, 1, &second);
+        call.section("p:{o1}", 1, 7, 3, 5, &first);
+        call.section("p:{o2}", 2, 9, 1, 0, &second);
         assert_eq!(call.partitions, [1, 2]);
         assert_eq!(
             call.keys,
@@ -841,8 +852,8 @@ mod tests {
         assert_eq!(
             args,
             [
-                "1", "1", "7", "3", "6", "h", "2", "core", "h", "2", "again", "3", "2", "9", "1",
-                "3", "h", "4", "f"
+                "1", "1", "7", "3", "5", "6", "h", "2", "core", "h", "2", "again", "3", "2", "9",
+                "1", "0", "3", "h", "4", "f"
             ]
         );
     }
