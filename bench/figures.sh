@@ -35,7 +35,8 @@
 #                                    # RSS every 10 s and its slope after the retention and over the
 #                                    # second half; Redis's used_memory
 #   bench/figures.sh admission       # ns per decision beside governor and limitador (criterion)
-#   bench/figures.sh redis-cost      # Redis's own instructions per Reserve+Commit pair (callgrind)
+#   bench/figures.sh redis-cost      # Redis's own instructions per Reserve+Commit pair (callgrind),
+#                                    # at 4 and at 32 in flight
 #
 # quotad and quotactl run as release builds on loopback; the load generator shares the machine,
 # so every figure is a ratio of runs made the same way, one after the other.
@@ -385,7 +386,7 @@ case "${1:-}" in
     # timers are slowed and quotad's lease renewals spaced out (and its waits for Redis made
     # long), so that the count does not depend on how long valgrind takes.
     command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 1; }
-    instructions() { # pairs
+    instructions() { # pairs, in flight; prints the instructions and the batches written
       local out; out="$(mktemp)"
       REDIS_UNDER="valgrind --tool=callgrind --callgrind-out-file=$out" \
       REDIS_ARGS="--hz 1 --enable-debug-command local" \
@@ -393,14 +394,24 @@ case "${1:-}" in
         start_quotad redis
       redis-cli -p "$REDIS_PORT" debug set-active-expire 0 >/dev/null
       LENGTH="--requests $1 --warmup 0s" \
-        bench reserve-commit --accounts 1000 --concurrency 4 --connections 1 >/dev/null
+        bench reserve-commit --accounts 1000 --concurrency "$2" --connections 1 >/dev/null
+      local batches
+      batches="$(redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' |
+        awk -F'[=,]' '/^cmdstat_exec:/ {print $2}')"
       stop # Redis writes the counts as it exits
-      grep -E '^(summary|totals):' "$out" | head -1 | awk '{print $2}'
+      echo "$(grep -E '^(summary|totals):' "$out" | head -1 | awk '{print $2}') ${batches:-0}"
       rm -f "$out"
     }
-    few="$(instructions 1000)"
-    many="$(instructions 3000)"
-    echo "Redis instructions per Reserve+Commit pair: $(( (many - few) / 2000 )) (runs of 1,000 and 3,000 pairs: $few and $many)"
+    # At 4 in flight a batch holds a decision or two, as on a lightly loaded owner; at 32 a
+    # batch holds many, as under load. Under valgrind Redis is far slower than quotad, so a
+    # batch fills up to what is in flight: the batch size is printed beside each figure.
+    for inflight in 4 32; do
+      read -r few few_batches < <(instructions 1000 "$inflight")
+      read -r many many_batches < <(instructions 3000 "$inflight")
+      echo "Redis instructions per Reserve+Commit pair at $inflight in flight:" \
+        "$(( (many - few) / 2000 )) (runs of 1,000 and 3,000 pairs: $few and $many;" \
+        "$(jq -n "4000 / ($many_batches - $few_batches) | . * 10 | round / 10") decisions a batch)"
+    done
     ;;
   *)
     sed -n '2,40p' "$0"

@@ -13,6 +13,7 @@ use quotad::domain::{
     Timestamp, Usage,
 };
 use quotad::rules::LiveRules;
+use quotad::store::redis::storage::Fence;
 use quotad::store::{MemoryStore, OwnedSettings, Store, StoreError, StoreHealth};
 use support::contract::store_contract_tests;
 use support::redis::{RedisServer, settings, store_with};
@@ -141,14 +142,7 @@ async fn a_write_under_an_old_epoch_is_refused() {
     let partition = quotad::store::redis::owned::partition_of("acct", 64);
     let core_key = format!("{prefix}:{{o{partition}}}:a:acct");
     let core_before = redis.cli(&["HSTRLEN", &core_key, "c"]).unwrap();
-    redis
-        .cli(&[
-            "HINCRBY",
-            &format!("{prefix}:{{o{partition}}}:fence"),
-            "epoch",
-            "1",
-        ])
-        .unwrap();
+    raise_epoch(&redis, &format!("{prefix}:{{o{partition}}}:fence"));
 
     let refused = store.reserve(&reserve("acct", "r1"), NOW).await;
     assert!(
@@ -250,15 +244,14 @@ async fn a_fence_taken_between_the_read_and_the_exec_refuses_the_write() {
     let read = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let clients = || redis.cli(&["CLIENT", "LIST"]).unwrap_or_default();
-        while !clients().contains("cmd=hmget") {
+        while !clients().contains("cmd=mget") {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "no fence was read"
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        let fence = format!("{prefix}:{{o{partition}}}:fence");
-        redis.cli(&["HINCRBY", &fence, "epoch", "1"]).unwrap();
+        raise_epoch(&redis, &format!("{prefix}:{{o{partition}}}:fence"));
         redis
     })
     .await
@@ -392,6 +385,19 @@ async fn an_owner_that_cannot_renew_stops_deciding() {
         "{refused:?}"
     );
     assert!(started.elapsed() < Duration::from_millis(100));
+}
+
+/// A partition's fence as Redis holds it.
+fn read_fence(redis: &RedisServer, fence: &str) -> Fence {
+    let value = redis.cli(&["GET", fence]).unwrap();
+    Fence::parse(value.trim().as_bytes()).unwrap()
+}
+
+/// What another replica's taking of the partition does to its fence.
+fn raise_epoch(redis: &RedisServer, fence: &str) {
+    let mut raised = read_fence(redis, fence);
+    raised.epoch += 1;
+    redis.cli(&["SET", fence, &raised.value()]).unwrap();
 }
 
 /// Redis written in another persisted format is refused at start, with what to do.
@@ -566,13 +572,11 @@ async fn an_epoch_lost_in_a_failover_is_never_issued_again() {
     };
     let store = store_with(redis_settings, one).await;
     let fence = format!("{prefix}:{{o0}}:fence");
-    let epoch = || -> u64 {
-        let out = redis.cli(&["HGET", &fence, "epoch"]).unwrap();
-        out.trim().parse().unwrap_or(0)
-    };
+    let epoch = || read_fence(&redis, &fence).epoch;
     let issued = epoch();
-    let before = (issued - 1).to_string();
-    redis.cli(&["HSET", &fence, "epoch", &before]).unwrap();
+    let mut before = read_fence(&redis, &fence);
+    before.epoch = issued - 1;
+    redis.cli(&["SET", &fence, &before.value()]).unwrap();
     redis
         .cli(&["DEL", &format!("{prefix}:{{o0}}:lease")])
         .unwrap();

@@ -41,11 +41,12 @@
 //!   for its window's length; a domain's counters are all in one partition;
 //! - `pur`: accounts with an auto top-up purchase in flight or notifications to deliver, and
 //!   since when (the maintenance pass visits them);
-//! - `lease` (owner and epoch, with a time to live) and `fence` (the epoch, never reset, the
-//!   last batch number landed under it, and the partition's open holds as of that batch):
-//!   ownership and fencing. The owner counts the holds and each batch sets the count whole, in
-//!   the command that sets its number, rather than adding to it: one command fewer a batch,
-//!   and Redis's count cannot drift from the owner's.
+//! - `lease` (owner and epoch, with a time to live) and `fence` (a string: the epoch, never
+//!   reset, the last batch number landed under it, and the partition's open holds as of that
+//!   batch): ownership and fencing. The owner counts the holds and each batch sets the count
+//!   whole with its number, rather than adding to it, so Redis's count cannot drift from the
+//!   owner's; a batch reads its partitions' fences with one `MGET` and sets them with one
+//!   `MSET`.
 //!
 //! `PREFIX:owned-format` holds the persisted format's version; a quotad reading another refuses
 //! to start.
@@ -2029,8 +2030,8 @@ fn exported(partition: u16, entry: &StreamId) -> Result<ExportedEvent, StoreErro
 
 /// How the persisted values are laid out in Redis's keys, beside their own format
 /// ([`FORMAT_VERSION`], shared with the data dir). 2: an account's core and its records share
-/// one hash. 3: a partition's open holds are kept in its fence.
-const REDIS_LAYOUT: u16 = 3;
+/// one hash. 3: a partition's open holds are kept in its fence. 4: a fence is one string.
+const REDIS_LAYOUT: u16 = 4;
 
 async fn check_format(conn: &mut Connection, prefix: &str) -> Result<(), StoreError> {
     let key = format!("{prefix}:owned-format");

@@ -113,23 +113,22 @@ pub trait OwnedStorage: Send + Sync + 'static {
 
 /// The fenced batch write, for one or more partitions (all in one call on a standalone Redis;
 /// one partition a call on a Cluster, where a script's keys share a slot). ARGV[1]: how many
-/// partitions; then each partition's section: the key index of its fence (a hash of the epoch,
-/// the last batch number landed and the open holds then), the partition's number (named by a
-/// `FENCED` error), the epoch the batch was decided under, its number in the partition, the
-/// open holds after it, how many arguments its writes take, and the writes, each an op, a key
-/// index and its arguments. Every fence is
-/// checked before anything is written, so a fenced call writes nothing; a partition whose batch
-/// number has already landed (a retry) is skipped. Answers Redis's clock, in milliseconds.
+/// partitions; then each partition's section: the key index of its fence (see [`Fence`]), the
+/// partition's number (named by a `FENCED` error), the epoch the batch was decided under, its
+/// number in the partition, the open holds after it, how many arguments its writes take, and
+/// the writes, each an op, a key index and its arguments. Every fence is checked before
+/// anything is written, so a fenced call writes nothing; a partition whose batch number has
+/// already landed (a retry) is skipped. Answers Redis's clock, in milliseconds.
 const WRITE: &str = r#"
 local sections, at = {}, 2
 for _ = 1, tonumber(ARGV[1]) do
-  local s = {fence = KEYS[tonumber(ARGV[at])], number = ARGV[at + 3], holds = ARGV[at + 4], first = at + 6}
+  local s = {fence = KEYS[tonumber(ARGV[at])], epoch = ARGV[at + 2], number = ARGV[at + 3], holds = ARGV[at + 4], first = at + 6}
   s.last = at + 5 + tonumber(ARGV[at + 5])
-  local fence = redis.call('HMGET', s.fence, 'epoch', 'seq')
-  if fence[1] ~= ARGV[at + 2] then
-    return redis.error_reply('FENCED ' .. ARGV[at + 1] .. ' partition epoch is ' .. tostring(fence[1]) .. ', not ' .. ARGV[at + 2])
+  local epoch, seq = string.match(redis.call('GET', s.fence) or '', '^(%d+):(%d+):')
+  if epoch ~= s.epoch then
+    return redis.error_reply('FENCED ' .. ARGV[at + 1] .. ' partition epoch is ' .. tostring(epoch) .. ', not ' .. s.epoch)
   end
-  s.landed = tonumber(fence[2] or '0') >= tonumber(s.number)
+  s.landed = tonumber(seq) >= tonumber(s.number)
   sections[#sections + 1] = s
   at = s.last + 1
 end
@@ -151,7 +150,7 @@ for _, s in ipairs(sections) do
       elseif op == 'P' then redis.call('SET', key, ARGV[i + 2], 'PX', ARGV[i + 3]); i = i + 4
       else return redis.error_reply('unknown write ' .. op) end
     end
-    redis.call('HSET', s.fence, 'seq', s.number, 'holds', s.holds)
+    redis.call('SET', s.fence, s.epoch .. ':' .. s.number .. ':' .. s.holds)
   end
 end
 local t = redis.call('TIME')
@@ -164,8 +163,9 @@ return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 /// last acquisition would count up again from the one before, re-issuing the lost epoch to the
 /// next owner while the owner that took it may still write under it. From the clock, the next
 /// epoch is past any issued before the failover (unless the old master's clock ran ahead of the
-/// new one's by more than the failover took). KEYS: lease, fence. ARGV: owner, lease in ms.
-/// Answers `{1, epoch, Redis's clock in ms}` or `{0, holder, ms left}`.
+/// new one's by more than the failover took). The batch number starts again from 0 and the open
+/// holds stay. KEYS: lease, fence. ARGV: owner, lease in ms. Answers `{1, epoch, Redis's clock
+/// in ms}` or `{0, holder, ms left}`.
 const ACQUIRE: &str = r#"
 local holder = redis.call('HGET', KEYS[1], 'owner')
 if holder and holder ~= ARGV[1] then
@@ -173,12 +173,14 @@ if holder and holder ~= ARGV[1] then
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
-if epoch < now then
-  epoch = redis.call('HINCRBY', KEYS[2], 'epoch', now - epoch)
+local last, holds = string.match(redis.call('GET', KEYS[2]) or '0:0:0', '^(%d+):%d+:(%-?%d+)$')
+if not last then
+  return redis.error_reply('CORRUPT the fence of ' .. KEYS[2] .. ' is not epoch:batch:holds')
 end
-redis.call('HSET', KEYS[2], 'seq', 0)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', epoch)
+-- Epochs stay below 2^53, so a Lua number holds them exactly.
+local epoch = math.max(tonumber(last) + 1, now)
+redis.call('SET', KEYS[2], string.format('%d:0:%s', epoch, holds))
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', string.format('%d', epoch))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, epoch, now}
 "#;
@@ -338,11 +340,12 @@ impl RedisStorage {
 }
 
 /// Batch writes as plain transactions on one master (standalone, or the one Sentinel names):
-/// the fences are watched and read (`WATCH`, `HMGET`), then, if every epoch is the batch's, the
-/// writes and the new batch numbers go in one `MULTI` … `EXEC`, which Redis refuses if a fence
-/// changed in between (another replica took a partition): the write is then tried again from
-/// the read, which sees the new epoch. The same fenced, numbered write as the `WRITE` script, one round trip longer, at
-/// about half of Redis's work (no Lua).
+/// the fences are watched and read (`WATCH`, `MGET`), then, if every epoch is the batch's, the
+/// writes and the new fences (one `MSET`) go in one `MULTI` … `EXEC`, which Redis refuses if a
+/// fence changed in between (another replica took a partition, or an abandoned attempt of this
+/// one landed late): the write is then tried again from the read, which sees the new epoch or
+/// batch number. The same fenced, numbered write as the `WRITE` script, one round trip longer,
+/// at about half of Redis's work (no Lua).
 ///
 /// A `WATCH` belongs to its connection, so the connection is the writer's own, used by one
 /// write at a time, and never reconnected underneath: it is dropped at its first error, or if
@@ -436,12 +439,51 @@ impl Transactions {
     }
 }
 
+/// A partition's fence, a string `EPOCH:BATCH:HOLDS`: the epoch its lease was last taken under
+/// (raised by every taking, never reset), the number of the last batch that landed under it,
+/// and the partition's open holds as of that batch. One string, so that a batch over several
+/// partitions reads all its fences with one `MGET` and sets them with one `MSET`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub epoch: u64,
+    pub seq: u64,
+    pub holds: i64,
+}
+
+impl Fence {
+    pub fn parse(value: &[u8]) -> Result<Fence, StorageError> {
+        let corrupt = || {
+            StorageError::Corrupt(format!(
+                "a fence {:?} is not epoch:batch:holds",
+                String::from_utf8_lossy(value)
+            ))
+        };
+        let text = std::str::from_utf8(value).map_err(|_| corrupt())?;
+        let mut parts = text.split(':');
+        let mut next = || parts.next().ok_or_else(corrupt);
+        let fence = Fence {
+            epoch: next()?.parse().map_err(|_| corrupt())?,
+            seq: next()?.parse().map_err(|_| corrupt())?,
+            holds: next()?.parse().map_err(|_| corrupt())?,
+        };
+        match parts.next() {
+            None => Ok(fence),
+            Some(_) => Err(corrupt()),
+        }
+    }
+
+    pub fn value(&self) -> String {
+        format!("{}:{}:{}", self.epoch, self.seq, self.holds)
+    }
+}
+
 /// One batch as a transaction on `conn` (see [`Transactions`]).
 async fn fenced_write(
     conn: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
     sections: &[&Section],
 ) -> Result<i64, StorageError> {
+    // Each partition's fence once.
     let mut fences: Vec<(u16, String)> = Vec::new();
     for s in sections {
         if !fences.iter().any(|(p, _)| *p == s.partition) {
@@ -455,39 +497,49 @@ async fn fenced_write(
         for (_, key) in &fences {
             read.arg(key);
         }
+        read.cmd("MGET");
         for (_, key) in &fences {
-            read.cmd("HMGET").arg(key).arg("epoch").arg("seq");
+            read.arg(key);
         }
-        let read: Vec<(Option<u64>, Option<u64>)> = read
+        let (read,): (Vec<Option<Vec<u8>>>,) = read
             .query_async(conn)
             .await
             .map_err(|e| missed("reading the fences", e))?;
+        let mut found = Vec::with_capacity(read.len());
+        for value in &read {
+            found.push(value.as_deref().map(Fence::parse).transpose()?);
+        }
         let mut write = redis::pipe();
         write.atomic();
+        // The new value of each fence the batch moves.
+        let mut moved: Vec<Option<Fence>> = vec![None; fences.len()];
         for s in sections {
             let i = fence_of(s.partition).unwrap_or(0);
-            let (epoch, seq) = read.get(i).copied().unwrap_or((None, None));
-            if epoch != Some(s.epoch) {
+            let fence = found.get(i).copied().flatten();
+            if fence.map(|f| f.epoch) != Some(s.epoch) {
                 let unwatched: redis::RedisResult<()> =
                     redis::cmd("UNWATCH").query_async(conn).await;
                 unwatched.map_err(|e| missed("after a fenced read", e))?;
                 return Err(StorageError::Fenced(s.partition));
             }
-            if seq.unwrap_or(0) >= s.seq {
+            if fence.map_or(0, |f| f.seq) >= s.seq {
                 // Landed before (a retry after a timeout): written once.
                 continue;
             }
             for run in s.ops.chunk_by(|a, b| a.code == b.code && a.key == b.key) {
                 queue(&mut write, run)?;
             }
-            write
-                .cmd("HSET")
-                .arg(&fences[i].1)
-                .arg("seq")
-                .arg(s.seq)
-                .arg("holds")
-                .arg(s.holds)
-                .ignore();
+            moved[i] = Some(Fence {
+                epoch: s.epoch,
+                seq: s.seq,
+                holds: s.holds,
+            });
+        }
+        let moved: Vec<(&str, String)> = (fences.iter().zip(&moved))
+            .filter_map(|((_, key), to)| Some((key.as_str(), to.as_ref()?.value())))
+            .collect();
+        if !moved.is_empty() {
+            write.cmd("MSET").arg(&moved[..]).ignore();
         }
         write.cmd("TIME");
         let answer: Option<(Vec<i64>,)> = write
@@ -810,19 +862,39 @@ async fn read_partition_index(
     let purchases = (found.into_iter())
         .map(|(id, at)| (id, Timestamp::from_millis(at)))
         .collect();
-    let holds: Option<i64> = redis::cmd("HGET")
+    let fence: Option<Vec<u8>> = redis::cmd("GET")
         .arg(format!("{tag}:fence"))
-        .arg("holds")
         .query_async(conn)
         .await
         .map_err(|e| missed("reading open holds", e))?;
-    Ok((purchases, holds.unwrap_or(0)))
+    let holds = fence.as_deref().map(Fence::parse).transpose()?;
+    Ok((purchases, holds.map_or(0, |f| f.holds)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::owned::Op;
     use super::*;
+
+    #[test]
+    fn a_fence_reads_back_what_it_wrote_and_refuses_anything_else() {
+        let fence = Fence {
+            epoch: 1_800_000_000_123,
+            seq: 42,
+            holds: 7,
+        };
+        assert_eq!(fence.value(), "1800000000123:42:7");
+        assert_eq!(Fence::parse(fence.value().as_bytes()), Ok(fence));
+        for bad in [
+            "", "1:2", "1:2:3:4", "x:2:3", "1:-2:3", "1:2:", "1::3", "\u{ff}",
+        ] {
+            let refused = Fence::parse(bad.as_bytes());
+            assert!(
+                matches!(&refused, Err(StorageError::Corrupt(why)) if why.contains("epoch:batch:holds")),
+                "{bad:?}: {refused:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_call_names_each_key_once_and_counts_each_sections_arguments() {
