@@ -12,6 +12,8 @@
 #                                    # health checks at the same calls per second
 #   bench/figures.sh latency redis
 #   bench/figures.sh latency embedded
+#   bench/figures.sh latency-stores  # Reserve p99 of the Redis store beside the memory store's at
+#                                    # 1/2 and 1/4 of the memory store's saturation rate
 #   bench/figures.sh replicas        # Redis: Reserve+Commit pairs on one replica, then
 #                                    # on three with the connections spread over all of them (so
 #                                    # most calls are forwarded to their account's owner), and the
@@ -173,6 +175,30 @@ case "${1:-}" in
       printf '1/%s rate   %8s tasks/s  Reserve p99 %6s µs  p99.9 %6s µs   floor: health at %s calls/s p99 %6s µs  p99.9 %6s µs\n' \
         "$share" "$rate" "$(echo "$paced" | field .reserve_latency_us.p99)" "$(echo "$paced" | field .reserve_latency_us.p99_9)" \
         "$((rate * 2))" "$(echo "$floor" | field .latency_us.p99)" "$(echo "$floor" | field .latency_us.p99_9)"
+    done
+    ;;
+  latency-stores)
+    # The Redis store's Reserve p99 beside the memory store's at the same rates: a half and a
+    # quarter of the memory store's saturation (open loop), the memory store first.
+    start_quotad memory
+    max="$(bench reserve-commit | field .ops_per_s)"
+    stop
+    echo "Reserve within Reserve+Commit tasks, 4 connections, 64 in flight, ${seconds} s each;" \
+      "the memory store's saturation: $max tasks/s"
+    declare -A p99
+    for share in 2 4; do
+      rate="$(jq -n "$max / $share | floor")"
+      for store in memory redis; do
+        start_quotad "$store"
+        paced="$(bench reserve-commit --rate "$rate")"
+        p99[$store]="$(echo "$paced" | field .reserve_latency_us.p99)"
+        printf '1/%s rate %8s tasks/s  %-6s achieved %8.0f /s  Reserve p99 %8s µs  p99.9 %8s µs\n' \
+          "$share" "$rate" "$store" "$(echo "$paced" | field .ops_per_s)" "${p99[$store]}" \
+          "$(echo "$paced" | field .reserve_latency_us.p99_9)"
+        stop
+      done
+      printf '1/%s rate: Redis p99 / memory p99 = %.2f (goal at 1/2: at most 1.5)\n' "$share" \
+        "$(jq -n "${p99[redis]} / ${p99[memory]}")"
     done
     ;;
   data-dir)

@@ -407,7 +407,14 @@ impl AccountState {
 }
 
 fn seal(magic: [u8; 2], value: &impl serde::Serialize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
+    thread_local! {
+        /// Where values are encoded before being copied out at their exact size: an account's
+        /// core is hundreds of bytes, and growing a new buffer to it copied it several times on
+        /// every decision.
+        static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut out = SCRATCH.take();
+    out.clear();
     out.extend_from_slice(&magic);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
@@ -416,7 +423,12 @@ fn seal(magic: [u8; 2], value: &impl serde::Serialize) -> Vec<u8> {
     let mut out = postcard::to_extend(value, out).expect("persisted types always serialize");
     let crc = crc32fast::hash(&out[HEADER_LEN..]);
     out[4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
-    out
+    let sealed = out.to_vec();
+    // A rare huge value does not stay behind in every thread.
+    if out.capacity() <= 64 << 10 {
+        SCRATCH.set(out);
+    }
+    sealed
 }
 
 /// Checks the header and returns the payload.

@@ -1624,20 +1624,29 @@ impl Shared {
         let partitions = self.slots.len() as u16;
         // An account changed several times in the batch has its last core written, and a
         // counter its last window.
-        let mut last_core: HashMap<String, usize> = HashMap::new();
-        let mut last_counter: HashMap<String, usize> = HashMap::new();
-        for (i, (_, change)) in changes.iter().enumerate() {
-            match change {
-                Queued::Account(change) => {
-                    last_core.insert(change.account_id.clone(), i);
-                }
-                Queued::Counters(write) => {
-                    for (key, _, _) in &write.counters {
-                        last_counter.insert(key.clone(), i);
+        let (core_written, window_written) = {
+            let mut last_core: HashMap<&str, usize> = HashMap::with_capacity(changes.len());
+            let mut last_counter: HashMap<&str, (usize, usize)> = HashMap::new();
+            for (i, (_, change)) in changes.iter().enumerate() {
+                match change {
+                    Queued::Account(change) => {
+                        last_core.insert(&change.account_id, i);
+                    }
+                    Queued::Counters(write) => {
+                        for (j, (key, _, _)) in write.counters.iter().enumerate() {
+                            last_counter.insert(key, (i, j));
+                        }
                     }
                 }
             }
-        }
+            // Whether change i writes its core, and which (change, counter) pairs write theirs.
+            let mut core_written = vec![false; changes.len()];
+            for &i in last_core.values() {
+                core_written[i] = true;
+            }
+            let window_written: HashSet<(usize, usize)> = last_counter.into_values().collect();
+            (core_written, window_written)
+        };
         let mut ops: BTreeMap<u16, PartitionOps> = BTreeMap::new();
         let mut tags: HashMap<u16, String> = HashMap::new();
         for (i, (number, change)) in changes.into_iter().enumerate() {
@@ -1646,8 +1655,8 @@ impl Shared {
                 Queued::Counters(write) => {
                     let (ops, numbers, _) = ops.entry(write.partition).or_default();
                     numbers.push(number);
-                    for (key, window, keep_ms) in write.counters {
-                        if last_counter[&key] == i {
+                    for (j, (key, window, keep_ms)) in write.counters.into_iter().enumerate() {
+                        if window_written.contains(&(i, j)) {
                             let keep = keep_ms.max(1).to_string().into_bytes();
                             ops.push(Op {
                                 code: b"P",
@@ -1678,7 +1687,7 @@ impl Shared {
                     op(b"h", account.clone(), vec![record_field(kind.tag(), seq)]);
                 }
             }
-            if last_core[id] == i {
+            if core_written[i] {
                 let core = vec![CORE_FIELD.to_vec(), change.state.core];
                 op(b"H", account.clone(), core);
             }
@@ -1697,16 +1706,20 @@ impl Shared {
                     vec![encoded.clone(), keep.to_string().into_bytes()],
                 );
                 let keep = change.export_keep.max(1).to_string().into_bytes();
-                op(b"X", format!("{tag}:x"), vec![encoded, keep]);
+                op(b"X", [tag, ":x"].concat(), vec![encoded, keep]);
             }
             match change.purchase {
                 PurchaseIndex::Unchanged => {}
                 PurchaseIndex::Started(at) => {
                     let at = at.as_millis().to_string().into_bytes();
-                    op(b"H", format!("{tag}:pur"), vec![id.as_bytes().to_vec(), at]);
+                    op(
+                        b"H",
+                        [tag, ":pur"].concat(),
+                        vec![id.as_bytes().to_vec(), at],
+                    );
                 }
                 PurchaseIndex::Ended => {
-                    op(b"h", format!("{tag}:pur"), vec![id.as_bytes().to_vec()]);
+                    op(b"h", [tag, ":pur"].concat(), vec![id.as_bytes().to_vec()]);
                 }
             }
         }
@@ -1987,13 +2000,14 @@ impl AccountKeys {
         }
     }
 
-    /// Each key alone, for a writer that needs only some.
+    /// Each key alone, for a writer that needs only some. Joined rather than formatted: the
+    /// writer makes several keys per decision, and `format!` costs several times a copy.
     fn account(tag: &str, account_id: &str) -> String {
-        format!("{tag}:a:{account_id}")
+        [tag, ":a:", account_id].concat()
     }
 
     fn history(tag: &str, account_id: &str) -> String {
-        format!("{tag}:h:{account_id}")
+        [tag, ":h:", account_id].concat()
     }
 }
 

@@ -509,7 +509,8 @@ async fn fenced_write(
         for value in &read {
             found.push(value.as_deref().map(Fence::parse).transpose()?);
         }
-        let mut write = redis::pipe();
+        let ops: usize = sections.iter().map(|s| s.ops.len()).sum();
+        let mut write = redis::Pipeline::with_capacity(ops + 2);
         write.atomic();
         // The new value of each fence the batch moves.
         let mut moved: Vec<Option<Fence>> = vec![None; fences.len()];
@@ -563,18 +564,19 @@ async fn fenced_write(
 fn queue(pipe: &mut redis::Pipeline, run: &[Op]) -> Result<(), StorageError> {
     let op = &run[0];
     if run.len() > 1 && matches!(op.code, b"H" | b"h") {
-        let (command, width) = if op.code == b"H" {
-            ("HSET", 2)
+        let (command, width): (&[u8], usize) = if op.code == b"H" {
+            (b"HSET", 2)
         } else {
-            ("HDEL", 1)
+            (b"HDEL", 1)
         };
-        let cmd = pipe.cmd(command).arg(op.key.as_str());
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + width * run.len());
+        parts.extend([command, op.key.as_bytes()]);
         for op in run {
             let args = (op.args.get(..width))
                 .ok_or_else(|| StorageError::Corrupt("a hash write lacks an argument".into()))?;
-            cmd.arg(args);
+            parts.extend(args.iter().map(Vec::as_slice));
         }
-        cmd.ignore();
+        pipe.add_command(command_of(&parts)).ignore();
         return Ok(());
     }
     for op in run {
@@ -583,45 +585,50 @@ fn queue(pipe: &mut redis::Pipeline, run: &[Op]) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// A command of `parts` (its name first), built with room for all of them: a batch's values
+/// are copied once into it, not again each time a growing buffer moves.
+fn command_of(parts: &[&[u8]]) -> redis::Cmd {
+    let bytes = parts.iter().map(|p| p.len()).sum();
+    let mut command = redis::Cmd::with_capacity(parts.len(), bytes);
+    for part in parts {
+        command.arg(*part);
+    }
+    command
+}
+
 /// Adds one of a batch's writes to a transaction.
 fn queue_one(pipe: &mut redis::Pipeline, op: &Op) -> Result<(), StorageError> {
     let arg = |i: usize| -> Result<&[u8], StorageError> {
         (op.args.get(i).map(Vec::as_slice))
             .ok_or_else(|| StorageError::Corrupt(format!("a write lacks argument {i}")))
     };
-    let key = op.key.as_str();
-    match op.code {
-        b"H" => pipe.cmd("HSET").arg(key).arg(arg(0)?).arg(arg(1)?),
-        b"h" => pipe.cmd("HDEL").arg(key).arg(arg(0)?),
+    let key = op.key.as_bytes();
+    let command = match op.code {
+        b"H" => command_of(&[b"HSET", key, arg(0)?, arg(1)?]),
+        b"h" => command_of(&[b"HDEL", key, arg(0)?]),
         b"L" => {
             let keep = (std::str::from_utf8(arg(1)?).ok())
                 .and_then(|k| k.parse::<i64>().ok())
                 .ok_or_else(|| StorageError::Corrupt("a list write's length".into()))?;
+            let push = command_of(&[b"RPUSH", key, arg(0)?]);
             if keep == 0 {
-                pipe.cmd("RPUSH").arg(key).arg(arg(0)?)
+                push
             } else {
-                pipe.cmd("RPUSH").arg(key).arg(arg(0)?).ignore();
-                pipe.cmd("LTRIM").arg(key).arg(-keep).arg(-1)
+                pipe.add_command(push).ignore();
+                let from = (-keep).to_string();
+                command_of(&[b"LTRIM", key, from.as_bytes(), b"-1"])
             }
         }
-        b"X" => (pipe
-            .cmd("XADD")
-            .arg(key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(arg(1)?))
-        .arg("*")
-        .arg("e")
-        .arg(arg(0)?),
-        b"P" => pipe.cmd("SET").arg(key).arg(arg(0)?).arg("PX").arg(arg(1)?),
+        b"X" => command_of(&[b"XADD", key, b"MAXLEN", b"~", arg(1)?, b"*", b"e", arg(0)?]),
+        b"P" => command_of(&[b"SET", key, arg(0)?, b"PX", arg(1)?]),
         other => {
             return Err(StorageError::Corrupt(format!(
                 "unknown write {}",
                 String::from_utf8_lossy(other)
             )));
         }
-    }
-    .ignore();
+    };
+    pipe.add_command(command).ignore();
     Ok(())
 }
 
@@ -739,6 +746,11 @@ impl OwnedStorage for RedisStorage {
         sections: &'a [&'a Section],
     ) -> Pin<Box<dyn Future<Output = Written> + Send + 'a>> {
         Box::pin(async move {
+            if let Some(transactions) = &self.transactions {
+                let partitions = sections.iter().map(|s| s.partition).collect();
+                let written = transactions.write(&self.prefix, sections).await;
+                return vec![(partitions, written)];
+            }
             // One call on a standalone Redis; one a partition on a Cluster (a script's keys
             // share a slot), in parallel.
             let calls: Vec<WriteCall<'_>> = if self.cluster {
@@ -753,11 +765,6 @@ impl OwnedStorage for RedisStorage {
             } else {
                 vec![WriteCall::of(&self.prefix, sections.iter().copied())]
             };
-            if let Some(transactions) = &self.transactions {
-                let partitions = sections.iter().map(|s| s.partition).collect();
-                let written = transactions.write(&self.prefix, sections).await;
-                return vec![(partitions, written)];
-            }
             let results = if calls.len() == 1 {
                 let call = calls.into_iter().next().expect("one call");
                 let result = invoke(self.conn.clone(), &self.write_script, &call).await;
