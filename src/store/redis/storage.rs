@@ -428,12 +428,16 @@ impl Transactions {
             _ => self.master.connect(&address, &self.config).await?,
         };
         let written = fenced_write(&mut conn, prefix, sections).await;
-        if matches!(&written, Err(StorageError::Unavailable(_))) {
-            if let Master::Sentinel(sentinel) = &self.master {
-                sentinel.look_again();
+        match &written {
+            // Kept only where no `WATCH` is left behind on it: a corrupt fence ends the write
+            // between its `WATCH` and its `EXEC`.
+            Ok(_) | Err(StorageError::Fenced(_)) => *held = Some((address, conn)),
+            Err(StorageError::Corrupt(_)) => {}
+            Err(StorageError::Unavailable(_)) => {
+                if let Master::Sentinel(sentinel) = &self.master {
+                    sentinel.look_again();
+                }
             }
-        } else {
-            *held = Some((address, conn));
         }
         written
     }
