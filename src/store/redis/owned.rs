@@ -1348,6 +1348,14 @@ impl Shared {
         attempt
     }
 
+    /// Records that a batch of `partition` under `epoch` landed at `at` (Redis's clock, ms). The
+    /// debug line lets the fault tests bound when a replica that never logged giving a
+    /// partition up (killed, or stalled past its lease and not yet told) last answered for it.
+    fn landed_at(&self, partition: u16, epoch: u64, at: i64) {
+        (self.slots[usize::from(partition)].last_ack_ms).fetch_max(at, Ordering::AcqRel);
+        tracing::debug!(partition, epoch, at_ms = at, "a batch landed");
+    }
+
     /// Takes what an attempt did out of `sections`: landed ones leave (their time recorded),
     /// a fenced partition is lost and its sections leave (`fenced` is told of each). Another
     /// partition's section in the same fenced call was not written and stays, for the retry.
@@ -1359,7 +1367,9 @@ impl Shared {
         mut fenced: impl FnMut(&Section),
     ) {
         for &(partition, at) in &attempt.landed {
-            (self.slots[usize::from(partition)].last_ack_ms).fetch_max(at, Ordering::AcqRel);
+            if let Some(s) = sections.iter().find(|s| s.partition == partition) {
+                self.landed_at(partition, s.epoch, at);
+            }
         }
         sections.retain(|s| {
             if attempt.landed.iter().any(|&(p, _)| p == s.partition) {
@@ -1436,7 +1446,8 @@ impl Shared {
         let mut left: Vec<Journaled> = Vec::new();
         for j in chunk {
             let partition = j.section.partition;
-            if attempt.landed.iter().any(|&(p, _)| p == partition) {
+            if let Some(&(_, at)) = attempt.landed.iter().find(|&&(p, _)| p == partition) {
+                self.landed_at(partition, j.section.epoch, at);
                 continue;
             }
             if attempt.fenced.contains(&partition) {
@@ -1445,9 +1456,6 @@ impl Shared {
                 continue;
             }
             left.push(j);
-        }
-        for &(partition, at) in &attempt.landed {
-            (self.slots[usize::from(partition)].last_ack_ms).fetch_max(at, Ordering::AcqRel);
         }
         let after: u64 = left.iter().map(|j| j.section.numbers.len() as u64).sum();
         (self.outage_counts.replayed).fetch_add(before - after, Ordering::Relaxed);
