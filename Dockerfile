@@ -7,8 +7,8 @@
 # changes, with cargo-chef: `cargo chef prepare` reads the manifest and every target it declares
 # or that cargo discovers (binaries, benches, tests, examples, the build script) into
 # recipe.json, and `cargo chef cook` compiles the dependencies against stubs of those targets.
-# A new bench, test or binary therefore needs no edit here. tests/dockerfile.rs checks this file
-# against Cargo.toml, .dockerignore and the Helm chart.
+# A new bench, test or binary therefore needs no edit here. tests/integration/dockerfile.rs checks
+# this file against Cargo.toml, .dockerignore and the Helm chart.
 
 # The toolchain of every build stage (cook and build must use the same one, or the cooked layer
 # is not reused). Bookworm, like the runtime image below (glibc).

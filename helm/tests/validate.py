@@ -11,7 +11,7 @@ roll the pods), renders a frontend chart that includes the sidecar templates, an
 every file in helm/tests/bad-values is rejected with the message its first line announces
 (`# expect: ...`).
 
-Needs the packages helm-python-sdk, kubernetes-validate and promql-parser (tests/helm_chart.rs
+Needs the packages helm-python-sdk, kubernetes-validate and promql-parser (tests/integration/helm_chart.rs
 installs pinned versions into target/chart-venv). Prints a summary; exits 1 on any failure.
 
     python helm/tests/validate.py [--write-configs DIR] [-v]

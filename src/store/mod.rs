@@ -6,7 +6,7 @@
 //! each account is decided by the replica owning its partition ([`redis`]). Each change is
 //! durable in the backing store, by group commit, before its call is answered.
 //!
-//! Every store must pass the same contract suite (`tests/support/contract.rs`).
+//! Every store must pass the same contract suite (`tests/integration/support/contract.rs`).
 
 mod backing;
 mod commit_log;
