@@ -7,9 +7,10 @@
 //! a script spends as much in Lua as in the writes themselves.
 //!
 //! The owner's logic (`super::owned`: rounds, admission, the writer, fencing) only sees the
-//! trait, so the deterministic simulation of several replicas (`tests/integration/ownership_simulation.rs`)
-//! runs that same logic over a model of this storage with faults between them: delays, lost
-//! requests and answers, cut links, pauses and a drifting clock, replayable by seed.
+//! trait, so the deterministic simulation of several replicas
+//! (`tests/integration/ownership_simulation.rs`) runs that same logic over a model of this
+//! storage with faults between them: delays, lost requests and answers, cut links, pauses and a
+//! drifting clock, replayable by seed.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,5 +1,5 @@
 //! The store contract: what every [`Store`] must do, written once and run against each store
-//! (`store_contract_tests!(make_store)` in a test file expands to one test per rule).
+//! (`store_contract_tests!(make_store)` in a store's test module expands to one test per rule).
 //! Every store is built with `Policy::default()`; time is passed in explicitly.
 
 use std::collections::HashSet;
