@@ -120,6 +120,21 @@ pub trait OwnedStorage: Send + Sync + 'static {
 /// the writes, each an op, a key index and its arguments. Every fence is checked before
 /// anything is written, so a fenced call writes nothing; a partition whose batch number has
 /// already landed (a retry) is skipped. Answers Redis's clock, in milliseconds.
+/// The ownership scripts, hashed once (a `Script` carries its SHA-1, which `EVALSHA` sends).
+struct Scripts {
+    members: Script,
+    acquire: Script,
+    renew: Script,
+    release: Script,
+}
+
+static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+    members: Script::new(MEMBERS),
+    acquire: Script::new(ACQUIRE),
+    renew: Script::new(RENEW),
+    release: Script::new(RELEASE),
+});
+
 const WRITE: &str = r#"
 local sections, at = {}, 2
 for _ = 1, tonumber(ARGV[1]) do
@@ -667,7 +682,8 @@ impl OwnedStorage for RedisStorage {
     ) -> StorageFuture<'a, Vec<(String, String)>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let listed: Vec<String> = Script::new(MEMBERS)
+            let listed: Vec<String> = SCRIPTS
+                .members
                 .key(members_key(&self.prefix))
                 .key(format!("{}:addr", members_key(&self.prefix)))
                 .arg(replica)
@@ -695,7 +711,8 @@ impl OwnedStorage for RedisStorage {
         Box::pin(async move {
             let tag = tag(&self.prefix, partition);
             let mut conn = self.conn.clone();
-            let reply: Vec<redis::Value> = Script::new(ACQUIRE)
+            let reply: Vec<redis::Value> = SCRIPTS
+                .acquire
                 .key(format!("{tag}:lease"))
                 .key(format!("{tag}:fence"))
                 .arg(replica)
@@ -722,7 +739,8 @@ impl OwnedStorage for RedisStorage {
     fn renew(&self, partition: u16, epoch: u64, lease_ms: u64) -> StorageFuture<'_, bool> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let renewed: i64 = Script::new(RENEW)
+            let renewed: i64 = SCRIPTS
+                .renew
                 .key(format!("{}:lease", tag(&self.prefix, partition)))
                 .arg(epoch)
                 .arg(lease_ms)
@@ -736,7 +754,8 @@ impl OwnedStorage for RedisStorage {
     fn release(&self, partition: u16, epoch: u64) -> StorageFuture<'_, ()> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let _: i64 = Script::new(RELEASE)
+            let _: i64 = SCRIPTS
+                .release
                 .key(format!("{}:lease", tag(&self.prefix, partition)))
                 .arg(epoch)
                 .invoke_async(&mut conn)
