@@ -326,6 +326,8 @@ impl<S: Store> Quota<S> {
                 Ok(pending) => {
                     let count = pending.iter().map(|(_, notices)| notices.len()).sum();
                     self.metrics.observe_webhooks_pending(count);
+                    let dropped = self.store.notices_dropped();
+                    self.metrics.observe_webhooks_dropped(dropped);
                     for (account_id, notices) in pending {
                         webhooks.queue.push(NoticeOrder {
                             account_id,

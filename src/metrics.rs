@@ -114,6 +114,9 @@ pub struct Metrics {
     top_ups: Family<OutcomeLabels, Counter>,
     webhooks: Family<WebhookLabels, Counter>,
     webhooks_pending: Gauge,
+    webhooks_dropped: Counter,
+    /// The store's own count of dropped notifications at the last sample.
+    webhooks_dropped_seen: AtomicU64,
     shed: Counter,
     config_reloads: Family<OutcomeLabels, Counter>,
     config_restart_pending: Gauge,
@@ -240,6 +243,12 @@ impl Metrics {
             "Notifications recorded and not yet delivered, on the accounts this replica decides (as the last maintenance pass found them)",
             webhooks_pending.clone(),
         );
+        let webhooks_dropped = Counter::default();
+        registry.register(
+            "webhooks_dropped",
+            "Notifications dropped undelivered: recorded while their account already held 32 undelivered, which drops the oldest (the receiver has not taken them for that long)",
+            webhooks_dropped.clone(),
+        );
         let shed = Counter::default();
         registry.register(
             "shed",
@@ -359,6 +368,8 @@ impl Metrics {
             top_ups,
             webhooks,
             webhooks_pending,
+            webhooks_dropped,
+            webhooks_dropped_seen: AtomicU64::new(0),
             shed,
             config_reloads,
             config_restart_pending,
@@ -498,6 +509,12 @@ impl Metrics {
     /// Samples the notifications pending on the accounts this replica decides.
     pub fn observe_webhooks_pending(&self, pending: usize) {
         (self.webhooks_pending).set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// Samples the store's count of notifications dropped undelivered since start.
+    pub fn observe_webhooks_dropped(&self, dropped: u64) {
+        let before = self.webhooks_dropped_seen.swap(dropped, Ordering::Relaxed);
+        self.webhooks_dropped.inc_by(dropped.saturating_sub(before));
     }
 
     /// A call sent on to the account's owner: `answered` or `unreachable`.
@@ -656,6 +673,8 @@ mod tests {
         m.webhook("credits.low", "failed");
         m.webhook("credits.low", "delivered");
         m.observe_webhooks_pending(4);
+        m.observe_webhooks_dropped(2);
+        m.observe_webhooks_dropped(5);
         let text = m.render();
         for line in [
             r#"quotad_decisions_total{decision="DENY",action="UPGRADE_PLAN",reason="WINDOW_EXHAUSTED",plan="free",product="codex"} 1"#,
@@ -666,6 +685,7 @@ mod tests {
             r#"quotad_webhooks_total{type="credits.low",outcome="delivered"} 1"#,
             r#"quotad_webhooks_total{type="credits.low",outcome="failed"} 1"#,
             "quotad_webhooks_pending 4",
+            "quotad_webhooks_dropped_total 5",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

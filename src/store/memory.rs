@@ -100,6 +100,9 @@ pub struct MemoryStore {
     /// that shard would wait behind it. The data dir and Redis keep it as their purchase
     /// index, so it is whole again after a restart.
     purchases: Arc<DashMap<String, Timestamp>>,
+    /// Notifications dropped undelivered since start: recorded while their account already
+    /// held as many undelivered as it keeps, which drops its oldest.
+    notices_dropped: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -197,6 +200,7 @@ impl MemoryStore {
             open_holds: Arc::new(AtomicI64::new(0)),
             rls: Arc::new(RlsCounters::default()),
             purchases: Arc::new(DashMap::new()),
+            notices_dropped: AtomicU64::new(0),
         }
     }
 
@@ -397,6 +401,7 @@ impl MemoryStore {
         op: impl FnOnce(&mut AccountState, &Policy) -> T,
     ) -> Result<T, StoreError> {
         let before = Indexed::of(&resident.state);
+        let pending_before = resident.state.pending_notices().count();
         // Only while Redis is out: a copy to undo with.
         let undo = outage.map(|_| (resident.state.clone(), resident.state.credit_exposure()));
         let result = op(&mut resident.state, policy);
@@ -418,6 +423,16 @@ impl MemoryStore {
             resident.outage = Some((number, base));
         }
         let after = Indexed::of(&resident.state);
+        if after.notices != before.notices {
+            // Nothing is delivered within a decision: what was recorded and is not pending
+            // was dropped.
+            let recorded = after.notices - before.notices;
+            let kept = (resident.state.pending_notices().count()).saturating_sub(pending_before);
+            let dropped = recorded.saturating_sub(kept as u64);
+            if dropped > 0 {
+                self.notices_dropped.fetch_add(dropped, Ordering::Relaxed);
+            }
+        }
         let holds_delta = after.holds as i64 - before.holds as i64;
         let purchase = if before.due == after.due {
             PurchaseIndex::Unchanged
@@ -848,6 +863,10 @@ impl Store for MemoryStore {
             Backing::Redis(redis) => Some(redis.outage().0),
             Backing::DataDir(_) => None,
         }
+    }
+
+    fn notices_dropped(&self) -> u64 {
+        self.notices_dropped.load(Ordering::Relaxed)
     }
 
     fn retried_calls(&self) -> u64 {

@@ -205,6 +205,13 @@ pub trait Store: Send + Sync + 'static {
         StoreHealth::Up
     }
 
+    /// Notifications dropped undelivered since start, on the accounts this replica decided:
+    /// recorded while their account held as many undelivered ones as it keeps
+    /// ([`crate::domain::notice::MAX_PENDING`]), which drops the oldest.
+    fn notices_dropped(&self) -> u64 {
+        0
+    }
+
     /// Writes to the backing store whose attempt failed or timed out and that were tried
     /// again, since start.
     fn retried_calls(&self) -> u64 {

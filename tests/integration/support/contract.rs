@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use quotad::domain::notice::NoticeKind;
+use quotad::domain::notice::{MAX_PENDING, NoticeKind};
 use quotad::domain::time::{HOUR_MS, MINUTE_MS};
 use quotad::domain::top_up::{AttemptOutcome, PaymentResult, TopUpSettings};
 use quotad::domain::{
@@ -56,6 +56,7 @@ macro_rules! store_contract_tests {
             a_top_up_preview_tells_what_saving_buys_and_changes_nothing,
             purchases_in_flight_are_found_until_settled,
             notifications_are_recorded_once_and_kept_until_delivered,
+            undelivered_notifications_past_the_bound_drop_the_oldest_and_are_counted,
             every_charge_is_exported_once_per_consumer_group,
             rls_counts_a_request_only_if_every_descriptor_fits_and_slides,
         );
@@ -1286,6 +1287,41 @@ pub async fn notifications_are_recorded_once_and_kept_until_delivered<S: Store>(
     assert!(pending(&store).await.is_empty());
     let unknown = store.notice_delivered("nobody", 1, now).await.unwrap_err();
     assert!(rule(unknown).is_account_not_found());
+}
+
+pub async fn undelivered_notifications_past_the_bound_drop_the_oldest_and_are_counted<S: Store>(
+    store: S,
+) {
+    plus_account_with_credits(&store, "d", 0).await;
+    // Each grant of 20 credits taken back records one `credits.low` (10 credits): three more
+    // than an account keeps undelivered.
+    let recorded = MAX_PENDING as u64 + 3;
+    for i in 0..recorded {
+        let now = at(i as i64 * MINUTE_MS);
+        let grant_id = format!("g{i}");
+        store
+            .grant(grant_cmd("d", &grant_id, 20), now)
+            .await
+            .unwrap();
+        let revoke = RevokeCommand {
+            account_id: "d".into(),
+            grant_id,
+        };
+        store.revoke_grant(revoke, now).await.unwrap();
+    }
+    let kept: Vec<u64> = pending(&store)
+        .await
+        .remove(0)
+        .1
+        .iter()
+        .map(|n| n.0)
+        .collect();
+    assert_eq!(
+        kept,
+        (4..=recorded).collect::<Vec<_>>(),
+        "the newest are kept"
+    );
+    assert_eq!(store.notices_dropped(), 3);
 }
 
 pub async fn auto_top_up_needs_an_account_that_may_buy_credits<S: Store>(store: S) {
