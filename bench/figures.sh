@@ -42,7 +42,9 @@
 #
 # quotad and quotactl run as release builds on loopback; the load generator shares the machine,
 # so every figure is a ratio of runs made the same way, one after the other.
-# BENCH_SECONDS (default 10) sets each run's length.
+# BENCH_SECONDS (default 10) sets each run's length. QUOTAD_ENV adds NAME=VALUE settings to the
+# quotad that ratios, latency, latency-stores, data-dir, stores, replicas and redis-cost start, e.g.
+# QUOTAD_ENV=QUOTAD_SERVER__WORKER_THREADS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -225,7 +227,7 @@ case "${1:-}" in
       "64 in flight, ${seconds} s each; ratios over the memory store's"
     declare -A pairs rls
     for store in memory redis; do
-      QUOTAD_ENV="QUOTAD_RLS__RULES=$rules" start_quotad "$store"
+      QUOTAD_ENV="${QUOTAD_ENV:-} QUOTAD_RLS__RULES=$rules" start_quotad "$store"
       h="$(bench health | field .ops_per_s)"
       run="$(bench reserve-commit)"
       pairs[$store]="$(echo "$run" | field .ops_per_s)"

@@ -908,6 +908,9 @@ impl Default for RlsConfig {
     }
 }
 
+/// The most `server.worker_threads` quotad starts.
+const MAX_WORKER_THREADS: usize = 1024;
+
 /// `[server]`: limits that keep an overloaded quotad answering instead of queueing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -919,6 +922,12 @@ pub struct ServerLimits {
     pub max_concurrent_requests: usize,
     /// Largest request or response message.
     pub max_message_bytes: usize,
+    /// Threads that serve calls (the async runtime's workers); 0: one per core quotad may use
+    /// (its CPU affinity and the container's CPU limit). Fewer than the node's cores suits a
+    /// sidecar whose frontend keeps the cores busy: the calls of a batch are then answered
+    /// together instead of being shared out between threads that each wake up to write a part.
+    /// Read at start only.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerLimits {
@@ -927,6 +936,7 @@ impl Default for ServerLimits {
             request_timeout_ms: 2_000,
             max_concurrent_requests: 4_096,
             max_message_bytes: 256 * 1024,
+            worker_threads: 0,
         }
     }
 }
@@ -946,6 +956,12 @@ impl ServerLimits {
             return Err(format!(
                 "server.max_message_bytes must be between 1024 and 67108864, got {}",
                 self.max_message_bytes
+            ));
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err(format!(
+                "server.worker_threads must be between 0 (one per core) and {MAX_WORKER_THREADS}, got {}",
+                self.worker_threads
             ));
         }
         Ok(())

@@ -1,4 +1,4 @@
-//! `quotad`: config → telemetry → listeners → serve until a signal (reloading the rules on
+//! `quotad`: config → runtime → telemetry → listeners → serve until a signal (reloading the rules on
 //! SIGHUP or a changed file) → drain → flush.
 
 use std::net::SocketAddr;
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use quotad::Listeners;
-use quotad::config::{ConfigSource, Overrides, StoreKind};
+use quotad::config::{Config, ConfigSource, Overrides, StoreKind};
 use quotad::domain::SystemClock;
 use quotad::telemetry::Telemetry;
 
@@ -71,19 +71,29 @@ impl ConfigArgs {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Config(args) => {
             print!("{}", args.source().load()?.to_toml());
             Ok(())
         }
-        Command::Serve(args) => serve(args.source()).await,
+        Command::Serve(args) => {
+            let source = args.source();
+            let config = source.load()?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if config.server.worker_threads > 0 {
+                runtime.worker_threads(config.server.worker_threads);
+            }
+            let runtime = runtime
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            runtime.block_on(serve(source, config))
+        }
     }
 }
 
-async fn serve(source: ConfigSource) -> anyhow::Result<()> {
-    let config = source.load()?;
+async fn serve(source: ConfigSource, config: Config) -> anyhow::Result<()> {
     let telemetry = Telemetry::init(&config)?;
     let bind = |addr: SocketAddr, what: &'static str| async move {
         tokio::net::TcpListener::bind(addr)

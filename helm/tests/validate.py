@@ -1281,6 +1281,7 @@ NEED_RESTART: list[tuple[str, dict[str, Any]]] = [
     ("the store", {"redis": {"url": "redis://redis.example:6379"}}),
     ("store.redis tuning", {"config": {"store": {"redis": {"command_timeout_ms": 40}}}}),
     ("server limits", {"config": {"server": {"max_concurrent_requests": 100}}}),
+    ("worker threads", {"config": {"server": {"worker_threads": 2}}}),
     ("log_level", {"config": {"log_level": "debug"}}),
     ("telemetry", {"config": {"telemetry": {"metrics_interval_ms": 5000}}}),
     ("payments", {"config": {"payments": {"retry_attempts": 5}}}),

@@ -1,5 +1,6 @@
 //! The `quotad` binary itself: it serves on the address it logs, prints its effective config
-//! without secrets, refuses a bad config with a clear message, and exits 0 on SIGTERM.
+//! without secrets, refuses a bad config with a clear message, exits 0 on SIGTERM, and serves
+//! on the worker threads it is given.
 
 use crate::support;
 
@@ -18,18 +19,7 @@ async fn serves_on_the_logged_address_and_exits_0_on_sigterm() {
         .await
         .unwrap();
     let mut client = QuotaServiceClient::connect(server.url()).await.unwrap();
-    let req = pb::ReserveRequest {
-        account_id: "a".into(),
-        request_id: "r".into(),
-        product: "codex".into(),
-        estimate: Some(pb::Usage {
-            model: "gpt-5.5".into(),
-            output_tokens: 1_000,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let resp = client.reserve(req).await.unwrap().into_inner();
+    let resp = client.reserve(a_reserve()).await.unwrap().into_inner();
     assert_eq!(resp.decision(), pb::Decision::Allow);
 
     server.signal("TERM");
@@ -47,6 +37,20 @@ async fn serves_on_the_logged_address_and_exits_0_on_sigterm() {
     );
     // The default keeps nothing, and says so.
     assert!(printed.contains("nothing survives a restart"), "{printed}");
+}
+
+fn a_reserve() -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        account_id: "a".into(),
+        request_id: "r".into(),
+        product: "codex".into(),
+        estimate: Some(pb::Usage {
+            model: "gpt-5.5".into(),
+            output_tokens: 1_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -110,5 +114,46 @@ fn a_bad_config_fails_at_start_naming_the_key() {
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("/nonexistent/quotad.toml does not exist")
+    );
+}
+
+#[tokio::test]
+async fn serves_on_as_many_worker_threads_as_configured() {
+    // Worker threads of the runtime, by the name tokio gives them (cut to 15 bytes by Linux).
+    let workers = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter(|task| {
+                let comm = task.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).is_ok_and(|name| name.starts_with("tokio-r"))
+            })
+            .count()
+    };
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (setting, expected) in [("1", 1), ("3", 3), ("0", cores)] {
+        let env = [("QUOTAD_SERVER__WORKER_THREADS", setting)];
+        let server = tokio::task::spawn_blocking(move || Quotad::start(&[], &env))
+            .await
+            .unwrap();
+        let mut client = QuotaServiceClient::connect(server.url()).await.unwrap();
+        let resp = client.reserve(a_reserve()).await.unwrap().into_inner();
+        assert_eq!(resp.decision(), pb::Decision::Allow);
+        assert_eq!(
+            workers(server.pid()),
+            expected,
+            "worker_threads = {setting}"
+        );
+    }
+
+    let out = quotad()
+        .args(["serve"])
+        .env("QUOTAD_SERVER__WORKER_THREADS", "5000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.worker_threads must be between 0 (one per core) and 1024, got 5000"),
+        "{err}"
     );
 }
