@@ -82,7 +82,10 @@ impl Redis {
         Redis::start_on(port)
     }
 
+    /// `REDIS_ARGS` in the environment adds `redis-server` arguments, as in
+    /// `bench/figures.sh` (e.g. `--hash-max-listpack-value 256`).
     pub fn start_on(port: u16) -> Redis {
+        let extra = std::env::var("REDIS_ARGS").unwrap_or_default();
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -94,6 +97,7 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
+            .args(extra.split_whitespace())
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH");
