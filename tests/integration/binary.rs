@@ -93,15 +93,16 @@ fn config_prints_the_layers_without_secrets() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What `quotad serve` prints on standard error when it refuses to start with `name=value`.
+fn refused_at_start(name: &str, value: &str) -> String {
+    let out = quotad().args(["serve"]).env(name, value).output().unwrap();
+    assert!(!out.status.success(), "started with {name}={value}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_bad_config_fails_at_start_naming_the_key() {
-    let out = quotad()
-        .args(["serve"])
-        .env("QUOTAD_LIMITS__MAX_TTL_SECONDS", "999999")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_at_start("QUOTAD_LIMITS__MAX_TTL_SECONDS", "999999");
     assert!(
         err.contains("limits.max_ttl_seconds must be at most 86400"),
         "{err}"
@@ -145,13 +146,7 @@ async fn serves_on_as_many_worker_threads_as_configured() {
         );
     }
 
-    let out = quotad()
-        .args(["serve"])
-        .env("QUOTAD_SERVER__WORKER_THREADS", "5000")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_at_start("QUOTAD_SERVER__WORKER_THREADS", "5000");
     assert!(
         err.contains("server.worker_threads must be between 0 (one per core) and 1024, got 5000"),
         "{err}"
