@@ -431,6 +431,13 @@ impl MemoryStore {
             let dropped = recorded.saturating_sub(kept as u64);
             if dropped > 0 {
                 self.notices_dropped.fetch_add(dropped, Ordering::Relaxed);
+                tracing::warn!(
+                    account_id,
+                    dropped,
+                    "dropped an account's oldest undelivered notification: it held {} already \
+                     (the webhook receiver has not taken them)",
+                    crate::domain::notice::MAX_PENDING
+                );
             }
         }
         let holds_delta = after.holds as i64 - before.holds as i64;
