@@ -2,6 +2,7 @@
 //! `chromium` and `chromium-driver`), for tests of what a page shows a person.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,7 +26,10 @@ pub fn on_path(program: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-/// A browser session: chromedriver and the Chromium it started, gone when dropped.
+/// A browser session: chromedriver and the Chromium it started, gone when dropped. chromedriver
+/// runs in a process group of its own, which Chromium's processes join, and dropping the
+/// session kills the whole group: killing chromedriver alone would leave its Chromium running
+/// after the test, one more with every run of the suite.
 pub struct Browser {
     driver: Child,
     base: String,
@@ -45,6 +49,7 @@ impl Browser {
             .port();
         let driver = Command::new(chromedriver)
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -197,6 +202,11 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        if let Ok(group) = libc::pid_t::try_from(self.driver.id()) {
+            // SAFETY: kill takes no pointers; a negative pid names the process group that
+            // chromedriver leads (`process_group(0)` above), its Chromium included.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
