@@ -120,21 +120,6 @@ pub trait OwnedStorage: Send + Sync + 'static {
 /// the writes, each an op, a key index and its arguments. Every fence is checked before
 /// anything is written, so a fenced call writes nothing; a partition whose batch number has
 /// already landed (a retry) is skipped. Answers Redis's clock, in milliseconds.
-/// The ownership scripts, hashed once (a `Script` carries its SHA-1, which `EVALSHA` sends).
-struct Scripts {
-    members: Script,
-    acquire: Script,
-    renew: Script,
-    release: Script,
-}
-
-static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
-    members: Script::new(MEMBERS),
-    acquire: Script::new(ACQUIRE),
-    renew: Script::new(RENEW),
-    release: Script::new(RELEASE),
-});
-
 const WRITE: &str = r#"
 local sections, at = {}, 2
 for _ = 1, tonumber(ARGV[1]) do
@@ -241,6 +226,21 @@ for _, id in ipairs(ids) do
 end
 return out
 "#;
+
+/// The ownership scripts, hashed once (a `Script` carries its SHA-1, which `EVALSHA` sends).
+struct Scripts {
+    members: Script,
+    acquire: Script,
+    renew: Script,
+    release: Script,
+}
+
+static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+    members: Script::new(MEMBERS),
+    acquire: Script::new(ACQUIRE),
+    renew: Script::new(RENEW),
+    release: Script::new(RELEASE),
+});
 
 /// One script call of a batch: the sections of the partitions it writes, the keys they name
 /// (each once) and the arguments, borrowed from the sections where they can be (a batch's
