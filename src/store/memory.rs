@@ -152,6 +152,8 @@ struct Indexed {
     due: Option<Timestamp>,
     /// Notifications recorded: one recorded by a read (a lot expiring) is written too.
     notices: u64,
+    /// Notifications not yet delivered: beside `notices`, how many a decision dropped.
+    pending: usize,
 }
 
 impl Indexed {
@@ -165,6 +167,7 @@ impl Indexed {
             holds: state.open_holds(),
             due,
             notices: state.notices_recorded(),
+            pending: state.pending_notices().count(),
         }
     }
 }
@@ -401,7 +404,6 @@ impl MemoryStore {
         op: impl FnOnce(&mut AccountState, &Policy) -> T,
     ) -> Result<T, StoreError> {
         let before = Indexed::of(&resident.state);
-        let pending_before = resident.state.pending_notices().count();
         // Only while Redis is out: a copy to undo with.
         let undo = outage.map(|_| (resident.state.clone(), resident.state.credit_exposure()));
         let result = op(&mut resident.state, policy);
@@ -427,7 +429,7 @@ impl MemoryStore {
             // Nothing is delivered within a decision: what was recorded and is not pending
             // was dropped.
             let recorded = after.notices - before.notices;
-            let kept = (resident.state.pending_notices().count()).saturating_sub(pending_before);
+            let kept = after.pending.saturating_sub(before.pending);
             let dropped = recorded.saturating_sub(kept as u64);
             if dropped > 0 {
                 self.notices_dropped.fetch_add(dropped, Ordering::Relaxed);
