@@ -79,7 +79,8 @@ pub struct EmbeddedConfig {
     /// anything): the bound on memory when the disk cannot keep up.
     pub max_unflushed: usize,
     /// Longest a call waits for its batch to reach the disk before UNAVAILABLE (the decision
-    /// stands; a retry with the same request id gets its answer).
+    /// stands; a retry with the same request id gets its answer). On Redis, also the longest a
+    /// call waits for its account's partition to arrive at its new owner.
     pub write_timeout_ms: u64,
     /// An account unused this long leaves memory once its changes are on disk, and is read
     /// back on its next use.

@@ -20,10 +20,10 @@ impl Backing {
     /// Whether a new decision on `account_id` may be made here now (checked before deciding,
     /// so a refusal changes nothing). On Redis, the admission keeps the account's partition
     /// here until it is dropped: drop it once the decision's change is queued.
-    pub fn admit(&self, account_id: &str) -> Result<Option<Admission>, StoreError> {
+    pub async fn admit(&self, account_id: &str) -> Result<Option<Admission>, StoreError> {
         match self {
             Backing::DataDir(commits) => commits.admit().map(|()| None),
-            Backing::Redis(redis) => redis.admit(account_id).map(Some),
+            Backing::Redis(redis) => redis.admit(account_id).await.map(Some),
         }
     }
 

@@ -485,7 +485,7 @@ impl MemoryStore {
         op: impl FnOnce(&mut AccountState, &Policy) -> Result<T, DomainError>,
     ) -> Result<T, StoreError> {
         let admission = match &self.durable {
-            Some(durable) => durable.backing.admit(account_id)?,
+            Some(durable) => durable.backing.admit(account_id).await?,
             None => None,
         };
         let epoch = admission.as_ref().map_or(0, |a| a.epoch());
@@ -516,7 +516,9 @@ impl MemoryStore {
         checks: &[CounterCheck],
         now: Timestamp,
     ) -> Result<Vec<CounterStatus>, StoreError> {
-        let admission = redis.admit_partition(counter_partition(domain, redis.partitions()))?;
+        let admission = redis
+            .admit_partition(counter_partition(domain, redis.partitions()))
+            .await?;
         let epoch = admission.epoch();
         // Twice at most: a counter pruned between its reading and the step is read again.
         for _ in 0..3 {
@@ -730,7 +732,7 @@ impl Store for MemoryStore {
 
     async fn account(&self, account_id: &str) -> Result<Account, StoreError> {
         let admission = match &self.durable {
-            Some(durable) => durable.backing.admit(account_id)?,
+            Some(durable) => durable.backing.admit(account_id).await?,
             None => None,
         };
         let epoch = admission.as_ref().map_or(0, |a| a.epoch());

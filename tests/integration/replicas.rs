@@ -1113,3 +1113,63 @@ async fn owners_forward_to_each_other_over_mtls() {
     assert!(owners.len() > 1, "calls were forwarded: {owners:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A replica that joins is asked at once for accounts whose partitions now fall to it but are
+/// still held by the replica before it, which lets them go only at its next round (a third of
+/// a 3 s lease): every call is answered, none refused, the calls on the newcomer's share by
+/// the newcomer once it has taken them, and the others forwarded to the first replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_joins_answers_for_its_share_while_it_moves() {
+    const ACCOUNTS: usize = 32;
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let mut env = replica_env(&Backend::Standalone(&server), &fresh_prefix());
+    env.retain(|(key, _)| key != "QUOTAD_STORE__REDIS__LEASE_MS");
+    env.push(("QUOTAD_STORE__REDIS__LEASE_MS".into(), "3000".into()));
+    let first = {
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || start("127.0.0.1:0", &env))
+            .await
+            .unwrap()
+    };
+    let task = |account: usize, request: &str| {
+        let mut reserve = support::reserve_request(&format!("j{account}"), request, "codex", 1);
+        reserve.plan_hint = "pro".into();
+        reserve
+    };
+    let mut client = QuotaServiceClient::connect(first.url()).await.unwrap();
+    for account in 0..ACCOUNTS {
+        client.reserve(task(account, "before")).await.unwrap();
+    }
+
+    let second = tokio::task::spawn_blocking(move || start("127.0.0.1:0", &env))
+        .await
+        .unwrap();
+    let channel = Channel::from_shared(second.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut running = tokio::task::JoinSet::new();
+    for account in 0..ACCOUNTS {
+        let mut client = QuotaServiceClient::new(channel.clone());
+        let request = task(account, "after");
+        running.spawn(async move {
+            let answer = client.reserve(request).await;
+            let answer = answer.unwrap_or_else(|e| panic!("j{account}: {e:?}"));
+            let owner = answer.metadata().get("quotad-owner").cloned().unwrap();
+            assert_eq!(answer.into_inner().decision(), Decision::Allow);
+            owner.to_str().unwrap().to_owned()
+        });
+    }
+    let owners = running.join_all().await;
+    assert!(
+        owners.contains(&second.addr),
+        "the newcomer took its share: {owners:?}"
+    );
+    assert!(
+        owners.contains(&first.addr),
+        "the first kept its own: {owners:?}"
+    );
+}

@@ -142,14 +142,15 @@ async fn a_write_under_an_old_epoch_is_refused() {
     let partition = quotad::store::redis::owned::partition_of("acct", 64);
     let core_key = format!("{prefix}:{{o{partition}}}:a:acct");
     let core_before = redis.cli(&["HSTRLEN", &core_key, "c"]).unwrap();
-    raise_epoch(&redis, &format!("{prefix}:{{o{partition}}}:fence"));
+    take_over(&redis, &prefix, partition);
 
     let refused = store.reserve(&reserve("acct", "r1"), NOW).await;
     assert!(
         matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("another replica")),
         "{refused:?}"
     );
-    // The partition is no longer decided here; the others are.
+    // The partition is no longer decided here (this replica, alone among the members, waits
+    // for the lease, which the other holds past the call's wait); the others are.
     let later = store.reserve(&reserve("acct", "r2"), NOW).await;
     assert!(
         matches!(later, Err(StoreError::Unavailable(_))),
@@ -251,7 +252,7 @@ async fn a_fence_taken_between_the_read_and_the_exec_refuses_the_write() {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        raise_epoch(&redis, &format!("{prefix}:{{o{partition}}}:fence"));
+        take_over(&redis, &prefix, partition);
         redis
     })
     .await
@@ -398,6 +399,18 @@ fn raise_epoch(redis: &RedisServer, fence: &str) {
     let mut raised = read_fence(redis, fence);
     raised.epoch += 1;
     redis.cli(&["SET", fence, &raised.value()]).unwrap();
+}
+
+/// What another replica's taking of the partition does: its fence's epoch raised, and the
+/// lease its own (for a minute), under that epoch.
+fn take_over(redis: &RedisServer, prefix: &str, partition: u16) {
+    let fence = format!("{prefix}:{{o{partition}}}:fence");
+    raise_epoch(redis, &fence);
+    let epoch = read_fence(redis, &fence).epoch.to_string();
+    let lease = format!("{prefix}:{{o{partition}}}:lease");
+    let owner = ["HSET", &lease, "owner", "another-replica", "epoch", &epoch];
+    redis.cli(&owner).unwrap();
+    redis.cli(&["PEXPIRE", &lease, "60000"]).unwrap();
 }
 
 /// Redis written in another persisted format is refused at start, with what to do.

@@ -18,9 +18,13 @@
 //!
 //! Every third of a lease, a round renews what is held, gives up what now falls to another
 //! replica (no new decision, those in flight finish, the queue reaches Redis, the accounts leave
-//! memory, the lease is deleted) and takes what falls here. A decision on an account of another
-//! replica's partition is refused with [`StoreError::Moved`], which names the owner; the gRPC
-//! layer forwards the call there (`api::forward`).
+//! memory, the lease is deleted) and takes what falls here; between rounds, the members are
+//! looked at every half second at most (with the same giving up and taking), so that a move is
+//! not as slow as a long lease. A decision on an account of another replica's partition is
+//! refused with [`StoreError::Moved`], which names the owner; the gRPC layer forwards the call
+//! there (`api::forward`). A call on a partition that falls here but is not held yet (its last
+//! owner has not let it go) waits for it, up to `write_timeout`, and the partition is taken as
+//! soon as it is free: a replica joining or leaving is not an error to callers.
 //!
 //! A batch is one call (a transaction on a standalone Redis, the `WRITE` script behind
 //! Sentinel; see [`super::storage`]) with a section per partition, or one call per partition
@@ -96,7 +100,8 @@ pub struct OwnedSettings {
     pub lease: Duration,
     /// Changes queued and not yet in Redis past which calls are refused with UNAVAILABLE.
     pub max_unflushed: usize,
-    /// Longest wait for a call's batch to reach Redis.
+    /// Longest wait for a call's batch to reach Redis, and for a partition on its way to this
+    /// replica.
     pub write_timeout: Duration,
     /// An account unused for this long leaves memory (it is reloaded on its next use).
     pub evict_idle: Duration,
@@ -254,6 +259,9 @@ struct Slot {
     /// Taken by each change of hold (taken, lost, given up) for its few steps, so that a loss
     /// noticed by the writer and a taking by the ownership round cannot interleave.
     transition: Mutex<()>,
+    /// Calls wait for the partition to arrive here: the ownership task tries to take it
+    /// between rounds.
+    wanted: AtomicBool,
 }
 
 /// A replica alive, as its last membership record says.
@@ -277,6 +285,10 @@ struct Shared {
     slots: Vec<Slot>,
     /// The live replicas as last seen, by id.
     members: Mutex<Vec<Member>>,
+    /// Woken when a partition is taken (calls wait for the ones on their way here), and to
+    /// have the ownership task try to take the partitions calls wait for.
+    arrived: Notify,
+    wanted: Notify,
     hooks: Hooks,
     /// Where this replica's clock starts (validity is kept in nanoseconds after it).
     base: Instant,
@@ -457,6 +469,8 @@ impl OwnedRedis {
             lease: owned.lease,
             slots: (0..partitions).map(|_| Slot::default()).collect(),
             members: Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+            wanted: Notify::new(),
             hooks,
             base,
             queue: Mutex::new(Queue::default()),
@@ -519,8 +533,10 @@ impl OwnedRedis {
 
     /// Whether a decision on `account_id` may be made here now: its partition held and not
     /// being given up, the lease within its safe end, not too much waiting to be written.
-    pub fn admit(&self, account_id: &str) -> Result<Admission, StoreError> {
+    /// A partition on its way here is waited for (see [`admit_partition`](Self::admit_partition)).
+    pub async fn admit(&self, account_id: &str) -> Result<Admission, StoreError> {
         self.admit_partition(partition_of(account_id, self.partitions()))
+            .await
     }
 
     /// Partitions accounts and counters fall into.
@@ -528,8 +544,45 @@ impl OwnedRedis {
         self.shared.slots.len() as u16
     }
 
-    /// Whether a decision on `partition` may be made here now (see [`admit`](Self::admit)).
-    pub fn admit_partition(&self, partition: u16) -> Result<Admission, StoreError> {
+    /// Whether a decision on `partition` may be made here (see [`admit`](Self::admit)).
+    ///
+    /// A partition that now falls to this replica but is not held yet (its last owner has not
+    /// let it go, or this replica has not taken it since) is waited for, up to
+    /// `write_timeout`, and taken as soon as it is free rather than at the next round: a
+    /// replica joining or leaving moves partitions, and a move that completes within a call's
+    /// wait is not an error to its caller.
+    pub async fn admit_partition(&self, partition: u16) -> Result<Admission, StoreError> {
+        match self.admit_now(partition) {
+            Err(_) if self.shared.arriving(partition) => self.await_arrival(partition).await,
+            admitted => admitted,
+        }
+    }
+
+    async fn await_arrival(&self, partition: u16) -> Result<Admission, StoreError> {
+        let shared = &self.shared;
+        let deadline = Instant::now() + shared.write_timeout;
+        loop {
+            // Registered before looking again, so that a taking in between is not missed.
+            let arrived = shared.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let refused = match self.admit_now(partition) {
+                Err(refused) if shared.arriving(partition) => refused,
+                admitted => return admitted,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(refused);
+            }
+            shared.slots[usize::from(partition)]
+                .wanted
+                .store(true, Ordering::Release);
+            shared.wanted.notify_one();
+            let _ = tokio::time::timeout_at(deadline.min(now + ARRIVAL_POLL), arrived).await;
+        }
+    }
+
+    fn admit_now(&self, partition: u16) -> Result<Admission, StoreError> {
         let shared = &self.shared;
         if let Some(reason) = shared.failed.get() {
             return Err(StoreError::Unavailable(reason.clone()));
@@ -988,6 +1041,20 @@ impl Shared {
         (self.slots.iter())
             .filter(|slot| slot.epoch.load(Ordering::Acquire) != 0)
             .count()
+    }
+
+    /// Whether `partition` falls to this replica, as last seen, without being held and taking
+    /// decisions here yet: calls wait for it rather than being refused.
+    fn arriving(&self, partition: u16) -> bool {
+        if self.failed.get().is_some() {
+            return false;
+        }
+        let slot = &self.slots[usize::from(partition)];
+        if slot.admitting.load(Ordering::Acquire) {
+            return false;
+        }
+        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        owner_of(partition, &members).is_some_and(|owner| owner.id == self.replica)
     }
 
     /// Why a decision on `partition` is not made here: who should make it, as last seen.
@@ -1734,13 +1801,43 @@ impl Shared {
         ops
     }
 
-    /// One ownership round every third of a lease.
+    /// One ownership round every third of a lease; between rounds, a look at the members
+    /// every [`MEMBERS_LOOK`] at most, and an attempt at taking the partitions calls wait for
+    /// every [`ARRIVAL_POLL`] while they wait.
     async fn ownership_loop(self: Arc<Self>) {
+        let every = self.lease / 3;
+        let look_every = every.min(MEMBERS_LOOK);
+        let mut next_round = Instant::now() + every;
+        let mut next_look = Instant::now() + look_every;
+        let mut last_attempt = Instant::now();
         loop {
-            tokio::time::sleep(self.lease / 3).await;
+            // Biased: the simulation replays a seed exactly only if the order is fixed.
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(next_round.min(next_look)) => {}
+                () = self.wanted.notified() => {
+                    let attempt = (last_attempt + ARRIVAL_POLL).min(next_round);
+                    tokio::time::sleep_until(attempt).await;
+                    if self.failed.get().is_some() {
+                        return;
+                    }
+                    last_attempt = Instant::now();
+                    self.take_wanted().await;
+                    continue;
+                }
+            }
             if self.failed.get().is_some() {
                 return;
             }
+            let now = Instant::now();
+            next_look = now + look_every;
+            if now < next_round {
+                if let Err(e) = self.look().await {
+                    tracing::debug!(error = %e, "looking at the replicas on Redis");
+                }
+                continue;
+            }
+            next_round = now + every;
             let round = self.round().await;
             let mut failing = (self.round_failing.lock()).unwrap_or_else(|e| e.into_inner());
             match round {
@@ -1758,23 +1855,15 @@ impl Shared {
     /// that now fall to another live replica and takes those that fall to it.
     async fn round(&self) -> Result<(), StoreError> {
         let lease_ms = self.lease.as_millis() as u64;
-        let listed = (self.storage)
-            .join(&self.replica, &self.address, lease_ms)
-            .await
-            .map_err(|e| {
-                // Seen here first when nothing is being written.
-                self.outage_began();
-                unavailable("joining the replicas", e)
-            })?;
+        let members = self.join().await.inspect_err(|_| {
+            // Seen here first when nothing is being written.
+            self.outage_began();
+        })?;
         if self.journal_pending.load(Ordering::Acquire) == 0
             && self.unflushed.load(Ordering::Acquire) == 0
         {
             self.outage_over().await;
         }
-        let members: Vec<Member> = (listed.into_iter())
-            .map(|(id, address)| Member { id, address })
-            .collect();
-        *self.members.lock().unwrap_or_else(|e| e.into_inner()) = members.clone();
 
         for (partition, slot) in self.slots.iter().enumerate() {
             let epoch = slot.epoch.load(Ordering::Acquire);
@@ -1793,9 +1882,37 @@ impl Shared {
                 }
             }
         }
+        self.rebalance(&members).await
+    }
 
+    /// Between rounds (whose renewals are a call per partition held): the members and the
+    /// partitions that move with them, so that a replica joining or leaving is seen within
+    /// [`MEMBERS_LOOK`] whatever the lease, and the calls waiting on the newcomer for its share
+    /// wait that long at most.
+    async fn look(&self) -> Result<(), StoreError> {
+        let members = self.join().await?;
+        self.rebalance(&members).await
+    }
+
+    /// Says this replica is alive, and keeps the live members as listed.
+    async fn join(&self) -> Result<Vec<Member>, StoreError> {
+        let lease_ms = self.lease.as_millis() as u64;
+        let listed = (self.storage)
+            .join(&self.replica, &self.address, lease_ms)
+            .await
+            .map_err(|e| unavailable("joining the replicas", e))?;
+        let members: Vec<Member> = (listed.into_iter())
+            .map(|(id, address)| Member { id, address })
+            .collect();
+        *self.members.lock().unwrap_or_else(|e| e.into_inner()) = members.clone();
+        Ok(members)
+    }
+
+    /// Gives up the partitions that now fall to another live replica and takes those that
+    /// fall here.
+    async fn rebalance(&self, members: &[Member]) -> Result<(), StoreError> {
         for partition in 0..self.slots.len() as u16 {
-            let mine = owner_of(partition, &members).is_some_and(|m| m.id == self.replica);
+            let mine = owner_of(partition, members).is_some_and(|m| m.id == self.replica);
             let held = self.slots[usize::from(partition)]
                 .epoch
                 .load(Ordering::Acquire)
@@ -1807,6 +1924,28 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Tries to take the partitions calls wait for, with the members as last seen: their last
+    /// owner may have let them go since the round.
+    async fn take_wanted(&self) {
+        let members = self
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (partition, slot) in self.slots.iter().enumerate() {
+            let partition = partition as u16;
+            if !slot.wanted.swap(false, Ordering::AcqRel) || slot.epoch.load(Ordering::Acquire) != 0
+            {
+                continue;
+            }
+            if owner_of(partition, &members).is_some_and(|m| m.id == self.replica)
+                && let Err(e) = self.acquire(partition).await
+            {
+                tracing::debug!(partition, error = %e, "taking a partition calls wait for");
+            }
+        }
     }
 
     /// The partition's lease, held under `epoch`, was taken or renewed by a call sent at
@@ -1848,6 +1987,7 @@ impl Shared {
         self.valid(slot, epoch, sent);
         (self.hooks.came)(partition, purchases, holds);
         slot.admitting.store(true, Ordering::Release);
+        self.arrived.notify_waiters();
         tracing::info!(partition, epoch, holds, from_ms = since, "took a partition");
         Ok(())
     }
@@ -1897,6 +2037,13 @@ impl Shared {
 /// each one: a trim is a command of its own in a transaction, and reads take only the newest
 /// events kept. A list holds at most this many less one past what it keeps.
 const HISTORY_TRIM_EVERY: u64 = 8;
+
+/// How long a replica joining or leaving may go unseen by the others, whatever the lease.
+const MEMBERS_LOOK: Duration = Duration::from_millis(500);
+
+/// How often a partition calls wait for is tried between rounds (and how often each waiting
+/// call looks again, should it miss the taking).
+const ARRIVAL_POLL: Duration = Duration::from_millis(25);
 
 /// First and longest wait between attempts at a batch Redis did not take.
 const RETRY_FIRST: Duration = Duration::from_millis(20);
