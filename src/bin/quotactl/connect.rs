@@ -7,10 +7,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use hyper_util::client::legacy::connect::HttpConnector;
 use quotad::api::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use quotad::api::pb::admin_service_client::AdminServiceClient;
 use quotad::api::pb::quota_service_client::QuotaServiceClient;
@@ -23,6 +25,59 @@ use tonic::{Request, Status};
 
 use crate::failure::Failure;
 use crate::probe::ClientIdentity;
+
+/// A channel's connector that connects once. Tonic's channel otherwise connects again, unseen,
+/// whenever its connection closes; a server that closes each connection just after accepting
+/// it (a TLS quotad refusing a client without a certificate, a TLS port spoken to in plain
+/// text) then kept a call reconnecting until its 30 s ran out, whenever the close came before
+/// the call was sent (seen on a loaded machine). A quotactl command is one short session: a
+/// lost connection is an error to report, and the report finds out why.
+#[derive(Clone)]
+struct OneConnection {
+    tcp: HttpConnector,
+    used: Arc<AtomicBool>,
+}
+
+impl Default for OneConnection {
+    fn default() -> Self {
+        let mut tcp = HttpConnector::new();
+        // https:// too: the channel puts TLS over this connection.
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        OneConnection {
+            tcp,
+            used: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl tower::Service<tonic::codegen::http::Uri> for OneConnection {
+    type Response = <HttpConnector as tower::Service<tonic::codegen::http::Uri>>::Response;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
+        if self.used.swap(true, Ordering::AcqRel) {
+            return Box::pin(std::future::ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "quotad closed the connection",
+            )
+            .into())));
+        }
+        let connecting = self.tcp.call(uri);
+        Box::pin(async move { connecting.await.map_err(Into::into) })
+    }
+}
 
 /// How long to wait for a TCP connection (and a TLS handshake) before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -316,9 +371,13 @@ impl Connection {
         })
     }
 
-    /// A new connection (its own TCP connection and HTTP/2 session).
+    /// A new connection (its own TCP connection and HTTP/2 session), made once: see
+    /// [`OneConnection`].
     pub async fn channel(&self) -> Result<Channel, Failure> {
-        self.endpoint.connect().await.map_err(Failure::Connect)
+        (self.endpoint)
+            .connect_with_connector(OneConnection::default())
+            .await
+            .map_err(Failure::Connect)
     }
 
     pub fn has_admin_token(&self) -> bool {

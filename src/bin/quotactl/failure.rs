@@ -281,11 +281,6 @@ async fn broken(
         );
     }
     if find::<tonic::TimeoutExpired>(&causes).is_some() {
-        // A plain call to a TLS port fails at once as a rule, but has been seen (on a loaded
-        // machine) to run out its time instead; the port says which it is.
-        if !target.tls && matches!(http_probe(target).await, probe::Http::Tls) {
-            return speaks_tls(target);
-        }
         return format!(
             "{} accepted the connection but did not answer the call within {} s: is it \
              quotad's gRPC port?",
