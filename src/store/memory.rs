@@ -132,6 +132,16 @@ struct Resident {
     outage: Option<(u64, Micros)>,
 }
 
+/// Shards of the accounts map: DashMap's default (four per core), but at least 64. A shard
+/// grows by moving everything it holds into a table twice the size, under its lock, and every
+/// call on its accounts waits meanwhile: with 8 shards (the default on two cores) the longest
+/// Reserve while 1.6 million accounts were made was 112–127 ms, with 64 shards 41–45 ms
+/// (`bench/README.md`). More shards cost a few kilobytes.
+fn account_shards() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores * 4).next_power_of_two().max(64)
+}
+
 impl Resident {
     fn new(state: AccountState, now: Timestamp) -> Resident {
         Resident {
@@ -198,7 +208,7 @@ impl MemoryStore {
         MemoryStore {
             export: ExportLog::new(),
             rules,
-            accounts: Arc::new(DashMap::new()),
+            accounts: Arc::new(DashMap::with_shard_amount(account_shards())),
             durable: None,
             open_holds: Arc::new(AtomicI64::new(0)),
             rls: Arc::new(RlsCounters::default()),
