@@ -43,8 +43,9 @@ impl Default for OneConnection {
         let mut tcp = HttpConnector::new();
         // https:// too: the channel puts TLS over this connection.
         tcp.enforce_http(false);
+        // The endpoint's own setting reaches only its built-in connector (its connect timeout
+        // wraps this one).
         tcp.set_nodelay(true);
-        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
         OneConnection {
             tcp,
             used: Arc::new(AtomicBool::new(false)),
@@ -431,6 +432,31 @@ fn private_key(file: &Path) -> anyhow::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A channel's connector connects once, and refuses the next connection it is asked for.
+    #[tokio::test]
+    async fn a_connector_connects_once() {
+        use tower::{Service, ServiceExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: tonic::codegen::http::Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let mut connector = OneConnection::default();
+        let first = connector.ready().await.unwrap().call(uri.clone()).await;
+        assert!(first.is_ok(), "{:?}", first.err());
+        listener.accept().await.unwrap();
+        let second = connector
+            .ready()
+            .await
+            .unwrap()
+            .call(uri)
+            .await
+            .err()
+            .unwrap();
+        let io = second.downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionAborted);
+        assert_eq!(io.to_string(), "quotad closed the connection");
+    }
 
     #[test]
     fn tokens_must_fit_a_header_and_empty_is_none() {

@@ -14,7 +14,7 @@ use std::fmt;
 use tonic::{Code, Status};
 
 use crate::bench::ERROR_NAMES;
-use crate::connect::{CALL_TIMEOUT, CONNECT_TIMEOUT, Connection, Target};
+use crate::connect::{CALL_TIMEOUT, CONNECT_TIMEOUT, Connection};
 use crate::probe;
 
 /// Which of quotad's services a call went to: it decides which token was needed.
@@ -238,23 +238,6 @@ fn refused(service: Service, status: &Status, conn: &Connection) -> String {
     }
 }
 
-/// What the target's port answers a plain HTTP request with.
-async fn http_probe(target: &Target) -> probe::Http {
-    let authority = target.authority.clone();
-    tokio::task::spawn_blocking(move || probe::http(&authority))
-        .await
-        .unwrap_or(probe::Http::Nothing)
-}
-
-fn speaks_tls(target: &Target) -> String {
-    format!(
-        "quotad at {} speaks TLS: use --addr {} (with --ca-cert FILE when a private CA signed \
-         its certificate)",
-        target.authority,
-        target.with_scheme(true)
-    )
-}
-
 /// The call or connection broke below gRPC.
 async fn broken(
     causes: Vec<&(dyn StdError + 'static)>,
@@ -294,7 +277,13 @@ async fn broken(
     if let Some(words) = tls_error.as_ref().and_then(|e| tls_words(e, conn)) {
         return words;
     }
-    match http_probe(target).await {
+    let http = {
+        let authority = target.authority.clone();
+        tokio::task::spawn_blocking(move || probe::http(&authority))
+            .await
+            .unwrap_or(probe::Http::Nothing)
+    };
+    match http {
         probe::Http::QuotadHttpPort { grpc_listen, tls } => {
             let port = grpc_listen.rsplit(':').next().and_then(|p| p.parse().ok());
             return match port {
@@ -311,7 +300,14 @@ async fn broken(
                 ),
             };
         }
-        probe::Http::Tls if !target.tls => return speaks_tls(target),
+        probe::Http::Tls if !target.tls => {
+            return format!(
+                "quotad at {} speaks TLS: use --addr {} (with --ca-cert FILE when a private CA \
+                 signed its certificate)",
+                target.authority,
+                target.with_scheme(true)
+            );
+        }
         probe::Http::Tls => {
             // A TLS server that let the handshake through, then closed: ask it why.
             let (target, identity) = (target.clone(), conn.identity.clone());
